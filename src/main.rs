@@ -1,1 +1,484 @@
-fn main() {}
+//! The `forkpoint` command line.
+
+mod daemon;
+mod mounts;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use forkpoint_fs::store::is_store;
+use forkpoint_fs::{maint, Store};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// Checkpoint a process tree together with the files it works on.
+#[derive(Parser)]
+#[command(name = "forkpoint", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a store (a directory: log segments, SQLite catalog, control socket).
+    Init {
+        store: PathBuf,
+        /// Read-only base directory the store's tree starts from.
+        #[arg(long)]
+        lower: Option<PathBuf>,
+    },
+    /// Serve a branch of a store at MOUNTPOINT (creating the store if needed).
+    Mount {
+        store: PathBuf,
+        mountpoint: PathBuf,
+        #[arg(long)]
+        lower: Option<PathBuf>,
+        #[arg(long, default_value = "main")]
+        branch: String,
+        /// Serve from this process instead of a background daemon.
+        #[arg(long)]
+        foreground: bool,
+    },
+    /// Commit and unmount.
+    Umount { mountpoint: PathBuf },
+    /// Take a named filesystem snapshot of a mount.
+    Snapshot {
+        #[arg(short = 'm', long = "mount")]
+        mountpoint: Option<PathBuf>,
+        name: String,
+    },
+    /// Create a branch from a snapshot or checkpoint (default: main's head).
+    Branch {
+        #[arg(short = 'm', long = "mount")]
+        mountpoint: Option<PathBuf>,
+        /// Operate on a store directly instead of through a mount.
+        #[arg(long, conflicts_with = "mountpoint")]
+        store: Option<PathBuf>,
+        name: String,
+        #[arg(long)]
+        from: Option<String>,
+    },
+    /// List branches and checkpoints.
+    Log {
+        #[arg(short = 'm', long = "mount")]
+        mountpoint: Option<PathBuf>,
+        #[arg(long, conflicts_with = "mountpoint")]
+        store: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-hash every object reachable from a retained checkpoint.
+    Verify {
+        store: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reclaim log space no retained checkpoint reaches.
+    Gc {
+        store: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Walk through the filesystem workflow on a store in a local directory.
+    Demo {
+        #[arg(default_value = "forkpoint-demo")]
+        dir: PathBuf,
+    },
+    /// Run a store's daemon (started by `mount`).
+    #[command(hide = true)]
+    Daemon {
+        store: PathBuf,
+        #[arg(long)]
+        mount: PathBuf,
+        #[arg(long)]
+        branch: String,
+    },
+}
+
+struct StderrLogger;
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.level() <= log::max_level()
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        if self.enabled(r.metadata()) && r.target().starts_with("forkpoint") {
+            eprintln!("[{} {}] {}", fmt_time(forkpoint_now()), r.level(), r.args());
+        }
+    }
+    fn flush(&self) {}
+}
+
+fn forkpoint_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+/// Formats nanoseconds since the epoch as UTC `YYYY-MM-DD HH:MM:SS`.
+fn fmt_time(ns: i64) -> String {
+    let secs = ns.div_euclid(1_000_000_000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil-from-days (Howard Hinnant).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn main() -> ExitCode {
+    static LOGGER: StderrLogger = StderrLogger;
+    let _ = log::set_logger(&LOGGER);
+    log::set_max_level(match std::env::var("FORKPOINT_LOG").as_deref() {
+        Ok("debug") => log::LevelFilter::Debug,
+        Ok("warn") => log::LevelFilter::Warn,
+        _ => log::LevelFilter::Info,
+    });
+    let cli = Cli::parse();
+    match run(cli.cmd) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("forkpoint: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cmd: Cmd) -> Result<ExitCode> {
+    match cmd {
+        Cmd::Init { store, lower } => {
+            Store::create(&store, lower.as_deref())?;
+            println!("created store {}", store.display());
+        }
+        Cmd::Mount { store, mountpoint, lower, branch, foreground } => {
+            mount(&store, &mountpoint, lower.as_deref(), &branch, foreground)?;
+        }
+        Cmd::Umount { mountpoint } => umount(&mountpoint)?,
+        Cmd::Snapshot { mountpoint, name } => {
+            let (mp, store) = mounts::resolve(mountpoint.as_deref())?;
+            syncfs(&mp)?;
+            let v = daemon::call(&store, &daemon::Request::Snapshot { mountpoint: mp.clone(), name: name.clone() })?
+                .context("no daemon serves this mount")?;
+            println!(
+                "snapshot '{name}' of branch {} is checkpoint #{} ({} us)",
+                v["branch"].as_str().unwrap_or("?"),
+                v["cno"],
+                v["micros"]
+            );
+        }
+        Cmd::Branch { mountpoint, store, name, from } => {
+            let store = store_of(mountpoint.as_deref(), store.as_deref())?;
+            let req = daemon::Request::Branch { name: name.clone(), from: from.clone() };
+            let v = match daemon::call(&store, &req)? {
+                Some(v) => v,
+                None => daemon::create_branch(&*Store::open(&store)?, &name, from.as_deref())?,
+            };
+            println!("created branch {name} at checkpoint #{}", v["cno"]);
+        }
+        Cmd::Log { mountpoint, store, json } => {
+            let store = store_of(mountpoint.as_deref(), store.as_deref())?;
+            print_log(&store, json)?;
+        }
+        Cmd::Verify { store, json } => {
+            let s = Store::open_read_only(&store)?;
+            let r = maint::verify(&s)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "verified {} objects ({} bytes) reachable from {} retained checkpoints",
+                    r.objects, r.bytes, r.checkpoints
+                );
+                for p in &r.problems {
+                    println!("CORRUPT {} {}: {}", p.kind, p.object, p.reason);
+                    for u in &p.used_by {
+                        println!("    used by {u}");
+                    }
+                }
+            }
+            if !r.problems.is_empty() {
+                eprintln!("forkpoint: {} corrupt object(s) in {}", r.problems.len(), store.display());
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Cmd::Gc { store, json } => {
+            let v = match daemon::call(&store, &daemon::Request::Gc)? {
+                Some(v) => v,
+                None => serde_json::to_value(maint::gc(&*Store::open(&store)?)?)?,
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "gc: dropped {} checkpoints, reclaimed {} segments, {} -> {} bytes ({} bytes moved)",
+                    v["dropped_checkpoints"], v["segments_reclaimed"], v["bytes_before"], v["bytes_after"], v["bytes_moved"]
+                );
+            }
+        }
+        Cmd::Demo { dir } => demo(&dir)?,
+        Cmd::Daemon { store, mount, branch } => {
+            let ready = std::env::var("FORKPOINT_READY_FD")
+                .ok()
+                .and_then(|s| s.parse::<i32>().ok())
+                // SAFETY: the parent passed us this descriptor number for our exclusive use;
+                // nothing else in this process owns it.
+                .map(|fd| unsafe { std::fs::File::from_raw_fd(fd) });
+            daemon::run(&store, &mount, &branch, ready)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn store_of(mountpoint: Option<&Path>, store: Option<&Path>) -> Result<PathBuf> {
+    match store {
+        Some(s) => Ok(s.to_path_buf()),
+        None => Ok(mounts::resolve(mountpoint)?.1),
+    }
+}
+
+/// Flushes the kernel's dirty pages of a mount to the daemon.
+fn syncfs(mp: &Path) -> Result<()> {
+    let f = std::fs::File::open(mp).with_context(|| format!("open {}", mp.display()))?;
+    // The kernel writes back dirty pages before it asks the filesystem; a daemon that does
+    // not implement FUSE_SYNCFS answers with an error that changes nothing.
+    match nix::unistd::syncfs(&f) {
+        Ok(()) | Err(nix::errno::Errno::ENOSYS) | Err(nix::errno::Errno::ENOENT) => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("syncfs {}", mp.display())),
+    }
+}
+
+fn check_fuse() -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("mounting needs root (or CAP_SYS_ADMIN); run as root");
+    }
+    if !Path::new("/dev/fuse").exists() {
+        bail!("/dev/fuse is missing: load the fuse module (modprobe fuse) or run where FUSE is available");
+    }
+    Ok(())
+}
+
+fn mount(store: &Path, mountpoint: &Path, lower: Option<&Path>, branch: &str, foreground: bool) -> Result<()> {
+    let mp = mounts::absolute(mountpoint)?;
+    // A mount left by a daemon that died: the kernel answers ENOTCONN. Clean it up.
+    if let Some(m) = mounts::forkpoint_mount_at(&mp)? {
+        match std::fs::metadata(&mp) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+                nix::mount::umount2(&mp, nix::mount::MntFlags::MNT_DETACH)
+                    .with_context(|| format!("clean up stale mount {}", mp.display()))?;
+                eprintln!("forkpoint: cleaned up stale mount at {} (its daemon had died)", mp.display());
+            }
+            _ => bail!("{} is already a forkpoint mount (of {})", mp.display(), m.source),
+        }
+    } else if mounts::is_mountpoint(&mp)? {
+        bail!("{} is already a mount point", mp.display());
+    }
+    match std::fs::metadata(&mp) {
+        Ok(md) if md.is_dir() => {}
+        Ok(_) => bail!("mountpoint {} is not a directory", mp.display()),
+        Err(e) => bail!("mountpoint {}: {e}", mp.display()),
+    }
+    check_fuse()?;
+    let store = mounts::absolute(store)?;
+    if !is_store(&store) {
+        if store.exists() && std::fs::read_dir(&store).map(|mut d| d.next().is_some()).unwrap_or(true) {
+            bail!("{} exists and is not a forkpoint store (no forkpoint.db)", store.display());
+        }
+        Store::create(&store, lower)?;
+        eprintln!("forkpoint: created store {}", store.display());
+    } else if let Some(l) = lower {
+        let given = l.canonicalize().with_context(|| format!("lower directory {}", l.display()))?;
+        let s = Store::open_read_only(&store)?;
+        let have = s.lower().map(Path::to_path_buf);
+        if have.as_deref() != Some(given.as_path()) {
+            return Err(forkpoint_fs::StoreError::LowerMismatch {
+                store: have.unwrap_or_else(|| PathBuf::from("(none)")),
+                given,
+            }
+            .into());
+        }
+    }
+    // A running daemon serves every mount of its store.
+    let req = daemon::Request::Mount { mountpoint: mp.clone(), branch: branch.to_string() };
+    if daemon::call(&store, &req)?.is_some() {
+        println!("mounted {} branch {branch} at {}", store.display(), mp.display());
+        return Ok(());
+    }
+    // Check the branch before starting a daemon for it.
+    Store::open_read_only(&store)?.head(branch)?;
+    if foreground {
+        return daemon::run(&store, &mp, branch, None);
+    }
+    spawn_daemon(&store, &mp, branch)?;
+    println!("mounted {} branch {branch} at {}", store.display(), mp.display());
+    Ok(())
+}
+
+fn spawn_daemon(store: &Path, mp: &Path, branch: &str) -> Result<()> {
+    use std::io::Read;
+    use std::os::unix::process::CommandExt;
+    let (rd, wr) = nix::unistd::pipe().context("pipe")?;
+    // The write end must survive exec in the daemon.
+    nix::fcntl::fcntl(&wr, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty())).context("fcntl")?;
+    let log_path = store.join("daemon.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("open {}", log_path.display()))?;
+    let mut cmd = std::process::Command::new(std::env::current_exe().context("current exe")?);
+    cmd.arg("daemon")
+        .arg(store)
+        .arg("--mount")
+        .arg(mp)
+        .arg("--branch")
+        .arg(branch)
+        .env("FORKPOINT_READY_FD", wr.as_raw_fd().to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("start daemon")?;
+    drop(wr);
+    let mut msg = String::new();
+    std::fs::File::from(rd).read_to_string(&mut msg).context("wait for daemon")?;
+    let msg = msg.trim();
+    if msg == "ok" {
+        // The daemon keeps running on its own; do not wait for it.
+        std::thread::spawn(move || child.wait());
+        return Ok(());
+    }
+    let _ = child.wait();
+    if let Some(e) = msg.strip_prefix("error: ") {
+        bail!("{e}");
+    }
+    bail!("the daemon exited before the mount was ready; see {}", log_path.display())
+}
+
+fn umount(mountpoint: &Path) -> Result<()> {
+    let mp = mounts::absolute(mountpoint)?;
+    let Some(m) = mounts::forkpoint_mount_at(&mp)? else {
+        bail!("{} is not a forkpoint mount", mp.display());
+    };
+    let store = PathBuf::from(&m.source);
+    let _ = syncfs(&mp);
+    match daemon::call(&store, &daemon::Request::Umount { mountpoint: mp.clone() }) {
+        Ok(Some(_)) => {}
+        Ok(None) | Err(_) => {
+            // No daemon answers: the mount is stale. Detach it.
+            nix::mount::umount2(&mp, nix::mount::MntFlags::MNT_DETACH)
+                .with_context(|| format!("unmount {}", mp.display()))?;
+            eprintln!("forkpoint: {} had no running daemon; detached it", mp.display());
+        }
+    }
+    // Wait until the kernel no longer shows the mount.
+    for _ in 0..200 {
+        if mounts::forkpoint_mount_at(&mp)?.is_none() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    println!("unmounted {}", mp.display());
+    Ok(())
+}
+
+fn print_log(store: &Path, json: bool) -> Result<()> {
+    let s = Store::open_read_only(store)?;
+    let (branches, cps) = s.catalog(|c| Ok((c.branches()?, c.checkpoints()?)))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"branches": branches, "checkpoints": cps}))?);
+        return Ok(());
+    }
+    for b in &branches {
+        println!("branch {} (head #{})", b.name, b.head);
+    }
+    for cp in cps.iter().rev() {
+        let heads: Vec<&str> = branches.iter().filter(|b| b.head == cp.cno).map(|b| b.name.as_str()).collect();
+        let marker = if heads.is_empty() { String::new() } else { format!(" <- {}", heads.join(", ")) };
+        println!(
+            "* #{:<5} {} {:<10} {:<10} {}{}{}",
+            cp.cno,
+            fmt_time(cp.time),
+            cp.branch,
+            cp.kind.as_str(),
+            cp.name.as_deref().map(|n| format!("'{n}'")).unwrap_or_default(),
+            cp.parent.map(|p| format!(" (parent #{p})")).unwrap_or_default(),
+            marker
+        );
+    }
+    Ok(())
+}
+
+fn demo(dir: &Path) -> Result<()> {
+    check_fuse()?;
+    let dir = mounts::absolute(dir)?;
+    let store = dir.join("store");
+    let lower = dir.join("lower");
+    let mnt = dir.join("mnt");
+    if mounts::forkpoint_mount_at(&mnt)?.is_some() {
+        umount(&mnt)?;
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("clean {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&lower)?;
+    std::fs::create_dir_all(&mnt)?;
+    std::fs::write(lower.join("README.txt"), "a file from the lower directory\n")?;
+    std::fs::write(lower.join("config.ini"), "lr = 0.01\n")?;
+    println!("== forkpoint demo in {}", dir.display());
+    println!("$ forkpoint mount {} {} --lower {}", store.display(), mnt.display(), lower.display());
+    mount(&store, &mnt, Some(&lower), "main", false)?;
+    let step = |what: &str| println!("-- {what}");
+    step("edit a lower file and create a new one inside the mount");
+    std::fs::write(mnt.join("config.ini"), "lr = 0.1\n")?;
+    std::fs::write(mnt.join("results.csv"), "epoch,loss\n1,0.9\n")?;
+    println!("$ forkpoint snapshot -m {} epoch1", mnt.display());
+    syncfs(&mnt)?;
+    let v = daemon::call(&store, &daemon::Request::Snapshot { mountpoint: mnt.clone(), name: "epoch1".into() })?
+        .context("daemon not running")?;
+    println!("snapshot 'epoch1' is checkpoint #{} (took {} us)", v["cno"], v["micros"]);
+    step("keep working: append results, delete the lower README");
+    std::fs::write(mnt.join("results.csv"), "epoch,loss\n1,0.9\n2,0.7\n")?;
+    std::fs::remove_file(mnt.join("README.txt"))?;
+    step("the snapshot is browsable, read-only, under .forkpoint/snapshots/");
+    let snap = mnt.join(".forkpoint/snapshots/epoch1");
+    println!(
+        "live results.csv:     {:?}\nsnapshot results.csv: {:?}\nsnapshot README.txt:  {:?}",
+        std::fs::read_to_string(mnt.join("results.csv"))?,
+        std::fs::read_to_string(snap.join("results.csv"))?,
+        std::fs::read_to_string(snap.join("README.txt"))?
+    );
+    println!(
+        "lower directory untouched: config.ini = {:?}",
+        std::fs::read_to_string(lower.join("config.ini"))?
+    );
+    println!("$ forkpoint umount {}", mnt.display());
+    umount(&mnt)?;
+    println!("$ forkpoint log --store {}", store.display());
+    print_log(&store, false)?;
+    println!("$ forkpoint verify {}", store.display());
+    let r = maint::verify(&*Store::open_read_only(&store)?)?;
+    println!("{} objects verified, {} problems", r.objects, r.problems.len());
+    println!("== done; the store stays in {}", store.display());
+    Ok(())
+}

@@ -1,0 +1,497 @@
+//! The SQLite catalog: branches, checkpoints, segments and the object index.
+//!
+//! The catalog is the commit point of the store: a commit is one SQLite transaction (WAL,
+//! `synchronous=FULL`) written after the segment data it references is durable.
+
+use crate::error::{Result, StoreError};
+use crate::id::ContentId;
+use crate::segment::{Loc, ObjectKind};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Version of the catalog schema; a newer one is refused on open.
+pub const SCHEMA_VERSION: u32 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE segments(id INTEGER PRIMARY KEY, committed_len INTEGER NOT NULL);
+CREATE TABLE objects(
+    hash BLOB PRIMARY KEY, segment INTEGER NOT NULL, offset INTEGER NOT NULL,
+    length INTEGER NOT NULL, kind INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE branches(name TEXT PRIMARY KEY, head INTEGER NOT NULL, created INTEGER NOT NULL);
+CREATE TABLE checkpoints(
+    cno INTEGER PRIMARY KEY, branch TEXT NOT NULL, parent INTEGER, root BLOB NOT NULL,
+    name TEXT UNIQUE, time INTEGER NOT NULL, kind TEXT NOT NULL, image BLOB, note TEXT);
+CREATE INDEX checkpoints_branch ON checkpoints(branch, cno);
+";
+
+/// What a checkpoint records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckpointKind {
+    /// A plain commit (periodic, fsync, umount); reclaimed by gc unless it is a branch head.
+    Commit,
+    /// A named filesystem snapshot.
+    Snapshot,
+    /// A named checkpoint: filesystem plus process image.
+    Checkpoint,
+    /// The state a rollback left, kept automatically.
+    Auto,
+}
+
+impl CheckpointKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Commit => "commit",
+            Self::Snapshot => "snapshot",
+            Self::Checkpoint => "checkpoint",
+            Self::Auto => "auto",
+        }
+    }
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "commit" => Self::Commit,
+            "snapshot" => Self::Snapshot,
+            "checkpoint" => Self::Checkpoint,
+            "auto" => Self::Auto,
+            _ => return None,
+        })
+    }
+}
+
+/// A row of the checkpoints table.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Checkpoint {
+    pub cno: u64,
+    pub branch: String,
+    pub parent: Option<u64>,
+    #[serde(serialize_with = "ser_id")]
+    pub root: ContentId,
+    pub name: Option<String>,
+    /// Nanoseconds since the Unix epoch.
+    pub time: i64,
+    pub kind: CheckpointKind,
+    #[serde(serialize_with = "ser_opt_id")]
+    pub image: Option<ContentId>,
+    pub note: Option<String>,
+}
+
+fn ser_id<S: serde::Serializer>(id: &ContentId, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(&id.to_hex())
+}
+
+fn ser_opt_id<S: serde::Serializer>(
+    id: &Option<ContentId>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    match id {
+        Some(id) => s.serialize_some(&id.to_hex()),
+        None => s.serialize_none(),
+    }
+}
+
+/// A row of the branches table.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Branch {
+    pub name: String,
+    pub head: u64,
+    pub created: i64,
+}
+
+/// A new checkpoint to record.
+#[derive(Clone, Debug)]
+pub struct NewCheckpoint<'a> {
+    pub branch: &'a str,
+    pub root: ContentId,
+    pub name: Option<&'a str>,
+    pub kind: CheckpointKind,
+    pub image: Option<ContentId>,
+    pub note: Option<&'a str>,
+}
+
+/// The open catalog.
+pub struct Catalog {
+    conn: Connection,
+}
+
+fn blob_id(b: Vec<u8>) -> rusqlite::Result<ContentId> {
+    let arr: [u8; 32] = b.try_into().map_err(|_| {
+        rusqlite::Error::FromSqlConversionFailure(
+            0,
+            rusqlite::types::Type::Blob,
+            "content id is not 32 bytes".into(),
+        )
+    })?;
+    Ok(ContentId(arr))
+}
+
+fn row_checkpoint(r: &rusqlite::Row<'_>) -> rusqlite::Result<Checkpoint> {
+    let kind: String = r.get(6)?;
+    Ok(Checkpoint {
+        cno: r.get::<_, i64>(0)? as u64,
+        branch: r.get(1)?,
+        parent: r.get::<_, Option<i64>>(2)?.map(|p| p as u64),
+        root: blob_id(r.get(3)?)?,
+        name: r.get(4)?,
+        time: r.get(5)?,
+        kind: CheckpointKind::parse(&kind).ok_or_else(|| {
+            rusqlite::Error::FromSqlConversionFailure(
+                6,
+                rusqlite::types::Type::Text,
+                format!("unknown checkpoint kind {kind}").into(),
+            )
+        })?,
+        image: r.get::<_, Option<Vec<u8>>>(7)?.map(blob_id).transpose()?,
+        note: r.get(8)?,
+    })
+}
+
+const CP_COLS: &str = "cno, branch, parent, root, name, time, kind, image, note";
+
+pub(crate) fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+impl Catalog {
+    /// Creates a new catalog at `path`.
+    pub fn create(path: &Path, meta: &[(&str, &str)]) -> Result<Self> {
+        let conn = Connection::open(path)?;
+        Self::configure(&conn)?;
+        let tx_conn = Catalog { conn };
+        tx_conn.conn.execute_batch(&format!(
+            "BEGIN; {SCHEMA} INSERT INTO meta VALUES('schema_version', '{SCHEMA_VERSION}'); COMMIT;"
+        ))?;
+        for (k, v) in meta {
+            tx_conn
+                .conn
+                .execute("INSERT INTO meta VALUES(?1, ?2)", params![k, v])?;
+        }
+        Ok(tx_conn)
+    }
+
+    /// Opens an existing catalog, checking its schema version.
+    pub fn open(path: &Path, read_only: bool) -> Result<Self> {
+        let flags = if read_only {
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        } else {
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        };
+        let corrupt = |e: rusqlite::Error| StoreError::CorruptCatalog {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        };
+        let conn = Connection::open_with_flags(path, flags).map_err(corrupt)?;
+        if !read_only {
+            Self::configure(&conn).map_err(corrupt)?;
+        }
+        let v: Option<String> = conn
+            .query_row("SELECT value FROM meta WHERE key='schema_version'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(corrupt)?;
+        let v: u32 = v
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| StoreError::CorruptCatalog {
+                path: path.to_path_buf(),
+                reason: "no schema version".into(),
+            })?;
+        if v > SCHEMA_VERSION {
+            return Err(StoreError::NewerFormat {
+                found: v,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        let ok: String = conn
+            .query_row("PRAGMA quick_check", [], |r| r.get(0))
+            .map_err(corrupt)?;
+        if ok != "ok" {
+            return Err(StoreError::CorruptCatalog {
+                path: path.to_path_buf(),
+                reason: ok,
+            });
+        }
+        Ok(Catalog { conn })
+    }
+
+    fn configure(conn: &Connection) -> rusqlite::Result<()> {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        Ok(())
+    }
+
+    pub fn meta(&self, key: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key=?1", [key], |r| r.get(0))
+            .optional()?)
+    }
+
+    pub fn set_meta(&self, key: &str, value: &str) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO meta VALUES(?1, ?2)",
+            params![key, value],
+        )?;
+        Ok(())
+    }
+
+    /// Segments and their committed lengths.
+    pub fn segments(&self) -> Result<Vec<(u64, u64)>> {
+        let mut st = self.conn.prepare("SELECT id, committed_len FROM segments")?;
+        let rows = st.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// The whole object index.
+    pub fn load_index(&self) -> Result<HashMap<ContentId, Loc>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT hash, segment, offset, length, kind FROM objects")?;
+        let mut out = HashMap::new();
+        let mut rows = st.query([])?;
+        while let Some(r) = rows.next()? {
+            let id = blob_id(r.get(0)?)?;
+            let kind: i64 = r.get(4)?;
+            let kind = ObjectKind::from_u8(kind as u8).ok_or_else(|| StoreError::CorruptCatalog {
+                path: "objects".into(),
+                reason: format!("unknown object kind {kind}"),
+            })?;
+            out.insert(
+                id,
+                Loc {
+                    segment: r.get::<_, i64>(1)? as u64,
+                    offset: r.get::<_, i64>(2)? as u64,
+                    len: r.get::<_, i64>(3)? as u32,
+                    kind,
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    /// Records new objects, segment lengths and optionally a checkpoint, in one transaction.
+    pub fn commit(
+        &mut self,
+        objects: &[(ContentId, Loc)],
+        segments: &[(u64, u64)],
+        cp: Option<&NewCheckpoint<'_>>,
+    ) -> Result<Option<u64>> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut ins = tx.prepare_cached(
+                "INSERT OR REPLACE INTO objects VALUES(?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for (id, loc) in objects {
+                ins.execute(params![
+                    &id.0[..],
+                    loc.segment as i64,
+                    loc.offset as i64,
+                    loc.len as i64,
+                    loc.kind as u8 as i64
+                ])?;
+            }
+            let mut seg = tx.prepare_cached("INSERT OR REPLACE INTO segments VALUES(?1, ?2)")?;
+            for (id, len) in segments {
+                seg.execute(params![*id as i64, *len as i64])?;
+            }
+        }
+        let cno = match cp {
+            None => None,
+            Some(cp) => {
+                let parent: Option<i64> = tx
+                    .query_row("SELECT head FROM branches WHERE name=?1", [cp.branch], |r| {
+                        r.get(0)
+                    })
+                    .optional()?;
+                if let Some(name) = cp.name {
+                    let exists: Option<i64> = tx
+                        .query_row("SELECT cno FROM checkpoints WHERE name=?1", [name], |r| {
+                            r.get(0)
+                        })
+                        .optional()?;
+                    if exists.is_some() {
+                        return Err(StoreError::NameExists(name.to_string()));
+                    }
+                }
+                tx.execute(
+                    "INSERT INTO checkpoints(branch, parent, root, name, time, kind, image, note)
+                     VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    params![
+                        cp.branch,
+                        parent,
+                        &cp.root.0[..],
+                        cp.name,
+                        now_ns(),
+                        cp.kind.as_str(),
+                        cp.image.map(|i| i.0.to_vec()),
+                        cp.note
+                    ],
+                )?;
+                let cno = tx.last_insert_rowid();
+                tx.execute(
+                    "INSERT INTO branches(name, head, created) VALUES(?1, ?2, ?3)
+                     ON CONFLICT(name) DO UPDATE SET head=excluded.head",
+                    params![cp.branch, cno, now_ns()],
+                )?;
+                Some(cno as u64)
+            }
+        };
+        tx.commit()?;
+        Ok(cno)
+    }
+
+    pub fn branches(&self) -> Result<Vec<Branch>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT name, head, created FROM branches ORDER BY created, name")?;
+        let rows = st.query_map([], |r| {
+            Ok(Branch {
+                name: r.get(0)?,
+                head: r.get::<_, i64>(1)? as u64,
+                created: r.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn branch(&self, name: &str) -> Result<Branch> {
+        self.conn
+            .query_row(
+                "SELECT name, head, created FROM branches WHERE name=?1",
+                [name],
+                |r| {
+                    Ok(Branch {
+                        name: r.get(0)?,
+                        head: r.get::<_, i64>(1)? as u64,
+                        created: r.get(2)?,
+                    })
+                },
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::UnknownBranch(name.to_string()))
+    }
+
+    /// Creates branch `name` whose head is checkpoint `cno`.
+    pub fn create_branch(&mut self, name: &str, cno: u64) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        let exists: Option<i64> = tx
+            .query_row("SELECT head FROM branches WHERE name=?1", [name], |r| r.get(0))
+            .optional()?;
+        if exists.is_some() {
+            return Err(StoreError::BranchExists(name.to_string()));
+        }
+        tx.execute(
+            "INSERT INTO branches(name, head, created) VALUES(?1, ?2, ?3)",
+            params![name, cno as i64, now_ns()],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Points branch `name` at checkpoint `cno` (a rollback).
+    pub fn set_head(&mut self, name: &str, cno: u64) -> Result<()> {
+        let n = self.conn.execute(
+            "UPDATE branches SET head=?2 WHERE name=?1",
+            params![name, cno as i64],
+        )?;
+        if n == 0 {
+            return Err(StoreError::UnknownBranch(name.to_string()));
+        }
+        Ok(())
+    }
+
+    pub fn checkpoint(&self, cno: u64) -> Result<Checkpoint> {
+        self.conn
+            .query_row(
+                &format!("SELECT {CP_COLS} FROM checkpoints WHERE cno=?1"),
+                [cno as i64],
+                row_checkpoint,
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::UnknownCheckpoint(format!("#{cno}")))
+    }
+
+    /// Finds a checkpoint by name, or by `#CNO`.
+    pub fn find(&self, name: &str) -> Result<Checkpoint> {
+        if let Some(n) = name.strip_prefix('#').and_then(|n| n.parse::<u64>().ok()) {
+            return self.checkpoint(n);
+        }
+        self.conn
+            .query_row(
+                &format!("SELECT {CP_COLS} FROM checkpoints WHERE name=?1"),
+                [name],
+                row_checkpoint,
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::UnknownCheckpoint(name.to_string()))
+    }
+
+    pub fn checkpoints(&self) -> Result<Vec<Checkpoint>> {
+        let mut st = self
+            .conn
+            .prepare(&format!("SELECT {CP_COLS} FROM checkpoints ORDER BY cno"))?;
+        let rows = st.query_map([], row_checkpoint)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Checkpoints that gc keeps: named ones and branch heads.
+    pub fn retained(&self) -> Result<Vec<Checkpoint>> {
+        let mut st = self.conn.prepare(&format!(
+            "SELECT {CP_COLS} FROM checkpoints WHERE name IS NOT NULL
+             OR cno IN (SELECT head FROM branches) ORDER BY cno"
+        ))?;
+        let rows = st.query_map([], row_checkpoint)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// gc's commit point: drop unretained checkpoints, move relocated objects, drop dead ones
+    /// and forget reclaimed segments, in one transaction.
+    pub fn gc_commit(
+        &mut self,
+        moved: &[(ContentId, Loc)],
+        dead: &[ContentId],
+        new_segments: &[(u64, u64)],
+        dropped_segments: &[u64],
+    ) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "DELETE FROM checkpoints WHERE name IS NULL AND cno NOT IN (SELECT head FROM branches)",
+            [],
+        )?;
+        // Parents of kept checkpoints may be gone now; point them at the nearest kept ancestor
+        // is not tracked: the parent column is informational.
+        {
+            let mut up = tx.prepare_cached(
+                "UPDATE objects SET segment=?2, offset=?3, length=?4, kind=?5 WHERE hash=?1",
+            )?;
+            for (id, loc) in moved {
+                up.execute(params![
+                    &id.0[..],
+                    loc.segment as i64,
+                    loc.offset as i64,
+                    loc.len as i64,
+                    loc.kind as u8 as i64
+                ])?;
+            }
+            let mut del = tx.prepare_cached("DELETE FROM objects WHERE hash=?1")?;
+            for id in dead {
+                del.execute([&id.0[..]])?;
+            }
+            let mut seg = tx.prepare_cached("INSERT OR REPLACE INTO segments VALUES(?1, ?2)")?;
+            for (id, len) in new_segments {
+                seg.execute(params![*id as i64, *len as i64])?;
+            }
+            let mut dseg = tx.prepare_cached("DELETE FROM segments WHERE id=?1")?;
+            for id in dropped_segments {
+                dseg.execute([*id as i64])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}

@@ -1,0 +1,523 @@
+//! The thin FUSE adapter: each method calls the logic in [`crate::fs`] and replies, mapping
+//! errors to errno in one exhaustive match.
+
+use crate::error::StoreError;
+use crate::fs::{Caller, Fs, FsError, RenameFlags as FsRename, SetAttr, TimeSet};
+use crate::tree::{Attr, FileKind, Time};
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// How long the kernel may cache entries and attributes. The daemon is the only writer, so
+/// the kernel's view can only go stale on a rollback, which invalidates explicitly.
+const TTL: Duration = Duration::from_secs(1);
+
+/// Maps a logic error to errno. No catch-all arm: a new error must choose its errno.
+pub fn errno(e: &FsError) -> Errno {
+    match e {
+        FsError::NotFound => Errno::ENOENT,
+        FsError::Exists => Errno::EEXIST,
+        FsError::NotDir => Errno::ENOTDIR,
+        FsError::IsDir => Errno::EISDIR,
+        FsError::NotEmpty => Errno::ENOTEMPTY,
+        FsError::Invalid(_) => Errno::EINVAL,
+        FsError::NameTooLong => Errno::ENAMETOOLONG,
+        FsError::ReadOnly => Errno::EROFS,
+        FsError::NoAttr => Errno::NO_XATTR,
+        FsError::Range => Errno::ERANGE,
+        FsError::NotSupported => Errno::EOPNOTSUPP,
+        FsError::Perm => Errno::EPERM,
+        FsError::BadHandle => Errno::EBADF,
+        FsError::TooBig => Errno::EFBIG,
+        FsError::NoData => Errno::ENXIO,
+        // The lower directory is read-only by contract; a changed file cannot be served
+        // consistently with the tree that recorded it.
+        FsError::LowerChanged(_) => Errno::ESTALE,
+        FsError::Store(s) => match s {
+            StoreError::InvalidName { .. } => Errno::EINVAL,
+            StoreError::NameExists(_) | StoreError::BranchExists(_) => Errno::EEXIST,
+            StoreError::UnknownCheckpoint(_) | StoreError::UnknownBranch(_) => Errno::ENOENT,
+            StoreError::TooLarge { .. } => Errno::EFBIG,
+            StoreError::Io { source, .. } | StoreError::Lower { source, .. } => {
+                Errno::from_i32(source.raw_os_error().unwrap_or(libc::EIO))
+            }
+            // Corruption, catalog and format errors: the data cannot be served.
+            StoreError::NotAStore(_)
+            | StoreError::AlreadyExists { .. }
+            | StoreError::NewerFormat { .. }
+            | StoreError::CorruptCatalog { .. }
+            | StoreError::CorruptObject { .. }
+            | StoreError::MissingObject(_)
+            | StoreError::TruncatedSegment { .. }
+            | StoreError::Decode { .. }
+            | StoreError::Locked(_)
+            | StoreError::LowerMismatch { .. }
+            | StoreError::Sql(_)
+            | StoreError::SimulatedCrash => Errno::EIO,
+        },
+    }
+}
+
+fn systime(t: Time) -> SystemTime {
+    if t.sec >= 0 {
+        UNIX_EPOCH + Duration::new(t.sec as u64, t.nsec)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(t.sec.unsigned_abs()) + Duration::from_nanos(u64::from(t.nsec))
+    }
+}
+
+fn fstime(t: SystemTime) -> Time {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => Time {
+            sec: d.as_secs() as i64,
+            nsec: d.subsec_nanos(),
+        },
+        Err(e) => {
+            let d = e.duration();
+            let mut sec = -(d.as_secs() as i64);
+            let mut nsec = d.subsec_nanos();
+            if nsec > 0 {
+                sec -= 1;
+                nsec = 1_000_000_000 - nsec;
+            }
+            Time { sec, nsec }
+        }
+    }
+}
+
+fn ftype(k: FileKind) -> FileType {
+    match k {
+        FileKind::File => FileType::RegularFile,
+        FileKind::Dir => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::Socket => FileType::Socket,
+        FileKind::CharDev => FileType::CharDevice,
+        FileKind::BlockDev => FileType::BlockDevice,
+    }
+}
+
+/// Converts attributes for the kernel.
+pub fn file_attr(ino: u64, a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(ino),
+        size: a.size,
+        blocks: a.size.div_ceil(512),
+        atime: systime(a.atime),
+        mtime: systime(a.mtime),
+        ctime: systime(a.ctime),
+        crtime: systime(a.btime),
+        kind: ftype(a.kind),
+        perm: a.perm as u16,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev as u32,
+        blksize: 64 * 1024,
+        flags: 0,
+    }
+}
+
+fn caller(req: &Request) -> Caller {
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+    }
+}
+
+/// The FUSE filesystem of one mount.
+pub struct FuseFs {
+    fs: Arc<Fs>,
+}
+
+impl FuseFs {
+    pub fn new(fs: Arc<Fs>) -> Self {
+        FuseFs { fs }
+    }
+}
+
+macro_rules! tri {
+    ($reply:expr, $e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(e) => {
+                log::debug!("fs error: {e}");
+                $reply.error(errno(&e));
+                return;
+            }
+        }
+    };
+}
+
+impl Filesystem for FuseFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let want = InitFlags::FUSE_WRITEBACK_CACHE
+            | InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_ATOMIC_O_TRUNC
+            | InitFlags::FUSE_ASYNC_READ
+            | InitFlags::FUSE_BIG_WRITES
+            | InitFlags::FUSE_CACHE_SYMLINKS
+            | InitFlags::FUSE_MAX_PAGES;
+        let have = config.capabilities();
+        let _ = config.add_capabilities(want & have);
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.set_max_background(64);
+        let _ = config.set_congestion_threshold(48);
+        let _ = config.set_time_granularity(Duration::from_nanos(1));
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        if let Err(e) = self.fs.fsync() {
+            log::error!("final commit failed: {e}");
+        }
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let s = tri!(reply, self.fs.lookup(parent.0, name.as_bytes()));
+        reply.entry(&TTL, &file_attr(s.ino, &s.attr), Generation(0));
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let s = tri!(reply, self.fs.getattr(ino.0));
+        reply.attr(&TTL, &file_attr(s.ino, &s.attr));
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let ts = |t: Option<TimeOrNow>| {
+            t.map(|t| match t {
+                TimeOrNow::Now => TimeSet::Now,
+                TimeOrNow::SpecificTime(s) => TimeSet::At(fstime(s)),
+            })
+        };
+        let set = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: ts(atime),
+            mtime: ts(mtime),
+            ctime: ctime.map(fstime),
+        };
+        let s = tri!(reply, self.fs.setattr(ino.0, &set));
+        reply.attr(&TTL, &file_attr(s.ino, &s.attr));
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let t = tri!(reply, self.fs.readlink(ino.0));
+        reply.data(&t);
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let mode = (mode & libc::S_IFMT) | (mode & 0o7777 & !umask);
+        let s = tri!(reply, self.fs.mknod(parent.0, name.as_bytes(), mode, u64::from(rdev), caller(req)));
+        reply.entry(&TTL, &file_attr(s.ino, &s.attr), Generation(0));
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        let s = tri!(reply, self.fs.mkdir(parent.0, name.as_bytes(), mode & !umask, caller(req)));
+        reply.entry(&TTL, &file_attr(s.ino, &s.attr), Generation(0));
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        tri!(reply, self.fs.unlink(parent.0, name.as_bytes()));
+        reply.ok();
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        tri!(reply, self.fs.rmdir(parent.0, name.as_bytes()));
+        reply.ok();
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let s = tri!(
+            reply,
+            self.fs.symlink(parent.0, link_name.as_bytes(), target.as_os_str().as_bytes(), caller(req))
+        );
+        reply.entry(&TTL, &file_attr(s.ino, &s.attr), Generation(0));
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        if flags.contains(RenameFlags::RENAME_WHITEOUT) {
+            reply.error(Errno::EINVAL);
+            return;
+        }
+        let f = FsRename {
+            noreplace: flags.contains(RenameFlags::RENAME_NOREPLACE),
+            exchange: flags.contains(RenameFlags::RENAME_EXCHANGE),
+        };
+        tri!(reply, self.fs.rename(parent.0, name.as_bytes(), newparent.0, newname.as_bytes(), f));
+        reply.ok();
+    }
+
+    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        let s = tri!(reply, self.fs.link(ino.0, newparent.0, newname.as_bytes()));
+        reply.entry(&TTL, &file_attr(s.ino, &s.attr), Generation(0));
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let acc = flags.0 & libc::O_ACCMODE;
+        let write = acc == libc::O_WRONLY || acc == libc::O_RDWR;
+        let trunc = flags.0 & libc::O_TRUNC != 0;
+        let fh = tri!(reply, self.fs.open(ino.0, write, trunc));
+        // The daemon is the only writer, so cached pages stay valid across opens.
+        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let d = tri!(reply, self.fs.read(ino.0, offset, size));
+        reply.data(&d);
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let n = tri!(reply, self.fs.write(ino.0, offset, data));
+        reply.written(n);
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        tri!(reply, self.fs.release(fh.0));
+        reply.ok();
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        tri!(reply, self.fs.fsync());
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let fh = tri!(reply, self.fs.opendir(ino.0));
+        reply.opened(FileHandle(fh), FopenFlags::empty());
+    }
+
+    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let entries = tri!(reply, self.fs.readdir(fh.0, offset));
+        for (off, e) in entries {
+            if reply.add(INodeNo(e.ino), off, ftype(e.kind), OsStr::from_bytes(&e.name)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let entries = tri!(reply, self.fs.readdir(fh.0, offset));
+        for (off, e) in entries {
+            let attr = if e.name == b"." || e.name == b".." {
+                match self.fs.getattr(e.ino) {
+                    Ok(s) => s.attr,
+                    Err(_) => continue,
+                }
+            } else {
+                match self.fs.getattr(e.ino) {
+                    Ok(s) => s.attr,
+                    Err(_) => continue,
+                }
+            };
+            if reply.add(INodeNo(e.ino), off, OsStr::from_bytes(&e.name), &TTL, &file_attr(e.ino, &attr), Generation(0)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        tri!(reply, self.fs.releasedir(fh.0));
+        reply.ok();
+    }
+
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        tri!(reply, self.fs.fsync());
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let s = tri!(reply, self.fs.statfs());
+        reply.statfs(
+            s.blocks(),
+            s.blocks_free(),
+            s.blocks_available(),
+            s.files(),
+            s.files_free(),
+            s.block_size() as u32,
+            255,
+            s.fragment_size() as u32,
+        );
+    }
+
+    fn setxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32, _position: u32, reply: ReplyEmpty) {
+        tri!(reply, self.fs.setxattr(ino.0, name.as_bytes(), value, flags));
+        reply.ok();
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let v = tri!(reply, self.fs.getxattr(ino.0, name.as_bytes()));
+        xattr_reply(reply, &v, size);
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let v = tri!(reply, self.fs.listxattr(ino.0));
+        xattr_reply(reply, &v, size);
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        tri!(reply, self.fs.removexattr(ino.0, name.as_bytes()));
+        reply.ok();
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let excl = flags & libc::O_EXCL != 0;
+        let (s, fh) = tri!(reply, self.fs.create(parent.0, name.as_bytes(), mode & !umask, excl, caller(req)));
+        reply.created(&TTL, &file_attr(s.ino, &s.attr), Generation(0), FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    fn fallocate(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+        tri!(reply, self.fs.fallocate(ino.0, offset, length, mode));
+        reply.ok();
+    }
+
+    fn lseek(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+        if offset < 0 {
+            reply.error(Errno::EINVAL);
+            return;
+        }
+        let o = tri!(reply, self.fs.lseek(ino.0, offset as u64, whence));
+        reply.offset(o as i64);
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        ino_in: INodeNo,
+        _fh_in: FileHandle,
+        offset_in: u64,
+        ino_out: INodeNo,
+        _fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: fuser::CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        let n = tri!(reply, self.fs.copy_range(ino_in.0, offset_in, ino_out.0, offset_out, len.min(u64::from(u32::MAX))));
+        reply.written(n as u32);
+    }
+}
+
+fn xattr_reply(reply: ReplyXattr, v: &[u8], size: u32) {
+    if size == 0 {
+        reply.size(v.len() as u32);
+    } else if v.len() > size as usize {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(v);
+    }
+}
+
+pub use fuser::BackgroundSession;
+
+/// Mounts `fs` at `mountpoint` and serves it from background threads until the returned
+/// session is unmounted or dropped.
+pub fn spawn(fs: Arc<Fs>, mountpoint: &Path, fsname: &str) -> std::io::Result<BackgroundSession> {
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        fuser::MountOption::FSName(fsname.to_string()),
+        fuser::MountOption::Subtype("forkpoint".into()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::Dev,
+        fuser::MountOption::Suid,
+        fuser::MountOption::NoAtime,
+    ];
+    config.acl = fuser::SessionACL::All;
+    // Requests block on I/O; a few more threads than cores keep the kernel's queue moving.
+    config.n_threads = Some(4);
+    config.clone_fd = true;
+    fuser::Session::new(FuseFs::new(fs), mountpoint, &config)?.spawn()
+}

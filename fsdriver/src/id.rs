@@ -1,0 +1,64 @@
+//! Typed content addresses.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// The BLAKE3 hash of an object's payload: its address in the store.
+///
+/// `Debug` prints the full hash, `Display` a short prefix (as git does).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ContentId(pub [u8; 32]);
+
+impl ContentId {
+    /// Hashes `data`.
+    pub fn of(data: &[u8]) -> Self {
+        ContentId(*blake3::hash(data).as_bytes())
+    }
+
+    /// Full lowercase hex.
+    pub fn to_hex(&self) -> String {
+        let mut s = String::with_capacity(64);
+        for b in self.0 {
+            s.push_str(&format!("{b:02x}"));
+        }
+        s
+    }
+
+    /// Parses 64 hex digits.
+    pub fn from_hex(s: &str) -> Option<Self> {
+        if s.len() != 64 {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(ContentId(out))
+    }
+}
+
+impl fmt::Debug for ContentId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ContentId({})", self.to_hex())
+    }
+}
+
+impl fmt::Display for ContentId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex()[..12])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trip() {
+        let id = ContentId::of(b"hello");
+        assert_eq!(ContentId::from_hex(&id.to_hex()), Some(id));
+        assert_eq!(format!("{id}").len(), 12);
+        assert!(format!("{id:?}").contains(&id.to_hex()));
+        assert_eq!(ContentId::from_hex("zz"), None);
+    }
+}

@@ -1,0 +1,583 @@
+//! The store: a directory holding segment files and the catalog.
+//!
+//! ```text
+//! STORE/forkpoint.db      SQLite catalog (WAL)
+//! STORE/segments/*.seg    append-only logs of content-addressed records
+//! STORE/lock              held (flock) by the one process that writes the store
+//! ```
+//!
+//! Objects are written to the active segment as they are produced (pending) and become part
+//! of the store when a commit makes the segment data durable and then records the objects in
+//! the catalog. Bytes past a segment's committed length are a torn or uncommitted tail: they
+//! are cut off when the store is next opened and never served.
+
+use crate::catalog::{Catalog, Checkpoint, NewCheckpoint};
+use crate::error::{IoContext, Result, StoreError};
+use crate::id::ContentId;
+use crate::segment::{self, DirStorage, Loc, ObjectKind, SegFile, Storage, MAX_OBJECT};
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+/// Catalog file name inside a store.
+pub const DB_FILE: &str = "forkpoint.db";
+
+/// Tunables.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// A segment is closed and a new one started past this size.
+    pub segment_size: u64,
+    /// Bytes of decoded objects kept in the read cache.
+    pub cache_bytes: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            segment_size: 256 << 20,
+            cache_bytes: 64 << 20,
+        }
+    }
+}
+
+struct Writer {
+    seg: Option<(u64, Arc<dyn SegFile>)>,
+    len: u64,
+    next_seg: u64,
+    /// Objects written since the last commit.
+    pending: Vec<(ContentId, Loc)>,
+    /// Segments written since the last commit, with their lengths.
+    touched: BTreeMap<u64, u64>,
+    created: bool,
+}
+
+struct Cache {
+    map: HashMap<ContentId, Arc<Vec<u8>>>,
+    bytes: usize,
+    limit: usize,
+}
+
+impl Cache {
+    fn get(&self, id: &ContentId) -> Option<Arc<Vec<u8>>> {
+        self.map.get(id).cloned()
+    }
+    fn put(&mut self, id: ContentId, v: Arc<Vec<u8>>) {
+        if v.len() > self.limit / 4 {
+            return;
+        }
+        if self.bytes + v.len() > self.limit {
+            self.map.clear();
+            self.bytes = 0;
+        }
+        self.bytes += v.len();
+        self.map.insert(id, v);
+    }
+}
+
+/// An open store.
+pub struct Store {
+    dir: PathBuf,
+    storage: Arc<dyn Storage>,
+    catalog: Mutex<Catalog>,
+    index: RwLock<HashMap<ContentId, Loc>>,
+    writer: Mutex<Writer>,
+    segs: RwLock<HashMap<u64, Arc<dyn SegFile>>>,
+    cache: Mutex<Cache>,
+    config: StoreConfig,
+    lower: Option<PathBuf>,
+    read_only: bool,
+    _lock: Option<File>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Is `dir` a store?
+pub fn is_store(dir: &Path) -> bool {
+    dir.join(DB_FILE).is_file()
+}
+
+impl Store {
+    /// Creates a store in `dir` (which may exist but must not hold a store), recording the
+    /// lower directory if any, with an empty tree on branch `main`.
+    pub fn create(dir: &Path, lower: Option<&Path>) -> Result<Arc<Store>> {
+        Self::create_with(dir, lower, StoreConfig::default(), None)
+    }
+
+    /// [`Store::create`] with explicit config and storage.
+    pub fn create_with(
+        dir: &Path,
+        lower: Option<&Path>,
+        config: StoreConfig,
+        storage: Option<Arc<dyn Storage>>,
+    ) -> Result<Arc<Store>> {
+        if is_store(dir) {
+            return Err(StoreError::AlreadyExists {
+                path: dir.to_path_buf(),
+            });
+        }
+        std::fs::create_dir_all(dir.join("segments")).ctx("create", dir.join("segments"))?;
+        let lower = match lower {
+            Some(l) => Some(l.canonicalize().map_err(|source| StoreError::Lower {
+                path: l.to_path_buf(),
+                source,
+            })?),
+            None => None,
+        };
+        if let Some(l) = &lower {
+            if !l.is_dir() {
+                return Err(StoreError::Lower {
+                    path: l.clone(),
+                    source: std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory"),
+                });
+            }
+        }
+        // The catalog is created under a temporary name and renamed into place once it is
+        // complete, so a crash here never leaves a half-made store behind.
+        let tmp = dir.join(format!("{DB_FILE}.creating"));
+        let _ = std::fs::remove_file(&tmp);
+        {
+            let lower_s = lower
+                .as_ref()
+                .map(|l| l.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let meta = [
+                ("format_version", "1"),
+                ("lower", lower_s.as_str()),
+                ("created", &catalog_now()),
+            ];
+            let cat = Catalog::create(&tmp, &meta)?;
+            cat.set_meta("journal", "wal")?;
+            drop(cat);
+        }
+        std::fs::rename(&tmp, dir.join(DB_FILE)).ctx("rename", dir.join(DB_FILE))?;
+        File::open(dir).and_then(|f| f.sync_all()).ctx("fsync", dir)?;
+        let store = Self::open_with(dir, config, storage, false)?;
+        crate::tree::init_tree(&store, lower.as_deref())?;
+        Ok(store)
+    }
+
+    /// Opens a store for writing (takes the store lock).
+    pub fn open(dir: &Path) -> Result<Arc<Store>> {
+        Self::open_with(dir, StoreConfig::default(), None, false)
+    }
+
+    /// Opens a store for reading only; it may be in use by a running daemon.
+    pub fn open_read_only(dir: &Path) -> Result<Arc<Store>> {
+        Self::open_with(dir, StoreConfig::default(), None, true)
+    }
+
+    /// Opens with explicit config and storage.
+    pub fn open_with(
+        dir: &Path,
+        config: StoreConfig,
+        storage: Option<Arc<dyn Storage>>,
+        read_only: bool,
+    ) -> Result<Arc<Store>> {
+        if !is_store(dir) {
+            return Err(StoreError::NotAStore(dir.to_path_buf()));
+        }
+        let lock_file = if read_only {
+            None
+        } else {
+            let f = File::options()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(dir.join("lock"))
+                .ctx("open", dir.join("lock"))?;
+            use std::os::fd::AsRawFd;
+            // SAFETY: flock on a valid file descriptor owned by `f` touches no memory; the lock
+            // lives as long as `f`, which the store keeps.
+            let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if r != 0 {
+                return Err(StoreError::Locked(dir.to_path_buf()));
+            }
+            Some(f)
+        };
+        let catalog = Catalog::open(&dir.join(DB_FILE), read_only)?;
+        if let Some(v) = catalog.meta("format_version")? {
+            let v: u32 = v.parse().unwrap_or(u32::MAX);
+            if v > 1 {
+                return Err(StoreError::NewerFormat {
+                    found: v,
+                    supported: 1,
+                });
+            }
+        }
+        let lower = catalog
+            .meta("lower")?
+            .filter(|l| !l.is_empty())
+            .map(PathBuf::from);
+        let storage: Arc<dyn Storage> =
+            storage.unwrap_or_else(|| Arc::new(DirStorage::new(dir.join("segments"))));
+        let committed = catalog.segments()?;
+        let mut segs = HashMap::new();
+        let on_disk = storage.list().ctx("list segments", storage.path())?;
+        let mut max_seg = 0;
+        for &(id, clen) in &committed {
+            max_seg = max_seg.max(id);
+            let f = storage.open(id, false).map_err(|_| StoreError::TruncatedSegment {
+                segment: id,
+                expected: clen,
+                found: 0,
+            })?;
+            let flen = f.len().ctx("stat segment", storage.path())?;
+            if flen < clen {
+                return Err(StoreError::TruncatedSegment {
+                    segment: id,
+                    expected: clen,
+                    found: flen,
+                });
+            }
+            segment::check_segment_header(&*f, id, &storage.path())?;
+            if flen > clen && !read_only {
+                // A torn or uncommitted tail: never part of the store.
+                log::info!("segment {id}: dropping {} uncommitted bytes", flen - clen);
+                f.truncate(clen).ctx("truncate segment tail", storage.path())?;
+                f.sync().ctx("fsync segment", storage.path())?;
+            }
+            segs.insert(id, f);
+        }
+        for id in on_disk {
+            max_seg = max_seg.max(id);
+            if !committed.iter().any(|(c, _)| *c == id) && !read_only {
+                // Created after the last commit, or reclaimed by a gc that crashed before
+                // deleting it: nothing in the catalog refers to it.
+                storage.remove(id).ctx("remove orphan segment", storage.path())?;
+            }
+        }
+        let index = catalog.load_index()?;
+        for (id, loc) in &index {
+            let clen = committed
+                .iter()
+                .find(|(s, _)| *s == loc.segment)
+                .map(|(_, l)| *l)
+                .unwrap_or(0);
+            if loc.end() > clen {
+                return Err(StoreError::CorruptCatalog {
+                    path: dir.join(DB_FILE),
+                    reason: format!(
+                        "object {id} lies past the committed end of segment {}",
+                        loc.segment
+                    ),
+                });
+            }
+        }
+        Ok(Arc::new(Store {
+            dir: dir.to_path_buf(),
+            storage,
+            catalog: Mutex::new(catalog),
+            index: RwLock::new(index),
+            writer: Mutex::new(Writer {
+                seg: None,
+                len: 0,
+                next_seg: max_seg + 1,
+                pending: Vec::new(),
+                touched: BTreeMap::new(),
+                created: false,
+            }),
+            segs: RwLock::new(segs),
+            cache: Mutex::new(Cache {
+                map: HashMap::new(),
+                bytes: 0,
+                limit: config.cache_bytes,
+            }),
+            config,
+            lower,
+            read_only,
+            _lock: lock_file,
+        }))
+    }
+
+    /// The store directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The lower directory the store was created over.
+    pub fn lower(&self) -> Option<&Path> {
+        self.lower.as_deref()
+    }
+
+    /// Runs `f` with the catalog.
+    pub fn catalog<T>(&self, f: impl FnOnce(&mut Catalog) -> Result<T>) -> Result<T> {
+        f(&mut lock(&self.catalog))
+    }
+
+    /// Does the store hold `id` (committed or pending)?
+    pub fn contains(&self, id: &ContentId) -> bool {
+        self.index
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(id)
+    }
+
+    /// Where `id` lives.
+    pub fn locate(&self, id: &ContentId) -> Option<Loc> {
+        self.index
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .copied()
+    }
+
+    /// Number of objects in the index.
+    pub fn object_count(&self) -> usize {
+        self.index.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Writes an object (once: an object already present is not written again).
+    pub fn put(&self, kind: ObjectKind, data: &[u8]) -> Result<ContentId> {
+        let id = ContentId::of(data);
+        self.put_with_id(kind, id, data)?;
+        Ok(id)
+    }
+
+    /// Writes an object whose id the caller already computed.
+    pub fn put_with_id(&self, kind: ObjectKind, id: ContentId, data: &[u8]) -> Result<()> {
+        if data.len() > MAX_OBJECT {
+            return Err(StoreError::TooLarge {
+                size: data.len(),
+                limit: MAX_OBJECT,
+            });
+        }
+        if self.read_only {
+            return Err(StoreError::Io {
+                op: "write",
+                path: self.dir.clone(),
+                source: std::io::Error::from(std::io::ErrorKind::ReadOnlyFilesystem),
+            });
+        }
+        if self.contains(&id) {
+            return Ok(());
+        }
+        let mut w = lock(&self.writer);
+        if self.contains(&id) {
+            return Ok(());
+        }
+        let rec_len = segment::RECORD_HEADER_LEN + data.len() as u64;
+        if w.seg.is_none() || w.len + rec_len > self.config.segment_size {
+            self.roll(&mut w)?;
+        }
+        let (seg_id, file) = match &w.seg {
+            Some((i, f)) => (*i, f.clone()),
+            None => unreachable!("roll always opens a segment"),
+        };
+        let hdr = segment::encode_header(kind, &id, data.len() as u32);
+        let mut buf = Vec::with_capacity(rec_len as usize);
+        buf.extend_from_slice(&hdr);
+        buf.extend_from_slice(data);
+        let off = w.len;
+        file.write_all_at(&buf, off)
+            .ctx("append to segment", self.storage.path())?;
+        w.len += rec_len;
+        let loc = Loc {
+            segment: seg_id,
+            offset: off,
+            len: data.len() as u32,
+            kind,
+        };
+        w.pending.push((id, loc));
+        let len = w.len;
+        w.touched.insert(seg_id, len);
+        self.index
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, loc);
+        Ok(())
+    }
+
+    fn roll(&self, w: &mut Writer) -> Result<()> {
+        let id = w.next_seg;
+        w.next_seg += 1;
+        let f = self
+            .storage
+            .open(id, true)
+            .ctx("create segment", self.storage.path())?;
+        f.write_all_at(&segment::segment_header(), 0)
+            .ctx("write segment header", self.storage.path())?;
+        self.segs
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, f.clone());
+        w.seg = Some((id, f));
+        w.len = segment::SEGMENT_HEADER_LEN;
+        w.touched.insert(id, w.len);
+        w.created = true;
+        Ok(())
+    }
+
+    /// Reads and verifies an object.
+    pub fn get(&self, id: &ContentId) -> Result<Arc<Vec<u8>>> {
+        if let Some(v) = lock(&self.cache).get(id) {
+            return Ok(v);
+        }
+        let v = Arc::new(self.read_verified(id)?);
+        lock(&self.cache).put(*id, v.clone());
+        Ok(v)
+    }
+
+    /// Reads and re-hashes an object, bypassing the cache.
+    pub fn read_verified(&self, id: &ContentId) -> Result<Vec<u8>> {
+        let loc = self.locate(id).ok_or(StoreError::MissingObject(*id))?;
+        let file = self
+            .segs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&loc.segment)
+            .cloned()
+            .ok_or(StoreError::MissingObject(*id))?;
+        segment::read_record(&*file, &loc, id)
+    }
+
+    /// Makes pending objects durable and records them, with an optional checkpoint, in one
+    /// catalog transaction. Returns the new checkpoint number.
+    pub fn commit(&self, cp: Option<&NewCheckpoint<'_>>) -> Result<Option<u64>> {
+        let mut w = lock(&self.writer);
+        let segs = self.segs.read().unwrap_or_else(|e| e.into_inner()).clone();
+        for id in w.touched.keys() {
+            if let Some(f) = segs.get(id) {
+                f.sync().ctx("fsync segment", self.storage.path())?;
+            }
+        }
+        if w.created {
+            self.storage
+                .sync_dir()
+                .ctx("fsync segment directory", self.storage.path())?;
+        }
+        if !self.storage.commit_barrier() {
+            return Err(StoreError::SimulatedCrash);
+        }
+        let touched: Vec<(u64, u64)> = w.touched.iter().map(|(k, v)| (*k, *v)).collect();
+        let cno = lock(&self.catalog).commit(&w.pending, &touched, cp)?;
+        w.pending.clear();
+        w.touched.clear();
+        w.created = false;
+        Ok(cno)
+    }
+
+    /// Looks up a checkpoint by name (or `#CNO`).
+    pub fn find(&self, name: &str) -> Result<Checkpoint> {
+        lock(&self.catalog).find(name)
+    }
+
+    /// The head checkpoint of a branch.
+    pub fn head(&self, branch: &str) -> Result<Checkpoint> {
+        let c = lock(&self.catalog);
+        let b = c.branch(branch)?;
+        c.checkpoint(b.head)
+    }
+
+    /// Storage backend (for gc and tests).
+    pub(crate) fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
+    pub(crate) fn segment_file(&self, id: u64) -> Option<Arc<dyn SegFile>> {
+        self.segs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .cloned()
+    }
+
+    pub(crate) fn replace_index(&self, index: HashMap<ContentId, Loc>) {
+        *self.index.write().unwrap_or_else(|e| e.into_inner()) = index;
+        let mut c = lock(&self.cache);
+        c.map.clear();
+        c.bytes = 0;
+    }
+
+    pub(crate) fn index_snapshot(&self) -> HashMap<ContentId, Loc> {
+        self.index.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub(crate) fn drop_segment_handle(&self, id: u64) {
+        self.segs
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+    }
+
+    /// Total bytes of segment files.
+    pub fn disk_usage(&self) -> u64 {
+        self.segs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter_map(|f| f.len().ok())
+            .sum()
+    }
+
+    pub(crate) fn with_writer<T>(&self, f: impl FnOnce(&mut WriterHandle<'_>) -> Result<T>) -> Result<T> {
+        let mut w = lock(&self.writer);
+        let mut h = WriterHandle { store: self, w: &mut w };
+        f(&mut h)
+    }
+}
+
+/// Exclusive access to the writer, for gc.
+pub(crate) struct WriterHandle<'a> {
+    store: &'a Store,
+    w: &'a mut Writer,
+}
+
+impl WriterHandle<'_> {
+    /// Copies a record into a fresh segment (never the one being reclaimed).
+    pub(crate) fn relocate(&mut self, id: ContentId, data: &[u8], kind: ObjectKind, avoid: &std::collections::BTreeSet<u64>) -> Result<Loc> {
+        let rec_len = segment::RECORD_HEADER_LEN + data.len() as u64;
+        let need_roll = match &self.w.seg {
+            None => true,
+            Some((s, _)) => avoid.contains(s) || self.w.len + rec_len > self.store.config.segment_size,
+        };
+        if need_roll {
+            self.store.roll(self.w)?;
+        }
+        let (seg_id, file) = match &self.w.seg {
+            Some((i, f)) => (*i, f.clone()),
+            None => unreachable!("roll always opens a segment"),
+        };
+        let mut buf = Vec::with_capacity(rec_len as usize);
+        buf.extend_from_slice(&segment::encode_header(kind, &id, data.len() as u32));
+        buf.extend_from_slice(data);
+        file.write_all_at(&buf, self.w.len)
+            .ctx("append to segment", self.store.storage.path())?;
+        let loc = Loc { segment: seg_id, offset: self.w.len, len: data.len() as u32, kind };
+        self.w.len += rec_len;
+        let len = self.w.len;
+        self.w.touched.insert(seg_id, len);
+        Ok(loc)
+    }
+
+    /// Syncs what was relocated; returns (segment, length) pairs to record.
+    pub(crate) fn sync(&mut self) -> Result<Vec<(u64, u64)>> {
+        for id in self.w.touched.keys() {
+            if let Some(f) = self.store.segment_file(*id) {
+                f.sync().ctx("fsync segment", self.store.storage.path())?;
+            }
+        }
+        self.store.storage.sync_dir().ctx("fsync segment directory", self.store.storage.path())?;
+        Ok(self.w.touched.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+
+    pub(crate) fn has_pending(&self) -> bool {
+        !self.w.pending.is_empty()
+    }
+
+    pub(crate) fn finish(&mut self) {
+        self.w.touched.clear();
+        self.w.created = false;
+    }
+
+    /// Is `seg` the segment being appended to?
+    pub(crate) fn active(&self) -> Option<u64> {
+        self.w.seg.as_ref().map(|(s, _)| *s)
+    }
+}
+
+fn catalog_now() -> String {
+    crate::catalog::now_ns().to_string()
+}

@@ -1,0 +1,374 @@
+//! The per-store daemon: one process serves every mount of a store, each on its own branch,
+//! and answers requests on the store's control socket (`STORE/ctl.sock`, one JSON request and
+//! one JSON response per connection).
+
+use anyhow::{anyhow, bail, Context, Result};
+use forkpoint_fs::fs::Fs;
+use forkpoint_fs::maint;
+use forkpoint_fs::Store;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Socket file name inside a store.
+pub const SOCKET: &str = "ctl.sock";
+/// Seconds between automatic commits of a dirty mount.
+const COMMIT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// A request to the daemon.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Mount { mountpoint: PathBuf, branch: String },
+    Umount { mountpoint: PathBuf },
+    Snapshot { mountpoint: PathBuf, name: String },
+    Commit { mountpoint: PathBuf },
+    Branch { name: String, from: Option<String> },
+    Gc,
+    Status,
+}
+
+/// The daemon's answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default)]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub value: serde_json::Value,
+}
+
+/// Sends a request to the daemon of `store`; `Ok(None)` if no daemon is running.
+pub fn call(store: &Path, req: &Request) -> Result<Option<serde_json::Value>> {
+    let sock = store.join(SOCKET);
+    let mut s = match UnixStream::connect(&sock) {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(e).with_context(|| format!("connect to {}", sock.display())),
+    };
+    let mut line = serde_json::to_string(req)?;
+    line.push('\n');
+    s.write_all(line.as_bytes()).context("send request to daemon")?;
+    let mut resp = String::new();
+    BufReader::new(&s)
+        .read_line(&mut resp)
+        .context("read daemon response")?;
+    if resp.is_empty() {
+        bail!("the daemon of {} closed the connection", store.display());
+    }
+    let r: Response = serde_json::from_str(&resp).context("decode daemon response")?;
+    if r.ok {
+        Ok(Some(r.value))
+    } else {
+        Err(anyhow!(r.error.unwrap_or_else(|| "daemon error".into())))
+    }
+}
+
+struct Mounted {
+    fs: Arc<Fs>,
+    session: Option<forkpoint_fs::fuse::BackgroundSession>,
+    last_commit: Instant,
+}
+
+/// A running daemon.
+pub struct Daemon {
+    store: Arc<Store>,
+    mounts: Mutex<HashMap<PathBuf, Mounted>>,
+    quit: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Daemon {
+    pub fn new(store: Arc<Store>) -> Arc<Daemon> {
+        Arc::new(Daemon {
+            store,
+            mounts: Mutex::new(HashMap::new()),
+            quit: AtomicBool::new(false),
+        })
+    }
+
+    /// Mounts `branch` at `mountpoint`.
+    pub fn mount(&self, mountpoint: &Path, branch: &str) -> Result<()> {
+        let mut mounts = lock(&self.mounts);
+        if mounts.contains_key(mountpoint) {
+            bail!("{} is already a forkpoint mount", mountpoint.display());
+        }
+        if let Some((mp, _)) = mounts.iter().find(|(_, m)| m.fs.branch() == branch) {
+            bail!("branch '{branch}' is already mounted at {}", mp.display());
+        }
+        let fs = Arc::new(Fs::new(self.store.clone(), branch)?);
+        let session = forkpoint_fs::fuse::spawn(fs.clone(), mountpoint, &self.store.dir().display().to_string())
+            .with_context(|| format!("mount {}", mountpoint.display()))?;
+        log::info!("mounted branch {branch} at {}", mountpoint.display());
+        mounts.insert(
+            mountpoint.to_path_buf(),
+            Mounted {
+                fs,
+                session: Some(session),
+                last_commit: Instant::now(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Commits and unmounts.
+    pub fn umount(&self, mountpoint: &Path) -> Result<()> {
+        let m = lock(&self.mounts)
+            .remove(mountpoint)
+            .ok_or_else(|| anyhow!("{} is not mounted by this daemon", mountpoint.display()))?;
+        self.finish(mountpoint, m)
+    }
+
+    fn finish(&self, mountpoint: &Path, mut m: Mounted) -> Result<()> {
+        if let Err(e) = m.fs.fsync() {
+            log::error!("commit of {} failed: {e}", mountpoint.display());
+        }
+        if let Some(s) = m.session.take() {
+            s.umount_and_join()
+                .with_context(|| format!("unmount {}", mountpoint.display()))?;
+        }
+        log::info!("unmounted {}", mountpoint.display());
+        Ok(())
+    }
+
+    fn fs(&self, mountpoint: &Path) -> Result<Arc<Fs>> {
+        lock(&self.mounts)
+            .get(mountpoint)
+            .map(|m| m.fs.clone())
+            .ok_or_else(|| anyhow!("{} is not mounted by this daemon", mountpoint.display()))
+    }
+
+    fn handle(&self, req: Request) -> Result<serde_json::Value> {
+        Ok(match req {
+            Request::Mount { mountpoint, branch } => {
+                self.mount(&mountpoint, &branch)?;
+                serde_json::json!({})
+            }
+            Request::Umount { mountpoint } => {
+                self.umount(&mountpoint)?;
+                serde_json::json!({})
+            }
+            Request::Snapshot { mountpoint, name } => {
+                let fs = self.fs(&mountpoint)?;
+                let t = Instant::now();
+                let cno = fs.snapshot(&name)?;
+                serde_json::json!({"cno": cno, "branch": fs.branch(), "micros": t.elapsed().as_micros() as u64})
+            }
+            Request::Commit { mountpoint } => {
+                let fs = self.fs(&mountpoint)?;
+                fs.fsync()?;
+                serde_json::json!({"cno": fs.head()})
+            }
+            Request::Branch { name, from } => {
+                self.commit_all();
+                create_branch(&self.store, &name, from.as_deref())?
+            }
+            Request::Gc => {
+                self.commit_all();
+                serde_json::to_value(maint::gc(&self.store)?)?
+            }
+            Request::Status => {
+                let mounts = lock(&self.mounts);
+                let list: Vec<_> = mounts
+                    .iter()
+                    .map(|(p, m)| serde_json::json!({"mountpoint": p, "branch": m.fs.branch(), "head": m.fs.head()}))
+                    .collect();
+                serde_json::json!({"pid": std::process::id(), "mounts": list})
+            }
+        })
+    }
+
+    fn commit_all(&self) {
+        let fss: Vec<(PathBuf, Arc<Fs>)> = lock(&self.mounts)
+            .iter()
+            .map(|(p, m)| (p.clone(), m.fs.clone()))
+            .collect();
+        for (p, fs) in fss {
+            if let Err(e) = fs.fsync() {
+                log::error!("commit of {} failed: {e}", p.display());
+            }
+        }
+    }
+
+    /// Periodic work: commit dirty mounts, notice mounts unmounted from outside.
+    fn tick(&self) {
+        let live: Vec<PathBuf> = crate::mounts::mounts()
+            .map(|v| v.into_iter().map(|m| m.mountpoint).collect())
+            .unwrap_or_default();
+        let mut gone = Vec::new();
+        let mut due = Vec::new();
+        {
+            let mut mounts = lock(&self.mounts);
+            for (p, m) in mounts.iter_mut() {
+                if !live.contains(p) {
+                    gone.push(p.clone());
+                } else if m.fs.is_dirty() && m.last_commit.elapsed() >= COMMIT_INTERVAL {
+                    m.last_commit = Instant::now();
+                    due.push((p.clone(), m.fs.clone()));
+                }
+            }
+        }
+        for (p, fs) in due {
+            if let Err(e) = fs.fsync() {
+                log::error!("periodic commit of {} failed: {e}", p.display());
+            }
+        }
+        for p in gone {
+            if let Some(mut m) = lock(&self.mounts).remove(&p) {
+                log::info!("{} was unmounted from outside", p.display());
+                let _ = m.fs.fsync();
+                // The kernel side is gone; dropping the session must not try to unmount again.
+                if let Some(s) = m.session.take() {
+                    std::mem::forget(s);
+                }
+            }
+        }
+        if lock(&self.mounts).is_empty() {
+            self.quit.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Serves the control socket until the last mount is gone or a signal arrives.
+    pub fn serve(self: &Arc<Daemon>, listener: UnixListener) -> Result<()> {
+        listener.set_nonblocking(true)?;
+        let mut last_tick = Instant::now();
+        while !self.quit.load(Ordering::SeqCst) {
+            match listener.accept() {
+                Ok((conn, _)) => {
+                    let d = self.clone();
+                    std::thread::spawn(move || d.connection(conn));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => log::warn!("accept: {e}"),
+            }
+            if last_tick.elapsed() >= Duration::from_secs(1) {
+                last_tick = Instant::now();
+                self.tick();
+            }
+        }
+        // New clients must not reach a daemon that is shutting down.
+        let _ = std::fs::remove_file(self.store.dir().join(SOCKET));
+        self.shutdown();
+        Ok(())
+    }
+
+    /// Commits and unmounts everything.
+    pub fn shutdown(&self) {
+        let all: Vec<(PathBuf, Mounted)> = lock(&self.mounts).drain().collect();
+        for (p, m) in all {
+            if let Err(e) = self.finish(&p, m) {
+                log::error!("{e:#}");
+            }
+        }
+        let _ = std::fs::remove_file(self.store.dir().join(SOCKET));
+    }
+
+    fn connection(&self, conn: UnixStream) {
+        let _ = conn.set_nonblocking(false);
+        let mut line = String::new();
+        if BufReader::new(&conn).read_line(&mut line).is_err() {
+            return;
+        }
+        let resp = match serde_json::from_str::<Request>(&line) {
+            Ok(req) => match self.handle(req) {
+                Ok(v) => Response { ok: true, error: None, value: v },
+                Err(e) => Response { ok: false, error: Some(format!("{e:#}")), value: serde_json::Value::Null },
+            },
+            Err(e) => Response { ok: false, error: Some(format!("bad request: {e}")), value: serde_json::Value::Null },
+        };
+        // The daemon exits with its last mount; its socket goes first, so that a client that
+        // got this answer can no longer reach a daemon that is going away.
+        if lock(&self.mounts).is_empty() {
+            let _ = std::fs::remove_file(self.store.dir().join(SOCKET));
+            self.quit.store(true, Ordering::SeqCst);
+        }
+        let mut out = serde_json::to_string(&resp).unwrap_or_else(|_| "{\"ok\":false}".into());
+        out.push('\n');
+        let _ = (&conn).write_all(out.as_bytes());
+    }
+
+    /// Asks the daemon to stop (signal handler thread).
+    pub fn request_quit(&self) {
+        self.quit.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Creates branch `name` from checkpoint `from` (default: main's head).
+pub fn create_branch(store: &Store, name: &str, from: Option<&str>) -> Result<serde_json::Value> {
+    forkpoint_fs::fs::validate_name(name)?;
+    let cp = match from {
+        Some(f) => store.find(f)?,
+        None => store.head("main")?,
+    };
+    store.catalog(|c| c.create_branch(name, cp.cno))?;
+    Ok(serde_json::json!({"branch": name, "cno": cp.cno}))
+}
+
+/// Runs the daemon in this process: opens the store, binds the socket, mounts, reports
+/// readiness on `ready` (if given) and serves.
+pub fn run(store_dir: &Path, mountpoint: &Path, branch: &str, ready: Option<std::fs::File>) -> Result<()> {
+    let report = |ready: &Option<std::fs::File>, msg: &str| {
+        if let Some(mut f) = ready.as_ref() {
+            let _ = writeln!(f, "{msg}");
+        }
+    };
+    let setup = || -> Result<(Arc<Daemon>, UnixListener)> {
+        // A daemon of this store that is just exiting may still hold the lock.
+        let mut tries = 0;
+        let store = loop {
+            match Store::open(store_dir) {
+                Err(forkpoint_fs::StoreError::Locked(_)) if tries < 100 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                r => break r?,
+            }
+        };
+        let sock = store_dir.join(SOCKET);
+        let _ = std::fs::remove_file(&sock);
+        let listener = UnixListener::bind(&sock).with_context(|| format!("bind {}", sock.display()))?;
+        let d = Daemon::new(store);
+        d.mount(mountpoint, branch)?;
+        Ok((d, listener))
+    };
+    // Signals are handled by one thread; block them before any other thread starts.
+    let mut mask = nix::sys::signal::SigSet::empty();
+    mask.add(nix::sys::signal::Signal::SIGTERM);
+    mask.add(nix::sys::signal::Signal::SIGINT);
+    mask.add(nix::sys::signal::Signal::SIGHUP);
+    mask.thread_block().context("block signals")?;
+    let (d, listener) = match setup() {
+        Ok(x) => x,
+        Err(e) => {
+            report(&ready, &format!("error: {e:#}"));
+            return Err(e);
+        }
+    };
+    report(&ready, "ok");
+    drop(ready);
+    let dq = d.clone();
+    std::thread::spawn(move || {
+        if let Ok(sig) = mask.wait() {
+            log::info!("received {sig}, shutting down");
+            dq.request_quit();
+        }
+    });
+    d.serve(listener)
+}

@@ -1,0 +1,862 @@
+//! Dumping a running process into a [`ProcessImage`].
+//!
+//! ## Order of operations
+//! 1. **Freeze**: seize and interrupt every thread listed in `/proc/PID/task`, repeating the
+//!    listing until no new thread shows up (threads created meanwhile are caught by the next
+//!    pass). Interrupted system calls are rewound for restart (see [`super::tracer`]).
+//! 2. **Mappings**: parse `/proc/PID/maps` and classify each mapping (anon, heap, stack, file,
+//!    shared anon, vdso/vvar/vsyscall). A mapped file whose path now names a different inode,
+//!    or that was deleted, is treated as anonymous memory and dumped completely.
+//! 3. **Injected queries** (with a scratch page mapped into the tracee for the results and
+//!    unmapped again right after): `rt_sigaction(sig, NULL, &old)` for every signal,
+//!    `brk(0)`, and per thread `sigaltstack(NULL, &old)` and `prctl(PR_GET_TID_ADDRESS)`.
+//! 4. **Threads**: registers, xstate, signal mask and rseq registration via ptrace, robust list
+//!    via `get_robust_list`.
+//! 5. **Memory**: `/proc/PID/pagemap` tells which pages exist. Private anonymous mappings dump
+//!    present/swapped pages, private file mappings only their copied-on-write (anonymous) pages,
+//!    shared anonymous mappings everything; shared file mappings nothing (the file holds the
+//!    data). Pages are read with `process_vm_readv` (fallback `/proc/PID/mem`), all-zero pages
+//!    are recorded as zero runs.
+//! 6. **Process state from /proc**: fds (+ fdinfo), cwd, exe, creds, umask, rlimits,
+//!    personality, `mm` layout from `/proc/PID/stat`, auxv.
+//! 7. **Thaw**: every tracer is dropped, which restores the registers and detaches; the process
+//!    continues exactly where it was. This also happens on every error path.
+//!
+//! Limitations: pending signals, timers, sockets, pipes, ttys, SysV IPC identity and
+//! namespaces are not captured (unsupported fds are refused with [`DumpError::UnsupportedFd`]).
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::os::unix::fs::{FileExt, MetadataExt};
+
+use super::image::{
+    Creds, FdKind, FdState, FileId, ImageMemory, Mapping, MappingKind, MmState, ProcessImage, Regs,
+    Rlimit, RseqState, SigAction, SigAltStack, ThreadState, PAGE_SIZE,
+};
+use super::sys;
+use super::tracer::{TraceError, Tracer};
+
+/// Errors while dumping. The dumped process keeps running in every case.
+#[derive(Debug, thiserror::Error)]
+pub enum DumpError {
+    /// The process does not exist.
+    #[error("process {pid} does not exist")]
+    NoSuchProcess {
+        /// Pid.
+        pid: i32,
+    },
+    /// Attaching to a thread failed.
+    #[error("cannot attach to thread {tid} of process {pid}: {source}")]
+    Attach {
+        /// Pid.
+        pid: i32,
+        /// Thread id.
+        tid: i32,
+        /// Cause.
+        source: TraceError,
+    },
+    /// A ptrace operation on the frozen process failed.
+    #[error("process {pid}: {source}")]
+    Trace {
+        /// Pid.
+        pid: i32,
+        /// Cause.
+        source: TraceError,
+    },
+    /// Reading a /proc file failed.
+    #[error("process {pid}: reading {path} failed: {source}")]
+    Proc {
+        /// Pid.
+        pid: i32,
+        /// The file.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A /proc file had an unexpected format.
+    #[error("process {pid}: cannot parse {what}: {detail}")]
+    Parse {
+        /// Pid.
+        pid: i32,
+        /// Which file/field.
+        what: &'static str,
+        /// The offending text.
+        detail: String,
+    },
+    /// A file descriptor cannot be checkpointed.
+    #[error("process {pid}: fd {fd} ({target}) is not supported: {reason}")]
+    UnsupportedFd {
+        /// Pid.
+        pid: i32,
+        /// Descriptor.
+        fd: i32,
+        /// Link target.
+        target: String,
+        /// Why.
+        reason: String,
+    },
+    /// A mapping cannot be checkpointed.
+    #[error("process {pid}: mapping {start:#x}-{end:#x} {path} is not supported: {reason}")]
+    UnsupportedMapping {
+        /// Pid.
+        pid: i32,
+        /// Start.
+        start: u64,
+        /// End.
+        end: u64,
+        /// Path or name.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Options for [`dump_with`].
+#[derive(Debug, Clone, Default)]
+pub struct DumpOptions {
+    /// Dump pages of private file mappings even if they are unmodified file pages (the image
+    /// then no longer depends on the mapped files staying unchanged).
+    pub dump_file_pages: bool,
+}
+
+/// A raw line of /proc/PID/maps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapsLine {
+    /// Start.
+    pub start: u64,
+    /// End.
+    pub end: u64,
+    /// `rwxp` field.
+    pub perms: String,
+    /// Offset.
+    pub offset: u64,
+    /// Device `major:minor` (hex).
+    pub dev: String,
+    /// Inode.
+    pub inode: u64,
+    /// Path (may be empty, may contain spaces).
+    pub path: String,
+}
+
+/// Parse the text of /proc/PID/maps.
+pub fn parse_maps(text: &str) -> Result<Vec<MapsLine>, String> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if line.is_empty() {
+            continue;
+        }
+        let mut rest = line;
+        let mut fields = Vec::with_capacity(5);
+        for _ in 0..5 {
+            rest = rest.trim_start_matches(' ');
+            let end = rest.find(' ').unwrap_or(rest.len());
+            fields.push(&rest[..end]);
+            rest = &rest[end..];
+        }
+        let path = rest.trim_start_matches(' ').to_string();
+        let bad = || format!("bad maps line: {line:?}");
+        let (s, e) = fields[0].split_once('-').ok_or_else(bad)?;
+        out.push(MapsLine {
+            start: u64::from_str_radix(s, 16).map_err(|_| bad())?,
+            end: u64::from_str_radix(e, 16).map_err(|_| bad())?,
+            perms: fields[1].to_string(),
+            offset: u64::from_str_radix(fields[2], 16).map_err(|_| bad())?,
+            dev: fields[3].to_string(),
+            inode: fields[4].parse().map_err(|_| bad())?,
+            path,
+        });
+    }
+    Ok(out)
+}
+
+/// Read /proc/PID/maps of `pid`.
+pub fn read_maps(pid: i32) -> Result<Vec<MapsLine>, DumpError> {
+    let path = format!("/proc/{pid}/maps");
+    let text = std::fs::read_to_string(&path).map_err(|source| DumpError::Proc {
+        pid,
+        path: path.clone(),
+        source,
+    })?;
+    parse_maps(&text).map_err(|detail| DumpError::Parse {
+        pid,
+        what: "maps",
+        detail,
+    })
+}
+
+/// `PROT_*` bits from the `rwxp` field.
+pub fn prot_of(perms: &str) -> u32 {
+    let b = perms.as_bytes();
+    let mut p = 0;
+    if b.first() == Some(&b'r') {
+        p |= libc::PROT_READ as u32;
+    }
+    if b.get(1) == Some(&b'w') {
+        p |= libc::PROT_WRITE as u32;
+    }
+    if b.get(2) == Some(&b'x') {
+        p |= libc::PROT_EXEC as u32;
+    }
+    p
+}
+
+/// How the contents of a mapping are dumped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Contents {
+    /// Nothing (special, shared file).
+    None,
+    /// Present or swapped pages (private anonymous).
+    Present,
+    /// Only anonymous (copied-on-write) pages of a private file mapping.
+    AnonOnly,
+    /// Every page.
+    All,
+}
+
+fn classify(pid: i32, l: &MapsLine, opts: &DumpOptions) -> Result<(Mapping, Contents), DumpError> {
+    let shared = l.perms.as_bytes().get(3) == Some(&b's');
+    let prot = prot_of(&l.perms);
+    let unsupported = |reason: &str| DumpError::UnsupportedMapping {
+        pid,
+        start: l.start,
+        end: l.end,
+        path: l.path.clone(),
+        reason: reason.to_string(),
+    };
+    let mut m = Mapping {
+        start: l.start,
+        end: l.end,
+        prot,
+        shared,
+        offset: l.offset,
+        path: if l.path.is_empty() {
+            None
+        } else {
+            Some(l.path.clone())
+        },
+        kind: MappingKind::Anon,
+        file: None,
+        growsdown: false,
+    };
+    let anon_contents = if shared {
+        Contents::All
+    } else {
+        Contents::Present
+    };
+    let anon_kind = if shared {
+        MappingKind::AnonShared
+    } else {
+        MappingKind::Anon
+    };
+    let p = l.path.as_str();
+    let contents = if p.is_empty() {
+        m.kind = anon_kind;
+        anon_contents
+    } else if p.starts_with('[') {
+        match p {
+            "[heap]" => {
+                m.kind = MappingKind::Heap;
+                Contents::Present
+            }
+            "[stack]" => {
+                m.kind = MappingKind::Stack;
+                m.growsdown = true;
+                Contents::Present
+            }
+            "[vdso]" => {
+                m.kind = MappingKind::Vdso;
+                Contents::None
+            }
+            "[vvar]" | "[vvar_vclock]" => {
+                m.kind = MappingKind::Vvar;
+                Contents::None
+            }
+            "[vsyscall]" => {
+                m.kind = MappingKind::Vsyscall;
+                Contents::None
+            }
+            _ if p.starts_with("[anon:") || p.starts_with("[anon_shmem:") => {
+                m.kind = anon_kind;
+                anon_contents
+            }
+            _ => return Err(unsupported("unknown special mapping")),
+        }
+    } else if p.ends_with(" (deleted)") {
+        // Deleted file, shared anonymous memory ("/dev/zero (deleted)"), memfd, SysV shm:
+        // keep the contents, lose the file identity.
+        m.kind = anon_kind;
+        Contents::All
+    } else {
+        let st = std::fs::metadata(p).map_err(|e| unsupported(&format!("cannot stat: {e}")))?;
+        if !st.file_type().is_file() {
+            return Err(unsupported("mapping of a non-regular file"));
+        }
+        if st.ino() != l.inode {
+            // The path now names another file: keep the contents.
+            m.kind = anon_kind;
+            Contents::All
+        } else {
+            m.kind = MappingKind::File;
+            m.file = Some(FileId {
+                dev: st.dev(),
+                ino: st.ino(),
+                size: st.size(),
+                mtime: st.mtime(),
+                mtime_nsec: st.mtime_nsec(),
+            });
+            if shared {
+                Contents::None
+            } else if opts.dump_file_pages {
+                Contents::All
+            } else {
+                Contents::AnonOnly
+            }
+        }
+    };
+    // Mappings the tracee cannot access at all are not dumped (never populated in practice;
+    // e.g. guard pages and address-space reservations).
+    let contents = if prot == 0 { Contents::None } else { contents };
+    Ok((m, contents))
+}
+
+const PM_PRESENT: u64 = 1 << 63;
+const PM_SWAP: u64 = 1 << 62;
+const PM_FILE: u64 = 1 << 61;
+
+/// The all-threads-stopped state of a process. Dropping it restores and detaches every thread.
+struct Frozen {
+    tracers: Vec<Tracer>,
+}
+
+impl Frozen {
+    fn freeze(pid: i32) -> Result<Frozen, DumpError> {
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            return Err(DumpError::NoSuchProcess { pid });
+        }
+        let mut f = Frozen {
+            tracers: Vec::new(),
+        };
+        let mut seen = BTreeSet::new();
+        // The leader first.
+        let t = Tracer::seize(pid, pid).map_err(|source| DumpError::Attach {
+            pid,
+            tid: pid,
+            source,
+        })?;
+        f.tracers.push(t);
+        seen.insert(pid);
+        loop {
+            let mut new = false;
+            for tid in list_tasks(pid)? {
+                if seen.contains(&tid) {
+                    continue;
+                }
+                seen.insert(tid);
+                new = true;
+                match Tracer::seize(pid, tid) {
+                    Ok(t) => f.tracers.push(t),
+                    Err(source) => {
+                        if std::path::Path::new(&format!("/proc/{pid}/task/{tid}")).exists() {
+                            return Err(DumpError::Attach { pid, tid, source });
+                        }
+                    }
+                }
+            }
+            if !new {
+                break;
+            }
+        }
+        Ok(f)
+    }
+}
+
+fn list_tasks(pid: i32) -> Result<Vec<i32>, DumpError> {
+    let path = format!("/proc/{pid}/task");
+    let rd = std::fs::read_dir(&path).map_err(|source| DumpError::Proc {
+        pid,
+        path: path.clone(),
+        source,
+    })?;
+    let mut v: Vec<i32> = rd
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
+        .collect();
+    v.sort_unstable();
+    Ok(v)
+}
+
+fn read_proc(pid: i32, rel: &str) -> Result<String, DumpError> {
+    let path = format!("/proc/{pid}/{rel}");
+    std::fs::read_to_string(&path).map_err(|source| DumpError::Proc { pid, path, source })
+}
+
+fn read_link(pid: i32, rel: &str) -> Result<String, DumpError> {
+    let path = format!("/proc/{pid}/{rel}");
+    std::fs::read_link(&path)
+        .map(|p| p.to_string_lossy().into_owned())
+        .map_err(|source| DumpError::Proc { pid, path, source })
+}
+
+/// Dump process `pid` with default options. See the module documentation.
+pub fn dump(pid: i32) -> Result<ProcessImage, DumpError> {
+    dump_with(pid, &DumpOptions::default())
+}
+
+/// Dump process `pid`. The process is stopped for the duration of the call and continues
+/// unchanged afterwards, also when an error is returned.
+pub fn dump_with(pid: i32, opts: &DumpOptions) -> Result<ProcessImage, DumpError> {
+    let mut frozen = Frozen::freeze(pid)?;
+    let trace = |source| DumpError::Trace { pid, source };
+
+    // 2. Mappings (before we add our scratch page).
+    let lines = read_maps(pid)?;
+    let mut mappings = Vec::with_capacity(lines.len());
+    let mut contents = Vec::with_capacity(lines.len());
+    for l in &lines {
+        let (m, c) = classify(pid, l, opts)?;
+        mappings.push(m);
+        contents.push(c);
+    }
+
+    // 3. Injected queries.
+    let insn = frozen.tracers[0].locate_syscall_insn().map_err(trace)?;
+    for t in &mut frozen.tracers {
+        t.set_syscall_insn(insn);
+    }
+    let injected = injected_queries(&mut frozen);
+    let (sigactions, brk, per_thread) = injected.map_err(trace)?;
+
+    // 4. Threads.
+    let mut threads = Vec::with_capacity(frozen.tracers.len());
+    for (t, (alt, ctid)) in frozen.tracers.iter().zip(per_thread) {
+        let tid = t.tid();
+        let regs = t.regs().map_err(trace)?;
+        let rseq = t.rseq().map_err(trace)?.and_then(|r| {
+            (r.pointer != 0).then_some(RseqState {
+                pointer: r.pointer,
+                size: r.size,
+                signature: r.signature,
+            })
+        });
+        threads.push(ThreadState {
+            tid,
+            comm: read_proc(pid, &format!("task/{tid}/comm"))
+                .map(|s| s.trim_end_matches('\n').to_string())
+                .unwrap_or_default(),
+            regs: Regs::from(&regs),
+            xstate: t.xstate().map_err(trace)?,
+            fs_base: regs.fs_base,
+            gs_base: regs.gs_base,
+            sigmask: t.sigmask().map_err(trace)?,
+            sigaltstack: alt,
+            clear_child_tid: ctid,
+            robust_list: sys::get_robust_list(tid).unwrap_or((0, 0)),
+            rseq,
+        });
+    }
+
+    // 5. Memory.
+    let memory = dump_memory(pid, &mut frozen.tracers[0], &mappings, &contents)?;
+
+    // 6. /proc state.
+    let fds = dump_fds(pid)?;
+    let status = read_proc(pid, "status")?;
+    let creds = parse_creds(pid, &status)?;
+    let umask = status_field(&status, "Umask:")
+        .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        .unwrap_or(0o022);
+    let personality = read_proc(pid, "personality")
+        .ok()
+        .and_then(|s| u32::from_str_radix(s.trim(), 16).ok())
+        .unwrap_or(0);
+    let mut rlimits = Vec::new();
+    for resource in 0..16u32 {
+        if let Ok((cur, max)) = sys::get_rlimit(pid, resource) {
+            rlimits.push(Rlimit { resource, cur, max });
+        }
+    }
+    let mut mm = parse_mm(pid, &read_proc(pid, "stat")?)?;
+    mm.brk = brk;
+    if let Ok(aux) = std::fs::read(format!("/proc/{pid}/auxv")) {
+        mm.auxv = aux
+            .chunks_exact(8)
+            .map(|c| {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(c);
+                u64::from_le_bytes(a)
+            })
+            .collect();
+    }
+    let image = ProcessImage {
+        pid,
+        comm: read_proc(pid, "comm")?.trim_end_matches('\n').to_string(),
+        exe: read_link(pid, "exe").ok(),
+        kernel_release: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default(),
+        threads,
+        mappings,
+        memory,
+        mm,
+        fds,
+        creds,
+        cwd: read_link(pid, "cwd")?,
+        umask,
+        personality,
+        rlimits,
+        sigactions,
+    };
+    // 7. Thaw (explicitly, to report errors).
+    for t in frozen.tracers.drain(..) {
+        t.detach().map_err(trace)?;
+    }
+    log::debug!(
+        "dumped process {pid}: {} threads, {} mappings, {} bytes of memory ({} inline)",
+        image.threads.len(),
+        image.mappings.len(),
+        image.memory.covered_bytes(),
+        image.memory.inline_bytes()
+    );
+    Ok(image)
+}
+
+type Injected = (Vec<SigAction>, u64, Vec<(SigAltStack, u64)>);
+
+/// Map a scratch page in the tracee, run the queries, unmap it (also on error).
+fn injected_queries(frozen: &mut Frozen) -> Result<Injected, TraceError> {
+    let scratch_len = PAGE_SIZE;
+    let scratch = frozen.tracers[0].syscall(
+        libc::SYS_mmap,
+        [
+            0,
+            scratch_len,
+            (libc::PROT_READ | libc::PROT_WRITE) as u64,
+            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+            u64::MAX,
+            0,
+        ],
+    )?;
+    let res = run_queries(frozen, scratch);
+    let unmap = frozen.tracers[0].syscall(libc::SYS_munmap, [scratch, scratch_len, 0, 0, 0, 0]);
+    let res = res?;
+    unmap?;
+    Ok(res)
+}
+
+fn run_queries(frozen: &mut Frozen, scratch: u64) -> Result<Injected, TraceError> {
+    let leader = &mut frozen.tracers[0];
+    let mut sigactions = Vec::new();
+    for sig in 1..=64u32 {
+        if sig == libc::SIGKILL as u32 || sig == libc::SIGSTOP as u32 {
+            continue;
+        }
+        leader.syscall(libc::SYS_rt_sigaction, [sig as u64, 0, scratch, 8, 0, 0])?;
+        let mut b = [0u8; 32];
+        leader.read_mem(scratch, &mut b)?;
+        let w = |i: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[i * 8..i * 8 + 8]);
+            u64::from_le_bytes(a)
+        };
+        sigactions.push(SigAction {
+            sig,
+            handler: w(0),
+            flags: w(1),
+            restorer: w(2),
+            mask: w(3),
+        });
+    }
+    let brk = leader.syscall(libc::SYS_brk, [0; 6])?;
+    let mut per_thread = Vec::new();
+    for t in &mut frozen.tracers {
+        t.syscall(libc::SYS_sigaltstack, [0, scratch, 0, 0, 0, 0])?;
+        let mut b = [0u8; 24];
+        t.read_mem(scratch, &mut b)?;
+        let mut sp = [0u8; 8];
+        sp.copy_from_slice(&b[0..8]);
+        let mut fl = [0u8; 4];
+        fl.copy_from_slice(&b[8..12]);
+        let mut sz = [0u8; 8];
+        sz.copy_from_slice(&b[16..24]);
+        let alt = SigAltStack {
+            sp: u64::from_le_bytes(sp),
+            flags: i32::from_le_bytes(fl),
+            size: u64::from_le_bytes(sz),
+        };
+        // PR_GET_TID_ADDRESS needs CONFIG_CHECKPOINT_RESTORE; 0 if unavailable.
+        t.write_mem(scratch, &[0u8; 8])?;
+        let ctid = match t.syscall(libc::SYS_prctl, [40, scratch, 0, 0, 0, 0]) {
+            Ok(_) => {
+                let mut c = [0u8; 8];
+                t.read_mem(scratch, &mut c)?;
+                u64::from_le_bytes(c)
+            }
+            Err(TraceError::Injected { .. }) => 0,
+            Err(e) => return Err(e),
+        };
+        per_thread.push((alt, ctid));
+    }
+    Ok((sigactions, brk, per_thread))
+}
+
+/// Largest piece read at once.
+const READ_PIECE: u64 = 8 << 20;
+
+fn dump_memory(
+    pid: i32,
+    tracer: &mut Tracer,
+    mappings: &[Mapping],
+    contents: &[Contents],
+) -> Result<ImageMemory, DumpError> {
+    let mut mem = ImageMemory {
+        page_size: PAGE_SIZE,
+        runs: Vec::new(),
+    };
+    let pm_path = format!("/proc/{pid}/pagemap");
+    let pagemap = File::open(&pm_path).ok();
+    let mut buf = Vec::new();
+    let mut entries = Vec::new();
+    for (m, c) in mappings.iter().zip(contents) {
+        if *c == Contents::None {
+            continue;
+        }
+        let npages = m.len() / PAGE_SIZE;
+        // Which pages to dump.
+        let wanted: Vec<bool> = match (*c, &pagemap) {
+            (Contents::All, _) | (_, None) => vec![true; npages as usize],
+            (c, Some(pm)) => {
+                entries.resize(npages as usize * 8, 0u8);
+                pm.read_exact_at(&mut entries, m.start / PAGE_SIZE * 8)
+                    .map_err(|source| DumpError::Proc {
+                        pid,
+                        path: pm_path.clone(),
+                        source,
+                    })?;
+                entries
+                    .chunks_exact(8)
+                    .map(|e| {
+                        let mut a = [0u8; 8];
+                        a.copy_from_slice(e);
+                        let v = u64::from_le_bytes(a);
+                        match c {
+                            Contents::AnonOnly => {
+                                (v & PM_SWAP != 0) || (v & PM_PRESENT != 0 && v & PM_FILE == 0)
+                            }
+                            _ => v & (PM_PRESENT | PM_SWAP) != 0,
+                        }
+                    })
+                    .collect()
+            }
+        };
+        let mut i = 0u64;
+        while i < npages {
+            if !wanted[i as usize] {
+                i += 1;
+                continue;
+            }
+            let mut j = i;
+            while j < npages && wanted[j as usize] && (j - i) * PAGE_SIZE < READ_PIECE {
+                j += 1;
+            }
+            let addr = m.start + i * PAGE_SIZE;
+            let len = ((j - i) * PAGE_SIZE) as usize;
+            buf.resize(len, 0);
+            tracer
+                .read_mem(addr, &mut buf)
+                .map_err(|source| DumpError::Trace { pid, source })?;
+            mem.push_pages(addr, &buf);
+            i = j;
+        }
+    }
+    Ok(mem)
+}
+
+fn dump_fds(pid: i32) -> Result<Vec<FdState>, DumpError> {
+    let dir = format!("/proc/{pid}/fd");
+    let rd = std::fs::read_dir(&dir).map_err(|source| DumpError::Proc {
+        pid,
+        path: dir.clone(),
+        source,
+    })?;
+    let mut fds: Vec<i32> = rd
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
+        .collect();
+    fds.sort_unstable();
+    let mut out = Vec::new();
+    for fd in fds {
+        let target = match read_link(pid, &format!("fd/{fd}")) {
+            Ok(t) => t,
+            Err(_) => continue, // closed meanwhile (cannot happen while frozen, but be lenient)
+        };
+        let refuse = |reason: &str| DumpError::UnsupportedFd {
+            pid,
+            fd,
+            target: target.clone(),
+            reason: reason.to_string(),
+        };
+        if target.starts_with("socket:") {
+            return Err(refuse("sockets are not supported"));
+        }
+        if target.starts_with("pipe:") {
+            return Err(refuse("pipes are not supported"));
+        }
+        if target.starts_with("anon_inode:") {
+            return Err(refuse(
+                "anonymous inodes (eventfd, epoll, ...) are not supported",
+            ));
+        }
+        if !target.starts_with('/') {
+            return Err(refuse("not a path"));
+        }
+        let info = read_proc(pid, &format!("fdinfo/{fd}"))?;
+        let pos = status_field(&info, "pos:")
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        let flags = status_field(&info, "flags:")
+            .and_then(|v| i32::from_str_radix(v.trim(), 8).ok())
+            .ok_or_else(|| DumpError::Parse {
+                pid,
+                what: "fdinfo flags",
+                detail: info.clone(),
+            })?;
+        let st = std::fs::metadata(format!("/proc/{pid}/fd/{fd}"))
+            .map_err(|e| refuse(&format!("cannot stat: {e}")))?;
+        let ft = st.file_type();
+        let kind = if ft.is_file() {
+            if target.ends_with(" (deleted)") {
+                return Err(refuse("the file was deleted"));
+            }
+            match std::fs::metadata(&target) {
+                Ok(now) if now.ino() == st.ino() && now.dev() == st.dev() => {}
+                _ => return Err(refuse("the path no longer names the open file")),
+            }
+            FdKind::Regular
+        } else if ft.is_dir() {
+            FdKind::Directory
+        } else if std::os::unix::fs::FileTypeExt::is_char_device(&ft) {
+            let rdev = st.rdev();
+            let (maj, min) = (libc::major(rdev), libc::minor(rdev));
+            if maj == 1 && matches!(min, 3 | 5 | 9) {
+                FdKind::CharDevice
+            } else {
+                return Err(refuse(&format!(
+                    "character device {maj}:{min} (only /dev/null, /dev/zero, /dev/urandom)"
+                )));
+            }
+        } else {
+            return Err(refuse("unsupported file type"));
+        };
+        out.push(FdState {
+            fd,
+            path: target,
+            pos,
+            flags,
+            kind,
+        });
+    }
+    Ok(out)
+}
+
+fn status_field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map(|v| v.trim())
+}
+
+fn parse_creds(pid: i32, status: &str) -> Result<Creds, DumpError> {
+    let four = |key: &'static str| -> Result<[u32; 4], DumpError> {
+        let v = status_field(status, key).unwrap_or("");
+        let nums: Vec<u32> = v
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        if nums.len() != 4 {
+            return Err(DumpError::Parse {
+                pid,
+                what: key,
+                detail: v.to_string(),
+            });
+        }
+        Ok([nums[0], nums[1], nums[2], nums[3]])
+    };
+    Ok(Creds {
+        uid: four("Uid:")?,
+        gid: four("Gid:")?,
+        groups: status_field(status, "Groups:")
+            .unwrap_or("")
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect(),
+    })
+}
+
+fn parse_mm(pid: i32, stat: &str) -> Result<MmState, DumpError> {
+    let bad = || DumpError::Parse {
+        pid,
+        what: "stat",
+        detail: stat.to_string(),
+    };
+    let after = stat.rfind(')').ok_or_else(bad)?;
+    // Field 3 (state) is the first after the comm.
+    let f: Vec<&str> = stat[after + 1..].split_whitespace().collect();
+    let field = |n: usize| -> Result<u64, DumpError> {
+        f.get(n - 3)
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or_else(bad)
+    };
+    Ok(MmState {
+        start_code: field(26)?,
+        end_code: field(27)?,
+        start_stack: field(28)?,
+        start_data: field(45)?,
+        end_data: field(46)?,
+        start_brk: field(47)?,
+        brk: 0,
+        arg_start: field(48)?,
+        arg_end: field(49)?,
+        env_start: field(50)?,
+        env_end: field(51)?,
+        auxv: Vec::new(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn parses_maps_lines() {
+        let text = "5572160a9000-5572160ab000 r--p 00000000 fe:00 247030                     /usr/bin/cat\n\
+7f70dbecb000-7f70dbeed000 rw-p 00000000 00:00 0 \n\
+7f70dc133000-7f70dc13a000 r--s 00001000 fe:00 325745                     /tmp/a file (deleted)\n";
+        let v = parse_maps(text).unwrap();
+        assert_eq!(v.len(), 3);
+        assert_eq!(v[0].start, 0x5572160a9000);
+        assert_eq!(v[0].path, "/usr/bin/cat");
+        assert_eq!(v[1].path, "");
+        assert_eq!(v[2].path, "/tmp/a file (deleted)");
+        assert_eq!(v[2].offset, 0x1000);
+        assert_eq!(prot_of(&v[1].perms), 3);
+    }
+
+    #[test]
+    fn parses_stat() {
+        let rest: Vec<String> = (4..=52).map(|n| n.to_string()).collect();
+        let stat = format!("123 (a (weird) name) S {}", rest.join(" "));
+        let mm = parse_mm(1, &stat).unwrap();
+        assert_eq!(mm.start_code, 26);
+        assert_eq!(mm.start_stack, 28);
+        assert_eq!(mm.start_data, 45);
+        assert_eq!(mm.env_end, 51);
+    }
+
+    #[test]
+    fn dump_of_missing_process_fails() {
+        assert!(matches!(
+            dump(i32::MAX - 7),
+            Err(DumpError::NoSuchProcess { .. })
+        ));
+    }
+}

@@ -1,0 +1,928 @@
+//! The process image: plain serde structs, one per component, and their framed encoding.
+//!
+//! ## File format
+//! ```text
+//! offset  size  field
+//!      0     8  magic  b"FKPTIMG\0"
+//!      8     4  image format version, u32 little endian (IMAGE_FORMAT_VERSION)
+//!     12     4  flags, u32 little endian (0; reserved)
+//!     16     8  payload length in bytes, u64 little endian
+//!     24    32  BLAKE3 hash of the payload
+//!     56     …  payload: the ProcessImage encoded with postcard
+//! ```
+//! The format version is independent of the crate version; bump it whenever the serde structs
+//! change incompatibly. Decoding checks, in order: that the header is complete, the magic, the
+//! version (a newer version gives [`ImageError::NewerVersion`]), the size limit, that the payload
+//! is complete, the checksum, and finally that postcard consumes the payload exactly.
+//!
+//! ## Memory
+//! Memory contents are an [`ImageMemory`]: a list of [`PageRun`]s (address + length + data).
+//! Runs never cross a [`RUN_ALIGN`] boundary, so identical memory produces identical runs from
+//! dump to dump. Pages that are all zero are recorded as [`PageData::Zero`] without bytes.
+//! A store can move the bytes out of the image with [`ImageMemory::externalize`], which replaces
+//! them with [`PageData::Stored`] (a BLAKE3 hash); restore then asks a
+//! [`ChunkSource`](super::restore::ChunkSource) for them.
+
+use std::io::Read;
+
+use serde::{Deserialize, Serialize};
+
+use super::tracer::UserRegs;
+
+/// Magic at the start of every image.
+pub const IMAGE_MAGIC: [u8; 8] = *b"FKPTIMG\0";
+/// Current image format version.
+pub const IMAGE_FORMAT_VERSION: u32 = 1;
+/// Length of the framed header.
+pub const HEADER_LEN: usize = 56;
+/// Default upper bound on the payload size accepted by [`decode`].
+pub const DEFAULT_MAX_IMAGE_LEN: u64 = 64 << 30;
+/// Page runs never cross a multiple of this many bytes (1 MiB).
+pub const RUN_ALIGN: u64 = 1 << 20;
+/// Page size on x86_64.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Errors while encoding or decoding an image.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// postcard could not encode the image.
+    #[error("encoding the image failed: {0}")]
+    Encode(postcard::Error),
+    /// The payload is not a valid postcard encoding of an image.
+    #[error("decoding the image payload failed: {0}")]
+    Decode(postcard::Error),
+    /// The file does not start with the image magic.
+    #[error("not a forkpoint image (magic {found:02x?})")]
+    BadMagic {
+        /// The first bytes of the file.
+        found: Vec<u8>,
+    },
+    /// The image was written by a newer forkpoint.
+    #[error("image format version {found} is newer than the supported version {supported}")]
+    NewerVersion {
+        /// Version in the file.
+        found: u32,
+        /// Version this build understands.
+        supported: u32,
+    },
+    /// Version 0 or otherwise unknown.
+    #[error("unsupported image format version {found}")]
+    UnsupportedVersion {
+        /// Version in the file.
+        found: u32,
+    },
+    /// The header declares a payload larger than the limit.
+    #[error("image payload of {len} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// Declared length.
+        len: u64,
+        /// Limit.
+        limit: u64,
+    },
+    /// The file ends before the header or payload is complete.
+    #[error("image is truncated: expected {expected} bytes, got {got}")]
+    Truncated {
+        /// Bytes needed.
+        expected: u64,
+        /// Bytes present.
+        got: u64,
+    },
+    /// Data follows the payload.
+    #[error("image has {extra} unexpected trailing bytes")]
+    TrailingBytes {
+        /// Number of extra bytes.
+        extra: u64,
+    },
+    /// The payload hash does not match the header.
+    #[error("image checksum mismatch: header says {expected}, payload hashes to {actual}")]
+    Checksum {
+        /// Hash from the header (hex).
+        expected: String,
+        /// Hash of the payload (hex).
+        actual: String,
+    },
+    /// I/O error while reading or writing an image.
+    #[error("image I/O failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Serialize `Vec<u8>` as one byte string instead of a sequence of integers.
+mod bytes {
+    use serde::de::{SeqAccess, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    struct V;
+    impl<'de> Visitor<'de> for V {
+        type Value = Vec<u8>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a byte string")
+        }
+        fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+            Ok(v.to_vec())
+        }
+        fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+            Ok(v)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
+            while let Some(b) = seq.next_element::<u8>()? {
+                out.push(b);
+            }
+            Ok(out)
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        d.deserialize_byte_buf(V)
+    }
+}
+
+/// A whole single process.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProcessImage {
+    /// Pid at dump time.
+    pub pid: i32,
+    /// `comm` of the process (thread group leader).
+    pub comm: String,
+    /// Target of `/proc/PID/exe` at dump time.
+    pub exe: Option<String>,
+    /// `uname -r` of the kernel the image was taken on.
+    pub kernel_release: String,
+    /// Threads; the first one is the thread group leader.
+    pub threads: Vec<ThreadState>,
+    /// Memory mappings in address order.
+    pub mappings: Vec<Mapping>,
+    /// Memory contents.
+    pub memory: ImageMemory,
+    /// `mm_struct` layout fields (brk, stack, arguments, environment, auxv).
+    pub mm: MmState,
+    /// Open file descriptors.
+    pub fds: Vec<FdState>,
+    /// Credentials.
+    pub creds: Creds,
+    /// Working directory.
+    pub cwd: String,
+    /// File creation mask.
+    pub umask: u32,
+    /// `personality(2)` value.
+    pub personality: u32,
+    /// Resource limits.
+    pub rlimits: Vec<Rlimit>,
+    /// Signal dispositions (process-wide), for every signal except SIGKILL/SIGSTOP.
+    pub sigactions: Vec<SigAction>,
+}
+
+/// General-purpose registers (mirror of `struct user_regs_struct`).
+#[allow(missing_docs)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Regs {
+    pub r15: u64,
+    pub r14: u64,
+    pub r13: u64,
+    pub r12: u64,
+    pub rbp: u64,
+    pub rbx: u64,
+    pub r11: u64,
+    pub r10: u64,
+    pub r9: u64,
+    pub r8: u64,
+    pub rax: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub orig_rax: u64,
+    pub rip: u64,
+    pub cs: u64,
+    pub eflags: u64,
+    pub rsp: u64,
+    pub ss: u64,
+    pub fs_base: u64,
+    pub gs_base: u64,
+    pub ds: u64,
+    pub es: u64,
+    pub fs: u64,
+    pub gs: u64,
+}
+
+macro_rules! regs_fields {
+    ($m:ident) => {
+        $m!(
+            r15, r14, r13, r12, rbp, rbx, r11, r10, r9, r8, rax, rcx, rdx, rsi, rdi, orig_rax, rip,
+            cs, eflags, rsp, ss, fs_base, gs_base, ds, es, fs, gs
+        )
+    };
+}
+
+impl From<&UserRegs> for Regs {
+    fn from(u: &UserRegs) -> Self {
+        macro_rules! conv {
+            ($($f:ident),*) => { Regs { $($f: u.$f),* } };
+        }
+        regs_fields!(conv)
+    }
+}
+
+impl Regs {
+    /// Convert to the kernel structure.
+    pub fn to_user(&self) -> UserRegs {
+        macro_rules! conv {
+            ($($f:ident),*) => { UserRegs { $($f: self.$f),* } };
+        }
+        regs_fields!(conv)
+    }
+}
+
+/// `stack_t` of `sigaltstack(2)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct SigAltStack {
+    /// Base address.
+    pub sp: u64,
+    /// `SS_DISABLE`, `SS_ONSTACK`, `SS_AUTODISARM`.
+    pub flags: i32,
+    /// Size.
+    pub size: u64,
+}
+
+/// rseq registration of a thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RseqState {
+    /// Address of `struct rseq`.
+    pub pointer: u64,
+    /// Registered size.
+    pub size: u32,
+    /// Abort signature.
+    pub signature: u32,
+}
+
+/// Per-thread state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ThreadState {
+    /// Thread id at dump time.
+    pub tid: i32,
+    /// `comm` of the thread.
+    pub comm: String,
+    /// General registers (interrupted system calls already rewound for restart).
+    pub regs: Regs,
+    /// XSAVE area as returned by `NT_X86_XSTATE`.
+    #[serde(with = "bytes")]
+    pub xstate: Vec<u8>,
+    /// `fs` base (TLS pointer); same as `regs.fs_base`, kept explicit.
+    pub fs_base: u64,
+    /// `gs` base; same as `regs.gs_base`.
+    pub gs_base: u64,
+    /// Blocked signals.
+    pub sigmask: u64,
+    /// Alternate signal stack.
+    pub sigaltstack: SigAltStack,
+    /// `clear_child_tid` (set_tid_address), 0 if unknown.
+    pub clear_child_tid: u64,
+    /// Robust futex list head and length.
+    pub robust_list: (u64, u64),
+    /// rseq registration.
+    pub rseq: Option<RseqState>,
+}
+
+/// What backs a mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MappingKind {
+    /// Private anonymous memory.
+    Anon,
+    /// Shared anonymous memory (`MAP_SHARED|MAP_ANONYMOUS`, memfd or deleted shared file).
+    AnonShared,
+    /// A file mapping reopened from `path` at restore.
+    File,
+    /// `[heap]` (private anonymous).
+    Heap,
+    /// `[stack]` (private anonymous, grows down).
+    Stack,
+    /// `[vdso]`: not dumped; the restore moves the new vDSO here.
+    Vdso,
+    /// `[vvar]`/`[vvar_vclock]`: not dumped; moved with the vDSO.
+    Vvar,
+    /// `[vsyscall]`: fixed by the kernel, ignored.
+    Vsyscall,
+}
+
+/// Identity of a mapped file, checked at restore.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileId {
+    /// Device.
+    pub dev: u64,
+    /// Inode.
+    pub ino: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time, seconds.
+    pub mtime: i64,
+    /// Modification time, nanoseconds.
+    pub mtime_nsec: i64,
+}
+
+/// One line of `/proc/PID/maps`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mapping {
+    /// Start address.
+    pub start: u64,
+    /// End address (exclusive).
+    pub end: u64,
+    /// `PROT_READ | PROT_WRITE | PROT_EXEC`.
+    pub prot: u32,
+    /// `MAP_SHARED` (true) or `MAP_PRIVATE`.
+    pub shared: bool,
+    /// File offset.
+    pub offset: u64,
+    /// Path or `[name]`, as shown by the kernel.
+    pub path: Option<String>,
+    /// Kind of mapping.
+    pub kind: MappingKind,
+    /// Identity of the file for `File` mappings.
+    pub file: Option<FileId>,
+    /// `VM_GROWSDOWN`.
+    pub growsdown: bool,
+}
+
+impl Mapping {
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        self.end - self.start
+    }
+
+    /// True for an empty range.
+    pub fn is_empty(&self) -> bool {
+        self.end == self.start
+    }
+
+    /// True for kernel-provided special mappings that are never dumped.
+    pub fn is_special(&self) -> bool {
+        matches!(
+            self.kind,
+            MappingKind::Vdso | MappingKind::Vvar | MappingKind::Vsyscall
+        )
+    }
+}
+
+/// Contents of a run of pages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PageData {
+    /// All bytes are zero.
+    Zero,
+    /// The bytes themselves (`len` bytes).
+    Bytes(#[serde(with = "bytes")] Vec<u8>),
+    /// Moved to a content-addressed store under this BLAKE3 hash.
+    Stored([u8; 32]),
+}
+
+/// Consecutive pages at `addr`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageRun {
+    /// Start address (page aligned).
+    pub addr: u64,
+    /// Length in bytes (multiple of the page size).
+    pub len: u64,
+    /// Contents.
+    pub data: PageData,
+}
+
+/// All dumped memory contents.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ImageMemory {
+    /// Page size the runs are aligned to.
+    pub page_size: u64,
+    /// Runs in address order.
+    pub runs: Vec<PageRun>,
+}
+
+impl ImageMemory {
+    /// Add `data` read at `addr` (page aligned, multiple of the page size), splitting it into
+    /// runs at [`RUN_ALIGN`] boundaries and marking all-zero runs.
+    pub fn push_pages(&mut self, addr: u64, data: &[u8]) {
+        let mut off = 0u64;
+        let total = data.len() as u64;
+        while off < total {
+            let a = addr + off;
+            let boundary = (a / RUN_ALIGN + 1) * RUN_ALIGN;
+            let len = (boundary - a).min(total - off);
+            let chunk = &data[off as usize..(off + len) as usize];
+            self.push_run(a, chunk);
+            off += len;
+        }
+    }
+
+    fn push_run(&mut self, addr: u64, chunk: &[u8]) {
+        // Split further into zero / non-zero page groups.
+        let ps = self.page_size.max(1) as usize;
+        let mut i = 0usize;
+        while i < chunk.len() {
+            let end = (i + ps).min(chunk.len());
+            let zero = chunk[i..end].iter().all(|&b| b == 0);
+            let mut j = end;
+            while j < chunk.len() {
+                let e = (j + ps).min(chunk.len());
+                if chunk[j..e].iter().all(|&b| b == 0) != zero {
+                    break;
+                }
+                j = e;
+            }
+            let a = addr + i as u64;
+            let len = (j - i) as u64;
+            let data = if zero {
+                PageData::Zero
+            } else {
+                PageData::Bytes(chunk[i..j].to_vec())
+            };
+            self.runs.push(PageRun { addr: a, len, data });
+            i = j;
+        }
+    }
+
+    /// Total bytes covered by runs.
+    pub fn covered_bytes(&self) -> u64 {
+        self.runs.iter().map(|r| r.len).sum()
+    }
+
+    /// Bytes held inline (`PageData::Bytes`).
+    pub fn inline_bytes(&self) -> u64 {
+        self.runs
+            .iter()
+            .filter(|r| matches!(r.data, PageData::Bytes(_)))
+            .map(|r| r.len)
+            .sum()
+    }
+
+    /// Move every inline run out of the image: `store` receives the bytes and the BLAKE3 hash
+    /// and must persist them; the run then only keeps the hash.
+    pub fn externalize<E>(
+        &mut self,
+        mut store: impl FnMut(&[u8; 32], &[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        for run in &mut self.runs {
+            if let PageData::Bytes(b) = &run.data {
+                let hash = *blake3::hash(b).as_bytes();
+                store(&hash, b)?;
+                run.data = PageData::Stored(hash);
+            }
+        }
+        Ok(())
+    }
+
+    /// Read a little-endian u64 at `addr` from inline runs (used by tests and tools).
+    pub fn read_u64(&self, addr: u64) -> Option<u64> {
+        let run = self
+            .runs
+            .iter()
+            .find(|r| r.addr <= addr && addr + 8 <= r.addr + r.len)?;
+        match &run.data {
+            PageData::Zero => Some(0),
+            PageData::Bytes(b) => {
+                let o = (addr - run.addr) as usize;
+                let mut a = [0u8; 8];
+                a.copy_from_slice(b.get(o..o + 8)?);
+                Some(u64::from_le_bytes(a))
+            }
+            PageData::Stored(_) => None,
+        }
+    }
+}
+
+/// Kind of file behind a descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FdKind {
+    /// Regular file.
+    Regular,
+    /// Directory.
+    Directory,
+    /// One of the allowed character devices (/dev/null, /dev/zero, /dev/urandom).
+    CharDevice,
+}
+
+/// One open file descriptor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FdState {
+    /// Descriptor number.
+    pub fd: i32,
+    /// Path of the open file.
+    pub path: String,
+    /// File position.
+    pub pos: u64,
+    /// Open flags from fdinfo (`O_ACCMODE`, `O_APPEND`, `O_CLOEXEC`, ...).
+    pub flags: i32,
+    /// Kind of file.
+    pub kind: FdKind,
+}
+
+/// Credentials.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Creds {
+    /// Real, effective, saved, filesystem uid.
+    pub uid: [u32; 4],
+    /// Real, effective, saved, filesystem gid.
+    pub gid: [u32; 4],
+    /// Supplementary groups.
+    pub groups: Vec<u32>,
+}
+
+/// One resource limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rlimit {
+    /// `RLIMIT_*`.
+    pub resource: u32,
+    /// Soft limit.
+    pub cur: u64,
+    /// Hard limit.
+    pub max: u64,
+}
+
+/// Kernel `struct sigaction` of one signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SigAction {
+    /// Signal number.
+    pub sig: u32,
+    /// Handler address, or SIG_DFL (0) / SIG_IGN (1).
+    pub handler: u64,
+    /// `SA_*` flags.
+    pub flags: u64,
+    /// `sa_restorer`.
+    pub restorer: u64,
+    /// Blocked mask while the handler runs.
+    pub mask: u64,
+}
+
+/// Layout fields of the `mm_struct`, restored with `prctl(PR_SET_MM, PR_SET_MM_MAP)`.
+#[allow(missing_docs)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct MmState {
+    pub start_code: u64,
+    pub end_code: u64,
+    pub start_data: u64,
+    pub end_data: u64,
+    pub start_brk: u64,
+    pub brk: u64,
+    pub start_stack: u64,
+    pub arg_start: u64,
+    pub arg_end: u64,
+    pub env_start: u64,
+    pub env_end: u64,
+    /// Saved auxiliary vector (pairs of u64, ending with AT_NULL).
+    pub auxv: Vec<u64>,
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Encode an image into the framed format.
+pub fn encode(img: &ProcessImage) -> Result<Vec<u8>, ImageError> {
+    let payload = postcard::to_stdvec(img).map_err(ImageError::Encode)?;
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.extend_from_slice(&header(&payload));
+    out.extend_from_slice(&payload);
+    Ok(out)
+}
+
+fn header(payload: &[u8]) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[0..8].copy_from_slice(&IMAGE_MAGIC);
+    h[8..12].copy_from_slice(&IMAGE_FORMAT_VERSION.to_le_bytes());
+    h[12..16].copy_from_slice(&0u32.to_le_bytes());
+    h[16..24].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    h[24..56].copy_from_slice(blake3::hash(payload).as_bytes());
+    h
+}
+
+/// Parsed header fields.
+struct Header {
+    len: u64,
+    hash: [u8; 32],
+}
+
+fn parse_header(h: &[u8], limit: u64) -> Result<Header, ImageError> {
+    if h.len() < HEADER_LEN {
+        // Report a bad magic before truncation if what we have already differs.
+        let n = h.len().min(8);
+        if h[..n] != IMAGE_MAGIC[..n] {
+            return Err(ImageError::BadMagic {
+                found: h[..n].to_vec(),
+            });
+        }
+        return Err(ImageError::Truncated {
+            expected: HEADER_LEN as u64,
+            got: h.len() as u64,
+        });
+    }
+    if h[0..8] != IMAGE_MAGIC {
+        return Err(ImageError::BadMagic {
+            found: h[0..8].to_vec(),
+        });
+    }
+    let mut v = [0u8; 4];
+    v.copy_from_slice(&h[8..12]);
+    let version = u32::from_le_bytes(v);
+    if version > IMAGE_FORMAT_VERSION {
+        return Err(ImageError::NewerVersion {
+            found: version,
+            supported: IMAGE_FORMAT_VERSION,
+        });
+    }
+    if version == 0 {
+        return Err(ImageError::UnsupportedVersion { found: version });
+    }
+    let mut l = [0u8; 8];
+    l.copy_from_slice(&h[16..24]);
+    let len = u64::from_le_bytes(l);
+    if len > limit {
+        return Err(ImageError::TooLarge { len, limit });
+    }
+    let mut hash = [0u8; 32];
+    hash.copy_from_slice(&h[24..56]);
+    Ok(Header { len, hash })
+}
+
+fn check_and_decode(hdr: &Header, payload: &[u8]) -> Result<ProcessImage, ImageError> {
+    let actual = blake3::hash(payload);
+    if actual.as_bytes() != &hdr.hash {
+        return Err(ImageError::Checksum {
+            expected: hex(&hdr.hash),
+            actual: hex(actual.as_bytes()),
+        });
+    }
+    let (img, rest) = postcard::take_from_bytes(payload).map_err(ImageError::Decode)?;
+    if !rest.is_empty() {
+        return Err(ImageError::TrailingBytes {
+            extra: rest.len() as u64,
+        });
+    }
+    Ok(img)
+}
+
+/// Decode a framed image with the default size limit.
+pub fn decode(bytes: &[u8]) -> Result<ProcessImage, ImageError> {
+    decode_with_limit(bytes, DEFAULT_MAX_IMAGE_LEN)
+}
+
+/// Decode a framed image whose payload may be at most `limit` bytes.
+pub fn decode_with_limit(bytes: &[u8], limit: u64) -> Result<ProcessImage, ImageError> {
+    let hdr = parse_header(bytes, limit)?;
+    let have = (bytes.len() - HEADER_LEN) as u64;
+    if have < hdr.len {
+        return Err(ImageError::Truncated {
+            expected: HEADER_LEN as u64 + hdr.len,
+            got: bytes.len() as u64,
+        });
+    }
+    if have > hdr.len {
+        return Err(ImageError::TrailingBytes {
+            extra: have - hdr.len,
+        });
+    }
+    check_and_decode(&hdr, &bytes[HEADER_LEN..])
+}
+
+/// Write a framed image to `w`.
+pub fn write_to(img: &ProcessImage, mut w: impl std::io::Write) -> Result<(), ImageError> {
+    let payload = postcard::to_stdvec(img).map_err(ImageError::Encode)?;
+    w.write_all(&header(&payload))?;
+    w.write_all(&payload)?;
+    w.flush()?;
+    Ok(())
+}
+
+/// Read exactly one framed image from `r` (the payload may be at most `limit` bytes).
+pub fn read_from(mut r: impl std::io::Read, limit: u64) -> Result<ProcessImage, ImageError> {
+    let mut h = Vec::with_capacity(HEADER_LEN);
+    (&mut r).take(HEADER_LEN as u64).read_to_end(&mut h)?;
+    let hdr = parse_header(&h, limit)?;
+    let mut payload = Vec::with_capacity(hdr.len.min(1 << 30) as usize);
+    (&mut r).take(hdr.len).read_to_end(&mut payload)?;
+    if (payload.len() as u64) < hdr.len {
+        return Err(ImageError::Truncated {
+            expected: HEADER_LEN as u64 + hdr.len,
+            got: (HEADER_LEN + payload.len()) as u64,
+        });
+    }
+    check_and_decode(&hdr, &payload)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    pub(crate) fn sample() -> ProcessImage {
+        let mut memory = ImageMemory {
+            page_size: PAGE_SIZE,
+            runs: Vec::new(),
+        };
+        let mut data = vec![0u8; 3 * PAGE_SIZE as usize];
+        data[PAGE_SIZE as usize * 2 + 5] = 7;
+        memory.push_pages(0x1000, &data);
+        ProcessImage {
+            pid: 42,
+            comm: "sample".into(),
+            exe: Some("/bin/true".into()),
+            kernel_release: "6.18".into(),
+            threads: vec![ThreadState {
+                tid: 42,
+                comm: "sample".into(),
+                regs: Regs {
+                    rip: 0x401000,
+                    rsp: 0x7ffc_0000_0000,
+                    ..Regs::default()
+                },
+                xstate: vec![1, 2, 3, 4],
+                fs_base: 0x7f00_0000_0000,
+                gs_base: 0,
+                sigmask: 1 << 9,
+                sigaltstack: SigAltStack {
+                    sp: 0,
+                    flags: 2,
+                    size: 0,
+                },
+                clear_child_tid: 0x7f00_0000_02d0,
+                robust_list: (0x7f00_0000_02e0, 24),
+                rseq: Some(RseqState {
+                    pointer: 0x7f00_0000_0fe0,
+                    size: 32,
+                    signature: 0x5305_3053,
+                }),
+            }],
+            mappings: vec![Mapping {
+                start: 0x1000,
+                end: 0x4000,
+                prot: 3,
+                shared: false,
+                offset: 0,
+                path: None,
+                kind: MappingKind::Anon,
+                file: None,
+                growsdown: false,
+            }],
+            memory,
+            mm: MmState::default(),
+            fds: vec![FdState {
+                fd: 3,
+                path: "/tmp/x".into(),
+                pos: 10,
+                flags: 0o2,
+                kind: FdKind::Regular,
+            }],
+            creds: Creds::default(),
+            cwd: "/".into(),
+            umask: 0o22,
+            personality: 0,
+            rlimits: vec![Rlimit {
+                resource: 7,
+                cur: 1024,
+                max: 4096,
+            }],
+            sigactions: vec![SigAction {
+                sig: 2,
+                handler: 0x401234,
+                flags: 0x0400_0000,
+                restorer: 0x401000,
+                mask: 0,
+            }],
+        }
+    }
+
+    #[test]
+    fn zero_pages_are_not_stored() {
+        let img = sample();
+        assert_eq!(img.memory.runs.len(), 2);
+        assert_eq!(img.memory.runs[0].data, PageData::Zero);
+        assert_eq!(img.memory.runs[0].len, 2 * PAGE_SIZE);
+        assert!(matches!(img.memory.runs[1].data, PageData::Bytes(ref b) if b.len() == 4096));
+        assert_eq!(img.memory.covered_bytes(), 3 * PAGE_SIZE);
+    }
+
+    #[test]
+    fn runs_split_at_alignment() {
+        let mut m = ImageMemory {
+            page_size: PAGE_SIZE,
+            runs: Vec::new(),
+        };
+        let data = vec![1u8; 2 * RUN_ALIGN as usize];
+        m.push_pages(RUN_ALIGN - PAGE_SIZE, &data);
+        assert_eq!(m.runs.len(), 3);
+        assert_eq!(m.runs[0].len, PAGE_SIZE);
+        assert_eq!(m.runs[1].addr, RUN_ALIGN);
+        assert_eq!(m.covered_bytes(), 2 * RUN_ALIGN);
+    }
+
+    #[test]
+    fn round_trip() {
+        let img = sample();
+        let bytes = encode(&img).unwrap();
+        assert_eq!(&bytes[0..8], &IMAGE_MAGIC);
+        let back = decode(&bytes).unwrap();
+        assert_eq!(back, img);
+        let mut v = Vec::new();
+        write_to(&img, &mut v).unwrap();
+        assert_eq!(v, bytes);
+        let back2 = read_from(&v[..], DEFAULT_MAX_IMAGE_LEN).unwrap();
+        assert_eq!(back2, img);
+    }
+
+    #[test]
+    fn externalize_moves_bytes() {
+        let mut img = sample();
+        let mut stored = Vec::new();
+        img.memory
+            .externalize(|h, b| {
+                stored.push((*h, b.to_vec()));
+                Ok::<(), ()>(())
+            })
+            .unwrap();
+        assert_eq!(stored.len(), 1);
+        assert_eq!(img.memory.inline_bytes(), 0);
+        assert_eq!(img.memory.runs[1].data, PageData::Stored(stored[0].0));
+    }
+
+    #[test]
+    fn rejects_bad_magic() {
+        let mut bytes = encode(&sample()).unwrap();
+        bytes[0] = b'X';
+        assert!(matches!(decode(&bytes), Err(ImageError::BadMagic { .. })));
+        assert!(matches!(
+            decode(b"hello world"),
+            Err(ImageError::BadMagic { .. })
+        ));
+    }
+
+    #[test]
+    fn rejects_bad_checksum() {
+        let mut bytes = encode(&sample()).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        assert!(matches!(decode(&bytes), Err(ImageError::Checksum { .. })));
+        let mut bytes = encode(&sample()).unwrap();
+        bytes[30] ^= 1; // inside the stored hash
+        assert!(matches!(decode(&bytes), Err(ImageError::Checksum { .. })));
+    }
+
+    #[test]
+    fn rejects_newer_version() {
+        let mut bytes = encode(&sample()).unwrap();
+        bytes[8..12].copy_from_slice(&(IMAGE_FORMAT_VERSION + 1).to_le_bytes());
+        match decode(&bytes) {
+            Err(ImageError::NewerVersion { found, supported }) => {
+                assert_eq!(found, IMAGE_FORMAT_VERSION + 1);
+                assert_eq!(supported, IMAGE_FORMAT_VERSION);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        bytes[8..12].copy_from_slice(&0u32.to_le_bytes());
+        assert!(matches!(
+            decode(&bytes),
+            Err(ImageError::UnsupportedVersion { found: 0 })
+        ));
+    }
+
+    #[test]
+    fn rejects_truncated() {
+        let bytes = encode(&sample()).unwrap();
+        for cut in [10usize, HEADER_LEN - 1, HEADER_LEN, bytes.len() - 1] {
+            assert!(
+                matches!(decode(&bytes[..cut]), Err(ImageError::Truncated { .. })),
+                "cut at {cut}"
+            );
+            assert!(
+                matches!(
+                    read_from(&bytes[..cut], DEFAULT_MAX_IMAGE_LEN),
+                    Err(ImageError::Truncated { .. })
+                ),
+                "read_from cut at {cut}"
+            );
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(matches!(
+            decode(&longer),
+            Err(ImageError::TrailingBytes { extra: 1 })
+        ));
+    }
+
+    #[test]
+    fn rejects_too_large() {
+        let bytes = encode(&sample()).unwrap();
+        assert!(matches!(
+            decode_with_limit(&bytes, 16),
+            Err(ImageError::TooLarge { .. })
+        ));
+        let mut huge = bytes.clone();
+        huge[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(matches!(decode(&huge), Err(ImageError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn rejects_garbage_payload_with_valid_checksum() {
+        let payload = vec![0xffu8; 16];
+        let mut bytes = header(&payload).to_vec();
+        bytes.extend_from_slice(&payload);
+        assert!(matches!(decode(&bytes), Err(ImageError::Decode(_))));
+    }
+}

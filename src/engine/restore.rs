@@ -1,0 +1,1082 @@
+//! Restoring a [`ProcessImage`] into a new process.
+//!
+//! ## Order of operations
+//! 1. **Child**: `clone3` (with `set_tid = [pid]` if a pid is requested) a child of the calling
+//!    process that calls `PTRACE_TRACEME` and stops itself with `SIGSTOP`. From now on the
+//!    child only executes system calls we inject; any failure kills it.
+//! 2. **Scratch**: choose an address range free both in the child and in the image, map it
+//!    (`rwx`, injected through a `syscall` instruction in the child's vDSO) and write
+//!    `syscall; int3` at its start. All further calls are injected there; the rest of the
+//!    scratch area holds arguments (paths, structs).
+//! 3. **Clean slate**: unregister the inherited rseq area, park the child's `[vvar]`,
+//!    `[vvar_vclock]` and `[vdso]` at a second free range with `mremap`, unmap every other
+//!    mapping, then `mremap` the vDSO pieces to the addresses recorded in the image (their
+//!    sizes must match: same kernel).
+//! 4. **Address space**: `mmap(MAP_FIXED)` every image mapping at its old address: file
+//!    mappings reopened from their path at the recorded offset (after checking that the file
+//!    is unchanged), anonymous (private or shared) otherwise, `[stack]` with `MAP_GROWSDOWN`.
+//!    Mappings that receive contents are mapped writable first.
+//! 5. **Contents**: write every page run with `process_vm_writev` (zero runs only where the
+//!    mapping is file-backed), then `mprotect` mappings back to their recorded protection.
+//! 6. **Process state**: `prctl(PR_SET_MM, PR_SET_MM_MAP)` (brk, stack, args, env, auxv,
+//!    exe), close all inherited fds and reopen the image's (open, `dup3` to the number,
+//!    `lseek`), `chdir`, `umask`, `personality`, signal handlers, alternate signal stack,
+//!    `set_tid_address`, robust list, rseq, thread name, rlimits (`prlimit64` from outside),
+//!    credentials last, then the signal mask (`PTRACE_SETSIGMASK`) and xstate.
+//! 7. **Go**: inject `munmap(scratch)` and stop at its syscall exit, load the image's
+//!    registers and detach. The process continues at the dumped instruction.
+//!
+//! Only single-threaded images are supported so far.
+
+use std::os::unix::fs::MetadataExt;
+
+use nix::errno::Errno;
+
+use super::dump::{read_maps, DumpError, MapsLine};
+use super::image::{FdKind, Mapping, MappingKind, PageData, ProcessImage, PAGE_SIZE};
+use super::sys;
+use super::tracer::{TraceError, Tracer};
+
+/// Supplies page contents that an image references by hash ([`PageData::Stored`]).
+pub trait ChunkSource {
+    /// Return the `len` bytes stored under `hash`.
+    fn fetch(&self, hash: &[u8; 32], len: u64) -> Result<Vec<u8>, String>;
+}
+
+/// Options for [`restore_with`].
+#[derive(Default)]
+pub struct RestoreOptions<'a> {
+    /// Create the process with this pid (`clone3` + `set_tid`; needs CAP_SYS_ADMIN or
+    /// CAP_CHECKPOINT_RESTORE in the pid namespace, and the pid must be free).
+    pub pid: Option<i32>,
+    /// Source for [`PageData::Stored`] runs.
+    pub chunks: Option<&'a dyn ChunkSource>,
+    /// Do not check that mapped files still have the recorded size and mtime.
+    pub skip_file_checks: bool,
+}
+
+/// Errors while restoring. The half-built process is killed in every case.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The image uses something this restorer cannot do yet.
+    #[error("cannot restore image of process {pid}: {what}")]
+    Unsupported {
+        /// Pid in the image.
+        pid: i32,
+        /// What.
+        what: String,
+    },
+    /// The requested pid is taken.
+    #[error("pid {pid} is already in use")]
+    PidInUse {
+        /// The pid.
+        pid: i32,
+    },
+    /// Creating the child failed.
+    #[error("creating the restore child failed: {source}")]
+    Spawn {
+        /// errno.
+        source: Errno,
+    },
+    /// A traced operation failed.
+    #[error("restoring into process {pid}: {step}: {source}")]
+    Trace {
+        /// The new process.
+        pid: i32,
+        /// What we were doing.
+        step: String,
+        /// Cause.
+        source: TraceError,
+    },
+    /// An injected system call returned an unexpected value.
+    #[error("restoring into process {pid}: {step}: unexpected result {result:#x}")]
+    Unexpected {
+        /// The new process.
+        pid: i32,
+        /// What we were doing.
+        step: String,
+        /// What the call returned.
+        result: u64,
+    },
+    /// A mapping could not be rebuilt.
+    #[error("restoring mapping {start:#x}-{end:#x} {path} into process {pid}: {reason}")]
+    Mapping {
+        /// The new process.
+        pid: i32,
+        /// Start.
+        start: u64,
+        /// End.
+        end: u64,
+        /// Path.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// A mapped file differs from the one recorded in the image.
+    #[error("mapped file {path} changed since the dump: {reason}")]
+    FileChanged {
+        /// Path.
+        path: String,
+        /// What differs.
+        reason: String,
+    },
+    /// A file descriptor could not be restored.
+    #[error("restoring fd {fd} ({path}) into process {pid}: {source}")]
+    Fd {
+        /// The new process.
+        pid: i32,
+        /// Descriptor.
+        fd: i32,
+        /// Path.
+        path: String,
+        /// Cause.
+        source: TraceError,
+    },
+    /// The vDSO of this kernel differs from the image's.
+    #[error("vDSO layout differs from the image: {reason}")]
+    VdsoMismatch {
+        /// Details.
+        reason: String,
+    },
+    /// The image is inconsistent.
+    #[error("image of process {pid} is inconsistent: {reason}")]
+    BadImage {
+        /// Pid in the image.
+        pid: i32,
+        /// Why.
+        reason: String,
+    },
+    /// No free address range for the scratch area.
+    #[error("no free address range of {len:#x} bytes for the scratch area")]
+    NoScratchSpace {
+        /// Needed length.
+        len: u64,
+    },
+    /// Reading /proc of the child failed.
+    #[error("restoring into process {pid}: {source}")]
+    Proc {
+        /// The new process.
+        pid: i32,
+        /// Cause.
+        source: DumpError,
+    },
+    /// A stored chunk could not be fetched.
+    #[error("fetching the pages at {addr:#x} ({len} bytes): {reason}")]
+    Chunk {
+        /// Address of the run.
+        addr: u64,
+        /// Length.
+        len: u64,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Size of the scratch area: one code page and data pages.
+const SCRATCH_LEN: u64 = 16 * PAGE_SIZE;
+/// Offset of the data part of the scratch area.
+const DATA_OFF: u64 = PAGE_SIZE;
+/// Highest address considered for scratch areas.
+const SEARCH_TOP: u64 = 0x7ff0_0000_0000;
+/// Lowest address considered for scratch areas.
+const SEARCH_BOTTOM: u64 = 0x1_0000_0000;
+const RSEQ_FLAG_UNREGISTER: u64 = 1;
+const PR_SET_MM_MAP: u64 = 14;
+const PR_SET_NAME: u64 = 15;
+
+/// Restore `image` into a new process with default options. Returns the new pid; the process
+/// is running and is a child of the caller (the caller should eventually reap it).
+pub fn restore(image: &ProcessImage) -> Result<i32, RestoreError> {
+    restore_with(image, &RestoreOptions::default())
+}
+
+/// Restore `image` into a new process. See the module documentation for the steps.
+pub fn restore_with(image: &ProcessImage, opts: &RestoreOptions) -> Result<i32, RestoreError> {
+    if image.threads.len() != 1 {
+        return Err(RestoreError::Unsupported {
+            pid: image.pid,
+            what: format!(
+                "{} threads (only single-threaded processes can be restored)",
+                image.threads.len()
+            ),
+        });
+    }
+    check_image(image)?;
+    if !opts.skip_file_checks {
+        check_files(image)?;
+    }
+    let pid = sys::spawn_stopped_child(opts.pid).map_err(|source| match (source, opts.pid) {
+        (Errno::EEXIST, Some(pid)) => RestoreError::PidInUse { pid },
+        _ => RestoreError::Spawn { source },
+    })?;
+    let tracer = match Tracer::adopt_stopped_child(pid) {
+        Ok(t) => t,
+        Err(source) => {
+            sys::kill_and_reap(pid);
+            return Err(RestoreError::Trace {
+                pid,
+                step: "adopting the child".into(),
+                source,
+            });
+        }
+    };
+    let mut r = Restorer {
+        pid,
+        t: tracer,
+        image,
+        opts,
+        scratch: 0,
+    };
+    match r.run() {
+        Ok(()) => {
+            let Restorer { t, .. } = r;
+            if let Err(source) = t.detach() {
+                sys::kill_and_reap(pid);
+                return Err(RestoreError::Trace {
+                    pid,
+                    step: "detaching".into(),
+                    source,
+                });
+            }
+            Ok(pid)
+        }
+        Err(e) => {
+            sys::kill_and_reap(pid);
+            r.t.forget();
+            Err(e)
+        }
+    }
+}
+
+fn check_image(image: &ProcessImage) -> Result<(), RestoreError> {
+    let bad = |reason: String| RestoreError::BadImage {
+        pid: image.pid,
+        reason,
+    };
+    let mut last_end = 0;
+    for m in &image.mappings {
+        if m.start % PAGE_SIZE != 0 || m.end % PAGE_SIZE != 0 || m.end <= m.start {
+            return Err(bad(format!(
+                "mapping {:#x}-{:#x} is not page aligned",
+                m.start, m.end
+            )));
+        }
+        if m.start < last_end {
+            return Err(bad(format!(
+                "mapping {:#x}-{:#x} overlaps the previous one",
+                m.start, m.end
+            )));
+        }
+        last_end = m.end;
+    }
+    for run in &image.memory.runs {
+        let inside = image
+            .mappings
+            .iter()
+            .any(|m| !m.is_special() && m.start <= run.addr && run.addr + run.len <= m.end);
+        if !inside {
+            return Err(bad(format!(
+                "page run {:#x}+{:#x} lies outside the restorable mappings",
+                run.addr, run.len
+            )));
+        }
+        if let PageData::Bytes(b) = &run.data {
+            if b.len() as u64 != run.len {
+                return Err(bad(format!(
+                    "page run {:#x} has {} bytes, expected {}",
+                    run.addr,
+                    b.len(),
+                    run.len
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_files(image: &ProcessImage) -> Result<(), RestoreError> {
+    for m in &image.mappings {
+        if m.kind != MappingKind::File {
+            continue;
+        }
+        let (Some(path), Some(id)) = (&m.path, &m.file) else {
+            continue;
+        };
+        let st = std::fs::metadata(path).map_err(|e| RestoreError::FileChanged {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        if st.size() != id.size || st.mtime() != id.mtime || st.mtime_nsec() != id.mtime_nsec {
+            return Err(RestoreError::FileChanged {
+                path: path.clone(),
+                reason: format!(
+                    "size/mtime {}/{}.{:09} now {}/{}.{:09}",
+                    id.size,
+                    id.mtime,
+                    id.mtime_nsec,
+                    st.size(),
+                    st.mtime(),
+                    st.mtime_nsec()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Find a free, page-aligned range of `len` bytes not overlapping any of `busy`.
+fn find_free(busy: &[(u64, u64)], len: u64) -> Option<u64> {
+    let mut cand = SEARCH_TOP - len;
+    loop {
+        if cand < SEARCH_BOTTOM {
+            return None;
+        }
+        match busy.iter().find(|(s, e)| *s < cand + len && cand < *e) {
+            None => return Some(cand),
+            Some((s, _)) => {
+                // Move below the conflicting range, keeping a guard page.
+                cand = s.checked_sub(len + PAGE_SIZE)? & !(PAGE_SIZE - 1);
+            }
+        }
+    }
+}
+
+fn is_vdso_piece(path: &str) -> bool {
+    matches!(path, "[vdso]" | "[vvar]" | "[vvar_vclock]")
+}
+
+struct Restorer<'a> {
+    pid: i32,
+    t: Tracer,
+    image: &'a ProcessImage,
+    opts: &'a RestoreOptions<'a>,
+    scratch: u64,
+}
+
+impl Restorer<'_> {
+    fn trace(&self, step: impl Into<String>) -> impl FnOnce(TraceError) -> RestoreError {
+        let pid = self.pid;
+        let step = step.into();
+        move |source| RestoreError::Trace { pid, step, source }
+    }
+
+    fn call(&mut self, step: &str, nr: i64, args: [u64; 6]) -> Result<u64, RestoreError> {
+        let pid = self.pid;
+        self.t
+            .syscall(nr, args)
+            .map_err(|source| RestoreError::Trace {
+                pid,
+                step: step.to_string(),
+                source,
+            })
+    }
+
+    /// Write a NUL-terminated string into the scratch data area at `off`.
+    fn put_str(&mut self, off: u64, s: &str) -> Result<u64, RestoreError> {
+        let mut b = s.as_bytes().to_vec();
+        b.push(0);
+        if off + b.len() as u64 > SCRATCH_LEN - DATA_OFF {
+            return Err(RestoreError::Unsupported {
+                pid: self.image.pid,
+                what: format!("string of {} bytes too long for the scratch area", b.len()),
+            });
+        }
+        let addr = self.scratch + DATA_OFF + off;
+        let e = self.trace("writing the scratch area");
+        self.t.write_mem(addr, &b).map_err(e)?;
+        Ok(addr)
+    }
+
+    fn put_bytes(&mut self, off: u64, b: &[u8]) -> Result<u64, RestoreError> {
+        if off + b.len() as u64 > SCRATCH_LEN - DATA_OFF {
+            return Err(RestoreError::Unsupported {
+                pid: self.image.pid,
+                what: format!("{} bytes too long for the scratch area", b.len()),
+            });
+        }
+        let addr = self.scratch + DATA_OFF + off;
+        let e = self.trace("writing the scratch area");
+        self.t.write_mem(addr, b).map_err(e)?;
+        Ok(addr)
+    }
+
+    fn child_maps(&self) -> Result<Vec<MapsLine>, RestoreError> {
+        read_maps(self.pid).map_err(|source| RestoreError::Proc {
+            pid: self.pid,
+            source,
+        })
+    }
+
+    fn run(&mut self) -> Result<(), RestoreError> {
+        let image = self.image;
+        // 2. Scratch area.
+        let child = self.child_maps()?;
+        let mut busy: Vec<(u64, u64)> = child.iter().map(|m| (m.start, m.end)).collect();
+        busy.extend(image.mappings.iter().map(|m| (m.start, m.end)));
+        let scratch = find_free(&busy, SCRATCH_LEN)
+            .ok_or(RestoreError::NoScratchSpace { len: SCRATCH_LEN })?;
+        busy.push((scratch, scratch + SCRATCH_LEN));
+        let e = self.trace("finding a syscall instruction in the child");
+        self.t.locate_syscall_insn().map_err(e)?;
+        let got = self.call(
+            "mapping the scratch area",
+            libc::SYS_mmap,
+            [
+                scratch,
+                SCRATCH_LEN,
+                (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64,
+                (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64,
+                u64::MAX,
+                0,
+            ],
+        )?;
+        if got != scratch {
+            return Err(RestoreError::Unexpected {
+                pid: self.pid,
+                step: "mapping the scratch area".into(),
+                result: got,
+            });
+        }
+        self.scratch = scratch;
+        let e = self.trace("writing the syscall trampoline");
+        self.t.write_mem(scratch, &[0x0f, 0x05, 0xcc]).map_err(e)?;
+        self.t.set_syscall_insn(scratch);
+
+        // 3. Clean slate.
+        let e = self.trace("reading the child's rseq registration");
+        if let Some(rs) = self.t.rseq().map_err(e)? {
+            if rs.pointer != 0 {
+                self.call(
+                    "unregistering the inherited rseq area",
+                    libc::SYS_rseq,
+                    [
+                        rs.pointer,
+                        rs.size as u64,
+                        RSEQ_FLAG_UNREGISTER,
+                        rs.signature as u64,
+                        0,
+                        0,
+                    ],
+                )?;
+            }
+        }
+        self.rebuild_vdso_and_unmap(&child, &mut busy)?;
+
+        // 4. + 5. Address space and contents.
+        self.map_all()?;
+
+        // 6. Process state.
+        self.restore_mm()?;
+        self.restore_fds()?;
+        self.restore_misc()?;
+        self.restore_thread()?;
+        self.restore_creds()?;
+
+        // 7. Final registers.
+        let th = &image.threads[0];
+        let e = self.trace("setting the signal mask");
+        self.t.set_sigmask(th.sigmask).map_err(e)?;
+        let e = self.trace("setting the xstate");
+        self.t.set_xstate(&th.xstate).map_err(e)?;
+        let e = self.trace("unmapping the scratch area");
+        let r = self
+            .t
+            .syscall_keep_regs(libc::SYS_munmap, [scratch, SCRATCH_LEN, 0, 0, 0, 0])
+            .map_err(e)?;
+        if r != 0 {
+            return Err(RestoreError::Unexpected {
+                pid: self.pid,
+                step: "unmapping the scratch area".into(),
+                result: r as u64,
+            });
+        }
+        let mut regs = th.regs.to_user();
+        regs.orig_rax = u64::MAX;
+        regs.fs_base = th.fs_base;
+        regs.gs_base = th.gs_base;
+        let e = self.trace("setting the registers");
+        self.t.set_regs(&regs).map_err(e)?;
+        self.t.clear_pending_signals();
+        Ok(())
+    }
+
+    fn rebuild_vdso_and_unmap(
+        &mut self,
+        child: &[MapsLine],
+        busy: &mut Vec<(u64, u64)>,
+    ) -> Result<(), RestoreError> {
+        let image = self.image;
+        let ours: Vec<&MapsLine> = child.iter().filter(|m| is_vdso_piece(&m.path)).collect();
+        let theirs: Vec<&Mapping> = image
+            .mappings
+            .iter()
+            .filter(|m| matches!(m.kind, MappingKind::Vdso | MappingKind::Vvar))
+            .collect();
+        // Pair pieces by name and check sizes.
+        let mut pairs = Vec::new();
+        for m in &theirs {
+            let name = m.path.clone().unwrap_or_default();
+            let Some(o) = ours.iter().find(|o| o.path == name) else {
+                return Err(RestoreError::VdsoMismatch {
+                    reason: format!("this kernel has no {name} mapping"),
+                });
+            };
+            if o.end - o.start != m.len() {
+                return Err(RestoreError::VdsoMismatch {
+                    reason: format!(
+                        "{name} is {:#x} bytes here, {:#x} in the image",
+                        o.end - o.start,
+                        m.len()
+                    ),
+                });
+            }
+            pairs.push((o.start, m.start, m.len(), name));
+        }
+        if !theirs.is_empty() {
+            for o in &ours {
+                if !pairs.iter().any(|p| p.0 == o.start) {
+                    return Err(RestoreError::VdsoMismatch {
+                        reason: format!("the image has no {} mapping", o.path),
+                    });
+                }
+            }
+        }
+        // Park our pieces (keeping their relative layout) in a range free everywhere.
+        let mut parked = Vec::new();
+        if !pairs.is_empty() {
+            let lo = pairs.iter().map(|p| p.0).min().unwrap_or(0);
+            let hi = pairs.iter().map(|p| p.0 + p.2).max().unwrap_or(0);
+            let park =
+                find_free(busy, hi - lo).ok_or(RestoreError::NoScratchSpace { len: hi - lo })?;
+            busy.push((park, park + (hi - lo)));
+            for (ours_at, theirs_at, len, name) in &pairs {
+                let to = park + (ours_at - lo);
+                self.mremap(*ours_at, *len, to, &format!("parking {name}"))?;
+                parked.push((to, *theirs_at, *len, name.clone()));
+            }
+        }
+        // Unmap everything else.
+        let keep: Vec<(u64, u64)> = std::iter::once((self.scratch, self.scratch + SCRATCH_LEN))
+            .chain(parked.iter().map(|p| (p.0, p.0 + p.2)))
+            .collect();
+        for m in self.child_maps()? {
+            if m.path == "[vsyscall]" || m.start >= SEARCH_TOP.max(0x7fff_ffff_f000) {
+                continue;
+            }
+            if keep.iter().any(|(s, e)| m.start >= *s && m.end <= *e) {
+                continue;
+            }
+            self.call(
+                &format!("unmapping {:#x}-{:#x} {}", m.start, m.end, m.path),
+                libc::SYS_munmap,
+                [m.start, m.end - m.start, 0, 0, 0, 0],
+            )?;
+        }
+        // Move the vDSO pieces to their image addresses.
+        for (from, to, len, name) in parked {
+            self.mremap(
+                from,
+                len,
+                to,
+                &format!("moving {name} to its image address"),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn mremap(&mut self, from: u64, len: u64, to: u64, step: &str) -> Result<(), RestoreError> {
+        let got = self.call(
+            step,
+            libc::SYS_mremap,
+            [
+                from,
+                len,
+                len,
+                (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64,
+                to,
+                0,
+            ],
+        )?;
+        if got != to {
+            return Err(RestoreError::Unexpected {
+                pid: self.pid,
+                step: step.to_string(),
+                result: got,
+            });
+        }
+        Ok(())
+    }
+
+    fn map_all(&mut self) -> Result<(), RestoreError> {
+        let image = self.image;
+        let runs = &image.memory.runs;
+        let mut writable_later = Vec::new();
+        for m in &image.mappings {
+            if m.is_special() {
+                continue;
+            }
+            let has_data = runs
+                .iter()
+                .any(|r| r.addr < m.end && m.start < r.addr + r.len);
+            let rw = (libc::PROT_READ | libc::PROT_WRITE) as u32;
+            let need_write = has_data && m.prot & rw != rw;
+            let prot = if has_data {
+                m.prot | (libc::PROT_READ | libc::PROT_WRITE) as u32
+            } else {
+                m.prot
+            };
+            if need_write {
+                writable_later.push(m);
+            }
+            let path = m.path.clone().unwrap_or_default();
+            let pid = self.pid;
+            let mapping_err = |reason: String| RestoreError::Mapping {
+                pid,
+                start: m.start,
+                end: m.end,
+                path: path.clone(),
+                reason,
+            };
+            let share = if m.shared {
+                libc::MAP_SHARED
+            } else {
+                libc::MAP_PRIVATE
+            };
+            let mut flags = (share | libc::MAP_FIXED) as u64;
+            if m.growsdown {
+                flags |= libc::MAP_GROWSDOWN as u64;
+            }
+            let got = match m.kind {
+                MappingKind::File => {
+                    let p = self.put_str(0, &path)?;
+                    let acc = if m.shared && m.prot & (libc::PROT_WRITE as u32) != 0 {
+                        libc::O_RDWR
+                    } else {
+                        libc::O_RDONLY
+                    };
+                    let fd = self
+                        .t
+                        .syscall(
+                            libc::SYS_openat,
+                            [
+                                libc::AT_FDCWD as u64,
+                                p,
+                                (acc | libc::O_CLOEXEC) as u64,
+                                0,
+                                0,
+                                0,
+                            ],
+                        )
+                        .map_err(|e| mapping_err(format!("opening the file: {e}")))?;
+                    let r = self
+                        .t
+                        .syscall(
+                            libc::SYS_mmap,
+                            [m.start, m.len(), prot as u64, flags, fd, m.offset],
+                        )
+                        .map_err(|e| mapping_err(e.to_string()));
+                    let c = self.call(
+                        "closing a mapped file",
+                        libc::SYS_close,
+                        [fd, 0, 0, 0, 0, 0],
+                    );
+                    let r = r?;
+                    c?;
+                    r
+                }
+                _ => self
+                    .t
+                    .syscall(
+                        libc::SYS_mmap,
+                        [
+                            m.start,
+                            m.len(),
+                            prot as u64,
+                            flags | libc::MAP_ANONYMOUS as u64,
+                            u64::MAX,
+                            0,
+                        ],
+                    )
+                    .map_err(|e| mapping_err(e.to_string()))?,
+            };
+            if got != m.start {
+                return Err(mapping_err(format!("mmap returned {got:#x}")));
+            }
+        }
+        // Contents.
+        let zeros = vec![0u8; 1 << 20];
+        for run in runs {
+            let m = image
+                .mappings
+                .iter()
+                .find(|m| m.start <= run.addr && run.addr + run.len <= m.end);
+            let file_backed = m.is_some_and(|m| m.kind == MappingKind::File);
+            let step = format!("writing {} bytes at {:#x}", run.len, run.addr);
+            match &run.data {
+                PageData::Bytes(b) => {
+                    let e = self.trace(step);
+                    self.t.write_mem(run.addr, b).map_err(e)?;
+                }
+                PageData::Zero if file_backed => {
+                    let mut off = 0;
+                    while off < run.len {
+                        let n = (run.len - off).min(zeros.len() as u64);
+                        let e = self.trace(step.clone());
+                        self.t
+                            .write_mem(run.addr + off, &zeros[..n as usize])
+                            .map_err(e)?;
+                        off += n;
+                    }
+                }
+                PageData::Zero => {}
+                PageData::Stored(hash) => {
+                    let src = self.opts.chunks.ok_or_else(|| RestoreError::Chunk {
+                        addr: run.addr,
+                        len: run.len,
+                        reason: "the image references stored chunks but no chunk source was given"
+                            .into(),
+                    })?;
+                    let b = src
+                        .fetch(hash, run.len)
+                        .map_err(|reason| RestoreError::Chunk {
+                            addr: run.addr,
+                            len: run.len,
+                            reason,
+                        })?;
+                    if b.len() as u64 != run.len {
+                        return Err(RestoreError::Chunk {
+                            addr: run.addr,
+                            len: run.len,
+                            reason: format!("chunk has {} bytes", b.len()),
+                        });
+                    }
+                    let e = self.trace(step);
+                    self.t.write_mem(run.addr, &b).map_err(e)?;
+                }
+            }
+        }
+        // Final protections.
+        for m in writable_later {
+            self.call(
+                &format!("mprotect {:#x}-{:#x}", m.start, m.end),
+                libc::SYS_mprotect,
+                [m.start, m.len(), m.prot as u64, 0, 0, 0],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn restore_mm(&mut self) -> Result<(), RestoreError> {
+        let mm = &self.image.mm;
+        if mm.start_code == 0 || mm.end_code == 0 {
+            log::warn!("image has no mm layout; brk and /proc/PID/cmdline stay unset");
+            return Ok(());
+        }
+        let exe_fd = match &self.image.exe {
+            Some(exe) if !exe.ends_with(" (deleted)") => {
+                let p = self.put_str(1024, exe)?;
+                self.t
+                    .syscall(
+                        libc::SYS_openat,
+                        [libc::AT_FDCWD as u64, p, libc::O_RDONLY as u64, 0, 0, 0],
+                    )
+                    .ok()
+            }
+            _ => None,
+        };
+        let auxv_bytes: Vec<u8> = mm.auxv.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let auxv_addr = self.put_bytes(2048, &auxv_bytes)?;
+        let mut attempts = vec![(true, true), (false, true), (false, false)];
+        if exe_fd.is_none() {
+            attempts.retain(|a| !a.1);
+            attempts.push((true, false));
+            attempts.push((false, false));
+        }
+        let mut last = None;
+        for (with_auxv, with_exe) in attempts {
+            let mut s = Vec::with_capacity(104);
+            for v in [
+                mm.start_code,
+                mm.end_code,
+                mm.start_data,
+                mm.end_data,
+                mm.start_brk,
+                mm.brk.max(mm.start_brk),
+                mm.start_stack,
+                mm.arg_start,
+                mm.arg_end,
+                mm.env_start,
+                mm.env_end,
+                if with_auxv { auxv_addr } else { 0 },
+            ] {
+                s.extend_from_slice(&v.to_le_bytes());
+            }
+            let auxv_size = if with_auxv {
+                auxv_bytes.len() as u32
+            } else {
+                0
+            };
+            s.extend_from_slice(&auxv_size.to_le_bytes());
+            let fd = match (with_exe, exe_fd) {
+                (true, Some(fd)) => fd as u32,
+                _ => u32::MAX,
+            };
+            s.extend_from_slice(&fd.to_le_bytes());
+            let addr = self.put_bytes(0, &s)?;
+            match self.t.syscall(
+                libc::SYS_prctl,
+                [libc::PR_SET_MM as u64, PR_SET_MM_MAP, addr, 104, 0, 0],
+            ) {
+                Ok(_) => {
+                    last = None;
+                    break;
+                }
+                Err(e @ TraceError::Injected { .. }) => {
+                    log::debug!("PR_SET_MM_MAP (auxv {with_auxv}, exe {with_exe}): {e}");
+                    last = Some(e);
+                }
+                Err(e) => {
+                    last = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Some(fd) = exe_fd {
+            self.call("closing the exe fd", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
+        }
+        if let Some(source) = last {
+            return Err(RestoreError::Trace {
+                pid: self.pid,
+                step: "prctl(PR_SET_MM_MAP)".into(),
+                source,
+            });
+        }
+        Ok(())
+    }
+
+    fn restore_fds(&mut self) -> Result<(), RestoreError> {
+        self.call(
+            "closing inherited fds",
+            libc::SYS_close_range,
+            [0, u32::MAX as u64, 0, 0, 0, 0],
+        )?;
+        for f in &self.image.fds {
+            let pid = self.pid;
+            let fd_err = |source| RestoreError::Fd {
+                pid,
+                fd: f.fd,
+                path: f.path.clone(),
+                source,
+            };
+            let p = self.put_str(0, &f.path)?;
+            let cloexec = f.flags & libc::O_CLOEXEC != 0;
+            let oflags =
+                f.flags & !(libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL | libc::O_CLOEXEC);
+            let newfd = self
+                .t
+                .syscall(
+                    libc::SYS_openat,
+                    [libc::AT_FDCWD as u64, p, oflags as u64, 0, 0, 0],
+                )
+                .map_err(fd_err)?;
+            if newfd != f.fd as u64 {
+                let fl = if cloexec { libc::O_CLOEXEC as u64 } else { 0 };
+                self.t
+                    .syscall(libc::SYS_dup3, [newfd, f.fd as u64, fl, 0, 0, 0])
+                    .map_err(fd_err)?;
+                self.t
+                    .syscall(libc::SYS_close, [newfd, 0, 0, 0, 0, 0])
+                    .map_err(fd_err)?;
+            } else if cloexec {
+                self.t
+                    .syscall(
+                        libc::SYS_fcntl,
+                        [
+                            newfd,
+                            libc::F_SETFD as u64,
+                            libc::FD_CLOEXEC as u64,
+                            0,
+                            0,
+                            0,
+                        ],
+                    )
+                    .map_err(fd_err)?;
+            }
+            if f.pos != 0 && f.kind != FdKind::CharDevice {
+                self.t
+                    .syscall(
+                        libc::SYS_lseek,
+                        [f.fd as u64, f.pos, libc::SEEK_SET as u64, 0, 0, 0],
+                    )
+                    .map_err(fd_err)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn restore_misc(&mut self) -> Result<(), RestoreError> {
+        let image = self.image;
+        let p = self.put_str(0, &image.cwd)?;
+        self.call(
+            &format!("chdir {}", image.cwd),
+            libc::SYS_chdir,
+            [p, 0, 0, 0, 0, 0],
+        )?;
+        self.call(
+            "umask",
+            libc::SYS_umask,
+            [image.umask as u64, 0, 0, 0, 0, 0],
+        )?;
+        self.call(
+            "personality",
+            libc::SYS_personality,
+            [image.personality as u64, 0, 0, 0, 0, 0],
+        )?;
+        for sa in &image.sigactions {
+            let mut b = Vec::with_capacity(32);
+            for v in [sa.handler, sa.flags, sa.restorer, sa.mask] {
+                b.extend_from_slice(&v.to_le_bytes());
+            }
+            let addr = self.put_bytes(0, &b)?;
+            self.call(
+                &format!("rt_sigaction({})", sa.sig),
+                libc::SYS_rt_sigaction,
+                [sa.sig as u64, addr, 0, 8, 0, 0],
+            )?;
+        }
+        for rl in &image.rlimits {
+            if let Err(e) = sys::set_rlimit(self.pid, rl.resource, rl.cur, rl.max) {
+                log::warn!(
+                    "process {}: cannot restore rlimit {} to {}/{}: {e}",
+                    self.pid,
+                    rl.resource,
+                    rl.cur,
+                    rl.max
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn restore_thread(&mut self) -> Result<(), RestoreError> {
+        let th = &self.image.threads[0];
+        let alt = th.sigaltstack;
+        let mut b = Vec::with_capacity(24);
+        b.extend_from_slice(&alt.sp.to_le_bytes());
+        let flags = if alt.flags & libc::SS_DISABLE != 0 {
+            libc::SS_DISABLE
+        } else {
+            alt.flags & !libc::SS_ONSTACK
+        };
+        b.extend_from_slice(&flags.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&alt.size.to_le_bytes());
+        let addr = self.put_bytes(0, &b)?;
+        self.call("sigaltstack", libc::SYS_sigaltstack, [addr, 0, 0, 0, 0, 0])?;
+        self.call(
+            "set_tid_address",
+            libc::SYS_set_tid_address,
+            [th.clear_child_tid, 0, 0, 0, 0, 0],
+        )?;
+        if th.robust_list.0 != 0 {
+            self.call(
+                "set_robust_list",
+                libc::SYS_set_robust_list,
+                [th.robust_list.0, th.robust_list.1, 0, 0, 0, 0],
+            )?;
+        }
+        if let Some(rs) = th.rseq {
+            if let Err(e) = self.t.syscall(
+                libc::SYS_rseq,
+                [rs.pointer, rs.size as u64, 0, rs.signature as u64, 0, 0],
+            ) {
+                log::warn!("process {}: cannot register rseq again: {e}", self.pid);
+            }
+        }
+        let name: String = th.comm.chars().take(15).collect();
+        let p = self.put_str(0, &name)?;
+        self.call(
+            "prctl(PR_SET_NAME)",
+            libc::SYS_prctl,
+            [PR_SET_NAME, p, 0, 0, 0, 0],
+        )?;
+        Ok(())
+    }
+
+    fn restore_creds(&mut self) -> Result<(), RestoreError> {
+        let c = &self.image.creds;
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
+        let line = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+                .unwrap_or_default()
+        };
+        let fmt4 = |v: &[u32; 4]| {
+            v.iter()
+                .map(|x| x.to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let fmtg = |v: &[u32]| {
+            v.iter()
+                .map(|x| x.to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        if line("Groups:") != fmtg(&c.groups) {
+            let b: Vec<u8> = c.groups.iter().flat_map(|g| g.to_le_bytes()).collect();
+            let addr = self.put_bytes(0, &b)?;
+            self.call(
+                "setgroups",
+                libc::SYS_setgroups,
+                [c.groups.len() as u64, addr, 0, 0, 0, 0],
+            )?;
+        }
+        if line("Gid:") != fmt4(&c.gid) {
+            self.call(
+                "setresgid",
+                libc::SYS_setresgid,
+                [c.gid[0] as u64, c.gid[1] as u64, c.gid[2] as u64, 0, 0, 0],
+            )?;
+        }
+        if line("Uid:") != fmt4(&c.uid) {
+            self.call(
+                "setresuid",
+                libc::SYS_setresuid,
+                [c.uid[0] as u64, c.uid[1] as u64, c.uid[2] as u64, 0, 0, 0],
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn find_free_avoids_busy_ranges() {
+        let top = SEARCH_TOP;
+        let busy = vec![(top - 0x3000, top), (top - 0x10000, top - 0x5000)];
+        let a = find_free(&busy, 0x2000).unwrap();
+        assert!(a + 0x2000 <= top - 0x10000 || (a >= top - 0x5000 && a + 0x2000 <= top - 0x3000));
+        for (s, e) in &busy {
+            assert!(a + 0x2000 <= *s || a >= *e);
+        }
+        assert_eq!(a % PAGE_SIZE, 0);
+    }
+
+    #[test]
+    fn multi_threaded_image_is_refused() {
+        let mut img = super::super::image::tests::sample();
+        img.threads.push(img.threads[0].clone());
+        assert!(matches!(
+            restore(&img),
+            Err(RestoreError::Unsupported { .. })
+        ));
+    }
+}

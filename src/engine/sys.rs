@@ -1,0 +1,180 @@
+//! Small raw system-call wrappers that are not ptrace (those live in `tracer.rs`):
+//! creating the restore child with `clone3`, `prlimit64` on another process and
+//! `get_robust_list` of another thread.
+
+use nix::errno::Errno;
+
+/// `struct clone_args` (CLONE_ARGS_SIZE_VER2, 88 bytes).
+#[repr(C, align(8))]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// Fork a child (with `clone3`, optionally with `set_tid = [pid]`) that calls
+/// `PTRACE_TRACEME` and then stops itself with `SIGSTOP`. Returns the child's pid once it is
+/// in that stop. The child never runs any Rust code after the fork: it only issues raw system
+/// calls, so forking from a multi-threaded process is safe.
+pub fn spawn_stopped_child(desired_pid: Option<i32>) -> Result<i32, Errno> {
+    let tids: [libc::pid_t; 1] = [desired_pid.unwrap_or(0)];
+    let mut args = CloneArgs {
+        exit_signal: libc::SIGCHLD as u64,
+        ..CloneArgs::default()
+    };
+    if desired_pid.is_some() {
+        args.set_tid = tids.as_ptr() as u64;
+        args.set_tid_size = 1;
+    }
+    // SAFETY: `args` is a valid clone_args of the size we pass, `tids` outlives the call. Without
+    // CLONE_VM the child gets a copy of our address space, so returning on the same stack is
+    // fine. In the child we only call async-signal-safe raw syscalls and never return from this
+    // function (it either stops forever under the tracer's control or exits).
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &mut args as *mut CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    if r == 0 {
+        // Child.
+        // SAFETY: raw syscalls with integer arguments only; exit_group never returns.
+        unsafe {
+            libc::syscall(libc::SYS_ptrace, libc::PTRACE_TRACEME, 0, 0, 0);
+            let me = libc::syscall(libc::SYS_getpid);
+            libc::syscall(libc::SYS_kill, me, libc::SIGSTOP);
+            // Only reached if the tracer resumed us without taking over: leave quietly.
+            libc::syscall(libc::SYS_exit_group, 127);
+        }
+        #[allow(clippy::empty_loop)]
+        loop {}
+    }
+    let pid = r as i32;
+    loop {
+        let mut status: libc::c_int = 0;
+        // SAFETY: `status` is a valid writable c_int.
+        let w = unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
+        if w == -1 {
+            let e = Errno::last();
+            if e == Errno::EINTR {
+                continue;
+            }
+            return Err(e);
+        }
+        if libc::WIFSTOPPED(status) && libc::WSTOPSIG(status) == libc::SIGSTOP {
+            return Ok(pid);
+        }
+        if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
+            return Err(Errno::ECHILD);
+        }
+        // Some other stop (should not happen): pass it on and keep waiting.
+        // SAFETY: PTRACE_CONT with no addr and the stop signal as data.
+        unsafe {
+            libc::ptrace(
+                libc::PTRACE_CONT,
+                pid,
+                std::ptr::null_mut::<libc::c_void>(),
+                libc::WSTOPSIG(status) as usize as *mut libc::c_void,
+            );
+        }
+    }
+}
+
+/// Kill and reap a child we created (best effort).
+pub fn kill_and_reap(pid: i32) {
+    // SAFETY: integer-only syscalls; errors (already dead) are ignored.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+    let mut status: libc::c_int = 0;
+    // SAFETY: `status` is a valid writable c_int.
+    unsafe {
+        libc::waitpid(pid, &mut status, libc::__WALL);
+    }
+}
+
+/// `prlimit64(pid, resource, NULL, &old)`.
+pub fn get_rlimit(pid: i32, resource: u32) -> Result<(u64, u64), Errno> {
+    let mut old = libc::rlimit64 {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `old` is a valid writable rlimit64; new_limit is NULL.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_prlimit64,
+            pid,
+            resource,
+            std::ptr::null::<libc::rlimit64>(),
+            &mut old as *mut libc::rlimit64,
+        )
+    };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    Ok((old.rlim_cur, old.rlim_max))
+}
+
+/// `prlimit64(pid, resource, &new, NULL)`.
+pub fn set_rlimit(pid: i32, resource: u32, cur: u64, max: u64) -> Result<(), Errno> {
+    let new = libc::rlimit64 {
+        rlim_cur: cur,
+        rlim_max: max,
+    };
+    // SAFETY: `new` is a valid rlimit64 the kernel only reads; old_limit is NULL.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_prlimit64,
+            pid,
+            resource,
+            &new as *const libc::rlimit64,
+            std::ptr::null_mut::<libc::rlimit64>(),
+        )
+    };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
+}
+
+/// `get_robust_list(tid)`: (head address, length).
+pub fn get_robust_list(tid: i32) -> Result<(u64, u64), Errno> {
+    let mut head: u64 = 0;
+    let mut len: usize = 0;
+    // SAFETY: both out-pointers are valid and writable for the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_get_robust_list,
+            tid,
+            &mut head as *mut u64,
+            &mut len as *mut usize,
+        )
+    };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    Ok((head, len as u64))
+}
+
+/// Send `sig` to `pid` (best effort).
+pub fn kill(pid: i32, sig: i32) -> Result<(), Errno> {
+    // SAFETY: integer-only syscall.
+    let r = unsafe { libc::kill(pid, sig) };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
+}

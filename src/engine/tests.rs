@@ -1,0 +1,524 @@
+//! End-to-end tests with real processes: build small C programs with `cc`, dump them, kill
+//! them, restore the image and check that they continue. They need root (ptrace of arbitrary
+//! processes, `PR_SET_MM`, `set_tid`) and skip with a message otherwise.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::dump::dump;
+use super::image::{self, ProcessImage};
+use super::restore::{restore, restore_with, RestoreOptions};
+use super::sys;
+
+/// Kills (and reaps) every process registered with it when dropped.
+struct Procs(Vec<i32>);
+
+impl Procs {
+    fn add(&mut self, pid: i32) {
+        self.0.push(pid);
+    }
+    fn kill(&mut self, pid: i32) {
+        sys::kill_and_reap(pid);
+        self.0.retain(|p| *p != pid);
+    }
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for pid in self.0.drain(..) {
+            sys::kill_and_reap(pid);
+        }
+    }
+}
+
+fn skip_reason() -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some("not running as root".into());
+    }
+    if Command::new("cc").arg("--version").output().is_err() {
+        return Some("no C compiler (cc)".into());
+    }
+    None
+}
+
+macro_rules! require_env {
+    () => {
+        if let Some(r) = skip_reason() {
+            eprintln!("skipping: {r}");
+            return;
+        }
+    };
+}
+
+const COUNTER_C: &str = r#"
+#include <fcntl.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+volatile struct { uint64_t magic; uint64_t counter; uint64_t usr1; } state = { 0x6b706b726f66ULL, 0, 0 };
+
+static void on_usr1(int sig) { (void)sig; state.usr1++; }
+
+int main(int argc, char **argv) {
+    if (argc < 3) return 2;
+    syscall(SYS_close_range, 3, ~0U, 0); /* drop fds inherited from the test harness */
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_usr1;
+    sigaction(SIGUSR1, &sa, NULL);
+    int fd = open(argv[1], O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    int afd = open(argv[2], O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    char buf[96];
+    int n = snprintf(buf, sizeof buf, "%llu\n", (unsigned long long)(uintptr_t)&state);
+    write(afd, buf, n);
+    close(afd);
+    for (;;) {
+        state.counter++;
+        n = snprintf(buf, sizeof buf, "%020llu %020llu %d\n",
+                     (unsigned long long)state.counter, (unsigned long long)state.usr1,
+                     (int)getpid());
+        pwrite(fd, buf, n, 0);
+        struct timespec ts = { 0, 10 * 1000 * 1000 };
+        nanosleep(&ts, NULL);
+    }
+}
+"#;
+
+const BIGBUF_C: &str = r#"
+#include <fcntl.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define SZ (64u << 20)
+
+static uint64_t checksum(const uint8_t *b) {
+    uint64_t h = 1469598103934665603ULL;
+    const uint64_t *w = (const uint64_t *)b;
+    for (size_t i = 0; i < SZ / 8; i++) { h ^= w[i]; h *= 1099511628211ULL; }
+    return h;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) return 2;
+    syscall(SYS_close_range, 3, ~0U, 0); /* drop fds inherited from the test harness */
+    int fd = open(argv[1], O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    uint8_t *buf = malloc(SZ);
+    if (!buf) return 3;
+    for (size_t i = 0; i < SZ; i++)
+        buf[i] = (((uintptr_t)(buf + i) >> 12) % 16 == 0) ? 0 : (uint8_t)((i * 2654435761u) >> 13);
+    uint64_t want = checksum(buf);
+    unsigned long long ticks = 0, ok = 0;
+    char line[96];
+    for (;;) {
+        ticks++;
+        if (ticks % 10 == 0) {
+            if (checksum(buf) != want) {
+                int n = snprintf(line, sizeof line, "BAD %020llu\n", ticks);
+                pwrite(fd, line, n, 0);
+                _exit(4);
+            }
+            ok++;
+        }
+        int n = snprintf(line, sizeof line, "%020llu %020llu\n", ticks, ok);
+        pwrite(fd, line, n, 0);
+        struct timespec ts = { 0, 10 * 1000 * 1000 };
+        nanosleep(&ts, NULL);
+    }
+}
+"#;
+
+fn build(dir: &Path, name: &str, src: &str) -> PathBuf {
+    let c = dir.join(format!("{name}.c"));
+    std::fs::write(&c, src).unwrap();
+    let exe = dir.join(name);
+    let out = Command::new("cc")
+        .args(["-O2", "-o"])
+        .arg(&exe)
+        .arg(&c)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cc failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    exe
+}
+
+fn spawn(exe: &Path, args: &[&Path], procs: &mut Procs) -> i32 {
+    let child = Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    procs.add(pid);
+    drop(child); // reaped by Procs
+    pid
+}
+
+/// Read the whitespace-separated numbers of the first line of `path`.
+fn read_nums(path: &Path) -> Vec<u64> {
+    let s = std::fs::read_to_string(path).unwrap_or_default();
+    s.lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect()
+}
+
+fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    f()
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie still has /proc/PID; check the state.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => {
+            let state = s
+                .rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next());
+            !matches!(state, Some("Z") | Some("X") | None)
+        }
+        Err(_) => false,
+    }
+}
+
+fn roundtrip_bytes(img: &ProcessImage) -> ProcessImage {
+    let bytes = image::encode(img).unwrap();
+    image::decode(&bytes).unwrap()
+}
+
+struct Counter {
+    _dir: tempfile::TempDir,
+    exe: PathBuf,
+    out: PathBuf,
+    addr_file: PathBuf,
+}
+
+fn counter_setup() -> Counter {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build(dir.path(), "counter", COUNTER_C);
+    let out = dir.path().join("out");
+    let addr_file = dir.path().join("addr");
+    Counter {
+        _dir: dir,
+        exe,
+        out,
+        addr_file,
+    }
+}
+
+fn start_counter(c: &Counter, procs: &mut Procs) -> (i32, u64) {
+    let pid = spawn(&c.exe, &[&c.out, &c.addr_file], procs);
+    assert!(
+        wait_until(Duration::from_secs(5), || read_nums(&c.out)
+            .first()
+            .is_some_and(|v| *v >= 20)),
+        "counter did not start"
+    );
+    let addr: u64 = std::fs::read_to_string(&c.addr_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    (pid, addr)
+}
+
+/// Counter value inside an image.
+fn image_counter(img: &ProcessImage, addr: u64) -> u64 {
+    assert_eq!(img.memory.read_u64(addr), Some(0x6b706b726f66));
+    img.memory.read_u64(addr + 8).unwrap()
+}
+
+/// Check that `pid` runs the counter and continues from `from`.
+fn check_continues(c: &Counter, pid: i32, from: u64) {
+    let ok = wait_until(Duration::from_secs(5), || {
+        let v = read_nums(&c.out);
+        v.len() == 3 && v[2] == pid as u64 && v[0] > from + 5
+    });
+    let v = read_nums(&c.out);
+    assert!(
+        ok,
+        "restored process {pid} did not continue from {from}: {v:?}"
+    );
+    assert!(alive(pid), "restored process {pid} died");
+    // It continued from the dumped value, not from scratch: at most a few seconds passed.
+    assert!(v[0] < from + 600, "counter jumped from {from} to {}", v[0]);
+}
+
+#[test]
+fn dump_leaves_process_running() {
+    require_env!();
+    let mut procs = Procs(Vec::new());
+    let c = counter_setup();
+    let (pid, addr) = start_counter(&c, &mut procs);
+    let img = dump(pid).unwrap();
+    assert_eq!(img.pid, pid);
+    assert_eq!(img.threads.len(), 1);
+    let v = image_counter(&img, addr);
+    assert!(v >= 20);
+    // Still running, still counting, same pid.
+    assert!(wait_until(Duration::from_secs(5), || read_nums(&c.out)
+        .first()
+        .is_some_and(|x| *x > v + 10)));
+    assert!(alive(pid));
+    // Status and files.
+    assert!(img.fds.iter().any(|f| f.path == c.out.to_string_lossy()));
+    assert!(img.sigactions.iter().any(|s| s.sig == 10 && s.handler > 1));
+    assert!(!img.threads[0].xstate.is_empty());
+    // Dump it again: must work the same way.
+    let img2 = dump(pid).unwrap();
+    assert!(image_counter(&img2, addr) > v);
+}
+
+#[test]
+fn dump_kill_restore_counter() {
+    require_env!();
+    let mut procs = Procs(Vec::new());
+    let c = counter_setup();
+    let (pid, addr) = start_counter(&c, &mut procs);
+    std::thread::sleep(Duration::from_millis(300));
+    let img = roundtrip_bytes(&dump(pid).unwrap());
+    let from = image_counter(&img, addr);
+    procs.kill(pid);
+    let new = restore(&img).unwrap();
+    procs.add(new);
+    check_continues(&c, new, from);
+    // Signal handlers survived: SIGUSR1 is counted, not fatal.
+    sys::kill(new, libc::SIGUSR1).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || read_nums(&c.out)
+        .get(1)
+        .is_some_and(|u| *u >= 1)));
+    assert!(alive(new));
+}
+
+#[test]
+fn dump_restore_dump_restore_and_twice_from_one_image() {
+    require_env!();
+    let mut procs = Procs(Vec::new());
+    let c = counter_setup();
+    let (pid, addr) = start_counter(&c, &mut procs);
+    let img1 = roundtrip_bytes(&dump(pid).unwrap());
+    let from1 = image_counter(&img1, addr);
+    procs.kill(pid);
+
+    let p1 = restore(&img1).unwrap();
+    procs.add(p1);
+    check_continues(&c, p1, from1);
+    let img2 = roundtrip_bytes(&dump(p1).unwrap());
+    let from2 = image_counter(&img2, addr);
+    assert!(from2 > from1);
+    procs.kill(p1);
+
+    let p2 = restore(&img2).unwrap();
+    procs.add(p2);
+    check_continues(&c, p2, from2);
+    procs.kill(p2);
+
+    // The first image again.
+    let p3 = restore(&img1).unwrap();
+    procs.add(p3);
+    check_continues(&c, p3, from1);
+}
+
+#[test]
+fn restore_with_same_pid() {
+    require_env!();
+    let mut procs = Procs(Vec::new());
+    let c = counter_setup();
+    let (pid, addr) = start_counter(&c, &mut procs);
+    let img = dump(pid).unwrap();
+    let from = image_counter(&img, addr);
+    procs.kill(pid);
+    let new = restore_with(
+        &img,
+        &RestoreOptions {
+            pid: Some(pid),
+            ..RestoreOptions::default()
+        },
+    )
+    .unwrap();
+    procs.add(new);
+    assert_eq!(new, pid);
+    check_continues(&c, new, from);
+}
+
+#[test]
+fn restore_with_pid_in_use_fails_cleanly() {
+    require_env!();
+    let mut procs = Procs(Vec::new());
+    let c = counter_setup();
+    let (pid, _) = start_counter(&c, &mut procs);
+    let img = dump(pid).unwrap();
+    let err = restore_with(
+        &img,
+        &RestoreOptions {
+            pid: Some(pid),
+            ..RestoreOptions::default()
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, super::restore::RestoreError::PidInUse { .. }),
+        "{err}"
+    );
+    assert!(alive(pid));
+}
+
+#[test]
+fn big_buffer_survives() {
+    require_env!();
+    let mut procs = Procs(Vec::new());
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build(dir.path(), "bigbuf", BIGBUF_C);
+    let out = dir.path().join("out");
+    let pid = spawn(&exe, &[&out], &mut procs);
+    // Wait for at least one verification.
+    assert!(wait_until(Duration::from_secs(10), || read_nums(&out)
+        .get(1)
+        .is_some_and(|ok| *ok >= 1)));
+    let img = roundtrip_bytes(&dump(pid).unwrap());
+    assert!(img.memory.covered_bytes() >= 64 << 20);
+    // Every 16th page is zero and must not be stored inline.
+    assert!(img.memory.inline_bytes() < img.memory.covered_bytes());
+    procs.kill(pid);
+    let before = read_nums(&out);
+    let new = restore(&img).unwrap();
+    procs.add(new);
+    let ok_before = before.get(1).copied().unwrap_or(0);
+    assert!(
+        wait_until(Duration::from_secs(10), || read_nums(&out)
+            .get(1)
+            .is_some_and(|ok| *ok >= ok_before + 3)),
+        "no successful verification after restore: {:?} (before {before:?}), content {:?}",
+        read_nums(&out),
+        std::fs::read_to_string(&out)
+    );
+    assert!(alive(new));
+}
+
+#[test]
+fn dump_refuses_pipe_and_keeps_process_running() {
+    require_env!();
+    let mut procs = Procs(Vec::new());
+    let c = counter_setup();
+    let child = Command::new(&c.exe)
+        .args([&c.out, &c.addr_file])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    procs.add(pid);
+    assert!(wait_until(Duration::from_secs(5), || read_nums(&c.out)
+        .first()
+        .is_some_and(|v| *v >= 5)));
+    let err = dump(pid).unwrap_err();
+    match &err {
+        super::dump::DumpError::UnsupportedFd { pid: p, fd, .. } => {
+            assert_eq!(*p, pid);
+            assert_eq!(*fd, 0);
+        }
+        other => panic!("unexpected error {other}"),
+    }
+    let v = read_nums(&c.out)[0];
+    assert!(wait_until(Duration::from_secs(5), || read_nums(&c.out)[0] > v + 5));
+    assert!(alive(pid));
+    drop(child);
+}
+
+/// The restored process looks like the dumped one from /proc.
+#[test]
+fn restored_process_matches_image() {
+    require_env!();
+    let mut procs = Procs(Vec::new());
+    let c = counter_setup();
+    let (pid, _) = start_counter(&c, &mut procs);
+    let status_of = |pid: i32, key: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with(key))
+            .unwrap_or("")
+            .to_string()
+    };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let keys = ["Umask:", "SigBlk:", "SigIgn:", "SigCgt:", "Uid:", "Gid:"];
+    let before: Vec<String> = keys.iter().map(|k| status_of(pid, k)).collect();
+    let img = dump(pid).unwrap();
+    procs.kill(pid);
+    let new = restore(&img).unwrap();
+    procs.add(new);
+
+    let maps = super::dump::read_maps(new).unwrap();
+    let expect: Vec<_> = img
+        .mappings
+        .iter()
+        .map(|m| (m.start, m.end, m.prot, m.shared, m.path.clone()))
+        .collect();
+    let got: Vec<_> = maps
+        .iter()
+        .map(|m| {
+            (
+                m.start,
+                m.end,
+                super::dump::prot_of(&m.perms),
+                m.perms.ends_with('s'),
+                (!m.path.is_empty()).then(|| m.path.clone()),
+            )
+        })
+        .collect();
+    assert_eq!(got, expect);
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{new}/exe"))
+            .unwrap()
+            .to_string_lossy(),
+        img.exe.clone().unwrap()
+    );
+    assert_eq!(
+        std::fs::read(format!("/proc/{new}/cmdline")).unwrap(),
+        cmdline
+    );
+    assert_eq!(
+        std::fs::read(format!("/proc/{new}/environ")).unwrap(),
+        environ
+    );
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{new}/cwd")).unwrap(),
+        PathBuf::from(&img.cwd)
+    );
+    let after: Vec<String> = keys.iter().map(|k| status_of(new, k)).collect();
+    assert_eq!(after, before);
+    let fds: Vec<String> = std::fs::read_dir(format!("/proc/{new}/fd"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(fds.len(), img.fds.len(), "{fds:?}");
+    let comm = std::fs::read_to_string(format!("/proc/{new}/comm")).unwrap();
+    assert_eq!(comm.trim_end(), img.comm);
+}

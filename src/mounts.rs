@@ -1,0 +1,128 @@
+//! Finding forkpoint mounts from /proc/self/mountinfo.
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+
+/// Is this a forkpoint mount? The kernel shows type `fuse` (or `fuse.forkpoint` when mounted
+/// through fusermount) and the store directory as the source.
+pub fn is_forkpoint(m: &MountInfo) -> bool {
+    (m.fstype == "fuse" || m.fstype == "fuse.forkpoint")
+        && forkpoint_fs::store::is_store(Path::new(&m.source))
+}
+
+/// A mount seen in mountinfo.
+#[derive(Debug, Clone)]
+pub struct MountInfo {
+    pub mountpoint: PathBuf,
+    pub fstype: String,
+    pub source: String,
+}
+
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// All mounts of this mount namespace.
+pub fn mounts() -> Result<Vec<MountInfo>> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").context("read /proc/self/mountinfo")?;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        let Some(sep) = f.iter().position(|x| *x == "-") else { continue };
+        if f.len() < sep + 3 || f.len() < 5 {
+            continue;
+        }
+        out.push(MountInfo {
+            mountpoint: PathBuf::from(unescape(f[4])),
+            fstype: f[sep + 1].to_string(),
+            source: unescape(f[sep + 2]),
+        });
+    }
+    Ok(out)
+}
+
+/// The forkpoint mount at exactly `path`, if any.
+pub fn forkpoint_mount_at(path: &Path) -> Result<Option<MountInfo>> {
+    Ok(mounts()?.into_iter().rev().find(|m| m.mountpoint == path && is_forkpoint(m)))
+}
+
+/// Is anything mounted at `path`?
+pub fn is_mountpoint(path: &Path) -> Result<bool> {
+    Ok(mounts()?.iter().any(|m| m.mountpoint == path))
+}
+
+/// Resolves `-m`: the given mountpoint, or the forkpoint mount containing the current
+/// directory. Returns (mountpoint, store).
+pub fn resolve(m: Option<&Path>) -> Result<(PathBuf, PathBuf)> {
+    let all: Vec<MountInfo> = mounts()?.into_iter().filter(is_forkpoint).collect();
+    match m {
+        Some(p) => {
+            let p = absolute(p)?;
+            match all.iter().rev().find(|m| m.mountpoint == p) {
+                Some(m) => Ok((m.mountpoint.clone(), PathBuf::from(&m.source))),
+                None => bail!("{} is not a forkpoint mount", p.display()),
+            }
+        }
+        None => {
+            // The kernel may refuse getcwd inside a dead mount; fall back to $PWD.
+            let cwd = std::env::current_dir()
+                .or_else(|_| std::env::var("PWD").map(PathBuf::from))
+                .context("current directory")?;
+            all.iter()
+                .filter(|m| cwd.starts_with(&m.mountpoint))
+                .max_by_key(|m| m.mountpoint.as_os_str().len())
+                .map(|m| (m.mountpoint.clone(), PathBuf::from(&m.source)))
+                .ok_or_else(|| anyhow::anyhow!(
+                    "not inside a forkpoint mount ({}); pass -m MOUNTPOINT",
+                    cwd.display()
+                ))
+        }
+    }
+}
+
+/// Makes a path absolute without resolving through a possibly dead FUSE mount.
+pub fn absolute(p: &Path) -> Result<PathBuf> {
+    let abs = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir().context("current directory")?.join(p)
+    };
+    // Normalize `.` and `..` lexically.
+    let mut out = PathBuf::new();
+    for c in abs.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            c => out.push(c.as_os_str()),
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unescapes_octal() {
+        assert_eq!(unescape("/a\\040b"), "/a b");
+        assert_eq!(unescape("/plain"), "/plain");
+        assert_eq!(unescape("/end\\"), "/end\\");
+    }
+}
