@@ -225,6 +225,13 @@ impl Catalog {
         Ok(())
     }
 
+    /// Copies the WAL into the database file and empties it.
+    pub fn checkpoint_wal(&self) -> Result<()> {
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        Ok(())
+    }
+
     pub fn meta(&self, key: &str) -> Result<Option<String>> {
         Ok(self
             .conn

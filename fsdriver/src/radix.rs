@@ -409,7 +409,7 @@ mod tests {
         let (_d, s) = store();
         let a: BTreeMap<u64, Option<u32>> = (0..2000).map(|k| (k, Some(k as u32))).collect();
         let ra = update(&s, None, &a).expect("a");
-        let mut ch = BTreeMap::new();
+        let mut ch: BTreeMap<u64, Option<u32>> = BTreeMap::new();
         ch.insert(5, Some(99));
         ch.insert(7, None);
         ch.insert(70_000, Some(1));

@@ -134,10 +134,13 @@ impl Store {
                 });
             }
         }
-        // The catalog is created under a temporary name and renamed into place once it is
-        // complete, so a crash here never leaves a half-made store behind.
-        let tmp = dir.join(format!("{DB_FILE}.creating"));
+        // The catalog is created under a temporary name and renamed into place once it holds
+        // the first commit, so a crash during creation never leaves a half-made store.
+        let tmp_name = format!("{DB_FILE}.creating");
+        let tmp = dir.join(&tmp_name);
         let _ = std::fs::remove_file(&tmp);
+        let _ = std::fs::remove_file(dir.join(format!("{tmp_name}-wal")));
+        let _ = std::fs::remove_file(dir.join(format!("{tmp_name}-shm")));
         {
             let lower_s = lower
                 .as_ref()
@@ -148,15 +151,17 @@ impl Store {
                 ("lower", lower_s.as_str()),
                 ("created", &catalog_now()),
             ];
-            let cat = Catalog::create(&tmp, &meta)?;
-            cat.set_meta("journal", "wal")?;
-            drop(cat);
+            drop(Catalog::create(&tmp, &meta)?);
+            let store = Self::open_inner(dir, &tmp_name, config.clone(), storage.clone(), false)?;
+            crate::tree::init_tree(&store, lower.as_deref())?;
+            // Fold the WAL into the database file before it is renamed.
+            store.catalog(|c| c.checkpoint_wal())?;
         }
         std::fs::rename(&tmp, dir.join(DB_FILE)).ctx("rename", dir.join(DB_FILE))?;
+        let _ = std::fs::remove_file(dir.join(format!("{tmp_name}-wal")));
+        let _ = std::fs::remove_file(dir.join(format!("{tmp_name}-shm")));
         File::open(dir).and_then(|f| f.sync_all()).ctx("fsync", dir)?;
-        let store = Self::open_with(dir, config, storage, false)?;
-        crate::tree::init_tree(&store, lower.as_deref())?;
-        Ok(store)
+        Self::open_with(dir, config, storage, false)
     }
 
     /// Opens a store for writing (takes the store lock).
@@ -179,6 +184,16 @@ impl Store {
         if !is_store(dir) {
             return Err(StoreError::NotAStore(dir.to_path_buf()));
         }
+        Self::open_inner(dir, DB_FILE, config, storage, read_only)
+    }
+
+    fn open_inner(
+        dir: &Path,
+        db_name: &str,
+        config: StoreConfig,
+        storage: Option<Arc<dyn Storage>>,
+        read_only: bool,
+    ) -> Result<Arc<Store>> {
         let lock_file = if read_only {
             None
         } else {
@@ -197,7 +212,7 @@ impl Store {
             }
             Some(f)
         };
-        let catalog = Catalog::open(&dir.join(DB_FILE), read_only)?;
+        let catalog = Catalog::open(&dir.join(db_name), read_only)?;
         if let Some(v) = catalog.meta("format_version")? {
             let v: u32 = v.parse().unwrap_or(u32::MAX);
             if v > 1 {

@@ -20,7 +20,8 @@
 //! 6. **Process state from /proc**: fds (+ fdinfo), cwd, exe, creds, umask, rlimits,
 //!    personality, `mm` layout from `/proc/PID/stat`, auxv.
 //! 7. **Thaw**: every tracer is dropped, which restores the registers and detaches; the process
-//!    continues exactly where it was. This also happens on every error path.
+//!    continues exactly where it was. This also happens on every error path. With
+//!    [`AfterDump::Kill`] the process is instead killed while still frozen.
 //!
 //! Limitations: pending signals, timers, sockets, pipes, ttys, SysV IPC identity and
 //! namespaces are not captured (unsupported fds are refused with [`DumpError::UnsupportedFd`]).
@@ -44,6 +45,14 @@ pub enum DumpError {
     NoSuchProcess {
         /// Pid.
         pid: i32,
+    },
+    /// The pid is a thread, not a process (thread-group leader).
+    #[error("{pid} is a thread of process {tgid}; dump the process instead")]
+    NotAProcess {
+        /// The given id.
+        pid: i32,
+        /// Its thread group.
+        tgid: i32,
     },
     /// Attaching to a thread failed.
     #[error("cannot attach to thread {tid} of process {pid}: {source}")]
@@ -111,9 +120,22 @@ pub enum DumpError {
     },
 }
 
+/// What happens to the process once it is dumped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AfterDump {
+    /// Let it continue where it was (default).
+    #[default]
+    Resume,
+    /// Kill it with SIGKILL while it is still frozen, so it cannot run past the checkpoint.
+    /// (Only after a successful dump; on errors the process always resumes.)
+    Kill,
+}
+
 /// Options for [`dump_with`].
 #[derive(Debug, Clone, Default)]
 pub struct DumpOptions {
+    /// What to do with the process after a successful dump.
+    pub after: AfterDump,
     /// Dump pages of private file mappings even if they are unmodified file pages (the image
     /// then no longer depends on the mapped files staying unchanged).
     pub dump_file_pages: bool,
@@ -333,6 +355,12 @@ impl Frozen {
         if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
             return Err(DumpError::NoSuchProcess { pid });
         }
+        let status = read_proc(pid, "status")?;
+        if let Some(tgid) = status_field(&status, "Tgid:").and_then(|v| v.parse::<i32>().ok()) {
+            if tgid != pid {
+                return Err(DumpError::NotAProcess { pid, tgid });
+            }
+        }
         let mut f = Frozen {
             tracers: Vec::new(),
         };
@@ -475,7 +503,9 @@ pub fn dump_with(pid: i32, opts: &DumpOptions) -> Result<ProcessImage, DumpError
             rlimits.push(Rlimit { resource, cur, max });
         }
     }
-    let mut mm = parse_mm(pid, &read_proc(pid, "stat")?)?;
+    let stat = read_proc(pid, "stat")?;
+    let (pgid, sid) = parse_pgid_sid(pid, &stat)?;
+    let mut mm = parse_mm(pid, &stat)?;
     mm.brk = brk;
     if let Ok(aux) = std::fs::read(format!("/proc/{pid}/auxv")) {
         mm.auxv = aux
@@ -503,12 +533,32 @@ pub fn dump_with(pid: i32, opts: &DumpOptions) -> Result<ProcessImage, DumpError
         cwd: read_link(pid, "cwd")?,
         umask,
         personality,
+        pgid,
+        sid,
         rlimits,
         sigactions,
     };
-    // 7. Thaw (explicitly, to report errors).
-    for t in frozen.tracers.drain(..) {
-        t.detach().map_err(trace)?;
+    // 7. Thaw (explicitly, to report errors) or kill.
+    match opts.after {
+        AfterDump::Resume => {
+            for t in frozen.tracers.drain(..) {
+                t.detach().map_err(trace)?;
+            }
+        }
+        AfterDump::Kill => {
+            sys::kill(pid, libc::SIGKILL).map_err(|e| DumpError::Trace {
+                pid,
+                source: TraceError::Ptrace {
+                    tid: pid,
+                    op: "kill(SIGKILL)",
+                    source: e,
+                },
+            })?;
+            // Non-leader threads first: the leader is reported only once the group is empty.
+            while let Some(t) = frozen.tracers.pop() {
+                t.wait_exit().map_err(trace)?;
+            }
+        }
     }
     log::debug!(
         "dumped process {pid}: {} threads, {} mappings, {} bytes of memory ({} inline)",
@@ -791,6 +841,19 @@ fn parse_creds(pid: i32, status: &str) -> Result<Creds, DumpError> {
     })
 }
 
+/// Fields 5 (pgrp) and 6 (session) of /proc/PID/stat.
+fn parse_pgid_sid(pid: i32, stat: &str) -> Result<(i32, i32), DumpError> {
+    let bad = || DumpError::Parse {
+        pid,
+        what: "stat",
+        detail: stat.to_string(),
+    };
+    let after = stat.rfind(')').ok_or_else(bad)?;
+    let f: Vec<&str> = stat[after + 1..].split_whitespace().collect();
+    let get = |n: usize| f.get(n - 3).and_then(|v| v.parse::<i32>().ok());
+    Ok((get(5).ok_or_else(bad)?, get(6).ok_or_else(bad)?))
+}
+
 fn parse_mm(pid: i32, stat: &str) -> Result<MmState, DumpError> {
     let bad = || DumpError::Parse {
         pid,
@@ -850,6 +913,7 @@ mod tests {
         assert_eq!(mm.start_stack, 28);
         assert_eq!(mm.start_data, 45);
         assert_eq!(mm.env_end, 51);
+        assert_eq!(parse_pgid_sid(1, &stat).unwrap(), (5, 6));
     }
 
     #[test]

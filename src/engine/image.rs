@@ -170,6 +170,10 @@ pub struct ProcessImage {
     pub umask: u32,
     /// `personality(2)` value.
     pub personality: u32,
+    /// Process group id at dump time.
+    pub pgid: i32,
+    /// Session id at dump time.
+    pub sid: i32,
     /// Resource limits.
     pub rlimits: Vec<Rlimit>,
     /// Signal dispositions (process-wide), for every signal except SIGKILL/SIGSTOP.
@@ -774,6 +778,8 @@ pub(crate) mod tests {
             cwd: "/".into(),
             umask: 0o22,
             personality: 0,
+            pgid: 42,
+            sid: 1,
             rlimits: vec![Rlimit {
                 resource: 7,
                 cur: 1024,

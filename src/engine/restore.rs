@@ -26,7 +26,15 @@
 //! 7. **Go**: inject `munmap(scratch)` and stop at its syscall exit, load the image's
 //!    registers and detach. The process continues at the dumped instruction.
 //!
-//! Only single-threaded images are supported so far.
+//!
+//! ## Threads
+//! After the process-wide state (step 6) the leader creates every other thread with an
+//! injected `clone3(CLONE_VM | CLONE_THREAD | ...)` (with `set_tid` when the image's own pid is
+//! requested, so thread ids survive too). With `PTRACE_O_TRACECLONE` the new threads are traced
+//! from birth and stop before running user code; each gets its per-thread state (alternate
+//! stack, `set_tid_address`, robust list, rseq, name, credentials), signal mask, xstate and
+//! registers, and stays stopped until the leader has unmapped the scratch area. Then all
+//! threads are detached.
 
 use std::os::unix::fs::MetadataExt;
 
@@ -183,6 +191,8 @@ const SEARCH_BOTTOM: u64 = 0x1_0000_0000;
 const RSEQ_FLAG_UNREGISTER: u64 = 1;
 const PR_SET_MM_MAP: u64 = 14;
 const PR_SET_NAME: u64 = 15;
+const PR_SET_VMA: u64 = 0x53564d41;
+const PR_SET_VMA_ANON_NAME: u64 = 0;
 
 /// Restore `image` into a new process with default options. Returns the new pid; the process
 /// is running and is a child of the caller (the caller should eventually reap it).
@@ -192,13 +202,10 @@ pub fn restore(image: &ProcessImage) -> Result<i32, RestoreError> {
 
 /// Restore `image` into a new process. See the module documentation for the steps.
 pub fn restore_with(image: &ProcessImage, opts: &RestoreOptions) -> Result<i32, RestoreError> {
-    if image.threads.len() != 1 {
-        return Err(RestoreError::Unsupported {
+    if image.threads.is_empty() {
+        return Err(RestoreError::BadImage {
             pid: image.pid,
-            what: format!(
-                "{} threads (only single-threaded processes can be restored)",
-                image.threads.len()
-            ),
+            reason: "no threads".into(),
         });
     }
     check_image(image)?;
@@ -226,15 +233,26 @@ pub fn restore_with(image: &ProcessImage, opts: &RestoreOptions) -> Result<i32, 
         image,
         opts,
         scratch: 0,
+        others: Vec::new(),
     };
     match r.run() {
         Ok(()) => {
-            let Restorer { t, .. } = r;
+            let Restorer { t, others, .. } = r;
+            let mut res = Ok(());
+            for o in others {
+                let tid = o.tid();
+                if let Err(source) = o.detach() {
+                    res = Err((tid, source));
+                }
+            }
             if let Err(source) = t.detach() {
+                res = Err((pid, source));
+            }
+            if let Err((tid, source)) = res {
                 sys::kill_and_reap(pid);
                 return Err(RestoreError::Trace {
                     pid,
-                    step: "detaching".into(),
+                    step: format!("detaching thread {tid}"),
                     source,
                 });
             }
@@ -242,6 +260,9 @@ pub fn restore_with(image: &ProcessImage, opts: &RestoreOptions) -> Result<i32, 
         }
         Err(e) => {
             sys::kill_and_reap(pid);
+            for o in r.others.drain(..) {
+                o.forget();
+            }
             r.t.forget();
             Err(e)
         }
@@ -351,6 +372,8 @@ struct Restorer<'a> {
     image: &'a ProcessImage,
     opts: &'a RestoreOptions<'a>,
     scratch: u64,
+    /// Tracers of the threads after the leader (image.threads[1..]).
+    others: Vec<Tracer>,
 }
 
 impl Restorer<'_> {
@@ -469,8 +492,16 @@ impl Restorer<'_> {
         self.restore_mm()?;
         self.restore_fds()?;
         self.restore_misc()?;
-        self.restore_thread()?;
-        self.restore_creds()?;
+        self.create_threads()?;
+        for i in 0..image.threads.len() {
+            self.with_thread(i, |r| {
+                r.restore_thread(i)?;
+                r.restore_creds()
+            })?;
+        }
+        for i in 1..image.threads.len() {
+            self.with_thread(i, |r| r.finish_thread(i))?;
+        }
 
         // 7. Final registers.
         let th = &image.threads[0];
@@ -702,6 +733,19 @@ impl Restorer<'_> {
             if got != m.start {
                 return Err(mapping_err(format!("mmap returned {got:#x}")));
             }
+            if let Some(name) = path
+                .strip_prefix("[anon:")
+                .and_then(|n| n.strip_suffix(']'))
+                .filter(|_| !m.shared)
+            {
+                let p = self.put_str(0, name)?;
+                if let Err(e) = self.t.syscall(
+                    libc::SYS_prctl,
+                    [PR_SET_VMA, PR_SET_VMA_ANON_NAME, m.start, m.len(), p, 0],
+                ) {
+                    log::warn!("process {}: naming {path}: {e}", self.pid);
+                }
+            }
         }
         // Contents.
         let zeros = vec![0u8; 1 << 20];
@@ -932,6 +976,20 @@ impl Restorer<'_> {
             libc::SYS_personality,
             [image.personality as u64, 0, 0, 0, 0, 0],
         )?;
+        // Session / process group: a session leader gets a new session, a group leader a new
+        // group; otherwise the process stays in the caller's group (best effort).
+        let (nr, what) = if image.sid == image.pid {
+            (libc::SYS_setsid, "setsid")
+        } else if image.pgid == image.pid {
+            (libc::SYS_setpgid, "setpgid")
+        } else {
+            (0, "")
+        };
+        if nr != 0 {
+            if let Err(e) = self.t.syscall(nr, [0; 6]) {
+                log::warn!("process {}: {what} failed: {e}", self.pid);
+            }
+        }
         for sa in &image.sigactions {
             let mut b = Vec::with_capacity(32);
             for v in [sa.handler, sa.flags, sa.restorer, sa.mask] {
@@ -958,8 +1016,85 @@ impl Restorer<'_> {
         Ok(())
     }
 
-    fn restore_thread(&mut self) -> Result<(), RestoreError> {
-        let th = &self.image.threads[0];
+    /// Create the threads after the leader with an injected `clone3` in the leader. They are
+    /// traced from birth (PTRACE_O_TRACECLONE) and never run user code before we set them up.
+    /// With a requested pid equal to the image's, the threads get their old ids (`set_tid`).
+    fn create_threads(&mut self) -> Result<(), RestoreError> {
+        let image = self.image;
+        let same_ids = self.opts.pid == Some(image.pid);
+        for th in image.threads.iter().skip(1) {
+            let flags = (libc::CLONE_VM
+                | libc::CLONE_FS
+                | libc::CLONE_FILES
+                | libc::CLONE_SIGHAND
+                | libc::CLONE_THREAD
+                | libc::CLONE_SYSVSEM) as u64;
+            let tid_addr = self.put_bytes(128, &(th.tid as u64).to_le_bytes())?;
+            let mut args = [0u64; 11];
+            args[0] = flags;
+            if same_ids {
+                args[8] = tid_addr;
+                args[9] = 1;
+            }
+            let b: Vec<u8> = args.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let addr = self.put_bytes(0, &b)?;
+            let step = format!("creating thread {}", th.tid);
+            let r = self
+                .t
+                .syscall_raw(libc::SYS_clone3, [addr, 88, 0, 0, 0, 0])
+                .map_err(self.trace(step.clone()))?;
+            if r == -(libc::EEXIST as i64) && same_ids {
+                return Err(RestoreError::PidInUse { pid: th.tid });
+            }
+            if r <= 0 {
+                return Err(RestoreError::Unexpected {
+                    pid: self.pid,
+                    step,
+                    result: r as u64,
+                });
+            }
+            let mut t = Tracer::adopt_clone(self.pid, r as i32).map_err(self.trace(step))?;
+            t.set_syscall_insn(self.scratch);
+            self.others.push(t);
+        }
+        Ok(())
+    }
+
+    /// Run `f` with `self.t` temporarily being the tracer of image thread `i`.
+    fn with_thread(
+        &mut self,
+        i: usize,
+        f: impl FnOnce(&mut Self) -> Result<(), RestoreError>,
+    ) -> Result<(), RestoreError> {
+        if i == 0 {
+            return f(self);
+        }
+        std::mem::swap(&mut self.t, &mut self.others[i - 1]);
+        let r = f(self);
+        std::mem::swap(&mut self.t, &mut self.others[i - 1]);
+        r
+    }
+
+    /// Signal mask, xstate and registers of a non-leader thread (it stays stopped until the
+    /// leader is done).
+    fn finish_thread(&mut self, i: usize) -> Result<(), RestoreError> {
+        let th = &self.image.threads[i];
+        let e = self.trace(format!("setting the signal mask of thread {}", th.tid));
+        self.t.set_sigmask(th.sigmask).map_err(e)?;
+        let e = self.trace(format!("setting the xstate of thread {}", th.tid));
+        self.t.set_xstate(&th.xstate).map_err(e)?;
+        let mut regs = th.regs.to_user();
+        regs.orig_rax = u64::MAX;
+        regs.fs_base = th.fs_base;
+        regs.gs_base = th.gs_base;
+        let e = self.trace(format!("setting the registers of thread {}", th.tid));
+        self.t.set_regs(&regs).map_err(e)?;
+        self.t.clear_pending_signals();
+        Ok(())
+    }
+
+    fn restore_thread(&mut self, i: usize) -> Result<(), RestoreError> {
+        let th = &self.image.threads[i];
         let alt = th.sigaltstack;
         let mut b = Vec::with_capacity(24);
         b.extend_from_slice(&alt.sp.to_le_bytes());
@@ -1071,12 +1206,9 @@ mod tests {
     }
 
     #[test]
-    fn multi_threaded_image_is_refused() {
+    fn image_without_threads_is_refused() {
         let mut img = super::super::image::tests::sample();
-        img.threads.push(img.threads[0].clone());
-        assert!(matches!(
-            restore(&img),
-            Err(RestoreError::Unsupported { .. })
-        ));
+        img.threads.clear();
+        assert!(matches!(restore(&img), Err(RestoreError::BadImage { .. })));
     }
 }

@@ -59,6 +59,8 @@ const COUNTER_C: &str = r#"
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -73,6 +75,10 @@ int main(int argc, char **argv) {
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_usr1;
     sigaction(SIGUSR1, &sa, NULL);
+    /* A named anonymous mapping (ignored if the kernel lacks CONFIG_ANON_VMA_NAME). */
+    char *named = mmap(NULL, 2 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    named[0] = 1;
+    prctl(0x53564d41, 0, (unsigned long)named, 2 * 4096, (unsigned long)"fkpt-test");
     int fd = open(argv[1], O_WRONLY | O_CREAT | O_TRUNC, 0644);
     int afd = open(argv[2], O_WRONLY | O_CREAT | O_TRUNC, 0644);
     char buf[96];
@@ -476,6 +482,7 @@ fn restored_process_matches_image() {
     procs.add(new);
 
     let maps = super::dump::read_maps(new).unwrap();
+    // With CONFIG_ANON_VMA_NAME the comparison below also covers "[anon:fkpt-test]".
     let expect: Vec<_> = img
         .mappings
         .iter()
@@ -521,4 +528,307 @@ fn restored_process_matches_image() {
     assert_eq!(fds.len(), img.fds.len(), "{fds:?}");
     let comm = std::fs::read_to_string(format!("/proc/{new}/comm")).unwrap();
     assert_eq!(comm.trim_end(), img.comm);
+}
+
+const THREADS_C: &str = r#"
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+volatile uint64_t counters[4];
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static uint64_t shared_total;
+
+static void tick(void) {
+    struct timespec ts = { 0, 10 * 1000 * 1000 };
+    nanosleep(&ts, NULL);
+}
+
+static void *worker(void *arg) {
+    int i = (int)(intptr_t)arg;
+    for (;;) {
+        pthread_mutex_lock(&lock);
+        counters[i]++;
+        shared_total++;
+        pthread_mutex_unlock(&lock);
+        tick();
+    }
+    return NULL;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 3) return 2;
+    syscall(SYS_close_range, 3, ~0U, 0);
+    int fd = open(argv[1], O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    int afd = open(argv[2], O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    char buf[160];
+    int n = snprintf(buf, sizeof buf, "%llu\n", (unsigned long long)(uintptr_t)counters);
+    write(afd, buf, n);
+    close(afd);
+    pthread_t t[3];
+    for (int i = 1; i <= 3; i++) pthread_create(&t[i - 1], NULL, worker, (void *)(intptr_t)i);
+    for (;;) {
+        pthread_mutex_lock(&lock);
+        counters[0]++;
+        uint64_t c1 = counters[1], c2 = counters[2], c3 = counters[3];
+        pthread_mutex_unlock(&lock);
+        n = snprintf(buf, sizeof buf, "%020llu %020llu %020llu %020llu %d\n",
+                     (unsigned long long)counters[0], (unsigned long long)c1,
+                     (unsigned long long)c2, (unsigned long long)c3, (int)getpid());
+        pwrite(fd, buf, n, 0);
+        tick();
+    }
+}
+"#;
+
+fn threads_run(same_pid: bool) {
+    let mut procs = Procs(Vec::new());
+    let dir = tempfile::tempdir().unwrap();
+    let c = dir.path().join("threads.c");
+    std::fs::write(&c, THREADS_C).unwrap();
+    let exe = dir.path().join("threads");
+    let out = Command::new("cc")
+        .args(["-O2", "-pthread", "-o"])
+        .arg(&exe)
+        .arg(&c)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let outf = dir.path().join("out");
+    let addrf = dir.path().join("addr");
+    let pid = spawn(&exe, &[&outf, &addrf], &mut procs);
+    assert!(wait_until(Duration::from_secs(5), || {
+        let v = read_nums(&outf);
+        v.len() == 5 && v[..4].iter().all(|x| *x >= 10)
+    }));
+    let addr: u64 = std::fs::read_to_string(&addrf)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let img = roundtrip_bytes(&dump(pid).unwrap());
+    assert_eq!(img.threads.len(), 4);
+    assert_eq!(img.threads[0].tid, pid);
+    let from: Vec<u64> = (0..4)
+        .map(|i| img.memory.read_u64(addr + 8 * i).unwrap())
+        .collect();
+    procs.kill(pid);
+    let opts = RestoreOptions {
+        pid: same_pid.then_some(pid),
+        ..RestoreOptions::default()
+    };
+    let new = restore_with(&img, &opts).unwrap();
+    procs.add(new);
+    let ok = wait_until(Duration::from_secs(5), || {
+        let v = read_nums(&outf);
+        v.len() == 5 && v[4] == new as u64 && (0..4).all(|i| v[i] > from[i] + 5)
+    });
+    assert!(
+        ok,
+        "threads did not all continue: from {from:?} now {:?}",
+        read_nums(&outf)
+    );
+    let v = read_nums(&outf);
+    assert!((0..4).all(|i| v[i] < from[i] + 600), "{from:?} -> {v:?}");
+    assert!(alive(new));
+    let mut tids: Vec<i32> = std::fs::read_dir(format!("/proc/{new}/task"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().parse().unwrap())
+        .collect();
+    tids.sort_unstable();
+    assert_eq!(tids.len(), 4);
+    if same_pid {
+        let mut want: Vec<i32> = img.threads.iter().map(|t| t.tid).collect();
+        want.sort_unstable();
+        assert_eq!(tids, want);
+    }
+}
+
+#[test]
+fn multi_threaded_dump_restore() {
+    require_env!();
+    threads_run(false);
+}
+
+#[test]
+fn multi_threaded_restore_keeps_thread_ids() {
+    require_env!();
+    threads_run(true);
+}
+
+/// Live (non-zombie) children of the test process.
+fn live_children() -> Vec<i32> {
+    let me = std::process::id().to_string();
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let rest: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        if rest.get(1) == Some(&me.as_str()) && rest.first() != Some(&"Z") {
+            v.push(pid);
+        }
+    }
+    v.sort_unstable();
+    v
+}
+
+#[test]
+fn failed_restore_kills_the_child() {
+    require_env!();
+    let mut procs = Procs(Vec::new());
+    let c = counter_setup();
+    let (pid, _) = start_counter(&c, &mut procs);
+    let mut img = dump(pid).unwrap();
+    procs.kill(pid);
+    let m = img
+        .mappings
+        .iter_mut()
+        .find(|m| m.kind == super::image::MappingKind::File)
+        .unwrap();
+    m.path = Some("/nonexistent/forkpoint-test.so".into());
+    let before = live_children();
+    let err = restore_with(
+        &img,
+        &RestoreOptions {
+            skip_file_checks: true,
+            ..RestoreOptions::default()
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, super::restore::RestoreError::Mapping { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("/nonexistent/forkpoint-test.so"));
+    assert_eq!(live_children(), before);
+}
+
+#[test]
+fn restore_refuses_changed_file() {
+    require_env!();
+    let mut procs = Procs(Vec::new());
+    let c = counter_setup();
+    let (pid, _) = start_counter(&c, &mut procs);
+    let img = dump(pid).unwrap();
+    procs.kill(pid);
+    // Rewrite the executable (same bytes, new mtime).
+    let bytes = std::fs::read(&c.exe).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::write(&c.exe, bytes).unwrap();
+    let err = restore(&img).unwrap_err();
+    assert!(
+        matches!(err, super::restore::RestoreError::FileChanged { .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn dump_of_stopped_process_keeps_it_stopped() {
+    require_env!();
+    let mut procs = Procs(Vec::new());
+    let c = counter_setup();
+    let (pid, addr) = start_counter(&c, &mut procs);
+    let state = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap()
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    sys::kill(pid, libc::SIGSTOP).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || state(pid) == "T"));
+    let img = dump(pid).unwrap();
+    let v = image_counter(&img, addr);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(state(pid), "T");
+    assert_eq!(read_nums(&c.out)[0], v);
+    sys::kill(pid, libc::SIGCONT).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || read_nums(&c.out)[0] > v + 5));
+}
+
+#[test]
+fn restore_from_externalized_chunks() {
+    require_env!();
+    struct Store(std::collections::HashMap<[u8; 32], Vec<u8>>);
+    impl super::restore::ChunkSource for Store {
+        fn fetch(&self, hash: &[u8; 32], _len: u64) -> Result<Vec<u8>, String> {
+            self.0.get(hash).cloned().ok_or_else(|| "missing".into())
+        }
+    }
+    let mut procs = Procs(Vec::new());
+    let c = counter_setup();
+    let (pid, addr) = start_counter(&c, &mut procs);
+    let mut img = dump(pid).unwrap();
+    let from = image_counter(&img, addr);
+    procs.kill(pid);
+    let mut store = Store(Default::default());
+    img.memory
+        .externalize(|h, b| {
+            store.0.insert(*h, b.to_vec());
+            Ok::<(), ()>(())
+        })
+        .unwrap();
+    assert_eq!(img.memory.inline_bytes(), 0);
+    let img = roundtrip_bytes(&img);
+    // Without a source the restore fails cleanly.
+    assert!(matches!(
+        restore(&img),
+        Err(super::restore::RestoreError::Chunk { .. })
+    ));
+    let new = restore_with(
+        &img,
+        &RestoreOptions {
+            chunks: Some(&store),
+            ..RestoreOptions::default()
+        },
+    )
+    .unwrap();
+    procs.add(new);
+    check_continues(&c, new, from);
+}
+
+#[test]
+fn dump_and_kill_stops_at_the_checkpoint() {
+    require_env!();
+    let mut procs = Procs(Vec::new());
+    let c = counter_setup();
+    let (pid, addr) = start_counter(&c, &mut procs);
+    let img = super::dump::dump_with(
+        pid,
+        &super::dump::DumpOptions {
+            after: super::dump::AfterDump::Kill,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let v = image_counter(&img, addr);
+    assert!(wait_until(Duration::from_secs(5), || !alive(pid)));
+    std::thread::sleep(Duration::from_millis(50));
+    let file = read_nums(&c.out)[0];
+    assert!(file == v || file + 1 == v, "file {file}, image {v}");
+    procs.kill(pid);
+    let new = restore(&img).unwrap();
+    procs.add(new);
+    check_continues(&c, new, v);
 }

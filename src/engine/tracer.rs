@@ -312,10 +312,13 @@ impl Tracer {
     }
 
     /// Take over a child that called `PTRACE_TRACEME` and is now in a signal-delivery stop
-    /// (the caller already waited for it). Sets `PTRACE_O_TRACESYSGOOD | PTRACE_O_EXITKILL`, so
-    /// the child dies if the tracer dies.
+    /// (the caller already waited for it). Sets `PTRACE_O_TRACESYSGOOD | PTRACE_O_EXITKILL |
+    /// PTRACE_O_TRACECLONE`, so the child dies if the tracer dies and threads it creates are
+    /// traced from birth (see [`Tracer::adopt_clone`]).
     pub fn adopt_stopped_child(pid: i32) -> Result<Self, TraceError> {
-        let opts = (libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_EXITKILL) as usize;
+        let opts = (libc::PTRACE_O_TRACESYSGOOD
+            | libc::PTRACE_O_EXITKILL
+            | libc::PTRACE_O_TRACECLONE) as usize;
         // SAFETY: PTRACE_SETOPTIONS takes the options as an integer in `data`.
         unsafe {
             ptrace_raw(
@@ -339,6 +342,31 @@ impl Tracer {
             mem: None,
             _not_send: PhantomData,
         })
+    }
+
+    /// Take over thread `tid` that a tracee with `PTRACE_O_TRACECLONE` just created (it is
+    /// auto-attached and stops with `SIGSTOP` before running any user code). Waits for that
+    /// stop; the `SIGSTOP` is suppressed when the thread is next resumed.
+    pub fn adopt_clone(tgid: i32, tid: i32) -> Result<Self, TraceError> {
+        let mut t = Tracer {
+            tgid,
+            tid,
+            attached: true,
+            syscall_insn: None,
+            pending_signals: Vec::new(),
+            mem: None,
+            _not_send: PhantomData,
+        };
+        loop {
+            match t.wait_stop()? {
+                Stop::Signal(libc::SIGSTOP) | Stop::Event(_) => return Ok(t),
+                Stop::Signal(sig) => {
+                    t.pending_signals.push(sig);
+                    t.resume(libc::PTRACE_CONT, "PTRACE_CONT")?;
+                }
+                Stop::Syscall => return Ok(t),
+            }
+        }
     }
 
     /// The traced thread id.
@@ -674,42 +702,81 @@ impl Tracer {
         self.syscall_insn
     }
 
-    /// Find a `syscall` instruction (`0f 05`) in the tracee: first in its `[vdso]`, else right
-    /// before `rip` if the thread was stopped just after a `syscall`.
+    /// Find a `syscall` instruction (`0f 05`) in the tracee: first in its `[vdso]`, then at or
+    /// right before `rip` (a thread stopped in a system call), then in any executable mapping.
+    /// The two bytes need not be an instruction boundary of the surrounding code: we jump
+    /// straight to them and stop at the syscall exit before anything else executes.
     pub fn locate_syscall_insn(&mut self) -> Result<u64, TraceError> {
         if let Some(a) = self.syscall_insn {
             return Ok(a);
         }
+        let mut exec_ranges = Vec::new();
+        let mut vdso = None;
         if let Ok(maps) = std::fs::read_to_string(format!("/proc/{}/maps", self.tgid)) {
             for line in maps.lines() {
-                if !line.trim_end().ends_with("[vdso]") {
+                let mut f = line.split_whitespace();
+                let (Some(range), Some(perms)) = (f.next(), f.next()) else {
                     continue;
-                }
-                let range = line.split_whitespace().next().unwrap_or("");
-                let mut it = range.split('-');
-                let (Some(s), Some(e)) = (it.next(), it.next()) else {
+                };
+                let Some((s, e)) = range.split_once('-') else {
                     continue;
                 };
                 let (Ok(s), Ok(e)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16))
                 else {
                     continue;
                 };
-                let mut buf = vec![0u8; (e - s) as usize];
-                if self.read_mem(s, &mut buf).is_ok() {
-                    if let Some(off) = buf.windows(2).position(|w| w == [0x0f, 0x05]) {
-                        self.syscall_insn = Some(s + off as u64);
-                        return Ok(s + off as u64);
-                    }
+                if line.trim_end().ends_with("[vdso]") {
+                    vdso = Some((s, e));
+                } else if perms.starts_with("r-x") && !line.trim_end().ends_with("[vsyscall]") {
+                    exec_ranges.push((s, e));
                 }
             }
         }
+        if let Some((s, e)) = vdso {
+            if let Some(a) = self.scan_for_syscall(s, e) {
+                self.syscall_insn = Some(a);
+                return Ok(a);
+            }
+        }
         let regs = self.regs()?;
-        let mut b = [0u8; 2];
-        if regs.rip >= 2 && self.read_mem(regs.rip - 2, &mut b).is_ok() && b == [0x0f, 0x05] {
-            self.syscall_insn = Some(regs.rip - 2);
-            return Ok(regs.rip - 2);
+        for cand in [regs.rip, regs.rip.wrapping_sub(2)] {
+            let mut b = [0u8; 2];
+            if self.read_mem(cand, &mut b).is_ok() && b == [0x0f, 0x05] {
+                self.syscall_insn = Some(cand);
+                return Ok(cand);
+            }
+        }
+        for (s, e) in exec_ranges {
+            if let Some(a) = self.scan_for_syscall(s, e) {
+                self.syscall_insn = Some(a);
+                return Ok(a);
+            }
         }
         Err(TraceError::NoSyscallInsn { tid: self.tid })
+    }
+
+    /// Search `[start, end)` (at most its first 16 MiB) for the bytes `0f 05`.
+    fn scan_for_syscall(&mut self, start: u64, end: u64) -> Option<u64> {
+        const PIECE: u64 = 1 << 20;
+        let end = end.min(start + 16 * PIECE);
+        let mut at = start;
+        let mut buf = Vec::new();
+        while at < end {
+            // Overlap by one byte so a pair across pieces is found.
+            let len = (end - at).min(PIECE);
+            buf.resize(len as usize, 0);
+            if self.read_mem(at, &mut buf).is_err() {
+                return None;
+            }
+            if let Some(off) = buf.windows(2).position(|w| w == [0x0f, 0x05]) {
+                return Some(at + off as u64);
+            }
+            if at + len >= end {
+                break;
+            }
+            at += len - 1;
+        }
+        None
     }
 
     /// Inject system call `nr` with `args` and return the raw result (`-errno` on failure).
@@ -790,6 +857,27 @@ impl Tracer {
             op: "PTRACE_DETACH",
             source,
         })
+    }
+
+    /// Wait until the thread has exited (e.g. after the caller sent `SIGKILL`), resuming it
+    /// from any stop it still reports.
+    pub fn wait_exit(mut self) -> Result<(), TraceError> {
+        loop {
+            match self.wait_stop() {
+                Err(TraceError::Gone { .. }) => return Ok(()),
+                Err(TraceError::Wait {
+                    source: Errno::ECHILD,
+                    ..
+                }) => {
+                    self.attached = false;
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+                Ok(_) => {
+                    let _ = self.resume(libc::PTRACE_CONT, "PTRACE_CONT");
+                }
+            }
+        }
     }
 
     /// Forget the attachment without detaching (e.g. because the thread was killed).

@@ -1,0 +1,666 @@
+//! Reference-model tests of the filesystem logic (no FUSE): random sequences of operations,
+//! including commits, snapshots, branches, checkouts and close-and-reopen of the store, run
+//! against `Fs` and against a small in-memory model; the whole tree is compared after every
+//! step. Shrunk failures are kept below as named regression tests.
+
+use forkpoint_fs::fs::{Caller, Fs, FsError, RenameFlags, SetAttr};
+use forkpoint_fs::fuse::errno;
+use forkpoint_fs::tree::FileKind;
+use forkpoint_fs::Store;
+use proptest::prelude::*;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+const DIRS: [&str; 4] = ["", "a", "a/b", "c"];
+const NAMES: [&str; 3] = ["f", "g", "h"];
+
+#[derive(Clone, Debug)]
+enum Op {
+    Write { file: usize, off: u64, len: usize, byte: u8 },
+    Truncate { file: usize, size: u64 },
+    Mkdir { dir: usize },
+    Rmdir { dir: usize },
+    Rename { from: usize, to: usize },
+    Link { from: usize, to: usize },
+    Unlink { file: usize },
+    Symlink { file: usize, target: u8 },
+    Chmod { path: usize, mode: u32 },
+    Setxattr { path: usize, name: u8, value: u8 },
+    Commit,
+    Snapshot,
+    Branch { snap: usize },
+    Checkout { branch: usize },
+    Reopen,
+}
+
+fn file_path(i: usize) -> String {
+    let d = DIRS[i / NAMES.len() % DIRS.len()];
+    let n = NAMES[i % NAMES.len()];
+    if d.is_empty() {
+        n.to_string()
+    } else {
+        format!("{d}/{n}")
+    }
+}
+
+/// Paths: indexes below 12 are files, the rest directories (except the root).
+fn any_path(i: usize) -> String {
+    let nf = DIRS.len() * NAMES.len();
+    if i % 16 < nf {
+        file_path(i % 16)
+    } else {
+        DIRS[1 + (i % 16 - nf) % (DIRS.len() - 1)].to_string()
+    }
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (0..12usize, prop_oneof![0..1000u64, 0..300_000u64], prop_oneof![1..100usize, 1..70_000usize], any::<u8>())
+            .prop_map(|(file, off, len, byte)| Op::Write { file, off, len, byte }),
+        2 => (0..12usize, prop_oneof![0..1000u64, 0..300_000u64]).prop_map(|(file, size)| Op::Truncate { file, size }),
+        2 => (1..4usize).prop_map(|dir| Op::Mkdir { dir }),
+        1 => (1..4usize).prop_map(|dir| Op::Rmdir { dir }),
+        2 => (0..16usize, 0..16usize).prop_map(|(from, to)| Op::Rename { from, to }),
+        1 => (0..12usize, 0..12usize).prop_map(|(from, to)| Op::Link { from, to }),
+        2 => (0..12usize).prop_map(|file| Op::Unlink { file }),
+        1 => (0..12usize, any::<u8>()).prop_map(|(file, target)| Op::Symlink { file, target }),
+        1 => (0..16usize, 0..0o7777u32).prop_map(|(path, mode)| Op::Chmod { path, mode }),
+        1 => (0..16usize, 0..3u8, any::<u8>()).prop_map(|(path, name, value)| Op::Setxattr { path, name, value }),
+        1 => Just(Op::Commit),
+        1 => Just(Op::Snapshot),
+        1 => (0..4usize).prop_map(|snap| Op::Branch { snap }),
+        1 => (0..4usize).prop_map(|branch| Op::Checkout { branch }),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+// ----- the model ---------------------------------------------------------------------------
+
+#[derive(Clone, Debug, PartialEq)]
+enum MKind {
+    File(Vec<u8>),
+    Dir(BTreeMap<String, u64>),
+    Sym(Vec<u8>),
+}
+
+#[derive(Clone, Debug)]
+struct MNode {
+    kind: MKind,
+    mode: u32,
+    nlink: u32,
+    xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+#[derive(Clone, Debug)]
+struct Model {
+    nodes: BTreeMap<u64, MNode>,
+    next: u64,
+}
+
+type R<T> = Result<T, i32>;
+
+impl Model {
+    fn new() -> Model {
+        let mut nodes = BTreeMap::new();
+        nodes.insert(1, MNode { kind: MKind::Dir(BTreeMap::new()), mode: 0o755, nlink: 2, xattrs: BTreeMap::new() });
+        Model { nodes, next: 2 }
+    }
+
+    fn split(path: &str) -> (String, String) {
+        match path.rfind('/') {
+            Some(i) => (path[..i].to_string(), path[i + 1..].to_string()),
+            None => (String::new(), path.to_string()),
+        }
+    }
+
+    fn resolve(&self, path: &str) -> R<u64> {
+        let mut ino = 1;
+        for c in path.split('/').filter(|c| !c.is_empty()) {
+            match &self.nodes[&ino].kind {
+                MKind::Dir(e) => ino = *e.get(c).ok_or(libc::ENOENT)?,
+                _ => return Err(libc::ENOTDIR),
+            }
+        }
+        Ok(ino)
+    }
+
+    fn parent(&self, path: &str) -> R<(u64, String)> {
+        let (d, n) = Self::split(path);
+        let p = self.resolve(&d)?;
+        match self.nodes[&p].kind {
+            MKind::Dir(_) => Ok((p, n)),
+            _ => Err(libc::ENOTDIR),
+        }
+    }
+
+    fn entries(&mut self, dir: u64) -> &mut BTreeMap<String, u64> {
+        match &mut self.nodes.get_mut(&dir).expect("dir").kind {
+            MKind::Dir(e) => e,
+            _ => panic!("not a dir"),
+        }
+    }
+
+    fn lookup(&self, dir: u64, name: &str) -> Option<u64> {
+        match &self.nodes[&dir].kind {
+            MKind::Dir(e) => e.get(name).copied(),
+            _ => None,
+        }
+    }
+
+    fn add(&mut self, dir: u64, name: &str, kind: MKind, mode: u32) -> u64 {
+        let ino = self.next;
+        self.next += 1;
+        let is_dir = matches!(kind, MKind::Dir(_));
+        // Directories inherit the setgid bit (BSD group semantics), as on ext4.
+        let mode = if is_dir && self.nodes[&dir].mode & 0o2000 != 0 { mode | 0o2000 } else { mode };
+        self.nodes.insert(ino, MNode { kind, mode, nlink: if is_dir { 2 } else { 1 }, xattrs: BTreeMap::new() });
+        self.entries(dir).insert(name.to_string(), ino);
+        if is_dir {
+            self.nodes.get_mut(&dir).expect("dir").nlink += 1;
+        }
+        ino
+    }
+
+    fn drop_link(&mut self, ino: u64) {
+        let n = self.nodes.get_mut(&ino).expect("node");
+        n.nlink -= 1;
+        if n.nlink == 0 {
+            self.nodes.remove(&ino);
+        }
+    }
+
+    fn write(&mut self, path: &str, off: u64, len: usize, byte: u8) -> R<()> {
+        let (p, n) = self.parent(path)?;
+        let ino = match self.lookup(p, &n) {
+            Some(i) => i,
+            None => self.add(p, &n, MKind::File(Vec::new()), 0o644),
+        };
+        match &mut self.nodes.get_mut(&ino).expect("node").kind {
+            MKind::File(d) => {
+                let end = off as usize + len;
+                if d.len() < end {
+                    d.resize(end, 0);
+                }
+                d[off as usize..end].fill(byte);
+                Ok(())
+            }
+            MKind::Dir(_) => Err(libc::EISDIR),
+            MKind::Sym(_) => Err(libc::EINVAL),
+        }
+    }
+
+    fn truncate(&mut self, path: &str, size: u64) -> R<()> {
+        let ino = self.resolve(path)?;
+        match &mut self.nodes.get_mut(&ino).expect("node").kind {
+            MKind::File(d) => {
+                d.resize(size as usize, 0);
+                Ok(())
+            }
+            MKind::Dir(_) => Err(libc::EISDIR),
+            MKind::Sym(_) => Err(libc::EINVAL),
+        }
+    }
+
+    fn mkdir(&mut self, path: &str) -> R<()> {
+        let (p, n) = self.parent(path)?;
+        if self.lookup(p, &n).is_some() {
+            return Err(libc::EEXIST);
+        }
+        self.add(p, &n, MKind::Dir(BTreeMap::new()), 0o755);
+        Ok(())
+    }
+
+    fn rmdir(&mut self, path: &str) -> R<()> {
+        let (p, n) = self.parent(path)?;
+        let ino = self.lookup(p, &n).ok_or(libc::ENOENT)?;
+        match &self.nodes[&ino].kind {
+            MKind::Dir(e) if !e.is_empty() => return Err(libc::ENOTEMPTY),
+            MKind::Dir(_) => {}
+            _ => return Err(libc::ENOTDIR),
+        }
+        self.entries(p).remove(&n);
+        self.nodes.get_mut(&p).expect("dir").nlink -= 1;
+        self.nodes.remove(&ino);
+        Ok(())
+    }
+
+    fn unlink(&mut self, path: &str) -> R<()> {
+        let (p, n) = self.parent(path)?;
+        let ino = self.lookup(p, &n).ok_or(libc::ENOENT)?;
+        if matches!(self.nodes[&ino].kind, MKind::Dir(_)) {
+            return Err(libc::EISDIR);
+        }
+        self.entries(p).remove(&n);
+        self.drop_link(ino);
+        Ok(())
+    }
+
+    fn link(&mut self, from: &str, to: &str) -> R<()> {
+        let src = self.resolve(from)?;
+        let (p, n) = self.parent(to)?;
+        if matches!(self.nodes[&src].kind, MKind::Dir(_)) {
+            return Err(libc::EPERM);
+        }
+        if self.lookup(p, &n).is_some() {
+            return Err(libc::EEXIST);
+        }
+        self.entries(p).insert(n, src);
+        self.nodes.get_mut(&src).expect("node").nlink += 1;
+        Ok(())
+    }
+
+    fn symlink(&mut self, path: &str, target: &[u8]) -> R<()> {
+        let (p, n) = self.parent(path)?;
+        if self.lookup(p, &n).is_some() {
+            return Err(libc::EEXIST);
+        }
+        self.add(p, &n, MKind::Sym(target.to_vec()), 0o777);
+        Ok(())
+    }
+
+    fn is_ancestor(&self, a: u64, path_of_b: &str) -> bool {
+        // Is `a` the directory at path_of_b or one of its ancestors?
+        let mut ino = 1;
+        if ino == a {
+            return true;
+        }
+        for c in path_of_b.split('/').filter(|c| !c.is_empty()) {
+            match self.lookup(ino, c) {
+                Some(i) => ino = i,
+                None => return false,
+            }
+            if ino == a {
+                return true;
+            }
+        }
+        false
+    }
+
+    fn rename(&mut self, from: &str, to: &str) -> R<()> {
+        let (sp, sn) = self.parent(from)?;
+        let src = self.lookup(sp, &sn).ok_or(libc::ENOENT)?;
+        let (dp, dn) = self.parent(to)?;
+        let sdir = matches!(self.nodes[&src].kind, MKind::Dir(_));
+        let (dd, _) = Self::split(to);
+        if sdir && self.is_ancestor(src, &dd) {
+            return Err(libc::EINVAL);
+        }
+        if let Some(dst) = self.lookup(dp, &dn) {
+            if dst == src {
+                return Ok(());
+            }
+            let ddir = matches!(self.nodes[&dst].kind, MKind::Dir(_));
+            match (sdir, ddir) {
+                (true, false) => return Err(libc::ENOTDIR),
+                (false, true) => return Err(libc::EISDIR),
+                (true, true) => {
+                    if let MKind::Dir(e) = &self.nodes[&dst].kind {
+                        if !e.is_empty() {
+                            return Err(libc::ENOTEMPTY);
+                        }
+                    }
+                    self.entries(dp).remove(&dn);
+                    self.nodes.get_mut(&dp).expect("dir").nlink -= 1;
+                    self.nodes.remove(&dst);
+                }
+                (false, false) => {
+                    self.entries(dp).remove(&dn);
+                    self.drop_link(dst);
+                }
+            }
+        }
+        self.entries(sp).remove(&sn);
+        self.entries(dp).insert(dn, src);
+        if sdir && sp != dp {
+            self.nodes.get_mut(&sp).expect("dir").nlink -= 1;
+            self.nodes.get_mut(&dp).expect("dir").nlink += 1;
+        }
+        Ok(())
+    }
+
+    fn chmod(&mut self, path: &str, mode: u32) -> R<()> {
+        let ino = self.resolve(path)?;
+        self.nodes.get_mut(&ino).expect("node").mode = mode & 0o7777;
+        Ok(())
+    }
+
+    fn setxattr(&mut self, path: &str, name: &[u8], value: &[u8]) -> R<()> {
+        let ino = self.resolve(path)?;
+        self.nodes.get_mut(&ino).expect("node").xattrs.insert(name.to_vec(), value.to_vec());
+        Ok(())
+    }
+}
+
+// ----- the system under test ---------------------------------------------------------------
+
+struct Sut {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    fs: Option<Fs>,
+}
+
+fn code(e: FsError) -> i32 {
+    i32::from(errno(&e))
+}
+
+impl Sut {
+    fn fs(&self) -> &Fs {
+        self.fs.as_ref().expect("fs open")
+    }
+
+    fn resolve(&self, path: &str) -> R<u64> {
+        let mut ino = 1;
+        for c in path.split('/').filter(|c| !c.is_empty()) {
+            let st = self.fs().getattr(ino).map_err(code)?;
+            if st.attr.kind != FileKind::Dir {
+                return Err(libc::ENOTDIR);
+            }
+            ino = self.fs().lookup(ino, c.as_bytes()).map_err(code)?.ino;
+        }
+        Ok(ino)
+    }
+
+    fn parent(&self, path: &str) -> R<(u64, String)> {
+        let (d, n) = Model::split(path);
+        let p = self.resolve(&d)?;
+        if self.fs().getattr(p).map_err(code)?.attr.kind != FileKind::Dir {
+            return Err(libc::ENOTDIR);
+        }
+        Ok((p, n))
+    }
+
+    fn write(&self, path: &str, off: u64, len: usize, byte: u8) -> R<()> {
+        let (p, n) = self.parent(path)?;
+        let fs = self.fs();
+        let (st, fh) = fs.create(p, n.as_bytes(), 0o644, false, Caller::default()).map_err(code)?;
+        let r = match st.attr.kind {
+            FileKind::File => fs.write(st.ino, off, &vec![byte; len]).map(|_| ()).map_err(code),
+            FileKind::Dir => Err(libc::EISDIR),
+            _ => Err(libc::EINVAL),
+        };
+        fs.release(fh).map_err(code)?;
+        r
+    }
+
+    fn apply(&self, op: &Op) -> R<()> {
+        let fs = self.fs();
+        let c = Caller::default();
+        match op {
+            Op::Write { file, off, len, byte } => self.write(&file_path(*file), *off, *len, *byte),
+            Op::Truncate { file, size } => {
+                let ino = self.resolve(&file_path(*file))?;
+                match fs.getattr(ino).map_err(code)?.attr.kind {
+                    FileKind::File => fs.setattr(ino, &SetAttr { size: Some(*size), ..Default::default() }).map(|_| ()).map_err(code),
+                    FileKind::Dir => Err(libc::EISDIR),
+                    _ => Err(libc::EINVAL),
+                }
+            }
+            Op::Mkdir { dir } => {
+                let (p, n) = self.parent(DIRS[*dir])?;
+                fs.mkdir(p, n.as_bytes(), 0o755, c).map(|_| ()).map_err(code)
+            }
+            Op::Rmdir { dir } => {
+                let (p, n) = self.parent(DIRS[*dir])?;
+                fs.rmdir(p, n.as_bytes()).map_err(code)
+            }
+            Op::Rename { from, to } => {
+                let (sp, sn) = self.parent(&any_path(*from))?;
+                fs.lookup(sp, sn.as_bytes()).map_err(code)?;
+                let (dp, dn) = self.parent(&any_path(*to))?;
+                fs.rename(sp, sn.as_bytes(), dp, dn.as_bytes(), RenameFlags::default()).map_err(code)
+            }
+            Op::Link { from, to } => {
+                let src = self.resolve(&file_path(*from))?;
+                let (p, n) = self.parent(&file_path(*to))?;
+                fs.link(src, p, n.as_bytes()).map(|_| ()).map_err(code)
+            }
+            Op::Unlink { file } => {
+                let (p, n) = self.parent(&file_path(*file))?;
+                fs.unlink(p, n.as_bytes()).map_err(code)
+            }
+            Op::Symlink { file, target } => {
+                let (p, n) = self.parent(&file_path(*file))?;
+                fs.symlink(p, n.as_bytes(), format!("t{target}").as_bytes(), c).map(|_| ()).map_err(code)
+            }
+            Op::Chmod { path, mode } => {
+                let ino = self.resolve(&any_path(*path))?;
+                fs.setattr(ino, &SetAttr { mode: Some(*mode), ..Default::default() }).map(|_| ()).map_err(code)
+            }
+            Op::Setxattr { path, name, value } => {
+                let ino = self.resolve(&any_path(*path))?;
+                fs.setxattr(ino, format!("user.x{name}").as_bytes(), &[*value; 3], 0).map_err(code)
+            }
+            _ => unreachable!("store-level ops are applied by the harness"),
+        }
+    }
+}
+
+/// Compares the whole tree of `fs` with the model.
+fn compare(fs: &Fs, m: &Model) -> Result<(), String> {
+    let mut pairs: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut stack = vec![(1u64, 1u64, String::from("/"))];
+    while let Some((ri, mi, path)) = stack.pop() {
+        if let Some(prev) = pairs.insert(mi, ri) {
+            if prev != ri {
+                return Err(format!("{path}: hard link structure differs"));
+            }
+            continue;
+        }
+        let st = fs.getattr(ri).map_err(|e| format!("{path}: getattr: {e}"))?;
+        let mn = &m.nodes[&mi];
+        if st.attr.perm != mn.mode {
+            return Err(format!("{path}: mode {:o} != model {:o}", st.attr.perm, mn.mode));
+        }
+        if st.attr.nlink != mn.nlink {
+            return Err(format!("{path}: nlink {} != model {}", st.attr.nlink, mn.nlink));
+        }
+        let xs = fs.listxattr(ri).map_err(|e| format!("{path}: listxattr: {e}"))?;
+        let names: Vec<&[u8]> = xs.split(|b| *b == 0).filter(|n| !n.is_empty()).collect();
+        if names.len() != mn.xattrs.len() {
+            return Err(format!("{path}: xattr count differs"));
+        }
+        for (k, v) in &mn.xattrs {
+            if fs.getxattr(ri, k).map_err(|e| format!("{path}: getxattr: {e}"))? != *v {
+                return Err(format!("{path}: xattr value differs"));
+            }
+        }
+        match &mn.kind {
+            MKind::File(d) => {
+                if st.attr.kind != FileKind::File || st.attr.size != d.len() as u64 {
+                    return Err(format!("{path}: size {} != model {}", st.attr.size, d.len()));
+                }
+                let got = fs.read(ri, 0, d.len() as u32 + 10).map_err(|e| format!("{path}: read: {e}"))?;
+                if got != *d {
+                    let at = got.iter().zip(d.iter()).position(|(a, b)| a != b);
+                    return Err(format!("{path}: contents differ (first at {at:?}, len {} vs {})", got.len(), d.len()));
+                }
+            }
+            MKind::Sym(t) => {
+                if fs.readlink(ri).map_err(|e| format!("{path}: readlink: {e}"))? != *t {
+                    return Err(format!("{path}: symlink target differs"));
+                }
+            }
+            MKind::Dir(e) => {
+                let list = fs.list(ri).map_err(|e| format!("{path}: list: {e}"))?;
+                let real: BTreeMap<String, u64> = list
+                    .iter()
+                    .filter(|d| d.name != b"." && d.name != b"..")
+                    .map(|d| (String::from_utf8_lossy(&d.name).into_owned(), d.ino))
+                    .collect();
+                let rk: Vec<&String> = real.keys().collect();
+                let mk: Vec<&String> = e.keys().collect();
+                if rk != mk {
+                    return Err(format!("{path}: entries {rk:?} != model {mk:?}"));
+                }
+                for (name, mino) in e {
+                    stack.push((real[name], *mino, format!("{path}{name}/")));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn run(ops: &[Op]) -> Result<(), String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let path = dir.path().join("store");
+    let store = Store::create(&path, None).map_err(|e| e.to_string())?;
+    let mut sut = Sut { fs: Some(Fs::new(store, "main").map_err(|e| e.to_string())?), _dir: dir, path };
+    let mut model = Model::new();
+    let mut committed: BTreeMap<String, Model> = BTreeMap::new();
+    committed.insert("main".into(), model.clone());
+    let mut snaps: Vec<(String, Model)> = Vec::new();
+    let mut branch = "main".to_string();
+    for (i, op) in ops.iter().enumerate() {
+        match op {
+            Op::Commit | Op::Snapshot => {
+                let fs = sut.fs();
+                if matches!(op, Op::Snapshot) {
+                    let name = format!("s{}", snaps.len());
+                    fs.snapshot(&name).map_err(|e| format!("step {i}: snapshot: {e}"))?;
+                    snaps.push((name, model.clone()));
+                } else {
+                    fs.fsync().map_err(|e| format!("step {i}: commit: {e}"))?;
+                }
+                committed.insert(branch.clone(), model.clone());
+            }
+            Op::Branch { snap } => {
+                if snaps.is_empty() {
+                    continue;
+                }
+                let (sname, sm) = snaps[*snap % snaps.len()].clone();
+                let bname = format!("b{}", committed.len());
+                sut.fs().store().catalog(|c| {
+                    let cp = c.find(&sname)?;
+                    c.create_branch(&bname, cp.cno)
+                }).map_err(|e| format!("step {i}: branch: {e}"))?;
+                committed.insert(bname, sm);
+            }
+            Op::Checkout { branch: b } => {
+                let names: Vec<String> = committed.keys().cloned().collect();
+                let target = names[*b % names.len()].clone();
+                sut.fs().fsync().map_err(|e| format!("step {i}: commit: {e}"))?;
+                committed.insert(branch.clone(), model.clone());
+                let store = sut.fs().store().clone();
+                sut.fs = None;
+                sut.fs = Some(Fs::new(store, &target).map_err(|e| format!("step {i}: checkout: {e}"))?);
+                branch = target;
+                model = committed[&branch].clone();
+            }
+            Op::Reopen => {
+                // Drop everything uncommitted, as a crash would.
+                sut.fs = None;
+                let store = Store::open(&sut.path).map_err(|e| format!("step {i}: reopen: {e}"))?;
+                sut.fs = Some(Fs::new(store, &branch).map_err(|e| format!("step {i}: reopen: {e}"))?);
+                model = committed[&branch].clone();
+            }
+            op => {
+                let mut m2 = model.clone();
+                let want = match op {
+                    Op::Write { file, off, len, byte } => m2.write(&file_path(*file), *off, *len, *byte),
+                    Op::Truncate { file, size } => m2.truncate(&file_path(*file), *size),
+                    Op::Mkdir { dir } => m2.mkdir(DIRS[*dir]),
+                    Op::Rmdir { dir } => m2.rmdir(DIRS[*dir]),
+                    Op::Rename { from, to } => m2.rename(&any_path(*from), &any_path(*to)),
+                    Op::Link { from, to } => m2.link(&file_path(*from), &file_path(*to)),
+                    Op::Unlink { file } => m2.unlink(&file_path(*file)),
+                    Op::Symlink { file, target } => m2.symlink(&file_path(*file), format!("t{target}").as_bytes()),
+                    Op::Chmod { path, mode } => m2.chmod(&any_path(*path), *mode),
+                    Op::Setxattr { path, name, value } => m2.setxattr(&any_path(*path), format!("user.x{name}").as_bytes(), &[*value; 3]),
+                    _ => unreachable!(),
+                };
+                let got = sut.apply(op);
+                if got != want {
+                    return Err(format!("step {i}: {op:?}: fs gave {got:?}, model {want:?}"));
+                }
+                if want.is_ok() {
+                    model = m2;
+                }
+            }
+        }
+        compare(sut.fs(), &model).map_err(|e| format!("step {i} ({op:?}): {e}"))?;
+    }
+    // Every snapshot still reads back as it was.
+    let store = sut.fs().store().clone();
+    for (name, m) in &snaps {
+        let cp = store.find(name).map_err(|e| e.to_string())?;
+        let view = forkpoint_fs::tree::TreeView::open(store.clone(), cp.root).map_err(|e| e.to_string())?;
+        for (path, want) in model_files(m) {
+            let (_, inode) = view.lookup(Path::new(&path)).map_err(|e| e.to_string())?.ok_or(format!("{name}: {path} missing"))?;
+            if view.read_all(&inode).map_err(|e| e.to_string())? != want {
+                return Err(format!("snapshot {name}: {path} differs"));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn model_files(m: &Model) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![(1u64, String::new())];
+    while let Some((ino, path)) = stack.pop() {
+        match &m.nodes[&ino].kind {
+            MKind::Dir(e) => {
+                for (n, i) in e {
+                    stack.push((*i, format!("{path}/{n}")));
+                }
+            }
+            MKind::File(d) => out.push((path, d.clone())),
+            MKind::Sym(_) => {}
+        }
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("FORKPOINT_MODEL_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(96),
+        max_shrink_iters: 2000,
+        ..ProptestConfig::default()
+    })]
+    #[test]
+    fn fs_matches_model(ops in proptest::collection::vec(op(), 1..60)) {
+        if let Err(e) = run(&ops) {
+            prop_assert!(false, "{}", e);
+        }
+    }
+}
+
+#[test]
+fn unlinked_open_file_survives_in_snapshot() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::create(&dir.path().join("s"), None).expect("create");
+    let fs = Fs::new(store.clone(), "main").expect("fs");
+    let (st, fh) = fs.create(1, b"big", 0o644, true, Caller::default()).expect("create");
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    fs.write(st.ino, 0, &data).expect("write");
+    fs.unlink(1, b"big").expect("unlink");
+    assert_eq!(fs.read(st.ino, 0, 3_000_000).expect("read after unlink"), data);
+    fs.snapshot("with-orphan").expect("snapshot");
+    let cp = store.find("with-orphan").expect("find");
+    let view = forkpoint_fs::tree::TreeView::open(store.clone(), cp.root).expect("view");
+    assert_eq!(view.root.orphans, vec![st.ino]);
+    let inode = view.inode(st.ino).expect("inode").expect("orphan kept");
+    assert_eq!(inode.attr.nlink, 0);
+    assert_eq!(view.read_all(&inode).expect("read"), data);
+    fs.release(fh).expect("release");
+    fs.fsync().expect("commit");
+    let head = store.head("main").expect("head");
+    let view = forkpoint_fs::tree::TreeView::open(store, head.root).expect("view");
+    assert!(view.inode(st.ino).expect("lookup").is_none(), "freed at last close");
+}
+
+#[test]
+fn regression_write_extend_then_read_gap() {
+    run(&[
+        Op::Write { file: 0, off: 200_000, len: 10, byte: 7 },
+        Op::Truncate { file: 0, size: 100 },
+        Op::Write { file: 0, off: 150_000, len: 5, byte: 9 },
+        Op::Commit,
+        Op::Reopen,
+    ])
+    .expect("model agrees");
+}
+
+fn _assert_send(_: Arc<Store>) {}
