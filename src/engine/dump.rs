@@ -651,6 +651,8 @@ fn run_queries(frozen: &mut Frozen, scratch: u64) -> Result<Injected, TraceError
 
 /// Largest piece read at once.
 const READ_PIECE: u64 = 8 << 20;
+/// Pages whose pagemap entries are examined at once.
+const PAGEMAP_WINDOW: u64 = 1 << 16;
 
 fn dump_memory(
     pid: i32,
@@ -671,51 +673,58 @@ fn dump_memory(
             continue;
         }
         let npages = m.len() / PAGE_SIZE;
-        // Which pages to dump.
-        let wanted: Vec<bool> = match (*c, &pagemap) {
-            (Contents::All, _) | (_, None) => vec![true; npages as usize],
-            (c, Some(pm)) => {
-                entries.resize(npages as usize * 8, 0u8);
-                pm.read_exact_at(&mut entries, m.start / PAGE_SIZE * 8)
-                    .map_err(|source| DumpError::Proc {
-                        pid,
-                        path: pm_path.clone(),
-                        source,
-                    })?;
-                entries
-                    .chunks_exact(8)
-                    .map(|e| {
-                        let mut a = [0u8; 8];
-                        a.copy_from_slice(e);
-                        let v = u64::from_le_bytes(a);
-                        match c {
-                            Contents::AnonOnly => {
-                                (v & PM_SWAP != 0) || (v & PM_PRESENT != 0 && v & PM_FILE == 0)
+        // Work through the mapping in windows so huge sparse mappings stay cheap.
+        let mut w0 = 0u64;
+        while w0 < npages {
+            let wn = (npages - w0).min(PAGEMAP_WINDOW);
+            let wstart = m.start + w0 * PAGE_SIZE;
+            // Which pages of the window to dump.
+            let wanted: Vec<bool> = match (*c, &pagemap) {
+                (Contents::All, _) | (_, None) => vec![true; wn as usize],
+                (c, Some(pm)) => {
+                    entries.resize(wn as usize * 8, 0u8);
+                    pm.read_exact_at(&mut entries, wstart / PAGE_SIZE * 8)
+                        .map_err(|source| DumpError::Proc {
+                            pid,
+                            path: pm_path.clone(),
+                            source,
+                        })?;
+                    entries
+                        .chunks_exact(8)
+                        .map(|e| {
+                            let mut a = [0u8; 8];
+                            a.copy_from_slice(e);
+                            let v = u64::from_le_bytes(a);
+                            match c {
+                                Contents::AnonOnly => {
+                                    (v & PM_SWAP != 0) || (v & PM_PRESENT != 0 && v & PM_FILE == 0)
+                                }
+                                _ => v & (PM_PRESENT | PM_SWAP) != 0,
                             }
-                            _ => v & (PM_PRESENT | PM_SWAP) != 0,
-                        }
-                    })
-                    .collect()
+                        })
+                        .collect()
+                }
+            };
+            let mut i = 0u64;
+            while i < wn {
+                if !wanted[i as usize] {
+                    i += 1;
+                    continue;
+                }
+                let mut j = i;
+                while j < wn && wanted[j as usize] && (j - i) * PAGE_SIZE < READ_PIECE {
+                    j += 1;
+                }
+                let addr = wstart + i * PAGE_SIZE;
+                let len = ((j - i) * PAGE_SIZE) as usize;
+                buf.resize(len, 0);
+                tracer
+                    .read_mem(addr, &mut buf)
+                    .map_err(|source| DumpError::Trace { pid, source })?;
+                mem.push_pages(addr, &buf);
+                i = j;
             }
-        };
-        let mut i = 0u64;
-        while i < npages {
-            if !wanted[i as usize] {
-                i += 1;
-                continue;
-            }
-            let mut j = i;
-            while j < npages && wanted[j as usize] && (j - i) * PAGE_SIZE < READ_PIECE {
-                j += 1;
-            }
-            let addr = m.start + i * PAGE_SIZE;
-            let len = ((j - i) * PAGE_SIZE) as usize;
-            buf.resize(len, 0);
-            tracer
-                .read_mem(addr, &mut buf)
-                .map_err(|source| DumpError::Trace { pid, source })?;
-            mem.push_pages(addr, &buf);
-            i = j;
+            w0 += wn;
         }
     }
     Ok(mem)

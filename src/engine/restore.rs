@@ -20,9 +20,10 @@
 //!    mapping is file-backed), then `mprotect` mappings back to their recorded protection.
 //! 6. **Process state**: `prctl(PR_SET_MM, PR_SET_MM_MAP)` (brk, stack, args, env, auxv,
 //!    exe), close all inherited fds and reopen the image's (open, `dup3` to the number,
-//!    `lseek`), `chdir`, `umask`, `personality`, signal handlers, alternate signal stack,
-//!    `set_tid_address`, robust list, rseq, thread name, rlimits (`prlimit64` from outside),
-//!    credentials last, then the signal mask (`PTRACE_SETSIGMASK`) and xstate.
+//!    `lseek`; rlimits are set just before, with `prlimit64` from outside), `chdir`, `umask`,
+//!    `personality`, session/process group, signal handlers, then per thread the alternate
+//!    signal stack, `set_tid_address`, robust list, rseq, thread name and credentials (last,
+//!    as they may drop privileges), then the signal mask (`PTRACE_SETSIGMASK`) and xstate.
 //! 7. **Go**: inject `munmap(scratch)` and stop at its syscall exit, load the image's
 //!    registers and detach. The process continues at the dumped instruction.
 //!
@@ -490,6 +491,7 @@ impl Restorer<'_> {
 
         // 6. Process state.
         self.restore_mm()?;
+        self.restore_rlimits();
         self.restore_fds()?;
         self.restore_misc()?;
         self.create_threads()?;
@@ -898,6 +900,22 @@ impl Restorer<'_> {
         Ok(())
     }
 
+    /// Resource limits, set from outside with `prlimit64` (after the mappings exist, so that
+    /// `RLIMIT_AS`/`RLIMIT_DATA` cannot get in the way, before fds because of `RLIMIT_NOFILE`).
+    fn restore_rlimits(&mut self) {
+        for rl in &self.image.rlimits {
+            if let Err(e) = sys::set_rlimit(self.pid, rl.resource, rl.cur, rl.max) {
+                log::warn!(
+                    "process {}: cannot restore rlimit {} to {}/{}: {e}",
+                    self.pid,
+                    rl.resource,
+                    rl.cur,
+                    rl.max
+                );
+            }
+        }
+    }
+
     fn restore_fds(&mut self) -> Result<(), RestoreError> {
         self.call(
             "closing inherited fds",
@@ -1001,17 +1019,6 @@ impl Restorer<'_> {
                 libc::SYS_rt_sigaction,
                 [sa.sig as u64, addr, 0, 8, 0, 0],
             )?;
-        }
-        for rl in &image.rlimits {
-            if let Err(e) = sys::set_rlimit(self.pid, rl.resource, rl.cur, rl.max) {
-                log::warn!(
-                    "process {}: cannot restore rlimit {} to {}/{}: {e}",
-                    self.pid,
-                    rl.resource,
-                    rl.cur,
-                    rl.max
-                );
-            }
         }
         Ok(())
     }
@@ -1140,8 +1147,10 @@ impl Restorer<'_> {
 
     fn restore_creds(&mut self) -> Result<(), RestoreError> {
         let c = &self.image.creds;
+        // Credentials are per thread: look at this thread's.
         let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
+            std::fs::read_to_string(format!("/proc/{}/task/{}/status", self.pid, self.t.tid()))
+                .unwrap_or_default();
         let line = |k: &str| {
             status
                 .lines()

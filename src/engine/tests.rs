@@ -406,14 +406,26 @@ fn big_buffer_survives() {
     assert!(wait_until(Duration::from_secs(10), || read_nums(&out)
         .get(1)
         .is_some_and(|ok| *ok >= 1)));
-    let img = roundtrip_bytes(&dump(pid).unwrap());
+    let t0 = Instant::now();
+    let img = dump(pid).unwrap();
+    let t_dump = t0.elapsed();
+    let t0 = Instant::now();
+    let bytes = image::encode(&img).unwrap();
+    let img = image::decode(&bytes).unwrap();
+    let t_codec = t0.elapsed();
     assert!(img.memory.covered_bytes() >= 64 << 20);
     // Every 16th page is zero and must not be stored inline.
     assert!(img.memory.inline_bytes() < img.memory.covered_bytes());
     procs.kill(pid);
     let before = read_nums(&out);
+    let t0 = Instant::now();
     let new = restore(&img).unwrap();
+    let t_restore = t0.elapsed();
     procs.add(new);
+    eprintln!(
+        "64 MiB process: dump {t_dump:?}, encode+decode {t_codec:?} ({} bytes), restore {t_restore:?}",
+        bytes.len()
+    );
     let ok_before = before.get(1).copied().unwrap_or(0);
     assert!(
         wait_until(Duration::from_secs(10), || read_nums(&out)
@@ -831,4 +843,54 @@ fn dump_and_kill_stops_at_the_checkpoint() {
     let new = restore(&img).unwrap();
     procs.add(new);
     check_continues(&c, new, v);
+}
+
+#[test]
+fn restore_keeps_unprivileged_credentials() {
+    require_env!();
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let mut procs = Procs(Vec::new());
+    let c = counter_setup();
+    std::fs::set_permissions(c._dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let child = Command::new(&c.exe)
+        .args([&c.out, &c.addr_file])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .uid(65534)
+        .gid(65534)
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    procs.add(pid);
+    drop(child);
+    assert!(wait_until(Duration::from_secs(5), || read_nums(&c.out)
+        .first()
+        .is_some_and(|v| *v >= 5)));
+    let addr: u64 = std::fs::read_to_string(&c.addr_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let img = dump(pid).unwrap();
+    assert_eq!(img.creds.uid, [65534; 4]);
+    let from = image_counter(&img, addr);
+    procs.kill(pid);
+    let new = restore(&img).unwrap();
+    procs.add(new);
+    check_continues(&c, new, from);
+    let status = std::fs::read_to_string(format!("/proc/{new}/status")).unwrap();
+    let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    let gid = status.lines().find(|l| l.starts_with("Gid:")).unwrap();
+    assert_eq!(
+        uid.split_whitespace().collect::<Vec<_>>()[1..],
+        ["65534"; 4]
+    );
+    assert_eq!(
+        gid.split_whitespace().collect::<Vec<_>>()[1..],
+        ["65534"; 4]
+    );
+    let caps = status.lines().find(|l| l.starts_with("CapEff:")).unwrap();
+    assert!(caps.ends_with("0000000000000000"), "{caps}");
 }
