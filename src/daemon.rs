@@ -60,7 +60,8 @@ pub fn call(store: &Path, req: &Request) -> Result<Option<serde_json::Value>> {
     };
     let mut line = serde_json::to_string(req)?;
     line.push('\n');
-    s.write_all(line.as_bytes()).context("send request to daemon")?;
+    s.write_all(line.as_bytes())
+        .context("send request to daemon")?;
     let mut resp = String::new();
     BufReader::new(&s)
         .read_line(&mut resp)
@@ -112,8 +113,12 @@ impl Daemon {
             bail!("branch '{branch}' is already mounted at {}", mp.display());
         }
         let fs = Arc::new(Fs::new(self.store.clone(), branch)?);
-        let session = forkpoint_fs::fuse::spawn(fs.clone(), mountpoint, &self.store.dir().display().to_string())
-            .with_context(|| format!("mount {}", mountpoint.display()))?;
+        let session = forkpoint_fs::fuse::spawn(
+            fs.clone(),
+            mountpoint,
+            &self.store.dir().display().to_string(),
+        )
+        .with_context(|| format!("mount {}", mountpoint.display()))?;
         log::info!("mounted branch {branch} at {}", mountpoint.display());
         mounts.insert(
             mountpoint.to_path_buf(),
@@ -288,10 +293,22 @@ impl Daemon {
         }
         let resp = match serde_json::from_str::<Request>(&line) {
             Ok(req) => match self.handle(req) {
-                Ok(v) => Response { ok: true, error: None, value: v },
-                Err(e) => Response { ok: false, error: Some(format!("{e:#}")), value: serde_json::Value::Null },
+                Ok(v) => Response {
+                    ok: true,
+                    error: None,
+                    value: v,
+                },
+                Err(e) => Response {
+                    ok: false,
+                    error: Some(format!("{e:#}")),
+                    value: serde_json::Value::Null,
+                },
             },
-            Err(e) => Response { ok: false, error: Some(format!("bad request: {e}")), value: serde_json::Value::Null },
+            Err(e) => Response {
+                ok: false,
+                error: Some(format!("bad request: {e}")),
+                value: serde_json::Value::Null,
+            },
         };
         // The daemon exits with its last mount; its socket goes first, so that a client that
         // got this answer can no longer reach a daemon that is going away.
@@ -323,7 +340,12 @@ pub fn create_branch(store: &Store, name: &str, from: Option<&str>) -> Result<se
 
 /// Runs the daemon in this process: opens the store, binds the socket, mounts, reports
 /// readiness on `ready` (if given) and serves.
-pub fn run(store_dir: &Path, mountpoint: &Path, branch: &str, ready: Option<std::fs::File>) -> Result<()> {
+pub fn run(
+    store_dir: &Path,
+    mountpoint: &Path,
+    branch: &str,
+    ready: Option<std::fs::File>,
+) -> Result<()> {
     let report = |ready: &Option<std::fs::File>, msg: &str| {
         if let Some(mut f) = ready.as_ref() {
             let _ = writeln!(f, "{msg}");
@@ -343,7 +365,8 @@ pub fn run(store_dir: &Path, mountpoint: &Path, branch: &str, ready: Option<std:
         };
         let sock = store_dir.join(SOCKET);
         let _ = std::fs::remove_file(&sock);
-        let listener = UnixListener::bind(&sock).with_context(|| format!("bind {}", sock.display()))?;
+        let listener =
+            UnixListener::bind(&sock).with_context(|| format!("bind {}", sock.display()))?;
         let d = Daemon::new(store);
         d.mount(mountpoint, branch)?;
         Ok((d, listener))

@@ -165,15 +165,27 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             Store::create(&store, lower.as_deref())?;
             println!("created store {}", store.display());
         }
-        Cmd::Mount { store, mountpoint, lower, branch, foreground } => {
+        Cmd::Mount {
+            store,
+            mountpoint,
+            lower,
+            branch,
+            foreground,
+        } => {
             mount(&store, &mountpoint, lower.as_deref(), &branch, foreground)?;
         }
         Cmd::Umount { mountpoint } => umount(&mountpoint)?,
         Cmd::Snapshot { mountpoint, name } => {
             let (mp, store) = mounts::resolve(mountpoint.as_deref())?;
             syncfs(&mp)?;
-            let v = daemon::call(&store, &daemon::Request::Snapshot { mountpoint: mp.clone(), name: name.clone() })?
-                .context("no daemon serves this mount")?;
+            let v = daemon::call(
+                &store,
+                &daemon::Request::Snapshot {
+                    mountpoint: mp.clone(),
+                    name: name.clone(),
+                },
+            )?
+            .context("no daemon serves this mount")?;
             println!(
                 "snapshot '{name}' of branch {} is checkpoint #{} ({} us)",
                 v["branch"].as_str().unwrap_or("?"),
@@ -181,16 +193,28 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                 v["micros"]
             );
         }
-        Cmd::Branch { mountpoint, store, name, from } => {
+        Cmd::Branch {
+            mountpoint,
+            store,
+            name,
+            from,
+        } => {
             let store = store_of(mountpoint.as_deref(), store.as_deref())?;
-            let req = daemon::Request::Branch { name: name.clone(), from: from.clone() };
+            let req = daemon::Request::Branch {
+                name: name.clone(),
+                from: from.clone(),
+            };
             let v = match daemon::call(&store, &req)? {
                 Some(v) => v,
                 None => daemon::create_branch(&*Store::open(&store)?, &name, from.as_deref())?,
             };
             println!("created branch {name} at checkpoint #{}", v["cno"]);
         }
-        Cmd::Log { mountpoint, store, json } => {
+        Cmd::Log {
+            mountpoint,
+            store,
+            json,
+        } => {
             let store = store_of(mountpoint.as_deref(), store.as_deref())?;
             print_log(&store, json)?;
         }
@@ -212,7 +236,11 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                 }
             }
             if !r.problems.is_empty() {
-                eprintln!("forkpoint: {} corrupt object(s) in {}", r.problems.len(), store.display());
+                eprintln!(
+                    "forkpoint: {} corrupt object(s) in {}",
+                    r.problems.len(),
+                    store.display()
+                );
                 return Ok(ExitCode::FAILURE);
             }
         }
@@ -231,7 +259,11 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             }
         }
         Cmd::Demo { dir } => demo(&dir)?,
-        Cmd::Daemon { store, mount, branch } => {
+        Cmd::Daemon {
+            store,
+            mount,
+            branch,
+        } => {
             let ready = std::env::var("FORKPOINT_READY_FD")
                 .ok()
                 .and_then(|s| s.parse::<i32>().ok())
@@ -272,7 +304,13 @@ fn check_fuse() -> Result<()> {
     Ok(())
 }
 
-fn mount(store: &Path, mountpoint: &Path, lower: Option<&Path>, branch: &str, foreground: bool) -> Result<()> {
+fn mount(
+    store: &Path,
+    mountpoint: &Path,
+    lower: Option<&Path>,
+    branch: &str,
+    foreground: bool,
+) -> Result<()> {
     let mp = mounts::absolute(mountpoint)?;
     // A mount left by a daemon that died: the kernel answers ENOTCONN. Clean it up.
     if let Some(m) = mounts::forkpoint_mount_at(&mp)? {
@@ -280,9 +318,16 @@ fn mount(store: &Path, mountpoint: &Path, lower: Option<&Path>, branch: &str, fo
             Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
                 nix::mount::umount2(&mp, nix::mount::MntFlags::MNT_DETACH)
                     .with_context(|| format!("clean up stale mount {}", mp.display()))?;
-                eprintln!("forkpoint: cleaned up stale mount at {} (its daemon had died)", mp.display());
+                eprintln!(
+                    "forkpoint: cleaned up stale mount at {} (its daemon had died)",
+                    mp.display()
+                );
             }
-            _ => bail!("{} is already a forkpoint mount (of {})", mp.display(), m.source),
+            _ => bail!(
+                "{} is already a forkpoint mount (of {})",
+                mp.display(),
+                m.source
+            ),
         }
     } else if mounts::is_mountpoint(&mp)? {
         bail!("{} is already a mount point", mp.display());
@@ -295,13 +340,22 @@ fn mount(store: &Path, mountpoint: &Path, lower: Option<&Path>, branch: &str, fo
     check_fuse()?;
     let store = mounts::absolute(store)?;
     if !is_store(&store) {
-        if store.exists() && std::fs::read_dir(&store).map(|mut d| d.next().is_some()).unwrap_or(true) {
-            bail!("{} exists and is not a forkpoint store (no forkpoint.db)", store.display());
+        if store.exists()
+            && std::fs::read_dir(&store)
+                .map(|mut d| d.next().is_some())
+                .unwrap_or(true)
+        {
+            bail!(
+                "{} exists and is not a forkpoint store (no forkpoint.db)",
+                store.display()
+            );
         }
         Store::create(&store, lower)?;
         eprintln!("forkpoint: created store {}", store.display());
     } else if let Some(l) = lower {
-        let given = l.canonicalize().with_context(|| format!("lower directory {}", l.display()))?;
+        let given = l
+            .canonicalize()
+            .with_context(|| format!("lower directory {}", l.display()))?;
         let s = Store::open_read_only(&store)?;
         let have = s.lower().map(Path::to_path_buf);
         if have.as_deref() != Some(given.as_path()) {
@@ -313,9 +367,16 @@ fn mount(store: &Path, mountpoint: &Path, lower: Option<&Path>, branch: &str, fo
         }
     }
     // A running daemon serves every mount of its store.
-    let req = daemon::Request::Mount { mountpoint: mp.clone(), branch: branch.to_string() };
+    let req = daemon::Request::Mount {
+        mountpoint: mp.clone(),
+        branch: branch.to_string(),
+    };
     if daemon::call(&store, &req)?.is_some() {
-        println!("mounted {} branch {branch} at {}", store.display(), mp.display());
+        println!(
+            "mounted {} branch {branch} at {}",
+            store.display(),
+            mp.display()
+        );
         return Ok(());
     }
     // Check the branch before starting a daemon for it.
@@ -324,7 +385,11 @@ fn mount(store: &Path, mountpoint: &Path, lower: Option<&Path>, branch: &str, fo
         return daemon::run(&store, &mp, branch, None);
     }
     spawn_daemon(&store, &mp, branch)?;
-    println!("mounted {} branch {branch} at {}", store.display(), mp.display());
+    println!(
+        "mounted {} branch {branch} at {}",
+        store.display(),
+        mp.display()
+    );
     Ok(())
 }
 
@@ -333,7 +398,11 @@ fn spawn_daemon(store: &Path, mp: &Path, branch: &str) -> Result<()> {
     use std::os::unix::process::CommandExt;
     let (rd, wr) = nix::unistd::pipe().context("pipe")?;
     // The write end must survive exec in the daemon.
-    nix::fcntl::fcntl(&wr, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty())).context("fcntl")?;
+    nix::fcntl::fcntl(
+        &wr,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+    )
+    .context("fcntl")?;
     let log_path = store.join("daemon.log");
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -361,7 +430,9 @@ fn spawn_daemon(store: &Path, mp: &Path, branch: &str) -> Result<()> {
     let mut child = cmd.spawn().context("start daemon")?;
     drop(wr);
     let mut msg = String::new();
-    std::fs::File::from(rd).read_to_string(&mut msg).context("wait for daemon")?;
+    std::fs::File::from(rd)
+        .read_to_string(&mut msg)
+        .context("wait for daemon")?;
     let msg = msg.trim();
     if msg == "ok" {
         // The daemon keeps running on its own; do not wait for it.
@@ -372,7 +443,10 @@ fn spawn_daemon(store: &Path, mp: &Path, branch: &str) -> Result<()> {
     if let Some(e) = msg.strip_prefix("error: ") {
         bail!("{e}");
     }
-    bail!("the daemon exited before the mount was ready; see {}", log_path.display())
+    bail!(
+        "the daemon exited before the mount was ready; see {}",
+        log_path.display()
+    )
 }
 
 fn umount(mountpoint: &Path) -> Result<()> {
@@ -382,13 +456,21 @@ fn umount(mountpoint: &Path) -> Result<()> {
     };
     let store = PathBuf::from(&m.source);
     let _ = syncfs(&mp);
-    match daemon::call(&store, &daemon::Request::Umount { mountpoint: mp.clone() }) {
+    match daemon::call(
+        &store,
+        &daemon::Request::Umount {
+            mountpoint: mp.clone(),
+        },
+    ) {
         Ok(Some(_)) => {}
         Ok(None) | Err(_) => {
             // No daemon answers: the mount is stale. Detach it.
             nix::mount::umount2(&mp, nix::mount::MntFlags::MNT_DETACH)
                 .with_context(|| format!("unmount {}", mp.display()))?;
-            eprintln!("forkpoint: {} had no running daemon; detached it", mp.display());
+            eprintln!(
+                "forkpoint: {} had no running daemon; detached it",
+                mp.display()
+            );
         }
     }
     // Wait until the kernel no longer shows the mount.
@@ -406,23 +488,41 @@ fn print_log(store: &Path, json: bool) -> Result<()> {
     let s = Store::open_read_only(store)?;
     let (branches, cps) = s.catalog(|c| Ok((c.branches()?, c.checkpoints()?)))?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"branches": branches, "checkpoints": cps}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"branches": branches, "checkpoints": cps})
+            )?
+        );
         return Ok(());
     }
     for b in &branches {
         println!("branch {} (head #{})", b.name, b.head);
     }
     for cp in cps.iter().rev() {
-        let heads: Vec<&str> = branches.iter().filter(|b| b.head == cp.cno).map(|b| b.name.as_str()).collect();
-        let marker = if heads.is_empty() { String::new() } else { format!(" <- {}", heads.join(", ")) };
+        let heads: Vec<&str> = branches
+            .iter()
+            .filter(|b| b.head == cp.cno)
+            .map(|b| b.name.as_str())
+            .collect();
+        let marker = if heads.is_empty() {
+            String::new()
+        } else {
+            format!(" <- {}", heads.join(", "))
+        };
         println!(
             "* #{:<5} {} {:<10} {:<10} {}{}{}",
             cp.cno,
             fmt_time(cp.time),
             cp.branch,
             cp.kind.as_str(),
-            cp.name.as_deref().map(|n| format!("'{n}'")).unwrap_or_default(),
-            cp.parent.map(|p| format!(" (parent #{p})")).unwrap_or_default(),
+            cp.name
+                .as_deref()
+                .map(|n| format!("'{n}'"))
+                .unwrap_or_default(),
+            cp.parent
+                .map(|p| format!(" (parent #{p})"))
+                .unwrap_or_default(),
             marker
         );
     }
@@ -443,10 +543,18 @@ fn demo(dir: &Path) -> Result<()> {
     }
     std::fs::create_dir_all(&lower)?;
     std::fs::create_dir_all(&mnt)?;
-    std::fs::write(lower.join("README.txt"), "a file from the lower directory\n")?;
+    std::fs::write(
+        lower.join("README.txt"),
+        "a file from the lower directory\n",
+    )?;
     std::fs::write(lower.join("config.ini"), "lr = 0.01\n")?;
     println!("== forkpoint demo in {}", dir.display());
-    println!("$ forkpoint mount {} {} --lower {}", store.display(), mnt.display(), lower.display());
+    println!(
+        "$ forkpoint mount {} {} --lower {}",
+        store.display(),
+        mnt.display(),
+        lower.display()
+    );
     mount(&store, &mnt, Some(&lower), "main", false)?;
     let step = |what: &str| println!("-- {what}");
     step("edit a lower file and create a new one inside the mount");
@@ -454,9 +562,18 @@ fn demo(dir: &Path) -> Result<()> {
     std::fs::write(mnt.join("results.csv"), "epoch,loss\n1,0.9\n")?;
     println!("$ forkpoint snapshot -m {} epoch1", mnt.display());
     syncfs(&mnt)?;
-    let v = daemon::call(&store, &daemon::Request::Snapshot { mountpoint: mnt.clone(), name: "epoch1".into() })?
-        .context("daemon not running")?;
-    println!("snapshot 'epoch1' is checkpoint #{} (took {} us)", v["cno"], v["micros"]);
+    let v = daemon::call(
+        &store,
+        &daemon::Request::Snapshot {
+            mountpoint: mnt.clone(),
+            name: "epoch1".into(),
+        },
+    )?
+    .context("daemon not running")?;
+    println!(
+        "snapshot 'epoch1' is checkpoint #{} (took {} us)",
+        v["cno"], v["micros"]
+    );
     step("keep working: append results, delete the lower README");
     std::fs::write(mnt.join("results.csv"), "epoch,loss\n1,0.9\n2,0.7\n")?;
     std::fs::remove_file(mnt.join("README.txt"))?;
@@ -478,7 +595,11 @@ fn demo(dir: &Path) -> Result<()> {
     print_log(&store, false)?;
     println!("$ forkpoint verify {}", store.display());
     let r = maint::verify(&*Store::open_read_only(&store)?)?;
-    println!("{} objects verified, {} problems", r.objects, r.problems.len());
+    println!(
+        "{} objects verified, {} problems",
+        r.objects,
+        r.problems.len()
+    );
     println!("== done; the store stays in {}", store.display());
     Ok(())
 }

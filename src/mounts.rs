@@ -38,11 +38,14 @@ fn unescape(s: &str) -> String {
 
 /// All mounts of this mount namespace.
 pub fn mounts() -> Result<Vec<MountInfo>> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").context("read /proc/self/mountinfo")?;
+    let text =
+        std::fs::read_to_string("/proc/self/mountinfo").context("read /proc/self/mountinfo")?;
     let mut out = Vec::new();
     for line in text.lines() {
         let f: Vec<&str> = line.split(' ').collect();
-        let Some(sep) = f.iter().position(|x| *x == "-") else { continue };
+        let Some(sep) = f.iter().position(|x| *x == "-") else {
+            continue;
+        };
         if f.len() < sep + 3 || f.len() < 5 {
             continue;
         }
@@ -57,7 +60,10 @@ pub fn mounts() -> Result<Vec<MountInfo>> {
 
 /// The forkpoint mount at exactly `path`, if any.
 pub fn forkpoint_mount_at(path: &Path) -> Result<Option<MountInfo>> {
-    Ok(mounts()?.into_iter().rev().find(|m| m.mountpoint == path && is_forkpoint(m)))
+    Ok(mounts()?
+        .into_iter()
+        .rev()
+        .find(|m| m.mountpoint == path && is_forkpoint(m)))
 }
 
 /// Is anything mounted at `path`?
@@ -86,10 +92,12 @@ pub fn resolve(m: Option<&Path>) -> Result<(PathBuf, PathBuf)> {
                 .filter(|m| cwd.starts_with(&m.mountpoint))
                 .max_by_key(|m| m.mountpoint.as_os_str().len())
                 .map(|m| (m.mountpoint.clone(), PathBuf::from(&m.source)))
-                .ok_or_else(|| anyhow::anyhow!(
-                    "not inside a forkpoint mount ({}); pass -m MOUNTPOINT",
-                    cwd.display()
-                ))
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "not inside a forkpoint mount ({}); pass -m MOUNTPOINT",
+                        cwd.display()
+                    )
+                })
         }
     }
 }
@@ -99,7 +107,9 @@ pub fn absolute(p: &Path) -> Result<PathBuf> {
     let abs = if p.is_absolute() {
         p.to_path_buf()
     } else {
-        std::env::current_dir().context("current directory")?.join(p)
+        std::env::current_dir()
+            .context("current directory")?
+            .join(p)
     };
     // Normalize `.` and `..` lexically.
     let mut out = PathBuf::new();

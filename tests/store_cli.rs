@@ -19,7 +19,10 @@ fn forkpoint(args: &[&str]) -> (bool, String, String) {
 fn fails_with(args: &[&str], needle: &str) {
     let (ok, _, err) = forkpoint(args);
     assert!(!ok, "{args:?} should fail");
-    assert!(err.contains(needle), "{args:?}: expected {needle:?} in {err:?}");
+    assert!(
+        err.contains(needle),
+        "{args:?}: expected {needle:?} in {err:?}"
+    );
     assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
     assert_eq!(err.trim().lines().count(), 1, "one-line error: {err:?}");
 }
@@ -43,8 +46,14 @@ fn segment_of(store: &str) -> std::path::PathBuf {
 #[test]
 fn not_a_store() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    fails_with(&["verify", tmp.path().to_str().expect("utf8")], "is not a forkpoint store");
-    fails_with(&["log", "--store", "/nonexistent/x"], "is not a forkpoint store");
+    fails_with(
+        &["verify", tmp.path().to_str().expect("utf8")],
+        "is not a forkpoint store",
+    );
+    fails_with(
+        &["log", "--store", "/nonexistent/x"],
+        "is not a forkpoint store",
+    );
 }
 
 #[test]
@@ -58,7 +67,8 @@ fn init_twice_is_refused() {
 fn newer_format_is_refused() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let s = new_store(tmp.path());
-    let cat = forkpoint_fs::catalog::Catalog::open(&Path::new(&s).join("forkpoint.db"), false).expect("open");
+    let cat = forkpoint_fs::catalog::Catalog::open(&Path::new(&s).join("forkpoint.db"), false)
+        .expect("open");
     cat.set_meta("schema_version", "99").expect("set");
     drop(cat);
     fails_with(&["verify", &s], "newer than this forkpoint supports");
@@ -70,7 +80,12 @@ fn truncated_segment_is_refused() {
     let s = new_store(tmp.path());
     let seg = segment_of(&s);
     let len = std::fs::metadata(&seg).expect("md").len();
-    std::fs::OpenOptions::new().write(true).open(&seg).expect("open").set_len(len / 2).expect("truncate");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .expect("open")
+        .set_len(len / 2)
+        .expect("truncate");
     fails_with(&["verify", &s], "missing or truncated");
 }
 
@@ -89,10 +104,16 @@ fn missing_or_corrupt_database() {
 fn unknown_names() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let s = new_store(tmp.path());
-    fails_with(&["branch", "--store", &s, "exp", "--from", "nope"], "unknown checkpoint or snapshot 'nope'");
+    fails_with(
+        &["branch", "--store", &s, "exp", "--from", "nope"],
+        "unknown checkpoint or snapshot 'nope'",
+    );
     let (ok, out, err) = forkpoint(&["branch", "--store", &s, "exp"]);
     assert!(ok && out.contains("created branch exp"), "{err}");
-    fails_with(&["branch", "--store", &s, "exp"], "branch 'exp' already exists");
+    fails_with(
+        &["branch", "--store", &s, "exp"],
+        "branch 'exp' already exists",
+    );
     fails_with(&["branch", "--store", &s, "#bad"], "invalid name");
 }
 
@@ -103,7 +124,12 @@ fn corrupt_record_fails_verify_with_its_path() {
     std::fs::create_dir_all(lower.join("d")).expect("mkdir");
     std::fs::write(lower.join("d/f.txt"), "x").expect("write");
     let s = tmp.path().join("store");
-    let (ok, _, err) = forkpoint(&["init", s.to_str().expect("utf8"), "--lower", lower.to_str().expect("utf8")]);
+    let (ok, _, err) = forkpoint(&[
+        "init",
+        s.to_str().expect("utf8"),
+        "--lower",
+        lower.to_str().expect("utf8"),
+    ]);
     assert!(ok, "{err}");
     let (ok, out, _) = forkpoint(&["verify", s.to_str().expect("utf8")]);
     assert!(ok, "clean store verifies: {out}");

@@ -37,10 +37,15 @@ fn snapshot_latency(files: usize) -> (f64, f64) {
     let per_dir = 1000;
     let mut first = 0;
     for d in 0..files.div_ceil(per_dir) {
-        let dir = fs.mkdir(1, format!("d{d}").as_bytes(), 0o755, c).expect("mkdir");
+        let dir = fs
+            .mkdir(1, format!("d{d}").as_bytes(), 0o755, c)
+            .expect("mkdir");
         for f in 0..per_dir.min(files - d * per_dir) {
-            let (st, fh) = fs.create(dir.ino, format!("f{f}").as_bytes(), 0o644, true, c).expect("create");
-            fs.write(st.ino, 0, format!("file {d}/{f}\n").as_bytes()).expect("write");
+            let (st, fh) = fs
+                .create(dir.ino, format!("f{f}").as_bytes(), 0o644, true, c)
+                .expect("create");
+            fs.write(st.ino, 0, format!("file {d}/{f}\n").as_bytes())
+                .expect("write");
             fs.release(fh).expect("release");
             if first == 0 {
                 first = st.ino;
@@ -54,7 +59,8 @@ fn snapshot_latency(files: usize) -> (f64, f64) {
         let t = Instant::now();
         fs.snapshot(&format!("clean{i}")).expect("snapshot");
         clean.push(t.elapsed().as_secs_f64() * 1e3);
-        fs.write(first, 0, format!("change {i}\n").as_bytes()).expect("write");
+        fs.write(first, 0, format!("change {i}\n").as_bytes())
+            .expect("write");
         let t = Instant::now();
         fs.snapshot(&format!("changed{i}")).expect("snapshot");
         changed.push(t.elapsed().as_secs_f64() * 1e3);
@@ -70,7 +76,11 @@ fn walk(p: &std::path::Path) -> u64 {
     let mut n = 0;
     for e in std::fs::read_dir(p).expect("read_dir").flatten() {
         let md = e.metadata().expect("md");
-        n += if md.is_dir() { walk(&e.path()) } else { md.len() };
+        n += if md.is_dir() {
+            walk(&e.path())
+        } else {
+            md.len()
+        };
     }
     n
 }
@@ -89,7 +99,9 @@ fn store_growth(total: u64, unit: u64) -> (u64, u64) {
     let mut inos = Vec::new();
     let mut buf = vec![0u8; file_size as usize];
     for i in 0..nfiles {
-        let (st, fh) = fs.create(1, format!("f{i}").as_bytes(), 0o644, true, c).expect("create");
+        let (st, fh) = fs
+            .create(1, format!("f{i}").as_bytes(), 0o644, true, c)
+            .expect("create");
         rng.fill(&mut buf);
         fs.write(st.ino, 0, &buf).expect("write");
         fs.release(fh).expect("release");
@@ -115,7 +127,11 @@ fn store_growth(total: u64, unit: u64) -> (u64, u64) {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    let sizes: &[usize] = if quick { &[1_000, 10_000] } else { &[1_000, 100_000] };
+    let sizes: &[usize] = if quick {
+        &[1_000, 10_000]
+    } else {
+        &[1_000, 100_000]
+    };
     println!("snapshot latency (median of 41):");
     for &n in sizes {
         let (clean, changed) = snapshot_latency(n);
@@ -124,7 +140,11 @@ fn main() {
     let total: u64 = if quick { 64 << 20 } else { 1 << 30 };
     let gib = total as f64 / (1u64 << 30) as f64;
     println!("store size after 10 snapshots of a {gib:.2} GiB tree, 1% rewritten before each:");
-    for (unit, what) in [(1u64 << 20, "whole 1 MiB files"), (64 << 10, "64 KiB-aligned writes"), (4 << 10, "4 KiB random writes (worst case)")] {
+    for (unit, what) in [
+        (1u64 << 20, "whole 1 MiB files"),
+        (64 << 10, "64 KiB-aligned writes"),
+        (4 << 10, "4 KiB random writes (worst case)"),
+    ] {
         let (base, after) = store_growth(total, unit);
         println!(
             "  {what:<34} base {:.3} GiB, after 10 rounds {:.3} GiB ({:.2}x the tree)",

@@ -189,9 +189,11 @@ impl Catalog {
             Self::configure(&conn).map_err(corrupt)?;
         }
         let v: Option<String> = conn
-            .query_row("SELECT value FROM meta WHERE key='schema_version'", [], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT value FROM meta WHERE key='schema_version'",
+                [],
+                |r| r.get(0),
+            )
             .optional()
             .map_err(corrupt)?;
         let v: u32 = v
@@ -249,8 +251,12 @@ impl Catalog {
 
     /// Segments and their committed lengths.
     pub fn segments(&self) -> Result<Vec<(u64, u64)>> {
-        let mut st = self.conn.prepare("SELECT id, committed_len FROM segments")?;
-        let rows = st.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)))?;
+        let mut st = self
+            .conn
+            .prepare("SELECT id, committed_len FROM segments")?;
+        let rows = st.query_map([], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+        })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
@@ -264,10 +270,11 @@ impl Catalog {
         while let Some(r) = rows.next()? {
             let id = blob_id(r.get(0)?)?;
             let kind: i64 = r.get(4)?;
-            let kind = ObjectKind::from_u8(kind as u8).ok_or_else(|| StoreError::CorruptCatalog {
-                path: "objects".into(),
-                reason: format!("unknown object kind {kind}"),
-            })?;
+            let kind =
+                ObjectKind::from_u8(kind as u8).ok_or_else(|| StoreError::CorruptCatalog {
+                    path: "objects".into(),
+                    reason: format!("unknown object kind {kind}"),
+                })?;
             out.insert(
                 id,
                 Loc {
@@ -290,9 +297,8 @@ impl Catalog {
     ) -> Result<Option<u64>> {
         let tx = self.conn.transaction()?;
         {
-            let mut ins = tx.prepare_cached(
-                "INSERT OR REPLACE INTO objects VALUES(?1, ?2, ?3, ?4, ?5)",
-            )?;
+            let mut ins =
+                tx.prepare_cached("INSERT OR REPLACE INTO objects VALUES(?1, ?2, ?3, ?4, ?5)")?;
             for (id, loc) in objects {
                 ins.execute(params![
                     &id.0[..],
@@ -311,9 +317,11 @@ impl Catalog {
             None => None,
             Some(cp) => {
                 let parent: Option<i64> = tx
-                    .query_row("SELECT head FROM branches WHERE name=?1", [cp.branch], |r| {
-                        r.get(0)
-                    })
+                    .query_row(
+                        "SELECT head FROM branches WHERE name=?1",
+                        [cp.branch],
+                        |r| r.get(0),
+                    )
                     .optional()?;
                 if let Some(name) = cp.name {
                     let exists: Option<i64> = tx
@@ -387,7 +395,9 @@ impl Catalog {
     pub fn create_branch(&mut self, name: &str, cno: u64) -> Result<()> {
         let tx = self.conn.transaction()?;
         let exists: Option<i64> = tx
-            .query_row("SELECT head FROM branches WHERE name=?1", [name], |r| r.get(0))
+            .query_row("SELECT head FROM branches WHERE name=?1", [name], |r| {
+                r.get(0)
+            })
             .optional()?;
         if exists.is_some() {
             return Err(StoreError::BranchExists(name.to_string()));

@@ -310,7 +310,10 @@ impl Fs {
         let ino = {
             let p = st.node(&self.store, parent)?;
             match &p.body {
-                MemBody::Dir { entries, parent: pp } => {
+                MemBody::Dir {
+                    entries,
+                    parent: pp,
+                } => {
                     if name == b"." {
                         parent
                     } else if name == b".." {
@@ -357,6 +360,7 @@ impl Fs {
 
     // ----- creation ------------------------------------------------------------------------
 
+    #[allow(clippy::too_many_arguments)]
     fn create_node(
         &self,
         parent: u64,
@@ -444,7 +448,9 @@ impl Fs {
                 changes: BTreeMap::new(),
                 dirty: BTreeMap::new(),
             })),
-            FileKind::Dir | FileKind::Symlink => return Err(FsError::Invalid("mknod of dir/symlink")),
+            FileKind::Dir | FileKind::Symlink => {
+                return Err(FsError::Invalid("mknod of dir/symlink"))
+            }
             _ => MemBody::Special,
         };
         let rdev = if matches!(kind, FileKind::CharDev | FileKind::BlockDev) {
@@ -597,7 +603,9 @@ impl Fs {
         if name == b"." || name == b".." {
             return Err(FsError::Invalid("rename of . or .."));
         }
-        if (parent == ROOT_INO && name == META_NAME) || (newparent == ROOT_INO && newname == META_NAME) {
+        if (parent == ROOT_INO && name == META_NAME)
+            || (newparent == ROOT_INO && newname == META_NAME)
+        {
             return Err(FsError::Perm);
         }
         if flags.noreplace && flags.exchange {
@@ -725,7 +733,10 @@ impl Fs {
         if let Some(g) = set.gid {
             n.attr.gid = g;
         }
-        if (set.uid.is_some() || set.gid.is_some()) && n.attr.kind != FileKind::Dir && set.mode.is_none() {
+        if (set.uid.is_some() || set.gid.is_some())
+            && n.attr.kind != FileKind::Dir
+            && set.mode.is_none()
+        {
             // chown clears setuid, and setgid when group-executable (as the kernel does).
             n.attr.perm &= !libc::S_ISUID;
             if n.attr.perm & 0o010 != 0 {
@@ -800,8 +811,8 @@ impl Fs {
             return Ok(());
         };
         let p = base.join(std::ffi::OsStr::from_bytes(&l.path));
-        let md = std::fs::metadata(&p)
-            .map_err(|_| FsError::LowerChanged(p.display().to_string()))?;
+        let md =
+            std::fs::metadata(&p).map_err(|_| FsError::LowerChanged(p.display().to_string()))?;
         if md.len() != l.size || md.mtime() != l.mtime.sec || md.mtime_nsec() as u32 != l.mtime.nsec
         {
             return Err(FsError::LowerChanged(p.display().to_string()));
@@ -940,7 +951,12 @@ impl Fs {
                     let buf = if whole || idx * BLOCK >= size {
                         vec![0u8; BLOCK as usize]
                     } else {
-                        let mut b = tree::read_block(&store, f.lower.as_ref(), block_ref(&store, f, idx)?, idx)?;
+                        let mut b = tree::read_block(
+                            &store,
+                            f.lower.as_ref(),
+                            block_ref(&store, f, idx)?,
+                            idx,
+                        )?;
                         // Bytes past the current size must read as zeros after extension.
                         let valid = (size - idx * BLOCK).min(BLOCK) as usize;
                         b[valid..].fill(0);
@@ -976,11 +992,15 @@ impl Fs {
         let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
         let punch = mode & libc::FALLOC_FL_PUNCH_HOLE != 0;
         let zero = mode & libc::FALLOC_FL_ZERO_RANGE != 0;
-        let known = libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
+        let known =
+            libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
         if mode & !known != 0 || (punch && !keep) || (punch && zero) {
             return Err(FsError::NotSupported);
         }
-        let end = off.checked_add(len).filter(|e| *e <= MAX_FILE_SIZE).ok_or(FsError::TooBig)?;
+        let end = off
+            .checked_add(len)
+            .filter(|e| *e <= MAX_FILE_SIZE)
+            .ok_or(FsError::TooBig)?;
         if len == 0 {
             return Err(FsError::Invalid("zero length"));
         }
@@ -988,7 +1008,11 @@ impl Fs {
         let store = self.store.clone();
         let kind = st.node(&store, ino)?.attr.kind;
         if kind != FileKind::File {
-            return Err(if kind == FileKind::Dir { FsError::IsDir } else { FsError::NoData });
+            return Err(if kind == FileKind::Dir {
+                FsError::IsDir
+            } else {
+                FsError::NoData
+            });
         }
         if punch || zero {
             let size = st.node(&store, ino)?.attr.size;
@@ -1027,7 +1051,11 @@ impl Fs {
         loop {
             let start = idx * BLOCK;
             if start >= size {
-                return if want_data { Err(FsError::NoData) } else { Ok(size) };
+                return if want_data {
+                    Err(FsError::NoData)
+                } else {
+                    Ok(size)
+                };
             }
             let data = if f.dirty.contains_key(&idx) {
                 true
@@ -1046,7 +1074,14 @@ impl Fs {
     }
 
     /// Copies a range between files (block-aligned full blocks share their chunks).
-    pub fn copy_range(&self, ino_in: u64, off_in: u64, ino_out: u64, off_out: u64, len: u64) -> FsResult<u64> {
+    pub fn copy_range(
+        &self,
+        ino_in: u64,
+        off_in: u64,
+        ino_out: u64,
+        off_out: u64,
+        len: u64,
+    ) -> FsResult<u64> {
         ro(ino_out)?;
         let size = self.getattr(ino_in)?.attr.size;
         if off_in >= size {
@@ -1128,10 +1163,22 @@ impl Fs {
             return Err(FsError::NotDir);
         };
         let mut out = Vec::with_capacity(entries.len() + 2);
-        out.push(DirEntry { ino, kind: FileKind::Dir, name: b".".to_vec() });
-        out.push(DirEntry { ino: *parent, kind: FileKind::Dir, name: b"..".to_vec() });
+        out.push(DirEntry {
+            ino,
+            kind: FileKind::Dir,
+            name: b".".to_vec(),
+        });
+        out.push(DirEntry {
+            ino: *parent,
+            kind: FileKind::Dir,
+            name: b"..".to_vec(),
+        });
         for (name, e) in entries {
-            out.push(DirEntry { ino: e.ino, kind: e.kind, name: name.clone() });
+            out.push(DirEntry {
+                ino: e.ino,
+                kind: e.kind,
+                name: name.clone(),
+            });
         }
         Ok(out)
     }
@@ -1168,13 +1215,22 @@ impl Fs {
     pub fn getxattr(&self, ino: u64, name: &[u8]) -> FsResult<Vec<u8>> {
         if ino & SNAP_BIT != 0 {
             let (view, tino) = self.snap_of(ino)?;
-            return self.snap_inode(&view, tino)?.xattrs.get(name).cloned().ok_or(FsError::NoAttr);
+            return self
+                .snap_inode(&view, tino)?
+                .xattrs
+                .get(name)
+                .cloned()
+                .ok_or(FsError::NoAttr);
         }
         if ino & META_BIT != 0 {
             return Err(FsError::NoAttr);
         }
         let mut st = self.lock();
-        st.node(&self.store, ino)?.xattrs.get(name).cloned().ok_or(FsError::NoAttr)
+        st.node(&self.store, ino)?
+            .xattrs
+            .get(name)
+            .cloned()
+            .ok_or(FsError::NoAttr)
     }
 
     /// Lists extended attribute names, NUL-terminated.
@@ -1286,7 +1342,10 @@ impl Fs {
 
     fn meta_getattr(&self, ino: u64) -> FsResult<Stat> {
         match ino {
-            META_INO | SNAPS_INO => Ok(Stat { ino, attr: self.meta_attr(ino) }),
+            META_INO | SNAPS_INO => Ok(Stat {
+                ino,
+                attr: self.meta_attr(ino),
+            }),
             _ if ino & SNAP_BIT != 0 => {
                 let (view, tino) = self.snap_of(ino)?;
                 let inode = self.snap_inode(&view, tino)?;
@@ -1320,7 +1379,11 @@ impl Fs {
             _ if parent & SNAP_BIT != 0 => {
                 let (view, tino) = self.snap_of(parent)?;
                 let inode = self.snap_inode(&view, tino)?;
-                let Body::Dir { entries, parent: pp } = &inode.body else {
+                let Body::Dir {
+                    entries,
+                    parent: pp,
+                } = &inode.body
+                else {
                     return Err(FsError::NotDir);
                 };
                 let child = match name {
@@ -1336,16 +1399,27 @@ impl Fs {
     }
 
     fn meta_list(&self, ino: u64) -> FsResult<Vec<DirEntry>> {
-        let d = |ino: u64, name: &[u8]| DirEntry { ino, kind: FileKind::Dir, name: name.to_vec() };
+        let d = |ino: u64, name: &[u8]| DirEntry {
+            ino,
+            kind: FileKind::Dir,
+            name: name.to_vec(),
+        };
         match ino {
-            META_INO => Ok(vec![d(META_INO, b"."), d(ROOT_INO, b".."), d(SNAPS_INO, b"snapshots")]),
+            META_INO => Ok(vec![
+                d(META_INO, b"."),
+                d(ROOT_INO, b".."),
+                d(SNAPS_INO, b"snapshots"),
+            ]),
             SNAPS_INO => {
                 let mut out = vec![d(SNAPS_INO, b"."), d(META_INO, b"..")];
                 let cps = self.store.catalog(|c| c.checkpoints())?;
                 for cp in cps {
                     if let Some(name) = cp.name {
                         let slot = self.snap_slot(&name)?;
-                        out.push(d(SNAP_BIT | (slot << SLOT_SHIFT) | ROOT_INO, name.as_bytes()));
+                        out.push(d(
+                            SNAP_BIT | (slot << SLOT_SHIFT) | ROOT_INO,
+                            name.as_bytes(),
+                        ));
                     }
                 }
                 Ok(out)
@@ -1357,10 +1431,18 @@ impl Fs {
                     return Err(FsError::NotDir);
                 };
                 let hi = ino & !INO_MASK;
-                let up = if tino == ROOT_INO { SNAPS_INO } else { hi | parent };
+                let up = if tino == ROOT_INO {
+                    SNAPS_INO
+                } else {
+                    hi | parent
+                };
                 let mut out = vec![d(ino, b"."), d(up, b"..")];
                 for (name, e) in entries {
-                    out.push(DirEntry { ino: hi | e.ino, kind: e.kind, name });
+                    out.push(DirEntry {
+                        ino: hi | e.ino,
+                        kind: e.kind,
+                        name,
+                    });
                 }
                 Ok(out)
             }
@@ -1390,7 +1472,10 @@ impl Fs {
         if st.snaps.len() >= (1 << 21) {
             return Err(FsError::TooBig);
         }
-        st.snaps.push(Snap { name: name.to_string(), view });
+        st.snaps.push(Snap {
+            name: name.to_string(),
+            view,
+        });
         Ok(st.snaps.len() as u64 - 1)
     }
 
@@ -1407,7 +1492,8 @@ impl Fs {
     }
 
     fn snap_inode(&self, view: &SnapRef, ino: u64) -> FsResult<Inode> {
-        let id = radix::get::<ContentId>(&self.store, view.root.inodes.as_ref(), ino)?.ok_or(FsError::NotFound)?;
+        let id = radix::get::<ContentId>(&self.store, view.root.inodes.as_ref(), ino)?
+            .ok_or(FsError::NotFound)?;
         Ok(tree::get_inode(&self.store, &id)?)
     }
 
@@ -1439,7 +1525,6 @@ impl SnapRef {
     }
 }
 
-
 fn ro(ino: u64) -> FsResult<()> {
     if ino & (META_BIT | SNAP_BIT) != 0 {
         Err(FsError::ReadOnly)
@@ -1450,7 +1535,13 @@ fn ro(ino: u64) -> FsResult<()> {
 
 /// Checks a snapshot/checkpoint/branch name.
 pub fn validate_name(n: &str) -> FsResult<()> {
-    if n.is_empty() || n.len() > 200 || n.starts_with('#') || n.starts_with('.') || n.contains('/') || n.contains('\0') {
+    if n.is_empty()
+        || n.len() > 200
+        || n.starts_with('#')
+        || n.starts_with('.')
+        || n.contains('/')
+        || n.contains('\0')
+    {
         return Err(FsError::Store(StoreError::InvalidName {
             name: n.to_string(),
             reason: "names are 1-200 bytes, without '/', and do not start with '#' or '.'",
@@ -1468,8 +1559,7 @@ fn block_ref(store: &Store, f: &MemFile, idx: u64) -> FsResult<Option<BlockRef>>
 
 impl State {
     fn node(&mut self, store: &Store, ino: u64) -> FsResult<&Node> {
-        self.node_mut_inner(store, ino, false)
-            .map(|n| &*n)
+        self.node_mut_inner(store, ino, false).map(|n| &*n)
     }
 
     fn node_mut(&mut self, store: &Store, ino: u64) -> FsResult<&mut Node> {
@@ -1481,7 +1571,8 @@ impl State {
             return Err(FsError::NotFound);
         }
         if !self.nodes.contains_key(&ino) {
-            let id = radix::get::<ContentId>(store, self.base.inodes.as_ref(), ino)?.ok_or(FsError::NotFound)?;
+            let id = radix::get::<ContentId>(store, self.base.inodes.as_ref(), ino)?
+                .ok_or(FsError::NotFound)?;
             let inode = tree::get_inode(store, &id)?;
             self.nodes.insert(ino, Node::from_inode(inode));
         }
@@ -1553,8 +1644,14 @@ impl State {
     }
 
     fn forget_inode(&mut self, ino: u64) {
-        if let Some(Node { body: MemBody::File(f), .. }) = self.nodes.remove(&ino) {
-            self.dirty_bytes = self.dirty_bytes.saturating_sub(f.dirty.len() * BLOCK as usize);
+        if let Some(Node {
+            body: MemBody::File(f),
+            ..
+        }) = self.nodes.remove(&ino)
+        {
+            self.dirty_bytes = self
+                .dirty_bytes
+                .saturating_sub(f.dirty.len() * BLOCK as usize);
         }
         self.removed.insert(ino);
         self.dirty.insert(ino);
@@ -1614,7 +1711,8 @@ impl State {
                 f.changes.insert(idx, Some(BlockRef::Zero));
             } else {
                 if !f.dirty.contains_key(&idx) {
-                    let mut b = tree::read_block(store, f.lower.as_ref(), block_ref(store, f, idx)?, idx)?;
+                    let mut b =
+                        tree::read_block(store, f.lower.as_ref(), block_ref(store, f, idx)?, idx)?;
                     if idx * BLOCK < size {
                         let valid = (size - idx * BLOCK).min(BLOCK) as usize;
                         b[valid..].fill(0);
@@ -1638,7 +1736,11 @@ impl State {
     fn spill(&mut self, store: &Store) -> FsResult<()> {
         let inos: Vec<u64> = self.dirty.iter().copied().collect();
         for ino in inos {
-            if let Some(Node { body: MemBody::File(f), .. }) = self.nodes.get_mut(&ino) {
+            if let Some(Node {
+                body: MemBody::File(f),
+                ..
+            }) = self.nodes.get_mut(&ino)
+            {
                 flush_blocks(store, f)?;
             }
         }
@@ -1656,22 +1758,34 @@ impl State {
                 changes.insert(ino, None);
                 continue;
             }
-            let Some(n) = self.nodes.get_mut(&ino) else { continue };
+            let Some(n) = self.nodes.get_mut(&ino) else {
+                continue;
+            };
             let body = match &mut n.body {
                 MemBody::File(f) => {
                     flush_blocks(store, f)?;
                     let changes = std::mem::take(&mut f.changes);
                     f.base = tree::map_update(store, &f.base, &changes)?;
-                    Body::File { lower: f.lower.clone(), blocks: f.base.clone() }
+                    Body::File {
+                        lower: f.lower.clone(),
+                        blocks: f.base.clone(),
+                    }
                 }
-                MemBody::Dir { parent, entries } => Body::Dir { parent: *parent, entries: entries.clone() },
+                MemBody::Dir { parent, entries } => Body::Dir {
+                    parent: *parent,
+                    entries: entries.clone(),
+                },
                 MemBody::Symlink(t) => Body::Symlink { target: t.clone() },
                 MemBody::Special => Body::Special,
             };
             if n.attr.nlink == 0 {
                 orphans.push(ino);
             }
-            let inode = Inode { attr: n.attr.clone(), xattrs: n.xattrs.clone(), body };
+            let inode = Inode {
+                attr: n.attr.clone(),
+                xattrs: n.xattrs.clone(),
+                body,
+            };
             changes.insert(ino, Some(tree::put_inode(store, &inode)?));
         }
         self.dirty_bytes = 0;
@@ -1683,7 +1797,12 @@ impl State {
         }
         orphans.sort_unstable();
         let inodes = radix::update(store, self.base.inodes, &changes)?;
-        let root = Root { version: tree::TREE_VERSION, inodes, next_ino: self.next_ino, orphans };
+        let root = Root {
+            version: tree::TREE_VERSION,
+            inodes,
+            next_ino: self.next_ino,
+            orphans,
+        };
         let id = tree::put_root(store, &root)?;
         self.base = root;
         Ok(id)
@@ -1708,7 +1827,10 @@ fn flush_blocks(store: &Store, f: &mut MemFile) -> FsResult<()> {
             }
         } else {
             let id = store.put(ObjectKind::Chunk, &buf[..len])?;
-            Some(BlockRef::Data { id, len: len as u32 })
+            Some(BlockRef::Data {
+                id,
+                len: len as u32,
+            })
         };
         f.changes.insert(idx, r);
     }

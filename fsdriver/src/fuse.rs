@@ -5,10 +5,10 @@ use crate::error::StoreError;
 use crate::fs::{Caller, Fs, FsError, RenameFlags as FsRename, SetAttr, TimeSet};
 use crate::tree::{Attr, FileKind, Time};
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -70,7 +70,8 @@ fn systime(t: Time) -> SystemTime {
     if t.sec >= 0 {
         UNIX_EPOCH + Duration::new(t.sec as u64, t.nsec)
     } else {
-        UNIX_EPOCH - Duration::from_secs(t.sec.unsigned_abs()) + Duration::from_nanos(u64::from(t.nsec))
+        UNIX_EPOCH - Duration::from_secs(t.sec.unsigned_abs())
+            + Duration::from_nanos(u64::from(t.nsec))
     }
 }
 
@@ -247,12 +248,33 @@ impl Filesystem for FuseFs {
         reply: ReplyEntry,
     ) {
         let mode = (mode & libc::S_IFMT) | (mode & 0o7777 & !umask);
-        let s = tri!(reply, self.fs.mknod(parent.0, name.as_bytes(), mode, u64::from(rdev), caller(req)));
+        let s = tri!(
+            reply,
+            self.fs.mknod(
+                parent.0,
+                name.as_bytes(),
+                mode,
+                u64::from(rdev),
+                caller(req)
+            )
+        );
         reply.entry(&TTL, &file_attr(s.ino, &s.attr), Generation(0));
     }
 
-    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
-        let s = tri!(reply, self.fs.mkdir(parent.0, name.as_bytes(), mode & !umask, caller(req)));
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let s = tri!(
+            reply,
+            self.fs
+                .mkdir(parent.0, name.as_bytes(), mode & !umask, caller(req))
+        );
         reply.entry(&TTL, &file_attr(s.ino, &s.attr), Generation(0));
     }
 
@@ -266,10 +288,22 @@ impl Filesystem for FuseFs {
         reply.ok();
     }
 
-    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
         let s = tri!(
             reply,
-            self.fs.symlink(parent.0, link_name.as_bytes(), target.as_os_str().as_bytes(), caller(req))
+            self.fs.symlink(
+                parent.0,
+                link_name.as_bytes(),
+                target.as_os_str().as_bytes(),
+                caller(req)
+            )
         );
         reply.entry(&TTL, &file_attr(s.ino, &s.attr), Generation(0));
     }
@@ -292,11 +326,27 @@ impl Filesystem for FuseFs {
             noreplace: flags.contains(RenameFlags::RENAME_NOREPLACE),
             exchange: flags.contains(RenameFlags::RENAME_EXCHANGE),
         };
-        tri!(reply, self.fs.rename(parent.0, name.as_bytes(), newparent.0, newname.as_bytes(), f));
+        tri!(
+            reply,
+            self.fs.rename(
+                parent.0,
+                name.as_bytes(),
+                newparent.0,
+                newname.as_bytes(),
+                f
+            )
+        );
         reply.ok();
     }
 
-    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
         let s = tri!(reply, self.fs.link(ino.0, newparent.0, newname.as_bytes()));
         reply.entry(&TTL, &file_attr(s.ino, &s.attr), Generation(0));
     }
@@ -341,7 +391,14 @@ impl Filesystem for FuseFs {
         reply.written(n);
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         reply.ok();
     }
 
@@ -359,7 +416,14 @@ impl Filesystem for FuseFs {
         reply.ok();
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         tri!(reply, self.fs.fsync());
         reply.ok();
     }
@@ -369,43 +433,76 @@ impl Filesystem for FuseFs {
         reply.opened(FileHandle(fh), FopenFlags::empty());
     }
 
-    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         let entries = tri!(reply, self.fs.readdir(fh.0, offset));
         for (off, e) in entries {
-            if reply.add(INodeNo(e.ino), off, ftype(e.kind), OsStr::from_bytes(&e.name)) {
+            if reply.add(
+                INodeNo(e.ino),
+                off,
+                ftype(e.kind),
+                OsStr::from_bytes(&e.name),
+            ) {
                 break;
             }
         }
         reply.ok();
     }
 
-    fn readdirplus(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
         let entries = tri!(reply, self.fs.readdir(fh.0, offset));
         for (off, e) in entries {
-            let attr = if e.name == b"." || e.name == b".." {
-                match self.fs.getattr(e.ino) {
-                    Ok(s) => s.attr,
-                    Err(_) => continue,
-                }
-            } else {
-                match self.fs.getattr(e.ino) {
-                    Ok(s) => s.attr,
-                    Err(_) => continue,
-                }
+            let attr = match self.fs.getattr(e.ino) {
+                Ok(s) => s.attr,
+                Err(_) => continue,
             };
-            if reply.add(INodeNo(e.ino), off, OsStr::from_bytes(&e.name), &TTL, &file_attr(e.ino, &attr), Generation(0)) {
+            if reply.add(
+                INodeNo(e.ino),
+                off,
+                OsStr::from_bytes(&e.name),
+                &TTL,
+                &file_attr(e.ino, &attr),
+                Generation(0),
+            ) {
                 break;
             }
         }
         reply.ok();
     }
 
-    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
         tri!(reply, self.fs.releasedir(fh.0));
         reply.ok();
     }
 
-    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         tri!(reply, self.fs.fsync());
         reply.ok();
     }
@@ -424,8 +521,20 @@ impl Filesystem for FuseFs {
         );
     }
 
-    fn setxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32, _position: u32, reply: ReplyEmpty) {
-        tri!(reply, self.fs.setxattr(ino.0, name.as_bytes(), value, flags));
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        tri!(
+            reply,
+            self.fs.setxattr(ino.0, name.as_bytes(), value, flags)
+        );
         reply.ok();
     }
 
@@ -455,16 +564,43 @@ impl Filesystem for FuseFs {
         reply: ReplyCreate,
     ) {
         let excl = flags & libc::O_EXCL != 0;
-        let (s, fh) = tri!(reply, self.fs.create(parent.0, name.as_bytes(), mode & !umask, excl, caller(req)));
-        reply.created(&TTL, &file_attr(s.ino, &s.attr), Generation(0), FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+        let (s, fh) = tri!(
+            reply,
+            self.fs
+                .create(parent.0, name.as_bytes(), mode & !umask, excl, caller(req))
+        );
+        reply.created(
+            &TTL,
+            &file_attr(s.ino, &s.attr),
+            Generation(0),
+            FileHandle(fh),
+            FopenFlags::FOPEN_KEEP_CACHE,
+        );
     }
 
-    fn fallocate(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
         tri!(reply, self.fs.fallocate(ino.0, offset, length, mode));
         reply.ok();
     }
 
-    fn lseek(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
         if offset < 0 {
             reply.error(Errno::EINVAL);
             return;
@@ -486,7 +622,16 @@ impl Filesystem for FuseFs {
         _flags: fuser::CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        let n = tri!(reply, self.fs.copy_range(ino_in.0, offset_in, ino_out.0, offset_out, len.min(u64::from(u32::MAX))));
+        let n = tri!(
+            reply,
+            self.fs.copy_range(
+                ino_in.0,
+                offset_in,
+                ino_out.0,
+                offset_out,
+                len.min(u64::from(u32::MAX))
+            )
+        );
         reply.written(n as u32);
     }
 }

@@ -67,7 +67,12 @@ struct Walker<'a> {
 
 impl Walker<'_> {
     /// Fetches an object for the walk; `None` if it is corrupt (recorded).
-    fn fetch(&mut self, id: &ContentId, kind: &'static str, user: &dyn Fn() -> String) -> Option<std::sync::Arc<Vec<u8>>> {
+    fn fetch(
+        &mut self,
+        id: &ContentId,
+        kind: &'static str,
+        user: &dyn Fn() -> String,
+    ) -> Option<std::sync::Arc<Vec<u8>>> {
         if let Some(b) = self.bad.get_mut(id) {
             b.2.insert(user());
             return None;
@@ -118,7 +123,12 @@ impl Walker<'_> {
             let root: Root = match postcard::from_bytes(&bytes) {
                 Ok(r) => r,
                 Err(e) => {
-                    self.record(cp.root, "root", e.to_string(), format!("{label}: filesystem root"));
+                    self.record(
+                        cp.root,
+                        "root",
+                        e.to_string(),
+                        format!("{label}: filesystem root"),
+                    );
                     return Ok(());
                 }
             };
@@ -134,7 +144,12 @@ impl Walker<'_> {
                             self.chunk(r, &|| format!("{il}: process memory"));
                         }
                     }
-                    Err(e) => self.record(img, "image", e.to_string(), format!("{label}: process image")),
+                    Err(e) => self.record(
+                        img,
+                        "image",
+                        e.to_string(),
+                        format!("{label}: process image"),
+                    ),
                 }
             }
         }
@@ -164,7 +179,10 @@ impl Walker<'_> {
         }
         for id in &node_ids {
             let l = label.to_string();
-            if self.fetch(id, "inode table node", &|| format!("{l}: inode table")).is_none() {
+            if self
+                .fetch(id, "inode table node", &|| format!("{l}: inode table"))
+                .is_none()
+            {
                 table_ok = false;
             }
         }
@@ -186,7 +204,9 @@ impl Walker<'_> {
                     Ok(i) => {
                         inodes.insert(ino, i);
                     }
-                    Err(e) => self.record(*id, "inode", e.to_string(), format!("{label}: inode {ino}")),
+                    Err(e) => {
+                        self.record(*id, "inode", e.to_string(), format!("{label}: inode {ino}"))
+                    }
                 }
             }
         }
@@ -316,7 +336,9 @@ pub fn reachable(store: &Store) -> Result<HashSet<ContentId>> {
             id,
             segment: 0,
             offset: 0,
-            reason: format!("{kind}: {reason} (run `forkpoint verify`; gc refuses a damaged store)"),
+            reason: format!(
+                "{kind}: {reason} (run `forkpoint verify`; gc refuses a damaged store)"
+            ),
         });
     }
     Ok(w.seen)
@@ -400,7 +422,11 @@ pub fn gc(store: &Store) -> Result<GcReport> {
             report.bytes_moved += data.len() as u64;
             moved.push((id, nl));
         }
-        let segs = if moved.is_empty() { Vec::new() } else { w.sync()? };
+        let segs = if moved.is_empty() {
+            Vec::new()
+        } else {
+            w.sync()?
+        };
         if !store.storage().commit_barrier() {
             return Err(StoreError::SimulatedCrash);
         }

@@ -290,7 +290,14 @@ pub fn diff<V: Value>(
     let ha = a.map(|r| r.height).unwrap_or(1);
     let hb = b.map(|r| r.height).unwrap_or(1);
     let h = ha.max(hb);
-    diff_at(store, a.map(|r| (r.id, r.height)), b.map(|r| (r.id, r.height)), h, 0, &mut out)?;
+    diff_at(
+        store,
+        a.map(|r| (r.id, r.height)),
+        b.map(|r| (r.id, r.height)),
+        h,
+        0,
+        &mut out,
+    )?;
     Ok(out)
 }
 
@@ -423,6 +430,8 @@ mod tests {
                 Change::Added(70_000, 1)
             ]
         );
-        assert!(diff::<u32>(&s, ra.as_ref(), ra.as_ref()).expect("same").is_empty());
+        assert!(diff::<u32>(&s, ra.as_ref(), ra.as_ref())
+            .expect("same")
+            .is_empty());
     }
 }

@@ -142,6 +142,9 @@ pub trait SegFile: Send + Sync {
     /// Makes every write so far durable.
     fn sync(&self) -> io::Result<()>;
     fn len(&self) -> io::Result<u64>;
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
     fn truncate(&self, len: u64) -> io::Result<()>;
 }
 
@@ -315,10 +318,9 @@ impl SegFile for CrashSeg {
     fn read_exact_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
         let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let off = off as usize;
-        let src = st
-            .1
-            .get(off..off + buf.len())
-            .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+        let src =
+            st.1.get(off..off + buf.len())
+                .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
         buf.copy_from_slice(src);
         Ok(())
     }
@@ -409,7 +411,11 @@ pub fn read_record(file: &dyn SegFile, loc: &Loc, id: &ContentId) -> Result<Vec<
 
 /// Scans records from `from` to the end of the file, stopping at the first invalid one;
 /// returns the records found and the offset where valid data ends.
-pub fn scan(file: &dyn SegFile, segment: u64, from: u64) -> io::Result<(Vec<(ContentId, Loc)>, u64)> {
+pub fn scan(
+    file: &dyn SegFile,
+    segment: u64,
+    from: u64,
+) -> io::Result<(Vec<(ContentId, Loc)>, u64)> {
     let len = file.len()?;
     let mut off = from;
     let mut out = Vec::new();

@@ -130,7 +130,10 @@ impl Store {
             if !l.is_dir() {
                 return Err(StoreError::Lower {
                     path: l.clone(),
-                    source: std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory"),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::NotADirectory,
+                        "not a directory",
+                    ),
                 });
             }
         }
@@ -160,7 +163,9 @@ impl Store {
         std::fs::rename(&tmp, dir.join(DB_FILE)).ctx("rename", dir.join(DB_FILE))?;
         let _ = std::fs::remove_file(dir.join(format!("{tmp_name}-wal")));
         let _ = std::fs::remove_file(dir.join(format!("{tmp_name}-shm")));
-        File::open(dir).and_then(|f| f.sync_all()).ctx("fsync", dir)?;
+        File::open(dir)
+            .and_then(|f| f.sync_all())
+            .ctx("fsync", dir)?;
         Self::open_with(dir, config, storage, false)
     }
 
@@ -234,11 +239,13 @@ impl Store {
         let mut max_seg = 0;
         for &(id, clen) in &committed {
             max_seg = max_seg.max(id);
-            let f = storage.open(id, false).map_err(|_| StoreError::TruncatedSegment {
-                segment: id,
-                expected: clen,
-                found: 0,
-            })?;
+            let f = storage
+                .open(id, false)
+                .map_err(|_| StoreError::TruncatedSegment {
+                    segment: id,
+                    expected: clen,
+                    found: 0,
+                })?;
             let flen = f.len().ctx("stat segment", storage.path())?;
             if flen < clen {
                 return Err(StoreError::TruncatedSegment {
@@ -251,7 +258,8 @@ impl Store {
             if flen > clen && !read_only {
                 // A torn or uncommitted tail: never part of the store.
                 log::info!("segment {id}: dropping {} uncommitted bytes", flen - clen);
-                f.truncate(clen).ctx("truncate segment tail", storage.path())?;
+                f.truncate(clen)
+                    .ctx("truncate segment tail", storage.path())?;
                 f.sync().ctx("fsync segment", storage.path())?;
             }
             segs.insert(id, f);
@@ -261,7 +269,9 @@ impl Store {
             if !committed.iter().any(|(c, _)| *c == id) && !read_only {
                 // Created after the last commit, or reclaimed by a gc that crashed before
                 // deleting it: nothing in the catalog refers to it.
-                storage.remove(id).ctx("remove orphan segment", storage.path())?;
+                storage
+                    .remove(id)
+                    .ctx("remove orphan segment", storage.path())?;
             }
         }
         let index = catalog.load_index()?;
@@ -527,9 +537,15 @@ impl Store {
             .sum()
     }
 
-    pub(crate) fn with_writer<T>(&self, f: impl FnOnce(&mut WriterHandle<'_>) -> Result<T>) -> Result<T> {
+    pub(crate) fn with_writer<T>(
+        &self,
+        f: impl FnOnce(&mut WriterHandle<'_>) -> Result<T>,
+    ) -> Result<T> {
         let mut w = lock(&self.writer);
-        let mut h = WriterHandle { store: self, w: &mut w };
+        let mut h = WriterHandle {
+            store: self,
+            w: &mut w,
+        };
         f(&mut h)
     }
 }
@@ -542,11 +558,19 @@ pub(crate) struct WriterHandle<'a> {
 
 impl WriterHandle<'_> {
     /// Copies a record into a fresh segment (never the one being reclaimed).
-    pub(crate) fn relocate(&mut self, id: ContentId, data: &[u8], kind: ObjectKind, avoid: &std::collections::BTreeSet<u64>) -> Result<Loc> {
+    pub(crate) fn relocate(
+        &mut self,
+        id: ContentId,
+        data: &[u8],
+        kind: ObjectKind,
+        avoid: &std::collections::BTreeSet<u64>,
+    ) -> Result<Loc> {
         let rec_len = segment::RECORD_HEADER_LEN + data.len() as u64;
         let need_roll = match &self.w.seg {
             None => true,
-            Some((s, _)) => avoid.contains(s) || self.w.len + rec_len > self.store.config.segment_size,
+            Some((s, _)) => {
+                avoid.contains(s) || self.w.len + rec_len > self.store.config.segment_size
+            }
         };
         if need_roll {
             self.store.roll(self.w)?;
@@ -560,7 +584,12 @@ impl WriterHandle<'_> {
         buf.extend_from_slice(data);
         file.write_all_at(&buf, self.w.len)
             .ctx("append to segment", self.store.storage.path())?;
-        let loc = Loc { segment: seg_id, offset: self.w.len, len: data.len() as u32, kind };
+        let loc = Loc {
+            segment: seg_id,
+            offset: self.w.len,
+            len: data.len() as u32,
+            kind,
+        };
         self.w.len += rec_len;
         let len = self.w.len;
         self.w.touched.insert(seg_id, len);
@@ -574,7 +603,10 @@ impl WriterHandle<'_> {
                 f.sync().ctx("fsync segment", self.store.storage.path())?;
             }
         }
-        self.store.storage.sync_dir().ctx("fsync segment directory", self.store.storage.path())?;
+        self.store
+            .storage
+            .sync_dir()
+            .ctx("fsync segment directory", self.store.storage.path())?;
         Ok(self.w.touched.iter().map(|(k, v)| (*k, *v)).collect())
     }
 

@@ -210,7 +210,11 @@ fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
     })
 }
 
-fn decode<T: serde::de::DeserializeOwned>(what: &'static str, id: &ContentId, b: &[u8]) -> Result<T> {
+fn decode<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    id: &ContentId,
+    b: &[u8],
+) -> Result<T> {
     postcard::from_bytes(b).map_err(|e| StoreError::Decode {
         what,
         id: *id,
@@ -388,15 +392,22 @@ fn import_lower(lower: &Path, inodes: &mut BTreeMap<u64, Inode>, next: &mut u64)
         .sort_by_file_name()
     {
         let entry = entry.map_err(|e| {
-            let path = e.path().map(Path::to_path_buf).unwrap_or_else(|| lower.to_path_buf());
+            let path = e
+                .path()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| lower.to_path_buf());
             StoreError::Lower {
                 path,
-                source: e.into_io_error().unwrap_or_else(|| std::io::Error::other("walk failed")),
+                source: e
+                    .into_io_error()
+                    .unwrap_or_else(|| std::io::Error::other("walk failed")),
             }
         })?;
         let md = entry.metadata().map_err(|e| StoreError::Lower {
             path: entry.path().to_path_buf(),
-            source: e.into_io_error().unwrap_or_else(|| std::io::Error::other("stat failed")),
+            source: e
+                .into_io_error()
+                .unwrap_or_else(|| std::io::Error::other("stat failed")),
         })?;
         let parent_path = entry.path().parent().unwrap_or(lower);
         let Some(&parent) = dir_inos.get(parent_path) else {
@@ -531,9 +542,8 @@ fn read_xattrs(path: &Path, out: &mut BTreeMap<Vec<u8>, Vec<u8>>) {
         };
         let mut val = vec![0u8; 65536];
         // SAFETY: valid NUL-terminated path and name; `val` is writable for its length.
-        let m = unsafe {
-            libc::lgetxattr(c.as_ptr(), cn.as_ptr(), val.as_mut_ptr().cast(), val.len())
-        };
+        let m =
+            unsafe { libc::lgetxattr(c.as_ptr(), cn.as_ptr(), val.as_mut_ptr().cast(), val.len()) };
         if m >= 0 {
             val.truncate(m as usize);
             out.insert(name.to_vec(), val);
@@ -699,7 +709,10 @@ pub fn read_lower(store: &Store, l: &LowerRef, off: u64, buf: &mut [u8]) -> Resu
     let Some(base) = store.lower() else {
         return Err(StoreError::Lower {
             path: std::path::PathBuf::from(String::from_utf8_lossy(&l.path).into_owned()),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "store has no lower directory"),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "store has no lower directory",
+            ),
         });
     };
     let path = base.join(std::ffi::OsStr::from_bytes(&l.path));

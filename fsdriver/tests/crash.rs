@@ -42,11 +42,15 @@ fn tree_files(store: &Arc<Store>, root: forkpoint_fs::ContentId) -> Files {
 }
 
 fn data(seed: u32, len: usize) -> Vec<u8> {
-    (0..len).map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 13) as u8).collect()
+    (0..len)
+        .map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 13) as u8)
+        .collect()
 }
 
 fn put(fs: &Fs, files: &mut Files, name: &str, off: u64, bytes: &[u8]) -> Result<(), String> {
-    let (st, fh) = fs.create(1, name.as_bytes(), 0o644, false, Caller::default()).map_err(|e| e.to_string())?;
+    let (st, fh) = fs
+        .create(1, name.as_bytes(), 0o644, false, Caller::default())
+        .map_err(|e| e.to_string())?;
     fs.write(st.ino, off, bytes).map_err(|e| e.to_string())?;
     fs.release(fh).map_err(|e| e.to_string())?;
     let f = files.entry(format!("/{name}")).or_default();
@@ -92,7 +96,9 @@ fn workload(fs: &Fs) -> (Files, Vec<(String, Files)>, bool) {
                     snaps.push((n, files.clone()));
                 }
             }
-            Err(forkpoint_fs::fs::FsError::Store(StoreError::SimulatedCrash)) => return (last, snaps, false),
+            Err(forkpoint_fs::fs::FsError::Store(StoreError::SimulatedCrash)) => {
+                return (last, snaps, false)
+            }
             Err(e) => panic!("unexpected error: {e}"),
         }
     }
@@ -102,7 +108,11 @@ fn workload(fs: &Fs) -> (Files, Vec<(String, Files)>, bool) {
 fn check(dir: &Path, want: &Files, snaps: &[(String, Files)]) {
     let store = Store::open(dir).expect("store opens after a crash");
     let head = store.head("main").expect("main");
-    assert_eq!(&tree_files(&store, head.root), want, "head is the last commit");
+    assert_eq!(
+        &tree_files(&store, head.root),
+        want,
+        "head is the last commit"
+    );
     for (name, files) in snaps {
         let cp = store.find(name).expect("snapshot kept");
         assert_eq!(&tree_files(&store, cp.root), files, "snapshot {name}");
@@ -120,7 +130,13 @@ fn commit_survives_crash_at_every_sync() {
             let dir = tmp.path().join("store");
             drop(Store::create_with(&dir, None, config(), None).expect("create"));
             let crash = Arc::new(CrashStorage::new(dir.join("segments"), n).expect("storage"));
-            let store = Store::open_with(&dir, config(), Some(crash.clone() as Arc<dyn Storage>), false).expect("open");
+            let store = Store::open_with(
+                &dir,
+                config(),
+                Some(crash.clone() as Arc<dyn Storage>),
+                false,
+            )
+            .expect("open");
             let fs = Fs::new(store, "main").expect("fs");
             let (want, snaps, completed) = workload(&fs);
             drop(fs);
@@ -161,7 +177,13 @@ fn gc_survives_crash_at_every_sync() {
         let dir = tmp.path().join(format!("run{n}"));
         copy_dir(&base, &dir);
         let crash = Arc::new(CrashStorage::new(dir.join("segments"), n).expect("storage"));
-        let store = Store::open_with(&dir, config(), Some(crash.clone() as Arc<dyn Storage>), false).expect("open");
+        let store = Store::open_with(
+            &dir,
+            config(),
+            Some(crash.clone() as Arc<dyn Storage>),
+            false,
+        )
+        .expect("open");
         let done = match maint::gc(&store) {
             Ok(r) => {
                 assert!(r.segments_reclaimed > 0, "gc reclaimed nothing: {r:?}");
@@ -184,7 +206,10 @@ fn gc_survives_crash_at_every_sync() {
 }
 
 fn dir_size(p: &Path) -> u64 {
-    std::fs::read_dir(p).expect("read_dir").map(|e| e.expect("entry").metadata().expect("md").len()).sum()
+    std::fs::read_dir(p)
+        .expect("read_dir")
+        .map(|e| e.expect("entry").metadata().expect("md").len())
+        .sum()
 }
 
 fn copy_dir(from: &Path, to: &Path) {

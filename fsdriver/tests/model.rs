@@ -17,20 +17,54 @@ const NAMES: [&str; 3] = ["f", "g", "h"];
 
 #[derive(Clone, Debug)]
 enum Op {
-    Write { file: usize, off: u64, len: usize, byte: u8 },
-    Truncate { file: usize, size: u64 },
-    Mkdir { dir: usize },
-    Rmdir { dir: usize },
-    Rename { from: usize, to: usize },
-    Link { from: usize, to: usize },
-    Unlink { file: usize },
-    Symlink { file: usize, target: u8 },
-    Chmod { path: usize, mode: u32 },
-    Setxattr { path: usize, name: u8, value: u8 },
+    Write {
+        file: usize,
+        off: u64,
+        len: usize,
+        byte: u8,
+    },
+    Truncate {
+        file: usize,
+        size: u64,
+    },
+    Mkdir {
+        dir: usize,
+    },
+    Rmdir {
+        dir: usize,
+    },
+    Rename {
+        from: usize,
+        to: usize,
+    },
+    Link {
+        from: usize,
+        to: usize,
+    },
+    Unlink {
+        file: usize,
+    },
+    Symlink {
+        file: usize,
+        target: u8,
+    },
+    Chmod {
+        path: usize,
+        mode: u32,
+    },
+    Setxattr {
+        path: usize,
+        name: u8,
+        value: u8,
+    },
     Commit,
     Snapshot,
-    Branch { snap: usize },
-    Checkout { branch: usize },
+    Branch {
+        snap: usize,
+    },
+    Checkout {
+        branch: usize,
+    },
     Reopen,
 }
 
@@ -103,7 +137,15 @@ type R<T> = Result<T, i32>;
 impl Model {
     fn new() -> Model {
         let mut nodes = BTreeMap::new();
-        nodes.insert(1, MNode { kind: MKind::Dir(BTreeMap::new()), mode: 0o755, nlink: 2, xattrs: BTreeMap::new() });
+        nodes.insert(
+            1,
+            MNode {
+                kind: MKind::Dir(BTreeMap::new()),
+                mode: 0o755,
+                nlink: 2,
+                xattrs: BTreeMap::new(),
+            },
+        );
         Model { nodes, next: 2 }
     }
 
@@ -153,8 +195,20 @@ impl Model {
         self.next += 1;
         let is_dir = matches!(kind, MKind::Dir(_));
         // Directories inherit the setgid bit (BSD group semantics), as on ext4.
-        let mode = if is_dir && self.nodes[&dir].mode & 0o2000 != 0 { mode | 0o2000 } else { mode };
-        self.nodes.insert(ino, MNode { kind, mode, nlink: if is_dir { 2 } else { 1 }, xattrs: BTreeMap::new() });
+        let mode = if is_dir && self.nodes[&dir].mode & 0o2000 != 0 {
+            mode | 0o2000
+        } else {
+            mode
+        };
+        self.nodes.insert(
+            ino,
+            MNode {
+                kind,
+                mode,
+                nlink: if is_dir { 2 } else { 1 },
+                xattrs: BTreeMap::new(),
+            },
+        );
         self.entries(dir).insert(name.to_string(), ino);
         if is_dir {
             self.nodes.get_mut(&dir).expect("dir").nlink += 1;
@@ -327,7 +381,11 @@ impl Model {
 
     fn setxattr(&mut self, path: &str, name: &[u8], value: &[u8]) -> R<()> {
         let ino = self.resolve(path)?;
-        self.nodes.get_mut(&ino).expect("node").xattrs.insert(name.to_vec(), value.to_vec());
+        self.nodes
+            .get_mut(&ino)
+            .expect("node")
+            .xattrs
+            .insert(name.to_vec(), value.to_vec());
         Ok(())
     }
 }
@@ -373,9 +431,14 @@ impl Sut {
     fn write(&self, path: &str, off: u64, len: usize, byte: u8) -> R<()> {
         let (p, n) = self.parent(path)?;
         let fs = self.fs();
-        let (st, fh) = fs.create(p, n.as_bytes(), 0o644, false, Caller::default()).map_err(code)?;
+        let (st, fh) = fs
+            .create(p, n.as_bytes(), 0o644, false, Caller::default())
+            .map_err(code)?;
         let r = match st.attr.kind {
-            FileKind::File => fs.write(st.ino, off, &vec![byte; len]).map(|_| ()).map_err(code),
+            FileKind::File => fs
+                .write(st.ino, off, &vec![byte; len])
+                .map(|_| ())
+                .map_err(code),
             FileKind::Dir => Err(libc::EISDIR),
             _ => Err(libc::EINVAL),
         };
@@ -387,18 +450,34 @@ impl Sut {
         let fs = self.fs();
         let c = Caller::default();
         match op {
-            Op::Write { file, off, len, byte } => self.write(&file_path(*file), *off, *len, *byte),
+            Op::Write {
+                file,
+                off,
+                len,
+                byte,
+            } => self.write(&file_path(*file), *off, *len, *byte),
             Op::Truncate { file, size } => {
                 let ino = self.resolve(&file_path(*file))?;
                 match fs.getattr(ino).map_err(code)?.attr.kind {
-                    FileKind::File => fs.setattr(ino, &SetAttr { size: Some(*size), ..Default::default() }).map(|_| ()).map_err(code),
+                    FileKind::File => fs
+                        .setattr(
+                            ino,
+                            &SetAttr {
+                                size: Some(*size),
+                                ..Default::default()
+                            },
+                        )
+                        .map(|_| ())
+                        .map_err(code),
                     FileKind::Dir => Err(libc::EISDIR),
                     _ => Err(libc::EINVAL),
                 }
             }
             Op::Mkdir { dir } => {
                 let (p, n) = self.parent(DIRS[*dir])?;
-                fs.mkdir(p, n.as_bytes(), 0o755, c).map(|_| ()).map_err(code)
+                fs.mkdir(p, n.as_bytes(), 0o755, c)
+                    .map(|_| ())
+                    .map_err(code)
             }
             Op::Rmdir { dir } => {
                 let (p, n) = self.parent(DIRS[*dir])?;
@@ -408,7 +487,8 @@ impl Sut {
                 let (sp, sn) = self.parent(&any_path(*from))?;
                 fs.lookup(sp, sn.as_bytes()).map_err(code)?;
                 let (dp, dn) = self.parent(&any_path(*to))?;
-                fs.rename(sp, sn.as_bytes(), dp, dn.as_bytes(), RenameFlags::default()).map_err(code)
+                fs.rename(sp, sn.as_bytes(), dp, dn.as_bytes(), RenameFlags::default())
+                    .map_err(code)
             }
             Op::Link { from, to } => {
                 let src = self.resolve(&file_path(*from))?;
@@ -421,15 +501,26 @@ impl Sut {
             }
             Op::Symlink { file, target } => {
                 let (p, n) = self.parent(&file_path(*file))?;
-                fs.symlink(p, n.as_bytes(), format!("t{target}").as_bytes(), c).map(|_| ()).map_err(code)
+                fs.symlink(p, n.as_bytes(), format!("t{target}").as_bytes(), c)
+                    .map(|_| ())
+                    .map_err(code)
             }
             Op::Chmod { path, mode } => {
                 let ino = self.resolve(&any_path(*path))?;
-                fs.setattr(ino, &SetAttr { mode: Some(*mode), ..Default::default() }).map(|_| ()).map_err(code)
+                fs.setattr(
+                    ino,
+                    &SetAttr {
+                        mode: Some(*mode),
+                        ..Default::default()
+                    },
+                )
+                .map(|_| ())
+                .map_err(code)
             }
             Op::Setxattr { path, name, value } => {
                 let ino = self.resolve(&any_path(*path))?;
-                fs.setxattr(ino, format!("user.x{name}").as_bytes(), &[*value; 3], 0).map_err(code)
+                fs.setxattr(ino, format!("user.x{name}").as_bytes(), &[*value; 3], 0)
+                    .map_err(code)
             }
             _ => unreachable!("store-level ops are applied by the harness"),
         }
@@ -447,37 +538,65 @@ fn compare(fs: &Fs, m: &Model) -> Result<(), String> {
             }
             continue;
         }
-        let st = fs.getattr(ri).map_err(|e| format!("{path}: getattr: {e}"))?;
+        let st = fs
+            .getattr(ri)
+            .map_err(|e| format!("{path}: getattr: {e}"))?;
         let mn = &m.nodes[&mi];
         if st.attr.perm != mn.mode {
-            return Err(format!("{path}: mode {:o} != model {:o}", st.attr.perm, mn.mode));
+            return Err(format!(
+                "{path}: mode {:o} != model {:o}",
+                st.attr.perm, mn.mode
+            ));
         }
         if st.attr.nlink != mn.nlink {
-            return Err(format!("{path}: nlink {} != model {}", st.attr.nlink, mn.nlink));
+            return Err(format!(
+                "{path}: nlink {} != model {}",
+                st.attr.nlink, mn.nlink
+            ));
         }
-        let xs = fs.listxattr(ri).map_err(|e| format!("{path}: listxattr: {e}"))?;
+        let xs = fs
+            .listxattr(ri)
+            .map_err(|e| format!("{path}: listxattr: {e}"))?;
         let names: Vec<&[u8]> = xs.split(|b| *b == 0).filter(|n| !n.is_empty()).collect();
         if names.len() != mn.xattrs.len() {
             return Err(format!("{path}: xattr count differs"));
         }
         for (k, v) in &mn.xattrs {
-            if fs.getxattr(ri, k).map_err(|e| format!("{path}: getxattr: {e}"))? != *v {
+            if fs
+                .getxattr(ri, k)
+                .map_err(|e| format!("{path}: getxattr: {e}"))?
+                != *v
+            {
                 return Err(format!("{path}: xattr value differs"));
             }
         }
         match &mn.kind {
             MKind::File(d) => {
                 if st.attr.kind != FileKind::File || st.attr.size != d.len() as u64 {
-                    return Err(format!("{path}: size {} != model {}", st.attr.size, d.len()));
+                    return Err(format!(
+                        "{path}: size {} != model {}",
+                        st.attr.size,
+                        d.len()
+                    ));
                 }
-                let got = fs.read(ri, 0, d.len() as u32 + 10).map_err(|e| format!("{path}: read: {e}"))?;
+                let got = fs
+                    .read(ri, 0, d.len() as u32 + 10)
+                    .map_err(|e| format!("{path}: read: {e}"))?;
                 if got != *d {
                     let at = got.iter().zip(d.iter()).position(|(a, b)| a != b);
-                    return Err(format!("{path}: contents differ (first at {at:?}, len {} vs {})", got.len(), d.len()));
+                    return Err(format!(
+                        "{path}: contents differ (first at {at:?}, len {} vs {})",
+                        got.len(),
+                        d.len()
+                    ));
                 }
             }
             MKind::Sym(t) => {
-                if fs.readlink(ri).map_err(|e| format!("{path}: readlink: {e}"))? != *t {
+                if fs
+                    .readlink(ri)
+                    .map_err(|e| format!("{path}: readlink: {e}"))?
+                    != *t
+                {
                     return Err(format!("{path}: symlink target differs"));
                 }
             }
@@ -506,7 +625,11 @@ fn run(ops: &[Op]) -> Result<(), String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let path = dir.path().join("store");
     let store = Store::create(&path, None).map_err(|e| e.to_string())?;
-    let mut sut = Sut { fs: Some(Fs::new(store, "main").map_err(|e| e.to_string())?), _dir: dir, path };
+    let mut sut = Sut {
+        fs: Some(Fs::new(store, "main").map_err(|e| e.to_string())?),
+        _dir: dir,
+        path,
+    };
     let mut model = Model::new();
     let mut committed: BTreeMap<String, Model> = BTreeMap::new();
     committed.insert("main".into(), model.clone());
@@ -518,7 +641,8 @@ fn run(ops: &[Op]) -> Result<(), String> {
                 let fs = sut.fs();
                 if matches!(op, Op::Snapshot) {
                     let name = format!("s{}", snaps.len());
-                    fs.snapshot(&name).map_err(|e| format!("step {i}: snapshot: {e}"))?;
+                    fs.snapshot(&name)
+                        .map_err(|e| format!("step {i}: snapshot: {e}"))?;
                     snaps.push((name, model.clone()));
                 } else {
                     fs.fsync().map_err(|e| format!("step {i}: commit: {e}"))?;
@@ -531,20 +655,26 @@ fn run(ops: &[Op]) -> Result<(), String> {
                 }
                 let (sname, sm) = snaps[*snap % snaps.len()].clone();
                 let bname = format!("b{}", committed.len());
-                sut.fs().store().catalog(|c| {
-                    let cp = c.find(&sname)?;
-                    c.create_branch(&bname, cp.cno)
-                }).map_err(|e| format!("step {i}: branch: {e}"))?;
+                sut.fs()
+                    .store()
+                    .catalog(|c| {
+                        let cp = c.find(&sname)?;
+                        c.create_branch(&bname, cp.cno)
+                    })
+                    .map_err(|e| format!("step {i}: branch: {e}"))?;
                 committed.insert(bname, sm);
             }
             Op::Checkout { branch: b } => {
                 let names: Vec<String> = committed.keys().cloned().collect();
                 let target = names[*b % names.len()].clone();
-                sut.fs().fsync().map_err(|e| format!("step {i}: commit: {e}"))?;
+                sut.fs()
+                    .fsync()
+                    .map_err(|e| format!("step {i}: commit: {e}"))?;
                 committed.insert(branch.clone(), model.clone());
                 let store = sut.fs().store().clone();
                 sut.fs = None;
-                sut.fs = Some(Fs::new(store, &target).map_err(|e| format!("step {i}: checkout: {e}"))?);
+                sut.fs =
+                    Some(Fs::new(store, &target).map_err(|e| format!("step {i}: checkout: {e}"))?);
                 branch = target;
                 model = committed[&branch].clone();
             }
@@ -552,22 +682,34 @@ fn run(ops: &[Op]) -> Result<(), String> {
                 // Drop everything uncommitted, as a crash would.
                 sut.fs = None;
                 let store = Store::open(&sut.path).map_err(|e| format!("step {i}: reopen: {e}"))?;
-                sut.fs = Some(Fs::new(store, &branch).map_err(|e| format!("step {i}: reopen: {e}"))?);
+                sut.fs =
+                    Some(Fs::new(store, &branch).map_err(|e| format!("step {i}: reopen: {e}"))?);
                 model = committed[&branch].clone();
             }
             op => {
                 let mut m2 = model.clone();
                 let want = match op {
-                    Op::Write { file, off, len, byte } => m2.write(&file_path(*file), *off, *len, *byte),
+                    Op::Write {
+                        file,
+                        off,
+                        len,
+                        byte,
+                    } => m2.write(&file_path(*file), *off, *len, *byte),
                     Op::Truncate { file, size } => m2.truncate(&file_path(*file), *size),
                     Op::Mkdir { dir } => m2.mkdir(DIRS[*dir]),
                     Op::Rmdir { dir } => m2.rmdir(DIRS[*dir]),
                     Op::Rename { from, to } => m2.rename(&any_path(*from), &any_path(*to)),
                     Op::Link { from, to } => m2.link(&file_path(*from), &file_path(*to)),
                     Op::Unlink { file } => m2.unlink(&file_path(*file)),
-                    Op::Symlink { file, target } => m2.symlink(&file_path(*file), format!("t{target}").as_bytes()),
+                    Op::Symlink { file, target } => {
+                        m2.symlink(&file_path(*file), format!("t{target}").as_bytes())
+                    }
                     Op::Chmod { path, mode } => m2.chmod(&any_path(*path), *mode),
-                    Op::Setxattr { path, name, value } => m2.setxattr(&any_path(*path), format!("user.x{name}").as_bytes(), &[*value; 3]),
+                    Op::Setxattr { path, name, value } => m2.setxattr(
+                        &any_path(*path),
+                        format!("user.x{name}").as_bytes(),
+                        &[*value; 3],
+                    ),
                     _ => unreachable!(),
                 };
                 let got = sut.apply(op);
@@ -585,9 +727,13 @@ fn run(ops: &[Op]) -> Result<(), String> {
     let store = sut.fs().store().clone();
     for (name, m) in &snaps {
         let cp = store.find(name).map_err(|e| e.to_string())?;
-        let view = forkpoint_fs::tree::TreeView::open(store.clone(), cp.root).map_err(|e| e.to_string())?;
+        let view = forkpoint_fs::tree::TreeView::open(store.clone(), cp.root)
+            .map_err(|e| e.to_string())?;
         for (path, want) in model_files(m) {
-            let (_, inode) = view.lookup(Path::new(&path)).map_err(|e| e.to_string())?.ok_or(format!("{name}: {path} missing"))?;
+            let (_, inode) = view
+                .lookup(Path::new(&path))
+                .map_err(|e| e.to_string())?
+                .ok_or(format!("{name}: {path} missing"))?;
             if view.read_all(&inode).map_err(|e| e.to_string())? != want {
                 return Err(format!("snapshot {name}: {path} differs"));
             }
@@ -632,11 +778,16 @@ fn unlinked_open_file_survives_in_snapshot() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::create(&dir.path().join("s"), None).expect("create");
     let fs = Fs::new(store.clone(), "main").expect("fs");
-    let (st, fh) = fs.create(1, b"big", 0o644, true, Caller::default()).expect("create");
+    let (st, fh) = fs
+        .create(1, b"big", 0o644, true, Caller::default())
+        .expect("create");
     let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
     fs.write(st.ino, 0, &data).expect("write");
     fs.unlink(1, b"big").expect("unlink");
-    assert_eq!(fs.read(st.ino, 0, 3_000_000).expect("read after unlink"), data);
+    assert_eq!(
+        fs.read(st.ino, 0, 3_000_000).expect("read after unlink"),
+        data
+    );
     fs.snapshot("with-orphan").expect("snapshot");
     let cp = store.find("with-orphan").expect("find");
     let view = forkpoint_fs::tree::TreeView::open(store.clone(), cp.root).expect("view");
@@ -648,15 +799,28 @@ fn unlinked_open_file_survives_in_snapshot() {
     fs.fsync().expect("commit");
     let head = store.head("main").expect("head");
     let view = forkpoint_fs::tree::TreeView::open(store, head.root).expect("view");
-    assert!(view.inode(st.ino).expect("lookup").is_none(), "freed at last close");
+    assert!(
+        view.inode(st.ino).expect("lookup").is_none(),
+        "freed at last close"
+    );
 }
 
 #[test]
 fn regression_write_extend_then_read_gap() {
     run(&[
-        Op::Write { file: 0, off: 200_000, len: 10, byte: 7 },
+        Op::Write {
+            file: 0,
+            off: 200_000,
+            len: 10,
+            byte: 7,
+        },
         Op::Truncate { file: 0, size: 100 },
-        Op::Write { file: 0, off: 150_000, len: 5, byte: 9 },
+        Op::Write {
+            file: 0,
+            off: 150_000,
+            len: 5,
+            byte: 9,
+        },
         Op::Commit,
         Op::Reopen,
     ])

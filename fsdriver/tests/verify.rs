@@ -12,8 +12,12 @@ fn verify_names_every_flipped_record() {
     {
         let store = Store::create(&dir, None).expect("create");
         let fs = Fs::new(store, "main").expect("fs");
-        let d = fs.mkdir(1, b"docs", 0o755, Caller::default()).expect("mkdir");
-        let (st, fh) = fs.create(d.ino, b"report.txt", 0o644, true, Caller::default()).expect("create");
+        let d = fs
+            .mkdir(1, b"docs", 0o755, Caller::default())
+            .expect("mkdir");
+        let (st, fh) = fs
+            .create(d.ino, b"report.txt", 0o644, true, Caller::default())
+            .expect("create");
         let payload: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 253) as u8).collect();
         fs.write(st.ino, 0, &payload).expect("write");
         fs.release(fh).expect("release");
@@ -30,7 +34,11 @@ fn verify_names_every_flipped_record() {
         let (records, _) = segment::scan(&*f, seg, segment::SEGMENT_HEADER_LEN).expect("scan");
         let path = dir.join("segments").join(format!("{seg:016x}.seg"));
         for (id, loc) in records.into_iter().filter(|(id, _)| live.contains(id)) {
-            let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).expect("open");
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .expect("open");
             let at = loc.offset + segment::RECORD_HEADER_LEN + u64::from(loc.len) / 2;
             let mut b = [0u8; 1];
             file.read_exact_at(&mut b, at).expect("read");
@@ -42,7 +50,11 @@ fn verify_names_every_flipped_record() {
             assert!(p.reason.contains("hash mismatch"), "{}", p.reason);
             assert!(!p.used_by.is_empty());
             if loc.kind == segment::ObjectKind::Chunk {
-                assert!(p.used_by.iter().any(|u| u.contains("/docs/report.txt")), "{:?}", p.used_by);
+                assert!(
+                    p.used_by.iter().any(|u| u.contains("/docs/report.txt")),
+                    "{:?}",
+                    p.used_by
+                );
             }
             file.write_all_at(&b, at).expect("restore");
             checked += 1;
