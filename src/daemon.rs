@@ -5,7 +5,9 @@
 use anyhow::{anyhow, bail, Context, Result};
 use forkpoint_fs::fs::Fs;
 use forkpoint_fs::maint;
-use forkpoint_fs::Store;
+use crate::session::SessionImage;
+use forkpoint_fs::catalog::{CheckpointKind, NewCheckpoint};
+use forkpoint_fs::{ContentId, Store};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -26,7 +28,20 @@ const COMMIT_INTERVAL: Duration = Duration::from_secs(5);
 pub enum Request {
     Mount { mountpoint: PathBuf, branch: String },
     Umount { mountpoint: PathBuf },
-    Snapshot { mountpoint: PathBuf, name: String },
+    Snapshot {
+        mountpoint: PathBuf,
+        name: String,
+        #[serde(default)]
+        auto: bool,
+    },
+    RecordCheckpoint {
+        mountpoint: PathBuf,
+        name: String,
+        root_cno: u64,
+        image_file: PathBuf,
+        auto: bool,
+    },
+    Rollback { mountpoint: PathBuf, cno: u64 },
     Commit { mountpoint: PathBuf },
     Branch { name: String, from: Option<String> },
     Gc,
@@ -168,16 +183,33 @@ impl Daemon {
                 self.umount(&mountpoint)?;
                 serde_json::json!({})
             }
-            Request::Snapshot { mountpoint, name } => {
+            Request::Snapshot { mountpoint, name, auto } => {
                 let fs = self.fs(&mountpoint)?;
                 let t = Instant::now();
-                let cno = fs.snapshot(&name)?;
+                let kind = if auto { CheckpointKind::Auto } else { CheckpointKind::Snapshot };
+                let cno = fs.commit(kind, Some(&name), None)?;
                 serde_json::json!({"cno": cno, "branch": fs.branch(), "micros": t.elapsed().as_micros() as u64})
             }
             Request::Commit { mountpoint } => {
                 let fs = self.fs(&mountpoint)?;
-                fs.fsync()?;
-                serde_json::json!({"cno": fs.head()})
+                let cno = fs.commit_now()?;
+                serde_json::json!({"cno": cno})
+            }
+            Request::RecordCheckpoint { mountpoint, name, root_cno, image_file, auto } => {
+                self.fs(&mountpoint)?;
+                record_checkpoint(&self.store, &name, root_cno, &image_file, auto)?
+            }
+            Request::Rollback { mountpoint, cno } => {
+                let mounts = lock(&self.mounts);
+                let m = mounts
+                    .get(&mountpoint)
+                    .ok_or_else(|| anyhow!("{} is not mounted by this daemon", mountpoint.display()))?;
+                m.fs.commit_now()?;
+                let inval = m.fs.checkout(cno)?;
+                if let Some(s) = &m.session {
+                    forkpoint_fs::fuse::invalidate(s, &inval);
+                }
+                serde_json::json!({"cno": cno, "invalidated": inval.len()})
             }
             Request::Branch { name, from } => {
                 self.commit_all();
@@ -325,6 +357,50 @@ impl Daemon {
     pub fn request_quit(&self) {
         self.quit.store(true, Ordering::SeqCst);
     }
+}
+
+/// Moves a session image into the store (memory as deduplicated chunks) and records the
+/// checkpoint (name, filesystem root of `root_cno`, image) in one catalog transaction.
+fn record_checkpoint(store: &Store, name: &str, root_cno: u64, image_file: &Path, auto: bool) -> Result<serde_json::Value> {
+    use forkpoint_fs::segment::ObjectKind;
+    let bytes = std::fs::read(image_file).with_context(|| format!("read {}", image_file.display()))?;
+    let mut si: SessionImage = postcard::from_bytes(&bytes).context("decode session image")?;
+    let mut pi = forkpoint::engine::decode(&si.process).context("decode process image")?;
+    let mut refs = Vec::new();
+    let mut new_bytes = 0u64;
+    let mut mem_bytes = 0u64;
+    pi.memory.externalize(|hash, data| -> Result<(), forkpoint_fs::StoreError> {
+        let id = ContentId(*hash);
+        mem_bytes += data.len() as u64;
+        if !store.contains(&id) {
+            new_bytes += data.len() as u64;
+            store.put_with_id(ObjectKind::Chunk, id, data)?;
+        }
+        refs.push(id);
+        Ok(())
+    })?;
+    si.process = forkpoint::engine::encode(&pi)?;
+    let body = postcard::to_allocvec(&si)?;
+    let obj = maint::encode_image(&maint::ImageObject { version: 1, refs, body })?;
+    let had = store.contains(&ContentId::of(&obj));
+    let image = store.put(ObjectKind::Image, &obj)?;
+    if !had {
+        new_bytes += obj.len() as u64;
+    }
+    let cp = store.catalog(|c| c.checkpoint(root_cno))?;
+    let cno = store
+        .commit(Some(&NewCheckpoint {
+            branch: &cp.branch,
+            root: cp.root,
+            name: Some(name),
+            kind: if auto { CheckpointKind::Auto } else { CheckpointKind::Checkpoint },
+            image: Some(image),
+            note: None,
+            advance_head: false,
+            parent: Some(root_cno),
+        }))?
+        .ok_or_else(|| anyhow!("checkpoint not recorded"))?;
+    Ok(serde_json::json!({"cno": cno, "branch": cp.branch, "image_bytes": mem_bytes + obj.len() as u64, "new_bytes": new_bytes}))
 }
 
 /// Creates branch `name` from checkpoint `from` (default: main's head).

@@ -1,7 +1,9 @@
 //! The `forkpoint` command line.
 
+mod cgroup;
 mod daemon;
 mod mounts;
+mod session;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -80,6 +82,53 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Run a program as a session inside a mount (own PID, mount, IPC, UTS, time namespaces).
+    Run {
+        #[arg(short = 'm', long = "mount")]
+        mountpoint: Option<PathBuf>,
+        #[arg(long)]
+        name: Option<String>,
+        /// Stdin from /dev/null, output to a log in the store; return at once.
+        #[arg(long)]
+        detach: bool,
+        #[arg(required = true, last = true)]
+        cmd: Vec<String>,
+    },
+    /// Checkpoint a session: its processes and the mount's files, in one atomic cut.
+    Checkpoint {
+        #[arg(short = 'm', long = "mount")]
+        mountpoint: Option<PathBuf>,
+        #[arg(long)]
+        session: Option<String>,
+        /// Leave the program stopped after the checkpoint.
+        #[arg(long, conflicts_with = "kill")]
+        stop: bool,
+        /// Kill the program after the checkpoint.
+        #[arg(long)]
+        kill: bool,
+        name: String,
+    },
+    /// Roll back to a checkpoint, or restore it on a new branch.
+    Restore {
+        #[arg(short = 'm', long = "mount")]
+        mountpoint: Option<PathBuf>,
+        /// Create this branch from the checkpoint and restore there, side by side.
+        #[arg(long)]
+        branch: Option<String>,
+        #[arg(long)]
+        detach: bool,
+        name: String,
+    },
+    /// List sessions.
+    Ps {
+        #[arg(short = 'm', long = "mount")]
+        mountpoint: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// PID 1 of a session (started by `run` and `restore`).
+    #[command(hide = true, name = "session-init")]
+    SessionInit { spec: PathBuf },
     /// Walk through the filesystem workflow on a store in a local directory.
     Demo {
         #[arg(default_value = "forkpoint-demo")]
@@ -183,6 +232,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                 &daemon::Request::Snapshot {
                     mountpoint: mp.clone(),
                     name: name.clone(),
+                    auto: false,
                 },
             )?
             .context("no daemon serves this mount")?;
@@ -259,6 +309,49 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             }
         }
         Cmd::Demo { dir } => demo(&dir)?,
+        Cmd::Run { mountpoint, name, detach, cmd } => {
+            let code = run_session(mountpoint.as_deref(), name, detach, cmd)?;
+            return Ok(ExitCode::from(code.clamp(0, 255) as u8));
+        }
+        Cmd::Checkpoint { mountpoint, session, stop, kill, name } => {
+            let (mp, store) = mounts::resolve(mountpoint.as_deref())?;
+            let s = pick_session(&store, &mp, session.as_deref())?;
+            let after = if kill { "kill" } else if stop { "stop" } else { "resume" };
+            let v = session::request_checkpoint(
+                &store,
+                &s.name,
+                &session::CheckpointRequest { name: name.clone(), after: after.into(), kind: "checkpoint".into() },
+            )?;
+            println!(
+                "checkpoint '{name}' of session {} is #{}: downtime {:.1} ms, total {:.1} ms, image {} bytes, {} new after dedup",
+                s.name,
+                v["cno"],
+                v["downtime_us"].as_f64().unwrap_or(0.0) / 1000.0,
+                v["total_us"].as_f64().unwrap_or(0.0) / 1000.0,
+                v["image_bytes"],
+                v["new_bytes"]
+            );
+        }
+        Cmd::Restore { mountpoint, branch, detach, name } => {
+            let code = restore(mountpoint.as_deref(), branch.as_deref(), detach, &name)?;
+            return Ok(ExitCode::from(code.clamp(0, 255) as u8));
+        }
+        Cmd::Ps { mountpoint, json } => {
+            let (_, store) = mounts::resolve(mountpoint.as_deref())?;
+            let list = session::list(&store)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!("{:<12} {:<12} {:>8} {:>6}  COMMAND", "SESSION", "BRANCH", "PID", "MAIN");
+                for s in list {
+                    println!("{:<12} {:<12} {:>8} {:>6}  {}", s.name, s.branch, s.pid, s.main_pid, s.argv.join(" "));
+                }
+            }
+        }
+        Cmd::SessionInit { spec } => {
+            let code = session::session_init(&spec)?;
+            return Ok(ExitCode::from(code.clamp(0, 255) as u8));
+        }
         Cmd::Daemon {
             store,
             mount,
@@ -284,7 +377,7 @@ fn store_of(mountpoint: Option<&Path>, store: Option<&Path>) -> Result<PathBuf> 
 }
 
 /// Flushes the kernel's dirty pages of a mount to the daemon.
-fn syncfs(mp: &Path) -> Result<()> {
+pub(crate) fn syncfs(mp: &Path) -> Result<()> {
     let f = std::fs::File::open(mp).with_context(|| format!("open {}", mp.display()))?;
     // The kernel writes back dirty pages before it asks the filesystem; a daemon that does
     // not implement FUSE_SYNCFS answers with an error that changes nothing.
@@ -567,6 +660,7 @@ fn demo(dir: &Path) -> Result<()> {
         &daemon::Request::Snapshot {
             mountpoint: mnt.clone(),
             name: "epoch1".into(),
+            auto: false,
         },
     )?
     .context("daemon not running")?;
@@ -602,4 +696,161 @@ fn demo(dir: &Path) -> Result<()> {
     );
     println!("== done; the store stays in {}", store.display());
     Ok(())
+}
+
+fn branch_of(store: &Path, mp: &Path) -> Result<String> {
+    let v = daemon::call(store, &daemon::Request::Status)?.context("no daemon serves this mount")?;
+    v["mounts"]
+        .as_array()
+        .and_then(|a| a.iter().find(|m| m["mountpoint"].as_str() == mp.to_str()))
+        .and_then(|m| m["branch"].as_str().map(String::from))
+        .context("the daemon does not serve this mount")
+}
+
+fn run_session(mountpoint: Option<&Path>, name: Option<String>, detach: bool, cmd: Vec<String>) -> Result<i32> {
+    let (mp, store) = mounts::resolve(mountpoint)?;
+    let branch = branch_of(&store, &mp)?;
+    let name = match name {
+        Some(n) => {
+            forkpoint_fs::fs::validate_name(&n)?;
+            n
+        }
+        None => (1..).map(|i| format!("s{i}")).find(|n| !session::list(&store).map(|l| l.iter().any(|s| &s.name == n)).unwrap_or(false)).unwrap_or_else(|| "s".into()),
+    };
+    let cwd = std::env::current_dir().ok().filter(|c| c.starts_with(&mp)).unwrap_or_else(|| mp.clone());
+    let spec = session::InitSpec {
+        store: store.clone(),
+        name: name.clone(),
+        branch,
+        mountpoint: mp.clone(),
+        daemon_mount: mp,
+        cwd,
+        argv: cmd,
+        restore: None,
+        restored_from: None,
+    };
+    let code = session::start(&spec, detach, None)?;
+    if detach {
+        println!("session {name} started; output in {}", store.join("sessions").join(&name).join("output.log").display());
+    }
+    Ok(code)
+}
+
+fn pick_session(store: &Path, mp: &Path, name: Option<&str>) -> Result<session::SessionInfo> {
+    let list = session::list(store)?;
+    if let Some(n) = name {
+        return list.into_iter().find(|s| s.name == n).with_context(|| format!("no running session '{n}'"));
+    }
+    let mut here: Vec<_> = list.into_iter().filter(|s| s.daemon_mount == mp).collect();
+    match here.len() {
+        0 => bail!("no running session on {}", mp.display()),
+        1 => Ok(here.remove(0)),
+        _ => bail!("several sessions run on {}; pass --session", mp.display()),
+    }
+}
+
+fn restore(mountpoint: Option<&Path>, branch: Option<&str>, detach: bool, name: &str) -> Result<i32> {
+    let (mp, store) = mounts::resolve(mountpoint)?;
+    let ro = Store::open_read_only(&store)?;
+    let cp = ro.find(name)?;
+    let image = cp.image.with_context(|| format!("'{name}' is a filesystem snapshot without processes"))?;
+    // Refuse a corrupt or incomplete image before anything changes.
+    let (si, pi) = session::load_image(&ro, &image)?;
+    drop(ro);
+    let now_mono = session::clock_ns(nix::time::ClockId::CLOCK_MONOTONIC);
+    let now_boot = session::clock_ns(nix::time::ClockId::CLOCK_BOOTTIME);
+    let offsets = Some((si.monotonic_ns - now_mono, si.boottime_ns - now_boot));
+    let ts = fmt_time(forkpoint_now()).replace([' ', ':'], "-");
+    let (spec, undo) = match branch {
+        Some(new) => {
+            let v = daemon::call(&store, &daemon::Request::Branch { name: new.to_string(), from: Some(name.to_string()) })?
+                .context("no daemon serves this mount")?;
+            let _ = v;
+            let hidden = store.join("branches").join(new);
+            std::fs::create_dir_all(&hidden)?;
+            daemon::call(&store, &daemon::Request::Mount { mountpoint: hidden.clone(), branch: new.to_string() })?
+                .context("no daemon serves this mount")?;
+            (
+                session::InitSpec {
+                    store: store.clone(),
+                    name: new.to_string(),
+                    branch: new.to_string(),
+                    mountpoint: mp.clone(),
+                    daemon_mount: hidden,
+                    cwd: mp.clone(),
+                    argv: si.argv.clone(),
+                    restore: None,
+                    restored_from: Some(name.to_string()),
+                },
+                None,
+            )
+        }
+        None => {
+            let cur = branch_of(&store, &mp)?;
+            // Keep what the rollback leaves: processes too, if a session runs here.
+            let auto = format!("auto-{ts}");
+            let running: Vec<_> = session::list(&store)?.into_iter().filter(|s| s.daemon_mount == mp).collect();
+            let mut kept = None;
+            for s in &running {
+                let req = session::CheckpointRequest { name: auto.clone(), after: "kill".into(), kind: "auto".into() };
+                match session::request_checkpoint(&store, &s.name, &req) {
+                    Ok(v) => kept = v["cno"].as_u64(),
+                    Err(e) => {
+                        eprintln!("forkpoint: could not checkpoint session {} before the rollback ({e:#}); keeping its files only", s.name);
+                        let _ = cgroup::kill(&store, &s.name);
+                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(s.pid), nix::sys::signal::Signal::SIGKILL);
+                    }
+                }
+            }
+            for s in &running {
+                for _ in 0..200 {
+                    if nix::sys::signal::kill(nix::unistd::Pid::from_raw(s.pid), None).is_err() {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+            }
+            if kept.is_none() {
+                syncfs(&mp)?;
+                let v = daemon::call(&store, &daemon::Request::Snapshot { mountpoint: mp.clone(), name: auto.clone(), auto: true })?
+                    .context("no daemon serves this mount")?;
+                kept = v["cno"].as_u64();
+            }
+            eprintln!("forkpoint: the state before the rollback is kept as '{auto}'");
+            daemon::call(&store, &daemon::Request::Rollback { mountpoint: mp.clone(), cno: cp.cno })?
+                .context("no daemon serves this mount")?;
+            let sname = running.first().map(|s| s.name.clone()).unwrap_or_else(|| cur.clone());
+            (
+                session::InitSpec {
+                    store: store.clone(),
+                    name: sname,
+                    branch: cur,
+                    mountpoint: mp.clone(),
+                    daemon_mount: mp.clone(),
+                    cwd: mp.clone(),
+                    argv: si.argv.clone(),
+                    restore: None,
+                    restored_from: Some(name.to_string()),
+                },
+                kept,
+            )
+        }
+    };
+    let spec = session::InitSpec { restore: Some(cp.cno), ..spec };
+    let _ = pi;
+    match session::start(&spec, detach, offsets) {
+        Ok(code) => {
+            if detach {
+                println!("restored '{name}' as session {} on branch {}", spec.name, spec.branch);
+            }
+            Ok(code)
+        }
+        Err(e) => {
+            // Leave the branch as it was before the restore.
+            if let Some(prev) = undo {
+                let _ = daemon::call(&store, &daemon::Request::Rollback { mountpoint: mp, cno: prev });
+            }
+            Err(e)
+        }
+    }
 }

@@ -108,6 +108,11 @@ pub struct NewCheckpoint<'a> {
     pub kind: CheckpointKind,
     pub image: Option<ContentId>,
     pub note: Option<&'a str>,
+    /// Move the branch head to this checkpoint (commits and snapshots do; a process
+    /// checkpoint records an earlier root while the branch has moved on, so it does not).
+    pub advance_head: bool,
+    /// Parent checkpoint (default: the branch head).
+    pub parent: Option<u64>,
 }
 
 /// The open catalog.
@@ -348,11 +353,11 @@ impl Catalog {
                     ],
                 )?;
                 let cno = tx.last_insert_rowid();
-                tx.execute(
+                if cp.advance_head { tx.execute(
                     "INSERT INTO branches(name, head, created) VALUES(?1, ?2, ?3)
                      ON CONFLICT(name) DO UPDATE SET head=excluded.head",
                     params![cp.branch, cno, now_ns()],
-                )?;
+                )?; }
                 Some(cno as u64)
             }
         };

@@ -125,6 +125,15 @@ pub struct DirEntry {
     pub name: Vec<u8>,
 }
 
+/// Something the kernel may cache that a rollback makes stale.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Inval {
+    /// The entry `name` of directory `ino`.
+    Entry(u64, Vec<u8>),
+    /// Attributes and pages of an inode.
+    Inode(u64),
+}
+
 /// Rename flags.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RenameFlags {
@@ -1296,6 +1305,8 @@ impl Fs {
                 kind,
                 image,
                 note: None,
+                advance_head: true,
+                parent: None,
             }))?
             .ok_or(FsError::Invalid("commit without checkpoint"))?;
         st.head = cno;
@@ -1310,14 +1321,24 @@ impl Fs {
     }
 
     /// Switches the mount to the tree of checkpoint `cno` (a rollback: the branch head moves
-    /// there). Uncommitted changes must have been committed by the caller.
-    pub fn checkout(&self, cno: u64) -> FsResult<()> {
+    /// there). Uncommitted changes are dropped; commit first to keep them. Returns what the
+    /// kernel may have cached of the old tree, to be invalidated.
+    pub fn checkout(&self, cno: u64) -> FsResult<Vec<Inval>> {
         let _c = self.commit_lock.lock().unwrap_or_else(|e| e.into_inner());
         let cp = self.store.catalog(|c| c.checkpoint(cno))?;
         let root = tree::get_root(&self.store, &cp.root)?;
         let mut st = self.lock();
         let branch = st.branch.clone();
         self.store.catalog(|c| c.set_head(&branch, cno))?;
+        let mut inval = Vec::new();
+        for (ino, n) in &st.nodes {
+            if let MemBody::Dir { entries, .. } = &n.body {
+                for name in entries.keys() {
+                    inval.push(Inval::Entry(*ino, name.clone()));
+                }
+            }
+            inval.push(Inval::Inode(*ino));
+        }
         st.head = cno;
         st.next_ino = st.next_ino.max(root.next_ino);
         st.base = root;
@@ -1325,7 +1346,12 @@ impl Fs {
         st.dirty.clear();
         st.removed.clear();
         st.dirty_bytes = 0;
-        Ok(())
+        Ok(inval)
+    }
+
+    /// Commits and returns the checkpoint number of the commit.
+    pub fn commit_now(&self) -> FsResult<u64> {
+        self.commit(CheckpointKind::Commit, None, None)
     }
 
     // ----- .forkpoint ----------------------------------------------------------------------

@@ -666,3 +666,20 @@ pub fn spawn(fs: Arc<Fs>, mountpoint: &Path, fsname: &str) -> std::io::Result<Ba
     config.clone_fd = true;
     fuser::Session::new(FuseFs::new(fs), mountpoint, &config)?.spawn()
 }
+
+/// Tells the kernel to forget what it cached of a tree that a rollback replaced.
+pub fn invalidate(session: &BackgroundSession, list: &[crate::fs::Inval]) {
+    let n = session.notifier();
+    for i in list {
+        let r = match i {
+            crate::fs::Inval::Entry(parent, name) => n.inval_entry(INodeNo(*parent), OsStr::from_bytes(name)),
+            crate::fs::Inval::Inode(ino) => n.inval_inode(INodeNo(*ino), 0, 0),
+        };
+        // ENOENT: the kernel had nothing cached for it.
+        if let Err(e) = r {
+            if e.raw_os_error() != Some(libc::ENOENT) {
+                log::debug!("invalidate {i:?}: {e}");
+            }
+        }
+    }
+}

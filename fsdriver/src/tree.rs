@@ -358,6 +358,8 @@ pub fn init_tree(store: &Arc<Store>, lower: Option<&Path>) -> Result<()> {
         kind: CheckpointKind::Commit,
         image: None,
         note: Some("init"),
+        advance_head: true,
+        parent: None,
     }))?;
     Ok(())
 }

@@ -93,6 +93,8 @@ pub enum DumpError {
         detail: String,
     },
     /// A file descriptor cannot be checkpointed.
+    #[error("checkpoint of pid {pid} aborted: {reason}")]
+    Hook { pid: i32, reason: String },
     #[error("process {pid}: fd {fd} ({target}) is not supported: {reason}")]
     UnsupportedFd {
         /// Pid.
@@ -433,7 +435,19 @@ pub fn dump(pid: i32) -> Result<ProcessImage, DumpError> {
 /// Dump process `pid`. The process is stopped for the duration of the call and continues
 /// unchanged afterwards, also when an error is returned.
 pub fn dump_with(pid: i32, opts: &DumpOptions) -> Result<ProcessImage, DumpError> {
+    dump_frozen(pid, opts, &mut || Ok(()))
+}
+
+/// [`dump_with`], calling `on_frozen` once every thread is stopped and before anything is
+/// read: the moment of the checkpoint, where the caller cuts the filesystem snapshot that
+/// goes with the image. An error from `on_frozen` aborts the dump (the process resumes).
+pub fn dump_frozen(
+    pid: i32,
+    opts: &DumpOptions,
+    on_frozen: &mut dyn FnMut() -> Result<(), String>,
+) -> Result<ProcessImage, DumpError> {
     let mut frozen = Frozen::freeze(pid)?;
+    on_frozen().map_err(|reason| DumpError::Hook { pid, reason })?;
     let trace = |source| DumpError::Trace { pid, source };
 
     // 2. Mappings (before we add our scratch page).

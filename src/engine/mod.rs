@@ -31,7 +31,7 @@ pub mod restore;
 pub mod sys;
 pub mod tracer;
 
-pub use dump::{dump, dump_with, AfterDump, DumpError, DumpOptions};
+pub use dump::{dump, dump_frozen, dump_with, AfterDump, DumpError, DumpOptions};
 pub use image::{decode, encode, ImageError, ProcessImage};
 pub use restore::{restore, restore_with, ChunkSource, RestoreError, RestoreOptions};
 

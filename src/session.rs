@@ -1,0 +1,454 @@
+//! Sessions: a process tree started by `forkpoint run` (or recreated by `restore`) in its own
+//! PID, mount, IPC, UTS and time namespaces, with a small init as PID 1.
+//!
+//! ```text
+//! forkpoint run ──spawn──▶ session-init (host side; unshared mount/ipc/uts/pid/time ns)
+//!                              └─fork─▶ init (PID 1 in the session)
+//!                                          ├─ fork+exec ─▶ CMD (PID 2)         (run)
+//!                                          └─ engine::restore(pid = N) ─▶ CMD (restore)
+//! ```
+//! init serves `STORE/sessions/NAME/ctl.sock`: a checkpoint request makes init (the parent,
+//! inside the PID namespace, so pids are the session's own) stop the program with ptrace, ask
+//! the daemon to commit the filesystem at that instant, dump the program, and hand the image
+//! to the daemon, which records (name, root, image) in one catalog transaction.
+
+use crate::daemon::{self, Request};
+use anyhow::{anyhow, bail, Context, Result};
+use forkpoint::engine::{self, image::ProcessImage, AfterDump, DumpOptions, RestoreOptions};
+use forkpoint_fs::maint::decode_image;
+use forkpoint_fs::{ContentId, Store};
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Version of the session image wrapper.
+pub const SESSION_IMAGE_VERSION: u32 = 1;
+
+/// What a checkpoint stores besides the engine's process image.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SessionImage {
+    pub version: u32,
+    /// The engine's image (memory externalized into store chunks).
+    pub process: Vec<u8>,
+    /// CLOCK_MONOTONIC and CLOCK_BOOTTIME inside the session at the checkpoint (ns).
+    pub monotonic_ns: i128,
+    pub boottime_ns: i128,
+    pub argv: Vec<String>,
+}
+
+/// A session's record on disk.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionInfo {
+    pub name: String,
+    pub branch: String,
+    /// The path the program sees.
+    pub mountpoint: PathBuf,
+    /// The path the daemon serves the branch at (differs for `restore --branch`).
+    pub daemon_mount: PathBuf,
+    /// Host pid of session-init.
+    pub pid: i32,
+    /// Session-local pid of the program.
+    pub main_pid: i32,
+    pub argv: Vec<String>,
+    pub restored_from: Option<String>,
+    pub started: i64,
+}
+
+/// Options passed to session-init.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InitSpec {
+    pub store: PathBuf,
+    pub name: String,
+    pub branch: String,
+    pub mountpoint: PathBuf,
+    pub daemon_mount: PathBuf,
+    pub cwd: PathBuf,
+    pub argv: Vec<String>,
+    /// Checkpoint number to restore instead of running `argv`.
+    pub restore: Option<u64>,
+    pub restored_from: Option<String>,
+}
+
+pub fn sessions_dir(store: &Path) -> PathBuf {
+    store.join("sessions")
+}
+
+fn session_dir(store: &Path, name: &str) -> PathBuf {
+    sessions_dir(store).join(name)
+}
+
+fn alive(pid: i32) -> bool {
+    pid > 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}
+
+/// Sessions of a store (live ones only).
+pub fn list(store: &Path) -> Result<Vec<SessionInfo>> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(sessions_dir(store)) else {
+        return Ok(out);
+    };
+    for e in rd.flatten() {
+        let Ok(text) = std::fs::read_to_string(e.path().join("info.json")) else {
+            continue;
+        };
+        if let Ok(info) = serde_json::from_str::<SessionInfo>(&text) {
+            if alive(info.pid) {
+                out.push(info);
+            }
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+pub fn clock_ns(clock: nix::time::ClockId) -> i128 {
+    nix::time::clock_gettime(clock)
+        .map(|t| i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec()))
+        .unwrap_or(0)
+}
+
+/// Starts a session; returns session-init's exit status (or 0 when detached).
+pub fn start(spec: &InitSpec, detach: bool, time_offsets: Option<(i128, i128)>) -> Result<i32> {
+    use std::os::unix::process::CommandExt;
+    let dir = session_dir(&spec.store, &spec.name);
+    if let Ok(text) = std::fs::read_to_string(dir.join("info.json")) {
+        if let Ok(info) = serde_json::from_str::<SessionInfo>(&text) {
+            if alive(info.pid) {
+                bail!("session '{}' is already running (pid {})", spec.name, info.pid);
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let spec_path = dir.join("spec.json");
+    std::fs::write(&spec_path, serde_json::to_vec(spec)?).context("write session spec")?;
+    let mut cmd = std::process::Command::new(std::env::current_exe().context("current exe")?);
+    cmd.arg("session-init").arg(&spec_path);
+    if detach {
+        let log = dir.join("output.log");
+        let f = std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
+        cmd.stdin(std::process::Stdio::null()).stdout(f.try_clone()?).stderr(f);
+    }
+    // Offsets are written before the new time namespace has any member, as the kernel requires.
+    let offsets = time_offsets.map(|(m, b)| {
+        let sec = |ns: i128| (ns.div_euclid(1_000_000_000) as i64, ns.rem_euclid(1_000_000_000) as i64);
+        let (ms, mn) = sec(m);
+        let (bs, bn) = sec(b);
+        format!("monotonic {ms} {mn}\nboottime {bs} {bn}\n")
+    });
+    let cgroup = crate::cgroup::create(&spec.store, &spec.name).ok();
+    let hook = move || -> std::io::Result<()> {
+        if let Some(cg) = &cgroup {
+            // Join the session's cgroup first, so every descendant is in it.
+            let _ = std::fs::write(cg.join("cgroup.procs"), b"0");
+        }
+        if detach {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+        }
+        use nix::sched::CloneFlags as F;
+        nix::sched::unshare(F::CLONE_NEWNS | F::CLONE_NEWIPC | F::CLONE_NEWUTS | F::CLONE_NEWPID)
+            .map_err(std::io::Error::from)?;
+        // nix has no constant for the time namespace.
+        // SAFETY: unshare takes a flag word and touches no memory.
+        if unsafe { libc::unshare(libc::CLONE_NEWTIME) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if let Some(o) = &offsets {
+            std::fs::write("/proc/self/timens_offsets", o.as_bytes())?;
+        }
+        Ok(())
+    };
+    // SAFETY: the hook runs between fork and exec and makes only plain system calls (open,
+    // write, setsid, unshare); the values it uses were built before the fork.
+    unsafe {
+        cmd.pre_exec(hook);
+    }
+    let mut child = cmd.spawn().context("start session")?;
+    if detach {
+        // Wait until init serves its socket, so that the caller can checkpoint at once.
+        let sock = dir.join("ctl.sock");
+        for _ in 0..500 {
+            if sock.exists() {
+                break;
+            }
+            if let Ok(Some(st)) = child.try_wait() {
+                bail!(
+                    "session '{}' exited at once ({st}); see {}",
+                    spec.name,
+                    dir.join("output.log").display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::spawn(move || child.wait());
+        return Ok(0);
+    }
+    let st = child.wait().context("wait for session")?;
+    Ok(st.code().unwrap_or_else(|| {
+        use std::os::unix::process::ExitStatusExt;
+        128 + st.signal().unwrap_or(0)
+    }))
+}
+
+/// session-init: runs on the host side of the new namespaces and forks init, PID 1.
+pub fn session_init(spec_path: &Path) -> Result<i32> {
+    let spec: InitSpec = serde_json::from_slice(&std::fs::read(spec_path).context("read spec")?)?;
+    let dir = session_dir(&spec.store, &spec.name);
+    let info = SessionInfo {
+        name: spec.name.clone(),
+        branch: spec.branch.clone(),
+        mountpoint: spec.mountpoint.clone(),
+        daemon_mount: spec.daemon_mount.clone(),
+        pid: std::process::id() as i32,
+        main_pid: 0,
+        argv: spec.argv.clone(),
+        restored_from: spec.restored_from.clone(),
+        started: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0),
+    };
+    // SAFETY: this process is single-threaded here; the child only calls into `init`, which
+    // runs its own code from scratch.
+    match unsafe { nix::unistd::fork() }.context("fork init")? {
+        nix::unistd::ForkResult::Child => {
+            let code = match init(&spec, info) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("forkpoint: session {}: {e:#}", spec.name);
+                    127
+                }
+            };
+            std::process::exit(code);
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            let code = loop {
+                match nix::sys::wait::waitpid(child, None) {
+                    Ok(nix::sys::wait::WaitStatus::Exited(_, c)) => break c,
+                    Ok(nix::sys::wait::WaitStatus::Signaled(_, s, _)) => break 128 + s as i32,
+                    Ok(_) => continue,
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(e) => return Err(e).context("wait for init"),
+                }
+            };
+            let _ = std::fs::remove_file(dir.join("ctl.sock"));
+            crate::cgroup::remove(&spec.store, &spec.name);
+            Ok(code)
+        }
+    }
+}
+
+/// PID 1 of the session.
+fn init(spec: &InitSpec, mut info: SessionInfo) -> Result<i32> {
+    use nix::mount::{mount, MsFlags};
+    let dir = session_dir(&spec.store, &spec.name);
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+        .context("make mounts private")?;
+    mount(Some("proc"), "/proc", Some("proc"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None::<&str>)
+        .context("mount /proc")?;
+    if spec.daemon_mount != spec.mountpoint {
+        mount(Some(&spec.daemon_mount), &spec.mountpoint, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+            .with_context(|| format!("bind {} on {}", spec.daemon_mount.display(), spec.mountpoint.display()))?;
+    }
+    let main = match spec.restore {
+        Some(cno) => restore_main(spec, cno)?,
+        None => {
+            let argv: Vec<std::ffi::CString> = spec
+                .argv
+                .iter()
+                .map(|a| std::ffi::CString::new(a.as_bytes()))
+                .collect::<Result<_, _>>()
+                .context("argument contains NUL")?;
+            let prog = argv.first().cloned().ok_or_else(|| anyhow!("no command"))?;
+            // SAFETY: init is single-threaded; the child only execs.
+            match unsafe { nix::unistd::fork() }.context("fork program")? {
+                nix::unistd::ForkResult::Child => {
+                    let _ = nix::unistd::chdir(&spec.cwd);
+                    let e = nix::unistd::execvp(&prog, &argv);
+                    eprintln!("forkpoint: cannot run {}: {e:?}", spec.argv[0]);
+                    std::process::exit(127);
+                }
+                nix::unistd::ForkResult::Parent { child } => child.as_raw(),
+            }
+        }
+    };
+    info.main_pid = main;
+    std::fs::write(dir.join("info.json"), serde_json::to_vec_pretty(&info)?).context("write session info")?;
+    let sock = dir.join("ctl.sock");
+    let _ = std::fs::remove_file(&sock);
+    let listener = UnixListener::bind(&sock).with_context(|| format!("bind {}", sock.display()))?;
+    listener.set_nonblocking(true)?;
+    let mut main_status: Option<i32> = None;
+    loop {
+        // Reap: the program, and orphans re-parented to us.
+        loop {
+            match nix::sys::wait::waitpid(None, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+                Ok(nix::sys::wait::WaitStatus::Exited(p, c)) if p.as_raw() == main => main_status = Some(c),
+                Ok(nix::sys::wait::WaitStatus::Signaled(p, s, _)) if p.as_raw() == main => {
+                    main_status = Some(128 + s as i32)
+                }
+                Ok(nix::sys::wait::WaitStatus::StillAlive) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+        if let Some(c) = main_status {
+            return Ok(c);
+        }
+        match listener.accept() {
+            Ok((conn, _)) => {
+                let _ = conn.set_nonblocking(false);
+                let killed = handle_control(spec, main, &conn);
+                if killed {
+                    // The program was killed at its checkpoint; the session ends with it.
+                    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(main), None);
+                    return Ok(137);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(20)),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// A request to a session's init.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CheckpointRequest {
+    pub name: String,
+    /// "resume", "stop" or "kill".
+    pub after: String,
+    /// "checkpoint" or "auto".
+    pub kind: String,
+}
+
+fn handle_control(spec: &InitSpec, main: i32, conn: &UnixStream) -> bool {
+    let mut line = String::new();
+    if BufReader::new(conn).read_line(&mut line).is_err() {
+        return false;
+    }
+    let (resp, killed) = match serde_json::from_str::<CheckpointRequest>(&line) {
+        Ok(req) => {
+            let kill = req.after == "kill";
+            match checkpoint(spec, main, &req) {
+                Ok(v) => (serde_json::json!({"ok": true, "value": v}), kill),
+                Err(e) => (serde_json::json!({"ok": false, "error": format!("{e:#}")}), false),
+            }
+        }
+        Err(e) => (serde_json::json!({"ok": false, "error": format!("bad request: {e}")}), false),
+    };
+    let mut out = resp.to_string();
+    out.push('\n');
+    let _ = (&*conn).write_all(out.as_bytes());
+    killed
+}
+
+fn checkpoint(spec: &InitSpec, main: i32, req: &CheckpointRequest) -> Result<serde_json::Value> {
+    forkpoint_fs::fs::validate_name(&req.name)?;
+    let after = match req.after.as_str() {
+        "kill" => AfterDump::Kill,
+        _ => AfterDump::Resume,
+    };
+    let opts = DumpOptions { after, ..Default::default() };
+    let t0 = Instant::now();
+    let mut root_cno = None;
+    let mut frozen_at = None;
+    let mp = spec.mountpoint.clone();
+    let dmp = spec.daemon_mount.clone();
+    let store = spec.store.clone();
+    let mut hook = || -> Result<(), String> {
+        frozen_at = Some(Instant::now());
+        // The program is stopped: the files as of now belong to this checkpoint.
+        crate::syncfs(&mp).map_err(|e| format!("{e:#}"))?;
+        let v = daemon::call(&store, &Request::Commit { mountpoint: dmp.clone() })
+            .map_err(|e| format!("{e:#}"))?
+            .ok_or("no daemon serves the mount")?;
+        root_cno = v["cno"].as_u64();
+        Ok(())
+    };
+    let img = engine::dump_frozen(main, &opts, &mut hook).context("dump")?;
+    if req.after == "stop" {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(main), nix::sys::signal::Signal::SIGSTOP);
+    }
+    let downtime = frozen_at.map(|f| f.elapsed()).unwrap_or_default();
+    let root_cno = root_cno.ok_or_else(|| anyhow!("filesystem was not committed"))?;
+    let wrapped = SessionImage {
+        version: SESSION_IMAGE_VERSION,
+        process: engine::encode(&img)?,
+        monotonic_ns: clock_ns(nix::time::ClockId::CLOCK_MONOTONIC),
+        boottime_ns: clock_ns(nix::time::ClockId::CLOCK_BOOTTIME),
+        argv: spec.argv.clone(),
+    };
+    let tmp = session_dir(&spec.store, &spec.name).join("checkpoint.tmp");
+    std::fs::write(&tmp, postcard::to_allocvec(&wrapped)?).context("write image")?;
+    let v = daemon::call(
+        &spec.store,
+        &Request::RecordCheckpoint {
+            mountpoint: spec.daemon_mount.clone(),
+            name: req.name.clone(),
+            root_cno,
+            image_file: tmp.clone(),
+            auto: req.kind == "auto",
+        },
+    );
+    let _ = std::fs::remove_file(&tmp);
+    let mut v = v?.ok_or_else(|| anyhow!("no daemon serves the mount"))?;
+    v["downtime_us"] = serde_json::json!(downtime.as_micros() as u64);
+    v["total_us"] = serde_json::json!(t0.elapsed().as_micros() as u64);
+    v["pid"] = serde_json::json!(main);
+    Ok(v)
+}
+
+/// Sends a checkpoint request to a running session.
+pub fn request_checkpoint(store: &Path, name: &str, req: &CheckpointRequest) -> Result<serde_json::Value> {
+    let sock = session_dir(store, name).join("ctl.sock");
+    let mut s = UnixStream::connect(&sock).with_context(|| format!("session '{name}' is not running"))?;
+    let mut line = serde_json::to_string(req)?;
+    line.push('\n');
+    s.write_all(line.as_bytes())?;
+    let mut resp = String::new();
+    BufReader::new(&s).read_line(&mut resp).context("read session response")?;
+    let v: serde_json::Value = serde_json::from_str(&resp).context("session closed the connection")?;
+    if v["ok"].as_bool() == Some(true) {
+        Ok(v["value"].clone())
+    } else {
+        bail!("{}", v["error"].as_str().unwrap_or("checkpoint failed"))
+    }
+}
+
+/// Reads and fully decodes a checkpoint's image; refuses a corrupt or incomplete one before
+/// anything is changed.
+pub fn load_image(store: &Store, image: &ContentId) -> Result<(SessionImage, ProcessImage)> {
+    let bytes = store.get(image).context("read process image")?;
+    let obj = decode_image(image, &bytes)?;
+    for r in &obj.refs {
+        if !store.contains(r) {
+            bail!("process image {image} refers to missing chunk {r}");
+        }
+    }
+    let si: SessionImage = postcard::from_bytes(&obj.body).context("decode session image")?;
+    if si.version > SESSION_IMAGE_VERSION {
+        bail!("session image version {} is newer than supported ({SESSION_IMAGE_VERSION})", si.version);
+    }
+    let pi = engine::decode(&si.process).context("decode process image")?;
+    Ok((si, pi))
+}
+
+struct StoreChunks(std::sync::Arc<Store>);
+
+impl engine::ChunkSource for StoreChunks {
+    fn fetch(&self, hash: &[u8; 32], _len: u64) -> Result<Vec<u8>, String> {
+        self.0.read_verified(&ContentId(*hash)).map_err(|e| e.to_string())
+    }
+}
+
+fn restore_main(spec: &InitSpec, cno: u64) -> Result<i32> {
+    let store = Store::open_read_only(&spec.store)?;
+    let cp = store.catalog(|c| c.checkpoint(cno))?;
+    let image = cp.image.ok_or_else(|| anyhow!("checkpoint #{cno} has no process image"))?;
+    let (_si, pi) = load_image(&store, &image)?;
+    let chunks = StoreChunks(store.clone());
+    let opts = RestoreOptions { pid: Some(pi.pid), chunks: Some(&chunks), skip_file_checks: false };
+    let pid = engine::restore_with(&pi, &opts).context("restore process")?;
+    Ok(pid)
+}
