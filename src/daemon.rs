@@ -159,8 +159,16 @@ impl Daemon {
             log::error!("commit of {} failed: {e}", mountpoint.display());
         }
         if let Some(s) = m.session.take() {
-            s.umount_and_join()
-                .with_context(|| format!("unmount {}", mountpoint.display()))?;
+            // The connection ends when no mount namespace holds the mount any more; a session
+            // that still does must not hang the daemon.
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let _ = tx.send(s.umount_and_join());
+            });
+            match rx.recv_timeout(Duration::from_secs(5)) {
+                Ok(r) => r.with_context(|| format!("unmount {}", mountpoint.display()))?,
+                Err(_) => log::warn!("{} is still in use by another mount namespace", mountpoint.display()),
+            }
         }
         log::info!("unmounted {}", mountpoint.display());
         Ok(())

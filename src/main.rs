@@ -548,6 +548,14 @@ fn umount(mountpoint: &Path) -> Result<()> {
         bail!("{} is not a forkpoint mount", mp.display());
     };
     let store = PathBuf::from(&m.source);
+    let busy: Vec<String> = session::list(&store)?
+        .into_iter()
+        .filter(|s| s.daemon_mount == mp)
+        .map(|s| format!("{} (pid {})", s.name, s.pid))
+        .collect();
+    if !busy.is_empty() {
+        bail!("sessions still run on {}: {}; stop them first", mp.display(), busy.join(", "));
+    }
     let _ = syncfs(&mp);
     match daemon::call(
         &store,

@@ -214,6 +214,12 @@ pub fn session_init(spec_path: &Path) -> Result<i32> {
     // runs its own code from scratch.
     match unsafe { nix::unistd::fork() }.context("fork init")? {
         nix::unistd::ForkResult::Child => {
+            // init, and with it the whole PID namespace, dies with session-init.
+            // SAFETY: prctl(PR_SET_PDEATHSIG) takes plain integers.
+            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) };
+            if nix::unistd::getppid().as_raw() == 1 {
+                std::process::exit(137);
+            }
             let code = match init(&spec, info) {
                 Ok(c) => c,
                 Err(e) => {

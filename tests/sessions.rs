@@ -1,0 +1,433 @@
+//! End-to-end tests of sessions: real mounts, real programs (C built with `cc`, and Python),
+//! checkpointed, changed, restored, and checked for the exact expected state.
+//!
+//! Each test runs under a [`Lab`] whose `Drop` kills the sessions and unmounts everything it
+//! mounted. Without root or /dev/fuse the tests skip with a reason, except under `CI`, where
+//! they fail.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_forkpoint");
+
+fn can_run() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let fuse = Path::new("/dev/fuse").exists();
+    if root && fuse {
+        return true;
+    }
+    let why = if root { "no /dev/fuse" } else { "not root" };
+    assert!(std::env::var_os("CI").is_none(), "session tests cannot run in CI: {why}");
+    eprintln!("skipping: {why}");
+    false
+}
+
+struct Lab {
+    dir: tempfile::TempDir,
+    store: PathBuf,
+    mnt: PathBuf,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = dir.path().join("store");
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir_all(&mnt).expect("mkdir");
+        let lab = Lab { dir, store, mnt };
+        lab.fp(&["mount", lab.store.to_str().expect("utf8"), lab.mnt.to_str().expect("utf8")]);
+        lab
+    }
+
+    fn fp(&self, args: &[&str]) -> String {
+        let out = Command::new(BIN).args(args).current_dir(&self.mnt).output().expect("run forkpoint");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "forkpoint {args:?} failed: {}{}",
+            stdout,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    }
+
+    fn fp_fails(&self, args: &[&str]) -> String {
+        let out = Command::new(BIN).args(args).current_dir(&self.mnt).output().expect("run forkpoint");
+        assert!(!out.status.success(), "forkpoint {args:?} should fail");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    fn m(&self) -> &str {
+        self.mnt.to_str().expect("utf8")
+    }
+
+    /// Builds a C program into the lab directory.
+    fn cc(&self, name: &str, src: &str, extra: &[&str]) -> PathBuf {
+        let c = self.dir.path().join(format!("{name}.c"));
+        let exe = self.dir.path().join(name);
+        std::fs::write(&c, src).expect("write source");
+        let st = Command::new("cc").arg("-O1").arg("-o").arg(&exe).arg(&c).args(extra).status().expect("run cc");
+        assert!(st.success(), "cc {name}");
+        exe
+    }
+
+    fn branch_dir(&self, b: &str) -> PathBuf {
+        self.store.join("branches").join(b)
+    }
+
+    fn session_pid(&self, name: &str) -> (i32, i32) {
+        let text = std::fs::read_to_string(self.store.join("sessions").join(name).join("info.json")).expect("info");
+        let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+        (v["pid"].as_i64().expect("pid") as i32, v["main_pid"].as_i64().expect("main") as i32)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // Kill every session of this store (each is a PID namespace: killing its init is enough,
+        // but the program may have been re-parented; kill by cgroup and by pid).
+        if let Ok(rd) = std::fs::read_dir(self.store.join("sessions")) {
+            for e in rd.flatten() {
+                if let Ok(text) = std::fs::read_to_string(e.path().join("info.json")) {
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                        if let Some(pid) = v["pid"].as_i64() {
+                            // SAFETY: kill has no memory effects.
+                            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                        }
+                    }
+                }
+            }
+        }
+        // Wait for the sessions to be gone (their PID namespaces die with them).
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(5) {
+            let out = Command::new(BIN).args(["ps", "-m", self.m(), "--json"]).output();
+            match out {
+                Ok(o) if o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == "[]" => break,
+                _ => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+        let mut mounts: Vec<PathBuf> = vec![self.mnt.clone()];
+        if let Ok(rd) = std::fs::read_dir(self.store.join("branches")) {
+            mounts.extend(rd.flatten().map(|e| e.path()));
+        }
+        for m in mounts {
+            let ok = Command::new(BIN).arg("umount").arg(&m).output().map(|o| o.status.success()).unwrap_or(false);
+            if !ok {
+                let _ = Command::new("umount").arg("-l").arg(&m).status();
+            }
+        }
+    }
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn lines(p: &Path) -> Vec<i64> {
+    std::fs::read_to_string(p)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// Asserts a counter log is exactly 1, 2, 3, … with no gap or repeat.
+fn assert_sequence(v: &[i64]) {
+    for (i, x) in v.iter().enumerate() {
+        assert_eq!(*x, i as i64 + 1, "counter log breaks at line {}", i + 1);
+    }
+}
+
+const COUNTER: &str = r#"
+#include <stdio.h>
+#include <unistd.h>
+#include <fcntl.h>
+#include <time.h>
+int main(void) {
+    for (int fd = 3; fd < 1024; fd++) close(fd);
+    volatile long counter = 0;
+    int f = open("counter.log", O_WRONLY | O_CREAT | O_APPEND, 0644);
+    char buf[64];
+    for (;;) {
+        counter++;                       /* memory ... */
+        int n = snprintf(buf, sizeof buf, "%ld\n", counter);
+        if (write(f, buf, n) != n) return 1;   /* ... and file, in lock step */
+        struct timespec ts = {0, 5 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+}
+"#;
+
+#[test]
+fn counter_cut_is_atomic_and_rollback_continues() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    let exe = lab.cc("counter", COUNTER, &[]);
+    lab.fp(&["run", "-m", lab.m(), "--detach", "--name", "c", "--", exe.to_str().expect("utf8")]);
+    let log = lab.mnt.join("counter.log");
+    wait_for("counter to start", Duration::from_secs(10), || lines(&log).len() > 20);
+    let out = lab.fp(&["checkpoint", "-m", lab.m(), "one"]);
+    assert!(out.contains("downtime"), "{out}");
+    // The checkpoint's files hold exactly what the program had written at the cut.
+    let snap_log = lab.mnt.join(".forkpoint/snapshots/one/counter.log");
+    let at_cut = lines(&snap_log);
+    assert!(at_cut.len() > 20);
+    assert_sequence(&at_cut);
+    wait_for("progress after checkpoint", Duration::from_secs(10), || lines(&log).len() > at_cut.len() + 50);
+    lab.fp(&["restore", "-m", lab.m(), "--detach", "one"]);
+    // Files rolled back; the process continues from the same value: no gap, no repeat.
+    wait_for("progress after restore", Duration::from_secs(10), || lines(&log).len() > at_cut.len() + 30);
+    let after = lines(&log);
+    assert_sequence(&after);
+    // The rollback kept the state it left.
+    let log_text = lab.fp(&["log", "-m", lab.m()]);
+    assert!(log_text.contains("auto-"), "{log_text}");
+    // And the same checkpoint can be restored again.
+    lab.fp(&["restore", "-m", lab.m(), "--detach", "one"]);
+    wait_for("progress after 2nd restore", Duration::from_secs(10), || lines(&log).len() > at_cut.len() + 30);
+    assert_sequence(&lines(&log));
+}
+
+#[test]
+fn one_checkpoint_on_two_branches_side_by_side() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    let exe = lab.cc("counter", COUNTER, &[]);
+    lab.fp(&["run", "-m", lab.m(), "--detach", "--name", "orig", "--", exe.to_str().expect("utf8")]);
+    let log = lab.mnt.join("counter.log");
+    wait_for("counter", Duration::from_secs(10), || lines(&log).len() > 20);
+    lab.fp(&["checkpoint", "-m", lab.m(), "fork"]);
+    let at_cut = lines(&lab.mnt.join(".forkpoint/snapshots/fork/counter.log")).len();
+    lab.fp(&["restore", "-m", lab.m(), "--detach", "--branch", "b1", "fork"]);
+    lab.fp(&["restore", "-m", lab.m(), "--detach", "--branch", "b2", "fork"]);
+    let (_, orig_main) = lab.session_pid("orig");
+    let (_, b1_main) = lab.session_pid("b1");
+    let (_, b2_main) = lab.session_pid("b2");
+    assert_eq!(orig_main, b1_main, "same pid in each branch");
+    assert_eq!(orig_main, b2_main, "same pid in each branch");
+    let b1 = lab.branch_dir("b1");
+    let b2 = lab.branch_dir("b2");
+    for b in [&b1, &b2] {
+        wait_for("branch progress", Duration::from_secs(10), || lines(&b.join("counter.log")).len() > at_cut + 30);
+        assert_sequence(&lines(&b.join("counter.log")));
+    }
+    // Each branch writes its own files; neither sees the other's.
+    std::fs::write(b1.join("only-b1"), "1").expect("write b1");
+    std::fs::write(b2.join("only-b2"), "2").expect("write b2");
+    assert!(!b2.join("only-b1").exists() && !lab.mnt.join("only-b1").exists());
+    assert!(!b1.join("only-b2").exists() && !lab.mnt.join("only-b2").exists());
+    // The three counters diverge: each file is its own.
+    let (m, x, y) = (lines(&log), lines(&b1.join("counter.log")), lines(&b2.join("counter.log")));
+    assert!(m.len() > at_cut && x.len() > at_cut && y.len() > at_cut);
+}
+
+const THREADS: &str = r#"
+#include <pthread.h>
+#include <stdio.h>
+#include <unistd.h>
+#include <fcntl.h>
+#include <string.h>
+#define N 8
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
+static long total = 0, mine[N], turn = 0;
+static void *worker(void *arg) {
+    long id = (long)arg;
+    for (;;) {
+        pthread_mutex_lock(&mu);
+        while (turn % N != id) pthread_cond_wait(&cv, &mu);
+        total++; mine[id]++; turn++;
+        pthread_cond_broadcast(&cv);
+        pthread_mutex_unlock(&mu);
+        usleep(500);
+    }
+    return 0;
+}
+int main(void) {
+    for (int fd = 3; fd < 1024; fd++) close(fd);
+    pthread_t t[N];
+    for (long i = 0; i < N; i++) pthread_create(&t[i], 0, worker, (void *)i);
+    int f = open("threads.log", O_WRONLY | O_CREAT | O_APPEND, 0644);
+    for (;;) {
+        usleep(20000);
+        pthread_mutex_lock(&mu);
+        long sum = 0, lo = mine[0], hi = mine[0];
+        for (int i = 0; i < N; i++) { sum += mine[i]; if (mine[i] < lo) lo = mine[i]; if (mine[i] > hi) hi = mine[i]; }
+        char buf[128];
+        int n = (sum == total && hi - lo <= 1 && turn == total)
+            ? snprintf(buf, sizeof buf, "ok %ld\n", total)
+            : snprintf(buf, sizeof buf, "FAIL total=%ld sum=%ld lo=%ld hi=%ld\n", total, sum, lo, hi);
+        pthread_mutex_unlock(&mu);
+        write(f, buf, n);
+    }
+}
+"#;
+
+#[test]
+fn multithreaded_program_keeps_its_invariants() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    let exe = lab.cc("threads", THREADS, &["-pthread"]);
+    lab.fp(&["run", "-m", lab.m(), "--detach", "--", exe.to_str().expect("utf8")]);
+    let log = lab.mnt.join("threads.log");
+    let count = |p: &Path| std::fs::read_to_string(p).unwrap_or_default().lines().count();
+    wait_for("threads", Duration::from_secs(10), || count(&log) > 10);
+    lab.fp(&["checkpoint", "-m", lab.m(), "mt"]);
+    let at_cut = count(&lab.mnt.join(".forkpoint/snapshots/mt/threads.log"));
+    lab.fp(&["restore", "-m", lab.m(), "--detach", "mt"]);
+    wait_for("threads after restore", Duration::from_secs(20), || count(&log) > at_cut + 20);
+    let text = std::fs::read_to_string(&log).expect("log");
+    assert!(!text.contains("FAIL"), "{text}");
+    let totals: Vec<i64> = text.lines().filter_map(|l| l.strip_prefix("ok ")?.parse().ok()).collect();
+    assert!(totals.windows(2).all(|w| w[0] <= w[1]), "total never goes back");
+    assert!(totals.last() > totals.get(at_cut), "the restored threads make progress");
+}
+
+const CLOCK: &str = r#"
+#include <stdio.h>
+#include <time.h>
+#include <unistd.h>
+#include <fcntl.h>
+int main(void) {
+    for (int fd = 3; fd < 1024; fd++) close(fd);
+    int f = open("clock.log", O_WRONLY | O_CREAT | O_APPEND, 0644);
+    struct timespec prev, now;
+    clock_gettime(CLOCK_MONOTONIC, &prev);
+    for (;;) {
+        struct timespec ts = {0, 10 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        long long d = (now.tv_sec - prev.tv_sec) * 1000000000LL + (now.tv_nsec - prev.tv_nsec);
+        char buf[64];
+        int n = snprintf(buf, sizeof buf, "%lld\n", d);
+        write(f, buf, n);
+        prev = now;
+    }
+}
+"#;
+
+#[test]
+fn monotonic_clock_never_jumps_across_restore() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    let exe = lab.cc("clock", CLOCK, &[]);
+    lab.fp(&["run", "-m", lab.m(), "--detach", "--", exe.to_str().expect("utf8")]);
+    let log = lab.mnt.join("clock.log");
+    wait_for("clock", Duration::from_secs(10), || lines(&log).len() > 10);
+    lab.fp(&["checkpoint", "-m", lab.m(), "tick"]);
+    // Host time moves on while the checkpoint waits.
+    std::thread::sleep(Duration::from_secs(3));
+    let t = Instant::now();
+    lab.fp(&["restore", "-m", lab.m(), "--detach", "tick"]);
+    let n = lines(&lab.mnt.join(".forkpoint/snapshots/tick/clock.log")).len();
+    wait_for("clock after restore", Duration::from_secs(10), || lines(&log).len() > n + 20);
+    let took = t.elapsed().as_nanos() as i64 + 1_000_000_000;
+    for d in lines(&log) {
+        assert!(d >= 0, "CLOCK_MONOTONIC went backwards by {d} ns");
+        assert!(d < took, "CLOCK_MONOTONIC jumped {d} ns (restore took {took} ns incl. 1 s slack)");
+    }
+}
+
+#[test]
+fn python_dict_and_file_position_survive() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    let data: String = (0..200_000).map(|i| format!("line {i}\n")).collect();
+    std::fs::write(lab.mnt.join("input.txt"), data).expect("input");
+    let script = lab.mnt.join("reader.py");
+    std::fs::write(
+        &script,
+        r#"
+import os, time
+for fd in range(3, 1024):
+    try: os.close(fd)
+    except OSError: pass
+table = {i: str(i) * 3 for i in range(300_000)}
+src = open("input.txt")
+out = open("progress.txt", "a")
+n = 0
+while True:
+    line = src.readline()
+    if not line:
+        break
+    n += 1
+    want = "line %d\n" % (n - 1)
+    ok = line == want and table[n % 300_000] == str(n % 300_000) * 3 and len(table) == 300_000
+    out.write("%d %s\n" % (n, "ok" if ok else "BAD " + repr(line)))
+    out.flush()
+    time.sleep(0.002)
+out.write("done\n")
+out.flush()
+"#,
+    )
+    .expect("script");
+    lab.fp(&["run", "-m", lab.m(), "--detach", "--", "python3", script.to_str().expect("utf8")]);
+    let prog = lab.mnt.join("progress.txt");
+    let count = |p: &Path| std::fs::read_to_string(p).unwrap_or_default().lines().count();
+    wait_for("python", Duration::from_secs(20), || count(&prog) > 50);
+    lab.fp(&["checkpoint", "-m", lab.m(), "py"]);
+    let at_cut = count(&lab.mnt.join(".forkpoint/snapshots/py/progress.txt"));
+    lab.fp(&["restore", "-m", lab.m(), "--detach", "py"]);
+    wait_for("python after restore", Duration::from_secs(20), || count(&prog) > at_cut + 100);
+    let text = std::fs::read_to_string(&prog).expect("progress");
+    for (i, l) in text.lines().enumerate() {
+        assert_eq!(l, format!("{} ok", i + 1), "line {} of progress", i + 1);
+    }
+}
+
+#[test]
+fn refusals_leave_the_program_running() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    lab.fp_fails(&["checkpoint", "-m", lab.m(), "nothing-runs"]);
+    lab.fp_fails(&["restore", "-m", lab.m(), "no-such-checkpoint"]);
+    lab.fp(&["snapshot", "-m", lab.m(), "files-only"]);
+    let err = lab.fp_fails(&["restore", "-m", lab.m(), "files-only"]);
+    assert!(err.contains("without processes"), "{err}");
+    // A program holding a pipe cannot be captured yet: refused, naming the fd; it keeps running.
+    let exe = lab.cc(
+        "piper",
+        r#"
+#include <unistd.h>
+#include <fcntl.h>
+int main(void) {
+    int p[2]; pipe(p);
+    int f = open("alive.log", O_WRONLY | O_CREAT | O_APPEND, 0644);
+    for (;;) { write(f, "x\n", 2); usleep(10000); }
+}
+"#,
+        &[],
+    );
+    lab.fp(&["run", "-m", lab.m(), "--detach", "--", exe.to_str().expect("utf8")]);
+    let log = lab.mnt.join("alive.log");
+    wait_for("piper", Duration::from_secs(10), || lines_any(&log) > 5);
+    let err = lab.fp_fails(&["checkpoint", "-m", lab.m(), "refused"]);
+    assert!(err.contains("fd"), "names the fd: {err}");
+    let n = lines_any(&log);
+    wait_for("still running", Duration::from_secs(10), || lines_any(&log) > n + 5);
+    let log_text = lab.fp(&["log", "-m", lab.m()]);
+    assert!(!log_text.contains("'refused'"), "no checkpoint recorded: {log_text}");
+}
+
+fn lines_any(p: &Path) -> usize {
+    std::fs::read_to_string(p).unwrap_or_default().lines().count()
+}
