@@ -371,6 +371,7 @@ impl Daemon {
 /// checkpoint (name, filesystem root of `root_cno`, image) in one catalog transaction.
 fn record_checkpoint(store: &Store, name: &str, root_cno: u64, image_file: &Path, auto: bool) -> Result<serde_json::Value> {
     use forkpoint_fs::segment::ObjectKind;
+    let t0 = Instant::now();
     let bytes = std::fs::read(image_file).with_context(|| format!("read {}", image_file.display()))?;
     let mut si: SessionImage = postcard::from_bytes(&bytes).context("decode session image")?;
     let mut pi = forkpoint::engine::decode(&si.process).context("decode process image")?;
@@ -395,6 +396,7 @@ fn record_checkpoint(store: &Store, name: &str, root_cno: u64, image_file: &Path
     if !had {
         new_bytes += obj.len() as u64;
     }
+    let t_put = t0.elapsed();
     let cp = store.catalog(|c| c.checkpoint(root_cno))?;
     let cno = store
         .commit(Some(&NewCheckpoint {
@@ -408,6 +410,11 @@ fn record_checkpoint(store: &Store, name: &str, root_cno: u64, image_file: &Path
             parent: Some(root_cno),
         }))?
         .ok_or_else(|| anyhow!("checkpoint not recorded"))?;
+    log::info!(
+        "checkpoint '{name}': image stored in {:?}, committed in {:?}",
+        t_put,
+        t0.elapsed() - t_put
+    );
     Ok(serde_json::json!({"cno": cno, "branch": cp.branch, "image_bytes": mem_bytes + obj.len() as u64, "new_bytes": new_bytes}))
 }
 

@@ -323,11 +323,13 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                 &session::CheckpointRequest { name: name.clone(), after: after.into(), kind: "checkpoint".into() },
             )?;
             println!(
-                "checkpoint '{name}' of session {} is #{}: downtime {:.1} ms, total {:.1} ms, image {} bytes, {} new after dedup",
+                "checkpoint '{name}' of session {} is #{}: downtime {:.1} ms, total {:.1} ms (dump {:.1}, hand-off {:.1}), image {} bytes, {} new after dedup",
                 s.name,
                 v["cno"],
                 v["downtime_us"].as_f64().unwrap_or(0.0) / 1000.0,
                 v["total_us"].as_f64().unwrap_or(0.0) / 1000.0,
+                v["dump_us"].as_f64().unwrap_or(0.0) / 1000.0,
+                v["handoff_us"].as_f64().unwrap_or(0.0) / 1000.0,
                 v["image_bytes"],
                 v["new_bytes"]
             );

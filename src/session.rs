@@ -373,6 +373,7 @@ fn checkpoint(spec: &InitSpec, main: i32, req: &CheckpointRequest) -> Result<ser
         Ok(())
     };
     let img = engine::dump_frozen(main, &opts, &mut hook).context("dump")?;
+    let t_dump = t0.elapsed();
     if req.after == "stop" {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(main), nix::sys::signal::Signal::SIGSTOP);
     }
@@ -387,6 +388,7 @@ fn checkpoint(spec: &InitSpec, main: i32, req: &CheckpointRequest) -> Result<ser
     };
     let tmp = session_dir(&spec.store, &spec.name).join("checkpoint.tmp");
     std::fs::write(&tmp, postcard::to_allocvec(&wrapped)?).context("write image")?;
+    let t_write = t0.elapsed();
     let v = daemon::call(
         &spec.store,
         &Request::RecordCheckpoint {
@@ -402,6 +404,8 @@ fn checkpoint(spec: &InitSpec, main: i32, req: &CheckpointRequest) -> Result<ser
     v["downtime_us"] = serde_json::json!(downtime.as_micros() as u64);
     v["total_us"] = serde_json::json!(t0.elapsed().as_micros() as u64);
     v["pid"] = serde_json::json!(main);
+    v["dump_us"] = serde_json::json!(t_dump.as_micros() as u64);
+    v["handoff_us"] = serde_json::json!((t_write - t_dump).as_micros() as u64);
     Ok(v)
 }
 

@@ -38,7 +38,7 @@ pub const SEGMENT_HEADER_LEN: u64 = 16;
 /// Bytes of a record header.
 pub const RECORD_HEADER_LEN: u64 = 48;
 /// Largest payload accepted (checked before anything is allocated).
-pub const MAX_OBJECT: usize = 16 << 20;
+pub const MAX_OBJECT: usize = 64 << 20;
 
 /// What a record holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -38,7 +38,7 @@ pub const HEADER_LEN: usize = 56;
 /// Default upper bound on the payload size accepted by [`decode`].
 pub const DEFAULT_MAX_IMAGE_LEN: u64 = 64 << 30;
 /// Page runs never cross a multiple of this many bytes (1 MiB).
-pub const RUN_ALIGN: u64 = 1 << 20;
+pub const RUN_ALIGN: u64 = 4096;
 /// Page size on x86_64.
 pub const PAGE_SIZE: u64 = 4096;
 
