@@ -434,12 +434,20 @@ impl ImageMemory {
             }
             let a = addr + i as u64;
             let len = (j - i) as u64;
-            let data = if zero {
-                PageData::Zero
+            if zero {
+                // Zero runs carry no bytes, so they need no alignment: merge neighbours.
+                if let Some(last) = self.runs.last_mut() {
+                    if last.data == PageData::Zero && last.addr + last.len == a {
+                        last.len += len;
+                        i = j;
+                        continue;
+                    }
+                }
+                self.runs.push(PageRun { addr: a, len, data: PageData::Zero });
             } else {
-                PageData::Bytes(chunk[i..j].to_vec())
-            };
-            self.runs.push(PageRun { addr: a, len, data });
+                let data = PageData::Bytes(chunk[i..j].to_vec());
+                self.runs.push(PageRun { addr: a, len, data });
+            }
             i = j;
         }
     }
@@ -811,12 +819,22 @@ pub(crate) mod tests {
             page_size: PAGE_SIZE,
             runs: Vec::new(),
         };
-        let data = vec![1u8; 2 * RUN_ALIGN as usize];
-        m.push_pages(RUN_ALIGN - PAGE_SIZE, &data);
-        assert_eq!(m.runs.len(), 3);
-        assert_eq!(m.runs[0].len, PAGE_SIZE);
-        assert_eq!(m.runs[1].addr, RUN_ALIGN);
-        assert_eq!(m.covered_bytes(), 2 * RUN_ALIGN);
+        let data = vec![1u8; 2 * RUN_ALIGN as usize + PAGE_SIZE as usize];
+        let start = 4 * RUN_ALIGN - PAGE_SIZE;
+        m.push_pages(start, &data);
+        // Data runs never cross an alignment boundary.
+        for r in &m.runs {
+            assert_eq!(r.addr / RUN_ALIGN, (r.addr + r.len - 1) / RUN_ALIGN, "{r:?}");
+        }
+        assert_eq!(m.runs[0].addr, start);
+        assert_eq!(m.covered_bytes(), data.len() as u64);
+        // Zero pages merge into one run whatever the alignment.
+        let mut z = ImageMemory {
+            page_size: PAGE_SIZE,
+            runs: Vec::new(),
+        };
+        z.push_pages(0, &vec![0u8; 3 * RUN_ALIGN as usize]);
+        assert_eq!(z.runs.len(), 1);
     }
 
     #[test]
