@@ -26,7 +26,13 @@ const COMMIT_INTERVAL: Duration = Duration::from_secs(5);
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
-    Mount { mountpoint: PathBuf, branch: String },
+    Mount {
+        mountpoint: PathBuf,
+        branch: String,
+        /// Keep unlinked-but-open inodes of the last commit (for a restore).
+        #[serde(default)]
+        keep_orphans: bool,
+    },
     Umount { mountpoint: PathBuf },
     Snapshot {
         mountpoint: PathBuf,
@@ -120,6 +126,10 @@ impl Daemon {
 
     /// Mounts `branch` at `mountpoint`.
     pub fn mount(&self, mountpoint: &Path, branch: &str) -> Result<()> {
+        self.mount_with(mountpoint, branch, false)
+    }
+
+    fn mount_with(&self, mountpoint: &Path, branch: &str, keep_orphans: bool) -> Result<()> {
         let mut mounts = lock(&self.mounts);
         if mounts.contains_key(mountpoint) {
             bail!("{} is already a forkpoint mount", mountpoint.display());
@@ -127,7 +137,7 @@ impl Daemon {
         if let Some((mp, _)) = mounts.iter().find(|(_, m)| m.fs.branch() == branch) {
             bail!("branch '{branch}' is already mounted at {}", mp.display());
         }
-        let fs = Arc::new(Fs::new(self.store.clone(), branch)?);
+        let fs = Arc::new(Fs::new_with(self.store.clone(), branch, !keep_orphans)?);
         let session = forkpoint_fs::fuse::spawn(
             fs.clone(),
             mountpoint,
@@ -183,8 +193,8 @@ impl Daemon {
 
     fn handle(&self, req: Request) -> Result<serde_json::Value> {
         Ok(match req {
-            Request::Mount { mountpoint, branch } => {
-                self.mount(&mountpoint, &branch)?;
+            Request::Mount { mountpoint, branch, keep_orphans } => {
+                self.mount_with(&mountpoint, &branch, keep_orphans)?;
                 serde_json::json!({})
             }
             Request::Umount { mountpoint } => {

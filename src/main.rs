@@ -465,6 +465,7 @@ fn mount(
     let req = daemon::Request::Mount {
         mountpoint: mp.clone(),
         branch: branch.to_string(),
+        keep_orphans: false,
     };
     if daemon::call(&store, &req)?.is_some() {
         println!(
@@ -778,7 +779,7 @@ fn restore(mountpoint: Option<&Path>, branch: Option<&str>, detach: bool, name: 
             let _ = v;
             let hidden = store.join("branches").join(new);
             std::fs::create_dir_all(&hidden)?;
-            daemon::call(&store, &daemon::Request::Mount { mountpoint: hidden.clone(), branch: new.to_string() })?
+            daemon::call(&store, &daemon::Request::Mount { mountpoint: hidden.clone(), branch: new.to_string(), keep_orphans: true })?
                 .context("no daemon serves this mount")?;
             (
                 session::InitSpec {

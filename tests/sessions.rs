@@ -431,3 +431,66 @@ int main(void) {
 fn lines_any(p: &Path) -> usize {
     std::fs::read_to_string(p).unwrap_or_default().lines().count()
 }
+
+const UNLINKED: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+#include <fcntl.h>
+#define SIZE (200L << 20)
+int main(void) {
+    for (int fd = 3; fd < 1024; fd++) close(fd);
+    int f = open("big.bin", O_RDWR | O_CREAT | O_TRUNC, 0644);
+    static unsigned char buf[1 << 20];
+    for (long o = 0; o < SIZE; o += sizeof buf) {
+        for (long i = 0; i < (long)sizeof buf; i += 8) *(long *)(buf + i) = o + i;
+        if (pwrite(f, buf, sizeof buf, o) != sizeof buf) return 1;
+    }
+    unlink("big.bin");
+    int log = open("unlinked.log", O_WRONLY | O_CREAT | O_APPEND, 0644);
+    for (long round = 0;; round++) {
+        long o = (round * 7919L % 200) << 20;
+        if (pread(f, buf, sizeof buf, o) != sizeof buf) { write(log, "SHORT\n", 6); return 2; }
+        int ok = 1;
+        for (long i = 0; i < (long)sizeof buf; i += 8) if (*(long *)(buf + i) != o + i) ok = 0;
+        char line[64];
+        int n = snprintf(line, sizeof line, "%ld %s\n", round, ok ? "ok" : "BAD");
+        write(log, line, n);
+        usleep(20000);
+    }
+}
+"#;
+
+#[test]
+fn unlinked_200mib_file_is_reopened_by_inode() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    let exe = lab.cc("unlinked", UNLINKED, &[]);
+    lab.fp(&["run", "-m", lab.m(), "--detach", "--", exe.to_str().expect("utf8")]);
+    let log = lab.mnt.join("unlinked.log");
+    wait_for("unlinked reader", Duration::from_secs(60), || lines_any(&log) > 5);
+    assert!(!lab.mnt.join("big.bin").exists(), "the file is unlinked");
+    let out = lab.fp(&["checkpoint", "-m", lab.m(), "orphan"]);
+    // The file is in the snapshot already: the image does not copy it.
+    let image: u64 = out
+        .split("image ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|s| s.parse().ok())
+        .expect("image size in output");
+    assert!(image < 50 << 20, "image of {image} bytes must not contain the 200 MiB file");
+    let at_cut = lines_any(&lab.mnt.join(".forkpoint/snapshots/orphan/unlinked.log"));
+    lab.fp(&["restore", "-m", lab.m(), "--detach", "orphan"]);
+    wait_for("reader after restore", Duration::from_secs(30), || lines_any(&log) > at_cut + 10);
+    lab.fp(&["restore", "-m", lab.m(), "--detach", "--branch", "side", "orphan"]);
+    let side = lab.branch_dir("side").join("unlinked.log");
+    wait_for("reader on a branch", Duration::from_secs(30), || lines_any(&side) > at_cut + 10);
+    for p in [&log, &side] {
+        let text = std::fs::read_to_string(p).expect("log");
+        for (i, l) in text.lines().enumerate() {
+            assert_eq!(l, format!("{i} ok"), "{}: line {i}", p.display());
+        }
+    }
+}

@@ -31,6 +31,8 @@ pub const META_NAME: &[u8] = b".forkpoint";
 const META_BIT: u64 = 1 << 63;
 const META_INO: u64 = META_BIT | 1;
 const SNAPS_INO: u64 = META_BIT | 2;
+/// `.forkpoint/inodes/`: every live inode by number, unlinked-but-kept ones included.
+const INODES_INO: u64 = META_BIT | 3;
 const SNAP_BIT: u64 = 1 << 62;
 const SLOT_SHIFT: u32 = 40;
 const INO_MASK: u64 = (1 << SLOT_SHIFT) - 1;
@@ -245,6 +247,12 @@ fn is_zero(b: &[u8]) -> bool {
 impl Fs {
     /// Serves branch `branch` (created from `main`'s head if `create` and missing).
     pub fn new(store: Arc<Store>, branch: &str) -> FsResult<Fs> {
+        Self::new_with(store, branch, true)
+    }
+
+    /// Serves `branch`; with `purge_orphans` false, unlinked inodes that were open at the last
+    /// commit stay reachable (a restore reopens them by number).
+    pub fn new_with(store: Arc<Store>, branch: &str, purge_orphans: bool) -> FsResult<Fs> {
         let cp = store.head(branch)?;
         let root = tree::get_root(&store, &cp.root)?;
         let fs = Fs {
@@ -265,7 +273,9 @@ impl Fs {
             }),
             commit_lock: Mutex::new(()),
         };
-        fs.purge_orphans()?;
+        if purge_orphans {
+            fs.purge_orphans()?;
+        }
         Ok(fs)
     }
 
@@ -1130,6 +1140,10 @@ impl Fs {
                 listing: Some(listing),
             },
         );
+        // An open directory outlives rmdir (fstat on it still works), like an open file.
+        if ino & (META_BIT | SNAP_BIT) == 0 {
+            *st.open.entry(ino).or_default() += 1;
+        }
         Ok(fh)
     }
 
@@ -1155,10 +1169,9 @@ impl Fs {
             .collect())
     }
 
-    /// Closes a directory handle.
+    /// Closes a directory handle. The last close of a removed directory frees it.
     pub fn releasedir(&self, fh: u64) -> FsResult<()> {
-        self.lock().handles.remove(&fh);
-        Ok(())
+        self.release(fh)
     }
 
     /// All entries of a directory, `.` and `..` first.
@@ -1368,7 +1381,7 @@ impl Fs {
 
     fn meta_getattr(&self, ino: u64) -> FsResult<Stat> {
         match ino {
-            META_INO | SNAPS_INO => Ok(Stat {
+            META_INO | SNAPS_INO | INODES_INO => Ok(Stat {
                 ino,
                 attr: self.meta_attr(ino),
             }),
@@ -1387,10 +1400,24 @@ impl Fs {
         match parent {
             META_INO => match name {
                 b"snapshots" => self.meta_getattr(SNAPS_INO),
+                b"inodes" => self.meta_getattr(INODES_INO),
                 b"." => self.meta_getattr(META_INO),
                 b".." => self.getattr(ROOT_INO),
                 _ => Err(FsError::NotFound),
             },
+            INODES_INO => {
+                let ino: u64 = std::str::from_utf8(name)
+                    .ok()
+                    .and_then(|n| n.parse().ok())
+                    .filter(|i| *i & (META_BIT | SNAP_BIT) == 0)
+                    .ok_or(FsError::NotFound)?;
+                let st = self.getattr(ino)?;
+                // A directory has one parent; only files are reachable this way.
+                if st.attr.kind == FileKind::Dir {
+                    return Err(FsError::NotFound);
+                }
+                Ok(st)
+            }
             SNAPS_INO => {
                 if name == b"." {
                     return self.meta_getattr(SNAPS_INO);
@@ -1435,7 +1462,9 @@ impl Fs {
                 d(META_INO, b"."),
                 d(ROOT_INO, b".."),
                 d(SNAPS_INO, b"snapshots"),
+                d(INODES_INO, b"inodes"),
             ]),
+            INODES_INO => Ok(vec![d(INODES_INO, b"."), d(META_INO, b"..")]),
             SNAPS_INO => {
                 let mut out = vec![d(SNAPS_INO, b"."), d(META_INO, b"..")];
                 let cps = self.store.catalog(|c| c.checkpoints())?;

@@ -75,6 +75,12 @@ fn systime(t: Time) -> SystemTime {
     }
 }
 
+/// Converts a time from a request (setattr) back to the kernel's `(sec, nsec)`.
+///
+/// fuser 0.18 decodes a request's `(sec < 0, nsec)` as `EPOCH - (|sec| s + nsec ns)` instead
+/// of `EPOCH - |sec| s + nsec ns` (see the TODO in its `system_time_from_time`), so a time
+/// before 1970 with a nonzero `nsec` arrives almost two seconds' worth of `nsec` off.
+/// Inverting that encoding recovers exactly what the kernel sent.
 fn fstime(t: SystemTime) -> Time {
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => Time {
@@ -83,13 +89,10 @@ fn fstime(t: SystemTime) -> Time {
         },
         Err(e) => {
             let d = e.duration();
-            let mut sec = -(d.as_secs() as i64);
-            let mut nsec = d.subsec_nanos();
-            if nsec > 0 {
-                sec -= 1;
-                nsec = 1_000_000_000 - nsec;
+            Time {
+                sec: -(d.as_secs() as i64),
+                nsec: d.subsec_nanos(),
             }
-            Time { sec, nsec }
         }
     }
 }

@@ -744,6 +744,19 @@ fn dump_memory(
     Ok(mem)
 }
 
+/// The path of inode `ino` under `.forkpoint/inodes/` of the forkpoint mount holding `path`.
+fn by_inode_path(path: &str, ino: u64) -> Option<String> {
+    let mut dir = std::path::Path::new(path).parent();
+    while let Some(d) = dir {
+        let inodes = d.join(".forkpoint/inodes");
+        if inodes.is_dir() {
+            return Some(inodes.join(ino.to_string()).to_string_lossy().into_owned());
+        }
+        dir = d.parent();
+    }
+    None
+}
+
 fn dump_fds(pid: i32) -> Result<Vec<FdState>, DumpError> {
     let dir = format!("/proc/{pid}/fd");
     let rd = std::fs::read_dir(&dir).map_err(|source| DumpError::Proc {
@@ -796,9 +809,13 @@ fn dump_fds(pid: i32) -> Result<Vec<FdState>, DumpError> {
         let st = std::fs::metadata(format!("/proc/{pid}/fd/{fd}"))
             .map_err(|e| refuse(&format!("cannot stat: {e}")))?;
         let ft = st.file_type();
+        let mut target = target.clone();
         let kind = if ft.is_file() {
-            if target.ends_with(" (deleted)") {
-                return Err(refuse("the file was deleted"));
+            if let Some(orig) = target.strip_suffix(" (deleted)") {
+                // An unlinked file on a forkpoint mount stays reachable by inode number under
+                // the mount's `.forkpoint/inodes/`, in the checkpoint's snapshot as well.
+                target = by_inode_path(orig, st.ino())
+                    .ok_or_else(|| refuse("the file was deleted and is not on a forkpoint mount"))?;
             }
             match std::fs::metadata(&target) {
                 Ok(now) if now.ino() == st.ino() && now.dev() == st.dev() => {}
