@@ -906,39 +906,52 @@ impl Fs {
         if off >= end {
             return Ok(Vec::new());
         }
+        // Plan under the lock, fetch without it: chunks and lower files never change, so
+        // reads of different blocks proceed in parallel.
+        enum Part {
+            /// Chunk, its stored length, offset in the block, bytes wanted, offset in `out`.
+            Chunk(ContentId, usize, usize, usize, usize),
+            /// Lower file, file offset, bytes, offset in `out`.
+            Lower(LowerRef, u64, usize, usize),
+        }
         let mut out = Vec::with_capacity((end - off) as usize);
+        let mut plan = Vec::new();
         let mut pos = off;
         while pos < end {
             let idx = pos / BLOCK;
             let boff = (pos % BLOCK) as usize;
             let len = ((BLOCK - boff as u64).min(end - pos)) as usize;
+            let at = out.len();
+            out.resize(at + len, 0);
             if let Some(d) = f.dirty.get(&idx) {
-                out.extend_from_slice(&d[boff..boff + len]);
+                out[at..at + len].copy_from_slice(&d[boff..boff + len]);
             } else {
-                let r = block_ref(&store, f, idx)?;
-                match r {
-                    Some(BlockRef::Zero) => out.resize(out.len() + len, 0),
-                    Some(BlockRef::Data { id, len: dl }) => {
-                        let data = store.get(&id)?;
-                        let have = (dl as usize).min(data.len());
-                        let from = boff.min(have);
-                        let to = (boff + len).min(have);
-                        out.extend_from_slice(&data[from..to]);
-                        out.resize(out.len() + (len - (to - from)), 0);
-                    }
-                    None => {
-                        let start = out.len();
-                        out.resize(start + len, 0);
-                        if let Some(l) = &f.lower {
-                            if pos < l.len {
-                                let n = ((l.len - pos) as usize).min(len);
-                                tree::read_lower(&store, l, pos, &mut out[start..start + n])?;
-                            }
+                match block_ref(&store, f, idx)? {
+                    Some(BlockRef::Zero) => {}
+                    Some(BlockRef::Data { id, len: dl }) => plan.push(Part::Chunk(id, dl as usize, boff, len, at)),
+                    None => match &f.lower {
+                        Some(l) if pos < l.len => {
+                            let n = ((l.len - pos) as usize).min(len);
+                            plan.push(Part::Lower(l.clone(), pos, n, at));
                         }
-                    }
+                        _ => {}
+                    },
                 }
             }
             pos += len as u64;
+        }
+        drop(st);
+        for p in plan {
+            match p {
+                Part::Chunk(id, dl, boff, len, at) => {
+                    let data = store.get(&id)?;
+                    let have = dl.min(data.len());
+                    let from = boff.min(have);
+                    let to = (boff + len).min(have);
+                    out[at..at + (to - from)].copy_from_slice(&data[from..to]);
+                }
+                Part::Lower(l, pos, n, at) => tree::read_lower(&store, &l, pos, &mut out[at..at + n])?,
+            }
         }
         Ok(out)
     }
