@@ -45,6 +45,8 @@ pub enum Request {
         name: String,
         root_cno: u64,
         image_file: PathBuf,
+        /// Page chunks the store may not hold yet: (BLAKE3, u32 LE length, bytes)*.
+        pack_file: PathBuf,
         auto: bool,
     },
     Rollback { mountpoint: PathBuf, cno: u64 },
@@ -144,6 +146,7 @@ impl Daemon {
             &self.store.dir().display().to_string(),
         )
         .with_context(|| format!("mount {}", mountpoint.display()))?;
+        crate::mounts::tune_bdi(mountpoint);
         log::info!("mounted branch {branch} at {}", mountpoint.display());
         mounts.insert(
             mountpoint.to_path_buf(),
@@ -213,9 +216,9 @@ impl Daemon {
                 let cno = fs.commit_now()?;
                 serde_json::json!({"cno": cno})
             }
-            Request::RecordCheckpoint { mountpoint, name, root_cno, image_file, auto } => {
+            Request::RecordCheckpoint { mountpoint, name, root_cno, image_file, pack_file, auto } => {
                 self.fs(&mountpoint)?;
-                record_checkpoint(&self.store, &name, root_cno, &image_file, auto)?
+                record_checkpoint(&self.store, &name, root_cno, &image_file, &pack_file, auto)?
             }
             Request::Rollback { mountpoint, cno } => {
                 let mounts = lock(&self.mounts);
@@ -379,26 +382,68 @@ impl Daemon {
 
 /// Moves a session image into the store (memory as deduplicated chunks) and records the
 /// checkpoint (name, filesystem root of `root_cno`, image) in one catalog transaction.
-fn record_checkpoint(store: &Store, name: &str, root_cno: u64, image_file: &Path, auto: bool) -> Result<serde_json::Value> {
+fn record_checkpoint(
+    store: &Store,
+    name: &str,
+    root_cno: u64,
+    image_file: &Path,
+    pack_file: &Path,
+    auto: bool,
+) -> Result<serde_json::Value> {
+    use forkpoint::engine::image::PageData;
     use forkpoint_fs::segment::ObjectKind;
+    use std::io::Read;
     let t0 = Instant::now();
-    let bytes = std::fs::read(image_file).with_context(|| format!("read {}", image_file.display()))?;
-    let mut si: SessionImage = postcard::from_bytes(&bytes).context("decode session image")?;
-    let mut pi = forkpoint::engine::decode(&si.process).context("decode process image")?;
-    let mut refs = Vec::new();
+    // New pages first; each is re-hashed, a pack cannot put wrong data under a name.
     let mut new_bytes = 0u64;
-    let mut mem_bytes = 0u64;
-    pi.memory.externalize(|hash, data| -> Result<(), forkpoint_fs::StoreError> {
-        let id = ContentId(*hash);
-        mem_bytes += data.len() as u64;
-        if !store.contains(&id) {
-            new_bytes += data.len() as u64;
-            store.put_with_id(ObjectKind::Chunk, id, data)?;
+    let mut pack = std::io::BufReader::with_capacity(
+        1 << 20,
+        std::fs::File::open(pack_file).with_context(|| format!("open {}", pack_file.display()))?,
+    );
+    let mut head = [0u8; 36];
+    let mut buf = Vec::new();
+    loop {
+        match pack.read_exact(&mut head) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(e).context("read pack"),
         }
-        refs.push(id);
-        Ok(())
-    })?;
-    si.process = forkpoint::engine::encode(&pi)?;
+        let mut hash = [0u8; 32];
+        hash.copy_from_slice(&head[..32]);
+        let len = u32::from_le_bytes([head[32], head[33], head[34], head[35]]) as usize;
+        if len > forkpoint_fs::segment::MAX_OBJECT {
+            bail!("pack: chunk of {len} bytes is too large");
+        }
+        buf.resize(len, 0);
+        pack.read_exact(&mut buf).context("read pack")?;
+        let id = ContentId(hash);
+        if ContentId::of(&buf) != id {
+            bail!("pack: chunk {id} does not match its hash");
+        }
+        if !store.contains(&id) {
+            new_bytes += len as u64;
+            store.put_with_id(ObjectKind::Chunk, id, &buf)?;
+        }
+    }
+    let bytes = std::fs::read(image_file).with_context(|| format!("read {}", image_file.display()))?;
+    let si: SessionImage = postcard::from_bytes(&bytes).context("decode session image")?;
+    let pi = forkpoint::engine::decode(&si.process).context("decode process image")?;
+    let mut refs = Vec::new();
+    let mut mem_bytes = 0u64;
+    for run in &pi.memory.runs {
+        match &run.data {
+            PageData::Stored(h) => {
+                let id = ContentId(*h);
+                if !store.contains(&id) {
+                    bail!("process image refers to page chunk {id}, which the store does not hold");
+                }
+                mem_bytes += run.len;
+                refs.push(id);
+            }
+            PageData::Bytes(_) => bail!("process image still holds inline memory"),
+            PageData::Zero => {}
+        }
+    }
     let body = postcard::to_allocvec(&si)?;
     let obj = maint::encode_image(&maint::ImageObject { version: 1, refs, body })?;
     let had = store.contains(&ContentId::of(&obj));

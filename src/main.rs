@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use forkpoint_fs::store::is_store;
 use forkpoint_fs::{maint, Store};
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -226,7 +227,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Umount { mountpoint } => umount(&mountpoint)?,
         Cmd::Snapshot { mountpoint, name } => {
             let (mp, store) = mounts::resolve(mountpoint.as_deref())?;
-            syncfs(&mp)?;
+            flush_mount(&mp, None)?;
             let v = daemon::call(
                 &store,
                 &daemon::Request::Snapshot {
@@ -378,7 +379,43 @@ fn store_of(mountpoint: Option<&Path>, store: Option<&Path>) -> Result<PathBuf> 
     }
 }
 
-/// Flushes the kernel's dirty pages of a mount to the daemon.
+/// Flushes the kernel's dirty pages of a mount to the daemon, and waits until the daemon has
+/// them.
+///
+/// `syncfs` alone does not wait for FUSE writeback that is still in flight (the kernel only
+/// waits when the daemon implements FUSE_SYNCFS, which fuser does not). `fsync` of a file does
+/// wait, so every file on the mount that a process (all of them, or `only`) holds open or
+/// mapped is fsynced first; closed files were flushed when they were closed.
+pub(crate) fn flush_mount(mp: &Path, only: Option<&[i32]>) -> Result<()> {
+    let pids: Vec<i32> = match only {
+        Some(p) => p.to_vec(),
+        None => std::fs::read_dir("/proc")
+            .map(|rd| rd.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect())
+            .unwrap_or_default(),
+    };
+    let mut done = std::collections::HashSet::new();
+    for pid in pids {
+        for sub in ["fd", "map_files"] {
+            let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/{sub}")) else { continue };
+            for e in rd.flatten() {
+                let Ok(target) = std::fs::read_link(e.path()) else { continue };
+                let t = target.to_string_lossy();
+                let t = t.strip_suffix(" (deleted)").unwrap_or(&t);
+                if !Path::new(t).starts_with(mp) {
+                    continue;
+                }
+                let Ok(f) = std::fs::File::open(e.path()) else { continue };
+                let Ok(md) = f.metadata() else { continue };
+                if md.is_file() && done.insert(md.ino()) {
+                    let _ = f.sync_data();
+                }
+            }
+        }
+    }
+    syncfs(mp)
+}
+
+/// Asks the kernel to write back a mount's dirty pages (see [`flush_mount`]).
 pub(crate) fn syncfs(mp: &Path) -> Result<()> {
     let f = std::fs::File::open(mp).with_context(|| format!("open {}", mp.display()))?;
     // The kernel writes back dirty pages before it asks the filesystem; a daemon that does
@@ -822,7 +859,7 @@ fn restore(mountpoint: Option<&Path>, branch: Option<&str>, detach: bool, name: 
                 }
             }
             if kept.is_none() {
-                syncfs(&mp)?;
+                flush_mount(&mp, None)?;
                 let v = daemon::call(&store, &daemon::Request::Snapshot { mountpoint: mp.clone(), name: auto.clone(), auto: true })?
                     .context("no daemon serves this mount")?;
                 kept = v["cno"].as_u64();

@@ -13,6 +13,8 @@ pub fn is_forkpoint(m: &MountInfo) -> bool {
 /// A mount seen in mountinfo.
 #[derive(Debug, Clone)]
 pub struct MountInfo {
+    /// `major:minor` of the mounted filesystem.
+    pub dev: String,
     pub mountpoint: PathBuf,
     pub fstype: String,
     pub source: String,
@@ -50,6 +52,7 @@ pub fn mounts() -> Result<Vec<MountInfo>> {
             continue;
         }
         out.push(MountInfo {
+            dev: f[2].to_string(),
             mountpoint: PathBuf::from(unescape(f[4])),
             fstype: f[sep + 1].to_string(),
             source: unescape(f[sep + 2]),
@@ -134,5 +137,20 @@ mod tests {
         assert_eq!(unescape("/a\\040b"), "/a b");
         assert_eq!(unescape("/plain"), "/plain");
         assert_eq!(unescape("/end\\"), "/end\\");
+    }
+}
+
+/// Lets the kernel keep more dirty pages of a FUSE mount than its default 1% strict limit, so
+/// that writers are not throttled to the daemon's round-trip rate; and reads ahead 1 MiB.
+/// Best effort: older kernels lack some of these knobs.
+pub fn tune_bdi(mountpoint: &Path) {
+    let Ok(Some(m)) = mounts().map(|v| v.into_iter().rev().find(|m| m.mountpoint == mountpoint)) else {
+        return;
+    };
+    let bdi = Path::new("/sys/class/bdi").join(&m.dev);
+    for (knob, value) in [("strict_limit", "0"), ("max_ratio", "50"), ("read_ahead_kb", "1024")] {
+        if let Err(e) = std::fs::write(bdi.join(knob), value) {
+            log::debug!("{}/{knob}: {e}", bdi.display());
+        }
     }
 }

@@ -365,7 +365,7 @@ fn checkpoint(spec: &InitSpec, main: i32, req: &CheckpointRequest) -> Result<ser
     let mut hook = || -> Result<(), String> {
         frozen_at = Some(Instant::now());
         // The program is stopped: the files as of now belong to this checkpoint.
-        crate::syncfs(&mp).map_err(|e| format!("{e:#}"))?;
+        crate::flush_mount(&mp, Some(&[main])).map_err(|e| format!("{e:#}"))?;
         let v = daemon::call(&store, &Request::Commit { mountpoint: dmp.clone() })
             .map_err(|e| format!("{e:#}"))?
             .ok_or("no daemon serves the mount")?;
@@ -379,6 +379,27 @@ fn checkpoint(spec: &InitSpec, main: i32, req: &CheckpointRequest) -> Result<ser
     }
     let downtime = frozen_at.map(|f| f.elapsed()).unwrap_or_default();
     let root_cno = root_cno.ok_or_else(|| anyhow!("filesystem was not committed"))?;
+    // Memory goes to the store as page chunks. Pages the store already holds are not handed
+    // over at all (the read-only index is a hint; the daemon checks every reference).
+    let mut img = img;
+    let dir = session_dir(&spec.store, &spec.name);
+    let pack_path = dir.join("checkpoint.pack");
+    let known = Store::open_read_only(&spec.store).ok();
+    let mut pack = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&pack_path).context("create pack")?);
+    let mut sent = std::collections::HashSet::new();
+    img.memory.externalize(|hash, data| -> std::io::Result<()> {
+        let id = ContentId(*hash);
+        if known.as_ref().is_some_and(|s| s.contains(&id)) || !sent.insert(id) {
+            return Ok(());
+        }
+        pack.write_all(hash)?;
+        pack.write_all(&(data.len() as u32).to_le_bytes())?;
+        pack.write_all(data)
+    })
+    .context("write pack")?;
+    pack.flush().context("write pack")?;
+    drop(pack);
+    drop(known);
     let wrapped = SessionImage {
         version: SESSION_IMAGE_VERSION,
         process: engine::encode(&img)?,
@@ -386,7 +407,7 @@ fn checkpoint(spec: &InitSpec, main: i32, req: &CheckpointRequest) -> Result<ser
         boottime_ns: clock_ns(nix::time::ClockId::CLOCK_BOOTTIME),
         argv: spec.argv.clone(),
     };
-    let tmp = session_dir(&spec.store, &spec.name).join("checkpoint.tmp");
+    let tmp = dir.join("checkpoint.tmp");
     std::fs::write(&tmp, postcard::to_allocvec(&wrapped)?).context("write image")?;
     let t_write = t0.elapsed();
     let v = daemon::call(
@@ -396,10 +417,12 @@ fn checkpoint(spec: &InitSpec, main: i32, req: &CheckpointRequest) -> Result<ser
             name: req.name.clone(),
             root_cno,
             image_file: tmp.clone(),
+            pack_file: pack_path.clone(),
             auto: req.kind == "auto",
         },
     );
     let _ = std::fs::remove_file(&tmp);
+    let _ = std::fs::remove_file(&pack_path);
     let mut v = v?.ok_or_else(|| anyhow!("no daemon serves the mount"))?;
     v["downtime_us"] = serde_json::json!(downtime.as_micros() as u64);
     v["total_us"] = serde_json::json!(t0.elapsed().as_micros() as u64);

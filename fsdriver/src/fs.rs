@@ -42,7 +42,15 @@ pub const NAME_MAX: usize = 255;
 pub const MAX_FILE_SIZE: u64 = 1 << 50;
 const XATTR_SIZE_MAX: usize = 64 * 1024;
 /// Dirty file data kept in memory before it is written to the log.
-const DIRTY_LIMIT: usize = 128 << 20;
+const DIRTY_LIMIT: usize = 512 << 20;
+/// Committed blocks kept in memory (by all mounts of the process), so that a partial write to
+/// a block written recently does not read it back from the log.
+const CLEAN_LIMIT: usize = 512 << 20;
+static CLEAN_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn clean_sub(n: usize) {
+    CLEAN_BYTES.fetch_sub(n * BLOCK as usize, std::sync::atomic::Ordering::Relaxed);
+}
 
 /// Errors of filesystem operations.
 #[derive(Debug, thiserror::Error)]
@@ -143,7 +151,7 @@ pub struct RenameFlags {
     pub exchange: bool,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 struct MemFile {
     lower: Option<LowerRef>,
     base: BlockMap,
@@ -151,9 +159,25 @@ struct MemFile {
     changes: BTreeMap<u64, Option<BlockRef>>,
     /// Blocks being written, full `BLOCK` bytes each.
     dirty: BTreeMap<u64, Vec<u8>>,
+    /// Blocks equal to what the map says, kept from recent writes (counted in CLEAN_BYTES).
+    clean: BTreeMap<u64, Vec<u8>>,
 }
 
-#[derive(Clone, Debug)]
+impl MemFile {
+    fn take_clean(&mut self, idx: u64) -> Option<Vec<u8>> {
+        let b = self.clean.remove(&idx)?;
+        clean_sub(1);
+        Some(b)
+    }
+}
+
+impl Drop for MemFile {
+    fn drop(&mut self) {
+        clean_sub(self.clean.len());
+    }
+}
+
+#[derive(Debug)]
 enum MemBody {
     File(Box<MemFile>),
     Dir {
@@ -164,7 +188,7 @@ enum MemBody {
     Special,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 struct Node {
     attr: Attr,
     xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
@@ -179,6 +203,7 @@ impl Node {
                 base: blocks,
                 changes: BTreeMap::new(),
                 dirty: BTreeMap::new(),
+                clean: BTreeMap::new(),
             })),
             Body::Dir { parent, entries } => MemBody::Dir { parent, entries },
             Body::Symlink { target } => MemBody::Symlink(target),
@@ -240,9 +265,6 @@ fn check_name(name: &[u8]) -> FsResult<()> {
     Ok(())
 }
 
-fn is_zero(b: &[u8]) -> bool {
-    b.iter().all(|x| *x == 0)
-}
 
 impl Fs {
     /// Serves branch `branch` (created from `main`'s head if `create` and missing).
@@ -466,6 +488,7 @@ impl Fs {
                 base: BlockMap::Empty,
                 changes: BTreeMap::new(),
                 dirty: BTreeMap::new(),
+                clean: BTreeMap::new(),
             })),
             FileKind::Dir | FileKind::Symlink => {
                 return Err(FsError::Invalid("mknod of dir/symlink"))
@@ -923,7 +946,7 @@ impl Fs {
             let len = ((BLOCK - boff as u64).min(end - pos)) as usize;
             let at = out.len();
             out.resize(at + len, 0);
-            if let Some(d) = f.dirty.get(&idx) {
+            if let Some(d) = f.dirty.get(&idx).or_else(|| f.clean.get(&idx)) {
                 out[at..at + len].copy_from_slice(&d[boff..boff + len]);
             } else {
                 match block_ref(&store, f, idx)? {
@@ -980,7 +1003,9 @@ impl Fs {
                 let len = ((BLOCK - boff as u64).min(end - pos)) as usize;
                 if !f.dirty.contains_key(&idx) {
                     let whole = boff == 0 && len == BLOCK as usize;
-                    let buf = if whole || idx * BLOCK >= size {
+                    let buf = if let Some(b) = f.take_clean(idx) {
+                        b
+                    } else if whole || idx * BLOCK >= size {
                         vec![0u8; BLOCK as usize]
                     } else {
                         let mut b = tree::read_block(
@@ -1737,6 +1762,10 @@ impl State {
                 for k in drop {
                     f.dirty.remove(&k);
                 }
+                let drop: Vec<u64> = f.clean.range(first..).map(|(k, _)| *k).collect();
+                for k in drop {
+                    f.take_clean(k);
+                }
                 let mut gone: Vec<u64> = tree::map_entries(store, &f.base)?
                     .into_iter()
                     .map(|(k, _)| k)
@@ -1776,11 +1805,14 @@ impl State {
                 if f.dirty.remove(&idx).is_some() {
                     added -= BLOCK as i64;
                 }
+                f.take_clean(idx);
                 f.changes.insert(idx, Some(BlockRef::Zero));
             } else {
                 if !f.dirty.contains_key(&idx) {
-                    let mut b =
-                        tree::read_block(store, f.lower.as_ref(), block_ref(store, f, idx)?, idx)?;
+                    let mut b = match f.take_clean(idx) {
+                        Some(b) => b,
+                        None => tree::read_block(store, f.lower.as_ref(), block_ref(store, f, idx)?, idx)?,
+                    };
                     if idx * BLOCK < size {
                         let valid = (size - idx * BLOCK).min(BLOCK) as usize;
                         b[valid..].fill(0);
@@ -1877,15 +1909,28 @@ impl State {
     }
 }
 
+/// Length of `buf` without its trailing zeros (scanned a word at a time).
+fn data_len(buf: &[u8]) -> usize {
+    let mut end = buf.len();
+    while end >= 8 {
+        let w = u64::from_ne_bytes(buf[end - 8..end].try_into().unwrap_or([1; 8]));
+        if w != 0 {
+            break;
+        }
+        end -= 8;
+    }
+    while end > 0 && buf[end - 1] == 0 {
+        end -= 1;
+    }
+    end
+}
+
 /// Turns a file's dirty blocks into chunks (all-zero blocks are not stored).
 fn flush_blocks(store: &Store, f: &mut MemFile) -> FsResult<()> {
     let dirty = std::mem::take(&mut f.dirty);
     for (idx, buf) in dirty {
-        let mut len = buf.len();
-        while len > 0 && buf[len - 1] == 0 {
-            len -= 1;
-        }
-        let r = if len == 0 || is_zero(&buf[..len]) {
+        let len = data_len(&buf);
+        let r = if len == 0 {
             let lower_covers = f.lower.as_ref().is_some_and(|l| idx * BLOCK < l.len);
             let base_has = tree::map_get(store, &f.base, idx)?.is_some();
             if lower_covers || base_has {
@@ -1901,6 +1946,12 @@ fn flush_blocks(store: &Store, f: &mut MemFile) -> FsResult<()> {
             })
         };
         f.changes.insert(idx, r);
+        let kept = CLEAN_BYTES.fetch_add(BLOCK as usize, std::sync::atomic::Ordering::Relaxed);
+        if kept + BLOCK as usize <= CLEAN_LIMIT {
+            f.clean.insert(idx, buf);
+        } else {
+            clean_sub(1);
+        }
     }
     Ok(())
 }

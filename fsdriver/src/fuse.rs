@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// How long the kernel may cache entries and attributes. The daemon is the only writer, so
 /// the kernel's view can only go stale on a rollback, which invalidates explicitly.
-const TTL: Duration = Duration::from_secs(1);
+const TTL: Duration = Duration::from_secs(60);
 
 /// Maps a logic error to errno. No catch-all arm: a new error must choose its errno.
 pub fn errno(e: &FsError) -> Errno {
