@@ -731,6 +731,7 @@ fn demo(dir: &Path) -> Result<()> {
         "lower directory untouched: config.ini = {:?}",
         std::fs::read_to_string(lower.join("config.ini"))?
     );
+    demo_processes(&store, &mnt)?;
     println!("$ forkpoint umount {}", mnt.display());
     umount(&mnt)?;
     println!("$ forkpoint log --store {}", store.display());
@@ -901,4 +902,74 @@ fn restore(mountpoint: Option<&Path>, branch: Option<&str>, detach: bool, name: 
             Err(e)
         }
     }
+}
+
+/// The process half of the demo: a program and its files, checkpointed, rolled back, branched.
+fn demo_processes(store: &Path, mnt: &Path) -> Result<()> {
+    let step = |what: &str| println!("-- {what}");
+    let last = |p: &Path| -> String {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .lines()
+            .last()
+            .unwrap_or("")
+            .to_string()
+    };
+    let wait = |ms: u64| std::thread::sleep(std::time::Duration::from_millis(ms));
+    let prog = "import os, time\nfor fd in range(3, 256):\n    try: os.close(fd)\n    except OSError: pass\nn = 0\nwhile True:\n    n += 1\n    with open('counter.txt', 'a') as f: f.write('%d\\n' % n)\n    time.sleep(0.05)\n";
+    std::fs::write(mnt.join("counter.py"), prog)?;
+    step("run a program inside the mount: it counts in memory and appends each value to a file");
+    println!("$ forkpoint run -m {} --detach -- python3 counter.py", mnt.display());
+    let spec = session::InitSpec {
+        store: store.to_path_buf(),
+        name: "demo".into(),
+        branch: "main".into(),
+        mountpoint: mnt.to_path_buf(),
+        daemon_mount: mnt.to_path_buf(),
+        cwd: mnt.to_path_buf(),
+        argv: vec!["python3".into(), "counter.py".into()],
+        restore: None,
+        restored_from: None,
+    };
+    session::start(&spec, true, None)?;
+    wait(1500);
+    println!("$ forkpoint checkpoint -m {} warm", mnt.display());
+    let v = session::request_checkpoint(
+        store,
+        "demo",
+        &session::CheckpointRequest { name: "warm".into(), after: "resume".into(), kind: "checkpoint".into() },
+    )?;
+    println!(
+        "checkpoint 'warm': downtime {:.1} ms, image {} bytes; the counter file ends at {}",
+        v["downtime_us"].as_f64().unwrap_or(0.0) / 1000.0,
+        v["image_bytes"],
+        last(&mnt.join(".forkpoint/snapshots/warm/counter.txt"))
+    );
+    wait(1500);
+    println!("the program went on: counter file ends at {}", last(&mnt.join("counter.txt")));
+    println!("$ forkpoint restore -m {} --detach warm", mnt.display());
+    restore(Some(mnt), None, true, "warm")?;
+    wait(300);
+    println!("rolled back, and counting on from the checkpoint: {}", last(&mnt.join("counter.txt")));
+    println!("$ forkpoint restore -m {} --detach --branch experiment warm", mnt.display());
+    restore(Some(mnt), Some("experiment"), true, "warm")?;
+    wait(1000);
+    let exp = store.join("branches/experiment");
+    println!(
+        "two sessions run side by side from one checkpoint: main at {}, experiment at {}",
+        last(&mnt.join("counter.txt")),
+        last(&exp.join("counter.txt"))
+    );
+    for s in session::list(store)? {
+        let _ = cgroup::kill(store, &s.name);
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(s.pid), nix::sys::signal::Signal::SIGKILL);
+    }
+    for _ in 0..200 {
+        if session::list(store)?.is_empty() {
+            break;
+        }
+        wait(10);
+    }
+    umount(&exp)?;
+    Ok(())
 }
