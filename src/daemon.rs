@@ -2,11 +2,11 @@
 //! and answers requests on the store's control socket (`STORE/ctl.sock`, one JSON request and
 //! one JSON response per connection).
 
+use crate::session::SessionImage;
 use anyhow::{anyhow, bail, Context, Result};
+use forkpoint_fs::catalog::{CheckpointKind, NewCheckpoint};
 use forkpoint_fs::fs::Fs;
 use forkpoint_fs::maint;
-use crate::session::SessionImage;
-use forkpoint_fs::catalog::{CheckpointKind, NewCheckpoint};
 use forkpoint_fs::{ContentId, Store};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -33,7 +33,9 @@ pub enum Request {
         #[serde(default)]
         keep_orphans: bool,
     },
-    Umount { mountpoint: PathBuf },
+    Umount {
+        mountpoint: PathBuf,
+    },
     Snapshot {
         mountpoint: PathBuf,
         name: String,
@@ -49,9 +51,17 @@ pub enum Request {
         pack_file: PathBuf,
         auto: bool,
     },
-    Rollback { mountpoint: PathBuf, cno: u64 },
-    Commit { mountpoint: PathBuf },
-    Branch { name: String, from: Option<String> },
+    Rollback {
+        mountpoint: PathBuf,
+        cno: u64,
+    },
+    Commit {
+        mountpoint: PathBuf,
+    },
+    Branch {
+        name: String,
+        from: Option<String>,
+    },
     Gc,
     Status,
 }
@@ -180,7 +190,10 @@ impl Daemon {
             });
             match rx.recv_timeout(Duration::from_secs(5)) {
                 Ok(r) => r.with_context(|| format!("unmount {}", mountpoint.display()))?,
-                Err(_) => log::warn!("{} is still in use by another mount namespace", mountpoint.display()),
+                Err(_) => log::warn!(
+                    "{} is still in use by another mount namespace",
+                    mountpoint.display()
+                ),
             }
         }
         log::info!("unmounted {}", mountpoint.display());
@@ -196,7 +209,11 @@ impl Daemon {
 
     fn handle(&self, req: Request) -> Result<serde_json::Value> {
         Ok(match req {
-            Request::Mount { mountpoint, branch, keep_orphans } => {
+            Request::Mount {
+                mountpoint,
+                branch,
+                keep_orphans,
+            } => {
                 self.mount_with(&mountpoint, &branch, keep_orphans)?;
                 serde_json::json!({})
             }
@@ -204,10 +221,18 @@ impl Daemon {
                 self.umount(&mountpoint)?;
                 serde_json::json!({})
             }
-            Request::Snapshot { mountpoint, name, auto } => {
+            Request::Snapshot {
+                mountpoint,
+                name,
+                auto,
+            } => {
                 let fs = self.fs(&mountpoint)?;
                 let t = Instant::now();
-                let kind = if auto { CheckpointKind::Auto } else { CheckpointKind::Snapshot };
+                let kind = if auto {
+                    CheckpointKind::Auto
+                } else {
+                    CheckpointKind::Snapshot
+                };
                 let cno = fs.commit(kind, Some(&name), None)?;
                 serde_json::json!({"cno": cno, "branch": fs.branch(), "micros": t.elapsed().as_micros() as u64})
             }
@@ -216,15 +241,22 @@ impl Daemon {
                 let cno = fs.commit_now()?;
                 serde_json::json!({"cno": cno})
             }
-            Request::RecordCheckpoint { mountpoint, name, root_cno, image_file, pack_file, auto } => {
+            Request::RecordCheckpoint {
+                mountpoint,
+                name,
+                root_cno,
+                image_file,
+                pack_file,
+                auto,
+            } => {
                 self.fs(&mountpoint)?;
                 record_checkpoint(&self.store, &name, root_cno, &image_file, &pack_file, auto)?
             }
             Request::Rollback { mountpoint, cno } => {
                 let mounts = lock(&self.mounts);
-                let m = mounts
-                    .get(&mountpoint)
-                    .ok_or_else(|| anyhow!("{} is not mounted by this daemon", mountpoint.display()))?;
+                let m = mounts.get(&mountpoint).ok_or_else(|| {
+                    anyhow!("{} is not mounted by this daemon", mountpoint.display())
+                })?;
                 m.fs.commit_now()?;
                 let inval = m.fs.checkout(cno)?;
                 if let Some(s) = &m.session {
@@ -425,7 +457,8 @@ fn record_checkpoint(
             store.put_with_id(ObjectKind::Chunk, id, &buf)?;
         }
     }
-    let bytes = std::fs::read(image_file).with_context(|| format!("read {}", image_file.display()))?;
+    let bytes =
+        std::fs::read(image_file).with_context(|| format!("read {}", image_file.display()))?;
     let si: SessionImage = postcard::from_bytes(&bytes).context("decode session image")?;
     let pi = forkpoint::engine::decode(&si.process).context("decode process image")?;
     let mut refs = Vec::new();
@@ -445,7 +478,11 @@ fn record_checkpoint(
         }
     }
     let body = postcard::to_allocvec(&si)?;
-    let obj = maint::encode_image(&maint::ImageObject { version: 1, refs, body })?;
+    let obj = maint::encode_image(&maint::ImageObject {
+        version: 1,
+        refs,
+        body,
+    })?;
     let had = store.contains(&ContentId::of(&obj));
     let image = store.put(ObjectKind::Image, &obj)?;
     if !had {
@@ -458,7 +495,11 @@ fn record_checkpoint(
             branch: &cp.branch,
             root: cp.root,
             name: Some(name),
-            kind: if auto { CheckpointKind::Auto } else { CheckpointKind::Checkpoint },
+            kind: if auto {
+                CheckpointKind::Auto
+            } else {
+                CheckpointKind::Checkpoint
+            },
             image: Some(image),
             note: None,
             advance_head: false,
@@ -470,7 +511,9 @@ fn record_checkpoint(
         t_put,
         t0.elapsed() - t_put
     );
-    Ok(serde_json::json!({"cno": cno, "branch": cp.branch, "image_bytes": mem_bytes + obj.len() as u64, "new_bytes": new_bytes}))
+    Ok(
+        serde_json::json!({"cno": cno, "branch": cp.branch, "image_bytes": mem_bytes + obj.len() as u64, "new_bytes": new_bytes}),
+    )
 }
 
 /// Creates branch `name` from checkpoint `from` (default: main's head).

@@ -310,18 +310,39 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             }
         }
         Cmd::Demo { dir } => demo(&dir)?,
-        Cmd::Run { mountpoint, name, detach, cmd } => {
+        Cmd::Run {
+            mountpoint,
+            name,
+            detach,
+            cmd,
+        } => {
             let code = run_session(mountpoint.as_deref(), name, detach, cmd)?;
             return Ok(ExitCode::from(code.clamp(0, 255) as u8));
         }
-        Cmd::Checkpoint { mountpoint, session, stop, kill, name } => {
+        Cmd::Checkpoint {
+            mountpoint,
+            session,
+            stop,
+            kill,
+            name,
+        } => {
             let (mp, store) = mounts::resolve(mountpoint.as_deref())?;
             let s = pick_session(&store, &mp, session.as_deref())?;
-            let after = if kill { "kill" } else if stop { "stop" } else { "resume" };
+            let after = if kill {
+                "kill"
+            } else if stop {
+                "stop"
+            } else {
+                "resume"
+            };
             let v = session::request_checkpoint(
                 &store,
                 &s.name,
-                &session::CheckpointRequest { name: name.clone(), after: after.into(), kind: "checkpoint".into() },
+                &session::CheckpointRequest {
+                    name: name.clone(),
+                    after: after.into(),
+                    kind: "checkpoint".into(),
+                },
             )?;
             println!(
                 "checkpoint '{name}' of session {} is #{}: downtime {:.1} ms, total {:.1} ms (dump {:.1}, hand-off {:.1}), image {} bytes, {} new after dedup",
@@ -335,7 +356,12 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                 v["new_bytes"]
             );
         }
-        Cmd::Restore { mountpoint, branch, detach, name } => {
+        Cmd::Restore {
+            mountpoint,
+            branch,
+            detach,
+            name,
+        } => {
             let code = restore(mountpoint.as_deref(), branch.as_deref(), detach, &name)?;
             return Ok(ExitCode::from(code.clamp(0, 255) as u8));
         }
@@ -345,9 +371,19 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
-                println!("{:<12} {:<12} {:>8} {:>6}  COMMAND", "SESSION", "BRANCH", "PID", "MAIN");
+                println!(
+                    "{:<12} {:<12} {:>8} {:>6}  COMMAND",
+                    "SESSION", "BRANCH", "PID", "MAIN"
+                );
                 for s in list {
-                    println!("{:<12} {:<12} {:>8} {:>6}  {}", s.name, s.branch, s.pid, s.main_pid, s.argv.join(" "));
+                    println!(
+                        "{:<12} {:<12} {:>8} {:>6}  {}",
+                        s.name,
+                        s.branch,
+                        s.pid,
+                        s.main_pid,
+                        s.argv.join(" ")
+                    );
                 }
             }
         }
@@ -390,21 +426,31 @@ pub(crate) fn flush_mount(mp: &Path, only: Option<&[i32]>) -> Result<()> {
     let pids: Vec<i32> = match only {
         Some(p) => p.to_vec(),
         None => std::fs::read_dir("/proc")
-            .map(|rd| rd.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect())
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                    .collect()
+            })
             .unwrap_or_default(),
     };
     let mut done = std::collections::HashSet::new();
     for pid in pids {
         for sub in ["fd", "map_files"] {
-            let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/{sub}")) else { continue };
+            let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/{sub}")) else {
+                continue;
+            };
             for e in rd.flatten() {
-                let Ok(target) = std::fs::read_link(e.path()) else { continue };
+                let Ok(target) = std::fs::read_link(e.path()) else {
+                    continue;
+                };
                 let t = target.to_string_lossy();
                 let t = t.strip_suffix(" (deleted)").unwrap_or(&t);
                 if !Path::new(t).starts_with(mp) {
                     continue;
                 }
-                let Ok(f) = std::fs::File::open(e.path()) else { continue };
+                let Ok(f) = std::fs::File::open(e.path()) else {
+                    continue;
+                };
                 let Ok(md) = f.metadata() else { continue };
                 if md.is_file() && done.insert(md.ino()) {
                     let _ = f.sync_data();
@@ -594,7 +640,11 @@ fn umount(mountpoint: &Path) -> Result<()> {
         .map(|s| format!("{} (pid {})", s.name, s.pid))
         .collect();
     if !busy.is_empty() {
-        bail!("sessions still run on {}: {}; stop them first", mp.display(), busy.join(", "));
+        bail!(
+            "sessions still run on {}: {}; stop them first",
+            mp.display(),
+            busy.join(", ")
+        );
     }
     let _ = syncfs(&mp);
     match daemon::call(
@@ -748,7 +798,8 @@ fn demo(dir: &Path) -> Result<()> {
 }
 
 fn branch_of(store: &Path, mp: &Path) -> Result<String> {
-    let v = daemon::call(store, &daemon::Request::Status)?.context("no daemon serves this mount")?;
+    let v =
+        daemon::call(store, &daemon::Request::Status)?.context("no daemon serves this mount")?;
     v["mounts"]
         .as_array()
         .and_then(|a| a.iter().find(|m| m["mountpoint"].as_str() == mp.to_str()))
@@ -756,7 +807,12 @@ fn branch_of(store: &Path, mp: &Path) -> Result<String> {
         .context("the daemon does not serve this mount")
 }
 
-fn run_session(mountpoint: Option<&Path>, name: Option<String>, detach: bool, cmd: Vec<String>) -> Result<i32> {
+fn run_session(
+    mountpoint: Option<&Path>,
+    name: Option<String>,
+    detach: bool,
+    cmd: Vec<String>,
+) -> Result<i32> {
     let (mp, store) = mounts::resolve(mountpoint)?;
     let branch = branch_of(&store, &mp)?;
     let name = match name {
@@ -764,9 +820,19 @@ fn run_session(mountpoint: Option<&Path>, name: Option<String>, detach: bool, cm
             forkpoint_fs::fs::validate_name(&n)?;
             n
         }
-        None => (1..).map(|i| format!("s{i}")).find(|n| !session::list(&store).map(|l| l.iter().any(|s| &s.name == n)).unwrap_or(false)).unwrap_or_else(|| "s".into()),
+        None => (1..)
+            .map(|i| format!("s{i}"))
+            .find(|n| {
+                !session::list(&store)
+                    .map(|l| l.iter().any(|s| &s.name == n))
+                    .unwrap_or(false)
+            })
+            .unwrap_or_else(|| "s".into()),
     };
-    let cwd = std::env::current_dir().ok().filter(|c| c.starts_with(&mp)).unwrap_or_else(|| mp.clone());
+    let cwd = std::env::current_dir()
+        .ok()
+        .filter(|c| c.starts_with(&mp))
+        .unwrap_or_else(|| mp.clone());
     let spec = session::InitSpec {
         store: store.clone(),
         name: name.clone(),
@@ -780,7 +846,14 @@ fn run_session(mountpoint: Option<&Path>, name: Option<String>, detach: bool, cm
     };
     let code = session::start(&spec, detach, None)?;
     if detach {
-        println!("session {name} started; output in {}", store.join("sessions").join(&name).join("output.log").display());
+        println!(
+            "session {name} started; output in {}",
+            store
+                .join("sessions")
+                .join(&name)
+                .join("output.log")
+                .display()
+        );
     }
     Ok(code)
 }
@@ -788,7 +861,10 @@ fn run_session(mountpoint: Option<&Path>, name: Option<String>, detach: bool, cm
 fn pick_session(store: &Path, mp: &Path, name: Option<&str>) -> Result<session::SessionInfo> {
     let list = session::list(store)?;
     if let Some(n) = name {
-        return list.into_iter().find(|s| s.name == n).with_context(|| format!("no running session '{n}'"));
+        return list
+            .into_iter()
+            .find(|s| s.name == n)
+            .with_context(|| format!("no running session '{n}'"));
     }
     let mut here: Vec<_> = list.into_iter().filter(|s| s.daemon_mount == mp).collect();
     match here.len() {
@@ -798,11 +874,18 @@ fn pick_session(store: &Path, mp: &Path, name: Option<&str>) -> Result<session::
     }
 }
 
-fn restore(mountpoint: Option<&Path>, branch: Option<&str>, detach: bool, name: &str) -> Result<i32> {
+fn restore(
+    mountpoint: Option<&Path>,
+    branch: Option<&str>,
+    detach: bool,
+    name: &str,
+) -> Result<i32> {
     let (mp, store) = mounts::resolve(mountpoint)?;
     let ro = Store::open_read_only(&store)?;
     let cp = ro.find(name)?;
-    let image = cp.image.with_context(|| format!("'{name}' is a filesystem snapshot without processes"))?;
+    let image = cp
+        .image
+        .with_context(|| format!("'{name}' is a filesystem snapshot without processes"))?;
     // Refuse a corrupt or incomplete image before anything changes.
     let (si, pi) = session::load_image(&ro, &image)?;
     drop(ro);
@@ -812,13 +895,26 @@ fn restore(mountpoint: Option<&Path>, branch: Option<&str>, detach: bool, name: 
     let ts = fmt_time(forkpoint_now()).replace([' ', ':'], "-");
     let (spec, undo) = match branch {
         Some(new) => {
-            let v = daemon::call(&store, &daemon::Request::Branch { name: new.to_string(), from: Some(name.to_string()) })?
-                .context("no daemon serves this mount")?;
+            let v = daemon::call(
+                &store,
+                &daemon::Request::Branch {
+                    name: new.to_string(),
+                    from: Some(name.to_string()),
+                },
+            )?
+            .context("no daemon serves this mount")?;
             let _ = v;
             let hidden = store.join("branches").join(new);
             std::fs::create_dir_all(&hidden)?;
-            daemon::call(&store, &daemon::Request::Mount { mountpoint: hidden.clone(), branch: new.to_string(), keep_orphans: true })?
-                .context("no daemon serves this mount")?;
+            daemon::call(
+                &store,
+                &daemon::Request::Mount {
+                    mountpoint: hidden.clone(),
+                    branch: new.to_string(),
+                    keep_orphans: true,
+                },
+            )?
+            .context("no daemon serves this mount")?;
             (
                 session::InitSpec {
                     store: store.clone(),
@@ -838,16 +934,26 @@ fn restore(mountpoint: Option<&Path>, branch: Option<&str>, detach: bool, name: 
             let cur = branch_of(&store, &mp)?;
             // Keep what the rollback leaves: processes too, if a session runs here.
             let auto = format!("auto-{ts}");
-            let running: Vec<_> = session::list(&store)?.into_iter().filter(|s| s.daemon_mount == mp).collect();
+            let running: Vec<_> = session::list(&store)?
+                .into_iter()
+                .filter(|s| s.daemon_mount == mp)
+                .collect();
             let mut kept = None;
             for s in &running {
-                let req = session::CheckpointRequest { name: auto.clone(), after: "kill".into(), kind: "auto".into() };
+                let req = session::CheckpointRequest {
+                    name: auto.clone(),
+                    after: "kill".into(),
+                    kind: "auto".into(),
+                };
                 match session::request_checkpoint(&store, &s.name, &req) {
                     Ok(v) => kept = v["cno"].as_u64(),
                     Err(e) => {
                         eprintln!("forkpoint: could not checkpoint session {} before the rollback ({e:#}); keeping its files only", s.name);
                         let _ = cgroup::kill(&store, &s.name);
-                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(s.pid), nix::sys::signal::Signal::SIGKILL);
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(s.pid),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
                     }
                 }
             }
@@ -861,14 +967,30 @@ fn restore(mountpoint: Option<&Path>, branch: Option<&str>, detach: bool, name: 
             }
             if kept.is_none() {
                 flush_mount(&mp, None)?;
-                let v = daemon::call(&store, &daemon::Request::Snapshot { mountpoint: mp.clone(), name: auto.clone(), auto: true })?
-                    .context("no daemon serves this mount")?;
+                let v = daemon::call(
+                    &store,
+                    &daemon::Request::Snapshot {
+                        mountpoint: mp.clone(),
+                        name: auto.clone(),
+                        auto: true,
+                    },
+                )?
+                .context("no daemon serves this mount")?;
                 kept = v["cno"].as_u64();
             }
             eprintln!("forkpoint: the state before the rollback is kept as '{auto}'");
-            daemon::call(&store, &daemon::Request::Rollback { mountpoint: mp.clone(), cno: cp.cno })?
-                .context("no daemon serves this mount")?;
-            let sname = running.first().map(|s| s.name.clone()).unwrap_or_else(|| cur.clone());
+            daemon::call(
+                &store,
+                &daemon::Request::Rollback {
+                    mountpoint: mp.clone(),
+                    cno: cp.cno,
+                },
+            )?
+            .context("no daemon serves this mount")?;
+            let sname = running
+                .first()
+                .map(|s| s.name.clone())
+                .unwrap_or_else(|| cur.clone());
             (
                 session::InitSpec {
                     store: store.clone(),
@@ -885,19 +1007,31 @@ fn restore(mountpoint: Option<&Path>, branch: Option<&str>, detach: bool, name: 
             )
         }
     };
-    let spec = session::InitSpec { restore: Some(cp.cno), ..spec };
+    let spec = session::InitSpec {
+        restore: Some(cp.cno),
+        ..spec
+    };
     let _ = pi;
     match session::start(&spec, detach, offsets) {
         Ok(code) => {
             if detach {
-                println!("restored '{name}' as session {} on branch {}", spec.name, spec.branch);
+                println!(
+                    "restored '{name}' as session {} on branch {}",
+                    spec.name, spec.branch
+                );
             }
             Ok(code)
         }
         Err(e) => {
             // Leave the branch as it was before the restore.
             if let Some(prev) = undo {
-                let _ = daemon::call(&store, &daemon::Request::Rollback { mountpoint: mp, cno: prev });
+                let _ = daemon::call(
+                    &store,
+                    &daemon::Request::Rollback {
+                        mountpoint: mp,
+                        cno: prev,
+                    },
+                );
             }
             Err(e)
         }
@@ -919,7 +1053,10 @@ fn demo_processes(store: &Path, mnt: &Path) -> Result<()> {
     let prog = "import os, time\nfor fd in range(3, 256):\n    try: os.close(fd)\n    except OSError: pass\nn = 0\nwhile True:\n    n += 1\n    with open('counter.txt', 'a') as f: f.write('%d\\n' % n)\n    time.sleep(0.05)\n";
     std::fs::write(mnt.join("counter.py"), prog)?;
     step("run a program inside the mount: it counts in memory and appends each value to a file");
-    println!("$ forkpoint run -m {} --detach -- python3 counter.py", mnt.display());
+    println!(
+        "$ forkpoint run -m {} --detach -- python3 counter.py",
+        mnt.display()
+    );
     let spec = session::InitSpec {
         store: store.to_path_buf(),
         name: "demo".into(),
@@ -937,7 +1074,11 @@ fn demo_processes(store: &Path, mnt: &Path) -> Result<()> {
     let v = session::request_checkpoint(
         store,
         "demo",
-        &session::CheckpointRequest { name: "warm".into(), after: "resume".into(), kind: "checkpoint".into() },
+        &session::CheckpointRequest {
+            name: "warm".into(),
+            after: "resume".into(),
+            kind: "checkpoint".into(),
+        },
     )?;
     println!(
         "checkpoint 'warm': downtime {:.1} ms, image {} bytes; the counter file ends at {}",
@@ -946,12 +1087,21 @@ fn demo_processes(store: &Path, mnt: &Path) -> Result<()> {
         last(&mnt.join(".forkpoint/snapshots/warm/counter.txt"))
     );
     wait(1500);
-    println!("the program went on: counter file ends at {}", last(&mnt.join("counter.txt")));
+    println!(
+        "the program went on: counter file ends at {}",
+        last(&mnt.join("counter.txt"))
+    );
     println!("$ forkpoint restore -m {} --detach warm", mnt.display());
     restore(Some(mnt), None, true, "warm")?;
     wait(300);
-    println!("rolled back, and counting on from the checkpoint: {}", last(&mnt.join("counter.txt")));
-    println!("$ forkpoint restore -m {} --detach --branch experiment warm", mnt.display());
+    println!(
+        "rolled back, and counting on from the checkpoint: {}",
+        last(&mnt.join("counter.txt"))
+    );
+    println!(
+        "$ forkpoint restore -m {} --detach --branch experiment warm",
+        mnt.display()
+    );
     restore(Some(mnt), Some("experiment"), true, "warm")?;
     wait(1000);
     let exp = store.join("branches/experiment");
@@ -962,7 +1112,10 @@ fn demo_processes(store: &Path, mnt: &Path) -> Result<()> {
     );
     for s in session::list(store)? {
         let _ = cgroup::kill(store, &s.name);
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(s.pid), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(s.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
     for _ in 0..200 {
         if session::list(store)?.is_empty() {

@@ -144,11 +144,16 @@ mod tests {
 /// that writers are not throttled to the daemon's round-trip rate; and reads ahead 1 MiB.
 /// Best effort: older kernels lack some of these knobs.
 pub fn tune_bdi(mountpoint: &Path) {
-    let Ok(Some(m)) = mounts().map(|v| v.into_iter().rev().find(|m| m.mountpoint == mountpoint)) else {
+    let Ok(Some(m)) = mounts().map(|v| v.into_iter().rev().find(|m| m.mountpoint == mountpoint))
+    else {
         return;
     };
     let bdi = Path::new("/sys/class/bdi").join(&m.dev);
-    for (knob, value) in [("strict_limit", "0"), ("max_ratio", "50"), ("read_ahead_kb", "1024")] {
+    for (knob, value) in [
+        ("strict_limit", "0"),
+        ("max_ratio", "50"),
+        ("read_ahead_kb", "1024"),
+    ] {
         if let Err(e) = std::fs::write(bdi.join(knob), value) {
             log::debug!("{}/{knob}: {e}", bdi.display());
         }

@@ -116,7 +116,11 @@ pub fn start(spec: &InitSpec, detach: bool, time_offsets: Option<(i128, i128)>) 
     if let Ok(text) = std::fs::read_to_string(dir.join("info.json")) {
         if let Ok(info) = serde_json::from_str::<SessionInfo>(&text) {
             if alive(info.pid) {
-                bail!("session '{}' is already running (pid {})", spec.name, info.pid);
+                bail!(
+                    "session '{}' is already running (pid {})",
+                    spec.name,
+                    info.pid
+                );
             }
         }
     }
@@ -129,11 +133,18 @@ pub fn start(spec: &InitSpec, detach: bool, time_offsets: Option<(i128, i128)>) 
     if detach {
         let log = dir.join("output.log");
         let f = std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
-        cmd.stdin(std::process::Stdio::null()).stdout(f.try_clone()?).stderr(f);
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(f.try_clone()?)
+            .stderr(f);
     }
     // Offsets are written before the new time namespace has any member, as the kernel requires.
     let offsets = time_offsets.map(|(m, b)| {
-        let sec = |ns: i128| (ns.div_euclid(1_000_000_000) as i64, ns.rem_euclid(1_000_000_000) as i64);
+        let sec = |ns: i128| {
+            (
+                ns.div_euclid(1_000_000_000) as i64,
+                ns.rem_euclid(1_000_000_000) as i64,
+            )
+        };
         let (ms, mn) = sec(m);
         let (bs, bn) = sec(b);
         format!("monotonic {ms} {mn}\nboottime {bs} {bn}\n")
@@ -216,7 +227,15 @@ pub fn session_init(spec_path: &Path) -> Result<i32> {
         nix::unistd::ForkResult::Child => {
             // init, and with it the whole PID namespace, dies with session-init.
             // SAFETY: prctl(PR_SET_PDEATHSIG) takes plain integers.
-            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) };
+            unsafe {
+                libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                )
+            };
             if nix::unistd::getppid().as_raw() == 1 {
                 std::process::exit(137);
             }
@@ -250,13 +269,37 @@ pub fn session_init(spec_path: &Path) -> Result<i32> {
 fn init(spec: &InitSpec, mut info: SessionInfo) -> Result<i32> {
     use nix::mount::{mount, MsFlags};
     let dir = session_dir(&spec.store, &spec.name);
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-        .context("make mounts private")?;
-    mount(Some("proc"), "/proc", Some("proc"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None::<&str>)
-        .context("mount /proc")?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .context("make mounts private")?;
+    mount(
+        Some("proc"),
+        "/proc",
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .context("mount /proc")?;
     if spec.daemon_mount != spec.mountpoint {
-        mount(Some(&spec.daemon_mount), &spec.mountpoint, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-            .with_context(|| format!("bind {} on {}", spec.daemon_mount.display(), spec.mountpoint.display()))?;
+        mount(
+            Some(&spec.daemon_mount),
+            &spec.mountpoint,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .with_context(|| {
+            format!(
+                "bind {} on {}",
+                spec.daemon_mount.display(),
+                spec.mountpoint.display()
+            )
+        })?;
     }
     let main = match spec.restore {
         Some(cno) => restore_main(spec, cno)?,
@@ -281,7 +324,8 @@ fn init(spec: &InitSpec, mut info: SessionInfo) -> Result<i32> {
         }
     };
     info.main_pid = main;
-    std::fs::write(dir.join("info.json"), serde_json::to_vec_pretty(&info)?).context("write session info")?;
+    std::fs::write(dir.join("info.json"), serde_json::to_vec_pretty(&info)?)
+        .context("write session info")?;
     let sock = dir.join("ctl.sock");
     let _ = std::fs::remove_file(&sock);
     let listener = UnixListener::bind(&sock).with_context(|| format!("bind {}", sock.display()))?;
@@ -291,7 +335,9 @@ fn init(spec: &InitSpec, mut info: SessionInfo) -> Result<i32> {
         // Reap: the program, and orphans re-parented to us.
         loop {
             match nix::sys::wait::waitpid(None, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
-                Ok(nix::sys::wait::WaitStatus::Exited(p, c)) if p.as_raw() == main => main_status = Some(c),
+                Ok(nix::sys::wait::WaitStatus::Exited(p, c)) if p.as_raw() == main => {
+                    main_status = Some(c)
+                }
                 Ok(nix::sys::wait::WaitStatus::Signaled(p, s, _)) if p.as_raw() == main => {
                     main_status = Some(128 + s as i32)
                 }
@@ -312,7 +358,9 @@ fn init(spec: &InitSpec, mut info: SessionInfo) -> Result<i32> {
                     return Ok(137);
                 }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
             Err(_) => std::thread::sleep(Duration::from_millis(20)),
         }
     }
@@ -338,10 +386,16 @@ fn handle_control(spec: &InitSpec, main: i32, conn: &UnixStream) -> bool {
             let kill = req.after == "kill";
             match checkpoint(spec, main, &req) {
                 Ok(v) => (serde_json::json!({"ok": true, "value": v}), kill),
-                Err(e) => (serde_json::json!({"ok": false, "error": format!("{e:#}")}), false),
+                Err(e) => (
+                    serde_json::json!({"ok": false, "error": format!("{e:#}")}),
+                    false,
+                ),
             }
         }
-        Err(e) => (serde_json::json!({"ok": false, "error": format!("bad request: {e}")}), false),
+        Err(e) => (
+            serde_json::json!({"ok": false, "error": format!("bad request: {e}")}),
+            false,
+        ),
     };
     let mut out = resp.to_string();
     out.push('\n');
@@ -355,7 +409,10 @@ fn checkpoint(spec: &InitSpec, main: i32, req: &CheckpointRequest) -> Result<ser
         "kill" => AfterDump::Kill,
         _ => AfterDump::Resume,
     };
-    let opts = DumpOptions { after, ..Default::default() };
+    let opts = DumpOptions {
+        after,
+        ..Default::default()
+    };
     let t0 = Instant::now();
     let mut root_cno = None;
     let mut frozen_at = None;
@@ -366,16 +423,24 @@ fn checkpoint(spec: &InitSpec, main: i32, req: &CheckpointRequest) -> Result<ser
         frozen_at = Some(Instant::now());
         // The program is stopped: the files as of now belong to this checkpoint.
         crate::flush_mount(&mp, Some(&[main])).map_err(|e| format!("{e:#}"))?;
-        let v = daemon::call(&store, &Request::Commit { mountpoint: dmp.clone() })
-            .map_err(|e| format!("{e:#}"))?
-            .ok_or("no daemon serves the mount")?;
+        let v = daemon::call(
+            &store,
+            &Request::Commit {
+                mountpoint: dmp.clone(),
+            },
+        )
+        .map_err(|e| format!("{e:#}"))?
+        .ok_or("no daemon serves the mount")?;
         root_cno = v["cno"].as_u64();
         Ok(())
     };
     let img = engine::dump_frozen(main, &opts, &mut hook).context("dump")?;
     let t_dump = t0.elapsed();
     if req.after == "stop" {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(main), nix::sys::signal::Signal::SIGSTOP);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(main),
+            nix::sys::signal::Signal::SIGSTOP,
+        );
     }
     let downtime = frozen_at.map(|f| f.elapsed()).unwrap_or_default();
     let root_cno = root_cno.ok_or_else(|| anyhow!("filesystem was not committed"))?;
@@ -385,18 +450,22 @@ fn checkpoint(spec: &InitSpec, main: i32, req: &CheckpointRequest) -> Result<ser
     let dir = session_dir(&spec.store, &spec.name);
     let pack_path = dir.join("checkpoint.pack");
     let known = Store::open_read_only(&spec.store).ok();
-    let mut pack = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&pack_path).context("create pack")?);
+    let mut pack = std::io::BufWriter::with_capacity(
+        1 << 20,
+        std::fs::File::create(&pack_path).context("create pack")?,
+    );
     let mut sent = std::collections::HashSet::new();
-    img.memory.externalize(|hash, data| -> std::io::Result<()> {
-        let id = ContentId(*hash);
-        if known.as_ref().is_some_and(|s| s.contains(&id)) || !sent.insert(id) {
-            return Ok(());
-        }
-        pack.write_all(hash)?;
-        pack.write_all(&(data.len() as u32).to_le_bytes())?;
-        pack.write_all(data)
-    })
-    .context("write pack")?;
+    img.memory
+        .externalize(|hash, data| -> std::io::Result<()> {
+            let id = ContentId(*hash);
+            if known.as_ref().is_some_and(|s| s.contains(&id)) || !sent.insert(id) {
+                return Ok(());
+            }
+            pack.write_all(hash)?;
+            pack.write_all(&(data.len() as u32).to_le_bytes())?;
+            pack.write_all(data)
+        })
+        .context("write pack")?;
     pack.flush().context("write pack")?;
     drop(pack);
     drop(known);
@@ -433,15 +502,23 @@ fn checkpoint(spec: &InitSpec, main: i32, req: &CheckpointRequest) -> Result<ser
 }
 
 /// Sends a checkpoint request to a running session.
-pub fn request_checkpoint(store: &Path, name: &str, req: &CheckpointRequest) -> Result<serde_json::Value> {
+pub fn request_checkpoint(
+    store: &Path,
+    name: &str,
+    req: &CheckpointRequest,
+) -> Result<serde_json::Value> {
     let sock = session_dir(store, name).join("ctl.sock");
-    let mut s = UnixStream::connect(&sock).with_context(|| format!("session '{name}' is not running"))?;
+    let mut s =
+        UnixStream::connect(&sock).with_context(|| format!("session '{name}' is not running"))?;
     let mut line = serde_json::to_string(req)?;
     line.push('\n');
     s.write_all(line.as_bytes())?;
     let mut resp = String::new();
-    BufReader::new(&s).read_line(&mut resp).context("read session response")?;
-    let v: serde_json::Value = serde_json::from_str(&resp).context("session closed the connection")?;
+    BufReader::new(&s)
+        .read_line(&mut resp)
+        .context("read session response")?;
+    let v: serde_json::Value =
+        serde_json::from_str(&resp).context("session closed the connection")?;
     if v["ok"].as_bool() == Some(true) {
         Ok(v["value"].clone())
     } else {
@@ -461,7 +538,10 @@ pub fn load_image(store: &Store, image: &ContentId) -> Result<(SessionImage, Pro
     }
     let si: SessionImage = postcard::from_bytes(&obj.body).context("decode session image")?;
     if si.version > SESSION_IMAGE_VERSION {
-        bail!("session image version {} is newer than supported ({SESSION_IMAGE_VERSION})", si.version);
+        bail!(
+            "session image version {} is newer than supported ({SESSION_IMAGE_VERSION})",
+            si.version
+        );
     }
     let pi = engine::decode(&si.process).context("decode process image")?;
     Ok((si, pi))
@@ -471,17 +551,25 @@ struct StoreChunks(std::sync::Arc<Store>);
 
 impl engine::ChunkSource for StoreChunks {
     fn fetch(&self, hash: &[u8; 32], _len: u64) -> Result<Vec<u8>, String> {
-        self.0.read_verified(&ContentId(*hash)).map_err(|e| e.to_string())
+        self.0
+            .read_verified(&ContentId(*hash))
+            .map_err(|e| e.to_string())
     }
 }
 
 fn restore_main(spec: &InitSpec, cno: u64) -> Result<i32> {
     let store = Store::open_read_only(&spec.store)?;
     let cp = store.catalog(|c| c.checkpoint(cno))?;
-    let image = cp.image.ok_or_else(|| anyhow!("checkpoint #{cno} has no process image"))?;
+    let image = cp
+        .image
+        .ok_or_else(|| anyhow!("checkpoint #{cno} has no process image"))?;
     let (_si, pi) = load_image(&store, &image)?;
     let chunks = StoreChunks(store.clone());
-    let opts = RestoreOptions { pid: Some(pi.pid), chunks: Some(&chunks), skip_file_checks: false };
+    let opts = RestoreOptions {
+        pid: Some(pi.pid),
+        chunks: Some(&chunks),
+        skip_file_checks: false,
+    };
     let pid = engine::restore_with(&pi, &opts).context("restore process")?;
     Ok(pid)
 }

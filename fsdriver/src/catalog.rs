@@ -353,11 +353,13 @@ impl Catalog {
                     ],
                 )?;
                 let cno = tx.last_insert_rowid();
-                if cp.advance_head { tx.execute(
-                    "INSERT INTO branches(name, head, created) VALUES(?1, ?2, ?3)
+                if cp.advance_head {
+                    tx.execute(
+                        "INSERT INTO branches(name, head, created) VALUES(?1, ?2, ?3)
                      ON CONFLICT(name) DO UPDATE SET head=excluded.head",
-                    params![cp.branch, cno, now_ns()],
-                )?; }
+                        params![cp.branch, cno, now_ns()],
+                    )?;
+                }
                 Some(cno as u64)
             }
         };

@@ -265,7 +265,6 @@ fn check_name(name: &[u8]) -> FsResult<()> {
     Ok(())
 }
 
-
 impl Fs {
     /// Serves branch `branch` (created from `main`'s head if `create` and missing).
     pub fn new(store: Arc<Store>, branch: &str) -> FsResult<Fs> {
@@ -951,7 +950,9 @@ impl Fs {
             } else {
                 match block_ref(&store, f, idx)? {
                     Some(BlockRef::Zero) => {}
-                    Some(BlockRef::Data { id, len: dl }) => plan.push(Part::Chunk(id, dl as usize, boff, len, at)),
+                    Some(BlockRef::Data { id, len: dl }) => {
+                        plan.push(Part::Chunk(id, dl as usize, boff, len, at))
+                    }
                     None => match &f.lower {
                         Some(l) if pos < l.len => {
                             let n = ((l.len - pos) as usize).min(len);
@@ -973,7 +974,9 @@ impl Fs {
                     let to = (boff + len).min(have);
                     out[at..at + (to - from)].copy_from_slice(&data[from..to]);
                 }
-                Part::Lower(l, pos, n, at) => tree::read_lower(&store, &l, pos, &mut out[at..at + n])?,
+                Part::Lower(l, pos, n, at) => {
+                    tree::read_lower(&store, &l, pos, &mut out[at..at + n])?
+                }
             }
         }
         Ok(out)
@@ -1811,7 +1814,12 @@ impl State {
                 if !f.dirty.contains_key(&idx) {
                     let mut b = match f.take_clean(idx) {
                         Some(b) => b,
-                        None => tree::read_block(store, f.lower.as_ref(), block_ref(store, f, idx)?, idx)?,
+                        None => tree::read_block(
+                            store,
+                            f.lower.as_ref(),
+                            block_ref(store, f, idx)?,
+                            idx,
+                        )?,
                     };
                     if idx * BLOCK < size {
                         let valid = (size - idx * BLOCK).min(BLOCK) as usize;

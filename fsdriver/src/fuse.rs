@@ -675,7 +675,9 @@ pub fn invalidate(session: &BackgroundSession, list: &[crate::fs::Inval]) {
     let n = session.notifier();
     for i in list {
         let r = match i {
-            crate::fs::Inval::Entry(parent, name) => n.inval_entry(INodeNo(*parent), OsStr::from_bytes(name)),
+            crate::fs::Inval::Entry(parent, name) => {
+                n.inval_entry(INodeNo(*parent), OsStr::from_bytes(name))
+            }
             crate::fs::Inval::Inode(ino) => n.inval_inode(INodeNo(*ino), 0, 0),
         };
         // ENOENT: the kernel had nothing cached for it.
