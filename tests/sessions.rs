@@ -19,7 +19,10 @@ fn can_run() -> bool {
         return true;
     }
     let why = if root { "no /dev/fuse" } else { "not root" };
-    assert!(std::env::var_os("CI").is_none(), "session tests cannot run in CI: {why}");
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "session tests cannot run in CI: {why}"
+    );
     eprintln!("skipping: {why}");
     false
 }
@@ -37,12 +40,20 @@ impl Lab {
         let mnt = dir.path().join("mnt");
         std::fs::create_dir_all(&mnt).expect("mkdir");
         let lab = Lab { dir, store, mnt };
-        lab.fp(&["mount", lab.store.to_str().expect("utf8"), lab.mnt.to_str().expect("utf8")]);
+        lab.fp(&[
+            "mount",
+            lab.store.to_str().expect("utf8"),
+            lab.mnt.to_str().expect("utf8"),
+        ]);
         lab
     }
 
     fn fp(&self, args: &[&str]) -> String {
-        let out = Command::new(BIN).args(args).current_dir(&self.mnt).output().expect("run forkpoint");
+        let out = Command::new(BIN)
+            .args(args)
+            .current_dir(&self.mnt)
+            .output()
+            .expect("run forkpoint");
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(
             out.status.success(),
@@ -54,7 +65,11 @@ impl Lab {
     }
 
     fn fp_fails(&self, args: &[&str]) -> String {
-        let out = Command::new(BIN).args(args).current_dir(&self.mnt).output().expect("run forkpoint");
+        let out = Command::new(BIN)
+            .args(args)
+            .current_dir(&self.mnt)
+            .output()
+            .expect("run forkpoint");
         assert!(!out.status.success(), "forkpoint {args:?} should fail");
         String::from_utf8_lossy(&out.stderr).into_owned()
     }
@@ -68,7 +83,14 @@ impl Lab {
         let c = self.dir.path().join(format!("{name}.c"));
         let exe = self.dir.path().join(name);
         std::fs::write(&c, src).expect("write source");
-        let st = Command::new("cc").arg("-O1").arg("-o").arg(&exe).arg(&c).args(extra).status().expect("run cc");
+        let st = Command::new("cc")
+            .arg("-O1")
+            .arg("-o")
+            .arg(&exe)
+            .arg(&c)
+            .args(extra)
+            .status()
+            .expect("run cc");
         assert!(st.success(), "cc {name}");
         exe
     }
@@ -78,9 +100,14 @@ impl Lab {
     }
 
     fn session_pid(&self, name: &str) -> (i32, i32) {
-        let text = std::fs::read_to_string(self.store.join("sessions").join(name).join("info.json")).expect("info");
+        let text =
+            std::fs::read_to_string(self.store.join("sessions").join(name).join("info.json"))
+                .expect("info");
         let v: serde_json::Value = serde_json::from_str(&text).expect("json");
-        (v["pid"].as_i64().expect("pid") as i32, v["main_pid"].as_i64().expect("main") as i32)
+        (
+            v["pid"].as_i64().expect("pid") as i32,
+            v["main_pid"].as_i64().expect("main") as i32,
+        )
     }
 }
 
@@ -103,9 +130,15 @@ impl Drop for Lab {
         // Wait for the sessions to be gone (their PID namespaces die with them).
         let t = Instant::now();
         while t.elapsed() < Duration::from_secs(5) {
-            let out = Command::new(BIN).args(["ps", "-m", self.m(), "--json"]).output();
+            let out = Command::new(BIN)
+                .args(["ps", "-m", self.m(), "--json"])
+                .output();
             match out {
-                Ok(o) if o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == "[]" => break,
+                Ok(o)
+                    if o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == "[]" =>
+                {
+                    break
+                }
                 _ => std::thread::sleep(Duration::from_millis(50)),
             }
         }
@@ -114,7 +147,12 @@ impl Drop for Lab {
             mounts.extend(rd.flatten().map(|e| e.path()));
         }
         for m in mounts {
-            let ok = Command::new(BIN).arg("umount").arg(&m).output().map(|o| o.status.success()).unwrap_or(false);
+            let ok = Command::new(BIN)
+                .arg("umount")
+                .arg(&m)
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false);
             if !ok {
                 let _ = Command::new("umount").arg("-l").arg(&m).status();
             }
@@ -172,9 +210,20 @@ fn counter_cut_is_atomic_and_rollback_continues() {
     }
     let lab = Lab::new();
     let exe = lab.cc("counter", COUNTER, &[]);
-    lab.fp(&["run", "-m", lab.m(), "--detach", "--name", "c", "--", exe.to_str().expect("utf8")]);
+    lab.fp(&[
+        "run",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--name",
+        "c",
+        "--",
+        exe.to_str().expect("utf8"),
+    ]);
     let log = lab.mnt.join("counter.log");
-    wait_for("counter to start", Duration::from_secs(10), || lines(&log).len() > 20);
+    wait_for("counter to start", Duration::from_secs(10), || {
+        lines(&log).len() > 20
+    });
     let out = lab.fp(&["checkpoint", "-m", lab.m(), "one"]);
     assert!(out.contains("downtime"), "{out}");
     // The checkpoint's files hold exactly what the program had written at the cut.
@@ -182,10 +231,14 @@ fn counter_cut_is_atomic_and_rollback_continues() {
     let at_cut = lines(&snap_log);
     assert!(at_cut.len() > 20);
     assert_sequence(&at_cut);
-    wait_for("progress after checkpoint", Duration::from_secs(10), || lines(&log).len() > at_cut.len() + 50);
+    wait_for("progress after checkpoint", Duration::from_secs(10), || {
+        lines(&log).len() > at_cut.len() + 50
+    });
     lab.fp(&["restore", "-m", lab.m(), "--detach", "one"]);
     // Files rolled back; the process continues from the same value: no gap, no repeat.
-    wait_for("progress after restore", Duration::from_secs(10), || lines(&log).len() > at_cut.len() + 30);
+    wait_for("progress after restore", Duration::from_secs(10), || {
+        lines(&log).len() > at_cut.len() + 30
+    });
     let after = lines(&log);
     assert_sequence(&after);
     // The rollback kept the state it left.
@@ -193,7 +246,11 @@ fn counter_cut_is_atomic_and_rollback_continues() {
     assert!(log_text.contains("auto-"), "{log_text}");
     // And the same checkpoint can be restored again.
     lab.fp(&["restore", "-m", lab.m(), "--detach", "one"]);
-    wait_for("progress after 2nd restore", Duration::from_secs(10), || lines(&log).len() > at_cut.len() + 30);
+    wait_for(
+        "progress after 2nd restore",
+        Duration::from_secs(10),
+        || lines(&log).len() > at_cut.len() + 30,
+    );
     assert_sequence(&lines(&log));
 }
 
@@ -204,13 +261,40 @@ fn one_checkpoint_on_two_branches_side_by_side() {
     }
     let lab = Lab::new();
     let exe = lab.cc("counter", COUNTER, &[]);
-    lab.fp(&["run", "-m", lab.m(), "--detach", "--name", "orig", "--", exe.to_str().expect("utf8")]);
+    lab.fp(&[
+        "run",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--name",
+        "orig",
+        "--",
+        exe.to_str().expect("utf8"),
+    ]);
     let log = lab.mnt.join("counter.log");
-    wait_for("counter", Duration::from_secs(10), || lines(&log).len() > 20);
+    wait_for("counter", Duration::from_secs(10), || {
+        lines(&log).len() > 20
+    });
     lab.fp(&["checkpoint", "-m", lab.m(), "fork"]);
     let at_cut = lines(&lab.mnt.join(".forkpoint/snapshots/fork/counter.log")).len();
-    lab.fp(&["restore", "-m", lab.m(), "--detach", "--branch", "b1", "fork"]);
-    lab.fp(&["restore", "-m", lab.m(), "--detach", "--branch", "b2", "fork"]);
+    lab.fp(&[
+        "restore",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--branch",
+        "b1",
+        "fork",
+    ]);
+    lab.fp(&[
+        "restore",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--branch",
+        "b2",
+        "fork",
+    ]);
     let (_, orig_main) = lab.session_pid("orig");
     let (_, b1_main) = lab.session_pid("b1");
     let (_, b2_main) = lab.session_pid("b2");
@@ -219,7 +303,9 @@ fn one_checkpoint_on_two_branches_side_by_side() {
     let b1 = lab.branch_dir("b1");
     let b2 = lab.branch_dir("b2");
     for b in [&b1, &b2] {
-        wait_for("branch progress", Duration::from_secs(10), || lines(&b.join("counter.log")).len() > at_cut + 30);
+        wait_for("branch progress", Duration::from_secs(10), || {
+            lines(&b.join("counter.log")).len() > at_cut + 30
+        });
         assert_sequence(&lines(&b.join("counter.log")));
     }
     // Each branch writes its own files; neither sees the other's.
@@ -228,7 +314,11 @@ fn one_checkpoint_on_two_branches_side_by_side() {
     assert!(!b2.join("only-b1").exists() && !lab.mnt.join("only-b1").exists());
     assert!(!b1.join("only-b2").exists() && !lab.mnt.join("only-b2").exists());
     // The three counters diverge: each file is its own.
-    let (m, x, y) = (lines(&log), lines(&b1.join("counter.log")), lines(&b2.join("counter.log")));
+    let (m, x, y) = (
+        lines(&log),
+        lines(&b1.join("counter.log")),
+        lines(&b2.join("counter.log")),
+    );
     assert!(m.len() > at_cut && x.len() > at_cut && y.len() > at_cut);
 }
 
@@ -281,19 +371,42 @@ fn multithreaded_program_keeps_its_invariants() {
     }
     let lab = Lab::new();
     let exe = lab.cc("threads", THREADS, &["-pthread"]);
-    lab.fp(&["run", "-m", lab.m(), "--detach", "--", exe.to_str().expect("utf8")]);
+    lab.fp(&[
+        "run",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--",
+        exe.to_str().expect("utf8"),
+    ]);
     let log = lab.mnt.join("threads.log");
-    let count = |p: &Path| std::fs::read_to_string(p).unwrap_or_default().lines().count();
+    let count = |p: &Path| {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
     wait_for("threads", Duration::from_secs(10), || count(&log) > 10);
     lab.fp(&["checkpoint", "-m", lab.m(), "mt"]);
     let at_cut = count(&lab.mnt.join(".forkpoint/snapshots/mt/threads.log"));
     lab.fp(&["restore", "-m", lab.m(), "--detach", "mt"]);
-    wait_for("threads after restore", Duration::from_secs(20), || count(&log) > at_cut + 20);
+    wait_for("threads after restore", Duration::from_secs(20), || {
+        count(&log) > at_cut + 20
+    });
     let text = std::fs::read_to_string(&log).expect("log");
     assert!(!text.contains("FAIL"), "{text}");
-    let totals: Vec<i64> = text.lines().filter_map(|l| l.strip_prefix("ok ")?.parse().ok()).collect();
-    assert!(totals.windows(2).all(|w| w[0] <= w[1]), "total never goes back");
-    assert!(totals.last() > totals.get(at_cut), "the restored threads make progress");
+    let totals: Vec<i64> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("ok ")?.parse().ok())
+        .collect();
+    assert!(
+        totals.windows(2).all(|w| w[0] <= w[1]),
+        "total never goes back"
+    );
+    assert!(
+        totals.last() > totals.get(at_cut),
+        "the restored threads make progress"
+    );
 }
 
 const CLOCK: &str = r#"
@@ -326,7 +439,14 @@ fn monotonic_clock_never_jumps_across_restore() {
     }
     let lab = Lab::new();
     let exe = lab.cc("clock", CLOCK, &[]);
-    lab.fp(&["run", "-m", lab.m(), "--detach", "--", exe.to_str().expect("utf8")]);
+    lab.fp(&[
+        "run",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--",
+        exe.to_str().expect("utf8"),
+    ]);
     let log = lab.mnt.join("clock.log");
     wait_for("clock", Duration::from_secs(10), || lines(&log).len() > 10);
     lab.fp(&["checkpoint", "-m", lab.m(), "tick"]);
@@ -335,11 +455,16 @@ fn monotonic_clock_never_jumps_across_restore() {
     let t = Instant::now();
     lab.fp(&["restore", "-m", lab.m(), "--detach", "tick"]);
     let n = lines(&lab.mnt.join(".forkpoint/snapshots/tick/clock.log")).len();
-    wait_for("clock after restore", Duration::from_secs(10), || lines(&log).len() > n + 20);
+    wait_for("clock after restore", Duration::from_secs(10), || {
+        lines(&log).len() > n + 20
+    });
     let took = t.elapsed().as_nanos() as i64 + 1_000_000_000;
     for d in lines(&log) {
         assert!(d >= 0, "CLOCK_MONOTONIC went backwards by {d} ns");
-        assert!(d < took, "CLOCK_MONOTONIC jumped {d} ns (restore took {took} ns incl. 1 s slack)");
+        assert!(
+            d < took,
+            "CLOCK_MONOTONIC jumped {d} ns (restore took {took} ns incl. 1 s slack)"
+        );
     }
 }
 
@@ -378,14 +503,29 @@ out.flush()
 "#,
     )
     .expect("script");
-    lab.fp(&["run", "-m", lab.m(), "--detach", "--", "python3", script.to_str().expect("utf8")]);
+    lab.fp(&[
+        "run",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--",
+        "python3",
+        script.to_str().expect("utf8"),
+    ]);
     let prog = lab.mnt.join("progress.txt");
-    let count = |p: &Path| std::fs::read_to_string(p).unwrap_or_default().lines().count();
+    let count = |p: &Path| {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
     wait_for("python", Duration::from_secs(20), || count(&prog) > 50);
     lab.fp(&["checkpoint", "-m", lab.m(), "py"]);
     let at_cut = count(&lab.mnt.join(".forkpoint/snapshots/py/progress.txt"));
     lab.fp(&["restore", "-m", lab.m(), "--detach", "py"]);
-    wait_for("python after restore", Duration::from_secs(20), || count(&prog) > at_cut + 100);
+    wait_for("python after restore", Duration::from_secs(20), || {
+        count(&prog) > at_cut + 100
+    });
     let text = std::fs::read_to_string(&prog).expect("progress");
     for (i, l) in text.lines().enumerate() {
         assert_eq!(l, format!("{} ok", i + 1), "line {} of progress", i + 1);
@@ -417,19 +557,34 @@ int main(void) {
 "#,
         &[],
     );
-    lab.fp(&["run", "-m", lab.m(), "--detach", "--", exe.to_str().expect("utf8")]);
+    lab.fp(&[
+        "run",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--",
+        exe.to_str().expect("utf8"),
+    ]);
     let log = lab.mnt.join("alive.log");
     wait_for("piper", Duration::from_secs(10), || lines_any(&log) > 5);
     let err = lab.fp_fails(&["checkpoint", "-m", lab.m(), "refused"]);
     assert!(err.contains("fd"), "names the fd: {err}");
     let n = lines_any(&log);
-    wait_for("still running", Duration::from_secs(10), || lines_any(&log) > n + 5);
+    wait_for("still running", Duration::from_secs(10), || {
+        lines_any(&log) > n + 5
+    });
     let log_text = lab.fp(&["log", "-m", lab.m()]);
-    assert!(!log_text.contains("'refused'"), "no checkpoint recorded: {log_text}");
+    assert!(
+        !log_text.contains("'refused'"),
+        "no checkpoint recorded: {log_text}"
+    );
 }
 
 fn lines_any(p: &Path) -> usize {
-    std::fs::read_to_string(p).unwrap_or_default().lines().count()
+    std::fs::read_to_string(p)
+        .unwrap_or_default()
+        .lines()
+        .count()
 }
 
 const UNLINKED: &str = r#"
@@ -468,9 +623,18 @@ fn unlinked_200mib_file_is_reopened_by_inode() {
     }
     let lab = Lab::new();
     let exe = lab.cc("unlinked", UNLINKED, &[]);
-    lab.fp(&["run", "-m", lab.m(), "--detach", "--", exe.to_str().expect("utf8")]);
+    lab.fp(&[
+        "run",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--",
+        exe.to_str().expect("utf8"),
+    ]);
     let log = lab.mnt.join("unlinked.log");
-    wait_for("unlinked reader", Duration::from_secs(60), || lines_any(&log) > 5);
+    wait_for("unlinked reader", Duration::from_secs(60), || {
+        lines_any(&log) > 5
+    });
     assert!(!lab.mnt.join("big.bin").exists(), "the file is unlinked");
     let out = lab.fp(&["checkpoint", "-m", lab.m(), "orphan"]);
     // The file is in the snapshot already: the image does not copy it.
@@ -480,13 +644,28 @@ fn unlinked_200mib_file_is_reopened_by_inode() {
         .and_then(|s| s.split(' ').next())
         .and_then(|s| s.parse().ok())
         .expect("image size in output");
-    assert!(image < 50 << 20, "image of {image} bytes must not contain the 200 MiB file");
+    assert!(
+        image < 50 << 20,
+        "image of {image} bytes must not contain the 200 MiB file"
+    );
     let at_cut = lines_any(&lab.mnt.join(".forkpoint/snapshots/orphan/unlinked.log"));
     lab.fp(&["restore", "-m", lab.m(), "--detach", "orphan"]);
-    wait_for("reader after restore", Duration::from_secs(30), || lines_any(&log) > at_cut + 10);
-    lab.fp(&["restore", "-m", lab.m(), "--detach", "--branch", "side", "orphan"]);
+    wait_for("reader after restore", Duration::from_secs(30), || {
+        lines_any(&log) > at_cut + 10
+    });
+    lab.fp(&[
+        "restore",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--branch",
+        "side",
+        "orphan",
+    ]);
     let side = lab.branch_dir("side").join("unlinked.log");
-    wait_for("reader on a branch", Duration::from_secs(30), || lines_any(&side) > at_cut + 10);
+    wait_for("reader on a branch", Duration::from_secs(30), || {
+        lines_any(&side) > at_cut + 10
+    });
     for p in [&log, &side] {
         let text = std::fs::read_to_string(p).expect("log");
         for (i, l) in text.lines().enumerate() {
