@@ -460,10 +460,15 @@ fn record_checkpoint(
     let bytes =
         std::fs::read(image_file).with_context(|| format!("read {}", image_file.display()))?;
     let si: SessionImage = postcard::from_bytes(&bytes).context("decode session image")?;
-    let pi = forkpoint::engine::decode(&si.process).context("decode process image")?;
+    let tree = forkpoint::engine::decode_tree(&si.process).context("decode process image")?;
     let mut refs = Vec::new();
     let mut mem_bytes = 0u64;
-    for run in &pi.memory.runs {
+    let runs = tree
+        .processes
+        .iter()
+        .filter_map(|m| m.live())
+        .flat_map(|p| p.memory.runs.iter());
+    for run in runs {
         match &run.data {
             PageData::Stored(h) => {
                 let id = ContentId(*h);

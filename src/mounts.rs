@@ -128,18 +128,6 @@ pub fn absolute(p: &Path) -> Result<PathBuf> {
     Ok(out)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn unescapes_octal() {
-        assert_eq!(unescape("/a\\040b"), "/a b");
-        assert_eq!(unescape("/plain"), "/plain");
-        assert_eq!(unescape("/end\\"), "/end\\");
-    }
-}
-
 /// Lets the kernel keep more dirty pages of a FUSE mount than its default 1% strict limit, so
 /// that writers are not throttled to the daemon's round-trip rate; and reads ahead 1 MiB.
 /// Best effort: older kernels lack some of these knobs.
@@ -157,5 +145,17 @@ pub fn tune_bdi(mountpoint: &Path) {
         if let Err(e) = std::fs::write(bdi.join(knob), value) {
             log::debug!("{}/{knob}: {e}", bdi.display());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unescapes_octal() {
+        assert_eq!(unescape("/a\\040b"), "/a b");
+        assert_eq!(unescape("/plain"), "/plain");
+        assert_eq!(unescape("/end\\"), "/end\\");
     }
 }

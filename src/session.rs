@@ -14,7 +14,7 @@
 
 use crate::daemon::{self, Request};
 use anyhow::{anyhow, bail, Context, Result};
-use forkpoint::engine::{self, image::ProcessImage, AfterDump, DumpOptions, RestoreOptions};
+use forkpoint::engine::{self, AfterDump, DumpOptions, TreeImage, TreeRestoreOptions};
 use forkpoint_fs::maint::decode_image;
 use forkpoint_fs::{ContentId, Store};
 use serde::{Deserialize, Serialize};
@@ -24,7 +24,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Version of the session image wrapper.
-pub const SESSION_IMAGE_VERSION: u32 = 1;
+/// 2: `process` holds the engine's tree image (the program and its descendants, pipes).
+pub const SESSION_IMAGE_VERSION: u32 = 2;
 
 /// What a checkpoint stores besides the engine's process image.
 #[derive(Debug, Serialize, Deserialize)]
@@ -422,7 +423,8 @@ fn checkpoint(spec: &InitSpec, main: i32, req: &CheckpointRequest) -> Result<ser
     let mut hook = || -> Result<(), String> {
         frozen_at = Some(Instant::now());
         // The program is stopped: the files as of now belong to this checkpoint.
-        crate::flush_mount(&mp, Some(&[main])).map_err(|e| format!("{e:#}"))?;
+        // /proc here is the session's own: every process of it, and nothing else.
+        crate::flush_mount(&mp, None).map_err(|e| format!("{e:#}"))?;
         let v = daemon::call(
             &store,
             &Request::Commit {
@@ -434,7 +436,7 @@ fn checkpoint(spec: &InitSpec, main: i32, req: &CheckpointRequest) -> Result<ser
         root_cno = v["cno"].as_u64();
         Ok(())
     };
-    let img = engine::dump_frozen(main, &opts, &mut hook).context("dump")?;
+    let img = engine::dump_tree(main, &opts, &mut hook).context("dump")?;
     let t_dump = t0.elapsed();
     if req.after == "stop" {
         let _ = nix::sys::signal::kill(
@@ -455,23 +457,26 @@ fn checkpoint(spec: &InitSpec, main: i32, req: &CheckpointRequest) -> Result<ser
         std::fs::File::create(&pack_path).context("create pack")?,
     );
     let mut sent = std::collections::HashSet::new();
-    img.memory
-        .externalize(|hash, data| -> std::io::Result<()> {
-            let id = ContentId(*hash);
-            if known.as_ref().is_some_and(|s| s.contains(&id)) || !sent.insert(id) {
-                return Ok(());
-            }
-            pack.write_all(hash)?;
-            pack.write_all(&(data.len() as u32).to_le_bytes())?;
-            pack.write_all(data)
-        })
-        .context("write pack")?;
+    for m in &mut img.processes {
+        let Some(p) = m.live_mut() else { continue };
+        p.memory
+            .externalize(|hash, data| -> std::io::Result<()> {
+                let id = ContentId(*hash);
+                if known.as_ref().is_some_and(|s| s.contains(&id)) || !sent.insert(id) {
+                    return Ok(());
+                }
+                pack.write_all(hash)?;
+                pack.write_all(&(data.len() as u32).to_le_bytes())?;
+                pack.write_all(data)
+            })
+            .context("write pack")?;
+    }
     pack.flush().context("write pack")?;
     drop(pack);
     drop(known);
     let wrapped = SessionImage {
         version: SESSION_IMAGE_VERSION,
-        process: engine::encode(&img)?,
+        process: engine::encode_tree(&img)?,
         monotonic_ns: clock_ns(nix::time::ClockId::CLOCK_MONOTONIC),
         boottime_ns: clock_ns(nix::time::ClockId::CLOCK_BOOTTIME),
         argv: spec.argv.clone(),
@@ -528,7 +533,7 @@ pub fn request_checkpoint(
 
 /// Reads and fully decodes a checkpoint's image; refuses a corrupt or incomplete one before
 /// anything is changed.
-pub fn load_image(store: &Store, image: &ContentId) -> Result<(SessionImage, ProcessImage)> {
+pub fn load_image(store: &Store, image: &ContentId) -> Result<(SessionImage, TreeImage)> {
     let bytes = store.get(image).context("read process image")?;
     let obj = decode_image(image, &bytes)?;
     for r in &obj.refs {
@@ -537,14 +542,14 @@ pub fn load_image(store: &Store, image: &ContentId) -> Result<(SessionImage, Pro
         }
     }
     let si: SessionImage = postcard::from_bytes(&obj.body).context("decode session image")?;
-    if si.version > SESSION_IMAGE_VERSION {
+    if si.version != SESSION_IMAGE_VERSION {
         bail!(
-            "session image version {} is newer than supported ({SESSION_IMAGE_VERSION})",
+            "session image version {} is not supported (this forkpoint reads {SESSION_IMAGE_VERSION})",
             si.version
         );
     }
-    let pi = engine::decode(&si.process).context("decode process image")?;
-    Ok((si, pi))
+    let tree = engine::decode_tree(&si.process).context("decode process image")?;
+    Ok((si, tree))
 }
 
 struct StoreChunks(std::sync::Arc<Store>);
@@ -563,13 +568,13 @@ fn restore_main(spec: &InitSpec, cno: u64) -> Result<i32> {
     let image = cp
         .image
         .ok_or_else(|| anyhow!("checkpoint #{cno} has no process image"))?;
-    let (_si, pi) = load_image(&store, &image)?;
+    let (_si, tree) = load_image(&store, &image)?;
     let chunks = StoreChunks(store.clone());
-    let opts = RestoreOptions {
-        pid: Some(pi.pid),
+    let opts = TreeRestoreOptions {
+        keep_pids: true,
         chunks: Some(&chunks),
         skip_file_checks: false,
     };
-    let pid = engine::restore_with(&pi, &opts).context("restore process")?;
+    let pid = engine::restore_tree(&tree, &opts).context("restore processes")?;
     Ok(pid)
 }

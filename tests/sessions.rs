@@ -543,14 +543,19 @@ fn refusals_leave_the_program_running() {
     lab.fp(&["snapshot", "-m", lab.m(), "files-only"]);
     let err = lab.fp_fails(&["restore", "-m", lab.m(), "files-only"]);
     assert!(err.contains("without processes"), "{err}");
-    // A program holding a pipe cannot be captured yet: refused, naming the fd; it keeps running.
+    // A program holding a socket to the outside cannot be captured: refused, naming the fd;
+    // it keeps running.
     let exe = lab.cc(
-        "piper",
+        "sock",
         r#"
 #include <unistd.h>
 #include <fcntl.h>
+#include <sys/socket.h>
+#include <netinet/in.h>
 int main(void) {
-    int p[2]; pipe(p);
+    for (int fd = 3; fd < 1024; fd++) close(fd);
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    (void)s;
     int f = open("alive.log", O_WRONLY | O_CREAT | O_APPEND, 0644);
     for (;;) { write(f, "x\n", 2); usleep(10000); }
 }
@@ -568,7 +573,10 @@ int main(void) {
     let log = lab.mnt.join("alive.log");
     wait_for("piper", Duration::from_secs(10), || lines_any(&log) > 5);
     let err = lab.fp_fails(&["checkpoint", "-m", lab.m(), "refused"]);
-    assert!(err.contains("fd"), "names the fd: {err}");
+    assert!(
+        err.contains("fd 3") && err.contains("socket"),
+        "names the fd: {err}"
+    );
     let n = lines_any(&log);
     wait_for("still running", Duration::from_secs(10), || {
         lines_any(&log) > n + 5
@@ -670,6 +678,91 @@ fn unlinked_200mib_file_is_reopened_by_inode() {
         let text = std::fs::read_to_string(p).expect("log");
         for (i, l) in text.lines().enumerate() {
             assert_eq!(l, format!("{i} ok"), "{}: line {i}", p.display());
+        }
+    }
+}
+
+const PIPELINE: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <fcntl.h>
+#include <sys/wait.h>
+/* producer | consumer: numbered lines through a pipe; the consumer checks each one. */
+int main(void) {
+    for (int fd = 3; fd < 1024; fd++) close(fd);
+    int p[2];
+    if (pipe(p)) return 1;
+    if (fork() == 0) {
+        close(p[0]);
+        FILE *out = fdopen(p[1], "w");
+        for (long n = 1;; n++) { fprintf(out, "%ld\n", n); if (n % 64 == 0) { fflush(out); usleep(2000); } }
+    }
+    if (fork() == 0) {
+        close(p[1]);
+        FILE *in = fdopen(p[0], "r");
+        int log = open("pipeline.log", O_WRONLY | O_CREAT | O_APPEND, 0644);
+        long want = 1, n;
+        while (fscanf(in, "%ld", &n) == 1) {
+            if (n != want) { dprintf(log, "BAD want %ld got %ld\n", want, n); return 1; }
+            if (n % 1000 == 0) dprintf(log, "%ld\n", n);
+            want++;
+        }
+        return 0;
+    }
+    close(p[0]);
+    close(p[1]);
+    int st;
+    while (wait(&st) > 0) {}
+    return 0;
+}
+"#;
+
+#[test]
+fn producer_consumer_pipe_with_data_in_flight() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    let exe = lab.cc("pipeline", PIPELINE, &[]);
+    lab.fp(&[
+        "run",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--",
+        exe.to_str().expect("utf8"),
+    ]);
+    let log = lab.mnt.join("pipeline.log");
+    wait_for("pipeline", Duration::from_secs(20), || {
+        lines(&log).len() > 5
+    });
+    lab.fp(&["checkpoint", "-m", lab.m(), "pipe"]);
+    let at_cut = lines(&lab.mnt.join(".forkpoint/snapshots/pipe/pipeline.log")).len();
+    lab.fp(&["restore", "-m", lab.m(), "--detach", "pipe"]);
+    wait_for("pipeline after restore", Duration::from_secs(20), || {
+        lines(&log).len() > at_cut + 5
+    });
+    lab.fp(&[
+        "restore",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--branch",
+        "p2",
+        "pipe",
+    ]);
+    let side = lab.branch_dir("p2").join("pipeline.log");
+    wait_for("pipeline on a branch", Duration::from_secs(20), || {
+        lines(&side).len() > at_cut + 5
+    });
+    for p in [&log, &side] {
+        let text = std::fs::read_to_string(p).expect("log");
+        assert!(!text.contains("BAD"), "{}: {text}", p.display());
+        let v = lines(p);
+        for (i, x) in v.iter().enumerate() {
+            assert_eq!(*x, (i as i64 + 1) * 1000, "{}: line {}", p.display(), i + 1);
         }
     }
 }

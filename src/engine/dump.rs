@@ -23,16 +23,27 @@
 //!    continues exactly where it was. This also happens on every error path. With
 //!    [`AfterDump::Kill`] the process is instead killed while still frozen.
 //!
-//! Limitations: pending signals, timers, sockets, pipes, ttys, SysV IPC identity and
-//! namespaces are not captured (unsupported fds are refused with [`DumpError::UnsupportedFd`]).
+//! Limitations: pending signals, timers, sockets, ttys, SysV IPC identity and namespaces are
+//! not captured (unsupported fds are refused with [`DumpError::UnsupportedFd`]). Pipes are
+//! supported only by [`dump_tree`], between members of the tree.
+//!
+//! ## Trees
+//! [`dump_tree`] freezes the root, then repeatedly every child (found through the ppid field of
+//! /proc/*/stat, as `/proc/PID/task/TID/children` needs CONFIG_PROC_CHILDREN) of every frozen
+//! member until no new one appears; children that already exited are recorded as zombies with
+//! their wait status. Only then is `on_frozen` called. Each live member is read as above; for
+//! every pipe one member's end is reopened read-only through `/proc/PID/fd/N`, and its buffered
+//! bytes are copied with `tee` into a private pipe of the same capacity, so the data stays in
+//! the pipe.
 
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 
 use super::image::{
-    Creds, FdKind, FdState, FileId, ImageMemory, Mapping, MappingKind, MmState, ProcessImage, Regs,
-    Rlimit, RseqState, SigAction, SigAltStack, ThreadState, PAGE_SIZE,
+    Creds, FdKind, FdState, FileId, ImageMemory, Mapping, MappingKind, MemberState, MmState,
+    PipeImage, ProcessImage, Regs, Rlimit, RseqState, SigAction, SigAltStack, ThreadState,
+    TreeImage, TreeMember, PAGE_SIZE,
 };
 use super::sys;
 use super::tracer::{TraceError, Tracer};
@@ -92,9 +103,27 @@ pub enum DumpError {
         /// The offending text.
         detail: String,
     },
-    /// A file descriptor cannot be checkpointed.
+    /// The `on_frozen` callback failed.
     #[error("checkpoint of pid {pid} aborted: {reason}")]
-    Hook { pid: i32, reason: String },
+    Hook {
+        /// Pid (the root of a tree).
+        pid: i32,
+        /// The callback's error.
+        reason: String,
+    },
+    /// The buffered data of a pipe could not be read.
+    #[error("process {pid}: fd {fd} (pipe:[{ino}]): {reason}")]
+    Pipe {
+        /// Pid.
+        pid: i32,
+        /// Descriptor.
+        fd: i32,
+        /// Pipe inode.
+        ino: u64,
+        /// Why.
+        reason: String,
+    },
+    /// A file descriptor cannot be checkpointed.
     #[error("process {pid}: fd {fd} ({target}) is not supported: {reason}")]
     UnsupportedFd {
         /// Pid.
@@ -448,6 +477,31 @@ pub fn dump_frozen(
 ) -> Result<ProcessImage, DumpError> {
     let mut frozen = Frozen::freeze(pid)?;
     on_frozen().map_err(|reason| DumpError::Hook { pid, reason })?;
+    let image = read_frozen(pid, &mut frozen, opts, false)?;
+    finish(vec![(pid, frozen)], opts.after)?;
+    log_dumped(&image);
+    Ok(image)
+}
+
+fn log_dumped(image: &ProcessImage) {
+    log::debug!(
+        "dumped process {}: {} threads, {} mappings, {} bytes of memory ({} inline)",
+        image.pid,
+        image.threads.len(),
+        image.mappings.len(),
+        image.memory.covered_bytes(),
+        image.memory.inline_bytes()
+    );
+}
+
+/// Steps 2 to 6 on a frozen process. Pipe fds are recorded (as [`FdKind::Pipe`]) only with
+/// `allow_pipes`, otherwise refused.
+fn read_frozen(
+    pid: i32,
+    frozen: &mut Frozen,
+    opts: &DumpOptions,
+    allow_pipes: bool,
+) -> Result<ProcessImage, DumpError> {
     let trace = |source| DumpError::Trace { pid, source };
 
     // 2. Mappings (before we add our scratch page).
@@ -465,7 +519,7 @@ pub fn dump_frozen(
     for t in &mut frozen.tracers {
         t.set_syscall_insn(insn);
     }
-    let injected = injected_queries(&mut frozen);
+    let injected = injected_queries(frozen);
     let (sigactions, brk, per_thread) = injected.map_err(trace)?;
 
     // 4. Threads.
@@ -501,7 +555,7 @@ pub fn dump_frozen(
     let memory = dump_memory(pid, &mut frozen.tracers[0], &mappings, &contents)?;
 
     // 6. /proc state.
-    let fds = dump_fds(pid)?;
+    let fds = dump_fds(pid, allow_pipes)?;
     let status = read_proc(pid, "status")?;
     let creds = parse_creds(pid, &status)?;
     let umask = status_field(&status, "Umask:")
@@ -531,7 +585,7 @@ pub fn dump_frozen(
             })
             .collect();
     }
-    let image = ProcessImage {
+    Ok(ProcessImage {
         pid,
         comm: read_proc(pid, "comm")?.trim_end_matches('\n').to_string(),
         exe: read_link(pid, "exe").ok(),
@@ -551,37 +605,291 @@ pub fn dump_frozen(
         sid,
         rlimits,
         sigactions,
-    };
-    // 7. Thaw (explicitly, to report errors) or kill.
-    match opts.after {
+    })
+}
+
+/// Step 7 for every frozen process: thaw (explicitly, to report errors) or kill. With
+/// [`AfterDump::Kill`] every process is sent `SIGKILL` before any is waited for.
+fn finish(procs: Vec<(i32, Frozen)>, after: AfterDump) -> Result<(), DumpError> {
+    match after {
         AfterDump::Resume => {
-            for t in frozen.tracers.drain(..) {
-                t.detach().map_err(trace)?;
+            let mut res = Ok(());
+            for (pid, mut frozen) in procs {
+                for t in frozen.tracers.drain(..) {
+                    if let Err(source) = t.detach() {
+                        res = Err(DumpError::Trace { pid, source });
+                    }
+                }
             }
+            res
         }
         AfterDump::Kill => {
-            sys::kill(pid, libc::SIGKILL).map_err(|e| DumpError::Trace {
-                pid,
-                source: TraceError::Ptrace {
-                    tid: pid,
-                    op: "kill(SIGKILL)",
-                    source: e,
-                },
-            })?;
-            // Non-leader threads first: the leader is reported only once the group is empty.
-            while let Some(t) = frozen.tracers.pop() {
-                t.wait_exit().map_err(trace)?;
+            for (pid, _) in &procs {
+                sys::kill(*pid, libc::SIGKILL).map_err(|e| DumpError::Trace {
+                    pid: *pid,
+                    source: TraceError::Ptrace {
+                        tid: *pid,
+                        op: "kill(SIGKILL)",
+                        source: e,
+                    },
+                })?;
+            }
+            for (pid, mut frozen) in procs {
+                // Non-leader threads first: the leader is reported only once the group is
+                // empty.
+                while let Some(t) = frozen.tracers.pop() {
+                    t.wait_exit()
+                        .map_err(|source| DumpError::Trace { pid, source })?;
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// A member of a tree while it is being dumped.
+enum Held {
+    Live(Frozen),
+    Zombie { status: i32, pgid: i32, sid: i32 },
+}
+
+/// Fields of /proc/PID/stat after the comm, numbered as in proc(5) (3 = state).
+fn stat_fields(stat: &str) -> Vec<&str> {
+    match stat.rfind(')') {
+        Some(i) => stat[i + 1..].split_whitespace().collect(),
+        None => Vec::new(),
+    }
+}
+
+fn stat_num(f: &[&str], n: usize) -> Option<i64> {
+    f.get(n.checked_sub(3)?).and_then(|v| v.parse().ok())
+}
+
+/// Freeze `pid`, or record it as a zombie; `None` if it is gone.
+fn hold(pid: i32) -> Result<Option<Held>, DumpError> {
+    let zombie = |stat: &str| -> Option<Held> {
+        let f = stat_fields(stat);
+        (f.first() == Some(&"Z")).then(|| Held::Zombie {
+            status: stat_num(&f, 52).unwrap_or(0) as i32,
+            pgid: stat_num(&f, 5).unwrap_or(0) as i32,
+            sid: stat_num(&f, 6).unwrap_or(0) as i32,
+        })
+    };
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Ok(None);
+    };
+    if let Some(z) = zombie(&stat) {
+        return Ok(Some(z));
+    }
+    match Frozen::freeze(pid) {
+        Ok(f) => Ok(Some(Held::Live(f))),
+        Err(e) => match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => Ok(None),
+            Ok(stat) => match zombie(&stat) {
+                Some(z) => Ok(Some(z)),
+                None => Err(e),
+            },
+        },
+    }
+}
+
+/// Parent pid → child pids (ascending), from /proc/*/stat.
+fn children_map() -> std::collections::BTreeMap<i32, Vec<i32>> {
+    let mut m: std::collections::BTreeMap<i32, Vec<i32>> = Default::default();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return m;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        if let Some(ppid) = stat_num(&stat_fields(&stat), 4) {
+            m.entry(ppid as i32).or_default().push(pid);
+        }
+    }
+    for v in m.values_mut() {
+        v.sort_unstable();
+    }
+    m
+}
+
+/// A process outside `tree` that has pipe `ino` open, if any.
+fn outside_holder(ino: u64, tree: &BTreeSet<i32>) -> Option<i32> {
+    let want = format!("pipe:[{ino}]");
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if tree.contains(&pid) {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if std::fs::read_link(fd.path()).is_ok_and(|t| t.as_os_str() == want.as_str()) {
+                return Some(pid);
             }
         }
     }
-    log::debug!(
-        "dumped process {pid}: {} threads, {} mappings, {} bytes of memory ({} inline)",
-        image.threads.len(),
-        image.mappings.len(),
-        image.memory.covered_bytes(),
-        image.memory.inline_bytes()
-    );
-    Ok(image)
+    None
+}
+
+/// Copy the data buffered in the pipe behind `pid`'s `fd` without consuming it: open a new
+/// read end through /proc, `tee` into a pipe of ours with the same capacity and read that.
+fn read_pipe(pid: i32, fd: i32, ino: u64) -> Result<PipeImage, DumpError> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let err = |reason: String| DumpError::Pipe {
+        pid,
+        fd,
+        ino,
+        reason,
+    };
+    let src = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(format!("/proc/{pid}/fd/{fd}"))
+        .map_err(|e| err(format!("opening a read end: {e}")))?;
+    if std::fs::metadata(format!("/proc/{pid}/fd/{fd}"))
+        .ok()
+        .map(|m| m.ino())
+        != Some(ino)
+    {
+        return Err(err("the descriptor changed".into()));
+    }
+    let capacity = sys::pipe_capacity(&src).map_err(|e| err(format!("F_GETPIPE_SZ: {e}")))?;
+    let avail = sys::pipe_buffered(&src).map_err(|e| err(format!("FIONREAD: {e}")))?;
+    let mut data = Vec::with_capacity(avail);
+    if avail > 0 {
+        let (r, w) = sys::pipe_with_capacity(capacity)
+            .map_err(|e| err(format!("creating a copy pipe: {e}")))?;
+        let n = sys::tee_all(&src, &w, avail).map_err(|e| err(format!("tee: {e}")))?;
+        if n != avail {
+            return Err(err(format!("tee copied {n} of {avail} buffered bytes")));
+        }
+        drop(w);
+        std::fs::File::from(r)
+            .read_to_end(&mut data)
+            .map_err(|e| err(format!("reading the copy: {e}")))?;
+        if data.len() != avail {
+            return Err(err(format!("read {} of {avail} copied bytes", data.len())));
+        }
+    }
+    Ok(PipeImage {
+        ino,
+        capacity: capacity as u32,
+        data,
+    })
+}
+
+/// Dump the tree of processes rooted at `root`: the root and, recursively, its children
+/// (live ones and zombies), with the pipes between them and the data buffered in them.
+///
+/// Every thread of every member is stopped before `on_frozen` is called (once); then all
+/// members are read and finally all resumed, or all killed with [`AfterDump::Kill`]. On
+/// error every member resumes. A pipe with an end outside the tree (held by a process that is
+/// not a member) is refused with [`DumpError::UnsupportedFd`]; a pipe whose other end is
+/// closed everywhere is fine.
+pub fn dump_tree(
+    root: i32,
+    opts: &DumpOptions,
+    on_frozen: &mut dyn FnMut() -> Result<(), String>,
+) -> Result<TreeImage, DumpError> {
+    // 1. Freeze the root, then the children of every frozen member until no new one appears
+    //    (a frozen process cannot fork or reap; a child that is not frozen yet can fork, and
+    //    its new children are found by the next pass).
+    let root_stat = read_proc(root, "stat").map_err(|_| DumpError::NoSuchProcess { pid: root })?;
+    let root_ppid = stat_num(&stat_fields(&root_stat), 4).unwrap_or(0) as i32;
+    let mut members: Vec<(i32, i32, Held)> = Vec::new();
+    match hold(root)? {
+        Some(Held::Live(f)) => members.push((root, root_ppid, Held::Live(f))),
+        _ => return Err(DumpError::NoSuchProcess { pid: root }),
+    }
+    let mut known = BTreeSet::from([root]);
+    loop {
+        let kids = children_map();
+        let mut added = false;
+        let mut i = 0;
+        while i < members.len() {
+            let (pid, _, held) = &members[i];
+            let pid = *pid;
+            if matches!(held, Held::Live(_)) {
+                for &c in kids.get(&pid).map(|v| v.as_slice()).unwrap_or(&[]) {
+                    if known.insert(c) {
+                        added = true;
+                        if let Some(h) = hold(c)? {
+                            members.push((c, pid, h));
+                        }
+                    }
+                }
+            }
+            i += 1;
+        }
+        if !added {
+            break;
+        }
+    }
+    on_frozen().map_err(|reason| DumpError::Hook { pid: root, reason })?;
+
+    // 2. Read every live member.
+    let mut processes = Vec::with_capacity(members.len());
+    let mut frozen_all = Vec::new();
+    for (pid, ppid, held) in members {
+        let state = match held {
+            Held::Live(mut f) => {
+                let img = read_frozen(pid, &mut f, opts, true)?;
+                frozen_all.push((pid, f));
+                MemberState::Live(Box::new(img))
+            }
+            Held::Zombie { status, pgid, sid } => MemberState::Zombie { status, pgid, sid },
+        };
+        processes.push(TreeMember { pid, ppid, state });
+    }
+
+    // 3. Pipes.
+    let mut ends: std::collections::BTreeMap<u64, Vec<(i32, i32, i32)>> = Default::default();
+    for m in &processes {
+        for f in m.live().map(|p| p.fds.as_slice()).unwrap_or(&[]) {
+            if let FdKind::Pipe { ino } = f.kind {
+                ends.entry(ino).or_default().push((m.pid, f.fd, f.flags));
+            }
+        }
+    }
+    let mut pipes = Vec::with_capacity(ends.len());
+    for (ino, v) in &ends {
+        let acc = |f: i32| f & libc::O_ACCMODE;
+        let reads = v.iter().any(|e| acc(e.2) != libc::O_WRONLY);
+        let writes = v.iter().any(|e| acc(e.2) != libc::O_RDONLY);
+        let (pid, fd, _) = v[0];
+        if !(reads && writes) {
+            if let Some(other) = outside_holder(*ino, &known) {
+                return Err(DumpError::UnsupportedFd {
+                    pid,
+                    fd,
+                    target: format!("pipe:[{ino}]"),
+                    reason: format!("the other end is held by process {other} outside the tree"),
+                });
+            }
+        }
+        pipes.push(read_pipe(pid, fd, *ino)?);
+    }
+
+    // 4. Resume or kill.
+    finish(frozen_all, opts.after)?;
+    for m in &processes {
+        if let Some(p) = m.live() {
+            log_dumped(p);
+        }
+    }
+    Ok(TreeImage {
+        root,
+        processes,
+        pipes,
+    })
 }
 
 type Injected = (Vec<SigAction>, u64, Vec<(SigAltStack, u64)>);
@@ -757,7 +1065,7 @@ fn by_inode_path(path: &str, ino: u64) -> Option<String> {
     None
 }
 
-fn dump_fds(pid: i32) -> Result<Vec<FdState>, DumpError> {
+fn dump_fds(pid: i32, allow_pipes: bool) -> Result<Vec<FdState>, DumpError> {
     let dir = format!("/proc/{pid}/fd");
     let rd = std::fs::read_dir(&dir).map_err(|source| DumpError::Proc {
         pid,
@@ -784,8 +1092,32 @@ fn dump_fds(pid: i32) -> Result<Vec<FdState>, DumpError> {
         if target.starts_with("socket:") {
             return Err(refuse("sockets are not supported"));
         }
-        if target.starts_with("pipe:") {
-            return Err(refuse("pipes are not supported"));
+        if let Some(ino) = target
+            .strip_prefix("pipe:[")
+            .and_then(|t| t.strip_suffix(']'))
+            .and_then(|t| t.parse::<u64>().ok())
+        {
+            if !allow_pipes {
+                return Err(refuse(
+                    "pipes are only supported when dumping a process tree",
+                ));
+            }
+            let info = read_proc(pid, &format!("fdinfo/{fd}"))?;
+            let flags = status_field(&info, "flags:")
+                .and_then(|v| i32::from_str_radix(v.trim(), 8).ok())
+                .ok_or_else(|| DumpError::Parse {
+                    pid,
+                    what: "fdinfo flags",
+                    detail: info.clone(),
+                })?;
+            out.push(FdState {
+                fd,
+                path: target.clone(),
+                pos: 0,
+                flags,
+                kind: FdKind::Pipe { ino },
+            });
+            continue;
         }
         if target.starts_with("anon_inode:") {
             return Err(refuse(
@@ -814,8 +1146,9 @@ fn dump_fds(pid: i32) -> Result<Vec<FdState>, DumpError> {
             if let Some(orig) = target.strip_suffix(" (deleted)") {
                 // An unlinked file on a forkpoint mount stays reachable by inode number under
                 // the mount's `.forkpoint/inodes/`, in the checkpoint's snapshot as well.
-                target = by_inode_path(orig, st.ino())
-                    .ok_or_else(|| refuse("the file was deleted and is not on a forkpoint mount"))?;
+                target = by_inode_path(orig, st.ino()).ok_or_else(|| {
+                    refuse("the file was deleted and is not on a forkpoint mount")
+                })?;
             }
             match std::fs::metadata(&target) {
                 Ok(now) if now.ino() == st.ino() && now.dev() == st.dev() => {}

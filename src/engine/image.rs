@@ -31,8 +31,11 @@ use super::tracer::UserRegs;
 
 /// Magic at the start of every image.
 pub const IMAGE_MAGIC: [u8; 8] = *b"FKPTIMG\0";
-/// Current image format version.
-pub const IMAGE_FORMAT_VERSION: u32 = 1;
+/// Magic at the start of every process-tree image ([`TreeImage`]).
+pub const TREE_MAGIC: [u8; 8] = *b"FKPTTRE\0";
+/// Current image format version (shared by process and tree images).
+/// 2: [`FdKind::Pipe`] and tree images. Version 1 images still decode.
+pub const IMAGE_FORMAT_VERSION: u32 = 2;
 /// Length of the framed header.
 pub const HEADER_LEN: usize = 56;
 /// Default upper bound on the payload size accepted by [`decode`].
@@ -178,6 +181,83 @@ pub struct ProcessImage {
     pub rlimits: Vec<Rlimit>,
     /// Signal dispositions (process-wide), for every signal except SIGKILL/SIGSTOP.
     pub sigactions: Vec<SigAction>,
+}
+
+/// A tree of processes rooted at one process, with the pipes between them
+/// ([`super::dump::dump_tree`], [`super::restore::restore_tree`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TreeImage {
+    /// Pid of the root process at dump time.
+    pub root: i32,
+    /// Every member, parents before their children; the root first.
+    pub processes: Vec<TreeMember>,
+    /// Every pipe some member had an end of, with its buffered data.
+    pub pipes: Vec<PipeImage>,
+}
+
+/// One process of a [`TreeImage`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TreeMember {
+    /// Pid at dump time.
+    pub pid: i32,
+    /// Pid of the parent at dump time (outside the tree for the root).
+    pub ppid: i32,
+    /// Live process or zombie.
+    pub state: MemberState,
+}
+
+/// What a [`TreeMember`] is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum MemberState {
+    /// A live process (its `pid` equals the member's).
+    Live(Box<ProcessImage>),
+    /// A child that exited and was not yet reaped by its parent.
+    Zombie {
+        /// Wait status as `waitpid` reports it (`exit_code` of /proc/PID/stat).
+        status: i32,
+        /// Process group id.
+        pgid: i32,
+        /// Session id.
+        sid: i32,
+    },
+}
+
+impl TreeMember {
+    /// The process image of a live member.
+    pub fn live(&self) -> Option<&ProcessImage> {
+        match &self.state {
+            MemberState::Live(p) => Some(p),
+            MemberState::Zombie { .. } => None,
+        }
+    }
+
+    /// Mutable process image of a live member (e.g. to externalize its memory).
+    pub fn live_mut(&mut self) -> Option<&mut ProcessImage> {
+        match &mut self.state {
+            MemberState::Live(p) => Some(p),
+            MemberState::Zombie { .. } => None,
+        }
+    }
+
+    /// Process group and session id.
+    pub fn pgid_sid(&self) -> (i32, i32) {
+        match &self.state {
+            MemberState::Live(p) => (p.pgid, p.sid),
+            MemberState::Zombie { pgid, sid, .. } => (*pgid, *sid),
+        }
+    }
+}
+
+/// A pipe with the bytes that were buffered in it at the checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PipeImage {
+    /// Inode at dump time (the key used by [`FdKind::Pipe`]).
+    pub ino: u64,
+    /// Capacity in bytes (`F_GETPIPE_SZ`).
+    pub capacity: u32,
+    /// Buffered data, oldest byte first.
+    #[serde(with = "bytes")]
+    pub data: Vec<u8>,
 }
 
 /// General-purpose registers (mirror of `struct user_regs_struct`).
@@ -443,7 +523,11 @@ impl ImageMemory {
                         continue;
                     }
                 }
-                self.runs.push(PageRun { addr: a, len, data: PageData::Zero });
+                self.runs.push(PageRun {
+                    addr: a,
+                    len,
+                    data: PageData::Zero,
+                });
             } else {
                 let data = PageData::Bytes(chunk[i..j].to_vec());
                 self.runs.push(PageRun { addr: a, len, data });
@@ -510,6 +594,12 @@ pub enum FdKind {
     Directory,
     /// One of the allowed character devices (/dev/null, /dev/zero, /dev/urandom).
     CharDevice,
+    /// One end of a pipe (which end: `O_ACCMODE` of `flags`). Only in process trees
+    /// ([`TreeImage`]): the pipe itself, with its buffered data, is a [`PipeImage`].
+    Pipe {
+        /// Inode of the pipe (`pipe:[INO]`), the key into [`TreeImage::pipes`].
+        ino: u64,
+    },
 }
 
 /// One open file descriptor.
@@ -589,16 +679,35 @@ fn hex(b: &[u8]) -> String {
 
 /// Encode an image into the framed format.
 pub fn encode(img: &ProcessImage) -> Result<Vec<u8>, ImageError> {
+    encode_framed(img, &IMAGE_MAGIC)
+}
+
+/// Encode a process-tree image into the framed format (magic [`TREE_MAGIC`]).
+pub fn encode_tree(img: &TreeImage) -> Result<Vec<u8>, ImageError> {
+    encode_framed(img, &TREE_MAGIC)
+}
+
+/// Decode a framed process-tree image with the default size limit.
+pub fn decode_tree(bytes: &[u8]) -> Result<TreeImage, ImageError> {
+    decode_tree_with_limit(bytes, DEFAULT_MAX_IMAGE_LEN)
+}
+
+/// Decode a framed process-tree image whose payload may be at most `limit` bytes.
+pub fn decode_tree_with_limit(bytes: &[u8], limit: u64) -> Result<TreeImage, ImageError> {
+    decode_framed(bytes, limit, &TREE_MAGIC)
+}
+
+fn encode_framed<T: Serialize>(img: &T, magic: &[u8; 8]) -> Result<Vec<u8>, ImageError> {
     let payload = postcard::to_stdvec(img).map_err(ImageError::Encode)?;
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
-    out.extend_from_slice(&header(&payload));
+    out.extend_from_slice(&header(&payload, magic));
     out.extend_from_slice(&payload);
     Ok(out)
 }
 
-fn header(payload: &[u8]) -> [u8; HEADER_LEN] {
+fn header(payload: &[u8], magic: &[u8; 8]) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
-    h[0..8].copy_from_slice(&IMAGE_MAGIC);
+    h[0..8].copy_from_slice(magic);
     h[8..12].copy_from_slice(&IMAGE_FORMAT_VERSION.to_le_bytes());
     h[12..16].copy_from_slice(&0u32.to_le_bytes());
     h[16..24].copy_from_slice(&(payload.len() as u64).to_le_bytes());
@@ -612,11 +721,11 @@ struct Header {
     hash: [u8; 32],
 }
 
-fn parse_header(h: &[u8], limit: u64) -> Result<Header, ImageError> {
+fn parse_header(h: &[u8], limit: u64, magic: &[u8; 8]) -> Result<Header, ImageError> {
     if h.len() < HEADER_LEN {
         // Report a bad magic before truncation if what we have already differs.
         let n = h.len().min(8);
-        if h[..n] != IMAGE_MAGIC[..n] {
+        if h[..n] != magic[..n] {
             return Err(ImageError::BadMagic {
                 found: h[..n].to_vec(),
             });
@@ -626,7 +735,7 @@ fn parse_header(h: &[u8], limit: u64) -> Result<Header, ImageError> {
             got: h.len() as u64,
         });
     }
-    if h[0..8] != IMAGE_MAGIC {
+    if h[0..8] != magic[..] {
         return Err(ImageError::BadMagic {
             found: h[0..8].to_vec(),
         });
@@ -654,7 +763,10 @@ fn parse_header(h: &[u8], limit: u64) -> Result<Header, ImageError> {
     Ok(Header { len, hash })
 }
 
-fn check_and_decode(hdr: &Header, payload: &[u8]) -> Result<ProcessImage, ImageError> {
+fn check_and_decode<T: serde::de::DeserializeOwned>(
+    hdr: &Header,
+    payload: &[u8],
+) -> Result<T, ImageError> {
     let actual = blake3::hash(payload);
     if actual.as_bytes() != &hdr.hash {
         return Err(ImageError::Checksum {
@@ -678,7 +790,15 @@ pub fn decode(bytes: &[u8]) -> Result<ProcessImage, ImageError> {
 
 /// Decode a framed image whose payload may be at most `limit` bytes.
 pub fn decode_with_limit(bytes: &[u8], limit: u64) -> Result<ProcessImage, ImageError> {
-    let hdr = parse_header(bytes, limit)?;
+    decode_framed(bytes, limit, &IMAGE_MAGIC)
+}
+
+fn decode_framed<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    limit: u64,
+    magic: &[u8; 8],
+) -> Result<T, ImageError> {
+    let hdr = parse_header(bytes, limit, magic)?;
     let have = (bytes.len() - HEADER_LEN) as u64;
     if have < hdr.len {
         return Err(ImageError::Truncated {
@@ -697,7 +817,7 @@ pub fn decode_with_limit(bytes: &[u8], limit: u64) -> Result<ProcessImage, Image
 /// Write a framed image to `w`.
 pub fn write_to(img: &ProcessImage, mut w: impl std::io::Write) -> Result<(), ImageError> {
     let payload = postcard::to_stdvec(img).map_err(ImageError::Encode)?;
-    w.write_all(&header(&payload))?;
+    w.write_all(&header(&payload, &IMAGE_MAGIC))?;
     w.write_all(&payload)?;
     w.flush()?;
     Ok(())
@@ -707,7 +827,7 @@ pub fn write_to(img: &ProcessImage, mut w: impl std::io::Write) -> Result<(), Im
 pub fn read_from(mut r: impl std::io::Read, limit: u64) -> Result<ProcessImage, ImageError> {
     let mut h = Vec::with_capacity(HEADER_LEN);
     (&mut r).take(HEADER_LEN as u64).read_to_end(&mut h)?;
-    let hdr = parse_header(&h, limit)?;
+    let hdr = parse_header(&h, limit, &IMAGE_MAGIC)?;
     let mut payload = Vec::with_capacity(hdr.len.min(1 << 30) as usize);
     (&mut r).take(hdr.len).read_to_end(&mut payload)?;
     if (payload.len() as u64) < hdr.len {
@@ -824,7 +944,11 @@ pub(crate) mod tests {
         m.push_pages(start, &data);
         // Data runs never cross an alignment boundary.
         for r in &m.runs {
-            assert_eq!(r.addr / RUN_ALIGN, (r.addr + r.len - 1) / RUN_ALIGN, "{r:?}");
+            assert_eq!(
+                r.addr / RUN_ALIGN,
+                (r.addr + r.len - 1) / RUN_ALIGN,
+                "{r:?}"
+            );
         }
         assert_eq!(m.runs[0].addr, start);
         assert_eq!(m.covered_bytes(), data.len() as u64);
@@ -945,8 +1069,64 @@ pub(crate) mod tests {
     #[test]
     fn rejects_garbage_payload_with_valid_checksum() {
         let payload = vec![0xffu8; 16];
-        let mut bytes = header(&payload).to_vec();
+        let mut bytes = header(&payload, &IMAGE_MAGIC).to_vec();
         bytes.extend_from_slice(&payload);
         assert!(matches!(decode(&bytes), Err(ImageError::Decode(_))));
+    }
+
+    #[test]
+    fn tree_round_trip_and_magic() {
+        let live = sample();
+        let mut with_pipe = sample();
+        with_pipe.pid = 43;
+        with_pipe.fds[0].kind = FdKind::Pipe { ino: 99 };
+        let tree = TreeImage {
+            root: 42,
+            processes: vec![
+                TreeMember {
+                    pid: 42,
+                    ppid: 1,
+                    state: MemberState::Live(Box::new(live)),
+                },
+                TreeMember {
+                    pid: 43,
+                    ppid: 42,
+                    state: MemberState::Live(Box::new(with_pipe)),
+                },
+                TreeMember {
+                    pid: 44,
+                    ppid: 42,
+                    state: MemberState::Zombie {
+                        status: 0x700,
+                        pgid: 42,
+                        sid: 42,
+                    },
+                },
+            ],
+            pipes: vec![PipeImage {
+                ino: 99,
+                capacity: 65536,
+                data: b"0001\n0002\n".to_vec(),
+            }],
+        };
+        let bytes = encode_tree(&tree).unwrap();
+        assert_eq!(&bytes[0..8], &TREE_MAGIC);
+        assert_eq!(decode_tree(&bytes).unwrap(), tree);
+        // A tree is not a process image and vice versa.
+        assert!(matches!(decode(&bytes), Err(ImageError::BadMagic { .. })));
+        let single = encode(&sample()).unwrap();
+        assert!(matches!(
+            decode_tree(&single),
+            Err(ImageError::BadMagic { .. })
+        ));
+        // Bounds checks apply to trees too.
+        assert!(matches!(
+            decode_tree(&bytes[..bytes.len() - 1]),
+            Err(ImageError::Truncated { .. })
+        ));
+        assert!(matches!(
+            decode_tree_with_limit(&bytes, 10),
+            Err(ImageError::TooLarge { .. })
+        ));
     }
 }

@@ -10,6 +10,11 @@
 //! * [`dump`]: running process → [`image::ProcessImage`] (process keeps running).
 //! * [`restore`]: [`image::ProcessImage`] → new running process (child of the caller).
 //!
+//! Process trees: [`dump::dump_tree`] freezes a process and all its descendants (zombies
+//! included) and records the pipes between them with their buffered data in an
+//! [`image::TreeImage`]; [`restore::restore_tree`] recreates the tree (each process forked by
+//! its own parent, optionally with the original pids) and lets it run.
+//!
 //! # Typical use
 //! ```no_run
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -31,9 +36,15 @@ pub mod restore;
 pub mod sys;
 pub mod tracer;
 
-pub use dump::{dump, dump_frozen, dump_with, AfterDump, DumpError, DumpOptions};
-pub use image::{decode, encode, ImageError, ProcessImage};
-pub use restore::{restore, restore_with, ChunkSource, RestoreError, RestoreOptions};
+pub use dump::{dump, dump_frozen, dump_tree, dump_with, AfterDump, DumpError, DumpOptions};
+pub use image::{
+    decode, decode_tree, encode, encode_tree, ImageError, MemberState, PipeImage, ProcessImage,
+    TreeImage, TreeMember,
+};
+pub use restore::{
+    restore, restore_tree, restore_with, ChunkSource, RestoreError, RestoreOptions,
+    TreeRestoreOptions,
+};
 
 #[cfg(test)]
 mod tests;

@@ -42,7 +42,9 @@ use std::os::unix::fs::MetadataExt;
 use nix::errno::Errno;
 
 use super::dump::{read_maps, DumpError, MapsLine};
-use super::image::{FdKind, Mapping, MappingKind, PageData, ProcessImage, PAGE_SIZE};
+use super::image::{
+    FdKind, Mapping, MappingKind, MemberState, PageData, ProcessImage, TreeImage, PAGE_SIZE,
+};
 use super::sys;
 use super::tracer::{TraceError, Tracer};
 
@@ -169,6 +171,22 @@ pub enum RestoreError {
         /// Cause.
         source: DumpError,
     },
+    /// A process-tree image is inconsistent.
+    #[error("tree image rooted at {root} is inconsistent: {reason}")]
+    BadTree {
+        /// Root pid in the image.
+        root: i32,
+        /// Why.
+        reason: String,
+    },
+    /// A pipe could not be recreated.
+    #[error("recreating pipe:[{ino}]: {reason}")]
+    Pipe {
+        /// Pipe inode in the image.
+        ino: u64,
+        /// Why.
+        reason: String,
+    },
     /// A stored chunk could not be fetched.
     #[error("fetching the pages at {addr:#x} ({len} bytes): {reason}")]
     Chunk {
@@ -232,39 +250,24 @@ pub fn restore_with(image: &ProcessImage, opts: &RestoreOptions) -> Result<i32, 
         pid,
         t: tracer,
         image,
-        opts,
+        same_ids: opts.pid == Some(image.pid),
+        chunks: opts.chunks,
+        pipes: None,
+        ids_done: false,
         scratch: 0,
         others: Vec::new(),
     };
     match r.run() {
-        Ok(()) => {
-            let Restorer { t, others, .. } = r;
-            let mut res = Ok(());
-            for o in others {
-                let tid = o.tid();
-                if let Err(source) = o.detach() {
-                    res = Err((tid, source));
-                }
-            }
-            if let Err(source) = t.detach() {
-                res = Err((pid, source));
-            }
-            if let Err((tid, source)) = res {
+        Ok(()) => match r.detach_all() {
+            Ok(()) => Ok(pid),
+            Err(e) => {
                 sys::kill_and_reap(pid);
-                return Err(RestoreError::Trace {
-                    pid,
-                    step: format!("detaching thread {tid}"),
-                    source,
-                });
+                Err(e)
             }
-            Ok(pid)
-        }
+        },
         Err(e) => {
             sys::kill_and_reap(pid);
-            for o in r.others.drain(..) {
-                o.forget();
-            }
-            r.t.forget();
+            r.forget();
             Err(e)
         }
     }
@@ -275,6 +278,9 @@ fn check_image(image: &ProcessImage) -> Result<(), RestoreError> {
         pid: image.pid,
         reason,
     };
+    if image.threads.is_empty() {
+        return Err(bad("no threads".into()));
+    }
     let mut last_end = 0;
     for m in &image.mappings {
         if m.start % PAGE_SIZE != 0 || m.end % PAGE_SIZE != 0 || m.end <= m.start {
@@ -371,13 +377,48 @@ struct Restorer<'a> {
     pid: i32,
     t: Tracer,
     image: &'a ProcessImage,
-    opts: &'a RestoreOptions<'a>,
+    /// Give the threads their image ids (the process got its image pid).
+    same_ids: bool,
+    /// Source for stored page runs.
+    chunks: Option<&'a dyn ChunkSource>,
+    /// Pipe ends inherited from the restorer (tree restore).
+    pipes: Option<&'a PipeFds>,
+    /// Session and process group were already set up (tree restore).
+    ids_done: bool,
     scratch: u64,
     /// Tracers of the threads after the leader (image.threads[1..]).
     others: Vec<Tracer>,
 }
 
 impl Restorer<'_> {
+    /// Detach every thread (the others first), letting the process run.
+    fn detach_all(self) -> Result<(), RestoreError> {
+        let Restorer { t, others, pid, .. } = self;
+        let mut res = Ok(());
+        for o in others {
+            let tid = o.tid();
+            if let Err(source) = o.detach() {
+                res = Err((tid, source));
+            }
+        }
+        if let Err(source) = t.detach() {
+            res = Err((pid, source));
+        }
+        res.map_err(|(tid, source)| RestoreError::Trace {
+            pid,
+            step: format!("detaching thread {tid}"),
+            source,
+        })
+    }
+
+    /// Drop the tracers without detaching (the process was killed).
+    fn forget(self) {
+        for o in self.others {
+            o.forget();
+        }
+        self.t.forget();
+    }
+
     fn trace(&self, step: impl Into<String>) -> impl FnOnce(TraceError) -> RestoreError {
         let pid = self.pid;
         let step = step.into();
@@ -776,7 +817,7 @@ impl Restorer<'_> {
                 }
                 PageData::Zero => {}
                 PageData::Stored(hash) => {
-                    let src = self.opts.chunks.ok_or_else(|| RestoreError::Chunk {
+                    let src = self.chunks.ok_or_else(|| RestoreError::Chunk {
                         addr: run.addr,
                         len: run.len,
                         reason: "the image references stored chunks but no chunk source was given"
@@ -917,11 +958,16 @@ impl Restorer<'_> {
     }
 
     fn restore_fds(&mut self) -> Result<(), RestoreError> {
-        self.call(
-            "closing inherited fds",
-            libc::SYS_close_range,
-            [0, u32::MAX as u64, 0, 0, 0, 0],
-        )?;
+        // In a tree restore the pipe ends inherited from the restorer sit at `base` and above,
+        // above every descriptor of the image; they are closed at the end.
+        let keep_from = self.pipes.map_or(u32::MAX as u64, |p| p.base as u64);
+        if keep_from > 0 {
+            self.call(
+                "closing inherited fds",
+                libc::SYS_close_range,
+                [0, keep_from - 1, 0, 0, 0, 0],
+            )?;
+        }
         for f in &self.image.fds {
             let pid = self.pid;
             let fd_err = |source| RestoreError::Fd {
@@ -930,6 +976,38 @@ impl Restorer<'_> {
                 path: f.path.clone(),
                 source,
             };
+            if let FdKind::Pipe { ino } = f.kind {
+                let Some(&(r, w)) = self.pipes.and_then(|p| p.fds.get(&ino)) else {
+                    return Err(RestoreError::Unsupported {
+                        pid: self.image.pid,
+                        what: format!(
+                            "fd {} is a pipe (pipe:[{ino}]): pipes are restored with restore_tree only",
+                            f.fd
+                        ),
+                    });
+                };
+                let src = if f.flags & libc::O_ACCMODE == libc::O_WRONLY {
+                    w
+                } else {
+                    r
+                };
+                let fl = if f.flags & libc::O_CLOEXEC != 0 {
+                    libc::O_CLOEXEC as u64
+                } else {
+                    0
+                };
+                self.t
+                    .syscall(libc::SYS_dup3, [src as u64, f.fd as u64, fl, 0, 0, 0])
+                    .map_err(fd_err)?;
+                let status = f.flags & (libc::O_NONBLOCK | libc::O_DIRECT);
+                self.t
+                    .syscall(
+                        libc::SYS_fcntl,
+                        [f.fd as u64, libc::F_SETFL as u64, status as u64, 0, 0, 0],
+                    )
+                    .map_err(fd_err)?;
+                continue;
+            }
             let p = self.put_str(0, &f.path)?;
             let cloexec = f.flags & libc::O_CLOEXEC != 0;
             let oflags =
@@ -973,6 +1051,13 @@ impl Restorer<'_> {
                     .map_err(fd_err)?;
             }
         }
+        if let Some(p) = self.pipes {
+            self.call(
+                "closing the inherited pipe ends",
+                libc::SYS_close_range,
+                [p.base as u64, u32::MAX as u64, 0, 0, 0, 0],
+            )?;
+        }
         Ok(())
     }
 
@@ -996,7 +1081,9 @@ impl Restorer<'_> {
         )?;
         // Session / process group: a session leader gets a new session, a group leader a new
         // group; otherwise the process stays in the caller's group (best effort).
-        let (nr, what) = if image.sid == image.pid {
+        let (nr, what) = if self.ids_done {
+            (0, "")
+        } else if image.sid == image.pid {
             (libc::SYS_setsid, "setsid")
         } else if image.pgid == image.pid {
             (libc::SYS_setpgid, "setpgid")
@@ -1028,7 +1115,7 @@ impl Restorer<'_> {
     /// With a requested pid equal to the image's, the threads get their old ids (`set_tid`).
     fn create_threads(&mut self) -> Result<(), RestoreError> {
         let image = self.image;
-        let same_ids = self.opts.pid == Some(image.pid);
+        let same_ids = self.same_ids;
         for th in image.threads.iter().skip(1) {
             let flags = (libc::CLONE_VM
                 | libc::CLONE_FS
@@ -1195,6 +1282,415 @@ impl Restorer<'_> {
         }
         Ok(())
     }
+}
+
+/// The pipes of a tree restore: created in the restorer, inherited by every restored process
+/// at the same descriptor numbers (all `>= base`, above every descriptor of the images).
+struct PipeFds {
+    /// Lowest descriptor number used for them.
+    base: i32,
+    /// Pipe inode in the image → (read end, write end).
+    fds: std::collections::BTreeMap<u64, (i32, i32)>,
+}
+
+/// Options for [`restore_tree`].
+#[derive(Default)]
+pub struct TreeRestoreOptions<'a> {
+    /// Give every process (and thread) its pid from the image (`clone3` + `set_tid`; needs
+    /// CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE in the caller's pid namespace, and the pids must
+    /// be free). Without it the processes get new pids, and programs that remember pids (a
+    /// shell waiting for its children) will not find them.
+    pub keep_pids: bool,
+    /// Source for [`PageData::Stored`] runs (of every process).
+    pub chunks: Option<&'a dyn ChunkSource>,
+    /// Do not check that mapped files still have the recorded size and mtime.
+    pub skip_file_checks: bool,
+}
+
+/// A process of the tree being restored.
+struct Built {
+    /// Index into `TreeImage::processes`.
+    idx: usize,
+    /// Its new pid.
+    pid: i32,
+    /// Its tracer while it is still blank (`None` for zombies and once taken by a Restorer).
+    t: Option<Tracer>,
+}
+
+fn check_tree(tree: &TreeImage, opts: &TreeRestoreOptions) -> Result<(), RestoreError> {
+    let bad = |reason: String| RestoreError::BadTree {
+        root: tree.root,
+        reason,
+    };
+    let Some(first) = tree.processes.first() else {
+        return Err(bad("no processes".into()));
+    };
+    if first.pid != tree.root || first.live().is_none() {
+        return Err(bad("the first process must be the live root".into()));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, m) in tree.processes.iter().enumerate() {
+        if !seen.insert(m.pid) {
+            return Err(bad(format!("pid {} appears twice", m.pid)));
+        }
+        if i > 0 {
+            let parent = tree.processes[..i].iter().find(|p| p.pid == m.ppid);
+            if parent.is_none_or(|p| p.live().is_none()) {
+                return Err(bad(format!(
+                    "the parent {} of process {} is not a live process listed before it",
+                    m.ppid, m.pid
+                )));
+            }
+        }
+        if let Some(img) = m.live() {
+            if img.pid != m.pid {
+                return Err(bad(format!(
+                    "member {} holds the image of {}",
+                    m.pid, img.pid
+                )));
+            }
+            for f in &img.fds {
+                if let FdKind::Pipe { ino } = f.kind {
+                    if !tree.pipes.iter().any(|p| p.ino == ino) {
+                        return Err(bad(format!(
+                            "fd {} of process {} names the unknown pipe:[{ino}]",
+                            f.fd, m.pid
+                        )));
+                    }
+                }
+            }
+            check_image(img)?;
+            if !opts.skip_file_checks {
+                check_files(img)?;
+            }
+        }
+    }
+    for p in &tree.pipes {
+        if p.data.len() > (1 << 30) {
+            return Err(bad(format!(
+                "pipe:[{}] holds {} bytes",
+                p.ino,
+                p.data.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Create every pipe of the tree in the restorer, fill it with its data and move both ends
+/// to descriptors `>= base`. Returns the owned ends (the restorer closes them at the end) and
+/// the numbers.
+fn make_pipes(tree: &TreeImage) -> Result<(Vec<std::os::fd::OwnedFd>, PipeFds), RestoreError> {
+    use std::os::fd::AsRawFd;
+    let max_fd = tree
+        .processes
+        .iter()
+        .filter_map(|m| m.live())
+        .flat_map(|p| p.fds.iter().map(|f| f.fd))
+        .max()
+        .unwrap_or(2);
+    let base = max_fd.max(2) + 1;
+    let mut owned = Vec::new();
+    let mut fds = std::collections::BTreeMap::new();
+    for p in &tree.pipes {
+        let err = |reason: String| RestoreError::Pipe { ino: p.ino, reason };
+        let cap = (p.capacity as usize).max(p.data.len());
+        let (r, w) =
+            sys::pipe_with_capacity(cap).map_err(|e| err(format!("creating the pipe: {e}")))?;
+        let mut off = 0;
+        while off < p.data.len() {
+            match nix::unistd::write(&w, &p.data[off..]) {
+                Ok(n) if n > 0 => off += n,
+                Ok(_) => return Err(err("writing the buffered data: short write".into())),
+                Err(Errno::EINTR) => {}
+                Err(e) => return Err(err(format!("writing the buffered data: {e}"))),
+            }
+        }
+        let r = sys::dup_at_least(&r, base).map_err(|e| err(format!("dup: {e}")))?;
+        let w = sys::dup_at_least(&w, base).map_err(|e| err(format!("dup: {e}")))?;
+        fds.insert(p.ino, (r.as_raw_fd(), w.as_raw_fd()));
+        owned.push(r);
+        owned.push(w);
+    }
+    Ok((owned, PipeFds { base, fds }))
+}
+
+/// Restore a process tree ([`TreeImage`], from [`super::dump::dump_tree`]).
+///
+/// The root becomes a child of the calling process; every other process is created by its
+/// own (restored) parent, so parent/child links, and with
+/// [`TreeRestoreOptions::keep_pids`] the pids, are those of the image. Zombies are zombies
+/// again (with their wait status). Pipes are recreated once each, with their buffered data,
+/// and installed at the recorded descriptor numbers in every process that had them.
+/// Sessions and process groups whose leader is in the tree are rebuilt; members whose group
+/// or session was led by a process outside the tree stay in the caller's.
+///
+/// Order: (1) create the pipes in the caller; (2) spawn the root (a stopped copy of the caller
+/// that inherits the pipes) and, parents before children, create every other process by
+/// injecting `clone3` (with `set_tid`) into its still-blank parent (traced from birth with
+/// `PTRACE_O_TRACEFORK`); each new process first gets its session/group, zombies then exit
+/// with their status; (3) rebuild every live process as [`restore_with`] does, installing
+/// pipe ends with `dup3`; (4) only when all are ready, let them all run. On error every
+/// created process is killed. Returns the (new) pid of the root, running; only the root is
+/// a child of the caller, which should eventually reap it (the other members are children of
+/// their restored parents). Call it from one thread; with `keep_pids` the caller needs
+/// CAP_SYS_ADMIN/CAP_CHECKPOINT_RESTORE over its pid namespace (in production: PID 1 of a
+/// fresh pid namespace) and every image pid must be free.
+pub fn restore_tree(tree: &TreeImage, opts: &TreeRestoreOptions) -> Result<i32, RestoreError> {
+    check_tree(tree, opts)?;
+    let (pipe_owned, pipe_fds) = make_pipes(tree)?;
+    let mut built: Vec<Built> = Vec::with_capacity(tree.processes.len());
+    let res = build_tree(tree, opts, &pipe_fds, &mut built);
+    drop(pipe_owned);
+    match res {
+        Ok(()) => Ok(built[0].pid),
+        Err(e) => {
+            kill_built(&mut built);
+            Err(e)
+        }
+    }
+}
+
+/// Kill everything created so far (while still traced, so nothing runs), then reap.
+fn kill_built(built: &mut Vec<Built>) {
+    for b in built.iter() {
+        let _ = sys::kill(b.pid, libc::SIGKILL);
+    }
+    for b in built.iter_mut().rev() {
+        if let Some(t) = b.t.take() {
+            t.forget();
+        }
+        sys::kill_and_reap(b.pid);
+    }
+    built.clear();
+}
+
+fn build_tree<'a>(
+    tree: &'a TreeImage,
+    opts: &'a TreeRestoreOptions<'a>,
+    pipes: &'a PipeFds,
+    built: &mut Vec<Built>,
+) -> Result<(), RestoreError> {
+    let root = &tree.processes[0];
+    // (2) The root, and a scratch page in it that its descendants inherit.
+    let want = opts.keep_pids.then_some(root.pid);
+    let pid = sys::spawn_stopped_child(want).map_err(|source| match (source, want) {
+        (Errno::EEXIST, Some(pid)) => RestoreError::PidInUse { pid },
+        _ => RestoreError::Spawn { source },
+    })?;
+    built.push(Built {
+        idx: 0,
+        pid,
+        t: None,
+    });
+    let trace = |pid: i32, step: &str| {
+        let step = step.to_string();
+        move |source| RestoreError::Trace { pid, step, source }
+    };
+    let mut t = Tracer::adopt_stopped_child(pid).map_err(trace(pid, "adopting the child"))?;
+    t.locate_syscall_insn()
+        .map_err(trace(pid, "finding a syscall instruction"))?;
+    let scratch = t
+        .syscall(
+            libc::SYS_mmap,
+            [
+                0,
+                PAGE_SIZE,
+                (libc::PROT_READ | libc::PROT_WRITE) as u64,
+                (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+                u64::MAX,
+                0,
+            ],
+        )
+        .map_err(trace(pid, "mapping a scratch page"))?;
+    // Children that exit must stay zombies: no SIG_IGN/SA_NOCLDWAIT for SIGCHLD while
+    // building (the image's dispositions are set later).
+    t.write_mem(scratch, &[0u8; 32])
+        .map_err(trace(pid, "writing the scratch page"))?;
+    t.syscall(
+        libc::SYS_rt_sigaction,
+        [libc::SIGCHLD as u64, scratch, 0, 8, 0, 0],
+    )
+    .map_err(trace(pid, "rt_sigaction(SIGCHLD, SIG_DFL)"))?;
+    built[0].t = Some(t);
+    let mut new_pid: std::collections::BTreeMap<i32, i32> = Default::default();
+    new_pid.insert(root.pid, pid);
+    set_ids(tree, 0, &new_pid, built)?;
+
+    for (idx, m) in tree.processes.iter().enumerate().skip(1) {
+        let pi = built
+            .iter()
+            .position(|b| tree.processes[b.idx].pid == m.ppid)
+            .ok_or_else(|| RestoreError::BadTree {
+                root: tree.root,
+                reason: format!("parent {} of {} not created", m.ppid, m.pid),
+            })?;
+        let ppid_new = built[pi].pid;
+        let Some(parent) = built[pi].t.as_mut() else {
+            return Err(RestoreError::BadTree {
+                root: tree.root,
+                reason: format!("parent {} of {} is not live", m.ppid, m.pid),
+            });
+        };
+        let want = opts.keep_pids.then_some(m.pid);
+        let mut args = [0u64; 11];
+        args[4] = libc::SIGCHLD as u64;
+        if let Some(w) = want {
+            args[8] = scratch + 128;
+            args[9] = 1;
+            parent
+                .write_mem(scratch + 128, &(w as u64).to_le_bytes())
+                .map_err(trace(ppid_new, "writing clone3 arguments"))?;
+        }
+        let b: Vec<u8> = args.iter().flat_map(|v| v.to_le_bytes()).collect();
+        parent
+            .write_mem(scratch, &b)
+            .map_err(trace(ppid_new, "writing clone3 arguments"))?;
+        let step = format!("creating child {} of {}", m.pid, m.ppid);
+        let r = parent
+            .syscall_raw(libc::SYS_clone3, [scratch, 88, 0, 0, 0, 0])
+            .map_err(trace(ppid_new, &step))?;
+        if r == -(libc::EEXIST as i64) {
+            if let Some(w) = want {
+                return Err(RestoreError::PidInUse { pid: w });
+            }
+        }
+        if r <= 0 {
+            return Err(RestoreError::Unexpected {
+                pid: ppid_new,
+                step,
+                result: r as u64,
+            });
+        }
+        let cpid = r as i32;
+        built.push(Built {
+            idx,
+            pid: cpid,
+            t: None,
+        });
+        let t = Tracer::adopt_clone(cpid, cpid).map_err(trace(cpid, &step))?;
+        let last = built.len() - 1;
+        built[last].t = Some(t);
+        new_pid.insert(m.pid, cpid);
+        if let Some(t) = built[last].t.as_mut() {
+            t.locate_syscall_insn()
+                .map_err(trace(cpid, "finding a syscall instruction"))?;
+        }
+        set_ids(tree, last, &new_pid, built)?;
+        if let MemberState::Zombie { status, .. } = m.state {
+            // No core file from a blank copy of the restorer.
+            let _ = sys::set_rlimit(cpid, libc::RLIMIT_CORE, 0, 0);
+            if let Some(t) = built[last].t.take() {
+                t.exit_with_status(status, scratch)
+                    .map_err(trace(cpid, &format!("making {} a zombie", m.pid)))?;
+            }
+        }
+    }
+
+    // (3) Rebuild every live process.
+    let mut restorers = Vec::new();
+    let res = (|| {
+        for b in built.iter_mut() {
+            let Some(img) = tree.processes[b.idx].live() else {
+                continue;
+            };
+            let Some(t) = b.t.take() else {
+                continue;
+            };
+            let mut r = Restorer {
+                pid: b.pid,
+                t,
+                image: img,
+                same_ids: opts.keep_pids,
+                chunks: opts.chunks,
+                pipes: Some(pipes),
+                ids_done: true,
+                scratch: 0,
+                others: Vec::new(),
+            };
+            let res = r.run();
+            restorers.push(r);
+            res?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = res {
+        for b in built.iter() {
+            let _ = sys::kill(b.pid, libc::SIGKILL);
+        }
+        for r in restorers {
+            r.forget();
+        }
+        return Err(e);
+    }
+    // (4) Let everything run.
+    let mut first_err = None;
+    for r in restorers {
+        if let Err(e) = r.detach_all() {
+            first_err.get_or_insert(e);
+        }
+    }
+    match first_err {
+        None => Ok(()),
+        Some(e) => Err(e),
+    }
+}
+
+/// Session and process group of the freshly created (still blank) process `built[bi]`.
+fn set_ids(
+    tree: &TreeImage,
+    bi: usize,
+    new_pid: &std::collections::BTreeMap<i32, i32>,
+    built: &mut [Built],
+) -> Result<(), RestoreError> {
+    let m = &tree.processes[built[bi].idx];
+    let pid = built[bi].pid;
+    let (pgid, sid) = m.pgid_sid();
+    let parent_ids = tree
+        .processes
+        .iter()
+        .find(|p| p.pid == m.ppid)
+        .map(|p| p.pgid_sid());
+    let Some(t) = built[bi].t.as_mut() else {
+        return Ok(());
+    };
+    if sid == m.pid {
+        if let Err(e) = t.syscall(libc::SYS_setsid, [0; 6]) {
+            log::warn!("process {pid} (image {}): setsid failed: {e}", m.pid);
+        }
+        return Ok(());
+    }
+    if parent_ids.is_some_and(|(_, psid)| psid != sid) && new_pid.contains_key(&sid) {
+        log::warn!(
+            "process {pid} (image {}): session {sid} differs from its parent's; not restored",
+            m.pid
+        );
+    }
+    let target = if pgid == m.pid {
+        Some(0)
+    } else {
+        new_pid.get(&pgid).copied()
+    };
+    match target {
+        Some(g) => {
+            if let Err(e) = t.syscall(libc::SYS_setpgid, [0, g as u64, 0, 0, 0, 0]) {
+                log::warn!(
+                    "process {pid} (image {}): setpgid to group {pgid} failed: {e}",
+                    m.pid
+                );
+            }
+        }
+        None => {
+            if parent_ids.is_some_and(|(ppg, _)| ppg != pgid) {
+                log::warn!(
+                    "process {pid} (image {}): process group {pgid} has no leader in the tree; \
+                     it stays in its parent's group",
+                    m.pid
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,8 +1,11 @@
 //! Small raw system-call wrappers that are not ptrace (those live in `tracer.rs`):
-//! creating the restore child with `clone3`, `prlimit64` on another process and
-//! `get_robust_list` of another thread.
+//! creating the restore child with `clone3`, `prlimit64` on another process,
+//! `get_robust_list` of another thread, and the pipe helpers (capacity, `FIONREAD`, `tee`).
+
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 
 use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
 
 /// `struct clone_args` (CLONE_ARGS_SIZE_VER2, 88 bytes).
 #[repr(C, align(8))]
@@ -177,4 +180,57 @@ pub fn kill(pid: i32, sig: i32) -> Result<(), Errno> {
         return Err(Errno::last());
     }
     Ok(())
+}
+
+/// Capacity of a pipe in bytes (`F_GETPIPE_SZ`).
+pub fn pipe_capacity(fd: impl AsFd) -> Result<usize, Errno> {
+    fcntl(fd, FcntlArg::F_GETPIPE_SZ).map(|v| v as usize)
+}
+
+/// Bytes buffered in a pipe (`FIONREAD` on a read end).
+pub fn pipe_buffered(fd: impl AsFd) -> Result<usize, Errno> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int through the pointer, which is valid and writable; the
+    // descriptor is borrowed and open for the duration of the call.
+    let r = unsafe { libc::ioctl(fd.as_fd().as_raw_fd(), libc::FIONREAD, &mut n) };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    Ok(n.max(0) as usize)
+}
+
+/// A new non-blocking, close-on-exec pipe `(read end, write end)` with at least `capacity`
+/// bytes of capacity.
+pub fn pipe_with_capacity(capacity: usize) -> Result<(OwnedFd, OwnedFd), Errno> {
+    let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+    if pipe_capacity(&w)? < capacity {
+        let c = libc::c_int::try_from(capacity).map_err(|_| Errno::EINVAL)?;
+        fcntl(&w, FcntlArg::F_SETPIPE_SZ(c))?;
+    }
+    Ok((r, w))
+}
+
+/// One `tee(src, dst, len, SPLICE_F_NONBLOCK)`: copies up to `len` bytes buffered in pipe `src`
+/// into pipe `dst` without consuming them. (Calling it again would copy the same bytes again.)
+pub fn tee_all(src: impl AsFd, dst: impl AsFd, len: usize) -> Result<usize, Errno> {
+    // SAFETY: tee only takes descriptors (borrowed, open for the call) and integers.
+    let r = unsafe {
+        libc::tee(
+            src.as_fd().as_raw_fd(),
+            dst.as_fd().as_raw_fd(),
+            len,
+            libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    Ok(r as usize)
+}
+
+/// Duplicate `fd` to the lowest free descriptor `>= min` (close-on-exec).
+pub fn dup_at_least(fd: impl AsFd, min: i32) -> Result<OwnedFd, Errno> {
+    let n = fcntl(fd, FcntlArg::F_DUPFD_CLOEXEC(min))?;
+    // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(n) })
 }

@@ -894,3 +894,354 @@ fn restore_keeps_unprivileged_credentials() {
     let caps = status.lines().find(|l| l.starts_with("CapEff:")).unwrap();
     assert!(caps.ends_with("0000000000000000"), "{caps}");
 }
+
+// ---------------------------------------------------------------------------------------
+// Process trees and pipes.
+
+/// `root` (session leader) forks a producer (own process group) and a consumer (joins the
+/// producer's group) connected by a pipe, plus two children that end at once and stay
+/// zombies (exit 7, SIGTERM). The producer writes numbered lines as fast as the pipe takes
+/// them; the consumer reads slowly, checks every number (no gap, no repeat) and appends its
+/// progress ("ok COUNT") or "BAD ..." to a file. On SIGUSR1 the root reaps the zombies and
+/// writes their statuses to `report`.
+const PIPELINE_C: &str = r#"
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static volatile sig_atomic_t usr1;
+static void on_usr1(int s) { (void)s; usr1 = 1; }
+
+static void producer(void) {
+    char line[32];
+    for (unsigned long long n = 1;; n++) {
+        int len = snprintf(line, sizeof line, "%015llu\n", n);
+        if (write(1, line, len) != len) _exit(5);
+    }
+}
+
+static void consumer(const char *progress) {
+    int out = open(progress, O_WRONLY | O_CREAT | O_APPEND, 0644);
+    char buf[4096], msg[128];
+    size_t have = 0;
+    unsigned long long expect = 1, count = 0;
+    for (;;) {
+        ssize_t r = read(0, buf + have, 256);
+        if (r <= 0) { int n = snprintf(msg, sizeof msg, "BAD read %zd\n", r); write(out, msg, n); _exit(3); }
+        have += r;
+        size_t start = 0;
+        for (size_t i = 0; i < have; i++) {
+            if (buf[i] != '\n') continue;
+            unsigned long long v = strtoull(buf + start, NULL, 10);
+            if (v != expect) {
+                int n = snprintf(msg, sizeof msg, "BAD expected %llu got %llu\n", expect, v);
+                write(out, msg, n);
+                _exit(4);
+            }
+            expect++;
+            if (++count % 2000 == 0) {
+                int n = snprintf(msg, sizeof msg, "ok %llu\n", count);
+                write(out, msg, n);
+            }
+            start = i + 1;
+        }
+        memmove(buf, buf + start, have - start);
+        have -= start;
+        struct timespec ts = { 0, 2 * 1000 * 1000 };
+        nanosleep(&ts, NULL);
+    }
+}
+
+int main(int argc, char **argv) {
+    if (argc < 4) return 2;
+    syscall(SYS_close_range, 3, ~0U, 0);
+    setsid();
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_usr1;
+    sigaction(SIGUSR1, &sa, NULL);
+    int p[2];
+    if (pipe(p)) return 3;
+    pid_t prod = fork();
+    if (prod == 0) {
+        setpgid(0, 0);
+        dup2(p[1], 1); close(p[0]); close(p[1]);
+        producer();
+    }
+    setpgid(prod, prod);
+    pid_t cons = fork();
+    if (cons == 0) {
+        setpgid(0, prod);
+        dup2(p[0], 0); close(p[0]); close(p[1]);
+        consumer(argv[1]);
+    }
+    setpgid(cons, prod);
+    close(p[0]); close(p[1]);
+    pid_t z1 = fork();
+    if (z1 == 0) _exit(7);
+    pid_t z2 = fork();
+    if (z2 == 0) { raise(SIGTERM); _exit(1); }
+    FILE *f = fopen(argv[2], "w");
+    fprintf(f, "%d %d %d %d\n", (int)prod, (int)cons, (int)z1, (int)z2);
+    fclose(f);
+    for (;;) {
+        pause();
+        if (usr1) {
+            usr1 = 0;
+            int s1 = 0, s2 = 0;
+            pid_t w1 = waitpid(z1, &s1, 0), w2 = waitpid(z2, &s2, 0);
+            f = fopen(argv[3], "w");
+            fprintf(f, "%d %d %d %d\n", w1 == z1, WIFEXITED(s1) ? WEXITSTATUS(s1) : -1,
+                    w2 == z2, WIFSIGNALED(s2) ? WTERMSIG(s2) : -1);
+            fclose(f);
+        }
+    }
+}
+"#;
+
+/// Kills and reaps every process of the trees it knows when dropped. Makes the test process
+/// a child subreaper so members orphaned by a killed root are reaped here (their pids must be
+/// free again for a restore with the same pids).
+struct TreeGuard(Vec<i32>);
+
+impl TreeGuard {
+    fn new() -> Self {
+        // SAFETY: integer-only prctl.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+        TreeGuard(Vec::new())
+    }
+    fn add(&mut self, pids: &[i32]) {
+        self.0.extend_from_slice(pids);
+    }
+    /// Kill and wait until every pid is gone (reaped by us or elsewhere).
+    fn kill_all(&mut self) {
+        for &p in &self.0 {
+            let _ = sys::kill(p, libc::SIGKILL);
+        }
+        for p in self.0.drain(..) {
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(3) {
+                let mut st = 0;
+                // SAFETY: `st` is a valid writable c_int.
+                let r = unsafe { libc::waitpid(p, &mut st, libc::WNOHANG | libc::__WALL) };
+                if r == p || !Path::new(&format!("/proc/{p}")).exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+}
+
+impl Drop for TreeGuard {
+    fn drop(&mut self) {
+        self.kill_all();
+    }
+}
+
+/// Fields of /proc/PID/stat after the comm, numbered as in proc(5) (3 = state).
+fn stat_of(pid: i32) -> Vec<String> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let mut v = vec![String::new(); 3];
+    v.extend(
+        s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .map(str::to_string),
+    );
+    v
+}
+
+fn progress(path: &Path) -> (u64, Option<String>) {
+    let s = std::fs::read_to_string(path).unwrap_or_default();
+    let bad = s.lines().find(|l| l.starts_with("BAD")).map(str::to_string);
+    let last = s
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("ok ").and_then(|v| v.parse().ok()))
+        .unwrap_or(0);
+    (last, bad)
+}
+
+#[test]
+fn pipeline_tree_dump_kill_restore() {
+    require_env!();
+    use super::dump::{dump_tree, AfterDump, DumpOptions};
+    use super::image::MemberState;
+    use super::restore::{restore_tree, TreeRestoreOptions};
+    let mut guard = TreeGuard::new();
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build(dir.path(), "pipeline", PIPELINE_C);
+    let prog = dir.path().join("progress");
+    let pids_file = dir.path().join("pids");
+    let report = dir.path().join("report");
+    let child = Command::new(&exe)
+        .args([&prog, &pids_file, &report])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let root = child.id() as i32;
+    drop(child);
+    guard.add(&[root]);
+    assert!(wait_until(Duration::from_secs(5), || {
+        std::fs::read_to_string(&pids_file).is_ok_and(|s| s.ends_with('\n'))
+    }));
+    let kids: Vec<i32> = std::fs::read_to_string(&pids_file)
+        .unwrap()
+        .split_whitespace()
+        .map(|x| x.parse().unwrap())
+        .collect();
+    guard.add(&kids);
+    let (prod, cons, z1, z2) = (kids[0], kids[1], kids[2], kids[3]);
+    assert!(wait_until(Duration::from_secs(5), || progress(&prog).0
+        >= 4000
+        && stat_of(z1)[3] == "Z"
+        && stat_of(z2)[3] == "Z"));
+
+    // A dump that lets the tree run on must not disturb the pipe (tee does not consume).
+    let mut calls = 0;
+    let img = dump_tree(root, &DumpOptions::default(), &mut || {
+        calls += 1;
+        for p in [root, prod, cons] {
+            let st = stat_of(p)[3].clone();
+            if st != "t" {
+                return Err(format!("{p} is in state {st} at the checkpoint"));
+            }
+        }
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(calls, 1);
+    assert_eq!(img.root, root);
+    let pids: Vec<i32> = img.processes.iter().map(|m| m.pid).collect();
+    assert_eq!(pids, vec![root, prod, cons, z1, z2]);
+    let before = progress(&prog).0;
+    assert!(wait_until(Duration::from_secs(5), || progress(&prog).0
+        >= before + 4000));
+    assert_eq!(progress(&prog).1, None);
+
+    // Dump and kill, restore with the same pids.
+    let img = dump_tree(
+        root,
+        &DumpOptions {
+            after: AfterDump::Kill,
+            ..Default::default()
+        },
+        &mut || Ok(()),
+    )
+    .unwrap();
+    let img = super::image::decode_tree(&super::image::encode_tree(&img).unwrap()).unwrap();
+    assert_eq!(img.pipes.len(), 1, "{:?}", img.pipes.len());
+    let inflight = img.pipes[0].data.len();
+    assert!(inflight > 0, "no data in flight in the pipe");
+    assert!(matches!(
+        img.processes[3].state,
+        MemberState::Zombie { status: 0x700, .. }
+    ));
+    assert!(matches!(
+        img.processes[4].state,
+        MemberState::Zombie { status: 15, .. }
+    ));
+    guard.kill_all();
+    let at_dump = progress(&prog).0;
+    let new_root = restore_tree(
+        &img,
+        &TreeRestoreOptions {
+            keep_pids: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    guard.add(&[root, prod, cons, z1, z2]);
+    assert_eq!(new_root, root);
+    eprintln!("pipeline: {inflight} bytes in flight at the checkpoint");
+    assert!(
+        wait_until(Duration::from_secs(5), || progress(&prog).0
+            >= at_dump + 6000
+            || progress(&prog).1.is_some()),
+        "consumer did not continue: {:?}",
+        progress(&prog)
+    );
+    assert_eq!(progress(&prog).1, None, "consumer saw a gap or repeat");
+    // Tree shape, sessions, groups.
+    for p in [prod, cons, z1, z2] {
+        assert_eq!(stat_of(p)[4], root.to_string(), "parent of {p}");
+    }
+    let ids = |p: i32| (stat_of(p)[5].clone(), stat_of(p)[6].clone());
+    let (r, pr) = (root.to_string(), prod.to_string());
+    assert_eq!(ids(root), (r.clone(), r.clone()));
+    assert_eq!(ids(prod), (pr.clone(), r.clone()));
+    assert_eq!(ids(cons), (pr.clone(), r.clone()));
+    // Zombies are zombies with their statuses.
+    assert_eq!(stat_of(z1)[3], "Z");
+    assert_eq!(stat_of(z2)[3], "Z");
+    sys::kill(root, libc::SIGUSR1).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || {
+        std::fs::read_to_string(&report).is_ok_and(|s| s.ends_with('\n'))
+    }));
+    assert_eq!(std::fs::read_to_string(&report).unwrap(), "1 7 1 15\n");
+}
+
+#[test]
+fn tree_dump_refuses_pipe_to_outside_and_resumes() {
+    require_env!();
+    let mut procs = Procs(Vec::new());
+    let c = counter_setup();
+    let child = Command::new(&c.exe)
+        .args([&c.out, &c.addr_file])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    procs.add(pid);
+    assert!(wait_until(Duration::from_secs(5), || read_nums(&c.out)
+        .first()
+        .is_some_and(|v| *v >= 5)));
+    let res = super::dump::dump_tree(pid, &Default::default(), &mut || Ok(()));
+    match &res.map(|_| ()) {
+        Ok(()) => panic!("a pipe to the test process was accepted"),
+        Err(super::dump::DumpError::UnsupportedFd {
+            pid: p, fd, reason, ..
+        }) => {
+            assert_eq!((*p, *fd), (pid, 0));
+            assert!(reason.contains("outside the tree"), "{reason}");
+        }
+        Err(other) => panic!("unexpected error {other}"),
+    }
+    let v = read_nums(&c.out)[0];
+    assert!(wait_until(Duration::from_secs(5), || read_nums(&c.out)[0] > v + 5));
+    assert!(alive(pid));
+    drop(child);
+}
+
+#[test]
+fn restore_refuses_pipe_fd_without_tree() {
+    let mut img = super::image::tests::sample();
+    img.fds[0].kind = super::image::FdKind::Pipe { ino: 5 };
+    let tree = super::image::TreeImage {
+        root: img.pid,
+        processes: vec![super::image::TreeMember {
+            pid: img.pid,
+            ppid: 1,
+            state: super::image::MemberState::Live(Box::new(img)),
+        }],
+        pipes: Vec::new(),
+    };
+    let err = super::restore::restore_tree(&tree, &Default::default()).unwrap_err();
+    assert!(
+        matches!(err, super::restore::RestoreError::BadTree { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("pipe:[5]"), "{err}");
+}

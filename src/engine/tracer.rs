@@ -245,6 +245,11 @@ pub fn syscall_name(nr: i64) -> &'static str {
         libc::SYS_setresuid => "setresuid",
         libc::SYS_setresgid => "setresgid",
         libc::SYS_setgroups => "setgroups",
+        libc::SYS_clone3 => "clone3",
+        libc::SYS_setsid => "setsid",
+        libc::SYS_setpgid => "setpgid",
+        libc::SYS_fcntl => "fcntl",
+        libc::SYS_kill => "kill",
         _ => "syscall",
     }
 }
@@ -313,12 +318,14 @@ impl Tracer {
 
     /// Take over a child that called `PTRACE_TRACEME` and is now in a signal-delivery stop
     /// (the caller already waited for it). Sets `PTRACE_O_TRACESYSGOOD | PTRACE_O_EXITKILL |
-    /// PTRACE_O_TRACECLONE`, so the child dies if the tracer dies and threads it creates are
-    /// traced from birth (see [`Tracer::adopt_clone`]).
+    /// PTRACE_O_TRACECLONE | PTRACE_O_TRACEFORK`, so the child dies if the tracer dies and
+    /// threads and processes it creates are traced from birth (see [`Tracer::adopt_clone`]);
+    /// those inherit the options.
     pub fn adopt_stopped_child(pid: i32) -> Result<Self, TraceError> {
         let opts = (libc::PTRACE_O_TRACESYSGOOD
             | libc::PTRACE_O_EXITKILL
-            | libc::PTRACE_O_TRACECLONE) as usize;
+            | libc::PTRACE_O_TRACECLONE
+            | libc::PTRACE_O_TRACEFORK) as usize;
         // SAFETY: PTRACE_SETOPTIONS takes the options as an integer in `data`.
         unsafe {
             ptrace_raw(
@@ -344,7 +351,8 @@ impl Tracer {
         })
     }
 
-    /// Take over thread `tid` that a tracee with `PTRACE_O_TRACECLONE` just created (it is
+    /// Take over thread (or process) `tid` that a tracee with `PTRACE_O_TRACECLONE` (or
+    /// `PTRACE_O_TRACEFORK`; then `tgid == tid`) just created (it is
     /// auto-attached and stops with `SIGSTOP` before running any user code). Waits for that
     /// stop; the `SIGSTOP` is suppressed when the thread is next resumed.
     pub fn adopt_clone(tgid: i32, tid: i32) -> Result<Self, TraceError> {
@@ -424,6 +432,61 @@ impl Tracer {
                 op,
                 source,
             })
+    }
+
+    /// Resume, delivering signal `sig` (0: none).
+    fn resume_with(&self, req: libc::c_uint, op: &'static str, sig: i32) -> Result<(), TraceError> {
+        // SAFETY: resume requests take no addr; data is the signal to deliver, as an integer.
+        unsafe {
+            ptrace_raw(
+                req,
+                self.tid,
+                std::ptr::null_mut(),
+                sig as usize as *mut libc::c_void,
+            )
+        }
+        .map(|_| ())
+        .map_err(|source| TraceError::Ptrace {
+            tid: self.tid,
+            op,
+            source,
+        })
+    }
+
+    /// Make the (single-threaded) process end with wait status `status` as `waitpid` reports
+    /// it: `exit_group(status >> 8)` for a normal exit, otherwise the signal `status & 0x7f`
+    /// with its default action (a `struct sigaction` of zeros is written at `scratch`, a
+    /// writable address in the tracee). Returns once the tracer has seen the exit, so a real
+    /// parent other than the tracer now sees a zombie.
+    pub fn exit_with_status(mut self, status: i32, scratch: u64) -> Result<(), TraceError> {
+        let sig = status & 0x7f;
+        if sig == 0 {
+            let insn = self
+                .syscall_insn
+                .ok_or(TraceError::NoSyscallInsn { tid: self.tid })?;
+            let mut r = self.regs()?;
+            r.rip = insn;
+            r.rax = libc::SYS_exit_group as u64;
+            r.orig_rax = u64::MAX;
+            r.rdi = ((status >> 8) & 0xff) as u64;
+            self.set_regs(&r)?;
+        } else {
+            self.write_mem(scratch, &[0u8; 32])?;
+            self.syscall(libc::SYS_rt_sigaction, [sig as u64, scratch, 0, 8, 0, 0])?;
+            self.set_sigmask(0)?;
+            self.syscall(libc::SYS_kill, [self.tgid as u64, sig as u64, 0, 0, 0, 0])?;
+        }
+        self.pending_signals.clear();
+        let mut deliver = 0;
+        loop {
+            self.resume_with(libc::PTRACE_CONT, "PTRACE_CONT", deliver)?;
+            match self.wait_stop() {
+                Err(TraceError::Gone { .. }) => return Ok(()),
+                Err(e) => return Err(e),
+                Ok(Stop::Signal(s)) if s == sig => deliver = s,
+                Ok(_) => deliver = 0,
+            }
+        }
     }
 
     /// Resume with PTRACE_SYSCALL until the next syscall stop, suppressing signals.
