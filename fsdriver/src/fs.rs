@@ -1935,9 +1935,39 @@ fn data_len(buf: &[u8]) -> usize {
 
 /// Turns a file's dirty blocks into chunks (all-zero blocks are not stored).
 fn flush_blocks(store: &Store, f: &mut MemFile) -> FsResult<()> {
-    let dirty = std::mem::take(&mut f.dirty);
-    for (idx, buf) in dirty {
-        let len = data_len(&buf);
+    let dirty: Vec<(u64, Vec<u8>)> = std::mem::take(&mut f.dirty).into_iter().collect();
+    // Hashing is the costly part of a flush: spread it over the cores.
+    let lens: Vec<usize> = dirty.iter().map(|(_, b)| data_len(b)).collect();
+    let mut ids: Vec<Option<ContentId>> = vec![None; dirty.len()];
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(8);
+    if threads > 1 && dirty.len() >= 16 {
+        let per = dirty.len().div_ceil(threads);
+        std::thread::scope(|sc| {
+            for ((part, lens), out) in dirty
+                .chunks(per)
+                .zip(lens.chunks(per))
+                .zip(ids.chunks_mut(per))
+            {
+                sc.spawn(move || {
+                    for (((_, b), len), o) in part.iter().zip(lens).zip(out.iter_mut()) {
+                        if *len > 0 {
+                            *o = Some(ContentId::of(&b[..*len]));
+                        }
+                    }
+                });
+            }
+        });
+    } else {
+        for (((_, b), len), o) in dirty.iter().zip(&lens).zip(ids.iter_mut()) {
+            if *len > 0 {
+                *o = Some(ContentId::of(&b[..*len]));
+            }
+        }
+    }
+    for (((idx, buf), len), id) in dirty.into_iter().zip(lens).zip(ids) {
         let r = if len == 0 {
             let lower_covers = f.lower.as_ref().is_some_and(|l| idx * BLOCK < l.len);
             let base_has = tree::map_get(store, &f.base, idx)?.is_some();
@@ -1947,7 +1977,8 @@ fn flush_blocks(store: &Store, f: &mut MemFile) -> FsResult<()> {
                 None
             }
         } else {
-            let id = store.put(ObjectKind::Chunk, &buf[..len])?;
+            let id = id.unwrap_or_else(|| ContentId::of(&buf[..len]));
+            store.put_with_id(ObjectKind::Chunk, id, &buf[..len])?;
             Some(BlockRef::Data {
                 id,
                 len: len as u32,
