@@ -71,6 +71,17 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// What changed between two checkpoints or snapshots (names, or #CNO).
+    Diff {
+        #[arg(short = 'm', long = "mount")]
+        mountpoint: Option<PathBuf>,
+        #[arg(long, conflicts_with = "mountpoint")]
+        store: Option<PathBuf>,
+        from: String,
+        to: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Re-hash every object reachable from a retained checkpoint.
     Verify {
         store: PathBuf,
@@ -268,6 +279,30 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         } => {
             let store = store_of(mountpoint.as_deref(), store.as_deref())?;
             print_log(&store, json)?;
+        }
+        Cmd::Diff {
+            mountpoint,
+            store,
+            from,
+            to,
+            json,
+        } => {
+            let store = store_of(mountpoint.as_deref(), store.as_deref())?;
+            let s = Store::open_read_only(&store)?;
+            let (a, b) = (s.find(&from)?, s.find(&to)?);
+            let d = forkpoint_fs::tree::diff(&s, a.root, b.root)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&d)?);
+            } else {
+                for e in d {
+                    let k = match e.kind {
+                        forkpoint_fs::tree::DiffKind::Added => 'A',
+                        forkpoint_fs::tree::DiffKind::Removed => 'D',
+                        forkpoint_fs::tree::DiffKind::Modified => 'M',
+                    };
+                    println!("{k} {}", e.paths.join(", "));
+                }
+            }
         }
         Cmd::Verify { store, json } => {
             let s = Store::open_read_only(&store)?;

@@ -144,3 +144,31 @@ fn corrupt_record_fails_verify_with_its_path() {
     assert!(out.contains("CORRUPT root"), "{out}");
     assert!(err.contains("1 corrupt object"), "{err}");
 }
+
+#[test]
+fn diff_between_snapshots() {
+    use forkpoint_fs::fs::{Caller, Fs};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let s = tmp.path().join("store");
+    {
+        let store = forkpoint_fs::Store::create(&s, None).expect("create");
+        let fs = Fs::new(store, "main").expect("fs");
+        let c = Caller::default();
+        let (a, fh) = fs.create(1, b"a", 0o644, true, c).expect("a");
+        fs.release(fh).expect("release");
+        let (b, fh) = fs.create(1, b"b", 0o644, true, c).expect("b");
+        fs.release(fh).expect("release");
+        fs.snapshot("one").expect("snapshot");
+        fs.write(a.ino, 0, b"changed").expect("write");
+        fs.unlink(1, b"b").expect("unlink");
+        let _ = b;
+        let (_, fh) = fs.create(1, b"c", 0o644, true, c).expect("c");
+        fs.release(fh).expect("release");
+        fs.snapshot("two").expect("snapshot");
+    }
+    let (ok, out, err) = forkpoint(&["diff", "--store", s.to_str().expect("utf8"), "one", "two"]);
+    assert!(ok, "{err}");
+    let mut lines: Vec<&str> = out.lines().collect();
+    lines.sort();
+    assert_eq!(lines, vec!["A /c", "D /b", "M /", "M /a"], "{out}");
+}

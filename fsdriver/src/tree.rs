@@ -737,3 +737,59 @@ pub fn read_lower(store: &Store, l: &LowerRef, off: u64, buf: &mut [u8]) -> Resu
     }
     Ok(())
 }
+
+/// How an inode differs between two trees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum DiffKind {
+    Added,
+    Removed,
+    Modified,
+}
+
+/// One difference between two trees, named by its paths (in the newer tree, or the older one
+/// for a removal; `unlinked inode N` if it has no name).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DiffEntry {
+    pub kind: DiffKind,
+    pub ino: u64,
+    pub paths: Vec<String>,
+}
+
+/// Differences between the trees of roots `a` and `b`. The inode tables are compared by
+/// walking only the radix subtrees whose ids differ; the changed inodes are then named from the
+/// directories of the trees. Directories whose only change is an entry are listed too.
+pub fn diff(store: &Arc<Store>, a: ContentId, b: ContentId) -> Result<Vec<DiffEntry>> {
+    let va = TreeView::open(store.clone(), a)?;
+    let vb = TreeView::open(store.clone(), b)?;
+    let changes =
+        radix::diff::<ContentId>(store, va.root.inodes.as_ref(), vb.root.inodes.as_ref())?;
+    if changes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (pa, pb) = (va.paths()?, vb.paths()?);
+    let name = |ino: u64, p: &HashMap<u64, Vec<String>>| {
+        p.get(&ino)
+            .cloned()
+            .unwrap_or_else(|| vec![format!("unlinked inode {ino}")])
+    };
+    Ok(changes
+        .into_iter()
+        .map(|c| match c {
+            radix::Change::Added(ino, _) => DiffEntry {
+                kind: DiffKind::Added,
+                ino,
+                paths: name(ino, &pb),
+            },
+            radix::Change::Removed(ino, _) => DiffEntry {
+                kind: DiffKind::Removed,
+                ino,
+                paths: name(ino, &pa),
+            },
+            radix::Change::Modified(ino, _, _) => DiffEntry {
+                kind: DiffKind::Modified,
+                ino,
+                paths: name(ino, &pb),
+            },
+        })
+        .collect())
+}
