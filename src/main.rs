@@ -507,6 +507,17 @@ pub(crate) fn syncfs(mp: &Path) -> Result<()> {
     }
 }
 
+/// Is the forkpoint mount at `mp` (of `store`) left over from a daemon that died? `stat` cannot
+/// tell: the kernel answers it from its attribute cache for up to the TTL. `statfs` always goes
+/// to the daemon, and a dead connection answers ENOTCONN; a store whose control socket refuses
+/// connections has no daemon at all (the kernel may not have torn the connection down yet).
+fn mount_is_dead(mp: &Path, store: &Path) -> bool {
+    if let Err(nix::errno::Errno::ENOTCONN) = nix::sys::statfs::statfs(mp) {
+        return true;
+    }
+    matches!(daemon::call(store, &daemon::Request::Status), Ok(None))
+}
+
 fn check_fuse() -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("mounting needs root (or CAP_SYS_ADMIN); run as root");
@@ -525,23 +536,21 @@ fn mount(
     foreground: bool,
 ) -> Result<()> {
     let mp = mounts::absolute(mountpoint)?;
-    // A mount left by a daemon that died: the kernel answers ENOTCONN. Clean it up.
+    // A mount left by a daemon that died. Clean it up.
     if let Some(m) = mounts::forkpoint_mount_at(&mp)? {
-        match std::fs::metadata(&mp) {
-            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-                nix::mount::umount2(&mp, nix::mount::MntFlags::MNT_DETACH)
-                    .with_context(|| format!("clean up stale mount {}", mp.display()))?;
-                eprintln!(
-                    "forkpoint: cleaned up stale mount at {} (its daemon had died)",
-                    mp.display()
-                );
-            }
-            _ => bail!(
+        if !mount_is_dead(&mp, Path::new(&m.source)) {
+            bail!(
                 "{} is already a forkpoint mount (of {})",
                 mp.display(),
                 m.source
-            ),
+            );
         }
+        nix::mount::umount2(&mp, nix::mount::MntFlags::MNT_DETACH)
+            .with_context(|| format!("clean up stale mount {}", mp.display()))?;
+        eprintln!(
+            "forkpoint: cleaned up stale mount at {} (its daemon had died)",
+            mp.display()
+        );
     } else if mounts::is_mountpoint(&mp)? {
         bail!("{} is already a mount point", mp.display());
     }

@@ -1,0 +1,615 @@
+//! End-to-end, as a new user would work: mount a store over a lower directory, read and edit
+//! lower files, delete and rename lower entries, snapshot, keep working, browse the snapshot
+//! read-only, unmount, mount again, and read the log. Then the mistakes a user makes with
+//! `forkpoint mount`, each of which must fail with a clear one-line message and leave nothing
+//! mounted or running.
+
+mod common;
+
+use common::{daemon_pids, fp, fp_ok, is_mounted, Lab};
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const MIB: usize = 1 << 20;
+
+/// What a user sees of one name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Entry {
+    Dir { perm: u32 },
+    File { perm: u32, data: Vec<u8> },
+    Symlink { target: PathBuf },
+}
+
+type Tree = BTreeMap<String, Entry>;
+
+/// Everything under `root` (not following symlinks).
+fn tree(root: &Path) -> Tree {
+    let mut out = Tree::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let dir = root.join(&rel);
+        for e in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("ls {}: {e}", dir.display())) {
+            let e = e.expect("directory entry");
+            let r = rel.join(e.file_name());
+            let p = root.join(&r);
+            let md = std::fs::symlink_metadata(&p)
+                .unwrap_or_else(|e| panic!("stat {}: {e}", p.display()));
+            let perm = md.permissions().mode() & 0o7777;
+            let entry = if md.is_dir() {
+                stack.push(r.clone());
+                Entry::Dir { perm }
+            } else if md.file_type().is_symlink() {
+                Entry::Symlink {
+                    target: std::fs::read_link(&p).expect("readlink"),
+                }
+            } else {
+                Entry::File {
+                    perm,
+                    data: std::fs::read(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display())),
+                }
+            };
+            out.insert(r.to_string_lossy().into_owned(), entry);
+        }
+    }
+    out
+}
+
+/// The tree as a read-only snapshot shows it.
+fn without_write_bits(t: &Tree) -> Tree {
+    t.iter()
+        .map(|(k, v)| {
+            let v = match v {
+                Entry::Dir { perm } => Entry::Dir {
+                    perm: perm & !0o222,
+                },
+                Entry::File { perm, data } => Entry::File {
+                    perm: perm & !0o222,
+                    data: data.clone(),
+                },
+                s => s.clone(),
+            };
+            (k.clone(), v)
+        })
+        .collect()
+}
+
+/// Asserts two trees are equal, naming the first difference.
+fn same_tree(what: &str, want: &Tree, got: &Tree) {
+    for (k, w) in want {
+        match got.get(k) {
+            None => panic!("{what}: {k} is missing"),
+            Some(g) if g != w => {
+                let show = |e: &Entry| match e {
+                    Entry::File { perm, data } => format!("file {perm:o}, {} bytes", data.len()),
+                    e => format!("{e:?}"),
+                };
+                panic!("{what}: {k} differs: want {}, got {}", show(w), show(g));
+            }
+            _ => {}
+        }
+    }
+    if let Some(k) = got.keys().find(|k| !want.contains_key(*k)) {
+        panic!("{what}: unexpected {k}");
+    }
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    let mut r = common::Rng::new(5);
+    r.bytes(len)
+}
+
+fn errno_of<T: std::fmt::Debug>(r: std::io::Result<T>, what: &str) -> i32 {
+    match r {
+        Ok(v) => panic!("{what} should fail, but returned {v:?}"),
+        Err(e) => e.raw_os_error().unwrap_or(0),
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("test paths are UTF-8")
+}
+
+/// Builds the lower directory: nested directories, a 5 MiB file, a symlink, a hard link.
+fn make_lower(lower: &Path) {
+    std::fs::create_dir_all(lower.join("src/a/b")).expect("mkdir src/a/b");
+    std::fs::create_dir_all(lower.join("docs")).expect("mkdir docs");
+    std::fs::create_dir_all(lower.join("empty")).expect("mkdir empty");
+    std::fs::write(lower.join("src/a/b/deep.txt"), "deep in the tree\n").expect("write");
+    std::fs::write(lower.join("src/a/notes.txt"), "notes\n").expect("write");
+    std::fs::write(lower.join("src/main.rs"), "fn main() {}\n").expect("write");
+    std::fs::write(lower.join("docs/guide.md"), "# Guide\n\nRead me.\n").expect("write");
+    std::fs::hard_link(
+        lower.join("docs/guide.md"),
+        lower.join("docs/guide-link.md"),
+    )
+    .expect("hard link");
+    std::fs::write(lower.join("big.bin"), pattern(5 * MIB)).expect("write big.bin");
+    std::os::unix::fs::symlink("src/a/b/deep.txt", lower.join("deep-link")).expect("symlink");
+    std::fs::set_permissions(
+        lower.join("src/main.rs"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .expect("chmod");
+}
+
+#[test]
+fn new_user_workflow() {
+    if !common::can_mount("fuse_e2e") {
+        return;
+    }
+    let lab = Lab::new();
+    let lower = lab.mkdir("project");
+    make_lower(&lower);
+    let lower_before = tree(&lower);
+    let lower_mtimes: Vec<(i64, i64)> = ["big.bin", "docs/guide.md", "src/a/b/deep.txt"]
+        .iter()
+        .map(|f| {
+            let m = std::fs::metadata(lower.join(f)).expect("stat lower");
+            (m.mtime(), m.mtime_nsec())
+        })
+        .collect();
+    let store = lab.path().join("store");
+    let mnt = lab.mkdir("work");
+
+    // Mount: the store is created on first use.
+    let o = lab.mount(&store, &mnt, Some(&lower), None);
+    assert!(o.ok, "mount: {}{}", o.stdout, o.stderr);
+    assert!(
+        o.stderr.contains("created store"),
+        "first mount creates the store: {}",
+        o.stderr
+    );
+    assert!(
+        o.stdout.contains("mounted"),
+        "mount says what it did: {}",
+        o.stdout
+    );
+
+    // Everything of the lower directory reads back through the mount, `.forkpoint` unlisted.
+    same_tree("mount over the lower directory", &lower_before, &tree(&mnt));
+    let root: Vec<String> = std::fs::read_dir(&mnt)
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !root.iter().any(|n| n == ".forkpoint"),
+        "ls shows .forkpoint: {root:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(mnt.join("deep-link")).expect("read through the symlink"),
+        "deep in the tree\n"
+    );
+    let (g, gl) = (
+        std::fs::metadata(mnt.join("docs/guide.md")).expect("stat"),
+        std::fs::metadata(mnt.join("docs/guide-link.md")).expect("stat"),
+    );
+    assert_eq!(g.ino(), gl.ino(), "hard links share an inode in the mount");
+    assert_eq!((g.nlink(), gl.nlink()), (2, 2), "hard link count");
+    assert_eq!(
+        std::fs::metadata(mnt.join("big.bin")).expect("stat").len(),
+        5 * MIB as u64
+    );
+
+    // Edit the middle of the 5 MiB lower file in place (pwrite across a block boundary).
+    let mut big = pattern(5 * MIB);
+    let patch = vec![0xab; 10_000];
+    let at = (5 * MIB / 2) as u64 - 3000;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(mnt.join("big.bin"))
+        .expect("open big.bin for writing")
+        .write_all_at(&patch, at)
+        .expect("pwrite");
+    big[at as usize..at as usize + patch.len()].copy_from_slice(&patch);
+    assert!(
+        std::fs::read(mnt.join("big.bin")).expect("read") == big,
+        "edited big.bin reads back"
+    );
+    assert!(
+        std::fs::read(lower.join("big.bin")).expect("read lower") == pattern(5 * MIB),
+        "the lower big.bin must be unchanged"
+    );
+
+    // Delete a lower file (its hard link stays) and a lower directory tree.
+    std::fs::remove_file(mnt.join("docs/guide.md")).expect("rm docs/guide.md");
+    assert_eq!(
+        std::fs::metadata(mnt.join("docs/guide-link.md"))
+            .expect("stat")
+            .nlink(),
+        1,
+        "the other name of the hard link remains"
+    );
+    std::fs::remove_dir_all(mnt.join("src/a")).expect("rm -r src/a");
+    assert_eq!(
+        errno_of(std::fs::metadata(mnt.join("src/a")), "stat removed src/a"),
+        libc::ENOENT
+    );
+    assert_eq!(
+        errno_of(
+            std::fs::read(mnt.join("deep-link")),
+            "read the dangling symlink"
+        ),
+        libc::ENOENT
+    );
+    assert!(
+        lower.join("src/a/b/deep.txt").exists(),
+        "the lower tree must be untouched"
+    );
+    // Rename a lower directory.
+    std::fs::rename(mnt.join("docs"), mnt.join("manual")).expect("mv docs manual");
+    assert_eq!(
+        std::fs::read_to_string(mnt.join("manual/guide-link.md")).expect("read"),
+        "# Guide\n\nRead me.\n"
+    );
+    assert!(!mnt.join("docs").exists(), "docs is gone after the rename");
+
+    // Snapshot.
+    let at_snapshot = tree(&mnt);
+    let out = fp_ok(&[
+        OsStr::new("snapshot"),
+        OsStr::new("-m"),
+        mnt.as_os_str(),
+        OsStr::new("before-cleanup"),
+    ]);
+    assert!(out.contains("before-cleanup"), "snapshot output: {out}");
+
+    // Change more.
+    std::fs::write(mnt.join("results.csv"), "epoch,loss\n1,0.5\n").expect("write results");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(mnt.join("big.bin"))
+        .expect("open big.bin");
+    f.set_len(MIB as u64).expect("truncate big.bin");
+    f.write_all_at(b"tail", MIB as u64).expect("append");
+    drop(f);
+    std::fs::remove_file(mnt.join("manual/guide-link.md")).expect("rm");
+    std::fs::create_dir(mnt.join("out")).expect("mkdir out");
+    std::fs::write(mnt.join("out/model.bin"), pattern(300_000)).expect("write model");
+    std::fs::set_permissions(
+        mnt.join("src/main.rs"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .expect("chmod");
+    let after_changes = tree(&mnt);
+    assert_ne!(after_changes, at_snapshot, "the changes must be visible");
+
+    // Browse the snapshot: as it was, read-only, reachable by path though not listed.
+    let snap = mnt.join(".forkpoint/snapshots/before-cleanup");
+    assert!(
+        std::fs::metadata(mnt.join(".forkpoint"))
+            .expect("stat .forkpoint")
+            .is_dir(),
+        ".forkpoint is reachable by path"
+    );
+    let snaps: Vec<String> = std::fs::read_dir(mnt.join(".forkpoint/snapshots"))
+        .expect("ls snapshots")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        snaps.contains(&"before-cleanup".to_string()),
+        "snapshots listed: {snaps:?}"
+    );
+    same_tree("snapshot", &without_write_bits(&at_snapshot), &tree(&snap));
+    match at_snapshot.get("big.bin") {
+        Some(Entry::File { data, .. }) => {
+            assert!(*data == big, "big.bin at the snapshot has the edit")
+        }
+        other => panic!("big.bin at the snapshot: {other:?}"),
+    }
+    let rofs = [
+        (
+            "create a file",
+            errno_of(
+                std::fs::write(snap.join("new.txt"), "x"),
+                "create in snapshot",
+            ),
+        ),
+        (
+            "open for writing",
+            errno_of(
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(snap.join("big.bin")),
+                "open snapshot file for writing",
+            ),
+        ),
+        (
+            "mkdir",
+            errno_of(std::fs::create_dir(snap.join("d")), "mkdir in snapshot"),
+        ),
+        (
+            "unlink",
+            errno_of(std::fs::remove_file(snap.join("big.bin")), "rm in snapshot"),
+        ),
+        (
+            "rmdir",
+            errno_of(std::fs::remove_dir(snap.join("empty")), "rmdir in snapshot"),
+        ),
+        (
+            "rename",
+            errno_of(
+                std::fs::rename(snap.join("big.bin"), snap.join("b2")),
+                "rename in snapshot",
+            ),
+        ),
+        (
+            "chmod",
+            errno_of(
+                std::fs::set_permissions(
+                    snap.join("big.bin"),
+                    std::fs::Permissions::from_mode(0o777),
+                ),
+                "chmod in snapshot",
+            ),
+        ),
+        (
+            "symlink",
+            errno_of(
+                std::os::unix::fs::symlink("x", snap.join("l")),
+                "symlink in snapshot",
+            ),
+        ),
+        (
+            "truncate",
+            errno_of(
+                std::fs::File::open(snap.join("big.bin")).and_then(|f| f.set_len(0)),
+                "truncate in snapshot",
+            ),
+        ),
+    ];
+    for (what, e) in rofs {
+        assert!(
+            e == libc::EROFS || (what == "truncate" && e == libc::EINVAL),
+            "{what} in a snapshot: errno {e}, want EROFS"
+        );
+    }
+    assert_eq!(
+        errno_of(
+            std::fs::write(mnt.join(".forkpoint/x"), "x"),
+            "create in .forkpoint"
+        ),
+        libc::EROFS
+    );
+    same_tree(
+        "snapshot after the failed writes",
+        &without_write_bits(&at_snapshot),
+        &tree(&snap),
+    );
+
+    // Unmount; the daemon exits; the lower directory is exactly as it was.
+    lab.umount_ok(&mnt);
+    wait_daemon_exit(&store);
+    same_tree(
+        "lower directory after everything",
+        &lower_before,
+        &tree(&lower),
+    );
+    let mtimes_after: Vec<(i64, i64)> = ["big.bin", "docs/guide.md", "src/a/b/deep.txt"]
+        .iter()
+        .map(|f| {
+            let m = std::fs::metadata(lower.join(f)).expect("stat lower");
+            (m.mtime(), m.mtime_nsec())
+        })
+        .collect();
+    assert_eq!(lower_mtimes, mtimes_after, "lower files were not modified");
+
+    // Mount again (same command): everything is still there, the snapshot too.
+    let o = lab.mount(&store, &mnt, Some(&lower), None);
+    assert!(o.ok, "second mount: {}{}", o.stdout, o.stderr);
+    assert!(
+        !o.stderr.contains("created store"),
+        "the store is reused: {}",
+        o.stderr
+    );
+    same_tree("after umount and mount", &after_changes, &tree(&mnt));
+    same_tree(
+        "snapshot after remount",
+        &without_write_bits(&at_snapshot),
+        &tree(&snap),
+    );
+
+    // The log shows the snapshot.
+    let log = fp_ok(&[
+        OsStr::new("log"),
+        OsStr::new("--store"),
+        store.as_os_str(),
+        OsStr::new("--json"),
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&log)
+        .unwrap_or_else(|e| panic!("log --json is not JSON ({e}): {log}"));
+    let cps = v["checkpoints"].as_array().expect("checkpoints array");
+    let snap_cp = cps
+        .iter()
+        .find(|c| c["name"] == "before-cleanup")
+        .unwrap_or_else(|| panic!("log does not show the snapshot: {log}"));
+    assert_eq!(snap_cp["kind"], "snapshot", "{snap_cp}");
+    assert_eq!(snap_cp["branch"], "main", "{snap_cp}");
+    let heads: Vec<&str> = v["branches"]
+        .as_array()
+        .expect("branches array")
+        .iter()
+        .filter_map(|b| b["name"].as_str())
+        .collect();
+    assert_eq!(heads, ["main"], "branches: {log}");
+
+    lab.umount_ok(&mnt);
+    let out = fp_ok(&[OsStr::new("verify"), store.as_os_str()]);
+    assert!(out.contains("verified"), "verify: {out}");
+}
+
+/// Runs `forkpoint mount` expecting a clear one-line failure containing `needles`; nothing may
+/// be mounted at `mnt` afterwards unless `mounted_before`.
+fn mount_fails(lab: &Lab, args: &[&str], mnt: &Path, needles: &[&str], mounted_before: bool) {
+    let mut full = vec!["mount"];
+    full.extend_from_slice(args);
+    let store = Path::new(args[0]);
+    lab.track(store, mnt);
+    let o = fp(&full);
+    let err = o.stderr.trim();
+    assert!(
+        !o.ok,
+        "forkpoint {full:?} should fail; stdout {:?}",
+        o.stdout
+    );
+    assert!(err.starts_with("forkpoint: "), "{full:?}: message {err:?}");
+    assert_eq!(
+        err.lines().count(),
+        1,
+        "{full:?}: one-line message, got {err:?}"
+    );
+    assert!(!err.contains("panicked"), "{full:?} panicked: {err}");
+    for n in needles {
+        assert!(err.contains(n), "{full:?}: expected {n:?} in {err:?}");
+    }
+    assert_eq!(
+        is_mounted(mnt),
+        mounted_before,
+        "{full:?} changed what is mounted at {}",
+        mnt.display()
+    );
+}
+
+#[test]
+fn mount_mistakes_fail_clearly() {
+    if !common::can_mount("fuse_e2e") {
+        return;
+    }
+    let lab = Lab::new();
+    let lower = lab.mkdir("lower");
+    std::fs::write(lower.join("f"), "lower file\n").expect("write");
+    let other_lower = lab.mkdir("other-lower");
+    let store = lab.path().join("store");
+    let mnt = lab.mkdir("mnt");
+
+    // A mountpoint that does not exist: refused before anything is created.
+    let missing = lab.path().join("no-such-dir");
+    mount_fails(
+        &lab,
+        &[s(&store), s(&missing)],
+        &missing,
+        &["no-such-dir", "No such file"],
+        false,
+    );
+    assert!(!store.exists(), "a refused mount must not create the store");
+
+    // A mountpoint that is a file.
+    let file = lab.path().join("a-file");
+    std::fs::write(&file, "x").expect("write");
+    mount_fails(
+        &lab,
+        &[s(&store), s(&file)],
+        &file,
+        &["a-file", "not a directory"],
+        false,
+    );
+    assert!(!store.exists(), "a refused mount must not create the store");
+
+    // Mount properly, then the mistakes that involve an existing mount or store.
+    lab.mount_ok(&store, &mnt, Some(&lower));
+    let daemons = daemon_pids(&store);
+    assert_eq!(daemons.len(), 1, "one daemon: {daemons:?}");
+
+    // The same mountpoint again, with the same store or another one.
+    mount_fails(
+        &lab,
+        &[s(&store), s(&mnt)],
+        &mnt,
+        &["already a forkpoint mount"],
+        true,
+    );
+    let store2 = lab.path().join("store2");
+    mount_fails(
+        &lab,
+        &[s(&store2), s(&mnt)],
+        &mnt,
+        &["already a forkpoint mount"],
+        true,
+    );
+    // A mountpoint that holds some other mount.
+    let tmp = lab.mkdir("tmpfs");
+    lab.tmpfs(&tmp);
+    mount_fails(
+        &lab,
+        &[s(&store2), s(&tmp)],
+        &tmp,
+        &["already a mount point"],
+        true,
+    );
+
+    // A different lower directory than the store was created over (daemon running or not).
+    let mnt2 = lab.mkdir("mnt2");
+    let msg = ["was created over lower directory", "other-lower"];
+    mount_fails(
+        &lab,
+        &[s(&store), s(&mnt2), "--lower", s(&other_lower)],
+        &mnt2,
+        &msg,
+        false,
+    );
+
+    // An unknown branch, with the store's daemon running.
+    mount_fails(
+        &lab,
+        &[s(&store), s(&mnt2), "--branch", "nope"],
+        &mnt2,
+        &["unknown branch 'nope'"],
+        false,
+    );
+
+    // The running mount is unharmed by all of this.
+    assert_eq!(
+        std::fs::read_to_string(mnt.join("f")).expect("read"),
+        "lower file\n"
+    );
+    assert_eq!(daemon_pids(&store), daemons, "the daemon is the same");
+    lab.umount_ok(&mnt);
+    wait_daemon_exit(&store);
+
+    // The same two mistakes with no daemon running.
+    mount_fails(
+        &lab,
+        &[s(&store), s(&mnt2), "--lower", s(&other_lower)],
+        &mnt2,
+        &msg,
+        false,
+    );
+    mount_fails(
+        &lab,
+        &[s(&store), s(&mnt2), "--branch", "nope"],
+        &mnt2,
+        &["unknown branch 'nope'"],
+        false,
+    );
+    // A store created without a lower directory, mounted with one.
+    let bare = lab.path().join("bare");
+    lab.mount_ok(&bare, &mnt2, None);
+    lab.umount_ok(&mnt2);
+    wait_daemon_exit(&bare);
+    mount_fails(
+        &lab,
+        &[s(&bare), s(&mnt2), "--lower", s(&lower)],
+        &mnt2,
+        &["(none)"],
+        false,
+    );
+    assert!(
+        daemon_pids(&store).is_empty() && daemon_pids(&bare).is_empty(),
+        "a refused mount left a daemon running"
+    );
+}
+
+/// Waits (up to 10 s) for the daemon of `store` to exit after its last umount.
+fn wait_daemon_exit(store: &Path) {
+    let t = Instant::now();
+    while !daemon_pids(store).is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the daemon of {} did not exit after its last umount",
+            store.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
