@@ -422,6 +422,8 @@ fn checkpoint(spec: &InitSpec, main: i32, req: &CheckpointRequest) -> Result<ser
     let store = spec.store.clone();
     let mut hook = || -> Result<(), String> {
         frozen_at = Some(Instant::now());
+        // init shares the session's IPC namespace: these files list the program's objects.
+        sysv_ipc_objects()?;
         // The program is stopped: the files as of now belong to this checkpoint.
         // /proc here is the session's own: every process of it, and nothing else.
         crate::flush_mount(&mp, None).map_err(|e| format!("{e:#}"))?;
@@ -504,6 +506,30 @@ fn checkpoint(spec: &InitSpec, main: i32, req: &CheckpointRequest) -> Result<ser
     v["dump_us"] = serde_json::json!(t_dump.as_micros() as u64);
     v["handoff_us"] = serde_json::json!((t_write - t_dump).as_micros() as u64);
     Ok(v)
+}
+
+/// Refuses a checkpoint while the session's IPC namespace holds SysV shared memory,
+/// semaphores or message queues: their contents are not captured yet.
+fn sysv_ipc_objects() -> Result<(), String> {
+    for (kind, what) in [
+        ("shm", "shared memory segment"),
+        ("sem", "semaphore set"),
+        ("msg", "message queue"),
+    ] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/sysvipc/{kind}")) else {
+            continue;
+        };
+        // A header line, then one line per object: key, id, ...
+        if let Some(line) = text.lines().nth(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            return Err(format!(
+                "the session holds a SysV {what} (key {}, id {}), which is not captured yet",
+                f.first().unwrap_or(&"?"),
+                f.get(1).unwrap_or(&"?")
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Sends a checkpoint request to a running session.

@@ -766,3 +766,51 @@ fn producer_consumer_pipe_with_data_in_flight() {
         }
     }
 }
+
+/// SysV IPC objects live in the session's IPC namespace and are not captured yet: a checkpoint
+/// is refused, naming the object, and the program keeps running.
+#[test]
+fn sysv_ipc_is_refused_and_the_program_keeps_running() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    let exe = lab.cc(
+        "shm",
+        r#"
+#include <unistd.h>
+#include <fcntl.h>
+#include <sys/ipc.h>
+#include <sys/shm.h>
+int main(void) {
+    for (int fd = 3; fd < 1024; fd++) close(fd);
+    int id = shmget(IPC_PRIVATE, 4096, IPC_CREAT | 0600);
+    if (id < 0) return 1;
+    int f = open("alive.log", O_WRONLY | O_CREAT | O_APPEND, 0644);
+    for (;;) { write(f, "x\n", 2); usleep(10000); }
+}
+"#,
+        &[],
+    );
+    lab.fp(&[
+        "run",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--",
+        exe.to_str().expect("utf8"),
+    ]);
+    let log = lab.mnt.join("alive.log");
+    wait_for("shm program", Duration::from_secs(10), || {
+        lines_any(&log) > 5
+    });
+    let err = lab.fp_fails(&["checkpoint", "-m", lab.m(), "refused"]);
+    assert!(
+        err.contains("SysV shared memory segment"),
+        "names the object: {err}"
+    );
+    let n = lines_any(&log);
+    wait_for("still running", Duration::from_secs(10), || {
+        lines_any(&log) > n + 5
+    });
+}

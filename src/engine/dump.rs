@@ -23,9 +23,11 @@
 //!    continues exactly where it was. This also happens on every error path. With
 //!    [`AfterDump::Kill`] the process is instead killed while still frozen.
 //!
-//! Limitations: pending signals, timers, sockets, ttys, SysV IPC identity and namespaces are
-//! not captured (unsupported fds are refused with [`DumpError::UnsupportedFd`]). Pipes are
-//! supported only by [`dump_tree`], between members of the tree.
+//! Pending signals (with their `siginfo`, via `PTRACE_PEEKSIGINFO`) and interval timers are
+//! captured. Limitations: POSIX timers (refused with [`DumpError::Unsupported`]), sockets,
+//! ttys and namespaces are not captured (unsupported fds are refused with
+//! [`DumpError::UnsupportedFd`]). Pipes are supported only by [`dump_tree`], between members
+//! of the tree.
 //!
 //! ## Trees
 //! [`dump_tree`] freezes the root, then repeatedly every child (found through the ppid field of
@@ -41,9 +43,9 @@ use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 
 use super::image::{
-    Creds, FdKind, FdState, FileId, ImageMemory, Mapping, MappingKind, MemberState, MmState,
-    PipeImage, ProcessImage, Regs, Rlimit, RseqState, SigAction, SigAltStack, ThreadState,
-    TreeImage, TreeMember, PAGE_SIZE,
+    Creds, FdKind, FdState, FileId, ITimer, ImageMemory, Mapping, MappingKind, MemberState,
+    MmState, PipeImage, ProcessImage, Regs, Rlimit, RseqState, SigAction, SigAltStack, SigInfo,
+    SignalState, ThreadState, TreeImage, TreeMember, PAGE_SIZE, SIGINFO_LEN,
 };
 use super::sys;
 use super::tracer::{TraceError, Tracer};
@@ -120,6 +122,16 @@ pub enum DumpError {
         fd: i32,
         /// Pipe inode.
         ino: u64,
+        /// Why.
+        reason: String,
+    },
+    /// Some other state of the process cannot be checkpointed.
+    #[error("process {pid}: {what} is not supported: {reason}")]
+    Unsupported {
+        /// Pid.
+        pid: i32,
+        /// What (e.g. "POSIX timer 0").
+        what: String,
         /// Why.
         reason: String,
     },
@@ -514,13 +526,58 @@ fn read_frozen(
         contents.push(c);
     }
 
+    // POSIX timers (timer_create) would need their ids back at restore.
+    if let Ok(timers) = read_proc(pid, "timers") {
+        if let Some(id) = timers.lines().find_map(|l| l.strip_prefix("ID: ")) {
+            return Err(DumpError::Unsupported {
+                pid,
+                what: format!("POSIX timer {}", id.trim()),
+                reason: "timers made by timer_create are not captured yet".into(),
+            });
+        }
+    }
+    // Pending signals, before anything is injected (an injected syscall could have one
+    // delivered on its way back).
+    let mut signals = SignalState::default();
+    for (i, t) in frozen.tracers.iter().enumerate() {
+        let mut queue: Vec<SigInfo> = t
+            .peek_siginfo(false)
+            .map_err(trace)?
+            .iter()
+            .map(|r| SigInfo { raw: r.to_vec() })
+            .collect();
+        // Signals the tracer took out of the queue while stopping the thread.
+        // SIGSTOP and SIGKILL cannot be blocked, so they cannot wait in a queue at restore.
+        let queueable = |sig: i32| sig != libc::SIGSTOP && sig != libc::SIGKILL;
+        queue.retain(|q| queueable(q.signo()));
+        for &sig in t.pending_signals().iter().filter(|s| queueable(**s)) {
+            let mut raw = vec![0u8; SIGINFO_LEN];
+            raw[0..4].copy_from_slice(&sig.to_le_bytes());
+            raw[8..12].copy_from_slice(&SI_KERNEL.to_le_bytes());
+            queue.push(SigInfo { raw });
+        }
+        if i == 0 {
+            signals.shared = t
+                .peek_siginfo(true)
+                .map_err(trace)?
+                .iter()
+                .map(|r| SigInfo { raw: r.to_vec() })
+                .filter(|q| queueable(q.signo()))
+                .collect();
+        }
+        if !queue.is_empty() {
+            signals.threads.push((t.tid(), queue));
+        }
+    }
+
     // 3. Injected queries.
     let insn = frozen.tracers[0].locate_syscall_insn().map_err(trace)?;
     for t in &mut frozen.tracers {
         t.set_syscall_insn(insn);
     }
     let injected = injected_queries(frozen);
-    let (sigactions, brk, per_thread) = injected.map_err(trace)?;
+    let (sigactions, brk, per_thread, itimers) = injected.map_err(trace)?;
+    signals.itimers = itimers;
 
     // 4. Threads.
     let mut threads = Vec::with_capacity(frozen.tracers.len());
@@ -605,6 +662,7 @@ fn read_frozen(
         sid,
         rlimits,
         sigactions,
+        signals,
     })
 }
 
@@ -892,7 +950,10 @@ pub fn dump_tree(
     })
 }
 
-type Injected = (Vec<SigAction>, u64, Vec<(SigAltStack, u64)>);
+type Injected = (Vec<SigAction>, u64, Vec<(SigAltStack, u64)>, Vec<ITimer>);
+
+/// `si_code` of a signal sent by the kernel.
+const SI_KERNEL: i32 = 0x80;
 
 /// Map a scratch page in the tracee, run the queries, unmap it (also on error).
 fn injected_queries(frozen: &mut Frozen) -> Result<Injected, TraceError> {
@@ -939,6 +1000,25 @@ fn run_queries(frozen: &mut Frozen, scratch: u64) -> Result<Injected, TraceError
         });
     }
     let brk = leader.syscall(libc::SYS_brk, [0; 6])?;
+    let mut itimers = Vec::new();
+    for which in 0..3u32 {
+        leader.syscall(libc::SYS_getitimer, [which as u64, scratch, 0, 0, 0, 0])?;
+        let mut b = [0u8; 32];
+        leader.read_mem(scratch, &mut b)?;
+        let w = |i: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[i * 8..i * 8 + 8]);
+            i64::from_le_bytes(a)
+        };
+        let t = ITimer {
+            which,
+            interval: (w(0), w(1)),
+            value: (w(2), w(3)),
+        };
+        if t.armed() {
+            itimers.push(t);
+        }
+    }
     let mut per_thread = Vec::new();
     for t in &mut frozen.tracers {
         t.syscall(libc::SYS_sigaltstack, [0, scratch, 0, 0, 0, 0])?;
@@ -968,7 +1048,7 @@ fn run_queries(frozen: &mut Frozen, scratch: u64) -> Result<Injected, TraceError
         };
         per_thread.push((alt, ctid));
     }
-    Ok((sigactions, brk, per_thread))
+    Ok((sigactions, brk, per_thread, itimers))
 }
 
 /// Largest piece read at once.

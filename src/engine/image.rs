@@ -34,8 +34,13 @@ pub const IMAGE_MAGIC: [u8; 8] = *b"FKPTIMG\0";
 /// Magic at the start of every process-tree image ([`TreeImage`]).
 pub const TREE_MAGIC: [u8; 8] = *b"FKPTTRE\0";
 /// Current image format version (shared by process and tree images).
-/// 2: [`FdKind::Pipe`] and tree images. Version 1 images still decode.
-pub const IMAGE_FORMAT_VERSION: u32 = 2;
+/// 2: [`FdKind::Pipe`] and tree images.
+/// 3: signal state ([`SignalState`]: pending signals with their `siginfo`, interval timers),
+///    carried after the image in the payload. Version 1 and 2 images still decode (with no
+///    pending signals and no timers, which is what they captured).
+pub const IMAGE_FORMAT_VERSION: u32 = 3;
+/// Size of one `siginfo_t` on x86_64.
+pub const SIGINFO_LEN: usize = 128;
 /// Length of the framed header.
 pub const HEADER_LEN: usize = 56;
 /// Default upper bound on the payload size accepted by [`decode`].
@@ -103,6 +108,12 @@ pub enum ImageError {
         expected: String,
         /// Hash of the payload (hex).
         actual: String,
+    },
+    /// The payload decodes but contradicts itself.
+    #[error("image is inconsistent: {reason}")]
+    Inconsistent {
+        /// What does not fit.
+        reason: String,
     },
     /// I/O error while reading or writing an image.
     #[error("image I/O failed: {0}")]
@@ -181,6 +192,60 @@ pub struct ProcessImage {
     pub rlimits: Vec<Rlimit>,
     /// Signal dispositions (process-wide), for every signal except SIGKILL/SIGSTOP.
     pub sigactions: Vec<SigAction>,
+    /// Pending signals and interval timers (format version 3). Encoded after the image
+    /// rather than as a field of it, so that version 1 and 2 payloads still decode.
+    #[serde(skip)]
+    pub signals: SignalState,
+}
+
+/// Signals on their way to a process, and the timers that will send more
+/// ([`IMAGE_FORMAT_VERSION`] 3).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignalState {
+    /// Signals pending for the whole process (the shared queue), oldest first.
+    pub shared: Vec<SigInfo>,
+    /// Signals pending for one thread: (tid, its queue, oldest first).
+    pub threads: Vec<(i32, Vec<SigInfo>)>,
+    /// `ITIMER_REAL`, `ITIMER_VIRTUAL`, `ITIMER_PROF`, as `getitimer` reports them.
+    pub itimers: Vec<ITimer>,
+}
+
+/// One queued signal: its raw `siginfo_t` ([`SIGINFO_LEN`] bytes), so that `si_code`,
+/// `si_pid`, `si_value` and the rest reach the handler unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SigInfo {
+    /// The `siginfo_t` bytes.
+    #[serde(with = "bytes")]
+    pub raw: Vec<u8>,
+}
+
+impl SigInfo {
+    /// `si_signo`.
+    pub fn signo(&self) -> i32 {
+        let mut b = [0u8; 4];
+        if let Some(s) = self.raw.get(..4) {
+            b.copy_from_slice(s);
+        }
+        i32::from_le_bytes(b)
+    }
+}
+
+/// One interval timer (`struct itimerval`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ITimer {
+    /// `ITIMER_REAL` (0), `ITIMER_VIRTUAL` (1) or `ITIMER_PROF` (2).
+    pub which: u32,
+    /// Reload value: seconds, microseconds.
+    pub interval: (i64, i64),
+    /// Time to the next expiry: seconds, microseconds (0, 0 when disarmed).
+    pub value: (i64, i64),
+}
+
+impl ITimer {
+    /// Is the timer running?
+    pub fn armed(&self) -> bool {
+        self.value != (0, 0)
+    }
 }
 
 /// A tree of processes rooted at one process, with the pipes between them
@@ -679,12 +744,47 @@ fn hex(b: &[u8]) -> String {
 
 /// Encode an image into the framed format.
 pub fn encode(img: &ProcessImage) -> Result<Vec<u8>, ImageError> {
-    encode_framed(img, &IMAGE_MAGIC)
+    encode_framed(&(img, &img.signals), &IMAGE_MAGIC)
 }
 
 /// Encode a process-tree image into the framed format (magic [`TREE_MAGIC`]).
 pub fn encode_tree(img: &TreeImage) -> Result<Vec<u8>, ImageError> {
-    encode_framed(img, &TREE_MAGIC)
+    let signals: Vec<(i32, &SignalState)> = img
+        .processes
+        .iter()
+        .filter_map(|m| m.live().map(|p| (m.pid, &p.signals)))
+        .collect();
+    encode_framed(&(img, signals), &TREE_MAGIC)
+}
+
+/// A version 3 process payload: the image, then its signal state.
+fn process_from_payload(version: u32, payload: &[u8]) -> Result<ProcessImage, ImageError> {
+    if version < 3 {
+        return from_payload(payload);
+    }
+    let (mut img, signals): (ProcessImage, SignalState) = from_payload(payload)?;
+    img.signals = signals;
+    Ok(img)
+}
+
+/// A version 3 tree payload: the image, then (pid, signal state) of every live member.
+fn tree_from_payload(version: u32, payload: &[u8]) -> Result<TreeImage, ImageError> {
+    if version < 3 {
+        return from_payload(payload);
+    }
+    let (mut img, signals): (TreeImage, Vec<(i32, SignalState)>) = from_payload(payload)?;
+    for (pid, st) in signals {
+        let p = img
+            .processes
+            .iter_mut()
+            .find(|m| m.pid == pid)
+            .and_then(TreeMember::live_mut)
+            .ok_or(ImageError::Inconsistent {
+                reason: format!("signal state for process {pid}, which is not a live member"),
+            })?;
+        p.signals = st;
+    }
+    Ok(img)
 }
 
 /// Decode a framed process-tree image with the default size limit.
@@ -694,7 +794,8 @@ pub fn decode_tree(bytes: &[u8]) -> Result<TreeImage, ImageError> {
 
 /// Decode a framed process-tree image whose payload may be at most `limit` bytes.
 pub fn decode_tree_with_limit(bytes: &[u8], limit: u64) -> Result<TreeImage, ImageError> {
-    decode_framed(bytes, limit, &TREE_MAGIC)
+    let (version, payload) = framed_payload(bytes, limit, &TREE_MAGIC)?;
+    tree_from_payload(version, payload)
 }
 
 fn encode_framed<T: Serialize>(img: &T, magic: &[u8; 8]) -> Result<Vec<u8>, ImageError> {
@@ -717,6 +818,7 @@ fn header(payload: &[u8], magic: &[u8; 8]) -> [u8; HEADER_LEN] {
 
 /// Parsed header fields.
 struct Header {
+    version: u32,
     len: u64,
     hash: [u8; 32],
 }
@@ -760,13 +862,10 @@ fn parse_header(h: &[u8], limit: u64, magic: &[u8; 8]) -> Result<Header, ImageEr
     }
     let mut hash = [0u8; 32];
     hash.copy_from_slice(&h[24..56]);
-    Ok(Header { len, hash })
+    Ok(Header { version, len, hash })
 }
 
-fn check_and_decode<T: serde::de::DeserializeOwned>(
-    hdr: &Header,
-    payload: &[u8],
-) -> Result<T, ImageError> {
+fn check_payload(hdr: &Header, payload: &[u8]) -> Result<(), ImageError> {
     let actual = blake3::hash(payload);
     if actual.as_bytes() != &hdr.hash {
         return Err(ImageError::Checksum {
@@ -774,6 +873,10 @@ fn check_and_decode<T: serde::de::DeserializeOwned>(
             actual: hex(actual.as_bytes()),
         });
     }
+    Ok(())
+}
+
+fn from_payload<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, ImageError> {
     let (img, rest) = postcard::take_from_bytes(payload).map_err(ImageError::Decode)?;
     if !rest.is_empty() {
         return Err(ImageError::TrailingBytes {
@@ -790,14 +893,17 @@ pub fn decode(bytes: &[u8]) -> Result<ProcessImage, ImageError> {
 
 /// Decode a framed image whose payload may be at most `limit` bytes.
 pub fn decode_with_limit(bytes: &[u8], limit: u64) -> Result<ProcessImage, ImageError> {
-    decode_framed(bytes, limit, &IMAGE_MAGIC)
+    let (version, payload) = framed_payload(bytes, limit, &IMAGE_MAGIC)?;
+    process_from_payload(version, payload)
 }
 
-fn decode_framed<T: serde::de::DeserializeOwned>(
-    bytes: &[u8],
+/// Checks the header, the length and the checksum; returns the format version and the
+/// payload.
+fn framed_payload<'a>(
+    bytes: &'a [u8],
     limit: u64,
     magic: &[u8; 8],
-) -> Result<T, ImageError> {
+) -> Result<(u32, &'a [u8]), ImageError> {
     let hdr = parse_header(bytes, limit, magic)?;
     let have = (bytes.len() - HEADER_LEN) as u64;
     if have < hdr.len {
@@ -811,12 +917,14 @@ fn decode_framed<T: serde::de::DeserializeOwned>(
             extra: have - hdr.len,
         });
     }
-    check_and_decode(&hdr, &bytes[HEADER_LEN..])
+    let payload = &bytes[HEADER_LEN..];
+    check_payload(&hdr, payload)?;
+    Ok((hdr.version, payload))
 }
 
 /// Write a framed image to `w`.
 pub fn write_to(img: &ProcessImage, mut w: impl std::io::Write) -> Result<(), ImageError> {
-    let payload = postcard::to_stdvec(img).map_err(ImageError::Encode)?;
+    let payload = postcard::to_stdvec(&(img, &img.signals)).map_err(ImageError::Encode)?;
     w.write_all(&header(&payload, &IMAGE_MAGIC))?;
     w.write_all(&payload)?;
     w.flush()?;
@@ -836,7 +944,8 @@ pub fn read_from(mut r: impl std::io::Read, limit: u64) -> Result<ProcessImage, 
             got: (HEADER_LEN + payload.len()) as u64,
         });
     }
-    check_and_decode(&hdr, &payload)
+    check_payload(&hdr, &payload)?;
+    process_from_payload(hdr.version, &payload)
 }
 
 #[cfg(test)]
@@ -920,7 +1029,57 @@ pub(crate) mod tests {
                 restorer: 0x401000,
                 mask: 0,
             }],
+            signals: SignalState {
+                shared: vec![SigInfo {
+                    raw: {
+                        let mut r = vec![0u8; SIGINFO_LEN];
+                        r[0] = 10;
+                        r
+                    },
+                }],
+                threads: vec![(42, Vec::new())],
+                itimers: vec![ITimer {
+                    which: 0,
+                    interval: (1, 500_000),
+                    value: (0, 250_000),
+                }],
+            },
         }
+    }
+
+    /// An image as format version 2 wrote it: the image alone, without signal state.
+    fn encode_v2<T: Serialize>(img: &T, magic: &[u8; 8]) -> Vec<u8> {
+        let payload = postcard::to_stdvec(img).unwrap();
+        let mut h = header(&payload, magic);
+        h[8..12].copy_from_slice(&2u32.to_le_bytes());
+        let mut out = h.to_vec();
+        out.extend_from_slice(&payload);
+        out
+    }
+
+    #[test]
+    fn version_2_images_still_decode() {
+        let img = sample();
+        assert!(img.signals != SignalState::default());
+        let back = decode(&encode_v2(&img, &IMAGE_MAGIC)).unwrap();
+        assert_eq!(back.signals, SignalState::default());
+        let mut want = img.clone();
+        want.signals = SignalState::default();
+        assert_eq!(back, want);
+        let tree = TreeImage {
+            root: 42,
+            processes: vec![TreeMember {
+                pid: 42,
+                ppid: 1,
+                state: MemberState::Live(Box::new(img.clone())),
+            }],
+            pipes: Vec::new(),
+        };
+        let back = decode_tree(&encode_v2(&tree, &TREE_MAGIC)).unwrap();
+        assert_eq!(back.processes[0].live(), Some(&want));
+        // Version 3 keeps the signal state, in trees too.
+        let back = decode_tree(&encode_tree(&tree).unwrap()).unwrap();
+        assert_eq!(back, tree);
     }
 
     #[test]

@@ -43,7 +43,8 @@ use nix::errno::Errno;
 
 use super::dump::{read_maps, DumpError, MapsLine};
 use super::image::{
-    FdKind, Mapping, MappingKind, MemberState, PageData, ProcessImage, TreeImage, PAGE_SIZE,
+    FdKind, Mapping, MappingKind, MemberState, PageData, ProcessImage, SigInfo, TreeImage,
+    PAGE_SIZE, SIGINFO_LEN,
 };
 use super::sys;
 use super::tracer::{TraceError, Tracer};
@@ -539,17 +540,18 @@ impl Restorer<'_> {
         for i in 0..image.threads.len() {
             self.with_thread(i, |r| {
                 r.restore_thread(i)?;
-                r.restore_creds()
+                r.restore_creds()?;
+                r.queue_signals(i)
             })?;
         }
+        self.restore_itimers()?;
         for i in 1..image.threads.len() {
             self.with_thread(i, |r| r.finish_thread(i))?;
         }
 
-        // 7. Final registers.
+        // 7. Final registers. The mask last: queued signals stay blocked until no more
+        //    syscalls are injected, so they reach the program's handlers, not our stops.
         let th = &image.threads[0];
-        let e = self.trace("setting the signal mask");
-        self.t.set_sigmask(th.sigmask).map_err(e)?;
         let e = self.trace("setting the xstate");
         self.t.set_xstate(&th.xstate).map_err(e)?;
         let e = self.trace("unmapping the scratch area");
@@ -564,6 +566,8 @@ impl Restorer<'_> {
                 result: r as u64,
             });
         }
+        let e = self.trace("setting the signal mask");
+        self.t.set_sigmask(th.sigmask).map_err(e)?;
         let mut regs = th.regs.to_user();
         regs.orig_rax = u64::MAX;
         regs.fs_base = th.fs_base;
@@ -1184,6 +1188,75 @@ impl Restorer<'_> {
         let e = self.trace(format!("setting the registers of thread {}", th.tid));
         self.t.set_regs(&regs).map_err(e)?;
         self.t.clear_pending_signals();
+        Ok(())
+    }
+
+    /// Queue the signals that were pending for thread `i` (and, in the leader, for the whole
+    /// process) with their original `siginfo`. Every signal is blocked in the thread first;
+    /// its own mask comes back with its final registers.
+    fn queue_signals(&mut self, i: usize) -> Result<(), RestoreError> {
+        let tid = self.image.threads[i].tid;
+        let sig = &self.image.signals;
+        let own = sig
+            .threads
+            .iter()
+            .find(|(t, _)| *t == tid)
+            .map(|(_, q)| q.as_slice())
+            .unwrap_or(&[]);
+        let shared: &[SigInfo] = if i == 0 { &sig.shared } else { &[] };
+        if own.is_empty() && shared.is_empty() {
+            return Ok(());
+        }
+        let e = self.trace(format!("blocking signals in thread {tid}"));
+        self.t.set_sigmask(!0).map_err(e)?;
+        let (pid, me) = (self.pid as u64, self.t.tid() as u64);
+        for (q, shared) in own
+            .iter()
+            .map(|q| (q, false))
+            .chain(shared.iter().map(|q| (q, true)))
+        {
+            if q.raw.len() != SIGINFO_LEN {
+                return Err(RestoreError::BadImage {
+                    pid: self.image.pid,
+                    reason: format!("a pending signal's siginfo has {} bytes", q.raw.len()),
+                });
+            }
+            let signo = q.signo();
+            let addr = self.put_bytes(0, &q.raw)?;
+            // Sent to itself, a process may queue any si_code (the kernel refuses that only
+            // across processes), so the handler sees exactly what it would have seen.
+            let (nr, args, what) = if shared {
+                (
+                    libc::SYS_rt_sigqueueinfo,
+                    [pid, signo as u64, addr, 0, 0, 0],
+                    "process",
+                )
+            } else {
+                (
+                    libc::SYS_rt_tgsigqueueinfo,
+                    [pid, me, signo as u64, addr, 0, 0],
+                    "thread",
+                )
+            };
+            self.call(&format!("queueing {what} signal {signo}"), nr, args)?;
+        }
+        Ok(())
+    }
+
+    /// Re-arm the interval timers with the time they had left.
+    fn restore_itimers(&mut self) -> Result<(), RestoreError> {
+        for t in &self.image.signals.itimers {
+            let mut b = Vec::with_capacity(32);
+            for v in [t.interval.0, t.interval.1, t.value.0, t.value.1] {
+                b.extend_from_slice(&v.to_le_bytes());
+            }
+            let addr = self.put_bytes(0, &b)?;
+            self.call(
+                &format!("setitimer({})", t.which),
+                libc::SYS_setitimer,
+                [t.which as u64, addr, 0, 0, 0, 0],
+            )?;
+        }
         Ok(())
     }
 

@@ -1245,3 +1245,163 @@ fn restore_refuses_pipe_fd_without_tree() {
     );
     assert!(err.to_string().contains("pipe:[5]"), "{err}");
 }
+
+/// Blocks SIGUSR1 and SIGUSR2, queues SIGUSR1 to the process (value 4242) and SIGUSR2 to its
+/// thread (value 77), arms ITIMER_REAL for 3 s, and writes "ready". When file `go` appears it
+/// unblocks the signals and writes what its handlers saw:
+/// `usr1_value usr1_code usr2_value usr2_code alarms`.
+const SIGNALS_C: &str = r#"
+#define _GNU_SOURCE
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <sys/time.h>
+#include <unistd.h>
+static volatile int v1 = -1, c1 = 0, v2 = -1, c2 = 0, alarms = 0;
+static void h(int sig, siginfo_t *si, void *uc) {
+    (void)uc;
+    if (sig == SIGUSR1) { v1 = si->si_value.sival_int; c1 = si->si_code; }
+    if (sig == SIGUSR2) { v2 = si->si_value.sival_int; c2 = si->si_code; }
+    if (sig == SIGALRM) alarms++;
+}
+int main(int argc, char **argv) {
+    for (int fd = 3; fd < 1024; fd++) close(fd);
+    const char *dir = argv[1];
+    char ready[512], go[512], out[512];
+    snprintf(ready, sizeof ready, "%s/ready", dir);
+    snprintf(go, sizeof go, "%s/go", dir);
+    snprintf(out, sizeof out, "%s/out", dir);
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = h;
+    sa.sa_flags = SA_SIGINFO | SA_RESTART;
+    sigaction(SIGUSR1, &sa, 0);
+    sigaction(SIGUSR2, &sa, 0);
+    sigaction(SIGALRM, &sa, 0);
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGUSR1);
+    sigaddset(&set, SIGUSR2);
+    sigprocmask(SIG_BLOCK, &set, 0);
+    union sigval v = { .sival_int = 4242 };
+    sigqueue(getpid(), SIGUSR1, v);
+    siginfo_t si;
+    memset(&si, 0, sizeof si);
+    si.si_signo = SIGUSR2;
+    si.si_code = SI_QUEUE;
+    si.si_pid = getpid();
+    si.si_value.sival_int = 77;
+    syscall(SYS_rt_tgsigqueueinfo, getpid(), gettid(), SIGUSR2, &si);
+    struct itimerval it = { { 0, 0 }, { 3, 0 } };
+    setitimer(ITIMER_REAL, &it, 0);
+    FILE *f = fopen(ready, "w"); fclose(f);
+    while (access(go, F_OK) != 0) usleep(10000);
+    sigprocmask(SIG_UNBLOCK, &set, 0);
+    for (;;) {
+        f = fopen(out, "w");
+        fprintf(f, "%d %d %d %d %d\n", v1, c1, v2, c2, alarms);
+        fclose(f);
+        usleep(20000);
+    }
+}
+"#;
+
+#[test]
+fn pending_signals_and_itimers_survive_restore() {
+    require_env!();
+    let mut procs = Procs(Vec::new());
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build(dir.path(), "signals", SIGNALS_C);
+    let pid = spawn(&exe, &[dir.path()], &mut procs);
+    assert!(wait_until(Duration::from_secs(5), || dir
+        .path()
+        .join("ready")
+        .exists()));
+    let img = roundtrip_bytes(&dump(pid).unwrap());
+    let s = &img.signals;
+    assert_eq!(s.shared.len(), 1, "{s:?}");
+    assert_eq!(s.shared[0].signo(), libc::SIGUSR1);
+    assert_eq!(s.threads.len(), 1, "{s:?}");
+    assert_eq!(s.threads[0].1[0].signo(), libc::SIGUSR2);
+    let real = s
+        .itimers
+        .iter()
+        .find(|t| t.which == 0)
+        .expect("ITIMER_REAL");
+    assert!(real.value.0 < 3 && real.armed(), "{real:?}");
+    procs.kill(pid);
+    let t0 = Instant::now();
+    let new = restore(&img).unwrap();
+    procs.add(new);
+    std::fs::write(dir.path().join("go"), b"").unwrap();
+    let out = dir.path().join("out");
+    // SI_QUEUE is -1: read the line as signed numbers.
+    let nums = || -> Vec<i64> {
+        std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect()
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || nums().len() == 5
+            && nums()[0] != -1),
+        "restored process did not report: {:?}",
+        nums()
+    );
+    let v = nums();
+    assert_eq!(
+        &v[..4],
+        &[4242, -1, 77, -1],
+        "siginfo of the queued signals"
+    );
+    assert_eq!(v[4], 0, "the alarm fired early");
+    // The timer had less than 3 s left at the dump; it fires within that after the restore.
+    assert!(
+        wait_until(Duration::from_secs(4), || nums().get(4) == Some(&1)),
+        "ITIMER_REAL did not fire after the restore: {:?}",
+        nums()
+    );
+    assert!(t0.elapsed() < Duration::from_millis(3500));
+    assert!(alive(new));
+}
+
+#[test]
+fn posix_timer_is_refused_and_process_keeps_running() {
+    require_env!();
+    let mut procs = Procs(Vec::new());
+    let dir = tempfile::tempdir().unwrap();
+    let src = r#"
+#include <signal.h>
+#include <stdio.h>
+#include <time.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    for (int fd = 3; fd < 1024; fd++) close(fd);
+    timer_t t;
+    struct sigevent ev = { .sigev_notify = SIGEV_NONE };
+    timer_create(CLOCK_MONOTONIC, &ev, &t);
+    for (unsigned long n = 0;; n++) {
+        FILE *f = fopen(argv[1], "w"); fprintf(f, "%lu\n", n); fclose(f);
+        usleep(10000);
+    }
+}
+"#;
+    let exe = build(dir.path(), "ptimer", src);
+    let out = dir.path().join("n");
+    let pid = spawn(&exe, &[&out], &mut procs);
+    assert!(wait_until(Duration::from_secs(5), || read_nums(&out)
+        .first()
+        .is_some_and(|n| *n > 2)));
+    let err = dump(pid).unwrap_err();
+    assert!(
+        matches!(err, super::dump::DumpError::Unsupported { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("POSIX timer"), "{err}");
+    let n = read_nums(&out)[0];
+    assert!(wait_until(Duration::from_secs(5), || read_nums(&out)
+        .first()
+        .is_some_and(|x| *x > n + 3)));
+}

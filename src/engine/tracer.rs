@@ -112,6 +112,9 @@ pub enum TraceError {
 const NT_PRSTATUS: libc::c_int = 1;
 const NT_X86_XSTATE: libc::c_int = 0x202;
 const PTRACE_GETSIGMASK: libc::c_uint = 0x420a;
+const PTRACE_PEEKSIGINFO: libc::c_uint = 0x4209;
+/// `PTRACE_PEEKSIGINFO` flag: read the process-wide queue instead of the thread's.
+const PTRACE_PEEKSIGINFO_SHARED: u32 = 1;
 const PTRACE_SETSIGMASK: libc::c_uint = 0x420b;
 const PTRACE_GET_RSEQ_CONFIGURATION: libc::c_uint = 0x420f;
 /// Upper bound for the xstate buffer. The kernel trims the iovec to the real size
@@ -619,6 +622,47 @@ impl Tracer {
             source,
         })?;
         Ok(mask)
+    }
+
+    /// The signals queued for this thread (or, with `shared`, for the whole process), oldest
+    /// first, as raw `siginfo_t`s. Reading does not dequeue them.
+    pub fn peek_siginfo(&self, shared: bool) -> Result<Vec<[u8; 128]>, TraceError> {
+        #[repr(C)]
+        struct Args {
+            off: u64,
+            flags: u32,
+            nr: i32,
+        }
+        const BATCH: usize = 32;
+        let mut out = Vec::new();
+        loop {
+            let mut args = Args {
+                off: out.len() as u64,
+                flags: if shared { PTRACE_PEEKSIGINFO_SHARED } else { 0 },
+                nr: BATCH as i32,
+            };
+            let mut buf = [[0u8; 128]; BATCH];
+            // SAFETY: addr points to an initialized `struct ptrace_peeksiginfo_args` and data
+            // to room for `nr` siginfo_t of 128 bytes each.
+            let n = unsafe {
+                ptrace_raw(
+                    PTRACE_PEEKSIGINFO,
+                    self.tid,
+                    (&mut args as *mut Args).cast(),
+                    buf.as_mut_ptr().cast(),
+                )
+            }
+            .map_err(|source| TraceError::Ptrace {
+                tid: self.tid,
+                op: "PTRACE_PEEKSIGINFO",
+                source,
+            })?;
+            let n = (n.max(0) as usize).min(BATCH);
+            out.extend_from_slice(&buf[..n]);
+            if n < BATCH {
+                return Ok(out);
+            }
+        }
     }
 
     /// Set the blocked-signal mask.
