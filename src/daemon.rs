@@ -534,6 +534,19 @@ pub fn create_branch(store: &Store, name: &str, from: Option<&str>) -> Result<se
 
 /// Runs the daemon in this process: opens the store, binds the socket, mounts, reports
 /// readiness on `ready` (if given) and serves.
+/// The write path allocates and frees 64 KiB blocks and 1 MiB request buffers at a high rate.
+/// With glibc's defaults freed memory goes back to the kernel at once and every new block
+/// faults in freshly zeroed pages, which cost more than the copies themselves (seen in
+/// profiles of sequential writes). Keep freed memory for reuse instead.
+fn tune_malloc() {
+    // SAFETY: mallopt only changes allocator tunables; it is called before any other thread
+    // of the daemon exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
 pub fn run(
     store_dir: &Path,
     mountpoint: &Path,
@@ -545,6 +558,7 @@ pub fn run(
             let _ = writeln!(f, "{msg}");
         }
     };
+    tune_malloc();
     let setup = || -> Result<(Arc<Daemon>, UnixListener)> {
         // A daemon of this store that is just exiting may still hold the lock.
         let mut tries = 0;

@@ -224,8 +224,13 @@ fn counter_cut_is_atomic_and_rollback_continues() {
     wait_for("counter to start", Duration::from_secs(10), || {
         lines(&log).len() > 20
     });
+    let keep = lab.mnt.join("kept-by-the-checkpoint");
+    std::fs::write(&keep, b"at the cut\n").expect("write");
     let out = lab.fp(&["checkpoint", "-m", lab.m(), "one"]);
     assert!(out.contains("downtime"), "{out}");
+    // Deleted after the checkpoint, and looked up while absent (the kernel caches that).
+    std::fs::remove_file(&keep).expect("rm");
+    assert!(!keep.exists());
     // The checkpoint's files hold exactly what the program had written at the cut.
     let snap_log = lab.mnt.join(".forkpoint/snapshots/one/counter.log");
     let at_cut = lines(&snap_log);
@@ -241,6 +246,11 @@ fn counter_cut_is_atomic_and_rollback_continues() {
     });
     let after = lines(&log);
     assert_sequence(&after);
+    // The rollback brought the file back, although the kernel had been told it was absent.
+    assert_eq!(
+        std::fs::read(&keep).expect("file back after rollback"),
+        b"at the cut\n"
+    );
     // The rollback kept the state it left.
     let log_text = lab.fp(&["log", "-m", lab.m()]);
     assert!(log_text.contains("auto-"), "{log_text}");

@@ -23,7 +23,7 @@ use crate::tree::{
     self, Attr, BlockMap, BlockRef, Body, DirEnt, FileKind, Inode, LowerRef, Root, Time, TreeView,
     BLOCK, ROOT_INO,
 };
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Name of the hidden control directory at the root of every mount.
@@ -241,7 +241,14 @@ struct State {
     next_fh: u64,
     dirty_bytes: usize,
     snaps: Vec<Snap>,
+    /// Names the kernel may cache as absent (negative dentries), so that a rollback can
+    /// invalidate them; `None` once too many were handed out (then none are, until the next
+    /// checkout).
+    negative: Option<HashSet<(u64, Vec<u8>)>>,
 }
+
+/// How many negative entries the kernel may cache between two checkouts.
+const NEGATIVE_LIMIT: usize = 1 << 16;
 
 /// One branch of a store, served as a filesystem.
 pub struct Fs {
@@ -291,6 +298,7 @@ impl Fs {
                 next_fh: 1,
                 dirty_bytes: 0,
                 snaps: Vec::new(),
+                negative: Some(HashSet::new()),
             }),
             commit_lock: Mutex::new(()),
         };
@@ -1385,6 +1393,10 @@ impl Fs {
         let branch = st.branch.clone();
         self.store.catalog(|c| c.set_head(&branch, cno))?;
         let mut inval = Vec::new();
+        // Names the kernel holds as absent may exist in the checked-out tree.
+        for (parent, name) in st.negative.replace(HashSet::new()).unwrap_or_default() {
+            inval.push(Inval::Entry(parent, name));
+        }
         for (ino, n) in &st.nodes {
             if let MemBody::Dir { entries, .. } = &n.body {
                 for name in entries.keys() {
@@ -1401,6 +1413,47 @@ impl Fs {
         st.removed.clear();
         st.dirty_bytes = 0;
         Ok(inval)
+    }
+
+    /// May the kernel cache `name` in directory `parent` as absent? Only in the live tree
+    /// (the `.forkpoint` directories change behind the kernel's back) and only while the
+    /// name can be invalidated again at the next checkout.
+    pub fn may_cache_absent(&self, parent: u64, name: &[u8]) -> bool {
+        if ro(parent).is_err() || (parent == ROOT_INO && name == META_NAME) {
+            return false;
+        }
+        let mut st = self.lock();
+        let Some(set) = st.negative.as_mut() else {
+            return false;
+        };
+        if set.len() >= NEGATIVE_LIMIT {
+            // Keep the ones handed out; hand out no more until the next checkout.
+            return set.contains(&(parent, name.to_vec()));
+        }
+        set.insert((parent, name.to_vec()));
+        true
+    }
+
+    /// Clears setuid, and setgid when the file is group-executable, as the kernel does when a
+    /// process without CAP_FSETID writes to or truncates a file (FUSE_HANDLE_KILLPRIV_V2 makes
+    /// that the filesystem's job).
+    pub fn kill_suidgid(&self, ino: u64) -> FsResult<()> {
+        ro(ino)?;
+        let mut st = self.lock();
+        let n = st.node(&self.store, ino)?;
+        let perm = n.attr.perm;
+        let mut new = perm & !libc::S_ISUID;
+        if perm & 0o010 != 0 {
+            new &= !libc::S_ISGID;
+        }
+        if new == perm {
+            return Ok(());
+        }
+        let t = now();
+        let n = st.node_mut(&self.store, ino)?;
+        n.attr.perm = new;
+        n.attr.ctime = t;
+        Ok(())
     }
 
     /// Commits and returns the checkpoint number of the commit.

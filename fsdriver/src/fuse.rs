@@ -171,7 +171,10 @@ impl Filesystem for FuseFs {
             | InitFlags::FUSE_ASYNC_READ
             | InitFlags::FUSE_BIG_WRITES
             | InitFlags::FUSE_CACHE_SYMLINKS
-            | InitFlags::FUSE_MAX_PAGES;
+            | InitFlags::FUSE_MAX_PAGES
+            // We clear setuid/setgid on write, truncate and chown ourselves. Without this the
+            // kernel asks for `security.capability` (a GETXATTR round trip) on every write(2).
+            | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
         let have = config.capabilities();
         let _ = config.add_capabilities(want & have);
         let _ = config.set_max_write(1 << 20);
@@ -189,8 +192,19 @@ impl Filesystem for FuseFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let s = tri!(reply, self.fs.lookup(parent.0, name.as_bytes()));
-        reply.entry(&TTL, &file_attr(s.ino, &s.attr), Generation(0));
+        match self.fs.lookup(parent.0, name.as_bytes()) {
+            Ok(s) => reply.entry(&TTL, &file_attr(s.ino, &s.attr), Generation(0)),
+            // A negative entry (node id 0 with a timeout): the kernel remembers that the name
+            // is absent, so `stat` then `open(O_CREAT)` of a new file asks once, not twice.
+            Err(FsError::NotFound) if self.fs.may_cache_absent(parent.0, name.as_bytes()) => {
+                let none = file_attr(0, &Attr::new(FileKind::File, 0, 0, 0));
+                reply.entry(&TTL, &none, Generation(0));
+            }
+            Err(e) => {
+                log::debug!("fs error: {e}");
+                reply.error(errno(&e));
+            }
+        }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -200,7 +214,7 @@ impl Filesystem for FuseFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -222,6 +236,11 @@ impl Filesystem for FuseFs {
                 TimeOrNow::SpecificTime(s) => TimeSet::At(fstime(s)),
             })
         };
+        // Truncation by a process without CAP_FSETID (approximated: not root) kills
+        // setuid/setgid (FUSE_HANDLE_KILLPRIV_V2).
+        if size.is_some() && mode.is_none() && req.uid() != 0 {
+            tri!(reply, self.fs.kill_suidgid(ino.0));
+        }
         let set = SetAttr {
             mode,
             uid,
@@ -354,10 +373,13 @@ impl Filesystem for FuseFs {
         reply.entry(&TTL, &file_attr(s.ino, &s.attr), Generation(0));
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let acc = flags.0 & libc::O_ACCMODE;
         let write = acc == libc::O_WRONLY || acc == libc::O_RDWR;
         let trunc = flags.0 & libc::O_TRUNC != 0;
+        if trunc && write && req.uid() != 0 {
+            tri!(reply, self.fs.kill_suidgid(ino.0));
+        }
         let fh = tri!(reply, self.fs.open(ino.0, write, trunc));
         // The daemon is the only writer, so cached pages stay valid across opens.
         reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
@@ -385,11 +407,14 @@ impl Filesystem for FuseFs {
         _fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+            tri!(reply, self.fs.kill_suidgid(ino.0));
+        }
         let n = tri!(reply, self.fs.write(ino.0, offset, data));
         reply.written(n);
     }
@@ -402,7 +427,10 @@ impl Filesystem for FuseFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        // Nothing to do at close: the kernel has written dirty pages back before it asks, and
+        // locks are the kernel's. ENOSYS tells it never to send FLUSH again, which saves a
+        // round trip per close(2) (it still writes dirty pages back first).
+        reply.error(Errno::ENOSYS);
     }
 
     fn release(
@@ -665,7 +693,12 @@ pub fn spawn(fs: Arc<Fs>, mountpoint: &Path, fsname: &str) -> std::io::Result<Ba
     ];
     config.acl = fuser::SessionACL::All;
     // Requests block on I/O; a few more threads than cores keep the kernel's queue moving.
-    config.n_threads = Some(4);
+    config.n_threads = Some(
+        std::env::var("FORKPOINT_FUSE_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(4),
+    );
     config.clone_fd = true;
     fuser::Session::new(FuseFs::new(fs), mountpoint, &config)?.spawn()
 }

@@ -392,11 +392,11 @@ impl Store {
             None => unreachable!("roll always opens a segment"),
         };
         let hdr = segment::encode_header(kind, &id, data.len() as u32);
-        let mut buf = Vec::with_capacity(rec_len as usize);
-        buf.extend_from_slice(&hdr);
-        buf.extend_from_slice(data);
         let off = w.len;
-        file.write_all_at(&buf, off)
+        // Header and payload as two writes: no copy of the payload into a record buffer.
+        file.write_all_at(&hdr, off)
+            .ctx("append to segment", self.storage.path())?;
+        file.write_all_at(data, off + hdr.len() as u64)
             .ctx("append to segment", self.storage.path())?;
         w.len += rec_len;
         let loc = Loc {
