@@ -1989,37 +1989,29 @@ fn data_len(buf: &[u8]) -> usize {
 /// Turns a file's dirty blocks into chunks (all-zero blocks are not stored).
 fn flush_blocks(store: &Store, f: &mut MemFile) -> FsResult<()> {
     let dirty: Vec<(u64, Vec<u8>)> = std::mem::take(&mut f.dirty).into_iter().collect();
-    // Hashing is the costly part of a flush: spread it over the cores.
+    // Hashing is the costly part of a flush: spread it over the cores; then one vectored
+    // write for all the new blocks.
     let lens: Vec<usize> = dirty.iter().map(|(_, b)| data_len(b)).collect();
-    let mut ids: Vec<Option<ContentId>> = vec![None; dirty.len()];
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .min(8);
-    if threads > 1 && dirty.len() >= 16 {
-        let per = dirty.len().div_ceil(threads);
-        std::thread::scope(|sc| {
-            for ((part, lens), out) in dirty
-                .chunks(per)
-                .zip(lens.chunks(per))
-                .zip(ids.chunks_mut(per))
-            {
-                sc.spawn(move || {
-                    for (((_, b), len), o) in part.iter().zip(lens).zip(out.iter_mut()) {
-                        if *len > 0 {
-                            *o = Some(ContentId::of(&b[..*len]));
-                        }
-                    }
-                });
-            }
-        });
-    } else {
-        for (((_, b), len), o) in dirty.iter().zip(&lens).zip(ids.iter_mut()) {
-            if *len > 0 {
-                *o = Some(ContentId::of(&b[..*len]));
-            }
-        }
-    }
+    let pieces: Vec<&[u8]> = dirty
+        .iter()
+        .zip(&lens)
+        .filter(|(_, len)| **len > 0)
+        .map(|((_, b), len)| &b[..*len])
+        .collect();
+    let mut hashed = ContentId::of_many(&pieces).into_iter();
+    let ids: Vec<Option<ContentId>> = lens
+        .iter()
+        .map(|len| if *len > 0 { hashed.next() } else { None })
+        .collect();
+    drop(pieces);
+    let items: Vec<(ContentId, &[u8])> = dirty
+        .iter()
+        .zip(&lens)
+        .zip(&ids)
+        .filter_map(|(((_, b), len), id)| Some(((*id)?, &b[..*len])))
+        .collect();
+    store.put_batch(ObjectKind::Chunk, &items)?;
+    drop(items);
     for (((idx, buf), len), id) in dirty.into_iter().zip(lens).zip(ids) {
         let r = if len == 0 {
             let lower_covers = f.lower.as_ref().is_some_and(|l| idx * BLOCK < l.len);
@@ -2031,7 +2023,6 @@ fn flush_blocks(store: &Store, f: &mut MemFile) -> FsResult<()> {
             }
         } else {
             let id = id.unwrap_or_else(|| ContentId::of(&buf[..len]));
-            store.put_with_id(ObjectKind::Chunk, id, &buf[..len])?;
             Some(BlockRef::Data {
                 id,
                 len: len as u32,

@@ -15,6 +15,34 @@ impl ContentId {
         ContentId(*blake3::hash(data).as_bytes())
     }
 
+    /// Hashes every piece, spread over the machine's cores (up to 8) when there are enough
+    /// pieces to be worth it.
+    pub fn of_many(pieces: &[&[u8]]) -> Vec<ContentId> {
+        let mut out = vec![ContentId([0; 32]); pieces.len()];
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(8);
+        let bytes: usize = pieces.iter().map(|p| p.len()).sum();
+        if threads < 2 || pieces.len() < 2 || bytes < (1 << 20) {
+            for (o, p) in out.iter_mut().zip(pieces) {
+                *o = ContentId::of(p);
+            }
+            return out;
+        }
+        let per = pieces.len().div_ceil(threads);
+        std::thread::scope(|sc| {
+            for (part, outs) in pieces.chunks(per).zip(out.chunks_mut(per)) {
+                sc.spawn(move || {
+                    for (o, p) in outs.iter_mut().zip(part) {
+                        *o = ContentId::of(p);
+                    }
+                });
+            }
+        });
+        out
+    }
+
     /// Full lowercase hex.
     pub fn to_hex(&self) -> String {
         let mut s = String::with_capacity(64);

@@ -139,6 +139,15 @@ pub fn segment_header() -> [u8; 16] {
 pub trait SegFile: Send + Sync {
     fn read_exact_at(&self, buf: &mut [u8], off: u64) -> io::Result<()>;
     fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()>;
+    /// Writes `bufs` back to back from `off` (one `pwritev` where the file allows).
+    fn write_vectored_at(&self, bufs: &[&[u8]], off: u64) -> io::Result<()> {
+        let mut at = off;
+        for b in bufs {
+            self.write_all_at(b, at)?;
+            at += b.len() as u64;
+        }
+        Ok(())
+    }
     /// Makes every write so far durable.
     fn sync(&self) -> io::Result<()>;
     fn len(&self) -> io::Result<u64>;
@@ -186,6 +195,36 @@ impl SegFile for RealSeg {
     }
     fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
         self.0.write_all_at(buf, off)
+    }
+    fn write_vectored_at(&self, bufs: &[&[u8]], off: u64) -> io::Result<()> {
+        // At most IOV_MAX (1024) pieces per call; a short write finishes piece by piece.
+        let mut at = off;
+        for group in bufs.chunks(1024) {
+            let iov: Vec<io::IoSlice> = group.iter().map(|b| io::IoSlice::new(b)).collect();
+            let want: usize = group.iter().map(|b| b.len()).sum();
+            let done = loop {
+                match nix::sys::uio::pwritev(&self.0, &iov, at as libc::off_t) {
+                    Ok(n) => break n,
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            if done < want {
+                let mut skip = done;
+                let mut pos = at + done as u64;
+                for b in group {
+                    if skip >= b.len() {
+                        skip -= b.len();
+                        continue;
+                    }
+                    self.0.write_all_at(&b[skip..], pos)?;
+                    pos += (b.len() - skip) as u64;
+                    skip = 0;
+                }
+            }
+            at += want as u64;
+        }
+        Ok(())
     }
     fn sync(&self) -> io::Result<()> {
         self.0.sync_data()

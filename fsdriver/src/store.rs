@@ -415,6 +415,86 @@ impl Store {
         Ok(())
     }
 
+    /// Writes many objects whose ids the caller computed, with one vectored write per run of
+    /// records that fits the current segment; objects already present (or repeated in the
+    /// batch) are skipped. Returns the payload bytes newly written.
+    pub fn put_batch(&self, kind: ObjectKind, items: &[(ContentId, &[u8])]) -> Result<u64> {
+        if self.read_only {
+            return Err(StoreError::Io {
+                op: "write",
+                path: self.dir.clone(),
+                source: std::io::Error::from(std::io::ErrorKind::ReadOnlyFilesystem),
+            });
+        }
+        if let Some((_, d)) = items.iter().find(|(_, d)| d.len() > MAX_OBJECT) {
+            return Err(StoreError::TooLarge {
+                size: d.len(),
+                limit: MAX_OBJECT,
+            });
+        }
+        let mut w = lock(&self.writer);
+        let mut seen = std::collections::HashSet::new();
+        let new: Vec<&(ContentId, &[u8])> = items
+            .iter()
+            .filter(|(id, _)| !self.contains(id) && seen.insert(*id))
+            .collect();
+        let mut written = 0u64;
+        let mut i = 0;
+        while i < new.len() {
+            let first = segment::RECORD_HEADER_LEN + new[i].1.len() as u64;
+            if w.seg.is_none() || w.len + first > self.config.segment_size {
+                self.roll(&mut w)?;
+            }
+            let (seg_id, file) = match &w.seg {
+                Some((id, f)) => (*id, f.clone()),
+                None => unreachable!("roll always opens a segment"),
+            };
+            // As many records as fit in this segment.
+            let start = w.len;
+            let mut end = start;
+            let mut j = i;
+            let mut headers = Vec::new();
+            let mut locs = Vec::new();
+            while j < new.len() {
+                let (id, data) = new[j];
+                let rec = segment::RECORD_HEADER_LEN + data.len() as u64;
+                if j > i && end + rec > self.config.segment_size {
+                    break;
+                }
+                headers.push(segment::encode_header(kind, id, data.len() as u32));
+                locs.push((
+                    *id,
+                    Loc {
+                        segment: seg_id,
+                        offset: end,
+                        len: data.len() as u32,
+                        kind,
+                    },
+                ));
+                end += rec;
+                j += 1;
+            }
+            let mut bufs: Vec<&[u8]> = Vec::with_capacity(2 * (j - i));
+            for (h, (_, data)) in headers.iter().zip(&new[i..j]) {
+                bufs.push(h);
+                bufs.push(data);
+            }
+            file.write_vectored_at(&bufs, start)
+                .ctx("append to segment", self.storage.path())?;
+            written += new[i..j].iter().map(|(_, d)| d.len() as u64).sum::<u64>();
+            w.len = end;
+            w.touched.insert(seg_id, end);
+            let mut index = self.index.write().unwrap_or_else(|e| e.into_inner());
+            for (id, loc) in &locs {
+                index.insert(*id, *loc);
+            }
+            drop(index);
+            w.pending.extend(locs);
+            i = j;
+        }
+        Ok(written)
+    }
+
     fn roll(&self, w: &mut Writer) -> Result<()> {
         let id = w.next_seg;
         w.next_seg += 1;

@@ -621,11 +621,25 @@ impl ImageMemory {
         &mut self,
         mut store: impl FnMut(&[u8; 32], &[u8]) -> Result<(), E>,
     ) -> Result<(), E> {
+        // Hash on every core first (the costly part), then hand the runs over in order.
+        let pieces: Vec<&[u8]> = self
+            .runs
+            .iter()
+            .filter_map(|r| match &r.data {
+                PageData::Bytes(b) => Some(b.as_slice()),
+                _ => None,
+            })
+            .collect();
+        let hashes = forkpoint_fs::ContentId::of_many(&pieces);
+        drop(pieces);
+        let mut hashes = hashes.into_iter();
         for run in &mut self.runs {
             if let PageData::Bytes(b) = &run.data {
-                let hash = *blake3::hash(b).as_bytes();
-                store(&hash, b)?;
-                run.data = PageData::Stored(hash);
+                let Some(id) = hashes.next() else {
+                    unreachable!("one hash per inline run");
+                };
+                store(&id.0, b)?;
+                run.data = PageData::Stored(id.0);
             }
         }
         Ok(())

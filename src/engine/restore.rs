@@ -50,10 +50,18 @@ use super::sys;
 use super::tracer::{TraceError, Tracer};
 
 /// Supplies page contents that an image references by hash ([`PageData::Stored`]).
-pub trait ChunkSource {
+pub trait ChunkSource: Sync {
     /// Return the `len` bytes stored under `hash`.
     fn fetch(&self, hash: &[u8; 32], len: u64) -> Result<Vec<u8>, String>;
+
+    /// Return the bytes of every (hash, len), in order. A source may fetch them in parallel.
+    fn fetch_many(&self, reqs: &[([u8; 32], u64)]) -> Result<Vec<Vec<u8>>, String> {
+        reqs.iter().map(|(h, l)| self.fetch(h, *l)).collect()
+    }
 }
+
+/// Stored runs fetched and written at once (bytes).
+const FETCH_BATCH: u64 = 16 << 20;
 
 /// Options for [`restore_with`].
 #[derive(Default)]
@@ -794,9 +802,27 @@ impl Restorer<'_> {
                 }
             }
         }
-        // Contents.
+        // Contents. Stored runs go in batches: fetched (and verified) together, then written
+        // with one process_vm_writev per contiguous range.
         let zeros = vec![0u8; 1 << 20];
-        for run in runs {
+        let mut i = 0;
+        while i < runs.len() {
+            if matches!(runs[i].data, PageData::Stored(_)) {
+                let mut j = i;
+                let mut bytes = 0;
+                while j < runs.len()
+                    && matches!(runs[j].data, PageData::Stored(_))
+                    && bytes < FETCH_BATCH
+                {
+                    bytes += runs[j].len;
+                    j += 1;
+                }
+                self.write_stored(&runs[i..j])?;
+                i = j;
+                continue;
+            }
+            let run = &runs[i];
+            i += 1;
             let m = image
                 .mappings
                 .iter()
@@ -820,30 +846,7 @@ impl Restorer<'_> {
                     }
                 }
                 PageData::Zero => {}
-                PageData::Stored(hash) => {
-                    let src = self.chunks.ok_or_else(|| RestoreError::Chunk {
-                        addr: run.addr,
-                        len: run.len,
-                        reason: "the image references stored chunks but no chunk source was given"
-                            .into(),
-                    })?;
-                    let b = src
-                        .fetch(hash, run.len)
-                        .map_err(|reason| RestoreError::Chunk {
-                            addr: run.addr,
-                            len: run.len,
-                            reason,
-                        })?;
-                    if b.len() as u64 != run.len {
-                        return Err(RestoreError::Chunk {
-                            addr: run.addr,
-                            len: run.len,
-                            reason: format!("chunk has {} bytes", b.len()),
-                        });
-                    }
-                    let e = self.trace(step);
-                    self.t.write_mem(run.addr, &b).map_err(e)?;
-                }
+                PageData::Stored(_) => unreachable!("stored runs are written in batches"),
             }
         }
         // Final protections.
@@ -853,6 +856,52 @@ impl Restorer<'_> {
                 libc::SYS_mprotect,
                 [m.start, m.len(), m.prot as u64, 0, 0, 0],
             )?;
+        }
+        Ok(())
+    }
+
+    /// Fetches a batch of stored runs and writes them into the child.
+    fn write_stored(&mut self, runs: &[super::image::PageRun]) -> Result<(), RestoreError> {
+        let (Some(first), Some(last)) = (runs.first(), runs.last()) else {
+            return Ok(());
+        };
+        let (addr, len) = (first.addr, last.addr + last.len - first.addr);
+        let src = self.chunks.ok_or_else(|| RestoreError::Chunk {
+            addr,
+            len,
+            reason: "the image references stored chunks but no chunk source was given".into(),
+        })?;
+        let reqs: Vec<([u8; 32], u64)> = runs
+            .iter()
+            .filter_map(|r| match &r.data {
+                PageData::Stored(h) => Some((*h, r.len)),
+                _ => None,
+            })
+            .collect();
+        let data = src
+            .fetch_many(&reqs)
+            .map_err(|reason| RestoreError::Chunk { addr, len, reason })?;
+        let mut buf: Vec<u8> = Vec::new();
+        let mut start = first.addr;
+        for (run, b) in runs.iter().zip(&data) {
+            if b.len() as u64 != run.len {
+                return Err(RestoreError::Chunk {
+                    addr: run.addr,
+                    len: run.len,
+                    reason: format!("chunk has {} bytes", b.len()),
+                });
+            }
+            if start + buf.len() as u64 != run.addr {
+                let e = self.trace(format!("writing {} bytes at {start:#x}", buf.len()));
+                self.t.write_mem(start, &buf).map_err(e)?;
+                buf.clear();
+                start = run.addr;
+            }
+            buf.extend_from_slice(b);
+        }
+        if !buf.is_empty() {
+            let e = self.trace(format!("writing {} bytes at {start:#x}", buf.len()));
+            self.t.write_mem(start, &buf).map_err(e)?;
         }
         Ok(())
     }
