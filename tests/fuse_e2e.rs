@@ -613,3 +613,65 @@ fn wait_daemon_exit(store: &Path) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// setuid/setgid are cleared as the kernel clears them on a local filesystem (the mount takes
+/// FUSE_HANDLE_KILLPRIV_V2, so this is the daemon's job): by every chown of a non-directory,
+/// even chown(-1, -1) (found by the long differential run), and not by root's writes and
+/// truncations.
+#[test]
+fn setuid_is_cleared_as_on_a_local_filesystem() {
+    if !common::can_mount("fuse_e2e") {
+        return;
+    }
+    let lab = Lab::new();
+    let store = lab.path().join("store");
+    let mnt = lab.mkdir("mnt");
+    lab.mount_ok(&store, &mnt, None);
+    let f = mnt.join("tool");
+    std::fs::write(&f, b"#!/bin/sh\n").expect("write");
+    let mode = |p: &Path| std::fs::metadata(p).expect("stat").mode() & 0o7777;
+    let set = |p: &Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).expect("chmod")
+    };
+    let cpath = |p: &Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).expect("c");
+    set(&f, 0o6755);
+    // Root writes and truncates: CAP_FSETID keeps the bits.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&f)
+        .and_then(|mut h| std::io::Write::write_all(&mut h, b"echo hi\n"))
+        .expect("append");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f)
+        .and_then(|h| h.set_len(4))
+        .expect("truncate");
+    assert_eq!(
+        mode(&f),
+        0o6755,
+        "root's write and truncate keep setuid/setgid"
+    );
+    // chown(-1, -1) clears setuid, and setgid because the file is group-executable.
+    let c = cpath(&f);
+    // SAFETY: `c` is a valid NUL-terminated path; -1/-1 change no owner.
+    assert_eq!(unsafe { libc::lchown(c.as_ptr(), u32::MAX, u32::MAX) }, 0);
+    assert_eq!(mode(&f), 0o755, "chown(-1, -1) clears setuid/setgid");
+    // A real chown too; setgid without group-exec stays.
+    set(&f, 0o6745);
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::lchown(c.as_ptr(), 1000, u32::MAX) }, 0);
+    assert_eq!(
+        mode(&f),
+        0o2745,
+        "chown keeps setgid of a non-group-executable file"
+    );
+    // Directories keep theirs.
+    let d = mnt.join("shared");
+    std::fs::create_dir(&d).expect("mkdir");
+    set(&d, 0o2775);
+    let cd = cpath(&d);
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::lchown(cd.as_ptr(), u32::MAX, u32::MAX) }, 0);
+    assert_eq!(mode(&d), 0o2775, "a directory keeps setgid");
+    lab.umount_ok(&mnt);
+}

@@ -241,6 +241,20 @@ impl Filesystem for FuseFs {
         if size.is_some() && mode.is_none() && req.uid() != 0 {
             tri!(reply, self.fs.kill_suidgid(ino.0));
         }
+        // chown(-1, -1) of a non-directory kills setuid/setgid too (the VFS sets
+        // ATTR_KILL_SUID for every chown), but with KILLPRIV_V2 the kernel sends only the new
+        // ctime. A SETATTR of ctime alone comes from nothing else.
+        let ctime_only = ctime.is_some()
+            && [mode, uid, gid].iter().all(Option::is_none)
+            && size.is_none()
+            && atime.is_none()
+            && mtime.is_none();
+        if ctime_only {
+            let s = tri!(reply, self.fs.getattr(ino.0));
+            if s.attr.kind != FileKind::Dir {
+                tri!(reply, self.fs.kill_suidgid(ino.0));
+            }
+        }
         let set = SetAttr {
             mode,
             uid,

@@ -62,12 +62,15 @@ fn put(fs: &Fs, files: &mut Files, name: &str, off: u64, bytes: &[u8]) -> Result
     Ok(())
 }
 
+/// One step of the workload.
+type Step = Box<dyn Fn(&Fs, &mut Files) -> Result<(), String>>;
+
 /// Runs the workload; returns the files of the last successful commit and the snapshots taken.
 fn workload(fs: &Fs) -> (Files, Vec<(String, Files)>, bool) {
     let mut files = Files::new();
     let mut last = Files::new();
     let mut snaps = Vec::new();
-    let steps: Vec<Box<dyn Fn(&Fs, &mut Files) -> Result<(), String>>> = vec![
+    let steps: Vec<Step> = vec![
         Box::new(|fs, f| put(fs, f, "a", 0, &data(1, 300_000))),
         Box::new(|fs, f| put(fs, f, "b", 0, b"small")),
         Box::new(|fs, f| put(fs, f, "a", 70_000, &data(2, 1000))),
