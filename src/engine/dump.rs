@@ -908,6 +908,25 @@ pub fn dump_tree(
         processes.push(TreeMember { pid, ppid, state });
     }
 
+    // Eventfds are recreated one per descriptor: one shared between processes is refused.
+    let mut eventfds: std::collections::BTreeMap<&str, i32> = Default::default();
+    for m in &processes {
+        for f in m.live().map(|p| p.fds.as_slice()).unwrap_or(&[]) {
+            if let FdKind::EventFd { .. } = f.kind {
+                if let Some(other) = eventfds.insert(&f.path, m.pid) {
+                    return Err(DumpError::UnsupportedFd {
+                        pid: m.pid,
+                        fd: f.fd,
+                        target: "anon_inode:[eventfd]".into(),
+                        reason: format!(
+                            "the eventfd is shared with process {other}, which is not supported yet"
+                        ),
+                    });
+                }
+            }
+        }
+    }
+
     // 3. Pipes.
     let mut ends: std::collections::BTreeMap<u64, Vec<(i32, i32, i32)>> = Default::default();
     for m in &processes {
@@ -1158,6 +1177,7 @@ fn dump_fds(pid: i32, allow_pipes: bool) -> Result<Vec<FdState>, DumpError> {
         .collect();
     fds.sort_unstable();
     let mut out = Vec::new();
+    let mut eventfds = BTreeSet::new();
     for fd in fds {
         let target = match read_link(pid, &format!("fd/{fd}")) {
             Ok(t) => t,
@@ -1199,9 +1219,42 @@ fn dump_fds(pid: i32, allow_pipes: bool) -> Result<Vec<FdState>, DumpError> {
             });
             continue;
         }
+        if target == "anon_inode:[eventfd]" {
+            let info = read_proc(pid, &format!("fdinfo/{fd}"))?;
+            let parse = |what: &'static str| DumpError::Parse {
+                pid,
+                what,
+                detail: info.clone(),
+            };
+            let flags = status_field(&info, "flags:")
+                .and_then(|v| i32::from_str_radix(v.trim(), 8).ok())
+                .ok_or_else(|| parse("fdinfo flags"))?;
+            // The kernel prints the counter in hex.
+            let count = status_field(&info, "eventfd-count:")
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+                .ok_or_else(|| parse("eventfd-count"))?;
+            let id = status_field(&info, "eventfd-id:")
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or_else(|| parse("eventfd-id"))?;
+            let semaphore =
+                status_field(&info, "eventfd-semaphore:").is_some_and(|v| v.trim() == "1");
+            if !eventfds.insert(id) {
+                return Err(refuse(
+                    "an eventfd held by several descriptors is not supported yet",
+                ));
+            }
+            out.push(FdState {
+                fd,
+                path: format!("eventfd:{id}"),
+                pos: 0,
+                flags,
+                kind: FdKind::EventFd { count, semaphore },
+            });
+            continue;
+        }
         if target.starts_with("anon_inode:") {
             return Err(refuse(
-                "anonymous inodes (eventfd, epoll, ...) are not supported",
+                "anonymous inodes (epoll, timerfd, signalfd, ...) are not supported",
             ));
         }
         if !target.starts_with('/') {

@@ -36,7 +36,7 @@ pub const TREE_MAGIC: [u8; 8] = *b"FKPTTRE\0";
 /// Current image format version (shared by process and tree images).
 /// 2: [`FdKind::Pipe`] and tree images.
 /// 3: signal state ([`SignalState`]: pending signals with their `siginfo`, interval timers),
-///    carried after the image in the payload. Version 1 and 2 images still decode (with no
+///    carried after the image in the payload; [`FdKind::EventFd`]. Version 1 and 2 images still decode (with no
 ///    pending signals and no timers, which is what they captured).
 pub const IMAGE_FORMAT_VERSION: u32 = 3;
 /// Size of one `siginfo_t` on x86_64.
@@ -678,6 +678,14 @@ pub enum FdKind {
     Pipe {
         /// Inode of the pipe (`pipe:[INO]`), the key into [`TreeImage::pipes`].
         ino: u64,
+    },
+    /// An eventfd with its counter (format version 3). Each eventfd is held by one descriptor
+    /// of one process; shared ones are refused at dump.
+    EventFd {
+        /// The counter at the checkpoint.
+        count: u64,
+        /// Created with `EFD_SEMAPHORE`.
+        semaphore: bool,
     },
 }
 

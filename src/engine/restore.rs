@@ -1061,6 +1061,10 @@ impl Restorer<'_> {
                     .map_err(fd_err)?;
                 continue;
             }
+            if let FdKind::EventFd { count, semaphore } = f.kind {
+                self.restore_eventfd(f, count, semaphore).map_err(fd_err)?;
+                continue;
+            }
             let p = self.put_str(0, &f.path)?;
             let cloexec = f.flags & libc::O_CLOEXEC != 0;
             let oflags =
@@ -1110,6 +1114,35 @@ impl Restorer<'_> {
                 libc::SYS_close_range,
                 [p.base as u64, u32::MAX as u64, 0, 0, 0, 0],
             )?;
+        }
+        Ok(())
+    }
+
+    /// A new eventfd with the old counter, at the old descriptor number.
+    fn restore_eventfd(
+        &mut self,
+        f: &super::image::FdState,
+        count: u64,
+        semaphore: bool,
+    ) -> Result<(), TraceError> {
+        const EFD_SEMAPHORE: i32 = 1;
+        let mut fl = f.flags & (libc::O_CLOEXEC | libc::O_NONBLOCK);
+        if semaphore {
+            fl |= EFD_SEMAPHORE;
+        }
+        let efd = self
+            .t
+            .syscall(libc::SYS_eventfd2, [0, fl as u64, 0, 0, 0, 0])?;
+        if count > 0 {
+            let addr = self.scratch + DATA_OFF;
+            self.t.write_mem(addr, &count.to_le_bytes())?;
+            self.t.syscall(libc::SYS_write, [efd, addr, 8, 0, 0, 0])?;
+        }
+        if efd != f.fd as u64 {
+            let cl = (f.flags & libc::O_CLOEXEC) as u64;
+            self.t
+                .syscall(libc::SYS_dup3, [efd, f.fd as u64, cl, 0, 0, 0])?;
+            self.t.syscall(libc::SYS_close, [efd, 0, 0, 0, 0, 0])?;
         }
         Ok(())
     }

@@ -1405,3 +1405,118 @@ int main(int argc, char **argv) {
         .first()
         .is_some_and(|x| *x > n + 3)));
 }
+
+/// An eventfd holding 5 (non-blocking, close-on-exec) and a semaphore eventfd holding 2; when
+/// file `go` appears the program reads them and writes `first second second_again`.
+const EVENTFD_C: &str = r#"
+#include <stdint.h>
+#include <stdio.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    for (int fd = 3; fd < 1024; fd++) close(fd);
+    const char *dir = argv[1];
+    char ready[512], go[512], out[512];
+    snprintf(ready, sizeof ready, "%s/ready", dir);
+    snprintf(go, sizeof go, "%s/go", dir);
+    snprintf(out, sizeof out, "%s/out", dir);
+    int a = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    int b = eventfd(2, EFD_SEMAPHORE);
+    uint64_t v = 5;
+    write(a, &v, 8);
+    FILE *f = fopen(ready, "w"); fclose(f);
+    while (access(go, F_OK) != 0) usleep(10000);
+    uint64_t x = 0, y = 0, z = 0;
+    read(a, &x, 8);
+    read(b, &y, 8);
+    read(b, &z, 8);
+    f = fopen(out, "w");
+    fprintf(f, "%llu %llu %llu\n", (unsigned long long)x, (unsigned long long)y,
+            (unsigned long long)z);
+    fclose(f);
+    for (;;) pause();
+}
+"#;
+
+#[test]
+fn eventfd_counter_survives_restore() {
+    require_env!();
+    let mut procs = Procs(Vec::new());
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build(dir.path(), "efd", EVENTFD_C);
+    let pid = spawn(&exe, &[dir.path()], &mut procs);
+    assert!(wait_until(Duration::from_secs(5), || dir
+        .path()
+        .join("ready")
+        .exists()));
+    let img = roundtrip_bytes(&dump(pid).unwrap());
+    let kinds: Vec<_> = img
+        .fds
+        .iter()
+        .filter(|f| matches!(f.kind, super::image::FdKind::EventFd { .. }))
+        .map(|f| (f.fd, f.kind, f.flags & libc::O_NONBLOCK != 0))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (
+                3,
+                super::image::FdKind::EventFd {
+                    count: 5,
+                    semaphore: false
+                },
+                true
+            ),
+            (
+                4,
+                super::image::FdKind::EventFd {
+                    count: 2,
+                    semaphore: true
+                },
+                false
+            ),
+        ]
+    );
+    procs.kill(pid);
+    let new = restore(&img).unwrap();
+    procs.add(new);
+    let fdinfo = std::fs::read_to_string(format!("/proc/{new}/fdinfo/3")).unwrap();
+    assert!(fdinfo.contains("eventfd-count:"), "{fdinfo}");
+    std::fs::write(dir.path().join("go"), b"").unwrap();
+    let out = dir.path().join("out");
+    assert!(
+        wait_until(Duration::from_secs(5), || read_nums(&out).len() == 3),
+        "restored program did not report"
+    );
+    // 5 at once; the semaphore hands out 1 and 1.
+    assert_eq!(read_nums(&out), vec![5, 1, 1]);
+}
+
+#[test]
+fn shared_eventfd_is_refused() {
+    require_env!();
+    let mut procs = Procs(Vec::new());
+    let dir = tempfile::tempdir().unwrap();
+    let src = r#"
+#include <stdio.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    for (int fd = 3; fd < 1024; fd++) close(fd);
+    int a = eventfd(0, 0);
+    dup(a);
+    FILE *f = fopen(argv[1], "w"); fclose(f);
+    for (;;) pause();
+}
+"#;
+    let exe = build(dir.path(), "efd2", src);
+    let ready = dir.path().join("ready");
+    let pid = spawn(&exe, &[&ready], &mut procs);
+    assert!(wait_until(Duration::from_secs(5), || ready.exists()));
+    let err = dump(pid).unwrap_err();
+    assert!(
+        err.to_string().contains("fd 4") && err.to_string().contains("eventfd"),
+        "{err}"
+    );
+    assert!(alive(pid));
+}
