@@ -927,6 +927,33 @@ pub fn dump_tree(
         }
     }
 
+    // Timerfds and signalfds likewise (kcmp tells whether two descriptors share a file).
+    let held: Vec<(i32, i32)> = processes
+        .iter()
+        .flat_map(|m| {
+            m.live()
+                .map(|p| p.fds.as_slice())
+                .unwrap_or(&[])
+                .iter()
+                .filter(|f| matches!(f.kind, FdKind::TimerFd { .. } | FdKind::SignalFd { .. }))
+                .map(move |f| (m.pid, f.fd))
+        })
+        .collect();
+    for (i, &(p1, f1)) in held.iter().enumerate() {
+        for &(p2, f2) in &held[..i] {
+            if p1 != p2 && sys::same_file(p1, f1, p2, f2) != Some(false) {
+                return Err(DumpError::UnsupportedFd {
+                    pid: p1,
+                    fd: f1,
+                    target: "anon_inode".into(),
+                    reason: format!(
+                        "the same file is fd {f2} of process {p2}, which is not supported yet"
+                    ),
+                });
+            }
+        }
+    }
+
     // 3. Pipes.
     let mut ends: std::collections::BTreeMap<u64, Vec<(i32, i32, i32)>> = Default::default();
     for m in &processes {
@@ -1178,6 +1205,7 @@ fn dump_fds(pid: i32, allow_pipes: bool) -> Result<Vec<FdState>, DumpError> {
     fds.sort_unstable();
     let mut out = Vec::new();
     let mut eventfds = BTreeSet::new();
+    let mut anon: Vec<i32> = Vec::new();
     for fd in fds {
         let target = match read_link(pid, &format!("fd/{fd}")) {
             Ok(t) => t,
@@ -1252,9 +1280,61 @@ fn dump_fds(pid: i32, allow_pipes: bool) -> Result<Vec<FdState>, DumpError> {
             });
             continue;
         }
+        if target == "anon_inode:[timerfd]" || target == "anon_inode:[signalfd]" {
+            // Recreated once per descriptor: one open file behind two descriptors is refused.
+            if let Some(other) = anon
+                .iter()
+                .find(|o| sys::same_file(pid, **o, pid, fd) != Some(false))
+            {
+                return Err(refuse(&format!(
+                    "the same {} is also fd {other}, which is not supported yet",
+                    &target[12..target.len() - 1]
+                )));
+            }
+            anon.push(fd);
+            let info = read_proc(pid, &format!("fdinfo/{fd}"))?;
+            let parse = |what: &'static str| DumpError::Parse {
+                pid,
+                what,
+                detail: info.clone(),
+            };
+            let flags = status_field(&info, "flags:")
+                .and_then(|v| i32::from_str_radix(v.trim(), 8).ok())
+                .ok_or_else(|| parse("fdinfo flags"))?;
+            let kind = if target == "anon_inode:[signalfd]" {
+                let mask = status_field(&info, "sigmask:")
+                    .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+                    .ok_or_else(|| parse("signalfd sigmask"))?;
+                FdKind::SignalFd { mask }
+            } else {
+                let pair = |key: &str| -> Option<(i64, i64)> {
+                    let v = status_field(&info, key)?.trim();
+                    let (a, b) = v.strip_prefix('(')?.strip_suffix(')')?.split_once(',')?;
+                    Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
+                };
+                FdKind::TimerFd {
+                    clock: status_field(&info, "clockid:")
+                        .and_then(|v| v.trim().parse().ok())
+                        .ok_or_else(|| parse("timerfd clockid"))?,
+                    ticks: status_field(&info, "ticks:")
+                        .and_then(|v| v.trim().parse().ok())
+                        .ok_or_else(|| parse("timerfd ticks"))?,
+                    value: pair("it_value:").ok_or_else(|| parse("timerfd it_value"))?,
+                    interval: pair("it_interval:").ok_or_else(|| parse("timerfd it_interval"))?,
+                }
+            };
+            out.push(FdState {
+                fd,
+                path: target.clone(),
+                pos: 0,
+                flags,
+                kind,
+            });
+            continue;
+        }
         if target.starts_with("anon_inode:") {
             return Err(refuse(
-                "anonymous inodes (epoll, timerfd, signalfd, ...) are not supported",
+                "anonymous inodes (epoll, inotify, ...) are not supported",
             ));
         }
         if !target.starts_with('/') {

@@ -679,6 +679,23 @@ pub enum FdKind {
         /// Inode of the pipe (`pipe:[INO]`), the key into [`TreeImage::pipes`].
         ino: u64,
     },
+    /// A timerfd (format version 3): its clock, the time to the next expiry and the period
+    /// as (seconds, nanoseconds), and expirations not yet read.
+    TimerFd {
+        /// `CLOCK_REALTIME`, `CLOCK_MONOTONIC`, `CLOCK_BOOTTIME`, ...
+        clock: i32,
+        /// Expirations not yet read.
+        ticks: u64,
+        /// Time to the next expiry (0, 0 when disarmed).
+        value: (i64, i64),
+        /// Period.
+        interval: (i64, i64),
+    },
+    /// A signalfd with its signal mask (format version 3).
+    SignalFd {
+        /// Bit `n-1` for signal `n`.
+        mask: u64,
+    },
     /// An eventfd with its counter (format version 3). Each eventfd is held by one descriptor
     /// of one process; shared ones are refused at dump.
     EventFd {

@@ -1065,6 +1065,10 @@ impl Restorer<'_> {
                 self.restore_eventfd(f, count, semaphore).map_err(fd_err)?;
                 continue;
             }
+            if matches!(f.kind, FdKind::TimerFd { .. } | FdKind::SignalFd { .. }) {
+                self.restore_anon(f).map_err(fd_err)?;
+                continue;
+            }
             let p = self.put_str(0, &f.path)?;
             let cloexec = f.flags & libc::O_CLOEXEC != 0;
             let oflags =
@@ -1114,6 +1118,57 @@ impl Restorer<'_> {
                 libc::SYS_close_range,
                 [p.base as u64, u32::MAX as u64, 0, 0, 0, 0],
             )?;
+        }
+        Ok(())
+    }
+
+    /// A new timerfd or signalfd like the old one, at the old descriptor number.
+    fn restore_anon(&mut self, f: &super::image::FdState) -> Result<(), TraceError> {
+        const TFD_IOC_SET_TICKS: u64 = 0x4008_5400;
+        let fl = (f.flags & (libc::O_CLOEXEC | libc::O_NONBLOCK)) as u64;
+        let data = self.scratch + DATA_OFF;
+        let newfd = match f.kind {
+            FdKind::SignalFd { mask } => {
+                self.t.write_mem(data, &mask.to_le_bytes())?;
+                self.t
+                    .syscall(libc::SYS_signalfd4, [u64::MAX, data, 8, fl, 0, 0])?
+            }
+            FdKind::TimerFd {
+                clock,
+                ticks,
+                value,
+                interval,
+            } => {
+                let tfd = self
+                    .t
+                    .syscall(libc::SYS_timerfd_create, [clock as u64, fl, 0, 0, 0, 0])?;
+                // Relative to now: the time namespace keeps the monotonic clocks continuous.
+                // A periodic timer that expired is not re-armed by the kernel until it is read
+                // (fdinfo then shows no time left and one tick): it goes on one period later.
+                let value = if value == (0, 0) { interval } else { value };
+                let mut b = Vec::with_capacity(32);
+                for v in [interval.0, interval.1, value.0, value.1] {
+                    b.extend_from_slice(&v.to_le_bytes());
+                }
+                self.t.write_mem(data, &b)?;
+                if value != (0, 0) {
+                    self.t
+                        .syscall(libc::SYS_timerfd_settime, [tfd, 0, data, 0, 0, 0])?;
+                }
+                if ticks > 0 {
+                    self.t.write_mem(data, &ticks.to_le_bytes())?;
+                    self.t
+                        .syscall(libc::SYS_ioctl, [tfd, TFD_IOC_SET_TICKS, data, 0, 0, 0])?;
+                }
+                tfd
+            }
+            _ => unreachable!("restore_anon is called for timerfds and signalfds"),
+        };
+        if newfd != f.fd as u64 {
+            let cl = (f.flags & libc::O_CLOEXEC) as u64;
+            self.t
+                .syscall(libc::SYS_dup3, [newfd, f.fd as u64, cl, 0, 0, 0])?;
+            self.t.syscall(libc::SYS_close, [newfd, 0, 0, 0, 0, 0])?;
         }
         Ok(())
     }

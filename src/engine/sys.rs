@@ -234,3 +234,21 @@ pub fn dup_at_least(fd: impl AsFd, min: i32) -> Result<OwnedFd, Errno> {
     // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(n) })
 }
+
+/// Do descriptor `fd1` of `pid1` and `fd2` of `pid2` refer to the same open file description
+/// (`kcmp(KCMP_FILE)`)? `None` if the kernel cannot tell (no CONFIG_KCMP, or no access).
+pub fn same_file(pid1: i32, fd1: i32, pid2: i32, fd2: i32) -> Option<bool> {
+    const KCMP_FILE: libc::c_long = 0;
+    // SAFETY: kcmp takes only integers and touches no memory of ours.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pid1 as libc::c_long,
+            pid2 as libc::c_long,
+            KCMP_FILE,
+            fd1 as libc::c_long,
+            fd2 as libc::c_long,
+        )
+    };
+    (r >= 0).then_some(r == 0)
+}

@@ -1520,3 +1520,122 @@ int main(int argc, char **argv) {
     );
     assert!(alive(pid));
 }
+
+/// A periodic timerfd (every 50 ms, never read before `go`) and a signalfd for SIGUSR1. When
+/// file `go` appears the program reads the timer's expirations, waits for SIGUSR1 on the
+/// signalfd and writes `expirations signo`.
+const TIMERFD_C: &str = r#"
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <sys/signalfd.h>
+#include <sys/timerfd.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    for (int fd = 3; fd < 1024; fd++) close(fd);
+    const char *dir = argv[1];
+    char ready[512], go[512], out[512];
+    snprintf(ready, sizeof ready, "%s/ready", dir);
+    snprintf(go, sizeof go, "%s/go", dir);
+    snprintf(out, sizeof out, "%s/out", dir);
+    int t = timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC);
+    struct itimerspec its = { { 0, 50000000 }, { 0, 50000000 } };
+    timerfd_settime(t, 0, &its, 0);
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGUSR1);
+    sigprocmask(SIG_BLOCK, &set, 0);
+    int s = signalfd(-1, &set, SFD_CLOEXEC);
+    usleep(300000);
+    FILE *f = fopen(ready, "w"); fclose(f);
+    while (access(go, F_OK) != 0) usleep(10000);
+    uint64_t n = 0;
+    read(t, &n, 8);
+    struct signalfd_siginfo si;
+    read(s, &si, sizeof si);
+    f = fopen(out, "w");
+    fprintf(f, "%llu %u\n", (unsigned long long)n, si.ssi_signo);
+    fclose(f);
+    for (;;) pause();
+}
+"#;
+
+#[test]
+fn timerfd_and_signalfd_survive_restore() {
+    require_env!();
+    let mut procs = Procs(Vec::new());
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build(dir.path(), "tfd", TIMERFD_C);
+    let pid = spawn(&exe, &[dir.path()], &mut procs);
+    assert!(wait_until(Duration::from_secs(5), || dir
+        .path()
+        .join("ready")
+        .exists()));
+    let img = roundtrip_bytes(&dump(pid).unwrap());
+    let ticks = img
+        .fds
+        .iter()
+        .find_map(|f| match f.kind {
+            super::image::FdKind::TimerFd {
+                clock,
+                ticks,
+                interval,
+                ..
+            } => {
+                assert_eq!(clock, libc::CLOCK_MONOTONIC);
+                assert_eq!(interval, (0, 50_000_000));
+                Some(ticks)
+            }
+            _ => None,
+        })
+        .expect("a timerfd in the image");
+    // The kernel counts a periodic timer's overruns only when it is read: at least one.
+    assert!(ticks >= 1, "unread expirations at the dump: {ticks}");
+    assert!(img.fds.iter().any(|f| f.kind
+        == super::image::FdKind::SignalFd {
+            mask: 1 << (libc::SIGUSR1 - 1)
+        }));
+    procs.kill(pid);
+    let new = restore(&img).unwrap();
+    procs.add(new);
+    std::fs::write(dir.path().join("go"), b"").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    sys::kill(new, libc::SIGUSR1).unwrap();
+    let out = dir.path().join("out");
+    assert!(
+        wait_until(Duration::from_secs(5), || read_nums(&out).len() == 2),
+        "restored program did not report"
+    );
+    let v = read_nums(&out);
+    assert!(v[0] >= ticks, "expirations {} < {ticks} at the dump", v[0]);
+    assert_eq!(v[1], libc::SIGUSR1 as u64);
+    // Still periodic after the restore.
+    let info = std::fs::read_to_string(format!("/proc/{new}/fdinfo/3")).unwrap();
+    assert!(info.contains("it_interval: (0, 50000000)"), "{info}");
+}
+
+#[test]
+fn shared_timerfd_is_refused() {
+    require_env!();
+    let mut procs = Procs(Vec::new());
+    let dir = tempfile::tempdir().unwrap();
+    let src = r#"
+#include <stdio.h>
+#include <sys/timerfd.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    for (int fd = 3; fd < 1024; fd++) close(fd);
+    int t = timerfd_create(CLOCK_MONOTONIC, 0);
+    dup(t);
+    FILE *f = fopen(argv[1], "w"); fclose(f);
+    for (;;) pause();
+}
+"#;
+    let exe = build(dir.path(), "tfd2", src);
+    let ready = dir.path().join("ready");
+    let pid = spawn(&exe, &[&ready], &mut procs);
+    assert!(wait_until(Duration::from_secs(5), || ready.exists()));
+    let err = dump(pid).unwrap_err().to_string();
+    assert!(err.contains("fd 4") && err.contains("timerfd"), "{err}");
+    assert!(alive(pid));
+}
