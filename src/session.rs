@@ -316,6 +316,19 @@ fn init(spec: &InitSpec, mut info: SessionInfo) -> Result<i32> {
             match unsafe { nix::unistd::fork() }.context("fork program")? {
                 nix::unistd::ForkResult::Child => {
                     let _ = nix::unistd::chdir(&spec.cwd);
+                    // The program gets stdin, stdout and stderr only: a descriptor inherited
+                    // from whoever ran `forkpoint run` (a jobserver pipe, a socket) would
+                    // reach outside the session and make every checkpoint fail.
+                    // SAFETY: close_range takes integers; CLOSE_RANGE_CLOEXEC closes nothing
+                    // before the exec.
+                    unsafe {
+                        libc::syscall(
+                            libc::SYS_close_range,
+                            3u32,
+                            u32::MAX,
+                            libc::CLOSE_RANGE_CLOEXEC,
+                        )
+                    };
                     let e = nix::unistd::execvp(&prog, &argv);
                     eprintln!("forkpoint: cannot run {}: {e:?}", spec.argv[0]);
                     std::process::exit(127);
@@ -631,6 +644,9 @@ fn restore_main(spec: &InitSpec, cno: u64) -> Result<i32> {
         keep_pids: true,
         chunks: Some(&chunks),
         skip_file_checks: false,
+        // init's own stdio: the terminal `forkpoint restore` runs in, or with --detach
+        // /dev/null and the session's log.
+        terminal: None,
     };
     let pid = engine::restore_tree(&tree, &opts).context("restore processes")?;
     Ok(pid)

@@ -824,3 +824,150 @@ int main(void) {
         lines_any(&log) > n + 5
     });
 }
+
+/// Kills the client processes (`forkpoint run`/`restore` without `--detach`) it holds.
+struct Clients(Vec<std::process::Child>);
+
+impl Drop for Clients {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A pseudo-terminal: (master, slave).
+fn pty() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+    use std::os::fd::FromRawFd;
+    let (mut m, mut s) = (-1, -1);
+    // SAFETY: openpty writes two descriptors into the given ints; the other pointers may be
+    // null.
+    let r = unsafe {
+        libc::openpty(
+            &mut m,
+            &mut s,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
+    for fd in [m, s] {
+        // Not inherited by the programs started on the terminal (only as their stdio).
+        // SAFETY: fcntl on descriptors we own.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    // SAFETY: both were just opened by openpty and belong to nobody else.
+    unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(m),
+            std::os::fd::OwnedFd::from_raw_fd(s),
+        )
+    }
+}
+
+/// Starts `forkpoint ARGS` with a terminal as its stdio, in a session of its own (as a shell
+/// would), and returns it with the terminal's master side.
+fn on_terminal(lab: &Lab, args: &[&str]) -> (std::process::Child, std::os::fd::OwnedFd) {
+    use std::os::unix::process::CommandExt;
+    let (m, s) = pty();
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .current_dir(&lab.mnt)
+        .stdin(s.try_clone().expect("dup"))
+        .stdout(s.try_clone().expect("dup"))
+        .stderr(s);
+    // SAFETY: setsid is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    (cmd.spawn().expect("start forkpoint"), m)
+}
+
+/// Everything the terminal shows within `d`.
+fn screen(m: &std::os::fd::OwnedFd, d: Duration) -> String {
+    use std::os::fd::AsRawFd;
+    let mut out = Vec::new();
+    let end = Instant::now() + d;
+    while Instant::now() < end {
+        let mut p = libc::pollfd {
+            fd: m.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut p, 1, 50) } <= 0 {
+            continue;
+        }
+        let mut b = [0u8; 4096];
+        // SAFETY: reads into a local buffer of its size.
+        let n = unsafe { libc::read(m.as_raw_fd(), b.as_mut_ptr().cast(), b.len()) };
+        if n <= 0 {
+            break;
+        }
+        out.extend_from_slice(&b[..n as usize]);
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn ticks(s: &str) -> Vec<u64> {
+    s.lines()
+        .filter_map(|l| l.trim().strip_prefix("tick ")?.parse().ok())
+        .collect()
+}
+
+/// The workflow without `--detach`: a program on the user's terminal is checkpointed (its
+/// terminal descriptors are not refused) and, restored from another terminal, continues there.
+#[test]
+fn program_on_a_terminal_is_checkpointed_and_restored_on_the_new_one() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    let exe = lab.cc(
+        "ticker",
+        r#"
+#include <stdio.h>
+#include <unistd.h>
+int main(void) {
+    for (unsigned long n = 0;; n++) { printf("tick %lu\n", n); fflush(stdout); usleep(20000); }
+}
+"#,
+        &[],
+    );
+    let exe = exe.to_str().expect("utf8");
+    let mut clients = Clients(Vec::new());
+    let (run, m1) = on_terminal(&lab, &["run", "-m", lab.m(), "--name", "t", "--", exe]);
+    clients.0.push(run);
+    let seen = screen(&m1, Duration::from_millis(600));
+    assert!(ticks(&seen).len() > 5, "program output: {seen:?}");
+    let out = lab.fp(&["checkpoint", "-m", lab.m(), "on-tty"]);
+    assert!(out.contains("downtime"), "{out}");
+    let at_cut = ticks(&screen(&m1, Duration::from_millis(200)))
+        .into_iter()
+        .chain(ticks(&seen))
+        .max()
+        .unwrap_or(0);
+    // Restore in place from a second terminal: the program goes on there, from the cut.
+    let (restore, m2) = on_terminal(&lab, &["restore", "-m", lab.m(), "on-tty"]);
+    clients.0.push(restore);
+    let there = screen(&m2, Duration::from_secs(2));
+    let t = ticks(&there);
+    let first = *t
+        .first()
+        .unwrap_or_else(|| panic!("nothing on the new terminal: {there:?}"));
+    assert!(
+        first <= at_cut + 3 && t.len() > 10,
+        "continues from about {at_cut}: {there:?}"
+    );
+    // The old terminal is quiet: its program was replaced.
+    let old = screen(&m1, Duration::from_millis(300));
+    assert!(
+        ticks(&old).len() <= 1,
+        "old terminal still running: {old:?}"
+    );
+}

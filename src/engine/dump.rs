@@ -182,6 +182,21 @@ pub struct DumpOptions {
     /// Dump pages of private file mappings even if they are unmodified file pages (the image
     /// then no longer depends on the mapped files staying unchanged).
     pub dump_file_pages: bool,
+    /// Terminals (device numbers) that a restore may replace with its own ([`FdKind::Tty`]).
+    /// Empty: the terminals of the dumping process's own stdin, stdout and stderr (in a
+    /// session, the terminal `forkpoint run` ran in). Any other terminal is refused: a program
+    /// that drives a pseudo-terminal of its own must not be re-attached to the user's.
+    pub terminals: Vec<u64>,
+}
+
+/// The device numbers of the terminals among this process's stdin, stdout and stderr.
+fn own_terminals() -> Vec<u64> {
+    use std::os::unix::fs::FileTypeExt;
+    (0..3)
+        .filter_map(|fd| std::fs::metadata(format!("/proc/self/fd/{fd}")).ok())
+        .filter(|m| m.file_type().is_char_device())
+        .map(|m| m.rdev())
+        .collect()
 }
 
 /// A raw line of /proc/PID/maps.
@@ -612,7 +627,12 @@ fn read_frozen(
     let memory = dump_memory(pid, &mut frozen.tracers[0], &mappings, &contents)?;
 
     // 6. /proc state.
-    let fds = dump_fds(pid, allow_pipes)?;
+    let terminals = if opts.terminals.is_empty() {
+        own_terminals()
+    } else {
+        opts.terminals.clone()
+    };
+    let fds = dump_fds(pid, allow_pipes, &terminals)?;
     let status = read_proc(pid, "status")?;
     let creds = parse_creds(pid, &status)?;
     let umask = status_field(&status, "Umask:")
@@ -1191,7 +1211,7 @@ fn by_inode_path(path: &str, ino: u64) -> Option<String> {
     None
 }
 
-fn dump_fds(pid: i32, allow_pipes: bool) -> Result<Vec<FdState>, DumpError> {
+fn dump_fds(pid: i32, allow_pipes: bool, terminals: &[u64]) -> Result<Vec<FdState>, DumpError> {
     let dir = format!("/proc/{pid}/fd");
     let rd = std::fs::read_dir(&dir).map_err(|source| DumpError::Proc {
         pid,
@@ -1375,6 +1395,16 @@ fn dump_fds(pid: i32, allow_pipes: bool) -> Result<Vec<FdState>, DumpError> {
             let (maj, min) = (libc::major(rdev), libc::minor(rdev));
             if maj == 1 && matches!(min, 3 | 5 | 9) {
                 FdKind::CharDevice
+            } else if (136..=143).contains(&maj) || (maj == 5 && min == 0) {
+                // A pseudo-terminal (or /dev/tty): re-attached to the restoring terminal, if it
+                // is the session's own.
+                let dev_tty = maj == 5 && min == 0;
+                if !dev_tty && !terminals.contains(&rdev) {
+                    return Err(refuse(
+                        "a terminal other than the one the session runs on is not supported",
+                    ));
+                }
+                FdKind::Tty
             } else {
                 return Err(refuse(&format!(
                     "character device {maj}:{min} (only /dev/null, /dev/zero, /dev/urandom)"

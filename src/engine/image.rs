@@ -696,6 +696,9 @@ pub enum FdKind {
         /// Bit `n-1` for signal `n`.
         mask: u64,
     },
+    /// A terminal (format version 3): reopened at restore on the restoring side's terminal
+    /// (see `RestoreOptions::terminal`), not on the old device.
+    Tty,
     /// An eventfd with its counter (format version 3). Each eventfd is held by one descriptor
     /// of one process; shared ones are refused at dump.
     EventFd {

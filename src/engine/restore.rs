@@ -38,6 +38,7 @@
 //! threads are detached.
 
 use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 
 use nix::errno::Errno;
 
@@ -73,6 +74,10 @@ pub struct RestoreOptions<'a> {
     pub chunks: Option<&'a dyn ChunkSource>,
     /// Do not check that mapped files still have the recorded size and mtime.
     pub skip_file_checks: bool,
+    /// Where terminal descriptors ([`FdKind::Tty`]) are reopened: a directory whose entries
+    /// `0`, `1`, `2` name the input, output and error to use. Default: the restoring
+    /// process's own `/proc/PID/fd`, so a restore in a terminal puts the program back on it.
+    pub terminal: Option<&'a Path>,
 }
 
 /// Errors while restoring. The half-built process is killed in every case.
@@ -265,6 +270,7 @@ pub fn restore_with(image: &ProcessImage, opts: &RestoreOptions) -> Result<i32, 
         ids_done: false,
         scratch: 0,
         others: Vec::new(),
+        terminal: opts.terminal,
     };
     match r.run() {
         Ok(()) => match r.detach_all() {
@@ -397,6 +403,8 @@ struct Restorer<'a> {
     scratch: u64,
     /// Tracers of the threads after the leader (image.threads[1..]).
     others: Vec<Tracer>,
+    /// Directory of the descriptors terminal fds are reopened from.
+    terminal: Option<&'a Path>,
 }
 
 impl Restorer<'_> {
@@ -1069,10 +1077,31 @@ impl Restorer<'_> {
                 self.restore_anon(f).map_err(fd_err)?;
                 continue;
             }
-            let p = self.put_str(0, &f.path)?;
+            let tty = f.kind == FdKind::Tty;
+            let path = if tty {
+                // Input from the restoring side's fd 0, output to its 1 (or 2 for fd 2).
+                let src = match f.fd {
+                    0..=2 => f.fd,
+                    _ if f.flags & libc::O_ACCMODE == libc::O_RDONLY => 0,
+                    _ => 1,
+                };
+                let dir = self.terminal.map_or_else(
+                    || format!("/proc/{}/fd", std::process::id()),
+                    |d| d.display().to_string(),
+                );
+                format!("{dir}/{src}")
+            } else {
+                f.path.clone()
+            };
+            let p = self.put_str(0, &path)?;
             let cloexec = f.flags & libc::O_CLOEXEC != 0;
-            let oflags =
+            let mut oflags =
                 f.flags & !(libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL | libc::O_CLOEXEC);
+            if tty {
+                // Never a new controlling terminal; and where the restoring side's output is a
+                // file (a detached session's log), append rather than overwrite it.
+                oflags |= libc::O_NOCTTY | libc::O_APPEND;
+            }
             let newfd = self
                 .t
                 .syscall(
@@ -1103,7 +1132,7 @@ impl Restorer<'_> {
                     )
                     .map_err(fd_err)?;
             }
-            if f.pos != 0 && f.kind != FdKind::CharDevice {
+            if f.pos != 0 && f.kind != FdKind::CharDevice && !tty {
                 self.t
                     .syscall(
                         libc::SYS_lseek,
@@ -1515,6 +1544,8 @@ pub struct TreeRestoreOptions<'a> {
     pub chunks: Option<&'a dyn ChunkSource>,
     /// Do not check that mapped files still have the recorded size and mtime.
     pub skip_file_checks: bool,
+    /// Where terminal descriptors are reopened (see [`RestoreOptions::terminal`]).
+    pub terminal: Option<&'a Path>,
 }
 
 /// A process of the tree being restored.
@@ -1817,6 +1848,7 @@ fn build_tree<'a>(
                 ids_done: true,
                 scratch: 0,
                 others: Vec::new(),
+                terminal: opts.terminal,
             };
             let res = r.run();
             restorers.push(r);

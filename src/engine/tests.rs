@@ -1644,3 +1644,137 @@ int main(int argc, char **argv) {
     assert!(err.contains("fd 4") && err.contains("timerfd"), "{err}");
     assert!(alive(pid));
 }
+
+/// Opens a pseudo-terminal pair: (master, slave, slave's path).
+fn pty() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd, PathBuf) {
+    use std::os::fd::FromRawFd;
+    let (mut m, mut s) = (-1, -1);
+    // SAFETY: openpty writes two descriptors into the given ints; the name, termios and
+    // winsize pointers may be null.
+    let r = unsafe {
+        libc::openpty(
+            &mut m,
+            &mut s,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors were just opened by openpty and are owned by nobody else.
+    let (m, s) = unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(m),
+            std::os::fd::OwnedFd::from_raw_fd(s),
+        )
+    };
+    let path = std::fs::read_link(format!(
+        "/proc/self/fd/{}",
+        std::os::fd::AsRawFd::as_raw_fd(&s)
+    ))
+    .unwrap();
+    (m, s, path)
+}
+
+/// Reads what arrives on a pty master for `d`.
+fn drain(m: &std::os::fd::OwnedFd, d: Duration) -> String {
+    use std::os::fd::AsRawFd;
+    let mut out = Vec::new();
+    let end = Instant::now() + d;
+    while Instant::now() < end {
+        let mut p = libc::pollfd {
+            fd: m.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut p, 1, 50) } <= 0 {
+            continue;
+        }
+        let mut b = [0u8; 4096];
+        // SAFETY: reading into a local buffer of its size.
+        let n = unsafe { libc::read(m.as_raw_fd(), b.as_mut_ptr().cast(), b.len()) };
+        if n <= 0 {
+            break;
+        }
+        out.extend_from_slice(&b[..n as usize]);
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn terminal_output_moves_to_the_restoring_terminal() {
+    require_env!();
+    let mut procs = Procs(Vec::new());
+    let dir = tempfile::tempdir().unwrap();
+    let src = r#"
+#include <stdio.h>
+#include <unistd.h>
+int main(void) {
+    for (int fd = 3; fd < 1024; fd++) close(fd);
+    for (unsigned long n = 0;; n++) { printf("tick %lu\n", n); fflush(stdout); usleep(20000); }
+}
+"#;
+    let exe = build(dir.path(), "ticker", src);
+    let (m1, s1, path1) = pty();
+    let child = Command::new(&exe)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(s1))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    procs.add(pid);
+    drop(child);
+    let before = drain(&m1, Duration::from_millis(300));
+    assert!(before.contains("tick 3"), "{before:?}");
+    // A terminal that is not the dumper's own is refused...
+    let err = dump(pid).unwrap_err().to_string();
+    assert!(err.contains("fd 1") && err.contains("terminal"), "{err}");
+    // ...unless named as the session's terminal.
+    let rdev = std::os::unix::fs::MetadataExt::rdev(&std::fs::metadata(&path1).unwrap());
+    let opts = super::dump::DumpOptions {
+        terminals: vec![rdev],
+        ..Default::default()
+    };
+    let img = roundtrip_bytes(&super::dump::dump_with(pid, &opts).unwrap());
+    assert_eq!(
+        img.fds.iter().find(|f| f.fd == 1).map(|f| f.kind),
+        Some(super::image::FdKind::Tty)
+    );
+    procs.kill(pid);
+    let last = |s: &str| -> u64 {
+        s.lines()
+            .filter_map(|l| l.trim().strip_prefix("tick ")?.parse().ok())
+            .max()
+            .unwrap_or(0)
+    };
+    let at_dump = last(&drain(&m1, Duration::from_millis(100))).max(last(&before));
+    // A new terminal, named by a directory of 0/1/2 as /proc/PID/fd is.
+    let (m2, s2, path2) = pty();
+    let term = dir.path().join("term");
+    std::fs::create_dir(&term).unwrap();
+    for n in ["0", "1", "2"] {
+        std::os::unix::fs::symlink(&path2, term.join(n)).unwrap();
+    }
+    let new = restore_with(
+        &img,
+        &RestoreOptions {
+            terminal: Some(&term),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    procs.add(new);
+    drop(s2);
+    let after = drain(&m2, Duration::from_millis(500));
+    let first = after
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("tick ")?.parse::<u64>().ok())
+        .min()
+        .unwrap_or_else(|| panic!("nothing on the new terminal: {after:?}"));
+    assert!(
+        first <= at_dump + 2 && last(&after) > first,
+        "continues from {at_dump}: {after:?}"
+    );
+}
