@@ -118,6 +118,10 @@ enum Cmd {
         /// Kill the program after the checkpoint.
         #[arg(long)]
         kill: bool,
+        /// A file (or directory) outside the mount that the program may hold open for
+        /// writing; such files move forward, a restore does not roll them back. Repeatable.
+        #[arg(long = "allow-outside", value_name = "PATH")]
+        allow_outside: Vec<PathBuf>,
         name: String,
     },
     /// Roll back to a checkpoint, or restore it on a new branch.
@@ -359,9 +363,14 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             session,
             stop,
             kill,
+            allow_outside,
             name,
         } => {
             let (mp, store) = mounts::resolve(mountpoint.as_deref())?;
+            let allow_outside = allow_outside
+                .iter()
+                .map(|p| mounts::absolute(p))
+                .collect::<Result<Vec<_>>>()?;
             let s = pick_session(&store, &mp, session.as_deref())?;
             let after = if kill {
                 "kill"
@@ -377,6 +386,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                     name: name.clone(),
                     after: after.into(),
                     kind: "checkpoint".into(),
+                    allow_outside,
                 },
             )?;
             println!(
@@ -988,6 +998,9 @@ fn restore(
                     name: auto.clone(),
                     after: "kill".into(),
                     kind: "auto".into(),
+                    // Keeping the state that is left matters more than rolling back what it
+                    // wrote outside the mount.
+                    allow_outside: vec![PathBuf::from("/")],
                 };
                 match session::request_checkpoint(&store, &s.name, &req) {
                     Ok(v) => kept = v["cno"].as_u64(),
@@ -1122,6 +1135,7 @@ fn demo_processes(store: &Path, mnt: &Path) -> Result<()> {
             name: "warm".into(),
             after: "resume".into(),
             kind: "checkpoint".into(),
+            allow_outside: Vec::new(),
         },
     )?;
     println!(

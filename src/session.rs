@@ -388,6 +388,11 @@ pub struct CheckpointRequest {
     pub after: String,
     /// "checkpoint" or "auto".
     pub kind: String,
+    /// Files outside the mount that the program may hold open for writing: they are not
+    /// rolled back by a restore, so a checkpoint refuses them unless they are under one of
+    /// these paths.
+    #[serde(default)]
+    pub allow_outside: Vec<PathBuf>,
 }
 
 fn handle_control(spec: &InitSpec, main: i32, conn: &UnixStream) -> bool {
@@ -437,6 +442,9 @@ fn checkpoint(spec: &InitSpec, main: i32, req: &CheckpointRequest) -> Result<ser
         frozen_at = Some(Instant::now());
         // init shares the session's IPC namespace: these files list the program's objects.
         sysv_ipc_objects()?;
+        let mut allowed = req.allow_outside.clone();
+        allowed.push(session_dir(&spec.store, &spec.name));
+        outside_writes(&mp, &allowed)?;
         // The program is stopped: the files as of now belong to this checkpoint.
         // /proc here is the session's own: every process of it, and nothing else.
         crate::flush_mount(&mp, None).map_err(|e| format!("{e:#}"))?;
@@ -519,6 +527,55 @@ fn checkpoint(spec: &InitSpec, main: i32, req: &CheckpointRequest) -> Result<ser
     v["dump_us"] = serde_json::json!(t_dump.as_micros() as u64);
     v["handoff_us"] = serde_json::json!((t_write - t_dump).as_micros() as u64);
     Ok(v)
+}
+
+/// Refuses a checkpoint while a process of the session holds a file outside the mount open
+/// for writing, unless it is under one of `allowed` (the session's own log always is): a
+/// restore reopens such a file as it is then, it does not roll it back. init's /proc is the
+/// session's: every process in it but init belongs to the program.
+fn outside_writes(mountpoint: &Path, allowed: &[PathBuf]) -> Result<(), String> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Ok(());
+    };
+    for e in procs.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid == 1 {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(e.path().join("fd")) else {
+            continue;
+        };
+        for f in fds.flatten() {
+            let Ok(target) = std::fs::read_link(f.path()) else {
+                continue;
+            };
+            if !target.is_absolute() || target.starts_with(mountpoint) {
+                continue;
+            }
+            let fd = f.file_name().to_string_lossy().into_owned();
+            let info =
+                std::fs::read_to_string(e.path().join("fdinfo").join(&fd)).unwrap_or_default();
+            let flags = status_field_octal(&info, "flags:").unwrap_or(0);
+            let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+            let regular = std::fs::metadata(f.path()).is_ok_and(|m| m.is_file());
+            if writable && regular && !allowed.iter().any(|a| target.starts_with(a)) {
+                return Err(format!(
+                    "process {pid}: fd {fd} writes to {}, outside the mount: a restore would not                      roll it back (allow it with --allow-outside {})",
+                    target.display(),
+                    target.display()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn status_field_octal(text: &str, key: &str) -> Option<i32> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| i32::from_str_radix(v.trim(), 8).ok())
 }
 
 /// Refuses a checkpoint while the session's IPC namespace holds SysV shared memory,

@@ -971,3 +971,59 @@ int main(void) {
         "old terminal still running: {old:?}"
     );
 }
+
+/// A file outside the mount open for writing is not rolled back by a restore: the checkpoint
+/// is refused, naming it, until the user allows it to move forward.
+#[test]
+fn writes_outside_the_mount_are_refused_unless_allowed() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    let outside = lab.dir.path().join("outside.log");
+    let exe = lab.cc(
+        "outside",
+        &format!(
+            r#"
+#include <fcntl.h>
+#include <unistd.h>
+int main(void) {{
+    int f = open("{}", O_WRONLY | O_CREAT | O_APPEND, 0644);
+    int g = open("alive.log", O_WRONLY | O_CREAT | O_APPEND, 0644);
+    for (;;) {{ write(f, "o\n", 2); write(g, "x\n", 2); usleep(10000); }}
+}}
+"#,
+            outside.display()
+        ),
+        &[],
+    );
+    lab.fp(&[
+        "run",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--",
+        exe.to_str().expect("utf8"),
+    ]);
+    let log = lab.mnt.join("alive.log");
+    wait_for("program", Duration::from_secs(10), || lines_any(&log) > 5);
+    let err = lab.fp_fails(&["checkpoint", "-m", lab.m(), "refused"]);
+    let out = outside.to_str().expect("utf8");
+    assert!(
+        err.contains("fd 3") && err.contains(out) && err.contains("--allow-outside"),
+        "names the file and the way out: {err}"
+    );
+    let n = lines_any(&log);
+    wait_for("still running", Duration::from_secs(10), || {
+        lines_any(&log) > n + 5
+    });
+    let ok = lab.fp(&[
+        "checkpoint",
+        "-m",
+        lab.m(),
+        "--allow-outside",
+        out,
+        "allowed",
+    ]);
+    assert!(ok.contains("downtime"), "{ok}");
+}
