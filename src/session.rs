@@ -562,7 +562,7 @@ fn outside_writes(mountpoint: &Path, allowed: &[PathBuf]) -> Result<(), String> 
             let regular = std::fs::metadata(f.path()).is_ok_and(|m| m.is_file());
             if writable && regular && !allowed.iter().any(|a| target.starts_with(a)) {
                 return Err(format!(
-                    "process {pid}: fd {fd} writes to {}, outside the mount: a restore would not                      roll it back (allow it with --allow-outside {})",
+                    "process {pid}: fd {fd} writes to {}, outside the mount: a restore would not roll it back (allow it with --allow-outside {})",
                     target.display(),
                     target.display()
                 ));

@@ -245,6 +245,8 @@ struct State {
     /// invalidate them; `None` once too many were handed out (then none are, until the next
     /// checkout).
     negative: Option<HashSet<(u64, Vec<u8>)>>,
+    /// Checkouts so far: a lookup that raced with one must not be cached as absent.
+    checkouts: u64,
 }
 
 /// How many negative entries the kernel may cache between two checkouts.
@@ -299,6 +301,7 @@ impl Fs {
                 dirty_bytes: 0,
                 snaps: Vec::new(),
                 negative: Some(HashSet::new()),
+                checkouts: 0,
             }),
             commit_lock: Mutex::new(()),
         };
@@ -1394,6 +1397,7 @@ impl Fs {
         self.store.catalog(|c| c.set_head(&branch, cno))?;
         let mut inval = Vec::new();
         // Names the kernel holds as absent may exist in the checked-out tree.
+        st.checkouts += 1;
         for (parent, name) in st.negative.replace(HashSet::new()).unwrap_or_default() {
             inval.push(Inval::Entry(parent, name));
         }
@@ -1417,12 +1421,17 @@ impl Fs {
 
     /// May the kernel cache `name` in directory `parent` as absent? Only in the live tree
     /// (the `.forkpoint` directories change behind the kernel's back) and only while the
-    /// name can be invalidated again at the next checkout.
-    pub fn may_cache_absent(&self, parent: u64, name: &[u8]) -> bool {
+    /// name can be invalidated again at the next checkout, and only if no checkout ran since
+    /// `generation` was read (before the lookup).
+    pub fn may_cache_absent(&self, parent: u64, name: &[u8], generation: u64) -> bool {
         if ro(parent).is_err() || (parent == ROOT_INO && name == META_NAME) {
             return false;
         }
         let mut st = self.lock();
+        if st.checkouts != generation {
+            // A checkout ran since the lookup: its answer may be stale.
+            return false;
+        }
         let Some(set) = st.negative.as_mut() else {
             return false;
         };
@@ -1432,6 +1441,11 @@ impl Fs {
         }
         set.insert((parent, name.to_vec()));
         true
+    }
+
+    /// Counts checkouts; read before a lookup and passed to [`Fs::may_cache_absent`].
+    pub fn generation(&self) -> u64 {
+        self.lock().checkouts
     }
 
     /// Clears setuid, and setgid when the file is group-executable, as the kernel does when a
@@ -1988,15 +2002,16 @@ fn data_len(buf: &[u8]) -> usize {
 
 /// Turns a file's dirty blocks into chunks (all-zero blocks are not stored).
 fn flush_blocks(store: &Store, f: &mut MemFile) -> FsResult<()> {
-    let dirty: Vec<(u64, Vec<u8>)> = std::mem::take(&mut f.dirty).into_iter().collect();
     // Hashing is the costly part of a flush: spread it over the cores; then one vectored
-    // write for all the new blocks.
-    let lens: Vec<usize> = dirty.iter().map(|(_, b)| data_len(b)).collect();
-    let pieces: Vec<&[u8]> = dirty
-        .iter()
+    // write for all the new blocks. The blocks stay dirty until they are stored, so a failed
+    // write loses nothing.
+    let lens: Vec<usize> = f.dirty.values().map(|b| data_len(b)).collect();
+    let pieces: Vec<&[u8]> = f
+        .dirty
+        .values()
         .zip(&lens)
         .filter(|(_, len)| **len > 0)
-        .map(|((_, b), len)| &b[..*len])
+        .map(|(b, len)| &b[..*len])
         .collect();
     let mut hashed = ContentId::of_many(&pieces).into_iter();
     let ids: Vec<Option<ContentId>> = lens
@@ -2004,14 +2019,16 @@ fn flush_blocks(store: &Store, f: &mut MemFile) -> FsResult<()> {
         .map(|len| if *len > 0 { hashed.next() } else { None })
         .collect();
     drop(pieces);
-    let items: Vec<(ContentId, &[u8])> = dirty
-        .iter()
+    let items: Vec<(ContentId, &[u8])> = f
+        .dirty
+        .values()
         .zip(&lens)
         .zip(&ids)
-        .filter_map(|(((_, b), len), id)| Some(((*id)?, &b[..*len])))
+        .filter_map(|((b, len), id)| Some(((*id)?, &b[..*len])))
         .collect();
     store.put_batch(ObjectKind::Chunk, &items)?;
     drop(items);
+    let dirty: Vec<(u64, Vec<u8>)> = std::mem::take(&mut f.dirty).into_iter().collect();
     for (((idx, buf), len), id) in dirty.into_iter().zip(lens).zip(ids) {
         let r = if len == 0 {
             let lower_covers = f.lower.as_ref().is_some_and(|l| idx * BLOCK < l.len);

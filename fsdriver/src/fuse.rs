@@ -192,11 +192,16 @@ impl Filesystem for FuseFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let generation = self.fs.generation();
         match self.fs.lookup(parent.0, name.as_bytes()) {
             Ok(s) => reply.entry(&TTL, &file_attr(s.ino, &s.attr), Generation(0)),
             // A negative entry (node id 0 with a timeout): the kernel remembers that the name
             // is absent, so `stat` then `open(O_CREAT)` of a new file asks once, not twice.
-            Err(FsError::NotFound) if self.fs.may_cache_absent(parent.0, name.as_bytes()) => {
+            Err(FsError::NotFound)
+                if self
+                    .fs
+                    .may_cache_absent(parent.0, name.as_bytes(), generation) =>
+            {
                 let none = file_attr(0, &Attr::new(FileKind::File, 0, 0, 0));
                 reply.entry(&TTL, &none, Generation(0));
             }

@@ -182,20 +182,21 @@ pub struct DumpOptions {
     /// Dump pages of private file mappings even if they are unmodified file pages (the image
     /// then no longer depends on the mapped files staying unchanged).
     pub dump_file_pages: bool,
-    /// Terminals (device numbers) that a restore may replace with its own ([`FdKind::Tty`]).
+    /// Terminals that a restore may replace with its own ([`FdKind::Tty`]), as (`st_dev`,
+    /// `st_rdev`) of the device node: the devpts instance and the terminal in it.
     /// Empty: the terminals of the dumping process's own stdin, stdout and stderr (in a
     /// session, the terminal `forkpoint run` ran in). Any other terminal is refused: a program
     /// that drives a pseudo-terminal of its own must not be re-attached to the user's.
-    pub terminals: Vec<u64>,
+    pub terminals: Vec<(u64, u64)>,
 }
 
-/// The device numbers of the terminals among this process's stdin, stdout and stderr.
-fn own_terminals() -> Vec<u64> {
+/// The terminals among this process's stdin, stdout and stderr, as (`st_dev`, `st_rdev`).
+fn own_terminals() -> Vec<(u64, u64)> {
     use std::os::unix::fs::FileTypeExt;
     (0..3)
         .filter_map(|fd| std::fs::metadata(format!("/proc/self/fd/{fd}")).ok())
         .filter(|m| m.file_type().is_char_device())
-        .map(|m| m.rdev())
+        .map(|m| (m.dev(), m.rdev()))
         .collect()
 }
 
@@ -542,61 +543,48 @@ fn read_frozen(
     }
 
     // POSIX timers (timer_create) would need their ids back at restore.
-    if let Ok(timers) = read_proc(pid, "timers") {
-        if let Some(id) = timers.lines().find_map(|l| l.strip_prefix("ID: ")) {
-            return Err(DumpError::Unsupported {
-                pid,
-                what: format!("POSIX timer {}", id.trim()),
-                reason: "timers made by timer_create are not captured yet".into(),
-            });
+    match read_proc(pid, "timers") {
+        Ok(timers) => {
+            if let Some(id) = timers.lines().find_map(|l| l.strip_prefix("ID: ")) {
+                return Err(DumpError::Unsupported {
+                    pid,
+                    what: format!("POSIX timer {}", id.trim()),
+                    reason: "timers made by timer_create are not captured yet".into(),
+                });
+            }
         }
+        Err(e) => log::warn!("process {pid}: cannot tell whether it has POSIX timers: {e}"),
     }
-    // Pending signals, before anything is injected (an injected syscall could have one
-    // delivered on its way back).
-    let mut signals = SignalState::default();
-    for (i, t) in frozen.tracers.iter().enumerate() {
-        let mut queue: Vec<SigInfo> = t
-            .peek_siginfo(false)
-            .map_err(trace)?
-            .iter()
-            .map(|r| SigInfo { raw: r.to_vec() })
-            .collect();
-        // Signals the tracer took out of the queue while stopping the thread.
-        // SIGSTOP and SIGKILL cannot be blocked, so they cannot wait in a queue at restore.
-        let queueable = |sig: i32| sig != libc::SIGSTOP && sig != libc::SIGKILL;
-        queue.retain(|q| queueable(q.signo()));
-        for &sig in t.pending_signals().iter().filter(|s| queueable(**s)) {
-            let mut raw = vec![0u8; SIGINFO_LEN];
-            raw[0..4].copy_from_slice(&sig.to_le_bytes());
-            raw[8..12].copy_from_slice(&SI_KERNEL.to_le_bytes());
-            queue.push(SigInfo { raw });
+    // 3. Injected queries, with every signal blocked in every thread (the masks are put back
+    //    in any case): nothing is delivered on the way back from an injected syscall, so a
+    //    timer that fires meanwhile leaves its signal in the queue, which is read afterwards.
+    let masks: Vec<u64> = frozen
+        .tracers
+        .iter()
+        .map(|t| t.sigmask())
+        .collect::<Result<_, _>>()
+        .map_err(trace)?;
+    let queried = (|| {
+        for t in &frozen.tracers {
+            t.set_sigmask(!0)?;
         }
-        if i == 0 {
-            signals.shared = t
-                .peek_siginfo(true)
-                .map_err(trace)?
-                .iter()
-                .map(|r| SigInfo { raw: r.to_vec() })
-                .filter(|q| queueable(q.signo()))
-                .collect();
+        let insn = frozen.tracers[0].locate_syscall_insn()?;
+        for t in &mut frozen.tracers {
+            t.set_syscall_insn(insn);
         }
-        if !queue.is_empty() {
-            signals.threads.push((t.tid(), queue));
-        }
+        let injected = injected_queries(frozen)?;
+        let signals = pending_signals(frozen)?;
+        Ok((injected, signals))
+    })();
+    for (t, m) in frozen.tracers.iter().zip(&masks) {
+        t.set_sigmask(*m).map_err(trace)?;
     }
-
-    // 3. Injected queries.
-    let insn = frozen.tracers[0].locate_syscall_insn().map_err(trace)?;
-    for t in &mut frozen.tracers {
-        t.set_syscall_insn(insn);
-    }
-    let injected = injected_queries(frozen);
-    let (sigactions, brk, per_thread, itimers) = injected.map_err(trace)?;
+    let ((sigactions, brk, per_thread, itimers), mut signals) = queried.map_err(trace)?;
     signals.itimers = itimers;
 
     // 4. Threads.
     let mut threads = Vec::with_capacity(frozen.tracers.len());
-    for (t, (alt, ctid)) in frozen.tracers.iter().zip(per_thread) {
+    for ((t, (alt, ctid)), sigmask) in frozen.tracers.iter().zip(per_thread).zip(masks) {
         let tid = t.tid();
         let regs = t.regs().map_err(trace)?;
         let rseq = t.rseq().map_err(trace)?.and_then(|r| {
@@ -615,7 +603,7 @@ fn read_frozen(
             xstate: t.xstate().map_err(trace)?,
             fs_base: regs.fs_base,
             gs_base: regs.gs_base,
-            sigmask: t.sigmask().map_err(trace)?,
+            sigmask,
             sigaltstack: alt,
             clear_child_tid: ctid,
             robust_list: sys::get_robust_list(tid).unwrap_or((0, 0)),
@@ -1016,6 +1004,40 @@ pub fn dump_tree(
     })
 }
 
+/// Every thread's signal queue, and the process-wide one (with the leader), as raw siginfo.
+fn pending_signals(frozen: &Frozen) -> Result<SignalState, TraceError> {
+    // SIGSTOP and SIGKILL cannot be blocked, so they cannot wait in a queue at restore.
+    let queueable = |sig: i32| sig != libc::SIGSTOP && sig != libc::SIGKILL;
+    let mut signals = SignalState::default();
+    for (i, t) in frozen.tracers.iter().enumerate() {
+        let mut queue: Vec<SigInfo> = t
+            .peek_siginfo(false)?
+            .iter()
+            .map(|r| SigInfo { raw: r.to_vec() })
+            .filter(|q| queueable(q.signo()))
+            .collect();
+        // Signals the tracer took out of the queue while stopping the thread.
+        for &sig in t.pending_signals().iter().filter(|s| queueable(**s)) {
+            let mut raw = vec![0u8; SIGINFO_LEN];
+            raw[0..4].copy_from_slice(&sig.to_le_bytes());
+            raw[8..12].copy_from_slice(&SI_KERNEL.to_le_bytes());
+            queue.push(SigInfo { raw });
+        }
+        if i == 0 {
+            signals.shared = t
+                .peek_siginfo(true)?
+                .iter()
+                .map(|r| SigInfo { raw: r.to_vec() })
+                .filter(|q| queueable(q.signo()))
+                .collect();
+        }
+        if !queue.is_empty() {
+            signals.threads.push((t.tid(), queue));
+        }
+    }
+    Ok(signals)
+}
+
 type Injected = (Vec<SigAction>, u64, Vec<(SigAltStack, u64)>, Vec<ITimer>);
 
 /// `si_code` of a signal sent by the kernel.
@@ -1211,7 +1233,11 @@ fn by_inode_path(path: &str, ino: u64) -> Option<String> {
     None
 }
 
-fn dump_fds(pid: i32, allow_pipes: bool, terminals: &[u64]) -> Result<Vec<FdState>, DumpError> {
+fn dump_fds(
+    pid: i32,
+    allow_pipes: bool,
+    terminals: &[(u64, u64)],
+) -> Result<Vec<FdState>, DumpError> {
     let dir = format!("/proc/{pid}/fd");
     let rd = std::fs::read_dir(&dir).map_err(|source| DumpError::Proc {
         pid,
@@ -1284,8 +1310,10 @@ fn dump_fds(pid: i32, allow_pipes: bool, terminals: &[u64]) -> Result<Vec<FdStat
             let id = status_field(&info, "eventfd-id:")
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .ok_or_else(|| parse("eventfd-id"))?;
-            let semaphore =
-                status_field(&info, "eventfd-semaphore:").is_some_and(|v| v.trim() == "1");
+            // Older kernels do not say; a semaphore restored as a counter would be wrong.
+            let semaphore = status_field(&info, "eventfd-semaphore:")
+                .map(|v| v.trim() == "1")
+                .ok_or_else(|| refuse("this kernel does not tell whether it is a semaphore"))?;
             if !eventfds.insert(id) {
                 return Err(refuse(
                     "an eventfd held by several descriptors is not supported yet",
@@ -1332,6 +1360,13 @@ fn dump_fds(pid: i32, allow_pipes: bool, terminals: &[u64]) -> Result<Vec<FdStat
                     let (a, b) = v.strip_prefix('(')?.strip_suffix(')')?.split_once(',')?;
                     Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
                 };
+                // TFD_TIMER_CANCEL_ON_SET (2) has no equivalent in a relative re-arm.
+                let settime = status_field(&info, "settime flags:")
+                    .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+                    .unwrap_or(0);
+                if settime & 2 != 0 {
+                    return Err(refuse("TFD_TIMER_CANCEL_ON_SET is not supported yet"));
+                }
                 FdKind::TimerFd {
                     clock: status_field(&info, "clockid:")
                         .and_then(|v| v.trim().parse().ok())
@@ -1399,7 +1434,7 @@ fn dump_fds(pid: i32, allow_pipes: bool, terminals: &[u64]) -> Result<Vec<FdStat
                 // A pseudo-terminal (or /dev/tty): re-attached to the restoring terminal, if it
                 // is the session's own.
                 let dev_tty = maj == 5 && min == 0;
-                if !dev_tty && !terminals.contains(&rdev) {
+                if !dev_tty && !terminals.contains(&(st.dev(), rdev)) {
                     return Err(refuse(
                         "a terminal other than the one the session runs on is not supported",
                     ));

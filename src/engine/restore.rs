@@ -547,7 +547,11 @@ impl Restorer<'_> {
         // 4. + 5. Address space and contents.
         self.map_all()?;
 
-        // 6. Process state.
+        // 6. Process state. Every signal stays blocked until the final masks are set (the
+        //    threads created below inherit this): a timer re-armed here, or a queued pending
+        //    signal, must reach the program's handlers, not a stop of ours.
+        let e = self.trace("blocking signals");
+        self.t.set_sigmask(!0).map_err(e)?;
         self.restore_mm()?;
         self.restore_rlimits();
         self.restore_fds()?;
@@ -1358,8 +1362,8 @@ impl Restorer<'_> {
     }
 
     /// Queue the signals that were pending for thread `i` (and, in the leader, for the whole
-    /// process) with their original `siginfo`. Every signal is blocked in the thread first;
-    /// its own mask comes back with its final registers.
+    /// process) with their original `siginfo`. Every signal is blocked in every thread by now
+    /// (see `run`); each thread's own mask comes back with its final registers.
     fn queue_signals(&mut self, i: usize) -> Result<(), RestoreError> {
         let tid = self.image.threads[i].tid;
         let sig = &self.image.signals;
@@ -1373,8 +1377,6 @@ impl Restorer<'_> {
         if own.is_empty() && shared.is_empty() {
             return Ok(());
         }
-        let e = self.trace(format!("blocking signals in thread {tid}"));
-        self.t.set_sigmask(!0).map_err(e)?;
         let (pid, me) = (self.pid as u64, self.t.tid() as u64);
         for (q, shared) in own
             .iter()
