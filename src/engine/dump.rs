@@ -43,9 +43,9 @@ use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 
 use super::image::{
-    Creds, FdKind, FdState, FileId, ITimer, ImageMemory, Mapping, MappingKind, MemberState,
-    MmState, PipeImage, ProcessImage, Regs, Rlimit, RseqState, SigAction, SigAltStack, SigInfo,
-    SignalState, ThreadState, TreeImage, TreeMember, PAGE_SIZE, SIGINFO_LEN,
+    Creds, EpollWatch, FdKind, FdState, FileId, ITimer, ImageMemory, Mapping, MappingKind,
+    MemberState, MmState, PipeImage, ProcessImage, Regs, Rlimit, RseqState, SigAction, SigAltStack,
+    SigInfo, SignalState, ThreadState, TreeImage, TreeMember, PAGE_SIZE, SIGINFO_LEN,
 };
 use super::sys;
 use super::tracer::{TraceError, Tracer};
@@ -943,7 +943,12 @@ pub fn dump_tree(
                 .map(|p| p.fds.as_slice())
                 .unwrap_or(&[])
                 .iter()
-                .filter(|f| matches!(f.kind, FdKind::TimerFd { .. } | FdKind::SignalFd { .. }))
+                .filter(|f| {
+                    matches!(
+                        f.kind,
+                        FdKind::TimerFd { .. } | FdKind::SignalFd { .. } | FdKind::Epoll { .. }
+                    )
+                })
                 .map(move |f| (m.pid, f.fd))
         })
         .collect();
@@ -1328,7 +1333,10 @@ fn dump_fds(
             });
             continue;
         }
-        if target == "anon_inode:[timerfd]" || target == "anon_inode:[signalfd]" {
+        if target == "anon_inode:[timerfd]"
+            || target == "anon_inode:[signalfd]"
+            || target == "anon_inode:[eventpoll]"
+        {
             // Recreated once per descriptor: one open file behind two descriptors is refused.
             if let Some(other) = anon
                 .iter()
@@ -1349,7 +1357,25 @@ fn dump_fds(
             let flags = status_field(&info, "flags:")
                 .and_then(|v| i32::from_str_radix(v.trim(), 8).ok())
                 .ok_or_else(|| parse("fdinfo flags"))?;
-            let kind = if target == "anon_inode:[signalfd]" {
+            let kind = if target == "anon_inode:[eventpoll]" {
+                // One line per watch: "tfd: N events: HEX data: HEX pos:.. ino:.. sdev:..".
+                let mut watches = Vec::new();
+                for l in info.lines().filter(|l| l.starts_with("tfd:")) {
+                    let w: Vec<&str> = l.split_whitespace().collect();
+                    let field =
+                        |key: &str| w.iter().position(|x| *x == key).and_then(|i| w.get(i + 1));
+                    let watch = (|| {
+                        Some(EpollWatch {
+                            fd: field("tfd:")?.parse().ok()?,
+                            events: u32::from_str_radix(field("events:")?, 16).ok()?,
+                            data: u64::from_str_radix(field("data:")?, 16).ok()?,
+                        })
+                    })()
+                    .ok_or_else(|| parse("epoll watch"))?;
+                    watches.push(watch);
+                }
+                FdKind::Epoll { watches }
+            } else if target == "anon_inode:[signalfd]" {
                 let mask = status_field(&info, "sigmask:")
                     .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
                     .ok_or_else(|| parse("signalfd sigmask"))?;
@@ -1455,6 +1481,28 @@ fn dump_fds(
             flags,
             kind,
         });
+    }
+    // An epoll instance is rebuilt from the descriptors it watches: they must be there, and
+    // not be epoll instances themselves (those would have to be rebuilt first).
+    for f in &out {
+        let FdKind::Epoll { watches } = &f.kind else {
+            continue;
+        };
+        for w in watches {
+            let reason = match out.iter().find(|o| o.fd == w.fd) {
+                None => "it watches a descriptor that was closed (or moved) since",
+                Some(o) if matches!(o.kind, FdKind::Epoll { .. }) => {
+                    "it watches another epoll instance, which is not supported yet"
+                }
+                Some(_) => continue,
+            };
+            return Err(DumpError::UnsupportedFd {
+                pid,
+                fd: f.fd,
+                target: format!("anon_inode:[eventpoll] (watching fd {})", w.fd),
+                reason: reason.into(),
+            });
+        }
     }
     Ok(out)
 }

@@ -665,7 +665,7 @@ impl ImageMemory {
 }
 
 /// Kind of file behind a descriptor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FdKind {
     /// Regular file.
     Regular,
@@ -699,6 +699,12 @@ pub enum FdKind {
     /// A terminal (format version 3): reopened at restore on the restoring side's terminal
     /// (see `RestoreOptions::terminal`), not on the old device.
     Tty,
+    /// An epoll instance with what it watches (format version 3). Restored after every other
+    /// descriptor of the process, since it refers to them by number.
+    Epoll {
+        /// Watched descriptors, by their number in this process.
+        watches: Vec<EpollWatch>,
+    },
     /// An eventfd with its counter (format version 3). Each eventfd is held by one descriptor
     /// of one process; shared ones are refused at dump.
     EventFd {
@@ -707,6 +713,17 @@ pub enum FdKind {
         /// Created with `EFD_SEMAPHORE`.
         semaphore: bool,
     },
+}
+
+/// One descriptor watched by an epoll instance (`epoll_ctl(EPOLL_CTL_ADD)` arguments).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpollWatch {
+    /// The watched descriptor's number.
+    pub fd: i32,
+    /// `events` (EPOLLIN, EPOLLET, ...).
+    pub events: u32,
+    /// `data`, returned with every event.
+    pub data: u64,
 }
 
 /// One open file descriptor.

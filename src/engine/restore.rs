@@ -1081,6 +1081,10 @@ impl Restorer<'_> {
                 self.restore_anon(f).map_err(fd_err)?;
                 continue;
             }
+            if matches!(f.kind, FdKind::Epoll { .. }) {
+                // After every descriptor it watches (below).
+                continue;
+            }
             let tty = f.kind == FdKind::Tty;
             let path = if tty {
                 // Input from the restoring side's fd 0, output to its 1 (or 2 for fd 2).
@@ -1145,12 +1149,55 @@ impl Restorer<'_> {
                     .map_err(fd_err)?;
             }
         }
+        for f in &self.image.fds {
+            let FdKind::Epoll { watches } = &f.kind else {
+                continue;
+            };
+            let pid = self.pid;
+            let fd_err = |source| RestoreError::Fd {
+                pid,
+                fd: f.fd,
+                path: f.path.clone(),
+                source,
+            };
+            self.restore_epoll(f, watches).map_err(fd_err)?;
+        }
         if let Some(p) = self.pipes {
             self.call(
                 "closing the inherited pipe ends",
                 libc::SYS_close_range,
                 [p.base as u64, u32::MAX as u64, 0, 0, 0, 0],
             )?;
+        }
+        Ok(())
+    }
+
+    /// A new epoll instance at the old descriptor number, watching what the old one watched.
+    fn restore_epoll(
+        &mut self,
+        f: &super::image::FdState,
+        watches: &[super::image::EpollWatch],
+    ) -> Result<(), TraceError> {
+        let fl = (f.flags & libc::O_CLOEXEC) as u64;
+        let ep = self
+            .t
+            .syscall(libc::SYS_epoll_create1, [fl, 0, 0, 0, 0, 0])?;
+        let data = self.scratch + DATA_OFF;
+        for w in watches {
+            // struct epoll_event is packed on x86_64: u32 events, u64 data.
+            let mut ev = [0u8; 12];
+            ev[0..4].copy_from_slice(&w.events.to_le_bytes());
+            ev[4..12].copy_from_slice(&w.data.to_le_bytes());
+            self.t.write_mem(data, &ev)?;
+            self.t.syscall(
+                libc::SYS_epoll_ctl,
+                [ep, libc::EPOLL_CTL_ADD as u64, w.fd as u64, data, 0, 0],
+            )?;
+        }
+        if ep != f.fd as u64 {
+            self.t
+                .syscall(libc::SYS_dup3, [ep, f.fd as u64, fl, 0, 0, 0])?;
+            self.t.syscall(libc::SYS_close, [ep, 0, 0, 0, 0, 0])?;
         }
         Ok(())
     }

@@ -1485,7 +1485,7 @@ fn eventfd_counter_survives_restore() {
         .fds
         .iter()
         .filter(|f| matches!(f.kind, super::image::FdKind::EventFd { .. }))
-        .map(|f| (f.fd, f.kind, f.flags & libc::O_NONBLOCK != 0))
+        .map(|f| (f.fd, f.kind.clone(), f.flags & libc::O_NONBLOCK != 0))
         .collect();
     assert_eq!(
         kinds,
@@ -1768,7 +1768,7 @@ int main(void) {
     };
     let img = roundtrip_bytes(&super::dump::dump_with(pid, &opts).unwrap());
     assert_eq!(
-        img.fds.iter().find(|f| f.fd == 1).map(|f| f.kind),
+        img.fds.iter().find(|f| f.fd == 1).map(|f| f.kind.clone()),
         Some(super::image::FdKind::Tty)
     );
     procs.kill(pid);
@@ -1805,5 +1805,80 @@ int main(void) {
     assert!(
         first <= at_dump + 2 && last(&after) > first,
         "continues from {at_dump}: {after:?}"
+    );
+}
+
+#[test]
+fn epoll_watching_eventfd_and_timerfd_survives_restore() {
+    require_env!();
+    let mut procs = Procs(Vec::new());
+    let dir = tempfile::tempdir().unwrap();
+    let src = r#"
+#include <stdint.h>
+#include <stdio.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/timerfd.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    for (int fd = 3; fd < 1024; fd++) close(fd);
+    const char *dir = argv[1];
+    char ready[512], go[512], out[512];
+    snprintf(ready, sizeof ready, "%s/ready", dir);
+    snprintf(go, sizeof go, "%s/go", dir);
+    snprintf(out, sizeof out, "%s/out", dir);
+    int e = eventfd(0, EFD_NONBLOCK);
+    int t = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK);
+    struct itimerspec its = { { 0, 30000000 }, { 0, 30000000 } };
+    timerfd_settime(t, 0, &its, 0);
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+    struct epoll_event ev = { .events = EPOLLIN, .data.u64 = 111 };
+    epoll_ctl(ep, EPOLL_CTL_ADD, e, &ev);
+    ev.data.u64 = 222;
+    epoll_ctl(ep, EPOLL_CTL_ADD, t, &ev);
+    FILE *f = fopen(ready, "w"); fclose(f);
+    while (access(go, F_OK) != 0) usleep(10000);
+    uint64_t one = 1, x;
+    write(e, &one, 8);
+    int seen1 = 0, seen2 = 0;
+    while (!(seen1 && seen2)) {
+        struct epoll_event got[4];
+        int n = epoll_wait(ep, got, 4, 1000);
+        for (int i = 0; i < n; i++) {
+            if (got[i].data.u64 == 111) { seen1 = 1; read(e, &x, 8); }
+            if (got[i].data.u64 == 222) { seen2 = 1; read(t, &x, 8); }
+        }
+    }
+    f = fopen(out, "w"); fprintf(f, "%d %d\n", seen1, seen2); fclose(f);
+    for (;;) pause();
+}
+"#;
+    let exe = build(dir.path(), "ep", src);
+    let pid = spawn(&exe, &[dir.path()], &mut procs);
+    assert!(wait_until(Duration::from_secs(5), || dir
+        .path()
+        .join("ready")
+        .exists()));
+    let img = roundtrip_bytes(&dump(pid).unwrap());
+    let watches = img
+        .fds
+        .iter()
+        .find_map(|f| match &f.kind {
+            super::image::FdKind::Epoll { watches } => Some(watches.clone()),
+            _ => None,
+        })
+        .expect("an epoll instance in the image");
+    let mut got: Vec<(i32, u64)> = watches.iter().map(|w| (w.fd, w.data)).collect();
+    got.sort_unstable();
+    assert_eq!(got, vec![(3, 111), (4, 222)]);
+    procs.kill(pid);
+    let new = restore(&img).unwrap();
+    procs.add(new);
+    std::fs::write(dir.path().join("go"), b"").unwrap();
+    let out = dir.path().join("out");
+    assert!(
+        wait_until(Duration::from_secs(5), || read_nums(&out) == vec![1, 1]),
+        "the restored epoll did not report both watches: {:?}",
+        read_nums(&out)
     );
 }
