@@ -23,8 +23,8 @@
 //!    continues exactly where it was. This also happens on every error path. With
 //!    [`AfterDump::Kill`] the process is instead killed while still frozen.
 //!
-//! Pending signals (with their `siginfo`, via `PTRACE_PEEKSIGINFO`) and interval timers are
-//! captured. Limitations: POSIX timers (refused with [`DumpError::Unsupported`]), sockets,
+//! Pending signals (with their `siginfo`, via `PTRACE_PEEKSIGINFO`), interval timers and POSIX
+//! timers are captured. Limitations: sockets,
 //! ttys and namespaces are not captured (unsupported fds are refused with
 //! [`DumpError::UnsupportedFd`]). Pipes are supported only by [`dump_tree`], between members
 //! of the tree.
@@ -44,8 +44,8 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 
 use super::image::{
     Creds, EpollWatch, FdKind, FdState, FileId, ITimer, ImageMemory, Mapping, MappingKind,
-    MemberState, MmState, PipeImage, ProcessImage, Regs, Rlimit, RseqState, SigAction, SigAltStack,
-    SigInfo, SignalState, ThreadState, TreeImage, TreeMember, PAGE_SIZE, SIGINFO_LEN,
+    MemberState, MmState, PipeImage, PosixTimer, ProcessImage, Regs, Rlimit, RseqState, SigAction,
+    SigAltStack, SigInfo, SignalState, ThreadState, TreeImage, TreeMember, PAGE_SIZE, SIGINFO_LEN,
 };
 use super::sys;
 use super::tracer::{TraceError, Tracer};
@@ -130,7 +130,7 @@ pub enum DumpError {
     Unsupported {
         /// Pid.
         pid: i32,
-        /// What (e.g. "POSIX timer 0").
+        /// What (e.g. "a timer").
         what: String,
         /// Why.
         reason: String,
@@ -542,19 +542,14 @@ fn read_frozen(
         contents.push(c);
     }
 
-    // POSIX timers (timer_create) would need their ids back at restore.
-    match read_proc(pid, "timers") {
-        Ok(timers) => {
-            if let Some(id) = timers.lines().find_map(|l| l.strip_prefix("ID: ")) {
-                return Err(DumpError::Unsupported {
-                    pid,
-                    what: format!("POSIX timer {}", id.trim()),
-                    reason: "timers made by timer_create are not captured yet".into(),
-                });
-            }
+    // POSIX timers (timer_create): what /proc says; the time left comes from timer_gettime.
+    let mut posix_timers = match read_proc(pid, "timers") {
+        Ok(text) => parse_timers(pid, &text)?,
+        Err(e) => {
+            log::warn!("process {pid}: cannot tell whether it has POSIX timers: {e}");
+            Vec::new()
         }
-        Err(e) => log::warn!("process {pid}: cannot tell whether it has POSIX timers: {e}"),
-    }
+    };
     // 3. Injected queries, with every signal blocked in every thread (the masks are put back
     //    in any case): nothing is delivered on the way back from an injected syscall, so a
     //    timer that fires meanwhile leaves its signal in the queue, which is read afterwards.
@@ -572,7 +567,7 @@ fn read_frozen(
         for t in &mut frozen.tracers {
             t.set_syscall_insn(insn);
         }
-        let injected = injected_queries(frozen)?;
+        let injected = injected_queries(frozen, &mut posix_timers)?;
         let signals = pending_signals(frozen)?;
         Ok((injected, signals))
     })();
@@ -581,6 +576,7 @@ fn read_frozen(
     }
     let ((sigactions, brk, per_thread, itimers), mut signals) = queried.map_err(trace)?;
     signals.itimers = itimers;
+    signals.posix_timers = posix_timers;
 
     // 4. Threads.
     let mut threads = Vec::with_capacity(frozen.tracers.len());
@@ -1009,6 +1005,55 @@ pub fn dump_tree(
     })
 }
 
+/// Parses `/proc/PID/timers`: blocks of `ID: n`, `signal: signo/value`,
+/// `notify: kind/pid.N` or `kind/tid.N`, `ClockID: n`.
+fn parse_timers(pid: i32, text: &str) -> Result<Vec<PosixTimer>, DumpError> {
+    let bad = || DumpError::Parse {
+        pid,
+        what: "/proc/PID/timers",
+        detail: text.to_string(),
+    };
+    let mut out: Vec<PosixTimer> = Vec::new();
+    for line in text.lines() {
+        let (key, v) = line.split_once(':').ok_or_else(bad)?;
+        let v = v.trim();
+        if key == "ID" {
+            out.push(PosixTimer {
+                id: v.parse().map_err(|_| bad())?,
+                ..PosixTimer::default()
+            });
+            continue;
+        }
+        let t = out.last_mut().ok_or_else(bad)?;
+        match key {
+            "signal" => {
+                let (signo, value) = v.split_once('/').ok_or_else(bad)?;
+                t.signo = signo.parse().map_err(|_| bad())?;
+                t.value = u64::from_str_radix(value, 16).map_err(|_| bad())?;
+            }
+            "notify" => {
+                let (kind, who) = v.split_once('/').ok_or_else(bad)?;
+                let base = match kind {
+                    "signal" => libc::SIGEV_SIGNAL,
+                    "none" => libc::SIGEV_NONE,
+                    "thread" => libc::SIGEV_THREAD,
+                    _ => return Err(bad()),
+                };
+                let (scope, n) = who.split_once('.').ok_or_else(bad)?;
+                t.target = n.parse().map_err(|_| bad())?;
+                t.notify = if scope == "tid" {
+                    base | libc::SIGEV_THREAD_ID
+                } else {
+                    base
+                };
+            }
+            "ClockID" => t.clock = v.parse().map_err(|_| bad())?,
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
 /// Every thread's signal queue, and the process-wide one (with the leader), as raw siginfo.
 fn pending_signals(frozen: &Frozen) -> Result<SignalState, TraceError> {
     // SIGSTOP and SIGKILL cannot be blocked, so they cannot wait in a queue at restore.
@@ -1049,7 +1094,10 @@ type Injected = (Vec<SigAction>, u64, Vec<(SigAltStack, u64)>, Vec<ITimer>);
 const SI_KERNEL: i32 = 0x80;
 
 /// Map a scratch page in the tracee, run the queries, unmap it (also on error).
-fn injected_queries(frozen: &mut Frozen) -> Result<Injected, TraceError> {
+fn injected_queries(
+    frozen: &mut Frozen,
+    timers: &mut [PosixTimer],
+) -> Result<Injected, TraceError> {
     let scratch_len = PAGE_SIZE;
     let scratch = frozen.tracers[0].syscall(
         libc::SYS_mmap,
@@ -1062,14 +1110,18 @@ fn injected_queries(frozen: &mut Frozen) -> Result<Injected, TraceError> {
             0,
         ],
     )?;
-    let res = run_queries(frozen, scratch);
+    let res = run_queries(frozen, scratch, timers);
     let unmap = frozen.tracers[0].syscall(libc::SYS_munmap, [scratch, scratch_len, 0, 0, 0, 0]);
     let res = res?;
     unmap?;
     Ok(res)
 }
 
-fn run_queries(frozen: &mut Frozen, scratch: u64) -> Result<Injected, TraceError> {
+fn run_queries(
+    frozen: &mut Frozen,
+    scratch: u64,
+    timers: &mut [PosixTimer],
+) -> Result<Injected, TraceError> {
     let leader = &mut frozen.tracers[0];
     let mut sigactions = Vec::new();
     for sig in 1..=64u32 {
@@ -1111,6 +1163,18 @@ fn run_queries(frozen: &mut Frozen, scratch: u64) -> Result<Injected, TraceError
         if t.armed() {
             itimers.push(t);
         }
+    }
+    for t in timers.iter_mut() {
+        leader.syscall(libc::SYS_timer_gettime, [t.id as u64, scratch, 0, 0, 0, 0])?;
+        let mut b = [0u8; 32];
+        leader.read_mem(scratch, &mut b)?;
+        let w = |i: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[i * 8..i * 8 + 8]);
+            i64::from_le_bytes(a)
+        };
+        t.interval = (w(0), w(1));
+        t.remaining = (w(2), w(3));
     }
     let mut per_thread = Vec::new();
     for t in &mut frozen.tracers {

@@ -35,7 +35,8 @@ pub const IMAGE_MAGIC: [u8; 8] = *b"FKPTIMG\0";
 pub const TREE_MAGIC: [u8; 8] = *b"FKPTTRE\0";
 /// Current image format version (shared by process and tree images).
 /// 2: [`FdKind::Pipe`] and tree images.
-/// 3: signal state ([`SignalState`]: pending signals with their `siginfo`, interval timers),
+/// 3: signal state ([`SignalState`]: pending signals with their `siginfo`, interval timers,
+///    POSIX timers),
 ///    carried after the image in the payload; [`FdKind::EventFd`]. Version 1 and 2 images still decode (with no
 ///    pending signals and no timers, which is what they captured).
 pub const IMAGE_FORMAT_VERSION: u32 = 3;
@@ -208,6 +209,29 @@ pub struct SignalState {
     pub threads: Vec<(i32, Vec<SigInfo>)>,
     /// `ITIMER_REAL`, `ITIMER_VIRTUAL`, `ITIMER_PROF`, as `getitimer` reports them.
     pub itimers: Vec<ITimer>,
+    /// Timers made by `timer_create`, recreated with the same ids.
+    pub posix_timers: Vec<PosixTimer>,
+}
+
+/// One POSIX timer (`timer_create`), from `/proc/PID/timers` and `timer_gettime`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PosixTimer {
+    /// The timer id (`timer_t`) the program holds.
+    pub id: i32,
+    /// Its clock.
+    pub clock: i32,
+    /// `sigev_notify` (SIGEV_SIGNAL, SIGEV_NONE, SIGEV_THREAD_ID, ...).
+    pub notify: i32,
+    /// `sigev_signo`.
+    pub signo: i32,
+    /// `sigev_value`.
+    pub value: u64,
+    /// The thread signalled with SIGEV_THREAD_ID (else the process).
+    pub target: i32,
+    /// Period: seconds, nanoseconds.
+    pub interval: (i64, i64),
+    /// Time to the next expiry: seconds, nanoseconds (0, 0 when disarmed).
+    pub remaining: (i64, i64),
 }
 
 /// One queued signal: its raw `siginfo_t` ([`SIGINFO_LEN`] bytes), so that `si_code`,
@@ -1101,6 +1125,12 @@ pub(crate) mod tests {
                     which: 0,
                     interval: (1, 500_000),
                     value: (0, 250_000),
+                }],
+                posix_timers: vec![PosixTimer {
+                    id: 3,
+                    clock: 1,
+                    signo: 14,
+                    ..PosixTimer::default()
                 }],
             },
         }

@@ -565,6 +565,7 @@ impl Restorer<'_> {
             })?;
         }
         self.restore_itimers()?;
+        self.restore_posix_timers()?;
         for i in 1..image.threads.len() {
             self.with_thread(i, |r| r.finish_thread(i))?;
         }
@@ -1455,6 +1456,71 @@ impl Restorer<'_> {
             };
             self.call(&format!("queueing {what} signal {signo}"), nr, args)?;
         }
+        Ok(())
+    }
+
+    /// Recreate the POSIX timers with their old ids (PR_TIMER_CREATE_RESTORE_IDS: the id
+    /// passed in is the one created) and re-arm them with the time they had left.
+    fn restore_posix_timers(&mut self) -> Result<(), RestoreError> {
+        const PR_TIMER_CREATE_RESTORE_IDS: u64 = 77;
+        let timers = &self.image.signals.posix_timers;
+        if timers.is_empty() {
+            return Ok(());
+        }
+        self.call(
+            "prctl(PR_TIMER_CREATE_RESTORE_IDS, on)",
+            libc::SYS_prctl,
+            [PR_TIMER_CREATE_RESTORE_IDS, 1, 0, 0, 0, 0],
+        )?;
+        for t in timers {
+            // struct sigevent: value, signo, notify, then the thread id.
+            let target = if t.target == self.image.pid {
+                self.pid
+            } else {
+                t.target
+            };
+            let mut ev = vec![0u8; 64];
+            ev[0..8].copy_from_slice(&t.value.to_le_bytes());
+            ev[8..12].copy_from_slice(&t.signo.to_le_bytes());
+            ev[12..16].copy_from_slice(&t.notify.to_le_bytes());
+            ev[16..20].copy_from_slice(&target.to_le_bytes());
+            ev.extend_from_slice(&(t.id as i64).to_le_bytes());
+            let ev_addr = self.put_bytes(0, &ev)?;
+            let id_addr = ev_addr + 64;
+            let step = format!("timer_create (id {})", t.id);
+            self.call(
+                &step,
+                libc::SYS_timer_create,
+                [t.clock as u64, ev_addr, id_addr, 0, 0, 0],
+            )?;
+            let mut got = [0u8; 4];
+            let e = self.trace(step.clone());
+            self.t.read_mem(id_addr, &mut got).map_err(e)?;
+            if i32::from_le_bytes(got) != t.id {
+                return Err(RestoreError::Unexpected {
+                    pid: self.pid,
+                    step,
+                    result: i32::from_le_bytes(got) as u64,
+                });
+            }
+            if t.remaining != (0, 0) {
+                let mut its = Vec::with_capacity(32);
+                for v in [t.interval.0, t.interval.1, t.remaining.0, t.remaining.1] {
+                    its.extend_from_slice(&v.to_le_bytes());
+                }
+                let a = self.put_bytes(256, &its)?;
+                self.call(
+                    &format!("timer_settime (id {})", t.id),
+                    libc::SYS_timer_settime,
+                    [t.id as u64, 0, a, 0, 0, 0],
+                )?;
+            }
+        }
+        self.call(
+            "prctl(PR_TIMER_CREATE_RESTORE_IDS, off)",
+            libc::SYS_prctl,
+            [PR_TIMER_CREATE_RESTORE_IDS, 0, 0, 0, 0, 0],
+        )?;
         Ok(())
     }
 

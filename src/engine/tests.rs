@@ -1399,22 +1399,45 @@ fn pending_signals_and_itimers_survive_restore() {
 }
 
 #[test]
-fn posix_timer_is_refused_and_process_keeps_running() {
+fn posix_timer_survives_restore_with_its_id() {
     require_env!();
     let mut procs = Procs(Vec::new());
     let dir = tempfile::tempdir().unwrap();
+    // A periodic timer (20 ms, SIGUSR2 carrying 99) counted by a handler that checks the
+    // value; the main loop writes `count bad_values gettime_ok`.
     let src = r#"
 #include <signal.h>
 #include <stdio.h>
+#include <string.h>
 #include <time.h>
 #include <unistd.h>
+static volatile int count = 0, bad = 0;
+static void h(int sig, siginfo_t *si, void *uc) {
+    (void)sig; (void)uc;
+    if (si->si_value.sival_int == 99) count++; else bad++;
+}
 int main(int argc, char **argv) {
     for (int fd = 3; fd < 1024; fd++) close(fd);
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = h;
+    sa.sa_flags = SA_SIGINFO | SA_RESTART;
+    sigaction(SIGUSR2, &sa, 0);
     timer_t t;
-    struct sigevent ev = { .sigev_notify = SIGEV_NONE };
+    struct sigevent ev;
+    memset(&ev, 0, sizeof ev);
+    ev.sigev_notify = SIGEV_SIGNAL;
+    ev.sigev_signo = SIGUSR2;
+    ev.sigev_value.sival_int = 99;
     timer_create(CLOCK_MONOTONIC, &ev, &t);
-    for (unsigned long n = 0;; n++) {
-        FILE *f = fopen(argv[1], "w"); fprintf(f, "%lu\n", n); fclose(f);
+    struct itimerspec its = { { 0, 20000000 }, { 0, 20000000 } };
+    timer_settime(t, 0, &its, 0);
+    for (;;) {
+        struct itimerspec cur;
+        int ok = timer_gettime(t, &cur) == 0 && cur.it_interval.tv_nsec == 20000000;
+        FILE *f = fopen(argv[1], "w");
+        fprintf(f, "%d %d %d\n", count, bad, ok);
+        fclose(f);
         usleep(10000);
     }
 }
@@ -1422,19 +1445,35 @@ int main(int argc, char **argv) {
     let exe = build(dir.path(), "ptimer", src);
     let out = dir.path().join("n");
     let pid = spawn(&exe, &[&out], &mut procs);
-    assert!(wait_until(Duration::from_secs(5), || read_nums(&out)
-        .first()
-        .is_some_and(|n| *n > 2)));
-    let err = dump(pid).unwrap_err();
+    let reading = |out: &Path| {
+        let v = read_nums(out);
+        (v.len() == 3).then_some(v)
+    };
+    assert!(wait_until(Duration::from_secs(5), || reading(&out)
+        .is_some_and(|v| v[0] > 10)));
+    let img = roundtrip_bytes(&dump(pid).unwrap());
+    let timers = &img.signals.posix_timers;
+    assert_eq!(timers.len(), 1, "{timers:?}");
+    assert_eq!(timers[0].signo, libc::SIGUSR2);
+    assert_eq!(timers[0].value & 0xffff_ffff, 99);
+    assert_eq!(timers[0].interval, (0, 20_000_000));
+    let at_dump = reading(&out).map_or(0, |v| v[0]);
+    procs.kill(pid);
+    let new = restore(&img).unwrap();
+    procs.add(new);
+    let timers_now = std::fs::read_to_string(format!("/proc/{new}/timers")).unwrap();
     assert!(
-        matches!(err, super::dump::DumpError::Unsupported { .. }),
-        "{err}"
+        timers_now.contains(&format!("ID: {}", timers[0].id)),
+        "{timers_now}"
     );
-    assert!(err.to_string().contains("POSIX timer"), "{err}");
-    let n = read_nums(&out).first().copied().unwrap_or(0);
-    assert!(wait_until(Duration::from_secs(5), || read_nums(&out)
-        .first()
-        .is_some_and(|x| *x > n + 3)));
+    // The timer keeps firing, with its value, and the program's timer_t still names it.
+    assert!(
+        wait_until(Duration::from_secs(5), || reading(&out)
+            .is_some_and(|v| v[0] > at_dump + 20 && v[2] == 1)),
+        "after the restore: {:?}",
+        read_nums(&out)
+    );
+    assert_eq!(reading(&out).map(|v| v[1]), Some(0), "bad sigev values");
 }
 
 /// An eventfd holding 5 (non-blocking, close-on-exec) and a semaphore eventfd holding 2; when
