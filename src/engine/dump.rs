@@ -991,6 +991,33 @@ pub fn dump_tree(
         pipes.push(read_pipe(pid, fd, *ino)?);
     }
 
+    // Shared memory without a file to map again (shared anonymous memory, memfd, deleted
+    // files) is restored as each process's own copy: between two members that would silently
+    // stop being shared, so it is refused.
+    let mut shm: std::collections::BTreeMap<(String, u64), i32> = Default::default();
+    for (pid, _) in &frozen_all {
+        for l in read_maps(*pid)? {
+            let shared = l.perms.as_bytes().get(3) == Some(&b's');
+            if !shared || l.inode == 0 || !l.path.ends_with(" (deleted)") {
+                continue;
+            }
+            match shm.insert((l.dev.clone(), l.inode), *pid) {
+                Some(other) if other != *pid => {
+                    return Err(DumpError::UnsupportedMapping {
+                        pid: *pid,
+                        start: l.start,
+                        end: l.end,
+                        path: l.path.clone(),
+                        reason: format!(
+                            "the memory is shared with process {other}, which is not supported yet"
+                        ),
+                    });
+                }
+                _ => {}
+            }
+        }
+    }
+
     // 4. Resume or kill.
     finish(frozen_all, opts.after)?;
     for m in &processes {

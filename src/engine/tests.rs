@@ -1921,3 +1921,50 @@ int main(int argc, char **argv) {
         read_nums(&out)
     );
 }
+
+#[test]
+fn tree_dump_refuses_memory_shared_between_members() {
+    require_env!();
+    let mut procs = Procs(Vec::new());
+    let dir = tempfile::tempdir().unwrap();
+    // Parent and child share an anonymous MAP_SHARED page and count in it.
+    let src = r#"
+#include <stdio.h>
+#include <sys/mman.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    for (int fd = 3; fd < 1024; fd++) close(fd);
+    volatile unsigned long *n = mmap(0, 4096, PROT_READ | PROT_WRITE,
+                                     MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (fork() == 0) for (;;) { (*n)++; usleep(5000); }
+    for (;;) {
+        FILE *f = fopen(argv[1], "w"); fprintf(f, "%lu\n", *n); fclose(f);
+        usleep(10000);
+    }
+}
+"#;
+    let exe = build(dir.path(), "shm", src);
+    let out = dir.path().join("n");
+    let pid = spawn(&exe, &[&out], &mut procs);
+    let count = || read_nums(&out).first().copied().unwrap_or(0);
+    assert!(wait_until(Duration::from_secs(5), || count() > 5));
+    // The child is killed with the parent, whatever happens below.
+    for c in std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|c| c.parse::<i32>().ok())
+    {
+        procs.add(c);
+    }
+    let err = super::dump::dump_tree(pid, &Default::default(), &mut || Ok(()))
+        .map(|_| ())
+        .unwrap_err();
+    assert!(
+        matches!(err, super::dump::DumpError::UnsupportedMapping { .. })
+            && err.to_string().contains("shared with process"),
+        "{err}"
+    );
+    // Both keep running: the shared counter still moves.
+    let n = count();
+    assert!(wait_until(Duration::from_secs(5), || count() > n + 5));
+}
