@@ -1316,6 +1316,17 @@ fn dump_memory(
     Ok(mem)
 }
 
+/// The `flags:` (octal) of an fdinfo text.
+fn fdinfo_flags(pid: i32, info: &str) -> Result<i32, DumpError> {
+    status_field(info, "flags:")
+        .and_then(|v| i32::from_str_radix(v.trim(), 8).ok())
+        .ok_or_else(|| DumpError::Parse {
+            pid,
+            what: "fdinfo flags",
+            detail: info.to_string(),
+        })
+}
+
 /// The path of inode `ino` under `.forkpoint/inodes/` of the forkpoint mount holding `path`.
 fn by_inode_path(path: &str, ino: u64) -> Option<String> {
     let mut dir = std::path::Path::new(path).parent();
@@ -1396,9 +1407,7 @@ fn dump_fds(
                 what,
                 detail: info.clone(),
             };
-            let flags = status_field(&info, "flags:")
-                .and_then(|v| i32::from_str_radix(v.trim(), 8).ok())
-                .ok_or_else(|| parse("fdinfo flags"))?;
+            let flags = fdinfo_flags(pid, &info)?;
             // The kernel prints the counter in hex.
             let count = status_field(&info, "eventfd-count:")
                 .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
@@ -1445,9 +1454,7 @@ fn dump_fds(
                 what,
                 detail: info.clone(),
             };
-            let flags = status_field(&info, "flags:")
-                .and_then(|v| i32::from_str_radix(v.trim(), 8).ok())
-                .ok_or_else(|| parse("fdinfo flags"))?;
+            let flags = fdinfo_flags(pid, &info)?;
             let kind = if target == "anon_inode:[eventpoll]" {
                 // One line per watch: "tfd: N events: HEX data: HEX pos:.. ino:.. sdev:..".
                 let mut watches = Vec::new();

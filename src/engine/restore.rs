@@ -1173,6 +1173,17 @@ impl Restorer<'_> {
         Ok(())
     }
 
+    /// Moves a freshly made descriptor to the image's number, with the image's close-on-exec.
+    fn place_fd(&mut self, newfd: u64, f: &super::image::FdState) -> Result<(), TraceError> {
+        if newfd != f.fd as u64 {
+            let cl = (f.flags & libc::O_CLOEXEC) as u64;
+            self.t
+                .syscall(libc::SYS_dup3, [newfd, f.fd as u64, cl, 0, 0, 0])?;
+            self.t.syscall(libc::SYS_close, [newfd, 0, 0, 0, 0, 0])?;
+        }
+        Ok(())
+    }
+
     /// A new epoll instance at the old descriptor number, watching what the old one watched.
     fn restore_epoll(
         &mut self,
@@ -1195,12 +1206,7 @@ impl Restorer<'_> {
                 [ep, libc::EPOLL_CTL_ADD as u64, w.fd as u64, data, 0, 0],
             )?;
         }
-        if ep != f.fd as u64 {
-            self.t
-                .syscall(libc::SYS_dup3, [ep, f.fd as u64, fl, 0, 0, 0])?;
-            self.t.syscall(libc::SYS_close, [ep, 0, 0, 0, 0, 0])?;
-        }
-        Ok(())
+        self.place_fd(ep, f)
     }
 
     /// A new timerfd or signalfd like the old one, at the old descriptor number.
@@ -1245,13 +1251,7 @@ impl Restorer<'_> {
             }
             _ => unreachable!("restore_anon is called for timerfds and signalfds"),
         };
-        if newfd != f.fd as u64 {
-            let cl = (f.flags & libc::O_CLOEXEC) as u64;
-            self.t
-                .syscall(libc::SYS_dup3, [newfd, f.fd as u64, cl, 0, 0, 0])?;
-            self.t.syscall(libc::SYS_close, [newfd, 0, 0, 0, 0, 0])?;
-        }
-        Ok(())
+        self.place_fd(newfd, f)
     }
 
     /// A new eventfd with the old counter, at the old descriptor number.
@@ -1274,13 +1274,7 @@ impl Restorer<'_> {
             self.t.write_mem(addr, &count.to_le_bytes())?;
             self.t.syscall(libc::SYS_write, [efd, addr, 8, 0, 0, 0])?;
         }
-        if efd != f.fd as u64 {
-            let cl = (f.flags & libc::O_CLOEXEC) as u64;
-            self.t
-                .syscall(libc::SYS_dup3, [efd, f.fd as u64, cl, 0, 0, 0])?;
-            self.t.syscall(libc::SYS_close, [efd, 0, 0, 0, 0, 0])?;
-        }
-        Ok(())
+        self.place_fd(efd, f)
     }
 
     fn restore_misc(&mut self) -> Result<(), RestoreError> {
