@@ -245,8 +245,6 @@ struct State {
     /// invalidate them; `None` once too many were handed out (then none are, until the next
     /// checkout).
     negative: Option<HashSet<(u64, Vec<u8>)>>,
-    /// Checkouts so far: a lookup that raced with one must not be cached as absent.
-    checkouts: u64,
 }
 
 /// How many negative entries the kernel may cache between two checkouts.
@@ -258,6 +256,9 @@ pub struct Fs {
     state: Mutex<State>,
     /// Serializes commits against each other (not against reads).
     commit_lock: Mutex<()>,
+    /// Checkouts so far, bumped under the state lock: a lookup that raced with one must not
+    /// be cached as absent. Read without the lock on every lookup.
+    checkouts: std::sync::atomic::AtomicU64,
 }
 
 fn now() -> Time {
@@ -301,9 +302,9 @@ impl Fs {
                 dirty_bytes: 0,
                 snaps: Vec::new(),
                 negative: Some(HashSet::new()),
-                checkouts: 0,
             }),
             commit_lock: Mutex::new(()),
+            checkouts: std::sync::atomic::AtomicU64::new(0),
         };
         if purge_orphans {
             fs.purge_orphans()?;
@@ -1397,7 +1398,8 @@ impl Fs {
         self.store.catalog(|c| c.set_head(&branch, cno))?;
         let mut inval = Vec::new();
         // Names the kernel holds as absent may exist in the checked-out tree.
-        st.checkouts += 1;
+        self.checkouts
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         for (parent, name) in st.negative.replace(HashSet::new()).unwrap_or_default() {
             inval.push(Inval::Entry(parent, name));
         }
@@ -1428,7 +1430,7 @@ impl Fs {
             return false;
         }
         let mut st = self.lock();
-        if st.checkouts != generation {
+        if self.checkouts.load(std::sync::atomic::Ordering::SeqCst) != generation {
             // A checkout ran since the lookup: its answer may be stale.
             return false;
         }
@@ -1445,7 +1447,7 @@ impl Fs {
 
     /// Counts checkouts; read before a lookup and passed to [`Fs::may_cache_absent`].
     pub fn generation(&self) -> u64 {
-        self.lock().checkouts
+        self.checkouts.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Clears setuid, and setgid when the file is group-executable, as the kernel does when a

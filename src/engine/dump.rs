@@ -912,26 +912,8 @@ pub fn dump_tree(
         processes.push(TreeMember { pid, ppid, state });
     }
 
-    // Eventfds are recreated one per descriptor: one shared between processes is refused.
-    let mut eventfds: std::collections::BTreeMap<&str, i32> = Default::default();
-    for m in &processes {
-        for f in m.live().map(|p| p.fds.as_slice()).unwrap_or(&[]) {
-            if let FdKind::EventFd { .. } = f.kind {
-                if let Some(other) = eventfds.insert(&f.path, m.pid) {
-                    return Err(DumpError::UnsupportedFd {
-                        pid: m.pid,
-                        fd: f.fd,
-                        target: "anon_inode:[eventfd]".into(),
-                        reason: format!(
-                            "the eventfd is shared with process {other}, which is not supported yet"
-                        ),
-                    });
-                }
-            }
-        }
-    }
-
-    // Timerfds and signalfds likewise (kcmp tells whether two descriptors share a file).
+    // Anonymous descriptors are recreated one per descriptor: one file shared between
+    // processes is refused (kcmp tells whether two descriptors share a file).
     let held: Vec<(i32, i32)> = processes
         .iter()
         .flat_map(|m| {
@@ -942,7 +924,10 @@ pub fn dump_tree(
                 .filter(|f| {
                     matches!(
                         f.kind,
-                        FdKind::TimerFd { .. } | FdKind::SignalFd { .. } | FdKind::Epoll { .. }
+                        FdKind::TimerFd { .. }
+                            | FdKind::SignalFd { .. }
+                            | FdKind::Epoll { .. }
+                            | FdKind::EventFd { .. }
                     )
                 })
                 .map(move |f| (m.pid, f.fd))
@@ -1357,7 +1342,6 @@ fn dump_fds(
         .collect();
     fds.sort_unstable();
     let mut out = Vec::new();
-    let mut eventfds = BTreeSet::new();
     let mut anon: Vec<i32> = Vec::new();
     for fd in fds {
         let target = match read_link(pid, &format!("fd/{fd}")) {
@@ -1400,42 +1384,10 @@ fn dump_fds(
             });
             continue;
         }
-        if target == "anon_inode:[eventfd]" {
-            let info = read_proc(pid, &format!("fdinfo/{fd}"))?;
-            let parse = |what: &'static str| DumpError::Parse {
-                pid,
-                what,
-                detail: info.clone(),
-            };
-            let flags = fdinfo_flags(pid, &info)?;
-            // The kernel prints the counter in hex.
-            let count = status_field(&info, "eventfd-count:")
-                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-                .ok_or_else(|| parse("eventfd-count"))?;
-            let id = status_field(&info, "eventfd-id:")
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .ok_or_else(|| parse("eventfd-id"))?;
-            // Older kernels do not say; a semaphore restored as a counter would be wrong.
-            let semaphore = status_field(&info, "eventfd-semaphore:")
-                .map(|v| v.trim() == "1")
-                .ok_or_else(|| refuse("this kernel does not tell whether it is a semaphore"))?;
-            if !eventfds.insert(id) {
-                return Err(refuse(
-                    "an eventfd held by several descriptors is not supported yet",
-                ));
-            }
-            out.push(FdState {
-                fd,
-                path: format!("eventfd:{id}"),
-                pos: 0,
-                flags,
-                kind: FdKind::EventFd { count, semaphore },
-            });
-            continue;
-        }
         if target == "anon_inode:[timerfd]"
             || target == "anon_inode:[signalfd]"
             || target == "anon_inode:[eventpoll]"
+            || target == "anon_inode:[eventfd]"
         {
             // Recreated once per descriptor: one open file behind two descriptors is refused.
             if let Some(other) = anon
@@ -1455,7 +1407,17 @@ fn dump_fds(
                 detail: info.clone(),
             };
             let flags = fdinfo_flags(pid, &info)?;
-            let kind = if target == "anon_inode:[eventpoll]" {
+            let kind = if target == "anon_inode:[eventfd]" {
+                // The kernel prints the counter in hex.
+                let count = status_field(&info, "eventfd-count:")
+                    .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+                    .ok_or_else(|| parse("eventfd-count"))?;
+                // Older kernels do not say; a semaphore restored as a counter would be wrong.
+                let semaphore = status_field(&info, "eventfd-semaphore:")
+                    .map(|v| v.trim() == "1")
+                    .ok_or_else(|| refuse("this kernel does not tell whether it is a semaphore"))?;
+                FdKind::EventFd { count, semaphore }
+            } else if target == "anon_inode:[eventpoll]" {
                 // One line per watch: "tfd: N events: HEX data: HEX pos:.. ino:.. sdev:..".
                 let mut watches = Vec::new();
                 for l in info.lines().filter(|l| l.starts_with("tfd:")) {

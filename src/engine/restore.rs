@@ -61,6 +61,11 @@ pub trait ChunkSource: Sync {
     }
 }
 
+/// `struct itimerval`/`itimerspec`-style words as the kernel reads them (little endian).
+fn le_words(words: &[i64]) -> Vec<u8> {
+    words.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
 /// Stored runs fetched and written at once (bytes).
 const FETCH_BATCH: u64 = 16 << 20;
 
@@ -1233,10 +1238,7 @@ impl Restorer<'_> {
                 // A periodic timer that expired is not re-armed by the kernel until it is read
                 // (fdinfo then shows no time left and one tick): it goes on one period later.
                 let value = if value == (0, 0) { interval } else { value };
-                let mut b = Vec::with_capacity(32);
-                for v in [interval.0, interval.1, value.0, value.1] {
-                    b.extend_from_slice(&v.to_le_bytes());
-                }
+                let b = le_words(&[interval.0, interval.1, value.0, value.1]);
                 self.t.write_mem(data, &b)?;
                 if value != (0, 0) {
                     self.t
@@ -1498,10 +1500,7 @@ impl Restorer<'_> {
                 });
             }
             if t.remaining != (0, 0) {
-                let mut its = Vec::with_capacity(32);
-                for v in [t.interval.0, t.interval.1, t.remaining.0, t.remaining.1] {
-                    its.extend_from_slice(&v.to_le_bytes());
-                }
+                let its = le_words(&[t.interval.0, t.interval.1, t.remaining.0, t.remaining.1]);
                 let a = self.put_bytes(256, &its)?;
                 self.call(
                     &format!("timer_settime (id {})", t.id),
@@ -1521,10 +1520,7 @@ impl Restorer<'_> {
     /// Re-arm the interval timers with the time they had left.
     fn restore_itimers(&mut self) -> Result<(), RestoreError> {
         for t in &self.image.signals.itimers {
-            let mut b = Vec::with_capacity(32);
-            for v in [t.interval.0, t.interval.1, t.value.0, t.value.1] {
-                b.extend_from_slice(&v.to_le_bytes());
-            }
+            let b = le_words(&[t.interval.0, t.interval.1, t.value.0, t.value.1]);
             let addr = self.put_bytes(0, &b)?;
             self.call(
                 &format!("setitimer({})", t.which),
