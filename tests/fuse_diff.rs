@@ -15,6 +15,10 @@
 //! (with write bits cleared: snapshots are read-only), both at once and again at the end of
 //! the run and after a remount.
 //!
+//! Every 1000 steps, if the tree has grown past 120 entries (renaming directories into one
+//! another nests them without bound), its biggest top-level entry is removed on both sides,
+//! one compared unlink or rmdir at a time, so that long runs keep a steady pace.
+//!
 //! `FORKPOINT_DIFF_OPS` sets the number of operations (default 3000), `FORKPOINT_DIFF_SEED`
 //! the seed (default: from the clock; printed at the start and in every failure).
 
@@ -1338,6 +1342,62 @@ fn step(run: &mut Run, rng: &mut Rng) -> bool {
     changes
 }
 
+/// Entries (below the root) of the reference tree under `rel`, children before parents.
+fn entries_below(run: &Run, rel: &str, out: &mut Vec<(String, bool)>) {
+    let Ok(rd) = std::fs::read_dir(run.p(1, rel)) else {
+        return;
+    };
+    let mut names: Vec<String> = rd
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    for n in names {
+        let path = if rel.is_empty() {
+            n
+        } else {
+            format!("{rel}/{n}")
+        };
+        let dir = lstat(&run.p(1, &path), false).is_ok_and(|s| s.key.kind == libc::S_IFDIR);
+        if dir {
+            entries_below(run, &path, out);
+        }
+        out.push((path, dir));
+    }
+}
+
+/// Renames of directories into one another let the tree grow without bound, and with it
+/// the cost of every whole-tree check. Past `limit` entries, the top-level entry with the
+/// most below it is removed on both sides, one unlink or rmdir at a time, each compared as
+/// any other operation.
+fn prune(run: &mut Run, limit: usize) {
+    let mut all = Vec::new();
+    entries_below(run, "", &mut all);
+    if all.len() <= limit {
+        return;
+    }
+    let top = |p: &str| p.split('/').next().unwrap_or("").to_string();
+    let mut count: BTreeMap<String, usize> = BTreeMap::new();
+    for (p, _) in &all {
+        *count.entry(top(p)).or_default() += 1;
+    }
+    let Some((victim, n)) = count
+        .into_iter()
+        .max_by_key(|(k, n)| (*n, std::cmp::Reverse(k.clone())))
+    else {
+        return;
+    };
+    run.history
+        .push_back(format!("prune /{victim} ({n} of {} entries)", all.len()));
+    for (path, dir) in all.iter().filter(|(p, _)| top(p) == victim) {
+        let desc = format!("prune: {}({path})", if *dir { "rmdir" } else { "unlink" });
+        run.same(&desc, |s| {
+            let p = run.p(s, path);
+            num(if *dir { sys_rmdir(&p) } else { sys_unlink(&p) }, |n| n)
+        });
+    }
+}
+
 fn check_snapshots(run: &Run, when: &str) {
     for (name, want) in &run.kept {
         let dir = run.mnt.join(".forkpoint/snapshots").join(name);
@@ -1401,6 +1461,7 @@ fn differential_against_tmpfs() {
     let start = Instant::now();
     let mut last_report = Instant::now();
     let (mut in_ops, mut in_checks) = (Duration::ZERO, Duration::ZERO);
+    let mut by_op: BTreeMap<String, Duration> = BTreeMap::new();
     let mut done = 0;
     for i in 0..ops {
         if budget.is_some_and(|b| start.elapsed() >= b) {
@@ -1419,19 +1480,43 @@ fn differential_against_tmpfs() {
         }
         let t2 = Instant::now();
         in_ops += t2 - t;
+        let kind: String = run
+            .history
+            .back()
+            .map(|h| {
+                h.chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect()
+            })
+            .unwrap_or_default();
+        *by_op.entry(kind).or_default() += t2 - t;
         dog.doing(&format!(
             "checks after step {i}: {}",
             run.history.back().map(String::as_str).unwrap_or("")
         ));
-        run.check(i % every == every - 1);
+        let full = i % every == every - 1;
+        run.check(full);
+        if i % 1000 == 999 {
+            prune(&mut run, 120);
+            run.pins.clear();
+            run.check(true);
+        }
         in_checks += t2.elapsed();
         dog.tick();
         if last_report.elapsed() > Duration::from_secs(60) {
             last_report = Instant::now();
+            let mut slow: Vec<_> = by_op.iter().collect();
+            slow.sort_by_key(|(_, d)| std::cmp::Reverse(**d));
+            let slow: Vec<String> = slow
+                .iter()
+                .take(4)
+                .map(|(k, d)| format!("{k} {d:.1?}"))
+                .collect();
             eprintln!(
-                "fuse_diff: {} ops in {:.0?} (operations {in_ops:.0?}, checks {in_checks:.0?}), {} snapshots",
+                "fuse_diff: {} ops in {:.0?} (operations {in_ops:.0?}: {}; checks {in_checks:.0?}), {} snapshots",
                 i + 1,
                 start.elapsed(),
+                slow.join(", "),
                 run.snaps
             );
         }

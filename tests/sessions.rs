@@ -542,6 +542,95 @@ out.flush()
     }
 }
 
+/// asyncio wakes its loop through a unix socket pair and watches it with epoll; here the
+/// program also streams numbered lines to itself over a second pair. Rolled back, it must
+/// carry on from the checkpoint: no line lost or repeated in flight, the loop still awake.
+#[test]
+fn python_asyncio_over_socket_pairs_survives() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    let script = lab.mnt.join("pingpong.py");
+    std::fs::write(
+        &script,
+        r#"
+import asyncio, os, socket
+for fd in range(3, 1024):
+    try: os.close(fd)
+    except OSError: pass
+
+async def main():
+    a, b = socket.socketpair()
+    _, w = await asyncio.open_connection(sock=a)
+    r, _ = await asyncio.open_connection(sock=b)
+    out = open("progress.txt", "a")
+    async def produce():
+        n = 0
+        while True:
+            w.write(b"%d\n" % n)
+            n += 1
+            if n % 50 == 0:
+                await w.drain()
+                await asyncio.sleep(0.01)
+    async def consume():
+        want = 0
+        while True:
+            line = await r.readline()
+            got = int(line)
+            ok = got == want
+            want += 1
+            if want % 50 == 0 or not ok:
+                out.write("%d %s\n" % (got, "ok" if ok else "BAD want %d" % (want - 1)))
+                out.flush()
+    # The self-pipe: another thread wakes the loop through asyncio's own socket pair.
+    loop = asyncio.get_running_loop()
+    def poke():
+        import threading, time
+        while True:
+            time.sleep(0.05)
+            loop.call_soon_threadsafe(lambda: None)
+    import threading
+    threading.Thread(target=poke, daemon=True).start()
+    await asyncio.gather(produce(), consume())
+
+asyncio.run(main())
+"#,
+    )
+    .expect("script");
+    lab.fp(&[
+        "run",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--",
+        "python3",
+        script.to_str().expect("utf8"),
+    ]);
+    let prog = lab.mnt.join("progress.txt");
+    wait_for("asyncio", Duration::from_secs(20), || lines_any(&prog) > 20);
+    lab.fp(&["checkpoint", "-m", lab.m(), "aio"]);
+    let at_cut = lines_any(&lab.mnt.join(".forkpoint/snapshots/aio/progress.txt"));
+    wait_for(
+        "asyncio after the checkpoint",
+        Duration::from_secs(20),
+        || lines_any(&prog) > at_cut + 20,
+    );
+    lab.fp(&["restore", "-m", lab.m(), "--detach", "aio"]);
+    wait_for("asyncio after restore", Duration::from_secs(20), || {
+        lines_any(&prog) > at_cut + 40
+    });
+    let text = std::fs::read_to_string(&prog).expect("progress");
+    for (i, l) in text.lines().enumerate() {
+        assert_eq!(
+            l,
+            format!("{} ok", (i + 1) * 50 - 1),
+            "line {} of progress",
+            i + 1
+        );
+    }
+}
+
 #[test]
 fn refusals_leave_the_program_running() {
     if !can_run() {

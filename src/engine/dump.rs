@@ -44,8 +44,9 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 
 use super::image::{
     Creds, EpollWatch, FdKind, FdState, FileId, ITimer, ImageMemory, Mapping, MappingKind,
-    MemberState, MmState, PipeImage, PosixTimer, ProcessImage, Regs, Rlimit, RseqState, SigAction,
-    SigAltStack, SigInfo, SignalState, ThreadState, TreeImage, TreeMember, PAGE_SIZE, SIGINFO_LEN,
+    MemberState, Message, MmState, PipeImage, PosixTimer, ProcessImage, Regs, Rlimit, RseqState,
+    SigAction, SigAltStack, SigInfo, SignalState, SocketEnd, SocketPairImage, ThreadState,
+    TreeImage, TreeMember, PAGE_SIZE, SIGINFO_LEN,
 };
 use super::sys;
 use super::tracer::{TraceError, Tracer};
@@ -779,8 +780,7 @@ fn children_map() -> std::collections::BTreeMap<i32, Vec<i32>> {
 }
 
 /// A process outside `tree` that has pipe `ino` open, if any.
-fn outside_holder(ino: u64, tree: &BTreeSet<i32>) -> Option<i32> {
-    let want = format!("pipe:[{ino}]");
+fn outside_holder(want: &str, tree: &BTreeSet<i32>) -> Option<i32> {
     for e in std::fs::read_dir("/proc").ok()?.flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
@@ -792,12 +792,113 @@ fn outside_holder(ino: u64, tree: &BTreeSet<i32>) -> Option<i32> {
             continue;
         };
         for fd in fds.flatten() {
-            if std::fs::read_link(fd.path()).is_ok_and(|t| t.as_os_str() == want.as_str()) {
+            if std::fs::read_link(fd.path()).is_ok_and(|t| t.as_os_str() == want) {
                 return Some(pid);
             }
         }
     }
     None
+}
+
+/// The unix socket pairs held by the members, with their queued messages. Refused: a socket
+/// that is not a unix socket, one with an address (bound, listening or connected to a named
+/// socket), one whose peer is outside the tree or gone, and messages carrying descriptors.
+fn socket_pairs(
+    processes: &[TreeMember],
+    known: &BTreeSet<i32>,
+) -> Result<Vec<SocketPairImage>, DumpError> {
+    use super::unix;
+    // Socket inode → its first holder (pid, fd).
+    let mut held: std::collections::BTreeMap<u64, (i32, i32)> = Default::default();
+    for m in processes {
+        for f in m.live().map(|p| p.fds.as_slice()).unwrap_or(&[]) {
+            if let FdKind::UnixSocket { ino } = f.kind {
+                held.entry(ino).or_insert((m.pid, f.fd));
+            }
+        }
+    }
+    if held.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (pid0, fd0) = held.values().next().copied().unwrap_or_default();
+    let diag = unix::unix_sockets().map_err(|e| DumpError::UnsupportedFd {
+        pid: pid0,
+        fd: fd0,
+        target: "socket".into(),
+        reason: format!("listing unix sockets (NETLINK_SOCK_DIAG): {e}"),
+    })?;
+    let mut out = Vec::new();
+    for (&ino, &(pid, fd)) in &held {
+        let refuse = |reason: String| DumpError::UnsupportedFd {
+            pid,
+            fd,
+            target: format!("socket:[{ino}]"),
+            reason,
+        };
+        let Some(d) = diag.get(&ino) else {
+            return Err(refuse(
+                "only unix socket pairs inside the tree are supported (this is not a unix socket)"
+                    .into(),
+            ));
+        };
+        if !d.name.is_empty() {
+            return Err(refuse(format!(
+                "the unix socket has the address {:?}; only unnamed socket pairs are supported",
+                String::from_utf8_lossy(&d.name)
+            )));
+        }
+        let peer = d.peer;
+        if peer == 0 {
+            return Err(refuse(
+                "the unix socket is not connected (or its peer is closed), which is not supported yet"
+                    .into(),
+            ));
+        }
+        if peer < ino && held.contains_key(&peer) {
+            continue; // the pair was recorded with its first end
+        }
+        let Some(&(ppid, pfd)) = held.get(&peer) else {
+            let why = match outside_holder(&format!("socket:[{peer}]"), known) {
+                Some(other) => format!("the other end is held by process {other} outside the tree"),
+                None => "the other end is not held inside the tree".into(),
+            };
+            return Err(refuse(why));
+        };
+        if diag.get(&peer).map(|p| p.peer) != Some(ino) {
+            return Err(refuse(format!(
+                "socket:[{peer}] is connected to it but not it to socket:[{peer}] (a datagram socket connected to another); not supported yet"
+            )));
+        }
+        let stream = d.kind as i32 == libc::SOCK_STREAM;
+        let end = |pid: i32, fd: i32, ino: u64| -> Result<SocketEnd, DumpError> {
+            let refuse = |reason: String| DumpError::UnsupportedFd {
+                pid,
+                fd,
+                target: format!("socket:[{ino}]"),
+                reason,
+            };
+            let sock = unix::take_fd(pid, fd).map_err(|e| refuse(format!("pidfd_getfd: {e}")))?;
+            let shutdown = diag.get(&ino).map_or(0, |d| d.shutdown);
+            let (sndbuf, rcvbuf) =
+                unix::buffer_sizes(&sock).map_err(|e| refuse(format!("getsockopt: {e}")))?;
+            // A message is never larger than the sender's buffer; allow generously.
+            let max = (sndbuf.max(rcvbuf) as usize).max(256 << 10) * 2;
+            let queue = unix::peek_queue(&sock, max, stream, shutdown & 1 != 0)
+                .map_err(|e| refuse(format!("reading the queued messages: {e}")))?;
+            Ok(SocketEnd {
+                ino,
+                queue: queue.into_iter().map(Message).collect(),
+                shutdown,
+                sndbuf,
+                rcvbuf,
+            })
+        };
+        out.push(SocketPairImage {
+            kind: d.kind as i32,
+            ends: [end(pid, fd, ino)?, end(ppid, pfd, peer)?],
+        });
+    }
+    Ok(out)
 }
 
 /// Copy the data buffered in the pipe behind `pid`'s `fd` without consuming it: open a new
@@ -964,7 +1065,7 @@ pub fn dump_tree(
         let writes = v.iter().any(|e| acc(e.2) != libc::O_RDONLY);
         let (pid, fd, _) = v[0];
         if !(reads && writes) {
-            if let Some(other) = outside_holder(*ino, &known) {
+            if let Some(other) = outside_holder(&format!("pipe:[{ino}]"), &known) {
                 return Err(DumpError::UnsupportedFd {
                     pid,
                     fd,
@@ -975,6 +1076,9 @@ pub fn dump_tree(
         }
         pipes.push(read_pipe(pid, fd, *ino)?);
     }
+
+    // 3b. Unix socket pairs: both ends inside the tree.
+    let sockets = socket_pairs(&processes, &known)?;
 
     // Shared memory without a file to map again (shared anonymous memory, memfd, deleted
     // files) is restored as each process's own copy: between two members that would silently
@@ -1014,6 +1118,7 @@ pub fn dump_tree(
         root,
         processes,
         pipes,
+        sockets,
     })
 }
 
@@ -1354,8 +1459,27 @@ fn dump_fds(
             target: target.clone(),
             reason: reason.to_string(),
         };
-        if target.starts_with("socket:") {
-            return Err(refuse("sockets are not supported"));
+        if let Some(ino) = target
+            .strip_prefix("socket:[")
+            .and_then(|t| t.strip_suffix(']'))
+            .and_then(|t| t.parse::<u64>().ok())
+        {
+            // Whether it is a unix socket pair inside the tree is decided with the whole tree
+            // in view (dump_tree).
+            if !allow_pipes {
+                return Err(refuse(
+                    "sockets are only supported (as unix socket pairs) when dumping a process tree",
+                ));
+            }
+            let info = read_proc(pid, &format!("fdinfo/{fd}"))?;
+            out.push(FdState {
+                fd,
+                path: target.clone(),
+                pos: 0,
+                flags: fdinfo_flags(pid, &info)?,
+                kind: FdKind::UnixSocket { ino },
+            });
+            continue;
         }
         if let Some(ino) = target
             .strip_prefix("pipe:[")

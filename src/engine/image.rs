@@ -39,7 +39,9 @@ pub const TREE_MAGIC: [u8; 8] = *b"FKPTTRE\0";
 ///    POSIX timers),
 ///    carried after the image in the payload; [`FdKind::EventFd`]. Version 1 and 2 images still decode (with no
 ///    pending signals and no timers, which is what they captured).
-pub const IMAGE_FORMAT_VERSION: u32 = 3;
+/// 4: unix socket pairs ([`SocketPairImage`], [`FdKind::UnixSocket`]), carried after the
+///    signal state in a tree payload. Older images decode with no sockets.
+pub const IMAGE_FORMAT_VERSION: u32 = 4;
 /// Size of one `siginfo_t` on x86_64.
 pub const SIGINFO_LEN: usize = 128;
 /// Length of the framed header.
@@ -282,7 +284,41 @@ pub struct TreeImage {
     pub processes: Vec<TreeMember>,
     /// Every pipe some member had an end of, with its buffered data.
     pub pipes: Vec<PipeImage>,
+    /// Every connected pair of unix sockets inside the tree, with the queued messages
+    /// (format version 4). Encoded after the image, like the signal state.
+    #[serde(skip)]
+    pub sockets: Vec<SocketPairImage>,
 }
+
+/// A connected pair of unix sockets (`socketpair`) both of whose ends are held inside the
+/// tree ([`IMAGE_FORMAT_VERSION`] 4).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SocketPairImage {
+    /// `SOCK_STREAM`, `SOCK_DGRAM` or `SOCK_SEQPACKET`.
+    pub kind: i32,
+    /// The two ends.
+    pub ends: [SocketEnd; 2],
+}
+
+/// One end of a [`SocketPairImage`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SocketEnd {
+    /// Inode at dump time (the key used by [`FdKind::UnixSocket`]).
+    pub ino: u64,
+    /// Messages queued for reading on this end, oldest first (for a stream, its bytes in
+    /// arbitrary pieces).
+    pub queue: Vec<Message>,
+    /// `sk_shutdown`: bit 0 = receive side shut down, bit 1 = send side.
+    pub shutdown: u8,
+    /// `SO_SNDBUF` as reported by `getsockopt`.
+    pub sndbuf: u32,
+    /// `SO_RCVBUF` as reported by `getsockopt`.
+    pub rcvbuf: u32,
+}
+
+/// One queued message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message(#[serde(with = "bytes")] pub Vec<u8>);
 
 /// One process of a [`TreeImage`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -737,6 +773,12 @@ pub enum FdKind {
         /// Created with `EFD_SEMAPHORE`.
         semaphore: bool,
     },
+    /// One end of a unix socket pair inside the tree (format version 4): the pair itself,
+    /// with its queued messages, is a [`SocketPairImage`].
+    UnixSocket {
+        /// Inode of the socket (`socket:[INO]`), the key into [`TreeImage::sockets`].
+        ino: u64,
+    },
 }
 
 /// One descriptor watched by an epoll instance (`epoll_ctl(EPOLL_CTL_ADD)` arguments).
@@ -837,7 +879,7 @@ pub fn encode_tree(img: &TreeImage) -> Result<Vec<u8>, ImageError> {
         .iter()
         .filter_map(|m| m.live().map(|p| (m.pid, &p.signals)))
         .collect();
-    encode_framed(&(img, signals), &TREE_MAGIC)
+    encode_framed(&(img, signals, &img.sockets), &TREE_MAGIC)
 }
 
 /// A version 3 process payload: the image, then its signal state.
@@ -850,12 +892,20 @@ fn process_from_payload(version: u32, payload: &[u8]) -> Result<ProcessImage, Im
     Ok(img)
 }
 
-/// A version 3 tree payload: the image, then (pid, signal state) of every live member.
+/// A version 3 tree payload: the image, then (pid, signal state) of every live member;
+/// version 4 adds the socket pairs.
 fn tree_from_payload(version: u32, payload: &[u8]) -> Result<TreeImage, ImageError> {
     if version < 3 {
         return from_payload(payload);
     }
-    let (mut img, signals): (TreeImage, Vec<(i32, SignalState)>) = from_payload(payload)?;
+    let (mut img, signals) = if version < 4 {
+        from_payload::<(TreeImage, Vec<(i32, SignalState)>)>(payload)?
+    } else {
+        let (mut img, signals, sockets): (TreeImage, Vec<(i32, SignalState)>, _) =
+            from_payload(payload)?;
+        img.sockets = sockets;
+        (img, signals)
+    };
     for (pid, st) in signals {
         let p = img
             .processes
@@ -1138,12 +1188,35 @@ pub(crate) mod tests {
 
     /// An image as format version 2 wrote it: the image alone, without signal state.
     fn encode_v2<T: Serialize>(img: &T, magic: &[u8; 8]) -> Vec<u8> {
+        encode_as(2, img, magic)
+    }
+
+    fn encode_as<T: Serialize>(version: u32, img: &T, magic: &[u8; 8]) -> Vec<u8> {
         let payload = postcard::to_stdvec(img).unwrap();
         let mut h = header(&payload, magic);
-        h[8..12].copy_from_slice(&2u32.to_le_bytes());
+        h[8..12].copy_from_slice(&version.to_le_bytes());
         let mut out = h.to_vec();
         out.extend_from_slice(&payload);
         out
+    }
+
+    #[test]
+    fn version_3_trees_decode_without_sockets() {
+        let img = sample();
+        let tree = TreeImage {
+            root: 42,
+            processes: vec![TreeMember {
+                pid: 42,
+                ppid: 1,
+                state: MemberState::Live(Box::new(img.clone())),
+            }],
+            pipes: Vec::new(),
+            sockets: Vec::new(),
+        };
+        let v3 = encode_as(3, &(&tree, vec![(42, &img.signals)]), &TREE_MAGIC);
+        let back = decode_tree(&v3).unwrap();
+        assert_eq!(back, tree);
+        assert_eq!(back.processes[0].live().unwrap().signals, img.signals);
     }
 
     #[test]
@@ -1163,6 +1236,7 @@ pub(crate) mod tests {
                 state: MemberState::Live(Box::new(img.clone())),
             }],
             pipes: Vec::new(),
+            sockets: Vec::new(),
         };
         let back = decode_tree(&encode_v2(&tree, &TREE_MAGIC)).unwrap();
         assert_eq!(back.processes[0].live(), Some(&want));
@@ -1355,6 +1429,25 @@ pub(crate) mod tests {
                 ino: 99,
                 capacity: 65536,
                 data: b"0001\n0002\n".to_vec(),
+            }],
+            sockets: vec![SocketPairImage {
+                kind: libc::SOCK_SEQPACKET,
+                ends: [
+                    SocketEnd {
+                        ino: 7,
+                        queue: vec![Message(b"one".to_vec()), Message(Vec::new())],
+                        shutdown: 1,
+                        sndbuf: 212_992,
+                        rcvbuf: 212_992,
+                    },
+                    SocketEnd {
+                        ino: 8,
+                        queue: Vec::new(),
+                        shutdown: 2,
+                        sndbuf: 4608,
+                        rcvbuf: 212_992,
+                    },
+                ],
             }],
         };
         let bytes = encode_tree(&tree).unwrap();

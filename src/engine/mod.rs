@@ -35,6 +35,7 @@ pub mod image;
 pub mod restore;
 pub mod sys;
 pub mod tracer;
+pub mod unix;
 
 pub use dump::{dump, dump_frozen, dump_tree, dump_with, AfterDump, DumpError, DumpOptions};
 pub use image::{

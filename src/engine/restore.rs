@@ -49,6 +49,7 @@ use super::image::{
 };
 use super::sys;
 use super::tracer::{TraceError, Tracer};
+use super::unix;
 
 /// Supplies page contents that an image references by hash ([`PageData::Stored`]).
 pub trait ChunkSource: Sync {
@@ -202,6 +203,14 @@ pub enum RestoreError {
     #[error("recreating pipe:[{ino}]: {reason}")]
     Pipe {
         /// Pipe inode in the image.
+        ino: u64,
+        /// Why.
+        reason: String,
+    },
+    /// A unix socket pair could not be recreated.
+    #[error("recreating socket:[{ino}]: {reason}")]
+    Socket {
+        /// Inode in the image of the pair's first end.
         ino: u64,
         /// Why.
         reason: String,
@@ -1047,21 +1056,33 @@ impl Restorer<'_> {
                 path: f.path.clone(),
                 source,
             };
-            if let FdKind::Pipe { ino } = f.kind {
-                let Some(&(r, w)) = self.pipes.and_then(|p| p.fds.get(&ino)) else {
-                    return Err(RestoreError::Unsupported {
-                        pid: self.image.pid,
-                        what: format!(
-                            "fd {} is a pipe (pipe:[{ino}]): pipes are restored with restore_tree only",
-                            f.fd
-                        ),
-                    });
-                };
-                let src = if f.flags & libc::O_ACCMODE == libc::O_WRONLY {
-                    w
-                } else {
-                    r
-                };
+            let from_restorer = |what: String, fd: Option<i32>| {
+                fd.ok_or_else(|| RestoreError::Unsupported {
+                    pid: self.image.pid,
+                    what: format!(
+                        "fd {} is {what}: pipes and socket pairs are restored with restore_tree only",
+                        f.fd
+                    ),
+                })
+            };
+            let inherited = match f.kind {
+                FdKind::Pipe { ino } => Some(from_restorer(
+                    format!("a pipe (pipe:[{ino}])"),
+                    self.pipes.and_then(|p| p.fds.get(&ino)).map(|&(r, w)| {
+                        if f.flags & libc::O_ACCMODE == libc::O_WRONLY {
+                            w
+                        } else {
+                            r
+                        }
+                    }),
+                )?),
+                FdKind::UnixSocket { ino } => Some(from_restorer(
+                    format!("a unix socket (socket:[{ino}])"),
+                    self.pipes.and_then(|p| p.sockets.get(&ino).copied()),
+                )?),
+                _ => None,
+            };
+            if let Some(src) = inherited {
                 let fl = if f.flags & libc::O_CLOEXEC != 0 {
                     libc::O_CLOEXEC as u64
                 } else {
@@ -1635,6 +1656,8 @@ struct PipeFds {
     base: i32,
     /// Pipe inode in the image → (read end, write end).
     fds: std::collections::BTreeMap<u64, (i32, i32)>,
+    /// Socket inode in the image → the recreated socket.
+    sockets: std::collections::BTreeMap<u64, i32>,
 }
 
 /// Options for [`restore_tree`].
@@ -1711,6 +1734,33 @@ fn check_tree(tree: &TreeImage, opts: &TreeRestoreOptions) -> Result<(), Restore
             }
         }
     }
+    let mut ends = std::collections::BTreeSet::new();
+    for pair in &tree.sockets {
+        if ![libc::SOCK_STREAM, libc::SOCK_DGRAM, libc::SOCK_SEQPACKET].contains(&pair.kind) {
+            return Err(bad(format!("a socket pair of unknown type {}", pair.kind)));
+        }
+        for end in &pair.ends {
+            if !ends.insert(end.ino) {
+                return Err(bad(format!("socket:[{}] appears twice", end.ino)));
+            }
+            let bytes: usize = end.queue.iter().map(|m| m.0.len()).sum();
+            if bytes > (1 << 30) {
+                return Err(bad(format!("socket:[{}] holds {bytes} bytes", end.ino)));
+            }
+        }
+    }
+    for m in &tree.processes {
+        for f in m.live().map(|p| p.fds.as_slice()).unwrap_or(&[]) {
+            if let FdKind::UnixSocket { ino } = f.kind {
+                if !ends.contains(&ino) {
+                    return Err(bad(format!(
+                        "fd {} of process {} names the unknown socket:[{ino}]",
+                        f.fd, m.pid
+                    )));
+                }
+            }
+        }
+    }
     for p in &tree.pipes {
         if p.data.len() > (1 << 30) {
             return Err(bad(format!(
@@ -1758,7 +1808,51 @@ fn make_pipes(tree: &TreeImage) -> Result<(Vec<std::os::fd::OwnedFd>, PipeFds), 
         owned.push(r);
         owned.push(w);
     }
-    Ok((owned, PipeFds { base, fds }))
+    let mut sockets = std::collections::BTreeMap::new();
+    for pair in &tree.sockets {
+        let [a, b] = &pair.ends;
+        let err = |reason: String| RestoreError::Socket { ino: a.ino, reason };
+        let (sa, sb) = unix::socketpair(pair.kind)
+            .map_err(|e| err(format!("socketpair({}): {e}", pair.kind)))?;
+        let stream = pair.kind == libc::SOCK_STREAM;
+        // What is queued on one end is sent from the other, whose send buffer holds it until
+        // it is read: make room first, then put the recorded sizes back.
+        for (from, end) in [(&sb, a), (&sa, b)] {
+            let bytes: usize = end.queue.iter().map(|m| m.0.len() + 1024).sum();
+            let room = (bytes as u64 * 2 + (1 << 20)).min(i32::MAX as u64) as u32;
+            unix::set_buffer_sizes(from, room, room)
+                .map_err(|e| err(format!("SO_SNDBUFFORCE: {e}")))?;
+            let msgs: Vec<Vec<u8>> = end.queue.iter().map(|m| m.0.clone()).collect();
+            unix::send_all(from, &msgs, stream)
+                .map_err(|e| err(format!("queueing {} messages: {e}", msgs.len())))?;
+        }
+        for (s, end) in [(&sa, a), (&sb, b)] {
+            unix::set_buffer_sizes(s, end.sndbuf, end.rcvbuf)
+                .map_err(|e| err(format!("setting the buffer sizes: {e}")))?;
+        }
+        // Shutdowns last (a shut-down send side could not queue). Shutting down one end's
+        // sending also shuts down the other's receiving, so only what is left is applied.
+        for (s, end, other) in [(&sa, a, b), (&sb, b, a)] {
+            let how = match (
+                end.shutdown & 2 != 0,
+                end.shutdown & 1 != 0 && other.shutdown & 2 == 0,
+            ) {
+                (true, true) => Some(libc::SHUT_RDWR),
+                (true, false) => Some(libc::SHUT_WR),
+                (false, true) => Some(libc::SHUT_RD),
+                (false, false) => None,
+            };
+            if let Some(how) = how {
+                unix::shutdown(s, how).map_err(|e| err(format!("shutdown: {e}")))?;
+            }
+        }
+        for (s, end) in [(sa, a), (sb, b)] {
+            let s = sys::dup_at_least(&s, base).map_err(|e| err(format!("dup: {e}")))?;
+            sockets.insert(end.ino, s.as_raw_fd());
+            owned.push(s);
+        }
+    }
+    Ok((owned, PipeFds { base, fds, sockets }))
 }
 
 /// Restore a process tree ([`TreeImage`], from [`super::dump::dump_tree`]).

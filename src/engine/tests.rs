@@ -1254,6 +1254,7 @@ fn restore_refuses_pipe_fd_without_tree() {
             state: super::image::MemberState::Live(Box::new(img)),
         }],
         pipes: Vec::new(),
+        sockets: Vec::new(),
     };
     let err = super::restore::restore_tree(&tree, &Default::default()).unwrap_err();
     assert!(
@@ -1967,4 +1968,240 @@ int main(int argc, char **argv) {
     // Both keep running: the shared counter still moves.
     let n = count();
     assert!(wait_until(Duration::from_secs(5), || count() > n + 5));
+}
+
+/// A parent streams numbers to its child over three unix socket pairs: a stream (8-byte
+/// counters), datagrams (one per four counters) and, written once before the fork, two
+/// SEQPACKET messages followed by a shutdown, which the child reads only on SIGUSR1.
+const SOCKETS_C: &str = r#"
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+static volatile sig_atomic_t go;
+static void on_usr1(int s) { (void)s; go = 1; }
+
+static void put(const char *path, const char *text) {
+    char tmp[4096];
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    FILE *f = fopen(tmp, "w");
+    if (!f) return;
+    fputs(text, f);
+    fclose(f);
+    rename(tmp, path);
+}
+
+int main(int argc, char **argv) {
+    if (argc < 4) return 2;
+    syscall(SYS_close_range, 3, ~0U, 0); /* drop fds inherited from the test harness */
+    int s[2], d[2], q[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM, 0, s) || socketpair(AF_UNIX, SOCK_DGRAM, 0, d) ||
+        socketpair(AF_UNIX, SOCK_SEQPACKET, 0, q))
+        return 3;
+    send(q[0], "hello", 5, 0);
+    send(q[0], "world!", 6, 0);
+    shutdown(q[0], SHUT_WR);
+    signal(SIGUSR1, on_usr1);
+    pid_t c = fork();
+    if (c == 0) {
+        close(s[0]); close(d[0]); close(q[0]);
+        unsigned long long ns = 0, nd = 0;
+        int bad = 0;
+        for (;;) {
+            unsigned long long v = 0;
+            size_t got = 0;
+            while (got < 8) {
+                ssize_t n = read(s[1], (char *)&v + got, 8 - got);
+                if (n < 0 && errno == EINTR) continue;
+                if (n <= 0) { bad = 1; break; }
+                got += n;
+            }
+            if (v != ns && !bad) bad = 2;
+            ns++;
+            if (ns % 4 == 0) {
+                unsigned long long w = 0;
+                ssize_t n;
+                do n = recv(d[1], &w, sizeof w, 0); while (n < 0 && errno == EINTR);
+                if ((n != 8 || w != nd) && !bad) bad = 3;
+                nd++;
+            }
+            if (ns % 64 == 0) {
+                char b[100];
+                snprintf(b, sizeof b, "%llu %llu %d\n", ns, nd, bad);
+                put(argv[1], b);
+                usleep(1000);
+            }
+            if (go) {
+                go = 0;
+                char out[256] = "", r[64];
+                for (;;) {
+                    ssize_t n = recv(q[1], r, sizeof r - 1, 0);
+                    if (n < 0 && errno == EINTR) continue;
+                    if (n <= 0) { strcat(out, n == 0 ? "EOF\n" : "ERR\n"); break; }
+                    r[n] = 0;
+                    strcat(out, r);
+                    strcat(out, ",");
+                }
+                put(argv[3], out);
+            }
+        }
+    }
+    close(s[1]); close(d[1]); close(q[1]);
+    char b[32];
+    snprintf(b, sizeof b, "%d\n", (int)c);
+    put(argv[2], b);
+    for (unsigned long long v = 0;; v++) {
+        size_t off = 0;
+        while (off < 8) {
+            ssize_t n = write(s[0], (char *)&v + off, 8 - off);
+            if (n < 0 && errno == EINTR) continue;
+            if (n <= 0) return 4;
+            off += n;
+        }
+        if (v % 4 == 3) {
+            unsigned long long w = v / 4;
+            ssize_t n;
+            do n = send(d[0], &w, sizeof w, 0); while (n < 0 && errno == EINTR);
+            if (n != 8) return 5;
+        }
+    }
+}
+"#;
+
+/// (counters read, datagrams read, error code) from the socket test's progress file.
+fn socket_progress(path: &Path) -> (u64, u64, i32) {
+    let s = std::fs::read_to_string(path).unwrap_or_default();
+    let v: Vec<&str> = s.split_whitespace().collect();
+    if v.len() != 3 {
+        return (0, 0, 0);
+    }
+    (
+        v[0].parse().unwrap_or(0),
+        v[1].parse().unwrap_or(0),
+        v[2].parse().unwrap_or(-1),
+    )
+}
+
+#[test]
+fn unix_socket_pairs_survive_with_queued_messages() {
+    require_env!();
+    use super::dump::{dump_tree, AfterDump, DumpOptions};
+    use super::restore::{restore_tree, TreeRestoreOptions};
+    let mut guard = TreeGuard::new();
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build(dir.path(), "sockets", SOCKETS_C);
+    let prog = dir.path().join("progress");
+    let pids_file = dir.path().join("pids");
+    let report = dir.path().join("report");
+    let child = Command::new(&exe)
+        .args([&prog, &pids_file, &report])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let root = child.id() as i32;
+    drop(child);
+    guard.add(&[root]);
+    assert!(wait_until(Duration::from_secs(5), || {
+        std::fs::read_to_string(&pids_file).is_ok_and(|s| s.ends_with('\n'))
+    }));
+    let kid: i32 = std::fs::read_to_string(&pids_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    guard.add(&[kid]);
+    assert!(wait_until(Duration::from_secs(10), || socket_progress(
+        &prog
+    )
+    .0 >= 20_000));
+
+    // A dump that lets the tree run on must leave the queues as they were (peeked only).
+    dump_tree(root, &DumpOptions::default(), &mut || Ok(())).unwrap();
+    let before = socket_progress(&prog).0;
+    assert!(wait_until(Duration::from_secs(10), || socket_progress(
+        &prog
+    )
+    .0 >= before
+        + 20_000));
+    assert_eq!(socket_progress(&prog).2, 0, "the child saw a gap");
+
+    let img = dump_tree(
+        root,
+        &DumpOptions {
+            after: AfterDump::Kill,
+            ..Default::default()
+        },
+        &mut || Ok(()),
+    )
+    .unwrap();
+    let img = super::image::decode_tree(&super::image::encode_tree(&img).unwrap()).unwrap();
+    assert_eq!(img.sockets.len(), 3, "{:?}", img.sockets.len());
+    let queued = |kind: i32| -> (usize, usize) {
+        let p = img.sockets.iter().find(|p| p.kind == kind).unwrap();
+        let msgs: usize = p.ends.iter().map(|e| e.queue.len()).sum();
+        let bytes = p
+            .ends
+            .iter()
+            .flat_map(|e| &e.queue)
+            .map(|m| m.0.len())
+            .sum();
+        (msgs, bytes)
+    };
+    let (_, stream_bytes) = queued(libc::SOCK_STREAM);
+    let (dgrams, _) = queued(libc::SOCK_DGRAM);
+    assert!(stream_bytes > 0, "nothing in flight in the stream");
+    assert!(dgrams > 0, "no datagram in flight");
+    let seq = img
+        .sockets
+        .iter()
+        .find(|p| p.kind == libc::SOCK_SEQPACKET)
+        .unwrap();
+    let msgs: Vec<&[u8]> = seq
+        .ends
+        .iter()
+        .flat_map(|e| &e.queue)
+        .map(|m| m.0.as_slice())
+        .collect();
+    assert_eq!(msgs, vec![&b"hello"[..], &b"world!"[..]]);
+    eprintln!("sockets: {stream_bytes} stream bytes and {dgrams} datagrams in flight");
+    guard.kill_all();
+    let at_dump = socket_progress(&prog).0;
+    let new_root = restore_tree(
+        &img,
+        &TreeRestoreOptions {
+            keep_pids: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    guard.add(&[root, kid]);
+    assert_eq!(new_root, root);
+    assert!(
+        wait_until(Duration::from_secs(10), || socket_progress(&prog).0
+            >= at_dump + 20_000
+            || socket_progress(&prog).2 != 0),
+        "the child did not continue: {:?}",
+        socket_progress(&prog)
+    );
+    let (ns, nd, bad) = socket_progress(&prog);
+    assert_eq!(
+        bad, 0,
+        "the child saw a gap or a bad message after the restore"
+    );
+    assert_eq!(nd, ns / 4);
+    sys::kill(kid, libc::SIGUSR1).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || {
+        std::fs::read_to_string(&report).is_ok_and(|s| s.ends_with('\n'))
+    }));
+    assert_eq!(
+        std::fs::read_to_string(&report).unwrap(),
+        "hello,world!,EOF\n",
+        "SEQPACKET boundaries and the peer's shutdown"
+    );
 }
