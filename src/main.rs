@@ -390,7 +390,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                 },
             )?;
             println!(
-                "checkpoint '{name}' of session {} is #{}: downtime {:.1} ms, total {:.1} ms (dump {:.1}, hand-off {:.1}), image {} bytes, {} new after dedup",
+                "checkpoint '{name}' of session {} is #{}: downtime {:.1} ms, total {:.1} ms (dump {:.1}, hand-off {:.1}), image {} bytes, {} new after dedup, {} pages unchanged since the last checkpoint",
                 s.name,
                 v["cno"],
                 v["downtime_us"].as_f64().unwrap_or(0.0) / 1000.0,
@@ -398,7 +398,8 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                 v["dump_us"].as_f64().unwrap_or(0.0) / 1000.0,
                 v["handoff_us"].as_f64().unwrap_or(0.0) / 1000.0,
                 v["image_bytes"],
-                v["new_bytes"]
+                v["new_bytes"],
+                v["reused_pages"].as_u64().unwrap_or(0)
             );
         }
         Cmd::Restore {

@@ -14,6 +14,7 @@
 
 use crate::daemon::{self, Request};
 use anyhow::{anyhow, bail, Context, Result};
+use forkpoint::engine::dirty::DirtyTracker;
 use forkpoint::engine::{self, AfterDump, DumpOptions, TreeImage, TreeRestoreOptions};
 use forkpoint_fs::maint::decode_image;
 use forkpoint_fs::{ContentId, Store};
@@ -21,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Version of the session image wrapper.
@@ -345,6 +347,10 @@ fn init(spec: &InitSpec, mut info: SessionInfo) -> Result<i32> {
     let listener = UnixListener::bind(&sock).with_context(|| format!("bind {}", sock.display()))?;
     listener.set_nonblocking(true)?;
     let mut main_status: Option<i32> = None;
+    // Pages written since the last checkpoint of this session (FORKPOINT_DIRTY_TRACKING=0
+    // turns it off, to compare).
+    let tracker = (std::env::var("FORKPOINT_DIRTY_TRACKING").as_deref() != Ok("0"))
+        .then(|| Arc::new(Mutex::new(DirtyTracker::new())));
     loop {
         // Reap: the program, and orphans re-parented to us.
         loop {
@@ -365,7 +371,7 @@ fn init(spec: &InitSpec, mut info: SessionInfo) -> Result<i32> {
         match listener.accept() {
             Ok((conn, _)) => {
                 let _ = conn.set_nonblocking(false);
-                let killed = handle_control(spec, main, &conn);
+                let killed = handle_control(spec, main, &conn, tracker.as_ref());
                 if killed {
                     // The program was killed at its checkpoint; the session ends with it.
                     let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(main), None);
@@ -395,7 +401,12 @@ pub struct CheckpointRequest {
     pub allow_outside: Vec<PathBuf>,
 }
 
-fn handle_control(spec: &InitSpec, main: i32, conn: &UnixStream) -> bool {
+fn handle_control(
+    spec: &InitSpec,
+    main: i32,
+    conn: &UnixStream,
+    tracker: Option<&Arc<Mutex<DirtyTracker>>>,
+) -> bool {
     let mut line = String::new();
     if BufReader::new(conn).read_line(&mut line).is_err() {
         return false;
@@ -403,7 +414,16 @@ fn handle_control(spec: &InitSpec, main: i32, conn: &UnixStream) -> bool {
     let (resp, killed) = match serde_json::from_str::<CheckpointRequest>(&line) {
         Ok(req) => {
             let kill = req.after == "kill";
-            match checkpoint(spec, main, &req) {
+            let res = checkpoint(spec, main, &req, tracker);
+            if let Some(t) = tracker {
+                let mut t = t.lock().unwrap_or_else(|p| p.into_inner());
+                match &res {
+                    // Pages written from now on are told apart from those of this image.
+                    Ok((_, Some(img))) => t.remember(img),
+                    _ => t.forget(),
+                }
+            }
+            match res.map(|(v, _)| v) {
                 Ok(v) => (serde_json::json!({"ok": true, "value": v}), kill),
                 Err(e) => (
                     serde_json::json!({"ok": false, "error": format!("{e:#}")}),
@@ -422,7 +442,14 @@ fn handle_control(spec: &InitSpec, main: i32, conn: &UnixStream) -> bool {
     killed
 }
 
-fn checkpoint(spec: &InitSpec, main: i32, req: &CheckpointRequest) -> Result<serde_json::Value> {
+/// Takes a checkpoint; returns what to report and, when it let the program run on, the
+/// committed image (its memory in the store) for dirty-page tracking.
+fn checkpoint(
+    spec: &InitSpec,
+    main: i32,
+    req: &CheckpointRequest,
+    tracker: Option<&Arc<Mutex<DirtyTracker>>>,
+) -> Result<(serde_json::Value, Option<TreeImage>)> {
     forkpoint_fs::fs::validate_name(&req.name)?;
     let after = match req.after.as_str() {
         "kill" => AfterDump::Kill,
@@ -430,6 +457,7 @@ fn checkpoint(spec: &InitSpec, main: i32, req: &CheckpointRequest) -> Result<ser
     };
     let opts = DumpOptions {
         after,
+        dirty: tracker.filter(|_| after == AfterDump::Resume).cloned(),
         ..Default::default()
     };
     let t0 = Instant::now();
@@ -526,7 +554,12 @@ fn checkpoint(spec: &InitSpec, main: i32, req: &CheckpointRequest) -> Result<ser
     v["pid"] = serde_json::json!(main);
     v["dump_us"] = serde_json::json!(t_dump.as_micros() as u64);
     v["handoff_us"] = serde_json::json!((t_write - t_dump).as_micros() as u64);
-    Ok(v)
+    let reused = opts.dirty.as_ref().map_or(0, |t| {
+        t.lock().unwrap_or_else(|p| p.into_inner()).reused_pages
+    });
+    v["reused_pages"] = serde_json::json!(reused);
+    let keep = opts.dirty.is_some().then_some(img);
+    Ok((v, keep))
 }
 
 /// Refuses a checkpoint while a process of the session holds a file outside the mount open

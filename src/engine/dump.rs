@@ -189,6 +189,9 @@ pub struct DumpOptions {
     /// session, the terminal `forkpoint run` ran in). Any other terminal is refused: a program
     /// that drives a pseudo-terminal of its own must not be re-attached to the user's.
     pub terminals: Vec<(u64, u64)>,
+    /// Dirty-page tracking across checkpoints: pages not written since the last committed
+    /// checkpoint are taken from its image instead of being read ([`super::dirty`]).
+    pub dirty: Option<std::sync::Arc<std::sync::Mutex<super::dirty::DirtyTracker>>>,
 }
 
 /// The terminals among this process's stdin, stdout and stderr, as (`st_dev`, `st_rdev`).
@@ -609,7 +612,20 @@ fn read_frozen(
     }
 
     // 5. Memory.
-    let memory = dump_memory(pid, &mut frozen.tracers[0], &mappings, &contents)?;
+    let mut tracker = opts
+        .dirty
+        .as_ref()
+        .map(|d| d.lock().unwrap_or_else(|p| p.into_inner()));
+    let (memory, scanned, reused) = dump_memory(
+        pid,
+        &mut frozen.tracers[0],
+        &mappings,
+        &contents,
+        tracker.as_deref(),
+    )?;
+    if let Some(t) = tracker.as_mut() {
+        t.reused_pages += reused;
+    }
 
     // 6. /proc state.
     let terminals = if opts.terminals.is_empty() {
@@ -633,6 +649,18 @@ fn read_frozen(
             rlimits.push(Rlimit { resource, cur, max });
         }
     }
+    // 7. Dirty-page tracking for the next checkpoint (everything above is read).
+    if let Some(mut tracker) = tracker {
+        let ranges: Vec<(u64, u64)> = mappings
+            .iter()
+            .zip(&contents)
+            .filter(|(m, c)| !m.shared && matches!(c, Contents::Present | Contents::AnonOnly))
+            .map(|(m, _)| (m.start, m.end))
+            .collect();
+        let t = &mut frozen.tracers[0];
+        tracker.arm(pid, &ranges, &scanned, || make_uffd(pid, t));
+    }
+
     let stat = read_proc(pid, "stat")?;
     let (pgid, sid) = parse_pgid_sid(pid, &stat)?;
     let mut mm = parse_mm(pid, &stat)?;
@@ -669,6 +697,30 @@ fn read_frozen(
         sigactions,
         signals,
     })
+}
+
+/// A userfaultfd for the memory of `pid`: made by a syscall injected into it (with every
+/// signal blocked in the injecting thread), taken over with `pidfd_getfd`, closed there.
+fn make_uffd(pid: i32, t: &mut Tracer) -> Result<std::os::fd::OwnedFd, String> {
+    let mask = t.sigmask().map_err(|e| e.to_string())?;
+    t.set_sigmask(!0).map_err(|e| e.to_string())?;
+    let res = (|| {
+        let fd = t
+            .syscall(
+                libc::SYS_userfaultfd,
+                [super::dirty::UFFD_FLAGS, 0, 0, 0, 0, 0],
+            )
+            .map_err(|e| format!("userfaultfd: {e}"))?;
+        let ours = super::unix::take_fd(pid, fd as i32).map_err(|e| format!("pidfd_getfd: {e}"));
+        let closed = t
+            .syscall(libc::SYS_close, [fd, 0, 0, 0, 0, 0])
+            .map_err(|e| format!("close: {e}"));
+        let ours = ours?;
+        closed?;
+        Ok(ours)
+    })();
+    t.set_sigmask(mask).map_err(|e| e.to_string())?;
+    res
 }
 
 /// Step 7 for every frozen process: thaw (explicitly, to report errors) or kill. With
@@ -1330,12 +1382,22 @@ const READ_PIECE: u64 = 8 << 20;
 /// Pages whose pagemap entries are examined at once.
 const PAGEMAP_WINDOW: u64 = 1 << 16;
 
+/// The memory of a process, the mappings the dirty-page tracker scanned, and how many pages
+/// it let the dump reuse.
+type DumpedMemory = (ImageMemory, Vec<(u64, u64)>, u64);
+
+/// Reads the memory to dump. With a `tracker`, pages present and not written since the last
+/// committed checkpoint are taken from its image; returns also the mappings (start, end)
+/// the tracker could scan.
 fn dump_memory(
     pid: i32,
     tracer: &mut Tracer,
     mappings: &[Mapping],
     contents: &[Contents],
-) -> Result<ImageMemory, DumpError> {
+    tracker: Option<&super::dirty::DirtyTracker>,
+) -> Result<DumpedMemory, DumpError> {
+    let mut scanned = Vec::new();
+    let tracker = tracker.filter(|t| t.tracks(pid));
     let mut mem = ImageMemory {
         page_size: PAGE_SIZE,
         runs: Vec::new(),
@@ -1344,9 +1406,21 @@ fn dump_memory(
     let pagemap = File::open(&pm_path).ok();
     let mut buf = Vec::new();
     let mut entries = Vec::new();
+    let mut reused = 0u64;
     for (m, c) in mappings.iter().zip(contents) {
         if *c == Contents::None {
             continue;
+        }
+        let reuse = match (tracker, &pagemap) {
+            (Some(t), Some(pm))
+                if !m.shared && matches!(c, Contents::Present | Contents::AnonOnly) =>
+            {
+                t.reusable(pid, pm, m.start, m.end)
+            }
+            _ => None,
+        };
+        if reuse.is_some() {
+            scanned.push((m.start, m.end));
         }
         let npages = m.len() / PAGE_SIZE;
         // Work through the mapping in windows so huge sparse mappings stay cheap.
@@ -1381,14 +1455,29 @@ fn dump_memory(
                         .collect()
                 }
             };
+            let known = |k: u64| {
+                reuse
+                    .as_ref()
+                    .and_then(|r| r.get(&(wstart + k * PAGE_SIZE)))
+            };
             let mut i = 0u64;
             while i < wn {
                 if !wanted[i as usize] {
                     i += 1;
                     continue;
                 }
+                if let Some(d) = known(i) {
+                    mem.push_known_page(wstart + i * PAGE_SIZE, d.clone());
+                    reused += 1;
+                    i += 1;
+                    continue;
+                }
                 let mut j = i;
-                while j < wn && wanted[j as usize] && (j - i) * PAGE_SIZE < READ_PIECE {
+                while j < wn
+                    && wanted[j as usize]
+                    && known(j).is_none()
+                    && (j - i) * PAGE_SIZE < READ_PIECE
+                {
                     j += 1;
                 }
                 let addr = wstart + i * PAGE_SIZE;
@@ -1403,7 +1492,13 @@ fn dump_memory(
             w0 += wn;
         }
     }
-    Ok(mem)
+    if tracker.is_some() {
+        log::debug!(
+            "process {pid}: {reused} pages taken from the last checkpoint, {} mappings scanned",
+            scanned.len()
+        );
+    }
+    Ok((mem, scanned, reused))
 }
 
 /// The `flags:` (octal) of an fdinfo text.

@@ -661,6 +661,24 @@ impl ImageMemory {
         }
     }
 
+    /// Appends one page at `addr` (above every run so far) whose contents are known from an
+    /// earlier image (zero or stored), without its bytes.
+    pub fn push_known_page(&mut self, addr: u64, data: PageData) {
+        if data == PageData::Zero {
+            if let Some(last) = self.runs.last_mut() {
+                if last.data == PageData::Zero && last.addr + last.len == addr {
+                    last.len += self.page_size;
+                    return;
+                }
+            }
+        }
+        self.runs.push(PageRun {
+            addr,
+            len: self.page_size,
+            data,
+        });
+    }
+
     /// Total bytes covered by runs.
     pub fn covered_bytes(&self) -> u64 {
         self.runs.iter().map(|r| r.len).sum()

@@ -30,6 +30,7 @@
 //! from one thread at a time per target process. Dumping and restoring need root (or
 //! `CAP_SYS_PTRACE` + `CAP_SYS_RESOURCE` + `CAP_SYS_ADMIN`/`CAP_CHECKPOINT_RESTORE`).
 
+pub mod dirty;
 pub mod dump;
 pub mod image;
 pub mod restore;

@@ -2205,3 +2205,145 @@ fn unix_socket_pairs_survive_with_queued_messages() {
         "SEQPACKET boundaries and the peer's shutdown"
     );
 }
+
+/// 64 MiB of pseudo-random memory; on SIGUSR1 it rewrites one byte in every 4th page,
+/// drops two pages with MADV_DONTNEED and maps a new 1 MiB region, then reports "changed".
+const DIRTY_C: &str = r#"
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+static volatile sig_atomic_t go;
+static void on_usr1(int s) { (void)s; go = 1; }
+int main(int argc, char **argv) {
+    syscall(SYS_close_range, 3, ~0U, 0);
+    size_t n = 64 << 20;
+    unsigned char *m = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    unsigned long x = 88172645463325252UL;
+    for (size_t i = 0; i < n; i += 8) { x ^= x << 13; x ^= x >> 7; x ^= x << 17; *(unsigned long *)(m + i) = x; }
+    memset(m + 4096 * 9, 0, 4096 * 3); /* a few zero pages */
+    signal(SIGUSR1, on_usr1);
+    FILE *f = fopen(argv[1], "w");
+    fprintf(f, "%lu %lu\n", (unsigned long)m, (unsigned long)n);
+    fclose(f);
+    for (;;) {
+        if (go) {
+            go = 0;
+            for (size_t p = 0; p < n / 4096; p += 4) m[p * 4096 + 100] ^= 0x5a;
+            madvise(m + 4096 * 5, 4096, MADV_DONTNEED);
+            madvise(m + 4096 * 7, 4096, MADV_DONTNEED);
+            unsigned char *extra = mmap(NULL, 1 << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            memset(extra, 7, 1 << 20);
+            f = fopen(argv[2], "w");
+            fprintf(f, "%lu\n", (unsigned long)extra);
+            fclose(f);
+        }
+        usleep(2000);
+    }
+}
+"#;
+
+#[test]
+fn incremental_dump_reads_only_written_pages() {
+    require_env!();
+    use super::dirty::DirtyTracker;
+    use super::dump::{dump_with, DumpOptions};
+    use super::image::PageData;
+    use std::sync::{Arc, Mutex};
+    let mut procs = Procs(Vec::new());
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build(dir.path(), "dirty", DIRTY_C);
+    let (ready, changed) = (dir.path().join("ready"), dir.path().join("changed"));
+    let pid = spawn(&exe, &[&ready, &changed], &mut procs);
+    assert!(wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(&ready).is_ok_and(|s| s.ends_with('\n'))
+    }));
+    let v: Vec<u64> = std::fs::read_to_string(&ready)
+        .unwrap()
+        .split_whitespace()
+        .map(|x| x.parse().unwrap())
+        .collect();
+    let (base, len) = (v[0], v[1]);
+    let tracker = Arc::new(Mutex::new(DirtyTracker::new()));
+    let opts = DumpOptions {
+        dirty: Some(tracker.clone()),
+        ..Default::default()
+    };
+    let mut chunks: std::collections::HashMap<[u8; 32], Vec<u8>> = Default::default();
+    let mut externalize = |img: &mut ProcessImage| {
+        img.memory
+            .externalize(|h, b| {
+                chunks.insert(*h, b.to_vec());
+                Ok::<(), ()>(())
+            })
+            .unwrap();
+    };
+    let mut first = dump_with(pid, &opts).unwrap();
+    externalize(&mut first);
+    {
+        let mut t = tracker.lock().unwrap();
+        assert_eq!(t.reused_pages, 0, "nothing to reuse at the first dump");
+        t.remember_memory([(pid, &first.memory)]);
+    }
+    sys::kill(pid, libc::SIGUSR1).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(&changed).is_ok_and(|s| s.ends_with('\n'))
+    }));
+    let extra: u64 = std::fs::read_to_string(&changed)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let mut second = dump_with(pid, &opts).unwrap();
+    let reused = tracker.lock().unwrap().reused_pages;
+    let pages = len / 4096;
+    eprintln!("incremental dump: {reused} of {pages} pages of the buffer reused");
+    // Every 4th page was written (8192 regions: more than one scan buffer), two dropped:
+    // the rest of the buffer is reused.
+    assert!(
+        reused >= pages - pages / 4 - 2 && reused < pages,
+        "{reused} pages reused"
+    );
+    externalize(&mut second);
+    // The same process dumped in full must give the same memory, page for page.
+    let mut full = dump_with(pid, &DumpOptions::default()).unwrap();
+    externalize(&mut full);
+    let pages_of = |img: &ProcessImage, lo: u64, hi: u64| -> Vec<(u64, PageData)> {
+        let mut out = Vec::new();
+        for r in img
+            .memory
+            .runs
+            .iter()
+            .filter(|r| r.addr < hi && lo < r.addr + r.len)
+        {
+            for a in (r.addr..r.addr + r.len).step_by(4096) {
+                out.push((a, r.data.clone()));
+            }
+        }
+        out
+    };
+    for (lo, hi) in [(base, base + len), (extra, extra + (1 << 20))] {
+        let (a, b) = (pages_of(&second, lo, hi), pages_of(&full, lo, hi));
+        assert_eq!(a.len(), b.len(), "pages of {lo:#x}-{hi:#x}");
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(
+                x,
+                y,
+                "page {:#x} (page {} of {lo:#x})",
+                x.0,
+                (x.0 - lo) / 4096
+            );
+        }
+    }
+    // The dropped pages are gone (not reused from the first image).
+    for p in [5u64, 7] {
+        let a = base + p * 4096;
+        assert!(
+            pages_of(&second, a, a + 4096).is_empty(),
+            "dropped page {p} was dumped"
+        );
+    }
+    assert_eq!(pages_of(&second, extra, extra + (1 << 20)).len(), 256);
+}

@@ -1,0 +1,340 @@
+//! Incremental dumps: which pages a process wrote since its last checkpoint.
+//!
+//! This kernel has no soft-dirty bits, but it has asynchronous userfaultfd write-protection
+//! (`UFFD_FEATURE_WP_ASYNC`, 6.7) and `PAGEMAP_SCAN` (6.7): once a range is registered for
+//! write-protection, the kernel itself clears a page's protection on the first write, with no
+//! fault delivered anywhere, and `PAGEMAP_SCAN` on `/proc/PID/pagemap` reports which pages
+//! lost it and protects them again, atomically, in one call from outside the process.
+//!
+//! At a checkpoint, after the memory of a process has been read (still frozen), the
+//! [`DirtyTracker`] makes sure the process has a userfaultfd of ours (created by a syscall
+//! injected into the process, since a userfaultfd belongs to the memory of its creator, then
+//! taken over with `pidfd_getfd` and closed in the process) with every private mapping
+//! registered and protected. At the next checkpoint, a page that is present and not written
+//! since is the page of the previous image: its run (a store hash) is reused instead of
+//! reading and hashing the page again.
+//!
+//! What keeps this exact:
+//! * reuse needs the previous image of the same mapping: the tracker remembers only what a
+//!   *committed* checkpoint recorded ([`DirtyTracker::remember`]); any failure in between
+//!   drops every userfaultfd ([`DirtyTracker::forget`]), which unregisters everything, and
+//!   the next dump reads all pages;
+//! * a mapping is scanned only if it lies inside a range this tracker registered, and the
+//!   scan insists on asynchronous write-protection there (`PM_SCAN_CHECK_WPASYNC`); a
+//!   mapping made, moved or replaced since (munmap, mremap and exec drop the registration)
+//!   is read in full;
+//! * a page that is neither present nor swapped (dropped with `MADV_DONTNEED`) is never
+//!   reused: it goes through the ordinary pagemap test.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use nix::errno::Errno;
+
+use super::image::{ImageMemory, PageData, TreeImage, PAGE_SIZE};
+
+/// `struct pm_scan_arg` (linux/fs.h, 6.7).
+#[repr(C)]
+#[derive(Default)]
+struct PmScanArg {
+    size: u64,
+    flags: u64,
+    start: u64,
+    end: u64,
+    walk_end: u64,
+    vec: u64,
+    vec_len: u64,
+    max_pages: u64,
+    category_inverted: u64,
+    category_mask: u64,
+    category_anyof_mask: u64,
+    return_mask: u64,
+}
+
+/// `struct page_region`.
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct PageRegion {
+    start: u64,
+    end: u64,
+    categories: u64,
+}
+
+const PAGEMAP_SCAN: u64 = 0xC060_6610; // _IOWR('f', 16, struct pm_scan_arg)
+const PM_SCAN_WP_MATCHING: u64 = 1;
+const PM_SCAN_CHECK_WPASYNC: u64 = 2;
+/// Written since it was last write-protected.
+pub const PAGE_IS_WRITTEN: u64 = 1 << 1;
+/// Present in memory.
+pub const PAGE_IS_PRESENT: u64 = 1 << 3;
+/// Swapped out.
+pub const PAGE_IS_SWAPPED: u64 = 1 << 4;
+
+const UFFD_API: u64 = 0xAA;
+const UFFD_USER_MODE_ONLY: u64 = 1;
+const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
+const UFFDIO_API: u64 = 0xC018_AA3F; // _IOWR(0xAA, 0x3F, struct uffdio_api)
+const UFFDIO_REGISTER: u64 = 0xC020_AA00; // _IOWR(0xAA, 0x00, struct uffdio_register)
+const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+
+/// `PAGEMAP_SCAN` over `[start, end)` of the process behind `pagemap`, write-protecting every
+/// page present or swapped and returning (start, end, categories) of those pages, where
+/// categories is a subset of written/present/swapped. `EPERM`: some page of the range is
+/// not under asynchronous write-protection.
+pub fn scan_and_protect(
+    pagemap: &std::fs::File,
+    start: u64,
+    end: u64,
+) -> Result<Vec<(u64, u64, u64)>, Errno> {
+    let mut out = Vec::new();
+    let mut vec = vec![PageRegion::default(); 4096];
+    let mut at = start;
+    while at < end {
+        let mut arg = PmScanArg {
+            size: std::mem::size_of::<PmScanArg>() as u64,
+            flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+            start: at,
+            end,
+            vec: vec.as_mut_ptr() as u64,
+            vec_len: vec.len() as u64,
+            category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+            return_mask: PAGE_IS_WRITTEN | PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+            ..PmScanArg::default()
+        };
+        // SAFETY: `arg` is a valid pm_scan_arg whose `vec` points to `vec_len` writable
+        // page_region entries that outlive the call.
+        let n = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN as _, &mut arg) };
+        if n < 0 {
+            return Err(Errno::last());
+        }
+        let n = n as usize;
+        for r in &vec[..n] {
+            out.push((r.start, r.end, r.categories));
+        }
+        if n < vec.len() {
+            break; // the walk reached `end`
+        }
+        // The buffer is full: go on after the last region. (walk_end alone is not to be
+        // trusted: with thousands of regions this kernel reported one below regions it had
+        // already returned, and scanning those again would find them protected, "clean".)
+        let next = arg.walk_end.max(out.last().map_or(at, |r| r.1));
+        if next <= at {
+            return Err(Errno::EIO);
+        }
+        at = next;
+    }
+    Ok(out)
+}
+
+/// The userfaultfd of one process, with the ranges registered through it and the pages of
+/// its last committed image.
+struct Tracked {
+    uffd: OwnedFd,
+    /// Ranges registered at the last dump.
+    registered: Vec<(u64, u64)>,
+    /// Page address → its contents in the last committed image (zero or stored).
+    pages: BTreeMap<u64, PageData>,
+    /// Registered at a dump that has not been committed yet.
+    fresh: bool,
+}
+
+/// Dirty-page tracking across the checkpoints of one set of processes (a session). Pass it
+/// to the dump in [`super::dump::DumpOptions::dirty`]; after the checkpoint is committed
+/// (its memory moved to the store), call [`DirtyTracker::remember`]; on any failure,
+/// [`DirtyTracker::forget`].
+#[derive(Default)]
+pub struct DirtyTracker {
+    procs: BTreeMap<i32, Tracked>,
+    /// Pages reused (not read) by the dumps since the last `remember`.
+    pub reused_pages: u64,
+}
+
+impl std::fmt::Debug for DirtyTracker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirtyTracker")
+            .field("processes", &self.procs.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// What the dump of one mapping may reuse: page address → contents, for pages present (or
+/// swapped) and not written since the last committed image.
+pub type Reusable = BTreeMap<u64, PageData>;
+
+impl DirtyTracker {
+    /// A tracker with nothing tracked: the next dump reads every page.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Drops every userfaultfd (which unregisters everything) and every remembered page.
+    pub fn forget(&mut self) {
+        self.procs.clear();
+        self.reused_pages = 0;
+    }
+
+    /// Whether `pid` has pages that a dump may reuse.
+    pub fn tracks(&self, pid: i32) -> bool {
+        self.procs.get(&pid).is_some_and(|t| !t.fresh)
+    }
+
+    /// Scans mapping `[start, end)` of `pid` (write-protecting it again) and returns the
+    /// pages the dump may take from the last image instead of reading them; `None` when the
+    /// mapping is not (or no longer) tracked, and the dump reads it all.
+    pub fn reusable(
+        &self,
+        pid: i32,
+        pagemap: &std::fs::File,
+        start: u64,
+        end: u64,
+    ) -> Option<Reusable> {
+        let t = self.procs.get(&pid).filter(|t| !t.fresh)?;
+        // Overlap rather than containment: a heap grown with brk is the same (registered)
+        // mapping, made larger; the scan refuses any page not under our protection.
+        if !t.registered.iter().any(|&(s, e)| s < end && start < e) {
+            return None;
+        }
+        let regions = match scan_and_protect(pagemap, start, end) {
+            Ok(r) => r,
+            Err(e) => {
+                log::debug!("process {pid}: {start:#x}-{end:#x} not tracked: {e}");
+                return None;
+            }
+        };
+        let mut out = BTreeMap::new();
+        for (s, e, cats) in regions {
+            if cats & PAGE_IS_WRITTEN != 0 || cats & (PAGE_IS_PRESENT | PAGE_IS_SWAPPED) == 0 {
+                continue;
+            }
+            for (&a, d) in t.pages.range(s..e) {
+                out.insert(a, d.clone());
+            }
+        }
+        Some(out)
+    }
+
+    /// After the memory of `pid` was read (still frozen): make sure it has a userfaultfd of
+    /// ours with `ranges` registered and write-protected. `make_uffd` creates one inside the
+    /// process and returns our reference to it. Failures only mean no tracking.
+    pub fn arm(
+        &mut self,
+        pid: i32,
+        ranges: &[(u64, u64)],
+        scanned: &[(u64, u64)],
+        make_uffd: impl FnOnce() -> Result<OwnedFd, String>,
+    ) {
+        // A userfaultfd that no longer covers anything it registered (exec, restore, pid
+        // reuse) is replaced.
+        let lost = self
+            .procs
+            .get(&pid)
+            .is_some_and(|t| !t.fresh && scanned.is_empty());
+        if lost || self.procs.get(&pid).is_some_and(|t| t.fresh) {
+            self.procs.remove(&pid);
+        }
+        let t = match self.procs.entry(pid) {
+            std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::btree_map::Entry::Vacant(v) => {
+                let uffd = match make_uffd().and_then(|u| api(&u).map(|()| u)) {
+                    Ok(u) => u,
+                    Err(e) => {
+                        log::debug!("process {pid}: no dirty-page tracking: {e}");
+                        return;
+                    }
+                };
+                v.insert(Tracked {
+                    uffd,
+                    registered: Vec::new(),
+                    pages: BTreeMap::new(),
+                    fresh: true,
+                })
+            }
+        };
+        let pagemap = match std::fs::File::open(format!("/proc/{pid}/pagemap")) {
+            Ok(f) => f,
+            Err(e) => {
+                log::debug!("process {pid}: no dirty-page tracking: {e}");
+                self.procs.remove(&pid);
+                return;
+            }
+        };
+        let mut registered = Vec::new();
+        for &(s, e) in ranges {
+            if scanned.contains(&(s, e)) {
+                registered.push((s, e)); // registered before and protected by its scan
+                continue;
+            }
+            if register(&t.uffd, s, e).is_err() {
+                continue;
+            }
+            match scan_and_protect(&pagemap, s, e) {
+                Ok(_) => registered.push((s, e)),
+                Err(err) => log::debug!("process {pid}: protecting {s:#x}-{e:#x}: {err}"),
+            }
+        }
+        t.registered = registered;
+        t.fresh = true;
+    }
+
+    /// A checkpoint is committed: its image (memory moved to the store) is what the next
+    /// dump of each process may reuse. Processes not in the image are dropped.
+    pub fn remember(&mut self, tree: &TreeImage) {
+        self.remember_memory(
+            tree.processes
+                .iter()
+                .filter_map(|m| m.live().map(|p| (m.pid, &p.memory))),
+        );
+    }
+
+    /// [`DirtyTracker::remember`] for images of single processes: (pid, its memory).
+    pub fn remember_memory<'a>(
+        &mut self,
+        images: impl IntoIterator<Item = (i32, &'a ImageMemory)>,
+    ) {
+        let live: BTreeMap<i32, &ImageMemory> = images.into_iter().collect();
+        self.procs.retain(|pid, _| live.contains_key(pid));
+        for (pid, t) in &mut self.procs {
+            let Some(mem) = live.get(pid) else { continue };
+            t.pages = mem
+                .runs
+                .iter()
+                .filter(|r| r.len == PAGE_SIZE)
+                .filter(|r| matches!(r.data, PageData::Zero | PageData::Stored(_)))
+                .map(|r| (r.addr, r.data.clone()))
+                .collect();
+            // Zero runs may span several pages.
+            for r in mem.runs.iter().filter(|r| r.len > PAGE_SIZE) {
+                if r.data == PageData::Zero {
+                    for a in (r.addr..r.addr + r.len).step_by(PAGE_SIZE as usize) {
+                        t.pages.insert(a, PageData::Zero);
+                    }
+                }
+            }
+            t.fresh = false;
+        }
+        self.reused_pages = 0;
+    }
+}
+
+fn api(uffd: &OwnedFd) -> Result<(), String> {
+    let mut a = [UFFD_API, UFFD_FEATURE_WP_ASYNC, 0u64];
+    // SAFETY: UFFDIO_API reads and writes one struct uffdio_api (three u64) at the pointer.
+    let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_API as _, a.as_mut_ptr()) };
+    if r < 0 {
+        return Err(format!("UFFDIO_API(WP_ASYNC): {}", Errno::last()));
+    }
+    Ok(())
+}
+
+fn register(uffd: &OwnedFd, start: u64, end: u64) -> Result<(), Errno> {
+    let mut reg = [start, end - start, UFFDIO_REGISTER_MODE_WP, 0u64];
+    // SAFETY: UFFDIO_REGISTER reads and writes one struct uffdio_register (four u64).
+    let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_REGISTER as _, reg.as_mut_ptr()) };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
+}
+
+/// Flags for the `userfaultfd` syscall injected into a process.
+pub const UFFD_FLAGS: u64 = libc::O_CLOEXEC as u64 | libc::O_NONBLOCK as u64 | UFFD_USER_MODE_ONLY;
