@@ -495,7 +495,8 @@ fn record_checkpoint(
             PageData::Zero => {}
         }
     }
-    let body = postcard::to_allocvec(&si)?;
+    // The session wrote exactly this encoding: store it as it came.
+    let body = bytes;
     let obj = maint::encode_image(&maint::ImageObject {
         version: 1,
         refs,

@@ -475,7 +475,9 @@ fn checkpoint(
         outside_writes(&mp, &allowed)?;
         // The program is stopped: the files as of now belong to this checkpoint.
         // /proc here is the session's own: every process of it, and nothing else.
+        let t_checks = frozen_at.map(|f| f.elapsed());
         crate::flush_mount(&mp, None).map_err(|e| format!("{e:#}"))?;
+        let t_flush = frozen_at.map(|f| f.elapsed());
         let v = daemon::call(
             &store,
             &Request::Commit {
@@ -485,6 +487,10 @@ fn checkpoint(
         .map_err(|e| format!("{e:#}"))?
         .ok_or("no daemon serves the mount")?;
         root_cno = v["cno"].as_u64();
+        log::debug!(
+            "checkpoint hook: checks done at {t_checks:?}, mount flushed at {t_flush:?}, committed at {:?}",
+            frozen_at.map(|f| f.elapsed())
+        );
         Ok(())
     };
     let img = engine::dump_tree(main, &opts, &mut hook).context("dump")?;
@@ -502,7 +508,18 @@ fn checkpoint(
     let mut img = img;
     let dir = session_dir(&spec.store, &spec.name);
     let pack_path = dir.join("checkpoint.pack");
-    let known = Store::open_read_only(&spec.store).ok();
+    // Opening the store reads its whole index: worth it for a large image (a first
+    // checkpoint, which may share pages with other branches), not for the few pages an
+    // incremental one reads (the daemon deduplicates them anyway).
+    let inline: u64 = img
+        .processes
+        .iter()
+        .filter_map(|m| m.live())
+        .map(|p| p.memory.inline_bytes())
+        .sum();
+    let known = (inline > 64 << 20)
+        .then(|| Store::open_read_only(&spec.store).ok())
+        .flatten();
     let mut pack = std::io::BufWriter::with_capacity(
         1 << 20,
         std::fs::File::create(&pack_path).context("create pack")?,

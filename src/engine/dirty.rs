@@ -69,6 +69,8 @@ pub const PAGE_IS_WRITTEN: u64 = 1 << 1;
 pub const PAGE_IS_PRESENT: u64 = 1 << 3;
 /// Swapped out.
 pub const PAGE_IS_SWAPPED: u64 = 1 << 4;
+/// Backed by a file (not anonymous).
+pub const PAGE_IS_FILE: u64 = 1 << 2;
 
 const UFFD_API: u64 = 0xAA;
 const UFFD_USER_MODE_ONLY: u64 = 1;
@@ -79,7 +81,7 @@ const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 
 /// `PAGEMAP_SCAN` over `[start, end)` of the process behind `pagemap`, write-protecting every
 /// page present or swapped and returning (start, end, categories) of those pages, where
-/// categories is a subset of written/present/swapped. `EPERM`: some page of the range is
+/// categories is a subset of written/present/swapped/file. `EPERM`: some page of the range is
 /// not under asynchronous write-protection.
 pub fn scan_and_protect(
     pagemap: &std::fs::File,
@@ -98,7 +100,7 @@ pub fn scan_and_protect(
             vec: vec.as_mut_ptr() as u64,
             vec_len: vec.len() as u64,
             category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-            return_mask: PAGE_IS_WRITTEN | PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+            return_mask: PAGE_IS_WRITTEN | PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_FILE,
             ..PmScanArg::default()
         };
         // SAFETY: `arg` is a valid pm_scan_arg whose `vec` points to `vec_len` writable
@@ -157,10 +159,6 @@ impl std::fmt::Debug for DirtyTracker {
     }
 }
 
-/// What the dump of one mapping may reuse: page address → contents, for pages present (or
-/// swapped) and not written since the last committed image.
-pub type Reusable = BTreeMap<u64, PageData>;
-
 impl DirtyTracker {
     /// A tracker with nothing tracked: the next dump reads every page.
     pub fn new() -> Self {
@@ -178,39 +176,36 @@ impl DirtyTracker {
         self.procs.get(&pid).is_some_and(|t| !t.fresh)
     }
 
-    /// Scans mapping `[start, end)` of `pid` (write-protecting it again) and returns the
-    /// pages the dump may take from the last image instead of reading them; `None` when the
-    /// mapping is not (or no longer) tracked, and the dump reads it all.
-    pub fn reusable(
+    /// Scans mapping `[start, end)` of `pid` (write-protecting it again): the regions of
+    /// pages present or swapped, as (start, end, categories) in address order, categories a
+    /// subset of [`PAGE_IS_WRITTEN`], [`PAGE_IS_PRESENT`], [`PAGE_IS_SWAPPED`] and
+    /// [`PAGE_IS_FILE`]. `None` when the mapping is not (or no longer) tracked: the dump
+    /// reads it all.
+    pub fn scan(
         &self,
         pid: i32,
         pagemap: &std::fs::File,
         start: u64,
         end: u64,
-    ) -> Option<Reusable> {
+    ) -> Option<Vec<(u64, u64, u64)>> {
         let t = self.procs.get(&pid).filter(|t| !t.fresh)?;
         // Overlap rather than containment: a heap grown with brk is the same (registered)
         // mapping, made larger; the scan refuses any page not under our protection.
         if !t.registered.iter().any(|&(s, e)| s < end && start < e) {
             return None;
         }
-        let regions = match scan_and_protect(pagemap, start, end) {
-            Ok(r) => r,
+        match scan_and_protect(pagemap, start, end) {
+            Ok(r) => Some(r),
             Err(e) => {
                 log::debug!("process {pid}: {start:#x}-{end:#x} not tracked: {e}");
-                return None;
-            }
-        };
-        let mut out = BTreeMap::new();
-        for (s, e, cats) in regions {
-            if cats & PAGE_IS_WRITTEN != 0 || cats & (PAGE_IS_PRESENT | PAGE_IS_SWAPPED) == 0 {
-                continue;
-            }
-            for (&a, d) in t.pages.range(s..e) {
-                out.insert(a, d.clone());
+                None
             }
         }
-        Some(out)
+    }
+
+    /// The pages of `pid` in its last committed image (address → zero or stored).
+    pub fn pages(&self, pid: i32) -> Option<&BTreeMap<u64, PageData>> {
+        self.procs.get(&pid).filter(|t| !t.fresh).map(|t| &t.pages)
     }
 
     /// After the memory of `pid` was read (still frozen): make sure it has a userfaultfd of

@@ -44,9 +44,9 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 
 use super::image::{
     Creds, EpollWatch, FdKind, FdState, FileId, ITimer, ImageMemory, Mapping, MappingKind,
-    MemberState, Message, MmState, PipeImage, PosixTimer, ProcessImage, Regs, Rlimit, RseqState,
-    SigAction, SigAltStack, SigInfo, SignalState, SocketEnd, SocketPairImage, ThreadState,
-    TreeImage, TreeMember, PAGE_SIZE, SIGINFO_LEN,
+    MemberState, Message, MmState, PageData, PipeImage, PosixTimer, ProcessImage, Regs, Rlimit,
+    RseqState, SigAction, SigAltStack, SigInfo, SignalState, SocketEnd, SocketPairImage,
+    ThreadState, TreeImage, TreeMember, PAGE_SIZE, SIGINFO_LEN,
 };
 use super::sys;
 use super::tracer::{TraceError, Tracer};
@@ -536,6 +536,7 @@ fn read_frozen(
 ) -> Result<ProcessImage, DumpError> {
     let trace = |source| DumpError::Trace { pid, source };
 
+    let t0 = std::time::Instant::now();
     // 2. Mappings (before we add our scratch page).
     let lines = read_maps(pid)?;
     let mut mappings = Vec::with_capacity(lines.len());
@@ -582,6 +583,7 @@ fn read_frozen(
     signals.itimers = itimers;
     signals.posix_timers = posix_timers;
 
+    let t_queries = t0.elapsed();
     // 4. Threads.
     let mut threads = Vec::with_capacity(frozen.tracers.len());
     for ((t, (alt, ctid)), sigmask) in frozen.tracers.iter().zip(per_thread).zip(masks) {
@@ -611,6 +613,7 @@ fn read_frozen(
         });
     }
 
+    let t_threads = t0.elapsed();
     // 5. Memory.
     let mut tracker = opts
         .dirty
@@ -627,6 +630,7 @@ fn read_frozen(
         t.reused_pages += reused;
     }
 
+    let t_memory = t0.elapsed();
     // 6. /proc state.
     let terminals = if opts.terminals.is_empty() {
         own_terminals()
@@ -649,6 +653,7 @@ fn read_frozen(
             rlimits.push(Rlimit { resource, cur, max });
         }
     }
+    let t_fds = t0.elapsed();
     // 7. Dirty-page tracking for the next checkpoint (everything above is read).
     if let Some(mut tracker) = tracker {
         let ranges: Vec<(u64, u64)> = mappings
@@ -661,6 +666,13 @@ fn read_frozen(
         tracker.arm(pid, &ranges, &scanned, || make_uffd(pid, t));
     }
 
+    log::debug!(
+        "process {pid}: mappings and queries {t_queries:?}, threads {:?}, memory {:?}, fds {:?}, tracking {:?}",
+        t_threads - t_queries,
+        t_memory - t_threads,
+        t_fds - t_memory,
+        t0.elapsed() - t_fds
+    );
     let stat = read_proc(pid, "stat")?;
     let (pgid, sid) = parse_pgid_sid(pid, &stat)?;
     let mut mm = parse_mm(pid, &stat)?;
@@ -1048,7 +1060,9 @@ pub fn dump_tree(
             break;
         }
     }
+    let t_frozen = std::time::Instant::now();
     on_frozen().map_err(|reason| DumpError::Hook { pid: root, reason })?;
+    let t_hook = t_frozen.elapsed();
 
     // 2. Read every live member.
     let mut processes = Vec::with_capacity(members.len());
@@ -1160,7 +1174,14 @@ pub fn dump_tree(
     }
 
     // 4. Resume or kill.
+    let t_read = t_frozen.elapsed();
     finish(frozen_all, opts.after)?;
+    log::debug!(
+        "tree {root}: frozen for {:?} (hook {t_hook:?}, reading {:?}, thawing {:?})",
+        t_frozen.elapsed(),
+        t_read - t_hook,
+        t_frozen.elapsed() - t_read
+    );
     for m in &processes {
         if let Some(p) = m.live() {
             log_dumped(p);
@@ -1386,6 +1407,117 @@ const PAGEMAP_WINDOW: u64 = 1 << 16;
 /// it let the dump reuse.
 type DumpedMemory = (ImageMemory, Vec<(u64, u64)>, u64);
 
+/// One tracked mapping: `regions` (from the dirty-page scan, in address order) say which
+/// pages are present or swapped and which were written since the last committed image
+/// `prev`. Pages not written and in `prev` are taken from it; the others, as the untracked
+/// path would choose them, are read, with one `process_vm_readv` for many ranges. Returns
+/// the number of pages taken from `prev`.
+fn dump_tracked(
+    pid: i32,
+    tracer: &mut Tracer,
+    c: Contents,
+    regions: &[(u64, u64, u64)],
+    prev: &std::collections::BTreeMap<u64, PageData>,
+    mem: &mut ImageMemory,
+) -> Result<u64, DumpError> {
+    use super::dirty::{PAGE_IS_FILE, PAGE_IS_SWAPPED, PAGE_IS_WRITTEN};
+    enum Step {
+        Known(u64, PageData),
+        Read(u64, u64),
+    }
+    let mut plan: Vec<Step> = Vec::new();
+    let read = |plan: &mut Vec<Step>, a: u64, len: u64| match plan.last_mut() {
+        Some(Step::Read(s, l)) if *s + *l == a && *l < READ_PIECE => *l += len,
+        _ => plan.push(Step::Read(a, len)),
+    };
+    let mut reused = 0;
+    for &(s, e, cats) in regions {
+        // As the pagemap test would choose: only anonymous pages of private file mappings.
+        if c == Contents::AnonOnly && cats & PAGE_IS_FILE != 0 && cats & PAGE_IS_SWAPPED == 0 {
+            continue;
+        }
+        if cats & PAGE_IS_WRITTEN != 0 {
+            read(&mut plan, s, e - s);
+            continue;
+        }
+        let mut known = prev.range(s..e).peekable();
+        let mut a = s;
+        while a < e {
+            match known.peek() {
+                Some((&k, d)) if k == a => {
+                    plan.push(Step::Known(a, (*d).clone()));
+                    reused += 1;
+                    known.next();
+                }
+                _ => read(&mut plan, a, PAGE_SIZE),
+            }
+            a += PAGE_SIZE;
+        }
+    }
+    let ranges: Vec<(u64, u64)> = plan
+        .iter()
+        .filter_map(|s| match s {
+            Step::Read(a, l) => Some((*a, *l)),
+            Step::Known(..) => None,
+        })
+        .collect();
+    let total: u64 = ranges.iter().map(|r| r.1).sum();
+    let mut buf = vec![0u8; total as usize];
+    read_ranges(pid, tracer, &ranges, &mut buf)?;
+    let mut off = 0usize;
+    for step in plan {
+        match step {
+            Step::Known(a, d) => mem.push_known_page(a, d),
+            Step::Read(a, l) => {
+                mem.push_pages(a, &buf[off..off + l as usize]);
+                off += l as usize;
+            }
+        }
+    }
+    Ok(reused)
+}
+
+/// Reads `ranges` of `pid`'s memory into `buf` (their lengths add up to its length), with
+/// up to 1024 ranges per `process_vm_readv`; a batch that comes back short is read again
+/// range by range through the tracer (which falls back to /proc/PID/mem).
+fn read_ranges(
+    pid: i32,
+    tracer: &mut Tracer,
+    ranges: &[(u64, u64)],
+    buf: &mut [u8],
+) -> Result<(), DumpError> {
+    use nix::sys::uio::{process_vm_readv, RemoteIoVec};
+    let mut off = 0usize;
+    for batch in ranges.chunks(1024) {
+        let len: usize = batch.iter().map(|r| r.1 as usize).sum();
+        let remote: Vec<RemoteIoVec> = batch
+            .iter()
+            .map(|&(a, l)| RemoteIoVec {
+                base: a as usize,
+                len: l as usize,
+            })
+            .collect();
+        let dst = &mut buf[off..off + len];
+        let n = process_vm_readv(
+            nix::unistd::Pid::from_raw(pid),
+            &mut [std::io::IoSliceMut::new(dst)],
+            &remote,
+        )
+        .unwrap_or(0);
+        if n != len {
+            let mut o = off;
+            for &(a, l) in batch {
+                tracer
+                    .read_mem(a, &mut buf[o..o + l as usize])
+                    .map_err(|source| DumpError::Trace { pid, source })?;
+                o += l as usize;
+            }
+        }
+        off += len;
+    }
+    Ok(())
+}
+
 /// Reads the memory to dump. With a `tracker`, pages present and not written since the last
 /// committed checkpoint are taken from its image; returns also the mappings (start, end)
 /// the tracker could scan.
@@ -1411,16 +1543,18 @@ fn dump_memory(
         if *c == Contents::None {
             continue;
         }
-        let reuse = match (tracker, &pagemap) {
+        let regions = match (tracker, &pagemap) {
             (Some(t), Some(pm))
                 if !m.shared && matches!(c, Contents::Present | Contents::AnonOnly) =>
             {
-                t.reusable(pid, pm, m.start, m.end)
+                t.scan(pid, pm, m.start, m.end)
             }
             _ => None,
         };
-        if reuse.is_some() {
+        if let (Some(regions), Some(prev)) = (regions, tracker.and_then(|t| t.pages(pid))) {
             scanned.push((m.start, m.end));
+            reused += dump_tracked(pid, tracer, *c, &regions, prev, &mut mem)?;
+            continue;
         }
         let npages = m.len() / PAGE_SIZE;
         // Work through the mapping in windows so huge sparse mappings stay cheap.
@@ -1455,29 +1589,14 @@ fn dump_memory(
                         .collect()
                 }
             };
-            let known = |k: u64| {
-                reuse
-                    .as_ref()
-                    .and_then(|r| r.get(&(wstart + k * PAGE_SIZE)))
-            };
             let mut i = 0u64;
             while i < wn {
                 if !wanted[i as usize] {
                     i += 1;
                     continue;
                 }
-                if let Some(d) = known(i) {
-                    mem.push_known_page(wstart + i * PAGE_SIZE, d.clone());
-                    reused += 1;
-                    i += 1;
-                    continue;
-                }
                 let mut j = i;
-                while j < wn
-                    && wanted[j as usize]
-                    && known(j).is_none()
-                    && (j - i) * PAGE_SIZE < READ_PIECE
-                {
+                while j < wn && wanted[j as usize] && (j - i) * PAGE_SIZE < READ_PIECE {
                     j += 1;
                 }
                 let addr = wstart + i * PAGE_SIZE;
