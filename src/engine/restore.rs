@@ -377,6 +377,14 @@ fn check_files(image: &ProcessImage) -> Result<(), RestoreError> {
                 ),
             });
         }
+        // Another file put in its place (a package upgrade renames a new file over the old
+        // one), even with the same size and mtime.
+        if st.ino() != id.ino {
+            return Err(RestoreError::FileChanged {
+                path: path.clone(),
+                reason: format!("inode {} now {}", id.ino, st.ino()),
+            });
+        }
     }
     Ok(())
 }

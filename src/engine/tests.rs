@@ -757,8 +757,24 @@ fn restore_refuses_changed_file() {
     let (pid, _) = start_counter(&c, &mut procs);
     let img = dump(pid).unwrap();
     procs.kill(pid);
-    // Rewrite the executable (same bytes, new mtime).
+    // Another file renamed over the executable, with the same size and mtime: a new inode.
     let bytes = std::fs::read(&c.exe).unwrap();
+    let mtime = std::fs::metadata(&c.exe).unwrap().modified().unwrap();
+    let new = c.exe.with_extension("new");
+    std::fs::write(&new, &bytes).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&new)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    std::fs::rename(&new, &c.exe).unwrap();
+    let err = restore(&img).unwrap_err();
+    assert!(
+        matches!(&err, super::restore::RestoreError::FileChanged { reason, .. } if reason.contains("inode")),
+        "{err}"
+    );
+    // Rewrite the executable (same bytes, new mtime).
     std::thread::sleep(Duration::from_millis(20));
     std::fs::write(&c.exe, bytes).unwrap();
     let err = restore(&img).unwrap_err();
