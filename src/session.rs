@@ -740,12 +740,15 @@ impl engine::ChunkSource for StoreChunks {
 }
 
 fn restore_main(spec: &InitSpec, cno: u64) -> Result<i32> {
+    let t0 = Instant::now();
     let store = Store::open_read_only(&spec.store)?;
+    let t_open = t0.elapsed();
     let cp = store.catalog(|c| c.checkpoint(cno))?;
     let image = cp
         .image
         .ok_or_else(|| anyhow!("checkpoint #{cno} has no process image"))?;
     let (_si, tree) = load_image(&store, &image)?;
+    let t_load = t0.elapsed();
     let chunks = StoreChunks(store.clone());
     let opts = TreeRestoreOptions {
         keep_pids: true,
@@ -756,5 +759,10 @@ fn restore_main(spec: &InitSpec, cno: u64) -> Result<i32> {
         terminal: None,
     };
     let pid = engine::restore_tree(&tree, &opts).context("restore processes")?;
+    log::debug!(
+        "restore of checkpoint #{cno}: store opened in {t_open:?}, image loaded in {:?}, processes restored in {:?}",
+        t_load - t_open,
+        t0.elapsed() - t_load
+    );
     Ok(pid)
 }

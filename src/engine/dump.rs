@@ -911,28 +911,6 @@ fn socket_pairs(
                 String::from_utf8_lossy(&d.name)
             )));
         }
-        let peer = d.peer;
-        if peer == 0 {
-            return Err(refuse(
-                "the unix socket is not connected (or its peer is closed), which is not supported yet"
-                    .into(),
-            ));
-        }
-        if peer < ino && held.contains_key(&peer) {
-            continue; // the pair was recorded with its first end
-        }
-        let Some(&(ppid, pfd)) = held.get(&peer) else {
-            let why = match outside_holder(&format!("socket:[{peer}]"), known) {
-                Some(other) => format!("the other end is held by process {other} outside the tree"),
-                None => "the other end is not held inside the tree".into(),
-            };
-            return Err(refuse(why));
-        };
-        if diag.get(&peer).map(|p| p.peer) != Some(ino) {
-            return Err(refuse(format!(
-                "socket:[{peer}] is connected to it but not it to socket:[{peer}] (a datagram socket connected to another); not supported yet"
-            )));
-        }
         let stream = d.kind as i32 == libc::SOCK_STREAM;
         let end = |pid: i32, fd: i32, ino: u64| -> Result<SocketEnd, DumpError> {
             let refuse = |reason: String| DumpError::UnsupportedFd {
@@ -957,6 +935,48 @@ fn socket_pairs(
                 rcvbuf,
             })
         };
+        let peer = d.peer;
+        let stream_like =
+            d.kind as i32 == libc::SOCK_STREAM || d.kind as i32 == libc::SOCK_SEQPACKET;
+        if peer == 0 && stream_like && d.shutdown == 3 {
+            // The other end was closed (the kernel shut both directions down): what is left
+            // is the queue, then end of file, and EPIPE on writes. Recorded as a pair whose
+            // other end (inode 0) is closed again at restore.
+            out.push(SocketPairImage {
+                kind: d.kind as i32,
+                ends: [
+                    end(pid, fd, ino)?,
+                    SocketEnd {
+                        ino: 0,
+                        queue: Vec::new(),
+                        shutdown: 3,
+                        sndbuf: 0,
+                        rcvbuf: 0,
+                    },
+                ],
+            });
+            continue;
+        }
+        if peer == 0 {
+            return Err(refuse(
+                "the unix socket is not connected, which is not supported yet".into(),
+            ));
+        }
+        if peer < ino && held.contains_key(&peer) {
+            continue; // the pair was recorded with its first end
+        }
+        let Some(&(ppid, pfd)) = held.get(&peer) else {
+            let why = match outside_holder(&format!("socket:[{peer}]"), known) {
+                Some(other) => format!("the other end is held by process {other} outside the tree"),
+                None => "the other end is not held inside the tree".into(),
+            };
+            return Err(refuse(why));
+        };
+        if diag.get(&peer).map(|p| p.peer) != Some(ino) {
+            return Err(refuse(format!(
+                "socket:[{peer}] is connected to it but not it to socket:[{peer}] (a datagram socket connected to another); not supported yet"
+            )));
+        }
         out.push(SocketPairImage {
             kind: d.kind as i32,
             ends: [end(pid, fd, ino)?, end(ppid, pfd, peer)?],

@@ -1747,7 +1747,10 @@ fn check_tree(tree: &TreeImage, opts: &TreeRestoreOptions) -> Result<(), Restore
         if ![libc::SOCK_STREAM, libc::SOCK_DGRAM, libc::SOCK_SEQPACKET].contains(&pair.kind) {
             return Err(bad(format!("a socket pair of unknown type {}", pair.kind)));
         }
-        for end in &pair.ends {
+        if pair.ends[0].ino == 0 {
+            return Err(bad("a socket pair whose first end has no inode".into()));
+        }
+        for end in pair.ends.iter().filter(|e| e.ino != 0) {
             if !ends.insert(end.ino) {
                 return Err(bad(format!("socket:[{}] appears twice", end.ino)));
             }
@@ -1833,6 +1836,17 @@ fn make_pipes(tree: &TreeImage) -> Result<(Vec<std::os::fd::OwnedFd>, PipeFds), 
             let msgs: Vec<Vec<u8>> = end.queue.iter().map(|m| m.0.clone()).collect();
             unix::send_all(from, &msgs, stream)
                 .map_err(|e| err(format!("queueing {} messages: {e}", msgs.len())))?;
+        }
+        if b.ino == 0 {
+            // The other end was closed at the checkpoint: close it again, which shuts this
+            // end down both ways, as it was.
+            unix::set_buffer_sizes(&sa, a.sndbuf, a.rcvbuf)
+                .map_err(|e| err(format!("setting the buffer sizes: {e}")))?;
+            drop(sb);
+            let s = sys::dup_at_least(&sa, base).map_err(|e| err(format!("dup: {e}")))?;
+            sockets.insert(a.ino, s.as_raw_fd());
+            owned.push(s);
+            continue;
         }
         for (s, end) in [(&sa, a), (&sb, b)] {
             unix::set_buffer_sizes(s, end.sndbuf, end.rcvbuf)

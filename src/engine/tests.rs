@@ -1988,7 +1988,8 @@ int main(int argc, char **argv) {
 
 /// A parent streams numbers to its child over three unix socket pairs: a stream (8-byte
 /// counters), datagrams (one per four counters) and, written once before the fork, two
-/// SEQPACKET messages followed by a shutdown, which the child reads only on SIGUSR1.
+/// SEQPACKET messages followed by a shutdown, which the child reads only on SIGUSR1; and a
+/// fourth pair whose other end was closed after "bye" was sent.
 const SOCKETS_C: &str = r#"
 #include <errno.h>
 #include <signal.h>
@@ -2014,13 +2015,16 @@ static void put(const char *path, const char *text) {
 int main(int argc, char **argv) {
     if (argc < 4) return 2;
     syscall(SYS_close_range, 3, ~0U, 0); /* drop fds inherited from the test harness */
-    int s[2], d[2], q[2];
+    int s[2], d[2], q[2], x[2];
     if (socketpair(AF_UNIX, SOCK_STREAM, 0, s) || socketpair(AF_UNIX, SOCK_DGRAM, 0, d) ||
-        socketpair(AF_UNIX, SOCK_SEQPACKET, 0, q))
+        socketpair(AF_UNIX, SOCK_SEQPACKET, 0, q) || socketpair(AF_UNIX, SOCK_STREAM, 0, x))
         return 3;
     send(q[0], "hello", 5, 0);
     send(q[0], "world!", 6, 0);
     shutdown(q[0], SHUT_WR);
+    /* a pair whose other end is gone: "bye", then end of file */
+    send(x[0], "bye", 3, 0);
+    close(x[0]);
     signal(SIGUSR1, on_usr1);
     pid_t c = fork();
     if (c == 0) {
@@ -2057,6 +2061,14 @@ int main(int argc, char **argv) {
                 for (;;) {
                     ssize_t n = recv(q[1], r, sizeof r - 1, 0);
                     if (n < 0 && errno == EINTR) continue;
+                    if (n <= 0) { strcat(out, n == 0 ? "EOF|" : "ERR|"); break; }
+                    r[n] = 0;
+                    strcat(out, r);
+                    strcat(out, ",");
+                }
+                for (;;) {
+                    ssize_t n = read(x[1], r, sizeof r - 1);
+                    if (n < 0 && errno == EINTR) continue;
                     if (n <= 0) { strcat(out, n == 0 ? "EOF\n" : "ERR\n"); break; }
                     r[n] = 0;
                     strcat(out, r);
@@ -2066,7 +2078,7 @@ int main(int argc, char **argv) {
             }
         }
     }
-    close(s[1]); close(d[1]); close(q[1]);
+    close(s[1]); close(d[1]); close(q[1]); close(x[1]);
     char b[32];
     snprintf(b, sizeof b, "%d\n", (int)c);
     put(argv[2], b);
@@ -2157,7 +2169,11 @@ fn unix_socket_pairs_survive_with_queued_messages() {
     )
     .unwrap();
     let img = super::image::decode_tree(&super::image::encode_tree(&img).unwrap()).unwrap();
-    assert_eq!(img.sockets.len(), 3, "{:?}", img.sockets.len());
+    assert_eq!(img.sockets.len(), 4, "{:?}", img.sockets.len());
+    assert!(
+        img.sockets.iter().any(|p| p.ends[1].ino == 0),
+        "the pair with a closed end"
+    );
     let queued = |kind: i32| -> (usize, usize) {
         let p = img.sockets.iter().find(|p| p.kind == kind).unwrap();
         let msgs: usize = p.ends.iter().map(|e| e.queue.len()).sum();
@@ -2217,8 +2233,8 @@ fn unix_socket_pairs_survive_with_queued_messages() {
     }));
     assert_eq!(
         std::fs::read_to_string(&report).unwrap(),
-        "hello,world!,EOF\n",
-        "SEQPACKET boundaries and the peer's shutdown"
+        "hello,world!,EOF|bye,EOF\n",
+        "SEQPACKET boundaries, the peer's shutdown, and a closed peer"
     );
 }
 
