@@ -396,14 +396,20 @@ impl Daemon {
             },
         };
         // The daemon exits with its last mount; its socket goes first, so that a client that
-        // got this answer can no longer reach a daemon that is going away.
-        if lock(&self.mounts).is_empty() {
+        // got this answer can no longer reach a daemon that is going away. The answer is
+        // written before the daemon is told to quit: otherwise it could exit before the
+        // client hears that its unmount succeeded (and the client would take the daemon
+        // for dead).
+        let last = lock(&self.mounts).is_empty();
+        if last {
             let _ = std::fs::remove_file(self.store.dir().join(SOCKET));
-            self.quit.store(true, Ordering::SeqCst);
         }
         let mut out = serde_json::to_string(&resp).unwrap_or_else(|_| "{\"ok\":false}".into());
         out.push('\n');
         let _ = (&conn).write_all(out.as_bytes());
+        if last {
+            self.quit.store(true, Ordering::SeqCst);
+        }
     }
 
     /// Asks the daemon to stop (signal handler thread).

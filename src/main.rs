@@ -709,7 +709,11 @@ fn umount(mountpoint: &Path) -> Result<()> {
         },
     ) {
         Ok(Some(_)) => {}
-        Ok(None) | Err(_) => {
+        Err(_) if mounts::forkpoint_mount_at(&mp)?.is_none() => {
+            // The daemon unmounted it and went away before its answer arrived.
+        }
+        Err(e) => return Err(e.context(format!("unmount {}", mp.display()))),
+        Ok(None) => {
             // No daemon answers: the mount is stale. Detach it.
             nix::mount::umount2(&mp, nix::mount::MntFlags::MNT_DETACH)
                 .with_context(|| format!("unmount {}", mp.display()))?;
