@@ -347,6 +347,13 @@ fn init(spec: &InitSpec, mut info: SessionInfo) -> Result<i32> {
     let listener = UnixListener::bind(&sock).with_context(|| format!("bind {}", sock.display()))?;
     listener.set_nonblocking(true)?;
     let mut main_status: Option<i32> = None;
+    // init holds a userfaultfd per tracked process and takes descriptors of the program's
+    // while it checkpoints: give it all the descriptors it may have (the program, forked or
+    // restored already, keeps its own limits).
+    let nofile = libc::RLIMIT_NOFILE;
+    if let Ok((_, hard)) = engine::sys::get_rlimit(0, nofile) {
+        let _ = engine::sys::set_rlimit(0, nofile, hard, hard);
+    }
     // Pages written since the last checkpoint of this session (FORKPOINT_DIRTY_TRACKING=0
     // turns it off, to compare).
     let tracker = (std::env::var("FORKPOINT_DIRTY_TRACKING").as_deref() != Ok("0"))

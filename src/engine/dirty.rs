@@ -23,8 +23,15 @@
 //!   scan insists on asynchronous write-protection there (`PM_SCAN_CHECK_WPASYNC`); a
 //!   mapping made, moved or replaced since (munmap, mremap and exec drop the registration)
 //!   is read in full;
-//! * a page that is neither present nor swapped (dropped with `MADV_DONTNEED`) is never
-//!   reused: it goes through the ordinary pagemap test.
+//! * only a page that is present (and not written) is reused; one dropped with
+//!   `MADV_DONTNEED` (nothing there, or a write-protect marker reported as swapped) is read,
+//!   or skipped, as the untracked path would;
+//! * a process under a seccomp filter is not tracked (the injected `userfaultfd` could be
+//!   fatal to it).
+//!
+//! Limits: memory changed by DMA into pinned pages (Linux AIO with `O_DIRECT`, RDMA) after
+//! a checkpoint, or re-protected by someone else's `PAGEMAP_SCAN`, is not seen as written;
+//! a program that registers its own memory with userfaultfd after a checkpoint gets `EBUSY`.
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -169,6 +176,11 @@ impl DirtyTracker {
     pub fn forget(&mut self) {
         self.procs.clear();
         self.reused_pages = 0;
+    }
+
+    /// Stops tracking `pid` (its userfaultfd is closed).
+    pub fn drop_process(&mut self, pid: i32) {
+        self.procs.remove(&pid);
     }
 
     /// Whether `pid` has pages that a dump may reuse.

@@ -654,8 +654,13 @@ fn read_frozen(
         }
     }
     let t_fds = t0.elapsed();
-    // 7. Dirty-page tracking for the next checkpoint (everything above is read).
-    if let Some(mut tracker) = tracker {
+    // 7. Dirty-page tracking for the next checkpoint (everything above is read). Not for a
+    //    process under a seccomp filter: the injected userfaultfd() could be its death.
+    let filtered = status_field(&read_proc(pid, "status")?, "Seccomp:").map(str::trim) == Some("2");
+    if let Some(tracker) = tracker.as_mut().filter(|_| filtered) {
+        tracker.drop_process(pid);
+    }
+    if let Some(mut tracker) = tracker.filter(|_| !filtered) {
         let ranges: Vec<(u64, u64)> = mappings
             .iter()
             .zip(&contents)
@@ -1440,7 +1445,7 @@ fn dump_tracked(
     prev: &std::collections::BTreeMap<u64, PageData>,
     mem: &mut ImageMemory,
 ) -> Result<u64, DumpError> {
-    use super::dirty::{PAGE_IS_FILE, PAGE_IS_SWAPPED, PAGE_IS_WRITTEN};
+    use super::dirty::{PAGE_IS_FILE, PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PAGE_IS_WRITTEN};
     enum Step {
         Known(u64, PageData),
         Read(u64, u64),
@@ -1456,7 +1461,10 @@ fn dump_tracked(
         if c == Contents::AnonOnly && cats & PAGE_IS_FILE != 0 && cats & PAGE_IS_SWAPPED == 0 {
             continue;
         }
-        if cats & PAGE_IS_WRITTEN != 0 {
+        // Only a page present and not written is the last image's page. A swap entry may
+        // also be a write-protect marker left where a page was dropped (MADV_DONTNEED on a
+        // private file mapping): reading it gives what is there now.
+        if cats & PAGE_IS_WRITTEN != 0 || cats & PAGE_IS_PRESENT == 0 {
             read(&mut plan, s, e - s);
             continue;
         }

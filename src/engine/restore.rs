@@ -1852,12 +1852,14 @@ fn make_pipes(tree: &TreeImage) -> Result<(Vec<std::os::fd::OwnedFd>, PipeFds), 
             unix::set_buffer_sizes(s, end.sndbuf, end.rcvbuf)
                 .map_err(|e| err(format!("setting the buffer sizes: {e}")))?;
         }
-        // Shutdowns last (a shut-down send side could not queue). Shutting down one end's
-        // sending also shuts down the other's receiving, so only what is left is applied.
+        // Shutdowns last (a shut-down send side could not queue). On a stream or seqpacket
+        // pair, shutting down one end's sending also shuts down the other's receiving, so
+        // only what is left is applied; a datagram end's bits are its own.
         for (s, end, other) in [(&sa, a, b), (&sb, b, a)] {
+            let spreads = stream || pair.kind == libc::SOCK_SEQPACKET;
             let how = match (
                 end.shutdown & 2 != 0,
-                end.shutdown & 1 != 0 && other.shutdown & 2 == 0,
+                end.shutdown & 1 != 0 && !(spreads && other.shutdown & 2 != 0),
             ) {
                 (true, true) => Some(libc::SHUT_RDWR),
                 (true, false) => Some(libc::SHUT_WR),

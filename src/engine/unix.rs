@@ -244,12 +244,28 @@ pub fn peek_queue(
 ) -> Result<Vec<Vec<u8>>, PeekError> {
     let saved = getsockopt_int(&fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF)
         .map_err(|e| PeekError::Sys("SO_PEEK_OFF", e))?;
+    // With SO_PASSCRED every message read comes with credentials, and the end of a shut-down
+    // queue without: that tells an empty datagram from the end.
+    let passcred = getsockopt_int(&fd, libc::SOL_SOCKET, libc::SO_PASSCRED)
+        .map_err(|e| PeekError::Sys("SO_PASSCRED", e))?;
     setsockopt_int(&fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, 0)
         .map_err(|e| PeekError::Sys("SO_PEEK_OFF", e))?;
-    let res = peek_all(&fd, max_msg, stream, rcv_shut);
-    let back = setsockopt_int(&fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, saved);
+    let res = if stream {
+        peek_all(&fd, max_msg, stream, rcv_shut)
+    } else {
+        setsockopt_int(&fd, libc::SOL_SOCKET, libc::SO_PASSCRED, 1)
+            .map_err(|e| PeekError::Sys("SO_PASSCRED", e))
+            .and_then(|()| peek_all(&fd, max_msg, stream, rcv_shut))
+    };
+    let back = setsockopt_int(&fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, saved).and_then(|()| {
+        if stream {
+            Ok(())
+        } else {
+            setsockopt_int(&fd, libc::SOL_SOCKET, libc::SO_PASSCRED, passcred)
+        }
+    });
     let out = res?;
-    back.map_err(|e| PeekError::Sys("restoring SO_PEEK_OFF", e))?;
+    back.map_err(|e| PeekError::Sys("restoring SO_PEEK_OFF/SO_PASSCRED", e))?;
     Ok(out)
 }
 
@@ -279,7 +295,7 @@ fn peek_all(
             libc::recvmsg(
                 fd.as_fd().as_raw_fd(),
                 &mut msg,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC,
             )
         };
         if n < 0 {
@@ -289,19 +305,25 @@ fn peek_all(
                 e => return Err(PeekError::Sys("recvmsg(MSG_PEEK)", e)),
             }
         }
-        let mut rights = false;
+        let (mut rights, mut creds) = (false, false);
+        // SCM_PIDFD (SO_PASSPIDFD on the receiver): a pidfd installed in us with each peek.
+        const SCM_PIDFD: libc::c_int = 0x04;
         // SAFETY: the CMSG_* walk stays within `msg.msg_control`/`msg_controllen` as the
         // kernel filled them; descriptors found are ours and closed here.
         unsafe {
             let mut c = libc::CMSG_FIRSTHDR(&msg);
             while !c.is_null() {
-                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                    rights = true;
-                    let data = libc::CMSG_DATA(c).cast::<libc::c_int>();
-                    let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / 4;
-                    for i in 0..count {
-                        libc::close(data.add(i).read_unaligned());
+                if (*c).cmsg_level == libc::SOL_SOCKET {
+                    let ty = (*c).cmsg_type;
+                    if ty == libc::SCM_RIGHTS || ty == SCM_PIDFD {
+                        rights |= ty == libc::SCM_RIGHTS;
+                        let data = libc::CMSG_DATA(c).cast::<libc::c_int>();
+                        let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / 4;
+                        for i in 0..count {
+                            libc::close(data.add(i).read_unaligned());
+                        }
                     }
+                    creds |= ty == libc::SCM_CREDENTIALS;
                 }
                 c = libc::CMSG_NXTHDR(&msg, c);
             }
@@ -313,9 +335,10 @@ fn peek_all(
             return Err(PeekError::Truncated);
         }
         if n == 0 {
-            // The end (a stream, or a shut-down receive side, reads 0 forever once empty), or
-            // an empty datagram, which a peek offset cannot step over.
-            if stream || rcv_shut {
+            // The end (a stream, or a shut-down receive side, reads 0 forever once empty:
+            // no credentials, as no message was read), or an empty datagram, which a peek
+            // offset cannot step over.
+            if stream || (rcv_shut && !creds) {
                 return Ok(out);
             }
             return Err(PeekError::Empty);
@@ -424,12 +447,26 @@ mod tests {
             getsockopt_int(&a, libc::SOL_SOCKET, libc::SO_PEEK_OFF).expect("get"),
             -1
         );
+        assert_eq!(
+            getsockopt_int(&a, libc::SOL_SOCKET, libc::SO_PASSCRED).expect("get"),
+            0
+        );
         let all = unix_sockets().expect("diag");
         assert_eq!(all[&ib].shutdown & 2, 2, "send side of b shut down");
         assert_eq!(all[&ia].shutdown & 1, 1, "receive side of a shut down");
         let mut got = [0u8; 16];
         let n = nix::unistd::read(&a, &mut got).expect("read");
         assert_eq!(&got[..n], b"one");
+        // An empty message cannot be stepped over by a peek offset: refused, not dropped,
+        // also where the queue ends in a shutdown (told apart from the end by the
+        // credentials SO_PASSCRED attaches to every message read).
+        let (g, h) = socketpair(libc::SOCK_SEQPACKET).expect("socketpair");
+        send_all(&h, &[b"a".to_vec(), Vec::new(), b"c".to_vec()], false).expect("send");
+        shutdown(&h, libc::SHUT_WR).expect("shutdown");
+        assert!(matches!(
+            peek_queue(&g, 4096, false, true),
+            Err(PeekError::Empty)
+        ));
         // An empty datagram on an open socket cannot be stepped over: refused, not dropped.
         let (c, d) = socketpair(libc::SOCK_DGRAM).expect("socketpair");
         send_all(&d, &[b"x".to_vec(), Vec::new()], false).expect("send");
