@@ -1451,9 +1451,23 @@ fn dump_tracked(
         Read(u64, u64),
     }
     let mut plan: Vec<Step> = Vec::new();
-    let read = |plan: &mut Vec<Step>, a: u64, len: u64| match plan.last_mut() {
-        Some(Step::Read(s, l)) if *s + *l == a && *l < READ_PIECE => *l += len,
-        _ => plan.push(Step::Read(a, len)),
+    // Reads of at most READ_PIECE bytes each, neighbours merged up to that.
+    let read = |plan: &mut Vec<Step>, a: u64, len: u64| {
+        let (mut a, end) = (a, a + len);
+        while a < end {
+            match plan.last_mut() {
+                Some(Step::Read(s, l)) if *s + *l == a && *l < READ_PIECE => {
+                    let n = (READ_PIECE - *l).min(end - a);
+                    *l += n;
+                    a += n;
+                }
+                _ => {
+                    let n = READ_PIECE.min(end - a);
+                    plan.push(Step::Read(a, n));
+                    a += n;
+                }
+            }
+        }
     };
     let mut reused = 0;
     for &(s, e, cats) in regions {
@@ -1482,23 +1496,39 @@ fn dump_tracked(
             a += PAGE_SIZE;
         }
     }
-    let ranges: Vec<(u64, u64)> = plan
-        .iter()
-        .filter_map(|s| match s {
-            Step::Read(a, l) => Some((*a, *l)),
-            Step::Known(..) => None,
-        })
-        .collect();
-    let total: u64 = ranges.iter().map(|r| r.1).sum();
-    let mut buf = vec![0u8; total as usize];
-    read_ranges(pid, tracer, &ranges, &mut buf)?;
-    let mut off = 0usize;
-    for step in plan {
-        match step {
-            Step::Known(a, d) => mem.push_known_page(a, d),
-            Step::Read(a, l) => {
-                mem.push_pages(a, &buf[off..off + l as usize]);
-                off += l as usize;
+    // Executed in pieces of at most READ_PIECE bytes read, so that a mostly written mapping
+    // does not need a second copy of itself in memory.
+    let mut buf = Vec::new();
+    let mut steps = plan.into_iter().peekable();
+    while steps.peek().is_some() {
+        let mut piece = Vec::new();
+        let mut bytes = 0u64;
+        while let Some(step) = steps.next_if(|s| match s {
+            Step::Read(_, l) => bytes == 0 || bytes + *l <= READ_PIECE,
+            Step::Known(..) => true,
+        }) {
+            if let Step::Read(_, l) = step {
+                bytes += l;
+            }
+            piece.push(step);
+        }
+        let ranges: Vec<(u64, u64)> = piece
+            .iter()
+            .filter_map(|s| match s {
+                Step::Read(a, l) => Some((*a, *l)),
+                Step::Known(..) => None,
+            })
+            .collect();
+        buf.resize(bytes as usize, 0);
+        read_ranges(pid, tracer, &ranges, &mut buf)?;
+        let mut off = 0usize;
+        for step in piece {
+            match step {
+                Step::Known(a, d) => mem.push_known_page(a, d),
+                Step::Read(a, l) => {
+                    mem.push_pages(a, &buf[off..off + l as usize]);
+                    off += l as usize;
+                }
             }
         }
     }
