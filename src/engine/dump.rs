@@ -928,6 +928,11 @@ fn socket_pairs(
             let shutdown = diag.get(&ino).map_or(0, |d| d.shutdown);
             let (sndbuf, rcvbuf) =
                 unix::buffer_sizes(&sock).map_err(|e| refuse(format!("getsockopt: {e}")))?;
+            let opt = |o: i32| {
+                unix::getsockopt_int(&sock, libc::SOL_SOCKET, o)
+                    .map_err(|e| refuse(format!("getsockopt: {e}")))
+            };
+            let (peek_off, passcred) = (opt(libc::SO_PEEK_OFF)?, opt(libc::SO_PASSCRED)? != 0);
             // A message is never larger than the sender's buffer; allow generously.
             let max = (sndbuf.max(rcvbuf) as usize).max(256 << 10) * 2;
             let queue = unix::peek_queue(&sock, max, stream, shutdown & 1 != 0)
@@ -938,6 +943,8 @@ fn socket_pairs(
                 shutdown,
                 sndbuf,
                 rcvbuf,
+                peek_off,
+                passcred,
             })
         };
         let peer = d.peer;
@@ -957,6 +964,8 @@ fn socket_pairs(
                         shutdown: 3,
                         sndbuf: 0,
                         rcvbuf: 0,
+                        peek_off: -1,
+                        passcred: false,
                     },
                 ],
             });

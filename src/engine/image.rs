@@ -314,6 +314,10 @@ pub struct SocketEnd {
     pub sndbuf: u32,
     /// `SO_RCVBUF` as reported by `getsockopt`.
     pub rcvbuf: u32,
+    /// `SO_PEEK_OFF` (-1: off).
+    pub peek_off: i32,
+    /// `SO_PASSCRED`.
+    pub passcred: bool,
 }
 
 /// One queued message.
@@ -1457,6 +1461,8 @@ pub(crate) mod tests {
                         shutdown: 1,
                         sndbuf: 212_992,
                         rcvbuf: 212_992,
+                        peek_off: 3,
+                        passcred: true,
                     },
                     SocketEnd {
                         ino: 8,
@@ -1464,6 +1470,8 @@ pub(crate) mod tests {
                         shutdown: 2,
                         sndbuf: 4608,
                         rcvbuf: 212_992,
+                        peek_off: -1,
+                        passcred: false,
                     },
                 ],
             }],

@@ -1837,6 +1837,17 @@ fn make_pipes(tree: &TreeImage) -> Result<(Vec<std::os::fd::OwnedFd>, PipeFds), 
             unix::send_all(from, &msgs, stream)
                 .map_err(|e| err(format!("queueing {} messages: {e}", msgs.len())))?;
         }
+        // Options that change what a read returns, once the queues are refilled.
+        for (s, end) in [(&sa, a), (&sb, b)].into_iter().filter(|(_, e)| e.ino != 0) {
+            let set = |o: i32, v: i32| unix::setsockopt_int(s, libc::SOL_SOCKET, o, v);
+            if end.peek_off >= 0 {
+                set(libc::SO_PEEK_OFF, end.peek_off)
+                    .map_err(|e| err(format!("SO_PEEK_OFF: {e}")))?;
+            }
+            if end.passcred {
+                set(libc::SO_PASSCRED, 1).map_err(|e| err(format!("SO_PASSCRED: {e}")))?;
+            }
+        }
         if b.ino == 0 {
             // The other end was closed at the checkpoint: close it again, which shuts this
             // end down both ways, as it was.

@@ -2029,6 +2029,11 @@ int main(int argc, char **argv) {
     pid_t c = fork();
     if (c == 0) {
         close(s[0]); close(d[0]); close(q[0]);
+        /* peek at "hello" with a peek offset: the next peek sees "world!" */
+        int z = 0;
+        char pk[16];
+        setsockopt(q[1], SOL_SOCKET, SO_PEEK_OFF, &z, sizeof z);
+        recv(q[1], pk, sizeof pk, MSG_PEEK);
         unsigned long long ns = 0, nd = 0;
         int bad = 0;
         for (;;) {
@@ -2057,7 +2062,11 @@ int main(int argc, char **argv) {
             }
             if (go) {
                 go = 0;
-                char out[256] = "", r[64];
+                char out[256] = "peek:", r[64];
+                ssize_t p = recv(q[1], r, sizeof r - 1, MSG_PEEK);
+                r[p > 0 ? p : 0] = 0;
+                strcat(out, r);
+                strcat(out, "|");
                 for (;;) {
                     ssize_t n = recv(q[1], r, sizeof r - 1, 0);
                     if (n < 0 && errno == EINTR) continue;
@@ -2233,8 +2242,8 @@ fn unix_socket_pairs_survive_with_queued_messages() {
     }));
     assert_eq!(
         std::fs::read_to_string(&report).unwrap(),
-        "hello,world!,EOF|bye,EOF\n",
-        "SEQPACKET boundaries, the peer's shutdown, and a closed peer"
+        "peek:world!|hello,world!,EOF|bye,EOF\n",
+        "the peek offset, SEQPACKET boundaries, the peer's shutdown, and a closed peer"
     );
 }
 

@@ -151,7 +151,8 @@ pub fn take_fd(pid: i32, fd: i32) -> Result<OwnedFd, Errno> {
     Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
 }
 
-fn getsockopt_int(fd: impl AsFd, level: i32, opt: i32) -> Result<i32, Errno> {
+/// `getsockopt` of an `int` option.
+pub fn getsockopt_int(fd: impl AsFd, level: i32, opt: i32) -> Result<i32, Errno> {
     let mut v: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: the kernel writes at most `len` bytes into `v`, which is a valid c_int.
@@ -170,7 +171,8 @@ fn getsockopt_int(fd: impl AsFd, level: i32, opt: i32) -> Result<i32, Errno> {
     Ok(v)
 }
 
-fn setsockopt_int(fd: impl AsFd, level: i32, opt: i32, v: i32) -> Result<(), Errno> {
+/// `setsockopt` of an `int` option.
+pub fn setsockopt_int(fd: impl AsFd, level: i32, opt: i32, v: i32) -> Result<(), Errno> {
     // SAFETY: the kernel reads one c_int from a valid pointer.
     let r = unsafe {
         libc::setsockopt(
