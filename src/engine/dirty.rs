@@ -138,6 +138,9 @@ pub fn scan_and_protect(
 /// The userfaultfd of one process, with the ranges registered through it and the pages of
 /// its last committed image.
 struct Tracked {
+    /// The process's start time (/proc/PID/stat field 22): a pid reused by another process
+    /// is not the tracked one.
+    start: u64,
     uffd: OwnedFd,
     /// Ranges registered at the last dump.
     registered: Vec<(u64, u64)>,
@@ -185,7 +188,9 @@ impl DirtyTracker {
 
     /// Whether `pid` has pages that a dump may reuse.
     pub fn tracks(&self, pid: i32) -> bool {
-        self.procs.get(&pid).is_some_and(|t| !t.fresh)
+        self.procs
+            .get(&pid)
+            .is_some_and(|t| !t.fresh && Some(t.start) == start_time(pid))
     }
 
     /// Scans mapping `[start, end)` of `pid` (write-protecting it again): the regions of
@@ -232,10 +237,11 @@ impl DirtyTracker {
     ) {
         // A userfaultfd that no longer covers anything it registered (exec, restore, pid
         // reuse) is replaced.
+        let start = start_time(pid).unwrap_or(0);
         let lost = self
             .procs
             .get(&pid)
-            .is_some_and(|t| !t.fresh && scanned.is_empty());
+            .is_some_and(|t| (!t.fresh && scanned.is_empty()) || t.start != start);
         if lost || self.procs.get(&pid).is_some_and(|t| t.fresh) {
             self.procs.remove(&pid);
         }
@@ -250,6 +256,7 @@ impl DirtyTracker {
                     }
                 };
                 v.insert(Tracked {
+                    start,
                     uffd,
                     registered: Vec::new(),
                     pages: BTreeMap::new(),
@@ -321,6 +328,13 @@ impl DirtyTracker {
         }
         self.reused_pages = 0;
     }
+}
+
+/// Field 22 of /proc/PID/stat (start time in clock ticks after boot).
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(22 - 3)?.parse().ok()
 }
 
 fn api(uffd: &OwnedFd) -> Result<(), String> {
