@@ -304,8 +304,12 @@ fn init(spec: &InitSpec, mut info: SessionInfo) -> Result<i32> {
             )
         })?;
     }
+    // Pages written since the last checkpoint of this session (FORKPOINT_DIRTY_TRACKING=0
+    // turns it off, to compare); a restored program starts tracked against its image.
+    let tracker = (std::env::var("FORKPOINT_DIRTY_TRACKING").as_deref() != Ok("0"))
+        .then(|| Arc::new(Mutex::new(DirtyTracker::new())));
     let main = match spec.restore {
-        Some(cno) => restore_main(spec, cno)?,
+        Some(cno) => restore_main(spec, cno, tracker.clone())?,
         None => {
             let argv: Vec<std::ffi::CString> = spec
                 .argv
@@ -354,10 +358,6 @@ fn init(spec: &InitSpec, mut info: SessionInfo) -> Result<i32> {
     if let Ok((_, hard)) = engine::sys::get_rlimit(0, nofile) {
         let _ = engine::sys::set_rlimit(0, nofile, hard, hard);
     }
-    // Pages written since the last checkpoint of this session (FORKPOINT_DIRTY_TRACKING=0
-    // turns it off, to compare).
-    let tracker = (std::env::var("FORKPOINT_DIRTY_TRACKING").as_deref() != Ok("0"))
-        .then(|| Arc::new(Mutex::new(DirtyTracker::new())));
     loop {
         // Reap: the program, and orphans re-parented to us.
         loop {
@@ -746,7 +746,7 @@ impl engine::ChunkSource for StoreChunks {
     }
 }
 
-fn restore_main(spec: &InitSpec, cno: u64) -> Result<i32> {
+fn restore_main(spec: &InitSpec, cno: u64, dirty: Option<Arc<Mutex<DirtyTracker>>>) -> Result<i32> {
     let t0 = Instant::now();
     let store = Store::open_read_only(&spec.store)?;
     let t_open = t0.elapsed();
@@ -764,8 +764,15 @@ fn restore_main(spec: &InitSpec, cno: u64) -> Result<i32> {
         // init's own stdio: the terminal `forkpoint restore` runs in, or with --detach
         // /dev/null and the session's log.
         terminal: None,
+        dirty: dirty.clone(),
     };
-    let pid = engine::restore_tree(&tree, &opts).context("restore processes")?;
+    let pid = engine::restore_tree(&tree, &opts);
+    if pid.is_err() {
+        if let Some(t) = &dirty {
+            t.lock().unwrap_or_else(|p| p.into_inner()).forget();
+        }
+    }
+    let pid = pid.context("restore processes")?;
     log::debug!(
         "restore of checkpoint #{cno}: store opened in {t_open:?}, image loaded in {:?}, processes restored in {:?}",
         t_load - t_open,

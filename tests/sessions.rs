@@ -719,6 +719,31 @@ int main(void) {
     for (i, l) in text.lines().enumerate() {
         assert_eq!(l, format!("{} ok", i + 1), "line {} of sums.log", i + 1);
     }
+    // Tracking starts at the restore: the first checkpoint after it is incremental too, and
+    // restores as exactly.
+    let out = lab.fp(&["checkpoint", "-m", lab.m(), "c4"]);
+    let r: u64 = out
+        .split(" pages unchanged")
+        .next()
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no reused pages in: {out}"));
+    assert!(r > 7000, "the checkpoint after a restore reuses pages: {r}");
+    let n = lines_any(&log);
+    wait_for("the program", Duration::from_secs(20), || {
+        lines_any(&log) > n + 5
+    });
+    let at_cut = lines_any(&lab.mnt.join(".forkpoint/snapshots/c4/sums.log"));
+    lab.fp(&["restore", "-m", lab.m(), "--detach", "c4"]);
+    wait_for(
+        "the program restored again",
+        Duration::from_secs(20),
+        || lines_any(&log) > at_cut + 10,
+    );
+    let text = std::fs::read_to_string(&log).expect("log");
+    for (i, l) in text.lines().enumerate() {
+        assert_eq!(l, format!("{} ok", i + 1), "line {} of sums.log", i + 1);
+    }
 }
 
 #[test]

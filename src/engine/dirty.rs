@@ -300,6 +300,15 @@ impl DirtyTracker {
         );
     }
 
+    /// One process's memory is `mem` now (just restored from it, still stopped): what its
+    /// next dump may reuse. Other processes are left as they are.
+    pub fn remember_one(&mut self, pid: i32, mem: &ImageMemory) {
+        if let Some(t) = self.procs.get_mut(&pid) {
+            t.pages = pages_of(mem);
+            t.fresh = false;
+        }
+    }
+
     /// [`DirtyTracker::remember`] for images of single processes: (pid, its memory).
     pub fn remember_memory<'a>(
         &mut self,
@@ -309,21 +318,7 @@ impl DirtyTracker {
         self.procs.retain(|pid, _| live.contains_key(pid));
         for (pid, t) in &mut self.procs {
             let Some(mem) = live.get(pid) else { continue };
-            t.pages = mem
-                .runs
-                .iter()
-                .filter(|r| r.len == PAGE_SIZE)
-                .filter(|r| matches!(r.data, PageData::Zero | PageData::Stored(_)))
-                .map(|r| (r.addr, r.data.clone()))
-                .collect();
-            // Zero runs may span several pages.
-            for r in mem.runs.iter().filter(|r| r.len > PAGE_SIZE) {
-                if r.data == PageData::Zero {
-                    for a in (r.addr..r.addr + r.len).step_by(PAGE_SIZE as usize) {
-                        t.pages.insert(a, PageData::Zero);
-                    }
-                }
-            }
+            t.pages = pages_of(mem);
             t.fresh = false;
         }
         self.reused_pages = 0;
@@ -335,6 +330,26 @@ fn start_time(pid: i32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &stat[stat.rfind(')')? + 1..];
     rest.split_whitespace().nth(22 - 3)?.parse().ok()
+}
+
+/// Page address → contents (zero or stored) of an image's memory.
+fn pages_of(mem: &ImageMemory) -> BTreeMap<u64, PageData> {
+    let mut pages: BTreeMap<u64, PageData> = mem
+        .runs
+        .iter()
+        .filter(|r| r.len == PAGE_SIZE)
+        .filter(|r| matches!(r.data, PageData::Zero | PageData::Stored(_)))
+        .map(|r| (r.addr, r.data.clone()))
+        .collect();
+    // Zero runs may span several pages.
+    for r in mem.runs.iter().filter(|r| r.len > PAGE_SIZE) {
+        if r.data == PageData::Zero {
+            for a in (r.addr..r.addr + r.len).step_by(PAGE_SIZE as usize) {
+                pages.insert(a, PageData::Zero);
+            }
+        }
+    }
+    pages
 }
 
 fn api(uffd: &OwnedFd) -> Result<(), String> {

@@ -718,7 +718,7 @@ fn read_frozen(
 
 /// A userfaultfd for the memory of `pid`: made by a syscall injected into it (with every
 /// signal blocked in the injecting thread), taken over with `pidfd_getfd`, closed there.
-fn make_uffd(pid: i32, t: &mut Tracer) -> Result<std::os::fd::OwnedFd, String> {
+pub(crate) fn make_uffd(pid: i32, t: &mut Tracer) -> Result<std::os::fd::OwnedFd, String> {
     let mask = t.sigmask().map_err(|e| e.to_string())?;
     t.set_sigmask(!0).map_err(|e| e.to_string())?;
     let res = (|| {

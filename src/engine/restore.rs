@@ -285,6 +285,7 @@ pub fn restore_with(image: &ProcessImage, opts: &RestoreOptions) -> Result<i32, 
         scratch: 0,
         others: Vec::new(),
         terminal: opts.terminal,
+        dirty: None,
     };
     match r.run() {
         Ok(()) => match r.detach_all() {
@@ -427,6 +428,8 @@ struct Restorer<'a> {
     others: Vec<Tracer>,
     /// Directory of the descriptors terminal fds are reopened from.
     terminal: Option<&'a Path>,
+    /// Dirty-page tracking to arm once the memory is the image's (tree restores).
+    dirty: Option<&'a std::sync::Mutex<super::dirty::DirtyTracker>>,
 }
 
 impl Restorer<'_> {
@@ -590,6 +593,31 @@ impl Restorer<'_> {
         self.restore_posix_timers()?;
         for i in 1..image.threads.len() {
             self.with_thread(i, |r| r.finish_thread(i))?;
+        }
+        // Memory is the image's: from here on, a write (the program's, or the kernel's on
+        // its behalf) is what the next checkpoint reads again.
+        if let Some(d) = self.dirty {
+            let ranges: Vec<(u64, u64)> = image
+                .mappings
+                .iter()
+                .filter(|m| {
+                    !m.shared
+                        && m.prot != 0
+                        && matches!(
+                            m.kind,
+                            MappingKind::Anon
+                                | MappingKind::Heap
+                                | MappingKind::Stack
+                                | MappingKind::File
+                        )
+                })
+                .map(|m| (m.start, m.end))
+                .collect();
+            let pid = self.pid;
+            let t = &mut self.t;
+            let mut tracker = d.lock().unwrap_or_else(|p| p.into_inner());
+            tracker.arm(pid, &ranges, &[], || super::dump::make_uffd(pid, t));
+            tracker.remember_one(pid, &image.memory);
         }
 
         // 7. Final registers. The mask last: queued signals stay blocked until no more
@@ -1682,6 +1710,10 @@ pub struct TreeRestoreOptions<'a> {
     pub skip_file_checks: bool,
     /// Where terminal descriptors are reopened (see [`RestoreOptions::terminal`]).
     pub terminal: Option<&'a Path>,
+    /// Dirty-page tracking: armed on every restored process just before it runs, with the
+    /// image as the last checkpoint, so that the first checkpoint after a restore reads only
+    /// what the program wrote since ([`super::dirty`]).
+    pub dirty: Option<std::sync::Arc<std::sync::Mutex<super::dirty::DirtyTracker>>>,
 }
 
 /// A process of the tree being restored.
@@ -2083,6 +2115,7 @@ fn build_tree<'a>(
                 scratch: 0,
                 others: Vec::new(),
                 terminal: opts.terminal,
+                dirty: opts.dirty.as_deref(),
             };
             let res = r.run();
             restorers.push(r);
