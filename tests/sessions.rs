@@ -631,6 +631,15 @@ asyncio.run(main())
     }
 }
 
+/// The "N pages unchanged since the last checkpoint" of a `checkpoint` line.
+fn unchanged_pages(out: &str) -> u64 {
+    out.split(" pages unchanged")
+        .next()
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no reused pages in: {out}"))
+}
+
 /// Later checkpoints read only the pages written since the one before (dirty-page
 /// tracking). A program keeps 32 MiB of counters whose sum it knows, rewrites a few pages
 /// between checkpoints, drops and maps memory; restored from the third checkpoint, it finds
@@ -692,14 +701,12 @@ int main(void) {
         wait_for("the program", Duration::from_secs(20), || {
             lines_any(&log) > n + 5
         });
-        let out = lab.fp(&["checkpoint", "-m", lab.m(), name]);
-        let r: u64 = out
-            .split(" pages unchanged")
-            .next()
-            .and_then(|s| s.rsplit(' ').next())
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("no reused pages in: {out}"));
-        reused.push(r);
+        reused.push(unchanged_pages(&lab.fp(&[
+            "checkpoint",
+            "-m",
+            lab.m(),
+            name,
+        ])));
     }
     assert_eq!(reused[0], 0, "the first checkpoint reads everything");
     assert!(
@@ -721,13 +728,7 @@ int main(void) {
     }
     // Tracking starts at the restore: the first checkpoint after it is incremental too, and
     // restores as exactly.
-    let out = lab.fp(&["checkpoint", "-m", lab.m(), "c4"]);
-    let r: u64 = out
-        .split(" pages unchanged")
-        .next()
-        .and_then(|s| s.rsplit(' ').next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no reused pages in: {out}"));
+    let r = unchanged_pages(&lab.fp(&["checkpoint", "-m", lab.m(), "c4"]));
     assert!(r > 7000, "the checkpoint after a restore reuses pages: {r}");
     let n = lines_any(&log);
     wait_for("the program", Duration::from_secs(20), || {

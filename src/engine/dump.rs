@@ -656,7 +656,7 @@ fn read_frozen(
     let t_fds = t0.elapsed();
     // 7. Dirty-page tracking for the next checkpoint (everything above is read). Not for a
     //    process under a seccomp filter: the injected userfaultfd() could be its death.
-    let filtered = status_field(&read_proc(pid, "status")?, "Seccomp:").map(str::trim) == Some("2");
+    let filtered = status_field(&status, "Seccomp:").map(str::trim) == Some("2");
     if let Some(tracker) = tracker.as_mut().filter(|_| filtered) {
         tracker.drop_process(pid);
     }
@@ -1740,17 +1740,29 @@ fn dump_fds(
             target: target.clone(),
             reason: reason.to_string(),
         };
-        if let Some(ino) = target
-            .strip_prefix("socket:[")
-            .and_then(|t| t.strip_suffix(']'))
-            .and_then(|t| t.parse::<u64>().ok())
-        {
-            // Whether it is a unix socket pair inside the tree is decided with the whole tree
-            // in view (dump_tree).
+        // Pipes and sockets: whether the other end is inside the tree (and, for a socket,
+        // whether it is a unix socket pair) is decided with the whole tree in view
+        // (dump_tree).
+        let inode_of = |prefix: &str| {
+            target
+                .strip_prefix(prefix)
+                .and_then(|t| t.strip_suffix(']'))
+                .and_then(|t| t.parse::<u64>().ok())
+        };
+        let shared = match (inode_of("pipe:["), inode_of("socket:[")) {
+            (Some(ino), _) => Some((
+                FdKind::Pipe { ino },
+                "pipes are only supported when dumping a process tree",
+            )),
+            (_, Some(ino)) => Some((
+                FdKind::UnixSocket { ino },
+                "sockets are only supported (as unix socket pairs) when dumping a process tree",
+            )),
+            _ => None,
+        };
+        if let Some((kind, alone)) = shared {
             if !allow_pipes {
-                return Err(refuse(
-                    "sockets are only supported (as unix socket pairs) when dumping a process tree",
-                ));
+                return Err(refuse(alone));
             }
             let info = read_proc(pid, &format!("fdinfo/{fd}"))?;
             out.push(FdState {
@@ -1758,34 +1770,7 @@ fn dump_fds(
                 path: target.clone(),
                 pos: 0,
                 flags: fdinfo_flags(pid, &info)?,
-                kind: FdKind::UnixSocket { ino },
-            });
-            continue;
-        }
-        if let Some(ino) = target
-            .strip_prefix("pipe:[")
-            .and_then(|t| t.strip_suffix(']'))
-            .and_then(|t| t.parse::<u64>().ok())
-        {
-            if !allow_pipes {
-                return Err(refuse(
-                    "pipes are only supported when dumping a process tree",
-                ));
-            }
-            let info = read_proc(pid, &format!("fdinfo/{fd}"))?;
-            let flags = status_field(&info, "flags:")
-                .and_then(|v| i32::from_str_radix(v.trim(), 8).ok())
-                .ok_or_else(|| DumpError::Parse {
-                    pid,
-                    what: "fdinfo flags",
-                    detail: info.clone(),
-                })?;
-            out.push(FdState {
-                fd,
-                path: target.clone(),
-                pos: 0,
-                flags,
-                kind: FdKind::Pipe { ino },
+                kind,
             });
             continue;
         }
