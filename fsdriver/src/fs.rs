@@ -42,10 +42,10 @@ pub const NAME_MAX: usize = 255;
 pub const MAX_FILE_SIZE: u64 = 1 << 50;
 const XATTR_SIZE_MAX: usize = 64 * 1024;
 /// Dirty file data kept in memory before it is written to the log.
-const DIRTY_LIMIT: usize = 512 << 20;
+const DIRTY_LIMIT: usize = 64 << 20;
 /// Committed blocks kept in memory (by all mounts of the process), so that a partial write to
 /// a block written recently does not read it back from the log.
-const CLEAN_LIMIT: usize = 512 << 20;
+const CLEAN_LIMIT: usize = 64 << 20;
 static CLEAN_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 fn clean_sub(n: usize) {
@@ -2015,7 +2015,9 @@ fn flush_blocks(store: &Store, f: &mut MemFile) -> FsResult<()> {
         .filter(|(_, len)| **len > 0)
         .map(|(b, len)| &b[..*len])
         .collect();
+    let t0 = std::time::Instant::now();
     let mut hashed = ContentId::of_many(&pieces).into_iter();
+    let t1 = std::time::Instant::now();
     let ids: Vec<Option<ContentId>> = lens
         .iter()
         .map(|len| if *len > 0 { hashed.next() } else { None })
@@ -2028,7 +2030,14 @@ fn flush_blocks(store: &Store, f: &mut MemFile) -> FsResult<()> {
         .zip(&ids)
         .filter_map(|((b, len), id)| Some(((*id)?, &b[..*len])))
         .collect();
-    store.put_batch(ObjectKind::Chunk, &items)?;
+    let nbytes = store.put_batch(ObjectKind::Chunk, &items)?;
+    log::debug!(
+        "flush: {} blocks, {} new bytes; hash {:?}, write {:?}",
+        lens.len(),
+        nbytes,
+        t1 - t0,
+        t1.elapsed()
+    );
     drop(items);
     let dirty: Vec<(u64, Vec<u8>)> = std::mem::take(&mut f.dirty).into_iter().collect();
     for (((idx, buf), len), id) in dirty.into_iter().zip(lens).zip(ids) {

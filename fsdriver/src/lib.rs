@@ -9,6 +9,7 @@ pub mod id;
 pub mod maint;
 pub mod radix;
 pub mod segment;
+mod stage;
 pub mod store;
 pub mod tree;
 

@@ -155,7 +155,19 @@ pub trait SegFile: Send + Sync {
         Ok(self.len()? == 0)
     }
     fn truncate(&self, len: u64) -> io::Result<()>;
+    /// Can this file take [`SegFile::write_direct`]?
+    fn has_direct(&self) -> bool {
+        false
+    }
+    /// Writes `buf` at `off` past the page cache (`O_DIRECT`). The caller aligns the offset,
+    /// the length and the buffer's address to [`DIRECT_ALIGN`].
+    fn write_direct(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.write_all_at(buf, off)
+    }
 }
+
+/// Alignment of offsets, lengths and buffers for [`SegFile::write_direct`].
+pub const DIRECT_ALIGN: usize = 4096;
 
 /// The directory of segment files.
 pub trait Storage: Send + Sync {
@@ -175,11 +187,17 @@ pub trait Storage: Send + Sync {
 /// Segments as real files: `DIR/NNNNNNNNNNNNNNNN.seg`.
 pub struct DirStorage {
     dir: PathBuf,
+    direct: bool,
 }
 
 impl DirStorage {
+    /// Segments in `dir`; appends use `O_DIRECT` unless `FORKPOINT_DIRECT_IO=0`.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        DirStorage { dir: dir.into() }
+        let direct = std::env::var("FORKPOINT_DIRECT_IO").map_or(true, |v| v != "0");
+        DirStorage {
+            dir: dir.into(),
+            direct,
+        }
     }
 
     fn file(&self, id: u64) -> PathBuf {
@@ -187,7 +205,8 @@ impl DirStorage {
     }
 }
 
-struct RealSeg(File);
+/// A segment file; segments created for appending also get an `O_DIRECT` descriptor.
+struct RealSeg(File, Option<File>);
 
 impl SegFile for RealSeg {
     fn read_exact_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
@@ -195,6 +214,19 @@ impl SegFile for RealSeg {
     }
     fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
         self.0.write_all_at(buf, off)
+    }
+    fn has_direct(&self) -> bool {
+        self.1.is_some()
+    }
+    fn write_direct(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        match &self.1 {
+            // A filesystem may refuse the alignment (EINVAL): then the page cache it is.
+            Some(f) => match f.write_all_at(buf, off) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.0.write_all_at(buf, off),
+                r => r,
+            },
+            None => self.0.write_all_at(buf, off),
+        }
     }
     fn write_vectored_at(&self, bufs: &[&[u8]], off: u64) -> io::Result<()> {
         // At most IOV_MAX (1024) pieces per call; a short write finishes piece by piece.
@@ -244,7 +276,19 @@ impl Storage for DirStorage {
             .write(true)
             .create(create)
             .open(self.file(id))?;
-        Ok(Arc::new(RealSeg(f)))
+        // Appends go past the page cache where the filesystem allows it (not tmpfs): the
+        // log is written once and read back rarely, and the store keeps what it reads.
+        let direct = if create && self.direct {
+            use std::os::unix::fs::OpenOptionsExt;
+            OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(self.file(id))
+                .ok()
+        } else {
+            None
+        };
+        Ok(Arc::new(RealSeg(f, direct)))
     }
     fn list(&self) -> io::Result<Vec<u64>> {
         let mut out = Vec::new();

@@ -15,6 +15,7 @@ use crate::catalog::{Catalog, Checkpoint, NewCheckpoint};
 use crate::error::{IoContext, Result, StoreError};
 use crate::id::ContentId;
 use crate::segment::{self, DirStorage, Loc, ObjectKind, SegFile, Storage, MAX_OBJECT};
+use crate::stage::Stage;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -50,6 +51,8 @@ struct Writer {
     /// Segments written since the last commit, with their lengths.
     touched: BTreeMap<u64, u64>,
     created: bool,
+    /// Appends to the active segment collect here and go out as aligned `O_DIRECT` writes.
+    stage: Stage,
 }
 
 struct Cache {
@@ -83,6 +86,8 @@ pub struct Store {
     index: RwLock<HashMap<ContentId, Loc>>,
     writer: Mutex<Writer>,
     segs: RwLock<HashMap<u64, Arc<dyn SegFile>>>,
+    /// `(segment, offset)`: bytes of that segment from the offset on may still be staged.
+    unstaged: RwLock<Option<(u64, u64)>>,
     cache: Mutex<Cache>,
     config: StoreConfig,
     lower: Option<PathBuf>,
@@ -257,7 +262,9 @@ impl Store {
             segment::check_segment_header(&*f, id, &storage.path())?;
             if flen > clen && !read_only {
                 // A torn or uncommitted tail: never part of the store.
-                log::info!("segment {id}: dropping {} uncommitted bytes", flen - clen);
+                if flen - clen >= segment::DIRECT_ALIGN as u64 {
+                    log::info!("segment {id}: dropping {} uncommitted bytes", flen - clen);
+                }
                 f.truncate(clen)
                     .ctx("truncate segment tail", storage.path())?;
                 f.sync().ctx("fsync segment", storage.path())?;
@@ -303,7 +310,9 @@ impl Store {
                 pending: Vec::new(),
                 touched: BTreeMap::new(),
                 created: false,
+                stage: Stage::new(),
             }),
+            unstaged: RwLock::new(None),
             segs: RwLock::new(segs),
             cache: Mutex::new(Cache {
                 map: HashMap::new(),
@@ -393,11 +402,7 @@ impl Store {
         };
         let hdr = segment::encode_header(kind, &id, data.len() as u32);
         let off = w.len;
-        // Header and payload as two writes: no copy of the payload into a record buffer.
-        file.write_all_at(&hdr, off)
-            .ctx("append to segment", self.storage.path())?;
-        file.write_all_at(data, off + hdr.len() as u64)
-            .ctx("append to segment", self.storage.path())?;
+        self.append(&mut w, &file, seg_id, &[&hdr, data])?;
         w.len += rec_len;
         let loc = Loc {
             segment: seg_id,
@@ -479,8 +484,8 @@ impl Store {
                 bufs.push(h);
                 bufs.push(data);
             }
-            file.write_vectored_at(&bufs, start)
-                .ctx("append to segment", self.storage.path())?;
+            debug_assert_eq!(start, w.len);
+            self.append(&mut w, &file, seg_id, &bufs)?;
             written += new[i..j].iter().map(|(_, d)| d.len() as u64).sum::<u64>();
             w.len = end;
             w.touched.insert(seg_id, end);
@@ -495,15 +500,69 @@ impl Store {
         Ok(written)
     }
 
+    /// Appends `bufs` at the writer's length in the active segment `seg_id` (the caller then
+    /// advances the length). On failure nothing already appended is lost.
+    fn append(
+        &self,
+        w: &mut Writer,
+        file: &Arc<dyn SegFile>,
+        seg_id: u64,
+        bufs: &[&[u8]],
+    ) -> Result<()> {
+        if !w.stage.active {
+            return file
+                .write_vectored_at(bufs, w.len)
+                .ctx("append to segment", self.storage.path());
+        }
+        // Readers of bytes past the staged start wait for a flush.
+        self.set_unstaged(Some((seg_id, w.stage.start)));
+        for b in bufs {
+            w.stage.push(file, b);
+        }
+        Ok(())
+    }
+
+    fn set_unstaged(&self, v: Option<(u64, u64)>) {
+        let mut u = self.unstaged.write().unwrap_or_else(|e| e.into_inner());
+        // Within a segment the mark only moves back here (bytes handed to the writer thread
+        // are not known written); a flush moves it forward.
+        *u = match (*u, v) {
+            (Some((s0, f0)), Some((s1, f1))) if s0 == s1 => Some((s1, f0.min(f1))),
+            _ => v,
+        };
+    }
+
+    /// Writes out everything staged for the active segment.
+    fn flush_stage(&self, w: &mut Writer) -> Result<()> {
+        if !w.stage.active {
+            return Ok(());
+        }
+        if let Some((id, f)) = w.seg.clone() {
+            w.stage
+                .flush(&f)
+                .ctx("append to segment", self.storage.path())?;
+            *self.unstaged.write().unwrap_or_else(|e| e.into_inner()) = Some((id, w.len));
+        }
+        Ok(())
+    }
+
     fn roll(&self, w: &mut Writer) -> Result<()> {
+        self.flush_stage(w)?;
         let id = w.next_seg;
-        w.next_seg += 1;
         let f = self
             .storage
             .open(id, true)
             .ctx("create segment", self.storage.path())?;
-        f.write_all_at(&segment::segment_header(), 0)
-            .ctx("write segment header", self.storage.path())?;
+        w.next_seg += 1;
+        if f.has_direct() {
+            w.stage.begin();
+            *self.unstaged.write().unwrap_or_else(|e| e.into_inner()) = Some((id, 0));
+            w.stage.push(&f, &segment::segment_header());
+        } else {
+            w.stage.active = false;
+            f.write_all_at(&segment::segment_header(), 0)
+                .ctx("write segment header", self.storage.path())?;
+        }
         self.segs
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -528,6 +587,10 @@ impl Store {
     /// Reads and re-hashes an object, bypassing the cache.
     pub fn read_verified(&self, id: &ContentId) -> Result<Vec<u8>> {
         let loc = self.locate(id).ok_or(StoreError::MissingObject(*id))?;
+        let staged = *self.unstaged.read().unwrap_or_else(|e| e.into_inner());
+        if staged.is_some_and(|(seg, from)| seg == loc.segment && loc.end() > from) {
+            self.flush_stage(&mut lock(&self.writer))?;
+        }
         let file = self
             .segs
             .read()
@@ -542,6 +605,7 @@ impl Store {
     /// catalog transaction. Returns the new checkpoint number.
     pub fn commit(&self, cp: Option<&NewCheckpoint<'_>>) -> Result<Option<u64>> {
         let mut w = lock(&self.writer);
+        self.flush_stage(&mut w)?;
         let segs = self.segs.read().unwrap_or_else(|e| e.into_inner()).clone();
         for id in w.touched.keys() {
             if let Some(f) = segs.get(id) {
@@ -659,11 +723,8 @@ impl WriterHandle<'_> {
             Some((i, f)) => (*i, f.clone()),
             None => unreachable!("roll always opens a segment"),
         };
-        let mut buf = Vec::with_capacity(rec_len as usize);
-        buf.extend_from_slice(&segment::encode_header(kind, &id, data.len() as u32));
-        buf.extend_from_slice(data);
-        file.write_all_at(&buf, self.w.len)
-            .ctx("append to segment", self.store.storage.path())?;
+        let hdr = segment::encode_header(kind, &id, data.len() as u32);
+        self.store.append(self.w, &file, seg_id, &[&hdr, data])?;
         let loc = Loc {
             segment: seg_id,
             offset: self.w.len,
@@ -678,6 +739,7 @@ impl WriterHandle<'_> {
 
     /// Syncs what was relocated; returns (segment, length) pairs to record.
     pub(crate) fn sync(&mut self) -> Result<Vec<(u64, u64)>> {
+        self.store.flush_stage(self.w)?;
         for id in self.w.touched.keys() {
             if let Some(f) = self.store.segment_file(*id) {
                 f.sync().ctx("fsync segment", self.store.storage.path())?;
