@@ -171,6 +171,18 @@ impl Daemon {
 
     /// Commits and unmounts.
     pub fn umount(&self, mountpoint: &Path) -> Result<()> {
+        if !lock(&self.mounts).contains_key(mountpoint) {
+            bail!("{} is not mounted by this daemon", mountpoint.display());
+        }
+        // Unmount before letting go of the mount: a busy mount (a process has a file open
+        // or its working directory there) must stay served, not be left dangling.
+        match nix::mount::umount2(mountpoint, nix::mount::MntFlags::empty()) {
+            Ok(()) | Err(nix::errno::Errno::EINVAL) => {}
+            Err(nix::errno::Errno::EBUSY) => {
+                bail!("the mount is busy: a process has a file open or its working directory there")
+            }
+            Err(e) => bail!("{e}"),
+        }
         let m = lock(&self.mounts)
             .remove(mountpoint)
             .ok_or_else(|| anyhow!("{} is not mounted by this daemon", mountpoint.display()))?;
@@ -189,6 +201,9 @@ impl Daemon {
                 let _ = tx.send(s.umount_and_join());
             });
             match rx.recv_timeout(Duration::from_secs(5)) {
+                // Already unmounted (by `umount` above): the serving thread ends by itself.
+                Err(_) | Ok(Err(_))
+                    if !crate::mounts::is_mountpoint(mountpoint).unwrap_or(true) => {}
                 Ok(r) => r.with_context(|| format!("unmount {}", mountpoint.display()))?,
                 Err(_) => log::warn!(
                     "{} is still in use by another mount namespace",

@@ -435,6 +435,27 @@ fn new_user_workflow() {
         .collect();
     assert_eq!(heads, ["main"], "branches: {log}");
 
+    // A busy mount refuses to unmount and stays served (it used to be left dangling).
+    let mut holder = std::process::Command::new("sleep")
+        .arg("60")
+        .current_dir(&mnt)
+        .spawn()
+        .expect("spawn a process working in the mount");
+    let busy = fp(&[OsStr::new("umount"), mnt.as_os_str()]);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert!(
+        !busy.ok,
+        "umount of a busy mount succeeded: {}",
+        busy.stdout
+    );
+    assert!(
+        busy.stderr.contains("busy"),
+        "unclear error: {}",
+        busy.stderr
+    );
+    same_tree("after a refused umount", &after_changes, &tree(&mnt));
+
     lab.umount_ok(&mnt);
     let out = fp_ok(&[OsStr::new("verify"), store.as_os_str()]);
     assert!(out.contains("verified"), "verify: {out}");

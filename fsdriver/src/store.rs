@@ -411,6 +411,11 @@ impl Store {
             kind,
         };
         w.pending.push((id, loc));
+        if kind != ObjectKind::Chunk {
+            // Metadata is read back soon (the next lookup of a block map or inode), and the
+            // log bypasses the page cache: keep it in the read cache from the start.
+            lock(&self.cache).put(id, Arc::new(data.to_vec()));
+        }
         let len = w.len;
         w.touched.insert(seg_id, len);
         self.index
