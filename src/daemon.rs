@@ -47,8 +47,9 @@ pub enum Request {
         name: String,
         root_cno: u64,
         image_file: PathBuf,
-        /// Page chunks the store may not hold yet: (BLAKE3, u32 LE length, bytes)*.
-        pack_file: PathBuf,
+        /// Page chunks the store may not hold yet, in the memory of the process that sends
+        /// the request: (BLAKE3, u64 LE address, u32 LE length)*.
+        page_list: PathBuf,
         auto: bool,
     },
     Rollback {
@@ -222,7 +223,7 @@ impl Daemon {
             .ok_or_else(|| anyhow!("{} is not mounted by this daemon", mountpoint.display()))
     }
 
-    fn handle(&self, req: Request) -> Result<serde_json::Value> {
+    fn handle(&self, req: Request, peer: Option<i32>) -> Result<serde_json::Value> {
         Ok(match req {
             Request::Mount {
                 mountpoint,
@@ -261,11 +262,13 @@ impl Daemon {
                 name,
                 root_cno,
                 image_file,
-                pack_file,
+                page_list,
                 auto,
             } => {
                 self.fs(&mountpoint)?;
-                record_checkpoint(&self.store, &name, root_cno, &image_file, &pack_file, auto)?
+                let pid = peer.ok_or_else(|| anyhow!("cannot tell which process sent the pages"))?;
+                let pages = PageSource { pid, list: &page_list };
+                record_checkpoint(&self.store, &name, root_cno, &image_file, &pages, auto)?
             }
             Request::Rollback { mountpoint, cno } => {
                 let mounts = lock(&self.mounts);
@@ -392,7 +395,7 @@ impl Daemon {
             return;
         }
         let resp = match serde_json::from_str::<Request>(&line) {
-            Ok(req) => match self.handle(req) {
+            Ok(req) => match self.handle(req, peer_pid(&conn)) {
                 Ok(v) => Response {
                     ok: true,
                     error: None,
@@ -440,57 +443,61 @@ fn record_checkpoint(
     name: &str,
     root_cno: u64,
     image_file: &Path,
-    pack_file: &Path,
+    pages: &PageSource<'_>,
     auto: bool,
 ) -> Result<serde_json::Value> {
     use forkpoint::engine::image::PageData;
     use forkpoint_fs::segment::ObjectKind;
-    use std::io::Read;
     let t0 = Instant::now();
-    // New pages first; each is re-hashed, a pack cannot put wrong data under a name. Pages
-    // are taken in batches: hashed on all cores, then written with one vectored append.
+    // New pages first, copied out of the sender's memory in batches; each is re-hashed (on
+    // all cores), so no sender can put wrong data under a name; then one vectored append.
     const BATCH: usize = 32 << 20;
-    let mut new_bytes = 0u64;
-    let mut pack = std::io::BufReader::with_capacity(
-        1 << 20,
-        std::fs::File::open(pack_file).with_context(|| format!("open {}", pack_file.display()))?,
-    );
-    let mut head = [0u8; 36];
-    let mut buf: Vec<u8> = Vec::with_capacity(BATCH + forkpoint_fs::segment::MAX_OBJECT);
-    let mut entries: Vec<(ContentId, usize, usize)> = Vec::new();
-    let mut flush = |buf: &mut Vec<u8>, entries: &mut Vec<(ContentId, usize, usize)>| {
-        let pieces: Vec<&[u8]> = entries.iter().map(|(_, s, l)| &buf[*s..*s + *l]).collect();
-        let got = ContentId::of_many(&pieces);
-        if let Some(((id, _, _), _)) = entries.iter().zip(&got).find(|((id, _, _), g)| id != *g) {
-            bail!("pack: chunk {id} does not match its hash");
-        }
-        let items: Vec<(ContentId, &[u8])> = entries.iter().map(|e| e.0).zip(pieces).collect();
-        new_bytes += store.put_batch(ObjectKind::Chunk, &items)?;
-        buf.clear();
-        entries.clear();
-        anyhow::Ok(())
-    };
-    loop {
-        match pack.read_exact(&mut head) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
-            Err(e) => return Err(e).context("read pack"),
-        }
-        let mut hash = [0u8; 32];
-        hash.copy_from_slice(&head[..32]);
-        let len = u32::from_le_bytes([head[32], head[33], head[34], head[35]]) as usize;
-        if len > forkpoint_fs::segment::MAX_OBJECT {
-            bail!("pack: chunk of {len} bytes is too large");
-        }
-        let start = buf.len();
-        buf.resize(start + len, 0);
-        pack.read_exact(&mut buf[start..]).context("read pack")?;
-        entries.push((ContentId(hash), start, len));
-        if buf.len() >= BATCH {
-            flush(&mut buf, &mut entries)?;
-        }
+    let list = std::fs::read(pages.list)
+        .with_context(|| format!("read {}", pages.list.display()))?;
+    if list.len() % 44 != 0 {
+        bail!("page list {}: truncated entry", pages.list.display());
     }
-    flush(&mut buf, &mut entries)?;
+    let entries: Vec<([u8; 32], u64, usize)> = list
+        .chunks_exact(44)
+        .map(|e| {
+            let mut h = [0u8; 32];
+            h.copy_from_slice(&e[..32]);
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&e[32..40]);
+            let len = u32::from_le_bytes([e[40], e[41], e[42], e[43]]) as usize;
+            (h, u64::from_le_bytes(a), len)
+        })
+        .collect();
+    if let Some(e) = entries.iter().find(|e| e.2 > forkpoint_fs::segment::MAX_OBJECT) {
+        bail!("page list: chunk of {} bytes is too large", e.2);
+    }
+    let mut new_bytes = 0u64;
+    let mut buf: Vec<u8> = Vec::new();
+    let mut i = 0;
+    while i < entries.len() {
+        let mut j = i;
+        let mut total = 0usize;
+        while j < entries.len() && (j == i || total + entries[j].2 <= BATCH) {
+            total += entries[j].2;
+            j += 1;
+        }
+        let batch = &entries[i..j];
+        buf.resize(total, 0);
+        read_peer(pages.pid, batch, &mut buf)?;
+        let mut pieces: Vec<&[u8]> = Vec::with_capacity(batch.len());
+        let mut at = 0;
+        for e in batch {
+            pieces.push(&buf[at..at + e.2]);
+            at += e.2;
+        }
+        let got = ContentId::of_many(&pieces);
+        if let Some((e, _)) = batch.iter().zip(&got).find(|(e, g)| e.0 != g.0) {
+            bail!("page chunk {} does not match its hash", ContentId(e.0));
+        }
+        let items: Vec<(ContentId, &[u8])> = got.into_iter().zip(pieces).collect();
+        new_bytes += store.put_batch(ObjectKind::Chunk, &items)?;
+        i = j;
+    }
     let bytes =
         std::fs::read(image_file).with_context(|| format!("read {}", image_file.display()))?;
     let si: SessionImage = postcard::from_bytes(&bytes).context("decode session image")?;
@@ -637,4 +644,68 @@ pub fn run(
         }
     });
     d.serve(listener)
+}
+
+/// Where the pages of a checkpoint come from: the memory of process `pid` (the session's
+/// init, which sent the request), at the addresses `list` names.
+struct PageSource<'a> {
+    pid: i32,
+    list: &'a Path,
+}
+
+/// The pid (in the daemon's namespace) of the process at the other end of `conn`.
+fn peer_pid(conn: &UnixStream) -> Option<i32> {
+    nix::sys::socket::getsockopt(conn, nix::sys::socket::sockopt::PeerCredentials)
+        .ok()
+        .map(|c| c.pid())
+        .filter(|p| *p > 0)
+}
+
+/// Copies the `(hash, address, length)` ranges of process `pid` into `buf`, back to back.
+fn read_peer(pid: i32, ranges: &[([u8; 32], u64, usize)], buf: &mut [u8]) -> Result<()> {
+    use nix::sys::uio::{process_vm_readv, RemoteIoVec};
+    let mut off = 0usize;
+    for group in ranges.chunks(1024) {
+        let remote: Vec<RemoteIoVec> = group
+            .iter()
+            .map(|e| RemoteIoVec {
+                base: e.1 as usize,
+                len: e.2,
+            })
+            .collect();
+        let len: usize = group.iter().map(|e| e.2).sum();
+        let mut done = 0;
+        while done < len {
+            // A short read stops at a range boundary; go on from there.
+            let mut skip = done;
+            let rest: Vec<RemoteIoVec> = remote
+                .iter()
+                .filter_map(|r| {
+                    if skip >= r.len {
+                        skip -= r.len;
+                        None
+                    } else {
+                        let v = RemoteIoVec {
+                            base: r.base + skip,
+                            len: r.len - skip,
+                        };
+                        skip = 0;
+                        Some(v)
+                    }
+                })
+                .collect();
+            let n = process_vm_readv(
+                nix::unistd::Pid::from_raw(pid),
+                &mut [std::io::IoSliceMut::new(&mut buf[off + done..off + len])],
+                &rest,
+            )
+            .with_context(|| format!("copy the checkpoint's pages from process {pid}"))?;
+            if n == 0 {
+                bail!("copy the checkpoint's pages from process {pid}: nothing read");
+            }
+            done += n;
+        }
+        off += len;
+    }
+    Ok(())
 }

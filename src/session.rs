@@ -514,7 +514,7 @@ fn checkpoint(
     // over at all (the read-only index is a hint; the daemon checks every reference).
     let mut img = img;
     let dir = session_dir(&spec.store, &spec.name);
-    let pack_path = dir.join("checkpoint.pack");
+    let list_path = dir.join("checkpoint.pages");
     // Opening the store reads its whole index: worth it for a large image (a first
     // checkpoint, which may share pages with other branches), not for the few pages an
     // incremental one reads (the daemon deduplicates them anyway).
@@ -527,27 +527,29 @@ fn checkpoint(
     let known = (inline > 64 << 20)
         .then(|| Store::open_read_only(&spec.store).ok())
         .flatten();
-    let mut pack = std::io::BufWriter::with_capacity(
+    // The daemon copies the new pages straight out of this process's memory (it knows the
+    // pid from the connection): a list of (BLAKE3, address, length) is all that is written.
+    // `held` keeps the bytes alive, unchanged, until the daemon has answered.
+    let mut list = std::io::BufWriter::with_capacity(
         1 << 20,
-        std::fs::File::create(&pack_path).context("create pack")?,
+        std::fs::File::create(&list_path).context("create page list")?,
     );
     let mut sent = std::collections::HashSet::new();
+    let mut held: Vec<Vec<u8>> = Vec::new();
     for m in &mut img.processes {
         let Some(p) = m.live_mut() else { continue };
-        p.memory
-            .externalize(|hash, data| -> std::io::Result<()> {
-                let id = ContentId(*hash);
-                if known.as_ref().is_some_and(|s| s.contains(&id)) || !sent.insert(id) {
-                    return Ok(());
-                }
-                pack.write_all(hash)?;
-                pack.write_all(&(data.len() as u32).to_le_bytes())?;
-                pack.write_all(data)
-            })
-            .context("write pack")?;
+        for (hash, data) in p.memory.take_inline() {
+            let id = ContentId(hash);
+            if !known.as_ref().is_some_and(|s| s.contains(&id)) && sent.insert(id) {
+                list.write_all(&hash)?;
+                list.write_all(&(data.as_ptr() as u64).to_le_bytes())?;
+                list.write_all(&(data.len() as u32).to_le_bytes())?;
+            }
+            held.push(data);
+        }
     }
-    pack.flush().context("write pack")?;
-    drop(pack);
+    list.flush().context("write page list")?;
+    drop(list);
     drop(known);
     let wrapped = SessionImage {
         version: SESSION_IMAGE_VERSION,
@@ -566,12 +568,13 @@ fn checkpoint(
             name: req.name.clone(),
             root_cno,
             image_file: tmp.clone(),
-            pack_file: pack_path.clone(),
+            page_list: list_path.clone(),
             auto: req.kind == "auto",
         },
     );
     let _ = std::fs::remove_file(&tmp);
-    let _ = std::fs::remove_file(&pack_path);
+    let _ = std::fs::remove_file(&list_path);
+    drop(held);
     let mut v = v?.ok_or_else(|| anyhow!("no daemon serves the mount"))?;
     v["downtime_us"] = serde_json::json!(downtime.as_micros() as u64);
     v["total_us"] = serde_json::json!(t0.elapsed().as_micros() as u64);

@@ -703,7 +703,15 @@ impl ImageMemory {
         &mut self,
         mut store: impl FnMut(&[u8; 32], &[u8]) -> Result<(), E>,
     ) -> Result<(), E> {
-        // Hash on every core first (the costly part), then hand the runs over in order.
+        for (h, b) in self.take_inline() {
+            store(&h, &b)?;
+        }
+        Ok(())
+    }
+
+    /// Replaces every inline run by its BLAKE3 hash (hashed on every core) and returns the
+    /// hashes with the bytes, in order, for the caller to store.
+    pub fn take_inline(&mut self) -> Vec<([u8; 32], Vec<u8>)> {
         let pieces: Vec<&[u8]> = self
             .runs
             .iter()
@@ -715,16 +723,18 @@ impl ImageMemory {
         let hashes = forkpoint_fs::ContentId::of_many(&pieces);
         drop(pieces);
         let mut hashes = hashes.into_iter();
+        let mut out = Vec::new();
         for run in &mut self.runs {
-            if let PageData::Bytes(b) = &run.data {
+            if matches!(run.data, PageData::Bytes(_)) {
                 let Some(id) = hashes.next() else {
                     unreachable!("one hash per inline run");
                 };
-                store(&id.0, b)?;
-                run.data = PageData::Stored(id.0);
+                if let PageData::Bytes(b) = std::mem::replace(&mut run.data, PageData::Stored(id.0)) {
+                    out.push((id.0, b));
+                }
             }
         }
-        Ok(())
+        out
     }
 
     /// Read a little-endian u64 at `addr` from inline runs (used by tests and tools).
