@@ -16,7 +16,16 @@ cleanup() {
   for m in $(grep "$W" /proc/self/mountinfo | cut -d" " -f5); do "$FP" umount "$m" >/dev/null 2>&1 || umount -l "$m" 2>/dev/null || true; done
   rm -rf "$W"
 }
-trap cleanup EXIT
+# FORKPOINT_BENCH_KEEP_LOGS=DIR keeps the daemon's and the sessions' logs there (with
+# FORKPOINT_LOG=debug in the environment they time each phase).
+keep_logs() {
+  if [ -n "${FORKPOINT_BENCH_KEEP_LOGS:-}" ]; then
+    mkdir -p "$FORKPOINT_BENCH_KEEP_LOGS"
+    find "$W/store" -name "*.log" -exec cp --backup=numbered {} "$FORKPOINT_BENCH_KEEP_LOGS"/ \; || true
+  fi
+  cleanup
+}
+trap keep_logs EXIT
 mkdir -p "$W/mnt"
 cat > "$W/mem.c" <<C
 #include <stdio.h>

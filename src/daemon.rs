@@ -266,8 +266,12 @@ impl Daemon {
                 auto,
             } => {
                 self.fs(&mountpoint)?;
-                let pid = peer.ok_or_else(|| anyhow!("cannot tell which process sent the pages"))?;
-                let pages = PageSource { pid, list: &page_list };
+                let pid =
+                    peer.ok_or_else(|| anyhow!("cannot tell which process sent the pages"))?;
+                let pages = PageSource {
+                    pid,
+                    list: &page_list,
+                };
                 record_checkpoint(&self.store, &name, root_cno, &image_file, &pages, auto)?
             }
             Request::Rollback { mountpoint, cno } => {
@@ -452,8 +456,8 @@ fn record_checkpoint(
     // New pages first, copied out of the sender's memory in batches; each is re-hashed (on
     // all cores), so no sender can put wrong data under a name; then one vectored append.
     const BATCH: usize = 32 << 20;
-    let list = std::fs::read(pages.list)
-        .with_context(|| format!("read {}", pages.list.display()))?;
+    let list =
+        std::fs::read(pages.list).with_context(|| format!("read {}", pages.list.display()))?;
     if list.len() % 44 != 0 {
         bail!("page list {}: truncated entry", pages.list.display());
     }
@@ -468,7 +472,10 @@ fn record_checkpoint(
             (h, u64::from_le_bytes(a), len)
         })
         .collect();
-    if let Some(e) = entries.iter().find(|e| e.2 > forkpoint_fs::segment::MAX_OBJECT) {
+    if let Some(e) = entries
+        .iter()
+        .find(|e| e.2 > forkpoint_fs::segment::MAX_OBJECT)
+    {
         bail!("page list: chunk of {} bytes is too large", e.2);
     }
     let mut new_bytes = 0u64;

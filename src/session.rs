@@ -724,14 +724,18 @@ impl engine::ChunkSource for StoreChunks {
             .map(|n| n.get())
             .unwrap_or(1)
             .clamp(1, 8);
+        let read = |part: &[([u8; 32], u64)]| -> Result<Vec<Vec<u8>>, String> {
+            let ids: Vec<ContentId> = part.iter().map(|(h, _)| ContentId(*h)).collect();
+            self.0.read_many_verified(&ids).map_err(|e| e.to_string())
+        };
         if threads < 2 || reqs.len() < 64 {
-            return reqs.iter().map(|(h, l)| self.fetch(h, *l)).collect();
+            return read(reqs);
         }
         let per = reqs.len().div_ceil(threads);
         let parts: Vec<Result<Vec<Vec<u8>>, String>> = std::thread::scope(|sc| {
             let handles: Vec<_> = reqs
                 .chunks(per)
-                .map(|part| sc.spawn(move || part.iter().map(|(h, l)| self.fetch(h, *l)).collect()))
+                .map(|part| sc.spawn(move || read(part)))
                 .collect();
             handles
                 .into_iter()

@@ -481,13 +481,28 @@ pub fn read_record(file: &dyn SegFile, loc: &Loc, id: &ContentId) -> Result<Vec<
     let mut buf = vec![0u8; RECORD_HEADER_LEN as usize + loc.len as usize];
     file.read_exact_at(&mut buf, loc.offset)
         .map_err(|e| corrupt(format!("read failed: {e}")))?;
-    let h = decode_header(&buf).ok_or_else(|| corrupt("bad record header".into()))?;
+    check_record(&buf, loc, id)?;
+    Ok(buf.split_off(RECORD_HEADER_LEN as usize))
+}
+
+/// Checks a record read whole (header and payload) from `loc`: its header names `id` and
+/// the length, and the payload hashes to `id`. Returns the payload.
+pub fn check_record<'a>(rec: &'a [u8], loc: &Loc, id: &ContentId) -> Result<&'a [u8]> {
+    let corrupt = |reason: &str| StoreError::CorruptObject {
+        id: *id,
+        segment: loc.segment,
+        offset: loc.offset,
+        reason: reason.to_string(),
+    };
+    let h = decode_header(rec).ok_or_else(|| corrupt("bad record header"))?;
     if h.id != *id || h.len != loc.len {
-        return Err(corrupt("record header does not match the catalog".into()));
+        return Err(corrupt("record header does not match the catalog"));
     }
-    let payload = buf.split_off(RECORD_HEADER_LEN as usize);
-    if ContentId::of(&payload) != *id {
-        return Err(corrupt("payload hash mismatch".into()));
+    let payload = rec
+        .get(RECORD_HEADER_LEN as usize..RECORD_HEADER_LEN as usize + loc.len as usize)
+        .ok_or_else(|| corrupt("record cut short"))?;
+    if ContentId::of(payload) != *id {
+        return Err(corrupt("payload hash mismatch"));
     }
     Ok(payload)
 }

@@ -606,6 +606,63 @@ impl Store {
         segment::read_record(&*file, &loc, id)
     }
 
+    /// Reads and re-hashes many objects, in order. Records that lie back to back in a segment
+    /// (as a checkpoint's pages do) are read with one `pread` of up to 8 MiB.
+    pub fn read_many_verified(&self, ids: &[ContentId]) -> Result<Vec<Vec<u8>>> {
+        const SPAN: u64 = 8 << 20;
+        let locs = ids
+            .iter()
+            .map(|id| self.locate(id).ok_or(StoreError::MissingObject(*id)))
+            .collect::<Result<Vec<Loc>>>()?;
+        let staged = *self.unstaged.read().unwrap_or_else(|e| e.into_inner());
+        if let Some((seg, from)) = staged {
+            if locs.iter().any(|l| l.segment == seg && l.end() > from) {
+                self.flush_stage(&mut lock(&self.writer))?;
+            }
+        }
+        let mut order: Vec<usize> = (0..ids.len()).collect();
+        order.sort_by_key(|&i| (locs[i].segment, locs[i].offset));
+        let mut out: Vec<Vec<u8>> = vec![Vec::new(); ids.len()];
+        let mut buf = Vec::new();
+        let mut k = 0;
+        while k < order.len() {
+            let first = locs[order[k]];
+            let mut end = first.end();
+            let mut n = k + 1;
+            while n < order.len() {
+                let l = locs[order[n]];
+                if l.segment != first.segment || l.offset != end || l.end() - first.offset > SPAN {
+                    break;
+                }
+                end = l.end();
+                n += 1;
+            }
+            if n == k + 1 {
+                out[order[k]] = self.read_verified(&ids[order[k]])?;
+                k = n;
+                continue;
+            }
+            let file = self
+                .segment_file(first.segment)
+                .ok_or(StoreError::MissingObject(ids[order[k]]))?;
+            buf.resize((end - first.offset) as usize, 0);
+            file.read_exact_at(&mut buf, first.offset)
+                .map_err(|e| StoreError::CorruptObject {
+                    id: ids[order[k]],
+                    segment: first.segment,
+                    offset: first.offset,
+                    reason: format!("read failed: {e}"),
+                })?;
+            for &i in &order[k..n] {
+                let at = (locs[i].offset - first.offset) as usize;
+                let rec = &buf[at..at + (locs[i].end() - locs[i].offset) as usize];
+                out[i] = segment::check_record(rec, &locs[i], &ids[i])?.to_vec();
+            }
+            k = n;
+        }
+        Ok(out)
+    }
+
     /// Makes pending objects durable and records them, with an optional checkpoint, in one
     /// catalog transaction. Returns the new checkpoint number.
     pub fn commit(&self, cp: Option<&NewCheckpoint<'_>>) -> Result<Option<u64>> {

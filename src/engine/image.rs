@@ -729,7 +729,8 @@ impl ImageMemory {
                 let Some(id) = hashes.next() else {
                     unreachable!("one hash per inline run");
                 };
-                if let PageData::Bytes(b) = std::mem::replace(&mut run.data, PageData::Stored(id.0)) {
+                if let PageData::Bytes(b) = std::mem::replace(&mut run.data, PageData::Stored(id.0))
+                {
                     out.push((id.0, b));
                 }
             }
