@@ -515,7 +515,8 @@ fn record_checkpoint(
         .processes
         .iter()
         .filter_map(|m| m.live())
-        .flat_map(|p| p.memory.runs.iter());
+        .flat_map(|p| p.memory.runs.iter())
+        .chain(tree.memfds.iter().flat_map(|f| f.contents.runs.iter()));
     for run in runs {
         match &run.data {
             PageData::Stored(h) => {

@@ -522,7 +522,9 @@ fn checkpoint(
         .processes
         .iter()
         .filter_map(|m| m.live())
-        .map(|p| p.memory.inline_bytes())
+        .map(|p| &p.memory)
+        .chain(img.memfds.iter().map(|f| &f.contents))
+        .map(|m| m.inline_bytes())
         .sum();
     let known = (inline > 64 << 20)
         .then(|| Store::open_read_only(&spec.store).ok())
@@ -536,9 +538,14 @@ fn checkpoint(
     );
     let mut sent = std::collections::HashSet::new();
     let mut held: Vec<Vec<u8>> = Vec::new();
-    for m in &mut img.processes {
-        let Some(p) = m.live_mut() else { continue };
-        for (hash, data) in p.memory.take_inline() {
+    let memories = img
+        .processes
+        .iter_mut()
+        .filter_map(|m| m.live_mut())
+        .map(|p| &mut p.memory)
+        .chain(img.memfds.iter_mut().map(|f| &mut f.contents));
+    for memory in memories {
+        for (hash, data) in memory.take_inline() {
             let id = ContentId(hash);
             if !known.as_ref().is_some_and(|s| s.contains(&id)) && sent.insert(id) {
                 list.write_all(&hash)?;
@@ -611,7 +618,11 @@ fn outside_writes(mountpoint: &Path, allowed: &[PathBuf]) -> Result<(), String> 
             let Ok(target) = std::fs::read_link(f.path()) else {
                 continue;
             };
-            if !target.is_absolute() || target.starts_with(mountpoint) {
+            // A memfd is no file outside: the checkpoint holds its contents.
+            if !target.is_absolute()
+                || target.starts_with(mountpoint)
+                || target.to_string_lossy().starts_with("/memfd:")
+            {
                 continue;
             }
             let fd = f.file_name().to_string_lossy().into_owned();

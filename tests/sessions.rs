@@ -478,6 +478,9 @@ fn monotonic_clock_never_jumps_across_restore() {
     }
 }
 
+/// A Python program reading a file line by line with a large dict and a memfd it maps
+/// shared (the pages of which go through the store): rolled back, it goes on with the same
+/// file position, dict and memfd.
 #[test]
 fn python_dict_and_file_position_survive() {
     if !can_run() {
@@ -490,11 +493,16 @@ fn python_dict_and_file_position_survive() {
     std::fs::write(
         &script,
         r#"
-import os, time
+import mmap, os, time
 for fd in range(3, 1024):
     try: os.close(fd)
     except OSError: pass
 table = {i: str(i) * 3 for i in range(300_000)}
+# A memfd, mapped shared: what goes in through the mapping comes out of the descriptor.
+mfd = os.memfd_create("pyshared")
+blob = bytes((i * 31 + 7) % 251 for i in range(3 << 20))
+os.write(mfd, blob)
+shared = mmap.mmap(mfd, len(blob))
 src = open("input.txt")
 out = open("progress.txt", "a")
 n = 0
@@ -504,7 +512,10 @@ while True:
         break
     n += 1
     want = "line %d\n" % (n - 1)
-    ok = line == want and table[n % 300_000] == str(n % 300_000) * 3 and len(table) == 300_000
+    shared[:8] = n.to_bytes(8, "little")
+    at = (n * 4096 * 7) % (len(blob) - 4096) + 8
+    same = os.pread(mfd, 8, 0) == n.to_bytes(8, "little") and os.pread(mfd, 4096, at) == blob[at:at + 4096]
+    ok = same and line == want and table[n % 300_000] == str(n % 300_000) * 3 and len(table) == 300_000
     out.write("%d %s\n" % (n, "ok" if ok else "BAD " + repr(line)))
     out.flush()
     time.sleep(0.002)

@@ -44,8 +44,8 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 
 use super::image::{
     Creds, EpollWatch, FdKind, FdState, FileId, ITimer, ImageMemory, Mapping, MappingKind,
-    MemberState, Message, MmState, PageData, PipeImage, PosixTimer, ProcessImage, Regs, Rlimit,
-    RseqState, SigAction, SigAltStack, SigInfo, SignalState, SocketEnd, SocketPairImage,
+    MemberState, MemfdImage, Message, MmState, PageData, PipeImage, PosixTimer, ProcessImage, Regs,
+    Rlimit, RseqState, SigAction, SigAltStack, SigInfo, SignalState, SocketEnd, SocketPairImage,
     ThreadState, TreeImage, TreeMember, PAGE_SIZE, SIGINFO_LEN,
 };
 use super::sys;
@@ -1180,32 +1180,10 @@ pub fn dump_tree(
     // 3b. Unix socket pairs: both ends inside the tree.
     let sockets = socket_pairs(&processes, &known)?;
 
-    // Shared memory without a file to map again (shared anonymous memory, memfd, deleted
-    // files) is restored as each process's own copy: between two members that would silently
-    // stop being shared, so it is refused.
-    let mut shm: std::collections::BTreeMap<(String, u64), i32> = Default::default();
-    for (pid, _) in &frozen_all {
-        for l in read_maps(*pid)? {
-            let shared = l.perms.as_bytes().get(3) == Some(&b's');
-            if !shared || l.inode == 0 || !l.path.ends_with(" (deleted)") {
-                continue;
-            }
-            match shm.insert((l.dev.clone(), l.inode), *pid) {
-                Some(other) if other != *pid => {
-                    return Err(DumpError::UnsupportedMapping {
-                        pid: *pid,
-                        start: l.start,
-                        end: l.end,
-                        path: l.path.clone(),
-                        reason: format!(
-                            "the memory is shared with process {other}, which is not supported yet"
-                        ),
-                    });
-                }
-                _ => {}
-            }
-        }
-    }
+    // 3c. Files in shared memory (memfds, shared anonymous memory, deleted files mapped
+    //     shared): recorded once, restored once as a memfd that every descriptor and
+    //     mapping shares again.
+    let memfds = shared_files(&frozen_all, &mut processes)?;
 
     // 4. Resume or kill.
     let t_read = t_frozen.elapsed();
@@ -1222,6 +1200,7 @@ pub fn dump_tree(
         }
     }
     Ok(TreeImage {
+        memfds,
         root,
         processes,
         pipes,
@@ -1886,7 +1865,15 @@ fn dump_fds(
             .map_err(|e| refuse(&format!("cannot stat: {e}")))?;
         let ft = st.file_type();
         let mut target = target.clone();
-        let kind = if ft.is_file() {
+        let kind = if ft.is_file() && target.starts_with("/memfd:") {
+            // The file itself is recorded once for the whole tree (dump_tree).
+            if !allow_pipes {
+                return Err(refuse(
+                    "memfds are only supported when dumping a process tree",
+                ));
+            }
+            FdKind::Memfd { ino: st.ino() }
+        } else if ft.is_file() {
             if let Some(orig) = target.strip_suffix(" (deleted)") {
                 // An unlinked file on a forkpoint mount stays reachable by inode number under
                 // the mount's `.forkpoint/inodes/`, in the checkpoint's snapshot as well.
@@ -2030,6 +2017,140 @@ fn parse_mm(pid: i32, stat: &str) -> Result<MmState, DumpError> {
         env_start: field(50)?,
         env_end: field(51)?,
         auxv: Vec::new(),
+    })
+}
+
+/// Finds the files in shared memory the tree holds open (memfds) or maps shared with no
+/// file to map again (memfds, shared anonymous memory, deleted files), reads each once,
+/// and points the descriptors and mappings at it. The mappings' pages, already read with
+/// the process, are dropped from its image: the file holds them.
+fn shared_files(
+    frozen: &[(i32, Frozen)],
+    processes: &mut [TreeMember],
+) -> Result<Vec<MemfdImage>, DumpError> {
+    // ino -> (dev, where to open it, name)
+    let mut found: std::collections::BTreeMap<u64, (String, String, String)> = Default::default();
+    let mut mapped: Vec<(i32, u64, u64, u64)> = Vec::new(); // (pid, start, end, ino)
+    for (pid, _) in frozen {
+        for l in read_maps(*pid)? {
+            let shared = l.perms.as_bytes().get(3) == Some(&b's');
+            let Some(orig) = l.path.strip_suffix(" (deleted)") else {
+                continue;
+            };
+            // SysV shared memory keeps its own identity (and is refused by sessions).
+            if !shared || l.inode == 0 || orig.starts_with("/SYSV") {
+                continue;
+            }
+            let at = format!("/proc/{pid}/map_files/{:x}-{:x}", l.start, l.end);
+            let name = orig.strip_prefix("/memfd:").unwrap_or(orig).to_string();
+            let e = found
+                .entry(l.inode)
+                .or_insert_with(|| (l.dev.clone(), at, name));
+            if e.0 != l.dev {
+                return Err(DumpError::UnsupportedMapping {
+                    pid: *pid,
+                    start: l.start,
+                    end: l.end,
+                    path: l.path.clone(),
+                    reason: "two shared files with one inode number on different devices".into(),
+                });
+            }
+            mapped.push((*pid, l.start, l.end, l.inode));
+        }
+    }
+    for m in processes.iter() {
+        for f in m.live().map(|p| p.fds.as_slice()).unwrap_or(&[]) {
+            if let FdKind::Memfd { ino } = f.kind {
+                let name = f
+                    .path
+                    .strip_prefix("/memfd:")
+                    .and_then(|p| p.strip_suffix(" (deleted)"))
+                    .unwrap_or(&f.path)
+                    .to_string();
+                found.entry(ino).or_insert_with(|| {
+                    (String::new(), format!("/proc/{}/fd/{}", m.pid, f.fd), name)
+                });
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(found.len());
+    for (ino, (_, at, name)) in found {
+        out.push(read_shared_file(ino, &at, name)?);
+    }
+    for m in processes.iter_mut() {
+        let pid = m.pid;
+        let Some(p) = m.live_mut() else { continue };
+        for &(_, start, end, ino) in mapped.iter().filter(|x| x.0 == pid) {
+            if let Some(map) = p
+                .mappings
+                .iter_mut()
+                .find(|x| x.start == start && x.end == end)
+            {
+                map.kind = MappingKind::Memfd { ino };
+                p.memory
+                    .runs
+                    .retain(|r| r.addr + r.len <= start || r.addr >= end);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Reads a file in shared memory through `at` (a `/proc` link to it).
+fn read_shared_file(ino: u64, at: &str, name: String) -> Result<MemfdImage, DumpError> {
+    use std::os::fd::AsRawFd;
+    let fail = |source: std::io::Error| DumpError::Proc {
+        pid: 0,
+        path: at.to_string(),
+        source,
+    };
+    let file = File::open(at).map_err(fail)?;
+    let size = file.metadata().map_err(fail)?.len();
+    // SAFETY: F_GET_SEALS on a valid descriptor owned by `file` reads no memory of ours.
+    let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    let seals = (seals >= 0).then_some(seals as u32);
+    let mut contents = ImageMemory {
+        page_size: PAGE_SIZE,
+        runs: Vec::new(),
+    };
+    let mut off = 0u64;
+    let mut buf = Vec::new();
+    while off < size {
+        // Only the data: holes read as zeros and are not recorded.
+        let data = match nix::unistd::lseek(&file, off as i64, nix::unistd::Whence::SeekData) {
+            Ok(d) => d as u64,
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(e) => return Err(fail(e.into())),
+        };
+        let hole = match nix::unistd::lseek(&file, data as i64, nix::unistd::Whence::SeekHole) {
+            Ok(h) => (h as u64).min(size),
+            Err(e) => return Err(fail(e.into())),
+        };
+        let mut at_off = data / PAGE_SIZE * PAGE_SIZE;
+        while at_off < hole {
+            let n = (hole - at_off).min(READ_PIECE);
+            buf.clear();
+            buf.resize(n.div_ceil(PAGE_SIZE) as usize * PAGE_SIZE as usize, 0);
+            let mut got = 0usize;
+            while got < n as usize {
+                match file.read_at(&mut buf[got..n as usize], at_off + got as u64) {
+                    Ok(0) => break,
+                    Ok(k) => got += k,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(fail(e)),
+                }
+            }
+            contents.push_pages(at_off, &buf);
+            at_off += n;
+        }
+        off = hole.max(data + 1);
+    }
+    Ok(MemfdImage {
+        ino,
+        name,
+        size,
+        seals,
+        contents,
     })
 }
 

@@ -41,7 +41,10 @@ pub const TREE_MAGIC: [u8; 8] = *b"FKPTTRE\0";
 ///    pending signals and no timers, which is what they captured).
 /// 4: unix socket pairs ([`SocketPairImage`], [`FdKind::UnixSocket`]), carried after the
 ///    signal state in a tree payload. Older images decode with no sockets.
-pub const IMAGE_FORMAT_VERSION: u32 = 4;
+/// 5: shared memory files ([`MemfdImage`]: memfds, shared anonymous memory, deleted files
+///    mapped shared), with [`FdKind::Memfd`] and [`MappingKind::Memfd`], carried after the
+///    sockets in a tree payload. Older images decode with none.
+pub const IMAGE_FORMAT_VERSION: u32 = 5;
 /// Size of one `siginfo_t` on x86_64.
 pub const SIGINFO_LEN: usize = 128;
 /// Length of the framed header.
@@ -288,6 +291,27 @@ pub struct TreeImage {
     /// (format version 4). Encoded after the image, like the signal state.
     #[serde(skip)]
     pub sockets: Vec<SocketPairImage>,
+    /// Every shared memory file a member holds open or maps shared (format version 5).
+    /// Encoded after the sockets.
+    #[serde(skip)]
+    pub memfds: Vec<MemfdImage>,
+}
+
+/// A file in shared memory that members of the tree hold open or map shared: a memfd,
+/// shared anonymous memory, or a deleted file ([`IMAGE_FORMAT_VERSION`] 5). Restored once,
+/// as a memfd, so that every descriptor and mapping of it shares it again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemfdImage {
+    /// Inode at dump time (the key used by [`FdKind::Memfd`] and [`MappingKind::Memfd`]).
+    pub ino: u64,
+    /// The memfd's name (without `memfd:`), or the path it was known by.
+    pub name: String,
+    /// File size.
+    pub size: u64,
+    /// `F_GET_SEALS`, where the file supports seals.
+    pub seals: Option<u32>,
+    /// The contents: runs at file offsets (holes are not recorded).
+    pub contents: ImageMemory,
 }
 
 /// A connected pair of unix sockets (`socketpair`) both of whose ends are held inside the
@@ -519,6 +543,12 @@ pub enum MappingKind {
     Vvar,
     /// `[vsyscall]`: fixed by the kernel, ignored.
     Vsyscall,
+    /// A shared mapping of a file in [`TreeImage::memfds`] (format version 5): mapped from
+    /// it again, so that it stays shared with its descriptors and other processes.
+    Memfd {
+        /// Inode, the key into [`TreeImage::memfds`].
+        ino: u64,
+    },
 }
 
 /// Identity of a mapped file, checked at restore.
@@ -812,6 +842,12 @@ pub enum FdKind {
         /// Inode of the socket (`socket:[INO]`), the key into [`TreeImage::sockets`].
         ino: u64,
     },
+    /// A memfd (format version 5); only in process trees, whose [`TreeImage::memfds`] holds
+    /// the file. Every descriptor of one memfd shares one file position after a restore.
+    Memfd {
+        /// Inode of the memfd, the key into [`TreeImage::memfds`].
+        ino: u64,
+    },
 }
 
 /// One descriptor watched by an epoll instance (`epoll_ctl(EPOLL_CTL_ADD)` arguments).
@@ -912,7 +948,7 @@ pub fn encode_tree(img: &TreeImage) -> Result<Vec<u8>, ImageError> {
         .iter()
         .filter_map(|m| m.live().map(|p| (m.pid, &p.signals)))
         .collect();
-    encode_framed(&(img, signals, &img.sockets), &TREE_MAGIC)
+    encode_framed(&(img, signals, &img.sockets, &img.memfds), &TREE_MAGIC)
 }
 
 /// A version 3 process payload: the image, then its signal state.
@@ -933,10 +969,16 @@ fn tree_from_payload(version: u32, payload: &[u8]) -> Result<TreeImage, ImageErr
     }
     let (mut img, signals) = if version < 4 {
         from_payload::<(TreeImage, Vec<(i32, SignalState)>)>(payload)?
-    } else {
+    } else if version < 5 {
         let (mut img, signals, sockets): (TreeImage, Vec<(i32, SignalState)>, _) =
             from_payload(payload)?;
         img.sockets = sockets;
+        (img, signals)
+    } else {
+        let (mut img, signals, sockets, memfds): (TreeImage, Vec<(i32, SignalState)>, _, _) =
+            from_payload(payload)?;
+        img.sockets = sockets;
+        img.memfds = memfds;
         (img, signals)
     };
     for (pid, st) in signals {
@@ -1245,6 +1287,7 @@ pub(crate) mod tests {
             }],
             pipes: Vec::new(),
             sockets: Vec::new(),
+            memfds: Vec::new(),
         };
         let v3 = encode_as(3, &(&tree, vec![(42, &img.signals)]), &TREE_MAGIC);
         let back = decode_tree(&v3).unwrap();
@@ -1270,6 +1313,7 @@ pub(crate) mod tests {
             }],
             pipes: Vec::new(),
             sockets: Vec::new(),
+            memfds: Vec::new(),
         };
         let back = decode_tree(&encode_v2(&tree, &TREE_MAGIC)).unwrap();
         assert_eq!(back.processes[0].live(), Some(&want));
@@ -1486,10 +1530,34 @@ pub(crate) mod tests {
                     },
                 ],
             }],
+            memfds: vec![MemfdImage {
+                ino: 12,
+                name: "buffer".into(),
+                size: 8192 + 5,
+                seals: Some(libc::F_SEAL_GROW as u32),
+                contents: {
+                    let mut m = ImageMemory {
+                        page_size: PAGE_SIZE,
+                        runs: Vec::new(),
+                    };
+                    m.push_pages(8192, &[7u8; 4096]);
+                    m
+                },
+            }],
         };
         let bytes = encode_tree(&tree).unwrap();
         assert_eq!(&bytes[0..8], &TREE_MAGIC);
         assert_eq!(decode_tree(&bytes).unwrap(), tree);
+        // Version 4 trees (no shared memory files) still decode.
+        let signals: Vec<(i32, SignalState)> = tree
+            .processes
+            .iter()
+            .filter_map(|m| m.live().map(|p| (m.pid, p.signals.clone())))
+            .collect();
+        let v4 = encode_as(4, &(&tree, signals, &tree.sockets), &TREE_MAGIC);
+        let mut want = tree.clone();
+        want.memfds.clear();
+        assert_eq!(decode_tree(&v4).unwrap(), want);
         // A tree is not a process image and vice versa.
         assert!(matches!(decode(&bytes), Err(ImageError::BadMagic { .. })));
         let single = encode(&sample()).unwrap();

@@ -215,6 +215,14 @@ pub enum RestoreError {
         /// Why.
         reason: String,
     },
+    /// A shared memory file could not be recreated.
+    #[error("recreating the shared memory file (inode {ino}): {reason}")]
+    Memfd {
+        /// Inode in the image.
+        ino: u64,
+        /// Why.
+        reason: String,
+    },
     /// A stored chunk could not be fetched.
     #[error("fetching the pages at {addr:#x} ({len} bytes): {reason}")]
     Chunk {
@@ -833,6 +841,22 @@ impl Restorer<'_> {
                     c?;
                     r
                 }
+                MappingKind::Memfd { ino } => {
+                    let fd = self
+                        .pipes
+                        .and_then(|p| p.memfds.get(&ino).copied())
+                        .ok_or_else(|| {
+                            mapping_err(
+                                "a shared memory file is restored with restore_tree only".into(),
+                            )
+                        })?;
+                    self.t
+                        .syscall(
+                            libc::SYS_mmap,
+                            [m.start, m.len(), prot as u64, flags, fd as u64, m.offset],
+                        )
+                        .map_err(|e| mapping_err(e.to_string()))?
+                }
                 _ => self
                     .t
                     .syscall(
@@ -1116,6 +1140,10 @@ impl Restorer<'_> {
                     format!("a unix socket (socket:[{ino}])"),
                     self.pipes.and_then(|p| p.sockets.get(&ino).copied()),
                 )?),
+                FdKind::Memfd { ino } => Some(from_restorer(
+                    format!("a memfd (inode {ino})"),
+                    self.pipes.and_then(|p| p.memfds.get(&ino).copied()),
+                )?),
                 _ => None,
             };
             if let Some(src) = inherited {
@@ -1127,13 +1155,21 @@ impl Restorer<'_> {
                 self.t
                     .syscall(libc::SYS_dup3, [src as u64, f.fd as u64, fl, 0, 0, 0])
                     .map_err(fd_err)?;
-                let status = f.flags & (libc::O_NONBLOCK | libc::O_DIRECT);
+                let status = f.flags & (libc::O_NONBLOCK | libc::O_DIRECT | libc::O_APPEND);
                 self.t
                     .syscall(
                         libc::SYS_fcntl,
                         [f.fd as u64, libc::F_SETFL as u64, status as u64, 0, 0, 0],
                     )
                     .map_err(fd_err)?;
+                if matches!(f.kind, FdKind::Memfd { .. }) {
+                    self.t
+                        .syscall(
+                            libc::SYS_lseek,
+                            [f.fd as u64, f.pos, libc::SEEK_SET as u64, 0, 0, 0],
+                        )
+                        .map_err(fd_err)?;
+                }
                 continue;
             }
             if let FdKind::EventFd { count, semaphore } = f.kind {
@@ -1694,6 +1730,8 @@ struct PipeFds {
     fds: std::collections::BTreeMap<u64, (i32, i32)>,
     /// Socket inode in the image → the recreated socket.
     sockets: std::collections::BTreeMap<u64, i32>,
+    /// Inode of a shared memory file in the image → the recreated memfd.
+    memfds: std::collections::BTreeMap<u64, i32>,
 }
 
 /// Options for [`restore_tree`].
@@ -1758,6 +1796,7 @@ fn check_tree(tree: &TreeImage, opts: &TreeRestoreOptions) -> Result<(), Restore
                     m.pid, img.pid
                 )));
             }
+            let memfd = |ino: u64| tree.memfds.iter().any(|f| f.ino == ino);
             for f in &img.fds {
                 if let FdKind::Pipe { ino } = f.kind {
                     if !tree.pipes.iter().any(|p| p.ino == ino) {
@@ -1767,11 +1806,49 @@ fn check_tree(tree: &TreeImage, opts: &TreeRestoreOptions) -> Result<(), Restore
                         )));
                     }
                 }
+                if let FdKind::Memfd { ino } = f.kind {
+                    if !memfd(ino) {
+                        return Err(bad(format!(
+                            "fd {} of process {} names an unknown memfd (inode {ino})",
+                            f.fd, m.pid
+                        )));
+                    }
+                }
+            }
+            for map in &img.mappings {
+                if let MappingKind::Memfd { ino } = map.kind {
+                    if !memfd(ino) || !map.shared {
+                        return Err(bad(format!(
+                            "mapping {:#x}-{:#x} of process {} names an unknown shared file (inode {ino})",
+                            map.start, map.end, m.pid
+                        )));
+                    }
+                }
             }
             check_image(img)?;
             if !opts.skip_file_checks {
                 check_files(img)?;
             }
+        }
+    }
+    let mut inos = std::collections::BTreeSet::new();
+    for f in &tree.memfds {
+        if !inos.insert(f.ino) {
+            return Err(bad(format!(
+                "shared memory file (inode {}) appears twice",
+                f.ino
+            )));
+        }
+        if f.size > (1 << 44)
+            || f.contents
+                .runs
+                .iter()
+                .any(|r| r.addr + r.len > f.size.div_ceil(4096) * 4096)
+        {
+            return Err(bad(format!(
+                "shared memory file (inode {}) has contents past its size {}",
+                f.ino, f.size
+            )));
         }
     }
     let mut ends = std::collections::BTreeSet::new();
@@ -1819,7 +1896,10 @@ fn check_tree(tree: &TreeImage, opts: &TreeRestoreOptions) -> Result<(), Restore
 /// Create every pipe of the tree in the restorer, fill it with its data and move both ends
 /// to descriptors `>= base`. Returns the owned ends (the restorer closes them at the end) and
 /// the numbers.
-fn make_pipes(tree: &TreeImage) -> Result<(Vec<std::os::fd::OwnedFd>, PipeFds), RestoreError> {
+fn make_pipes(
+    tree: &TreeImage,
+    chunks: Option<&dyn ChunkSource>,
+) -> Result<(Vec<std::os::fd::OwnedFd>, PipeFds), RestoreError> {
     use std::os::fd::AsRawFd;
     let max_fd = tree
         .processes
@@ -1919,7 +1999,96 @@ fn make_pipes(tree: &TreeImage) -> Result<(Vec<std::os::fd::OwnedFd>, PipeFds), 
             owned.push(s);
         }
     }
-    Ok((owned, PipeFds { base, fds, sockets }))
+    let mut memfds = std::collections::BTreeMap::new();
+    for f in &tree.memfds {
+        let m = make_memfd(f, chunks)?;
+        let m = sys::dup_at_least(&m, base).map_err(|e| RestoreError::Memfd {
+            ino: f.ino,
+            reason: format!("dup: {e}"),
+        })?;
+        memfds.insert(f.ino, m.as_raw_fd());
+        owned.push(m);
+    }
+    Ok((
+        owned,
+        PipeFds {
+            base,
+            fds,
+            sockets,
+            memfds,
+        },
+    ))
+}
+
+/// Recreates a shared memory file as a memfd: its contents, its size, then its seals.
+fn make_memfd(
+    f: &super::image::MemfdImage,
+    chunks: Option<&dyn ChunkSource>,
+) -> Result<std::os::fd::OwnedFd, RestoreError> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::unix::fs::FileExt;
+    let err = |reason: String| RestoreError::Memfd { ino: f.ino, reason };
+    let sealable = f.seals.is_some_and(|s| s & libc::F_SEAL_SEAL as u32 == 0);
+    let name: String = f.name.chars().filter(|c| *c != '\0').take(200).collect();
+    let cname = std::ffi::CString::new(name).map_err(|e| err(e.to_string()))?;
+    let flags = if sealable { libc::MFD_ALLOW_SEALING } else { 0 } | libc::MFD_CLOEXEC;
+    // SAFETY: memfd_create reads the NUL-terminated name and returns a new descriptor, which
+    // is owned from here on.
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(err(format!(
+            "memfd_create: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    let write = |at: u64, b: &[u8]| {
+        file.write_all_at(b, at)
+            .map_err(|e| err(format!("writing {} bytes at {at}: {e}", b.len())))
+    };
+    let stored: Vec<(u64, [u8; 32], u64)> = f
+        .contents
+        .runs
+        .iter()
+        .filter_map(|r| match &r.data {
+            PageData::Stored(h) => Some((r.addr, *h, r.len)),
+            _ => None,
+        })
+        .collect();
+    for r in &f.contents.runs {
+        if let PageData::Bytes(b) = &r.data {
+            write(r.addr, b)?;
+        }
+    }
+    for batch in stored.chunks(2048) {
+        let src = chunks
+            .ok_or_else(|| err("its contents are stored but no chunk source was given".into()))?;
+        let reqs: Vec<([u8; 32], u64)> = batch.iter().map(|(_, h, l)| (*h, *l)).collect();
+        let data = src.fetch_many(&reqs).map_err(err)?;
+        for ((at, _, len), b) in batch.iter().zip(&data) {
+            if b.len() as u64 != *len {
+                return Err(err(format!(
+                    "chunk at {at} has {} bytes, expected {len}",
+                    b.len()
+                )));
+            }
+            write(*at, b)?;
+        }
+    }
+    file.set_len(f.size)
+        .map_err(|e| err(format!("setting the size: {e}")))?;
+    if let Some(seals) = f.seals.filter(|_| sealable) {
+        // SAFETY: F_ADD_SEALS on a descriptor owned by `file` reads no memory of ours.
+        let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals as libc::c_int) };
+        if r < 0 {
+            return Err(err(format!(
+                "adding seals {seals:#x}: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+    }
+    Ok(file.into())
 }
 
 /// Restore a process tree ([`TreeImage`], from [`super::dump::dump_tree`]).
@@ -1945,7 +2114,7 @@ fn make_pipes(tree: &TreeImage) -> Result<(Vec<std::os::fd::OwnedFd>, PipeFds), 
 /// fresh pid namespace) and every image pid must be free.
 pub fn restore_tree(tree: &TreeImage, opts: &TreeRestoreOptions) -> Result<i32, RestoreError> {
     check_tree(tree, opts)?;
-    let (pipe_owned, pipe_fds) = make_pipes(tree)?;
+    let (pipe_owned, pipe_fds) = make_pipes(tree, opts.chunks)?;
     let mut built: Vec<Built> = Vec::with_capacity(tree.processes.len());
     let res = build_tree(tree, opts, &pipe_fds, &mut built);
     drop(pipe_owned);

@@ -1271,6 +1271,7 @@ fn restore_refuses_pipe_fd_without_tree() {
         }],
         pipes: Vec::new(),
         sockets: Vec::new(),
+        memfds: Vec::new(),
     };
     let err = super::restore::restore_tree(&tree, &Default::default()).unwrap_err();
     assert!(
@@ -1939,51 +1940,147 @@ int main(int argc, char **argv) {
     );
 }
 
-#[test]
-fn tree_dump_refuses_memory_shared_between_members() {
-    require_env!();
-    let mut procs = Procs(Vec::new());
-    let dir = tempfile::tempdir().unwrap();
-    // Parent and child share an anonymous MAP_SHARED page and count in it.
-    let src = r#"
+/// Parent and child share an anonymous MAP_SHARED counter and a sealed memfd (the parent
+/// reads through its descriptor what the child writes through a mapping); the memfd has a
+/// hole, a size that is not a multiple of the page, a file position and seals.
+const SHARED_C: &str = r#"
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <signal.h>
 #include <stdio.h>
+#include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
+static volatile sig_atomic_t go;
+static void on_usr1(int s) { (void)s; go = 1; }
 int main(int argc, char **argv) {
     for (int fd = 3; fd < 1024; fd++) close(fd);
     volatile unsigned long *n = mmap(0, 4096, PROT_READ | PROT_WRITE,
                                      MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-    if (fork() == 0) for (;;) { (*n)++; usleep(5000); }
+    int mfd = memfd_create("fp-test", MFD_ALLOW_SEALING);
+    if (ftruncate(mfd, (3 << 20) + 100)) return 1;
+    char pat[8192];
+    for (int i = 0; i < 8192; i++) pat[i] = (char)(i * 7 + 1);
+    if (pwrite(mfd, pat, 8192, 0) != 8192 || pwrite(mfd, pat, 100, 2 << 20) != 100) return 1;
+    volatile unsigned long *m = mmap(0, 4 * 4096, PROT_READ | PROT_WRITE, MAP_SHARED, mfd, 4 * 4096);
+    if (fcntl(mfd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW)) return 1;
+    lseek(mfd, 1234, SEEK_SET);
+    signal(SIGUSR1, on_usr1);
+    if (fork() == 0) for (;;) { (*n)++; m[0] = *n; usleep(5000); }
     for (;;) {
-        FILE *f = fopen(argv[1], "w"); fprintf(f, "%lu\n", *n); fclose(f);
+        unsigned long via_fd = 0;
+        if (pread(mfd, &via_fd, 8, 4 * 4096) != 8) via_fd = 0;
+        FILE *f = fopen(argv[1], "w"); fprintf(f, "%lu %lu\n", *n, via_fd); fclose(f);
+        if (go) {
+            go = 0;
+            char buf[8192], z[4096], link[256] = {0}, p[64];
+            int ok = pread(mfd, buf, 8192, 0) == 8192 && memcmp(buf, pat, 8192) == 0;
+            ok = ok && pread(mfd, buf, 100, 2 << 20) == 100 && memcmp(buf, pat, 100) == 0;
+            ok = ok && pread(mfd, z, 4096, 1 << 20) == 4096;
+            for (int i = 0; i < 4096; i++) if (z[i]) ok = 0;
+            struct stat st;
+            fstat(mfd, &st);
+            snprintf(p, sizeof p, "/proc/self/fd/%d", mfd);
+            if (readlink(p, link, 255) < 0) link[0] = 0;
+            FILE *r = fopen(argv[2], "w");
+            fprintf(r, "%d %ld %d %ld %s\n", ok, (long)st.st_size, fcntl(mfd, F_GET_SEALS),
+                    (long)lseek(mfd, 0, SEEK_CUR), link);
+            fclose(r);
+        }
         usleep(10000);
     }
 }
 "#;
-    let exe = build(dir.path(), "shm", src);
+
+#[test]
+fn shared_memory_and_memfds_stay_shared_across_restore() {
+    require_env!();
+    use super::dump::{dump_tree, AfterDump, DumpOptions};
+    use super::restore::{restore_tree, TreeRestoreOptions};
+    let mut guard = TreeGuard::new();
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build(dir.path(), "shared", SHARED_C);
     let out = dir.path().join("n");
-    let pid = spawn(&exe, &[&out], &mut procs);
-    let count = || read_nums(&out).first().copied().unwrap_or(0);
-    assert!(wait_until(Duration::from_secs(5), || count() > 5));
-    // The child is killed with the parent, whatever happens below.
-    for c in std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+    let report = dir.path().join("report");
+    let child = Command::new(&exe)
+        .args([&out, &report])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let root = child.id() as i32;
+    drop(child);
+    guard.add(&[root]);
+    let nums = || read_nums(&out);
+    assert!(wait_until(Duration::from_secs(5), || nums()
+        .first()
+        .is_some_and(|n| *n > 5)));
+    let kids: Vec<i32> = std::fs::read_to_string(format!("/proc/{root}/task/{root}/children"))
         .unwrap_or_default()
         .split_whitespace()
-        .filter_map(|c| c.parse::<i32>().ok())
-    {
-        procs.add(c);
-    }
-    let err = super::dump::dump_tree(pid, &Default::default(), &mut || Ok(()))
-        .map(|_| ())
-        .unwrap_err();
-    assert!(
-        matches!(err, super::dump::DumpError::UnsupportedMapping { .. })
-            && err.to_string().contains("shared with process"),
-        "{err}"
+        .filter_map(|c| c.parse().ok())
+        .collect();
+    guard.add(&kids);
+    let img = dump_tree(
+        root,
+        &DumpOptions {
+            after: AfterDump::Kill,
+            ..Default::default()
+        },
+        &mut || Ok(()),
+    )
+    .unwrap();
+    let img = super::image::decode_tree(&super::image::encode_tree(&img).unwrap()).unwrap();
+    assert_eq!(img.memfds.len(), 2, "the shared counter and the memfd");
+    let mfd = img.memfds.iter().find(|f| f.name == "fp-test").unwrap();
+    assert_eq!(mfd.size, (3 << 20) + 100);
+    assert_eq!(
+        mfd.seals,
+        Some((libc::F_SEAL_SHRINK | libc::F_SEAL_GROW) as u32)
     );
-    // Both keep running: the shared counter still moves.
-    let n = count();
-    assert!(wait_until(Duration::from_secs(5), || count() > n + 5));
+    assert!(
+        mfd.contents.covered_bytes() <= 64 << 10,
+        "the hole was recorded: {} bytes",
+        mfd.contents.covered_bytes()
+    );
+    guard.kill_all();
+    let at_dump = nums()[0];
+    let new_root = restore_tree(
+        &img,
+        &TreeRestoreOptions {
+            keep_pids: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(new_root, root);
+    guard.add(&[root]);
+    guard.add(&kids);
+    // The child's counter reaches the parent through both the shared anonymous page and
+    // the memfd (written through a mapping, read through the descriptor).
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let v = nums();
+            v.len() == 2 && v[0] > at_dump + 20 && v[1] > at_dump + 10
+        }),
+        "the shared counters did not move on together: {:?} (at dump {at_dump})",
+        nums()
+    );
+    sys::kill(root, libc::SIGUSR1).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || {
+        std::fs::read_to_string(&report).is_ok_and(|s| s.ends_with('\n'))
+    }));
+    assert_eq!(
+        std::fs::read_to_string(&report).unwrap(),
+        format!(
+            "1 {} {} 1234 /memfd:fp-test (deleted)\n",
+            (3 << 20) + 100,
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW
+        ),
+        "contents, hole, size, seals, position and name of the memfd"
+    );
 }
 
 /// A parent streams numbers to its child over three unix socket pairs: a stream (8-byte
@@ -2058,7 +2155,9 @@ int main(int argc, char **argv) {
                 char b[100];
                 snprintf(b, sizeof b, "%llu %llu %d\n", ns, nd, bad);
                 put(argv[1], b);
-                usleep(1000);
+                /* Slow enough that the stream stays full while the dump freezes the parent,
+                   then this process (draining ~200 KB takes seconds, even on a busy machine). */
+                usleep(4000);
             }
             if (go) {
                 go = 0;
