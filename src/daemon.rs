@@ -507,7 +507,7 @@ fn record_checkpoint(
     }
     let bytes =
         std::fs::read(image_file).with_context(|| format!("read {}", image_file.display()))?;
-    let si: SessionImage = postcard::from_bytes(&bytes).context("decode session image")?;
+    let si = SessionImage::decode(&bytes)?;
     let tree = forkpoint::engine::decode_tree(&si.process).context("decode process image")?;
     let mut refs = Vec::new();
     let mut mem_bytes = 0u64;
@@ -516,7 +516,8 @@ fn record_checkpoint(
         .iter()
         .filter_map(|m| m.live())
         .flat_map(|p| p.memory.runs.iter())
-        .chain(tree.memfds.iter().flat_map(|f| f.contents.runs.iter()));
+        .chain(tree.memfds.iter().flat_map(|f| f.contents.runs.iter()))
+        .chain(si.sysv.shm.iter().flat_map(|s| s.contents.runs.iter()));
     for run in runs {
         match &run.data {
             PageData::Stored(h) => {

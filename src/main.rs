@@ -4,6 +4,7 @@ mod cgroup;
 mod daemon;
 mod mounts;
 mod session;
+mod sysv;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};

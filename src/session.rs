@@ -27,7 +27,9 @@ use std::time::{Duration, Instant};
 
 /// Version of the session image wrapper.
 /// 2: `process` holds the engine's tree image (the program and its descendants, pipes).
-pub const SESSION_IMAGE_VERSION: u32 = 2;
+/// 3: `sysv`, the SysV IPC objects of the session's namespace. Version 2 images decode with
+///    none (they had none: such checkpoints were refused).
+pub const SESSION_IMAGE_VERSION: u32 = 3;
 
 /// What a checkpoint stores besides the engine's process image.
 #[derive(Debug, Serialize, Deserialize)]
@@ -39,6 +41,44 @@ pub struct SessionImage {
     pub monotonic_ns: i128,
     pub boottime_ns: i128,
     pub argv: Vec<String>,
+    /// SysV IPC objects (version 3), their segments' contents externalized like memory.
+    pub sysv: crate::sysv::SysvImage,
+}
+
+/// A version 2 session image.
+#[derive(Deserialize)]
+struct SessionImageV2 {
+    version: u32,
+    process: Vec<u8>,
+    monotonic_ns: i128,
+    boottime_ns: i128,
+    argv: Vec<String>,
+}
+
+impl SessionImage {
+    /// Decodes any supported version.
+    pub fn decode(bytes: &[u8]) -> Result<SessionImage> {
+        let (version, _) =
+            postcard::take_from_bytes::<u32>(bytes).context("decode session image version")?;
+        match version {
+            2 => {
+                let v: SessionImageV2 =
+                    postcard::from_bytes(bytes).context("decode session image")?;
+                Ok(SessionImage {
+                    version: v.version,
+                    process: v.process,
+                    monotonic_ns: v.monotonic_ns,
+                    boottime_ns: v.boottime_ns,
+                    argv: v.argv,
+                    sysv: Default::default(),
+                })
+            }
+            SESSION_IMAGE_VERSION => postcard::from_bytes(bytes).context("decode session image"),
+            v => bail!(
+                "session image version {v} is not supported (this forkpoint reads 2 to {SESSION_IMAGE_VERSION})"
+            ),
+        }
+    }
 }
 
 /// A session's record on disk.
@@ -470,13 +510,14 @@ fn checkpoint(
     let t0 = Instant::now();
     let mut root_cno = None;
     let mut frozen_at = None;
+    let mut sysv = None;
     let mp = spec.mountpoint.clone();
     let dmp = spec.daemon_mount.clone();
     let store = spec.store.clone();
     let mut hook = || -> Result<(), String> {
         frozen_at = Some(Instant::now());
         // init shares the session's IPC namespace: these files list the program's objects.
-        sysv_ipc_objects()?;
+        sysv = Some(crate::sysv::dump()?);
         let mut allowed = req.allow_outside.clone();
         allowed.push(session_dir(&spec.store, &spec.name));
         outside_writes(&mp, &allowed)?;
@@ -538,12 +579,14 @@ fn checkpoint(
     );
     let mut sent = std::collections::HashSet::new();
     let mut held: Vec<Vec<u8>> = Vec::new();
+    let mut sysv = sysv.unwrap_or_default();
     let memories = img
         .processes
         .iter_mut()
         .filter_map(|m| m.live_mut())
         .map(|p| &mut p.memory)
-        .chain(img.memfds.iter_mut().map(|f| &mut f.contents));
+        .chain(img.memfds.iter_mut().map(|f| &mut f.contents))
+        .chain(sysv.shm.iter_mut().map(|s| &mut s.contents));
     for memory in memories {
         for (hash, data) in memory.take_inline() {
             let id = ContentId(hash);
@@ -564,6 +607,7 @@ fn checkpoint(
         monotonic_ns: clock_ns(nix::time::ClockId::CLOCK_MONOTONIC),
         boottime_ns: clock_ns(nix::time::ClockId::CLOCK_BOOTTIME),
         argv: spec.argv.clone(),
+        sysv,
     };
     let tmp = dir.join("checkpoint.tmp");
     std::fs::write(&tmp, postcard::to_allocvec(&wrapped)?).context("write image")?;
@@ -649,30 +693,6 @@ fn status_field_octal(text: &str, key: &str) -> Option<i32> {
         .and_then(|v| i32::from_str_radix(v.trim(), 8).ok())
 }
 
-/// Refuses a checkpoint while the session's IPC namespace holds SysV shared memory,
-/// semaphores or message queues: their contents are not captured yet.
-fn sysv_ipc_objects() -> Result<(), String> {
-    for (kind, what) in [
-        ("shm", "shared memory segment"),
-        ("sem", "semaphore set"),
-        ("msg", "message queue"),
-    ] {
-        let Ok(text) = std::fs::read_to_string(format!("/proc/sysvipc/{kind}")) else {
-            continue;
-        };
-        // A header line, then one line per object: key, id, ...
-        if let Some(line) = text.lines().nth(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            return Err(format!(
-                "the session holds a SysV {what} (key {}, id {}), which is not captured yet",
-                f.first().unwrap_or(&"?"),
-                f.get(1).unwrap_or(&"?")
-            ));
-        }
-    }
-    Ok(())
-}
-
 /// Sends a checkpoint request to a running session.
 pub fn request_checkpoint(
     store: &Path,
@@ -708,13 +728,7 @@ pub fn load_image(store: &Store, image: &ContentId) -> Result<(SessionImage, Tre
             bail!("process image {image} refers to missing chunk {r}");
         }
     }
-    let si: SessionImage = postcard::from_bytes(&obj.body).context("decode session image")?;
-    if si.version != SESSION_IMAGE_VERSION {
-        bail!(
-            "session image version {} is not supported (this forkpoint reads {SESSION_IMAGE_VERSION})",
-            si.version
-        );
-    }
+    let si = SessionImage::decode(&obj.body)?;
     let tree = engine::decode_tree(&si.process).context("decode process image")?;
     Ok((si, tree))
 }
@@ -772,9 +786,14 @@ fn restore_main(spec: &InitSpec, cno: u64, dirty: Option<Arc<Mutex<DirtyTracker>
     let image = cp
         .image
         .ok_or_else(|| anyhow!("checkpoint #{cno} has no process image"))?;
-    let (_si, tree) = load_image(&store, &image)?;
+    let (si, tree) = load_image(&store, &image)?;
     let t_load = t0.elapsed();
     let chunks = StoreChunks(store.clone());
+    // The SysV objects first (with their ids): the processes attach segments while they are
+    // rebuilt. init is alone in the session's fresh IPC namespace.
+    crate::sysv::restore(&si.sysv, &chunks)
+        .map_err(|e| anyhow!(e))
+        .context("restore SysV IPC objects")?;
     let opts = TreeRestoreOptions {
         keep_pids: true,
         chunks: Some(&chunks),
@@ -791,6 +810,7 @@ fn restore_main(spec: &InitSpec, cno: u64, dirty: Option<Arc<Mutex<DirtyTracker>
         }
     }
     let pid = pid.context("restore processes")?;
+    crate::sysv::remove_destroyed(&si.sysv);
     log::debug!(
         "restore of checkpoint #{cno}: store opened in {t_open:?}, image loaded in {:?}, processes restored in {:?}",
         t_load - t_open,

@@ -993,27 +993,89 @@ fn producer_consumer_pipe_with_data_in_flight() {
     }
 }
 
-/// SysV IPC objects live in the session's IPC namespace and are not captured yet: a checkpoint
-/// is refused, naming the object, and the program keeps running.
+/// SysV IPC in the session's namespace: a counter kept in a shared memory segment (with a
+/// child attached too), a segment removed while attached, a semaphore set and a queue with
+/// messages waiting. Rolled back, the counter goes on from the cut (every line of the log is
+/// the previous plus one), and the objects come back with their ids and contents.
 #[test]
-fn sysv_ipc_is_refused_and_the_program_keeps_running() {
+fn sysv_ipc_objects_are_checkpointed_and_restored() {
     if !can_run() {
         return;
     }
     let lab = Lab::new();
     let exe = lab.cc(
-        "shm",
+        "ipc",
         r#"
+#define _GNU_SOURCE
+#include <stdio.h>
+#include <string.h>
 #include <unistd.h>
 #include <fcntl.h>
 #include <sys/ipc.h>
+#include <sys/msg.h>
+#include <sys/sem.h>
 #include <sys/shm.h>
 int main(void) {
     for (int fd = 3; fd < 1024; fd++) close(fd);
-    int id = shmget(IPC_PRIVATE, 4096, IPC_CREAT | 0600);
-    if (id < 0) return 1;
-    int f = open("alive.log", O_WRONLY | O_CREAT | O_APPEND, 0644);
-    for (;;) { write(f, "x\n", 2); usleep(10000); }
+    /* Ids that a fresh namespace would not hand out first. */
+    for (int i = 0; i < 3; i++) {
+        shmctl(shmget(IPC_PRIVATE, 4096, IPC_CREAT | 0600), IPC_RMID, 0);
+        semctl(semget(IPC_PRIVATE, 1, IPC_CREAT | 0600), 0, IPC_RMID);
+        msgctl(msgget(IPC_PRIVATE, IPC_CREAT | 0600), IPC_RMID, 0);
+    }
+    size_t size = 3 * 4096 + 100;
+    int id = shmget(0x5eed, size, IPC_CREAT | 0640);
+    unsigned char *p = shmat(id, 0, 0);
+    for (size_t i = 0; i < size; i++) p[i] = (unsigned char)(i * 13 + 1);
+    volatile unsigned long *n = (unsigned long *)(p + 8192);
+    *n = 0;
+    int gone = shmget(IPC_PRIVATE, 4096, IPC_CREAT | 0600);
+    unsigned char *g = shmat(gone, 0, SHM_RDONLY);
+    shmctl(gone, IPC_RMID, 0);
+    int sem = semget(0x5e3, 3, IPC_CREAT | 0600);
+    unsigned short vals[3] = {1, 5, 9};
+    semctl(sem, 0, SETALL, vals);
+    int q = msgget(0x3e55, IPC_CREAT | 0600);
+    const char *texts[3] = {"one", "two", "three"};
+    for (long t = 1; t <= 3; t++) {
+        struct { long t; char m[16]; } msg = {t, {0}};
+        strcpy(msg.m, texts[t - 1]);
+        msgsnd(q, &msg, strlen(msg.m), 0);
+    }
+    char ids[64];
+    snprintf(ids, sizeof ids, "%d %d %d %d", id, gone, sem, q);
+    if (fork() == 0) { for (;;) { usleep(20000); } }  /* a second process attached */
+    for (;;) {
+        (*n)++;
+        FILE *f = fopen("count.log", "a"); fprintf(f, "%lu\n", *n); fclose(f);
+        if (access("check", F_OK) == 0) {
+            int ok = 1;
+            for (size_t i = 0; i < size; i++)
+                if (i < 8192 || i >= 8200) ok &= p[i] == (unsigned char)(i * 13 + 1);
+            unsigned short v[3] = {0};
+            semctl(sem, 0, GETALL, v);
+            ok &= v[0] == 1 && v[1] == 5 && v[2] == 9;
+            char got[64] = "";
+            for (int k = 0; k < 3; k++) {
+                struct { long t; char m[16]; } msg;
+                memset(&msg, 0, sizeof msg);
+                ssize_t r = msgrcv(q, &msg, sizeof msg.m, 0, IPC_NOWAIT);
+                char one[32];
+                snprintf(one, sizeof one, "%ld:%s,", msg.t, r > 0 ? msg.m : "?");
+                strcat(got, one);
+            }
+            struct shmid_ds ds;
+            shmctl(id, IPC_STAT, &ds);
+            char now[64];
+            snprintf(now, sizeof now, "%d %d %d %d", shmget(0x5eed, 0, 0), gone, semget(0x5e3, 0, 0), msgget(0x3e55, 0));
+            f = fopen("report.txt", "w");
+            fprintf(f, "%d %s %s %s %o %lu %d\n", ok, got, ids, now, ds.shm_perm.mode & 0777,
+                    (unsigned long)ds.shm_nattch, g[5] == (unsigned char)0);
+            fclose(f);
+            unlink("check");
+        }
+        usleep(10000);
+    }
 }
 "#,
         &[],
@@ -1026,19 +1088,42 @@ int main(void) {
         "--",
         exe.to_str().expect("utf8"),
     ]);
-    let log = lab.mnt.join("alive.log");
-    wait_for("shm program", Duration::from_secs(10), || {
-        lines_any(&log) > 5
+    let log = lab.mnt.join("count.log");
+    wait_for("ipc program", Duration::from_secs(10), || {
+        lines_any(&log) > 20
     });
-    let err = lab.fp_fails(&["checkpoint", "-m", lab.m(), "refused"]);
-    assert!(
-        err.contains("SysV shared memory segment"),
-        "names the object: {err}"
-    );
-    let n = lines_any(&log);
-    wait_for("still running", Duration::from_secs(10), || {
-        lines_any(&log) > n + 5
+    lab.fp(&["checkpoint", "-m", lab.m(), "ipc"]);
+    let at_cut = lines_any(&lab.mnt.join(".forkpoint/snapshots/ipc/count.log"));
+    wait_for("more lines", Duration::from_secs(10), || {
+        lines_any(&log) > at_cut + 20
     });
+    lab.fp(&["restore", "-m", lab.m(), "--detach", "ipc"]);
+    wait_for("ipc program after restore", Duration::from_secs(10), || {
+        lines_any(&log) > at_cut + 20
+    });
+    let text = std::fs::read_to_string(&log).expect("log");
+    for (i, l) in text.lines().enumerate() {
+        assert_eq!(
+            l,
+            (i + 1).to_string(),
+            "line {} of the counter kept in SysV shared memory",
+            i + 1
+        );
+    }
+    std::fs::write(lab.mnt.join("check"), "").expect("check");
+    let report = lab.mnt.join("report.txt");
+    wait_for("report", Duration::from_secs(10), || {
+        std::fs::read_to_string(&report).is_ok_and(|s| s.ends_with('\n'))
+    });
+    let r = std::fs::read_to_string(&report).expect("report");
+    let f: Vec<&str> = r.split_whitespace().collect();
+    assert_eq!(f[0], "1", "segment contents and semaphore values: {r}");
+    assert_eq!(f[1], "1:one,2:two,3:three,", "queued messages: {r}");
+    // Ids as created, found again by key (the removed segment has no key).
+    assert_eq!([f[2], f[4], f[5]], [f[6], f[8], f[9]], "ids: {r}");
+    eprintln!("report after the restore: {r}");
+    assert_eq!(f[10], "640", "mode: {r}");
+    assert_eq!(f[11], "2", "both processes attached again: {r}");
 }
 
 /// Kills the client processes (`forkpoint run`/`restore` without `--detach`) it holds.

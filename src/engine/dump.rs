@@ -366,8 +366,22 @@ fn classify(pid: i32, l: &MapsLine, opts: &DumpOptions) -> Result<(Mapping, Cont
             }
             _ => return Err(unsupported("unknown special mapping")),
         }
+    } else if p.starts_with("/SYSV") && p.ends_with(" (deleted)") && shared {
+        // A SysV shared memory segment (the inode number is its id): attached again at
+        // restore; the segment, with its contents, belongs to the IPC namespace, which the
+        // caller records (a session does).
+        let id = i32::try_from(l.inode).map_err(|_| unsupported("bad SysV shm id"))?;
+        let size = sysv_shm_size(id)
+            .ok_or_else(|| unsupported("the SysV segment is not in this IPC namespace"))?;
+        if l.offset != 0 || l.end - l.start != size.div_ceil(PAGE_SIZE) * PAGE_SIZE {
+            return Err(unsupported(
+                "a partial attachment of a SysV segment (split by mprotect or munmap) is not supported",
+            ));
+        }
+        m.kind = MappingKind::SysvShm { id };
+        Contents::None
     } else if p.ends_with(" (deleted)") {
-        // Deleted file, shared anonymous memory ("/dev/zero (deleted)"), memfd, SysV shm:
+        // Deleted file, shared anonymous memory ("/dev/zero (deleted)"), memfd:
         // keep the contents, lose the file identity.
         m.kind = anon_kind;
         Contents::All
@@ -2151,6 +2165,18 @@ fn read_shared_file(ino: u64, at: &str, name: String) -> Result<MemfdImage, Dump
         size,
         seals,
         contents,
+    })
+}
+
+/// The size of SysV shared memory segment `id` of this IPC namespace.
+fn sysv_shm_size(id: i32) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/sysvipc/shm").ok()?;
+    // key shmid perms size ...
+    text.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(1)?.parse::<i32>().ok()? == id)
+            .then(|| f.get(3)?.parse().ok())
+            .flatten()
     })
 }
 

@@ -43,7 +43,8 @@ pub const TREE_MAGIC: [u8; 8] = *b"FKPTTRE\0";
 ///    signal state in a tree payload. Older images decode with no sockets.
 /// 5: shared memory files ([`MemfdImage`]: memfds, shared anonymous memory, deleted files
 ///    mapped shared), with [`FdKind::Memfd`] and [`MappingKind::Memfd`], carried after the
-///    sockets in a tree payload. Older images decode with none.
+///    sockets in a tree payload, and SysV attachments ([`MappingKind::SysvShm`]). Older
+///    images decode with none.
 pub const IMAGE_FORMAT_VERSION: u32 = 5;
 /// Size of one `siginfo_t` on x86_64.
 pub const SIGINFO_LEN: usize = 128;
@@ -548,6 +549,13 @@ pub enum MappingKind {
     Memfd {
         /// Inode, the key into [`TreeImage::memfds`].
         ino: u64,
+    },
+    /// A SysV shared memory segment, attached whole (format version 5): attached again with
+    /// `shmat` at restore. The segment itself belongs to the IPC namespace (a session records
+    /// and recreates it, with the same id, before the processes).
+    SysvShm {
+        /// The segment id.
+        id: i32,
     },
 }
 

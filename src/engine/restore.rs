@@ -841,6 +841,20 @@ impl Restorer<'_> {
                     c?;
                     r
                 }
+                MappingKind::SysvShm { id } => {
+                    let mut fl = 0;
+                    if m.prot & libc::PROT_WRITE as u32 == 0 {
+                        fl |= libc::SHM_RDONLY;
+                    }
+                    if m.prot & libc::PROT_EXEC as u32 != 0 {
+                        fl |= libc::SHM_EXEC;
+                    }
+                    // SHM_REMAP: the range may hold what the restorer's copy had there.
+                    fl |= libc::SHM_REMAP;
+                    self.t
+                        .syscall(libc::SYS_shmat, [id as u64, m.start, fl as u64, 0, 0, 0])
+                        .map_err(|e| mapping_err(format!("shmat of SysV segment {id}: {e}")))?
+                }
                 MappingKind::Memfd { ino } => {
                     let fd = self
                         .pipes
