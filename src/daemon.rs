@@ -203,8 +203,7 @@ impl Daemon {
             });
             match rx.recv_timeout(Duration::from_secs(5)) {
                 // Already unmounted (by `umount` above): the serving thread ends by itself.
-                Err(_) | Ok(Err(_))
-                    if !crate::mounts::is_mountpoint(mountpoint).unwrap_or(true) => {}
+                Ok(Err(_)) if !crate::mounts::is_mountpoint(mountpoint).unwrap_or(true) => {}
                 Ok(r) => r.with_context(|| format!("unmount {}", mountpoint.display()))?,
                 Err(_) => log::warn!(
                     "{} is still in use by another mount namespace",

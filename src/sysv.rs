@@ -166,7 +166,9 @@ pub fn dump() -> Result<SysvImage, String> {
     Ok(img)
 }
 
-/// Reads a segment through a read-only attachment of our own.
+/// Reads a segment through a read-only attachment of our own: as a file (through
+/// `/proc/self/map_files`), skipping holes, so that reading a sparse segment does not
+/// allocate it; through the memory if that link cannot be opened.
 fn read_segment(id: i32, size: u64) -> Result<ImageMemory, String> {
     // SAFETY: shmat maps the segment somewhere free (address 0) read-only; we read it only
     // within `size` bytes and detach it before returning.
@@ -174,22 +176,34 @@ fn read_segment(id: i32, size: u64) -> Result<ImageMemory, String> {
     if p as isize == -1 {
         return Err(os_err(format!("attach SysV segment {id}")));
     }
-    // SAFETY: the attachment is `size` bytes long (rounded up to pages) and readable.
-    let bytes = unsafe { std::slice::from_raw_parts(p as *const u8, size as usize) };
-    let mut mem = ImageMemory {
-        page_size: PAGE_SIZE,
-        runs: Vec::new(),
+    let start = p as u64;
+    let link = format!(
+        "/proc/self/map_files/{start:x}-{:x}",
+        start + size.div_ceil(PAGE_SIZE) * PAGE_SIZE
+    );
+    let mem = match std::fs::File::open(&link) {
+        Ok(f) => forkpoint::engine::dump::read_sparse(&f, size, &[(0, size)])
+            .map_err(|e| format!("read SysV segment {id}: {e}")),
+        Err(_) => {
+            // SAFETY: the attachment is `size` bytes long (rounded up to pages) and readable.
+            let bytes = unsafe { std::slice::from_raw_parts(p as *const u8, size as usize) };
+            let mut mem = ImageMemory {
+                page_size: PAGE_SIZE,
+                runs: Vec::new(),
+            };
+            let whole = (size / PAGE_SIZE * PAGE_SIZE) as usize;
+            mem.push_pages(0, &bytes[..whole]);
+            if whole < bytes.len() {
+                let mut last = bytes[whole..].to_vec();
+                last.resize(PAGE_SIZE as usize, 0);
+                mem.push_pages(whole as u64, &last);
+            }
+            Ok(mem)
+        }
     };
-    let whole = (size / PAGE_SIZE * PAGE_SIZE) as usize;
-    mem.push_pages(0, &bytes[..whole]);
-    if whole < bytes.len() {
-        let mut last = bytes[whole..].to_vec();
-        last.resize(PAGE_SIZE as usize, 0);
-        mem.push_pages(whole as u64, &last);
-    }
-    // SAFETY: `p` is the attachment made above; `bytes` is not used after this.
+    // SAFETY: `p` is the attachment made above; nothing refers to it any more.
     unsafe { libc::shmdt(p) };
-    Ok(mem)
+    mem
 }
 
 /// Writes `id` to `/proc/sys/kernel/{kind}_next_id`, so the next object created gets it.

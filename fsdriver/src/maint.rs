@@ -417,6 +417,8 @@ pub fn gc(store: &Store) -> Result<GcReport> {
             .collect();
         victims_sorted.sort_by_key(|(_, l)| (l.segment, l.offset));
         for (id, loc) in victims_sorted {
+            // Under the writer lock: safe because nothing is pending (checked above), so
+            // nothing is staged and read_verified never needs the writer to flush.
             let data = store.read_verified(&id)?;
             let nl = w.relocate(id, &data, loc.kind, &victims)?;
             report.bytes_moved += data.len() as u64;

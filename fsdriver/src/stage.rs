@@ -71,6 +71,9 @@ pub struct Stage {
     in_flight: usize,
     failed: Vec<Job>,
     thread: Option<Thread>,
+    /// The writer thread went away with writes in flight: they are lost, and every flush
+    /// from now on fails (the store must be opened again).
+    lost: bool,
 }
 
 impl Stage {
@@ -84,6 +87,7 @@ impl Stage {
             in_flight: 0,
             failed: Vec::new(),
             thread: None,
+            lost: false,
         }
     }
 
@@ -161,10 +165,12 @@ impl Stage {
                 log::warn!("segment write at {} failed: {e}; kept for retry", job.off);
                 self.failed.push(job);
             }
-            // The thread is gone (it never panics; this is defensive): nothing to wait for.
+            // The thread is gone (it never panics; this is defensive): what it held is lost.
             Some(Err(_)) | None => {
+                log::error!("the segment writer thread stopped with writes in flight");
                 self.in_flight = 0;
                 self.thread = None;
+                self.lost = true;
             }
         }
     }
@@ -175,6 +181,11 @@ impl Stage {
     pub fn flush(&mut self, file: &Arc<dyn SegFile>) -> io::Result<()> {
         while self.in_flight > 0 {
             self.reap();
+        }
+        if self.lost {
+            return Err(io::Error::other(
+                "the segment writer thread stopped with writes in flight; reopen the store",
+            ));
         }
         while let Some(mut job) = self.failed.pop() {
             if let Err(e) = job.run() {

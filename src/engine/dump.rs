@@ -2037,13 +2037,35 @@ fn parse_mm(pid: i32, stat: &str) -> Result<MmState, DumpError> {
 /// Finds the files in shared memory the tree holds open (memfds) or maps shared with no
 /// file to map again (memfds, shared anonymous memory, deleted files), reads each once,
 /// and points the descriptors and mappings at it. The mappings' pages, already read with
-/// the process, are dropped from its image: the file holds them.
+/// the process, are dropped from its image: the file holds them. A file no descriptor
+/// holds is read only where it is mapped (nothing else can reach the rest).
 fn shared_files(
     frozen: &[(i32, Frozen)],
     processes: &mut [TreeMember],
 ) -> Result<Vec<MemfdImage>, DumpError> {
-    // ino -> (dev, where to open it, name)
-    let mut found: std::collections::BTreeMap<u64, (String, String, String)> = Default::default();
+    struct Found {
+        dev: u64,
+        at: String,
+        name: String,
+        /// Mapped ranges (file offsets), or `None` once a descriptor holds the file.
+        ranges: Option<Vec<(u64, u64)>>,
+    }
+    let dev_of = |path: &str, pid: i32| {
+        std::fs::metadata(path)
+            .map(|m| m.dev())
+            .map_err(|source| DumpError::Proc {
+                pid,
+                path: path.to_string(),
+                source,
+            })
+    };
+    let clash = |pid: i32, what: String| DumpError::UnsupportedFd {
+        pid,
+        fd: -1,
+        target: what,
+        reason: "two shared memory files with one inode number on different devices".into(),
+    };
+    let mut found: std::collections::BTreeMap<u64, Found> = Default::default();
     let mut mapped: Vec<(i32, u64, u64, u64)> = Vec::new(); // (pid, start, end, ino)
     for (pid, _) in frozen {
         for l in read_maps(*pid)? {
@@ -2051,23 +2073,24 @@ fn shared_files(
             let Some(orig) = l.path.strip_suffix(" (deleted)") else {
                 continue;
             };
-            // SysV shared memory keeps its own identity (and is refused by sessions).
+            // SysV shared memory keeps its own identity (see classify).
             if !shared || l.inode == 0 || orig.starts_with("/SYSV") {
                 continue;
             }
             let at = format!("/proc/{pid}/map_files/{:x}-{:x}", l.start, l.end);
+            let dev = dev_of(&at, *pid)?;
             let name = orig.strip_prefix("/memfd:").unwrap_or(orig).to_string();
-            let e = found
-                .entry(l.inode)
-                .or_insert_with(|| (l.dev.clone(), at, name));
-            if e.0 != l.dev {
-                return Err(DumpError::UnsupportedMapping {
-                    pid: *pid,
-                    start: l.start,
-                    end: l.end,
-                    path: l.path.clone(),
-                    reason: "two shared files with one inode number on different devices".into(),
-                });
+            let e = found.entry(l.inode).or_insert_with(|| Found {
+                dev,
+                at,
+                name,
+                ranges: Some(Vec::new()),
+            });
+            if e.dev != dev {
+                return Err(clash(*pid, l.path.clone()));
+            }
+            if let Some(r) = &mut e.ranges {
+                r.push((l.offset, l.offset + (l.end - l.start)));
             }
             mapped.push((*pid, l.start, l.end, l.inode));
         }
@@ -2075,21 +2098,32 @@ fn shared_files(
     for m in processes.iter() {
         for f in m.live().map(|p| p.fds.as_slice()).unwrap_or(&[]) {
             if let FdKind::Memfd { ino } = f.kind {
+                let at = format!("/proc/{}/fd/{}", m.pid, f.fd);
+                let dev = dev_of(&at, m.pid)?;
                 let name = f
                     .path
                     .strip_prefix("/memfd:")
                     .and_then(|p| p.strip_suffix(" (deleted)"))
                     .unwrap_or(&f.path)
                     .to_string();
-                found.entry(ino).or_insert_with(|| {
-                    (String::new(), format!("/proc/{}/fd/{}", m.pid, f.fd), name)
+                let e = found.entry(ino).or_insert_with(|| Found {
+                    dev,
+                    at: at.clone(),
+                    name,
+                    ranges: None,
                 });
+                if e.dev != dev {
+                    return Err(clash(m.pid, f.path.clone()));
+                }
+                // Held by a descriptor: all of it, read through the descriptor.
+                e.ranges = None;
+                e.at = at;
             }
         }
     }
     let mut out = Vec::with_capacity(found.len());
-    for (ino, (_, at, name)) in found {
-        out.push(read_shared_file(ino, &at, name)?);
+    for (ino, f) in found {
+        out.push(read_shared_file(ino, &f.at, f.name, f.ranges)?);
     }
     for m in processes.iter_mut() {
         let pid = m.pid;
@@ -2101,17 +2135,21 @@ fn shared_files(
                 .find(|x| x.start == start && x.end == end)
             {
                 map.kind = MappingKind::Memfd { ino };
-                p.memory
-                    .runs
-                    .retain(|r| r.addr + r.len <= start || r.addr >= end);
+                p.memory.remove_range(start, end);
             }
         }
     }
     Ok(out)
 }
 
-/// Reads a file in shared memory through `at` (a `/proc` link to it).
-fn read_shared_file(ino: u64, at: &str, name: String) -> Result<MemfdImage, DumpError> {
+/// Reads a file in shared memory through `at` (a `/proc` link to it): all of it, or only
+/// `ranges` (file offsets).
+fn read_shared_file(
+    ino: u64,
+    at: &str,
+    name: String,
+    ranges: Option<Vec<(u64, u64)>>,
+) -> Result<MemfdImage, DumpError> {
     use std::os::fd::AsRawFd;
     let fail = |source: std::io::Error| DumpError::Proc {
         pid: 0,
@@ -2123,42 +2161,8 @@ fn read_shared_file(ino: u64, at: &str, name: String) -> Result<MemfdImage, Dump
     // SAFETY: F_GET_SEALS on a valid descriptor owned by `file` reads no memory of ours.
     let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
     let seals = (seals >= 0).then_some(seals as u32);
-    let mut contents = ImageMemory {
-        page_size: PAGE_SIZE,
-        runs: Vec::new(),
-    };
-    let mut off = 0u64;
-    let mut buf = Vec::new();
-    while off < size {
-        // Only the data: holes read as zeros and are not recorded.
-        let data = match nix::unistd::lseek(&file, off as i64, nix::unistd::Whence::SeekData) {
-            Ok(d) => d as u64,
-            Err(nix::errno::Errno::ENXIO) => break,
-            Err(e) => return Err(fail(e.into())),
-        };
-        let hole = match nix::unistd::lseek(&file, data as i64, nix::unistd::Whence::SeekHole) {
-            Ok(h) => (h as u64).min(size),
-            Err(e) => return Err(fail(e.into())),
-        };
-        let mut at_off = data / PAGE_SIZE * PAGE_SIZE;
-        while at_off < hole {
-            let n = (hole - at_off).min(READ_PIECE);
-            buf.clear();
-            buf.resize(n.div_ceil(PAGE_SIZE) as usize * PAGE_SIZE as usize, 0);
-            let mut got = 0usize;
-            while got < n as usize {
-                match file.read_at(&mut buf[got..n as usize], at_off + got as u64) {
-                    Ok(0) => break,
-                    Ok(k) => got += k,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(fail(e)),
-                }
-            }
-            contents.push_pages(at_off, &buf);
-            at_off += n;
-        }
-        off = hole.max(data + 1);
-    }
+    let ranges = ranges.unwrap_or_else(|| vec![(0, size)]);
+    let contents = read_sparse(&file, size, &ranges).map_err(fail)?;
     Ok(MemfdImage {
         ino,
         name,
@@ -2166,6 +2170,66 @@ fn read_shared_file(ino: u64, at: &str, name: String) -> Result<MemfdImage, Dump
         seals,
         contents,
     })
+}
+
+/// Reads the data of `file` (of `size` bytes) within `ranges` (file offsets, in any order,
+/// overlapping or not) as page runs at file offsets, skipping holes (`SEEK_DATA`), so that a
+/// sparse file is neither read nor, for shared memory, allocated where it has no data. The
+/// last page is padded with zeros.
+pub fn read_sparse(file: &File, size: u64, ranges: &[(u64, u64)]) -> std::io::Result<ImageMemory> {
+    let mut rs: Vec<(u64, u64)> = ranges
+        .iter()
+        .map(|&(a, b)| (a / PAGE_SIZE * PAGE_SIZE, b.min(size)))
+        .filter(|(a, b)| a < b)
+        .collect();
+    rs.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for (a, b) in rs {
+        match merged.last_mut() {
+            Some(last) if a <= last.1 => last.1 = last.1.max(b),
+            _ => merged.push((a, b)),
+        }
+    }
+    let mut contents = ImageMemory {
+        page_size: PAGE_SIZE,
+        runs: Vec::new(),
+    };
+    let mut buf = Vec::new();
+    for (start, end) in merged {
+        let mut off = start;
+        while off < end {
+            let data = match nix::unistd::lseek(file, off as i64, nix::unistd::Whence::SeekData) {
+                Ok(d) => (d as u64 / PAGE_SIZE * PAGE_SIZE).max(off),
+                Err(nix::errno::Errno::ENXIO) => break,
+                Err(e) => return Err(e.into()),
+            };
+            if data >= end {
+                break;
+            }
+            let hole = nix::unistd::lseek(file, data as i64, nix::unistd::Whence::SeekHole)
+                .map(|h| (h as u64).min(end))
+                .map_err(std::io::Error::from)?;
+            let mut at = data;
+            while at < hole {
+                let n = (hole - at).min(READ_PIECE);
+                buf.clear();
+                buf.resize(n.div_ceil(PAGE_SIZE) as usize * PAGE_SIZE as usize, 0);
+                let mut got = 0usize;
+                while got < n as usize {
+                    match file.read_at(&mut buf[got..n as usize], at + got as u64) {
+                        Ok(0) => break,
+                        Ok(k) => got += k,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                contents.push_pages(at, &buf);
+                at += n;
+            }
+            off = hole.max(data + PAGE_SIZE);
+        }
+    }
+    Ok(contents)
 }
 
 /// The size of SysV shared memory segment `id` of this IPC namespace.

@@ -726,6 +726,37 @@ impl ImageMemory {
         self.runs.iter().map(|r| r.len).sum()
     }
 
+    /// Forgets what lies in `[start, end)`: runs inside go, zero runs across an edge (the
+    /// only ones that cross pages) are cut.
+    pub fn remove_range(&mut self, start: u64, end: u64) {
+        let mut out = Vec::with_capacity(self.runs.len());
+        for r in self.runs.drain(..) {
+            let (a, b) = (r.addr, r.addr + r.len);
+            if b <= start || a >= end {
+                out.push(r);
+                continue;
+            }
+            if r.data != PageData::Zero {
+                continue;
+            }
+            if a < start {
+                out.push(PageRun {
+                    addr: a,
+                    len: start - a,
+                    data: PageData::Zero,
+                });
+            }
+            if b > end {
+                out.push(PageRun {
+                    addr: end,
+                    len: b - end,
+                    data: PageData::Zero,
+                });
+            }
+        }
+        self.runs = out;
+    }
+
     /// Bytes held inline (`PageData::Bytes`).
     pub fn inline_bytes(&self) -> u64 {
         self.runs
@@ -1380,6 +1411,33 @@ pub(crate) mod tests {
         assert_eq!(v, bytes);
         let back2 = read_from(&v[..], DEFAULT_MAX_IMAGE_LEN).unwrap();
         assert_eq!(back2, img);
+    }
+
+    #[test]
+    fn remove_range_cuts_zero_runs_at_the_edges() {
+        let mut m = ImageMemory {
+            page_size: PAGE_SIZE,
+            runs: Vec::new(),
+        };
+        // zero, zero, data, zero, zero, data: the zero runs merge across pages.
+        let mut bytes = vec![0u8; 6 * 4096];
+        bytes[2 * 4096] = 1;
+        bytes[5 * 4096] = 2;
+        m.push_pages(0x10000, &bytes);
+        m.remove_range(0x10000 + 4096, 0x10000 + 4 * 4096);
+        let got: Vec<(u64, u64, bool)> = m
+            .runs
+            .iter()
+            .map(|r| (r.addr - 0x10000, r.len, r.data == PageData::Zero))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (0, 4096, true),
+                (4 * 4096, 4096, true),
+                (5 * 4096, 4096, false)
+            ]
+        );
     }
 
     #[test]

@@ -2039,10 +2039,12 @@ fn make_memfd(
     f: &super::image::MemfdImage,
     chunks: Option<&dyn ChunkSource>,
 ) -> Result<std::os::fd::OwnedFd, RestoreError> {
-    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::fd::FromRawFd;
     use std::os::unix::fs::FileExt;
     let err = |reason: String| RestoreError::Memfd { ino: f.ino, reason };
-    let sealable = f.seals.is_some_and(|s| s & libc::F_SEAL_SEAL as u32 == 0);
+    // F_SEAL_SEAL alone: made without MFD_ALLOW_SEALING; with other seals: sealed, then
+    // locked. Only the first cannot take seals.
+    let sealable = f.seals.is_some_and(|s| s != libc::F_SEAL_SEAL as u32);
     let name: String = f.name.chars().filter(|c| *c != '\0').take(200).collect();
     let cname = std::ffi::CString::new(name).map_err(|e| err(e.to_string()))?;
     let flags = if sealable { libc::MFD_ALLOW_SEALING } else { 0 } | libc::MFD_CLOEXEC;
@@ -2092,17 +2094,49 @@ fn make_memfd(
     }
     file.set_len(f.size)
         .map_err(|e| err(format!("setting the size: {e}")))?;
-    if let Some(seals) = f.seals.filter(|_| sealable) {
-        // SAFETY: F_ADD_SEALS on a descriptor owned by `file` reads no memory of ours.
-        let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals as libc::c_int) };
-        if r < 0 {
-            return Err(err(format!(
-                "adding seals {seals:#x}: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-    }
+    // Seals on writing (and the lock on seals) wait until every process has mapped the file
+    // (`seal_memfds`): a writable shared mapping made before F_SEAL_FUTURE_WRITE must be
+    // made again first.
+    let early = f.seals.filter(|_| sealable).map(|s| s & !LATE_SEALS);
+    add_seals(&file, early.unwrap_or(0)).map_err(err)?;
     Ok(file.into())
+}
+
+/// Seals applied once the processes hold their mappings.
+const LATE_SEALS: u32 = (libc::F_SEAL_WRITE | libc::F_SEAL_FUTURE_WRITE | libc::F_SEAL_SEAL) as u32;
+
+fn add_seals(file: &impl std::os::fd::AsRawFd, seals: u32) -> Result<(), String> {
+    if seals == 0 {
+        return Ok(());
+    }
+    // SAFETY: F_ADD_SEALS on a valid descriptor reads no memory of ours.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals as libc::c_int) };
+    if r < 0 {
+        return Err(format!(
+            "adding seals {seals:#x}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// Puts the seals on writing back on every memfd, once every process has mapped them and
+/// before any runs.
+fn seal_memfds(tree: &TreeImage, pipes: &PipeFds) -> Result<(), RestoreError> {
+    for f in &tree.memfds {
+        let Some(seals) = f.seals.filter(|s| *s != libc::F_SEAL_SEAL as u32) else {
+            continue;
+        };
+        let Some(&fd) = pipes.memfds.get(&f.ino) else {
+            continue;
+        };
+        // SAFETY: `fd` is one of the restorer's memfds, open until the tree is built; the
+        // borrow does not outlive this call.
+        let bfd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        add_seals(&bfd, seals & LATE_SEALS)
+            .map_err(|reason| RestoreError::Memfd { ino: f.ino, reason })?;
+    }
+    Ok(())
 }
 
 /// Restore a process tree ([`TreeImage`], from [`super::dump::dump_tree`]).
@@ -2305,7 +2339,8 @@ fn build_tree<'a>(
             res?;
         }
         Ok(())
-    })();
+    })()
+    .and_then(|()| seal_memfds(tree, pipes));
     if let Err(e) = res {
         for b in built.iter() {
             let _ = sys::kill(b.pid, libc::SIGKILL);

@@ -1965,6 +1965,9 @@ int main(int argc, char **argv) {
     if (pwrite(mfd, pat, 8192, 0) != 8192 || pwrite(mfd, pat, 100, 2 << 20) != 100) return 1;
     volatile unsigned long *m = mmap(0, 4 * 4096, PROT_READ | PROT_WRITE, MAP_SHARED, mfd, 4 * 4096);
     if (fcntl(mfd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW)) return 1;
+    /* Keep the writable mapping, refuse new ones, lock the seals: the mapping must be made
+       again before the seal at restore. */
+    if (fcntl(mfd, F_ADD_SEALS, F_SEAL_FUTURE_WRITE | F_SEAL_SEAL)) return 1;
     lseek(mfd, 1234, SEEK_SET);
     signal(SIGUSR1, on_usr1);
     if (fork() == 0) for (;;) { (*n)++; m[0] = *n; usleep(5000); }
@@ -2036,10 +2039,9 @@ fn shared_memory_and_memfds_stay_shared_across_restore() {
     assert_eq!(img.memfds.len(), 2, "the shared counter and the memfd");
     let mfd = img.memfds.iter().find(|f| f.name == "fp-test").unwrap();
     assert_eq!(mfd.size, (3 << 20) + 100);
-    assert_eq!(
-        mfd.seals,
-        Some((libc::F_SEAL_SHRINK | libc::F_SEAL_GROW) as u32)
-    );
+    let seals =
+        libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_FUTURE_WRITE | libc::F_SEAL_SEAL;
+    assert_eq!(mfd.seals, Some(seals as u32));
     assert!(
         mfd.contents.covered_bytes() <= 64 << 10,
         "the hole was recorded: {} bytes",
@@ -2077,7 +2079,7 @@ fn shared_memory_and_memfds_stay_shared_across_restore() {
         format!(
             "1 {} {} 1234 /memfd:fp-test (deleted)\n",
             (3 << 20) + 100,
-            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW
+            seals
         ),
         "contents, hole, size, seals, position and name of the memfd"
     );
