@@ -304,7 +304,11 @@ impl Catalog {
         {
             let mut ins =
                 tx.prepare_cached("INSERT OR REPLACE INTO objects VALUES(?1, ?2, ?3, ?4, ?5)")?;
-            for (id, loc) in objects {
+            // In key order: 131,072 random 32-byte keys of a checkpoint's pages go into the
+            // B-tree far faster sorted (each insert lands next to the last).
+            let mut sorted: Vec<&(ContentId, Loc)> = objects.iter().collect();
+            sorted.sort_unstable_by_key(|o| o.0);
+            for (id, loc) in sorted {
                 ins.execute(params![
                     &id.0[..],
                     loc.segment as i64,

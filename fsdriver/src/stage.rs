@@ -19,7 +19,7 @@ use std::sync::Arc;
 /// Bytes per buffer (one direct write).
 pub const STAGE_BYTES: usize = 8 << 20;
 /// Buffers handed to the writer thread and not yet written, at most.
-const IN_FLIGHT: usize = 2;
+const IN_FLIGHT: usize = 8;
 
 /// A buffer whose region `at..at + STAGE_BYTES` is aligned for direct writes.
 struct Buf {
