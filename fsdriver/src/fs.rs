@@ -977,10 +977,21 @@ impl Fs {
             pos += len as u64;
         }
         drop(st);
+        // The chunks of one request are usually neighbours in the log: one read for all.
+        let ids: Vec<ContentId> = plan
+            .iter()
+            .filter_map(|p| match p {
+                Part::Chunk(id, ..) => Some(*id),
+                Part::Lower(..) => None,
+            })
+            .collect();
+        let mut chunks = store.get_many(&ids)?.into_iter();
         for p in plan {
             match p {
-                Part::Chunk(id, dl, boff, len, at) => {
-                    let data = store.get(&id)?;
+                Part::Chunk(_, dl, boff, len, at) => {
+                    let Some(data) = chunks.next() else {
+                        return Err(FsError::Invalid("a chunk went missing"));
+                    };
                     let have = dl.min(data.len());
                     let from = boff.min(have);
                     let to = (boff + len).min(have);

@@ -589,6 +589,34 @@ impl Store {
         Ok(v)
     }
 
+    /// Reads and verifies many objects, in order, through the cache; the misses are read
+    /// together ([`Store::read_many_verified`]: neighbours in one `pread`).
+    pub fn get_many(&self, ids: &[ContentId]) -> Result<Vec<Arc<Vec<u8>>>> {
+        let mut out: Vec<Option<Arc<Vec<u8>>>> = {
+            let c = lock(&self.cache);
+            ids.iter().map(|id| c.get(id)).collect()
+        };
+        let missing: Vec<ContentId> = ids
+            .iter()
+            .zip(&out)
+            .filter(|(_, o)| o.is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        if !missing.is_empty() {
+            let got = self.read_many_verified(&missing)?;
+            let mut got = missing.iter().zip(got);
+            let mut c = lock(&self.cache);
+            for o in out.iter_mut().filter(|o| o.is_none()) {
+                if let Some((id, v)) = got.next() {
+                    let v = Arc::new(v);
+                    c.put(*id, v.clone());
+                    *o = Some(v);
+                }
+            }
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+
     /// Reads and re-hashes an object, bypassing the cache.
     pub fn read_verified(&self, id: &ContentId) -> Result<Vec<u8>> {
         let loc = self.locate(id).ok_or(StoreError::MissingObject(*id))?;
