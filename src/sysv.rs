@@ -7,7 +7,7 @@
 //! attached read-only by init, messages are copied with `MSG_COPY`. Ids are kept by writing
 //! the next id to `/proc/sys/kernel/{shm,sem,msg}_next_id` before each creation.
 
-use forkpoint::engine::image::{ImageMemory, PageData, PAGE_SIZE};
+use forkpoint::engine::image::{ImageMemory, PAGE_SIZE};
 use forkpoint::engine::ChunkSource;
 use serde::{Deserialize, Serialize};
 
@@ -342,48 +342,20 @@ fn write_segment(id: i32, s: &ShmSegment, chunks: &dyn ChunkSource) -> Result<()
         return Err(os_err(format!("attach SysV segment {id}")));
     }
     let seg_len = s.size as usize;
-    let res = (|| {
-        let put = |at: u64, b: &[u8]| -> Result<(), String> {
-            let end = (at as usize + b.len()).min(seg_len);
-            if at as usize >= end {
-                return Ok(());
-            }
-            // SAFETY: [at, end) lies inside the writable attachment of `seg_len` bytes.
-            let dst = unsafe {
-                std::slice::from_raw_parts_mut((p as *mut u8).add(at as usize), end - at as usize)
-            };
-            dst.copy_from_slice(&b[..end - at as usize]);
-            Ok(())
+    let put = |at: u64, b: &[u8]| -> Result<(), String> {
+        let end = (at as usize + b.len()).min(seg_len);
+        if at as usize >= end {
+            return Ok(());
+        }
+        // SAFETY: [at, end) lies inside the writable attachment of `seg_len` bytes.
+        let dst = unsafe {
+            std::slice::from_raw_parts_mut((p as *mut u8).add(at as usize), end - at as usize)
         };
-        let stored: Vec<(u64, [u8; 32], u64)> = s
-            .contents
-            .runs
-            .iter()
-            .filter_map(|r| match &r.data {
-                PageData::Stored(h) => Some((r.addr, *h, r.len)),
-                _ => None,
-            })
-            .collect();
-        for r in &s.contents.runs {
-            if let PageData::Bytes(b) = &r.data {
-                put(r.addr, b)?;
-            }
-        }
-        for batch in stored.chunks(2048) {
-            let reqs: Vec<([u8; 32], u64)> = batch.iter().map(|(_, h, l)| (*h, *l)).collect();
-            let data = chunks.fetch_many(&reqs)?;
-            for ((at, _, len), b) in batch.iter().zip(&data) {
-                if b.len() as u64 != *len {
-                    return Err(format!(
-                        "SysV segment {id}: a chunk of {} bytes, expected {len}",
-                        b.len()
-                    ));
-                }
-                put(*at, b)?;
-            }
-        }
+        dst.copy_from_slice(&b[..end - at as usize]);
         Ok(())
-    })();
+    };
+    let res = forkpoint::engine::restore::for_each_data_run(&s.contents, Some(chunks), put)
+        .map_err(|e| format!("SysV segment {id}: {e}"));
     // SAFETY: `p` is the attachment made above.
     unsafe { libc::shmdt(p) };
     res

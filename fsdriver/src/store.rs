@@ -620,18 +620,27 @@ impl Store {
     /// Reads and re-hashes an object, bypassing the cache.
     pub fn read_verified(&self, id: &ContentId) -> Result<Vec<u8>> {
         let loc = self.locate(id).ok_or(StoreError::MissingObject(*id))?;
-        let staged = *self.unstaged.read().unwrap_or_else(|e| e.into_inner());
-        if staged.is_some_and(|(seg, from)| seg == loc.segment && loc.end() > from) {
-            self.flush_stage(&mut lock(&self.writer))?;
-        }
+        self.wait_staged(std::slice::from_ref(&loc))?;
+        self.read_at(id, &loc)
+    }
+
+    /// Reads and re-hashes the record of `id` at `loc` (written out: see `wait_staged`).
+    fn read_at(&self, id: &ContentId, loc: &Loc) -> Result<Vec<u8>> {
         let file = self
-            .segs
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&loc.segment)
-            .cloned()
+            .segment_file(loc.segment)
             .ok_or(StoreError::MissingObject(*id))?;
-        segment::read_record(&*file, &loc, id)
+        segment::read_record(&*file, loc, id)
+    }
+
+    /// Flushes the stage if any of `locs` may still lie in it, unwritten.
+    fn wait_staged(&self, locs: &[Loc]) -> Result<()> {
+        let staged = *self.unstaged.read().unwrap_or_else(|e| e.into_inner());
+        if let Some((seg, from)) = staged {
+            if locs.iter().any(|l| l.segment == seg && l.end() > from) {
+                self.flush_stage(&mut lock(&self.writer))?;
+            }
+        }
+        Ok(())
     }
 
     /// Reads and re-hashes many objects, in order. Records that lie back to back in a segment
@@ -642,12 +651,7 @@ impl Store {
             .iter()
             .map(|id| self.locate(id).ok_or(StoreError::MissingObject(*id)))
             .collect::<Result<Vec<Loc>>>()?;
-        let staged = *self.unstaged.read().unwrap_or_else(|e| e.into_inner());
-        if let Some((seg, from)) = staged {
-            if locs.iter().any(|l| l.segment == seg && l.end() > from) {
-                self.flush_stage(&mut lock(&self.writer))?;
-            }
-        }
+        self.wait_staged(&locs)?;
         let mut order: Vec<usize> = (0..ids.len()).collect();
         order.sort_by_key(|&i| (locs[i].segment, locs[i].offset));
         let mut out: Vec<Vec<u8>> = vec![Vec::new(); ids.len()];
@@ -666,7 +670,7 @@ impl Store {
                 n += 1;
             }
             if n == k + 1 {
-                out[order[k]] = self.read_verified(&ids[order[k]])?;
+                out[order[k]] = self.read_at(&ids[order[k]], &first)?;
                 k = n;
                 continue;
             }

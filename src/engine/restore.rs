@@ -2059,39 +2059,11 @@ fn make_memfd(
     }
     // SAFETY: `fd` is a fresh descriptor nobody else owns.
     let file = unsafe { std::fs::File::from_raw_fd(fd) };
-    let write = |at: u64, b: &[u8]| {
+    for_each_data_run(&f.contents, chunks, |at, b| {
         file.write_all_at(b, at)
-            .map_err(|e| err(format!("writing {} bytes at {at}: {e}", b.len())))
-    };
-    let stored: Vec<(u64, [u8; 32], u64)> = f
-        .contents
-        .runs
-        .iter()
-        .filter_map(|r| match &r.data {
-            PageData::Stored(h) => Some((r.addr, *h, r.len)),
-            _ => None,
-        })
-        .collect();
-    for r in &f.contents.runs {
-        if let PageData::Bytes(b) = &r.data {
-            write(r.addr, b)?;
-        }
-    }
-    for batch in stored.chunks(2048) {
-        let src = chunks
-            .ok_or_else(|| err("its contents are stored but no chunk source was given".into()))?;
-        let reqs: Vec<([u8; 32], u64)> = batch.iter().map(|(_, h, l)| (*h, *l)).collect();
-        let data = src.fetch_many(&reqs).map_err(err)?;
-        for ((at, _, len), b) in batch.iter().zip(&data) {
-            if b.len() as u64 != *len {
-                return Err(err(format!(
-                    "chunk at {at} has {} bytes, expected {len}",
-                    b.len()
-                )));
-            }
-            write(*at, b)?;
-        }
-    }
+            .map_err(|e| format!("writing {} bytes at {at}: {e}", b.len()))
+    })
+    .map_err(err)?;
     file.set_len(f.size)
         .map_err(|e| err(format!("setting the size: {e}")))?;
     // Seals on writing (and the lock on seals) wait until every process has mapped the file
@@ -2100,6 +2072,44 @@ fn make_memfd(
     let early = f.seals.filter(|_| sealable).map(|s| s & !LATE_SEALS);
     add_seals(&file, early.unwrap_or(0)).map_err(err)?;
     Ok(file.into())
+}
+
+/// Hands every run of `mem` that holds bytes to `put(offset, bytes)`: inline runs as they
+/// are, stored ones fetched from `chunks` in batches (their length checked); zero runs are
+/// skipped. Fills files in shared memory and SysV segments, whose runs are at offsets.
+pub fn for_each_data_run(
+    mem: &super::image::ImageMemory,
+    chunks: Option<&dyn ChunkSource>,
+    mut put: impl FnMut(u64, &[u8]) -> Result<(), String>,
+) -> Result<(), String> {
+    let stored: Vec<(u64, [u8; 32], u64)> = mem
+        .runs
+        .iter()
+        .filter_map(|r| match &r.data {
+            PageData::Stored(h) => Some((r.addr, *h, r.len)),
+            _ => None,
+        })
+        .collect();
+    for r in &mem.runs {
+        if let PageData::Bytes(b) = &r.data {
+            put(r.addr, b)?;
+        }
+    }
+    for batch in stored.chunks(2048) {
+        let src = chunks.ok_or("its contents are stored but no chunk source was given")?;
+        let reqs: Vec<([u8; 32], u64)> = batch.iter().map(|(_, h, l)| (*h, *l)).collect();
+        let data = src.fetch_many(&reqs)?;
+        for ((at, _, len), b) in batch.iter().zip(&data) {
+            if b.len() as u64 != *len {
+                return Err(format!(
+                    "chunk at {at} has {} bytes, expected {len}",
+                    b.len()
+                ));
+            }
+            put(*at, b)?;
+        }
+    }
+    Ok(())
 }
 
 /// Seals applied once the processes hold their mappings.
