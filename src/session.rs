@@ -767,10 +767,7 @@ impl engine::ChunkSource for StoreChunks {
     /// Reads and verifies on every core: verification (BLAKE3 of every page) is most of a
     /// restore's time.
     fn fetch_many(&self, reqs: &[([u8; 32], u64)]) -> Result<Vec<Vec<u8>>, String> {
-        let threads = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-            .clamp(1, 8);
+        let threads = forkpoint_fs::id::cores().clamp(1, 8);
         let read = |part: &[([u8; 32], u64)]| -> Result<Vec<Vec<u8>>, String> {
             let ids: Vec<ContentId> = part.iter().map(|(h, _)| ContentId(*h)).collect();
             self.0.read_many_verified(&ids).map_err(|e| e.to_string())

@@ -3,6 +3,17 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
+/// The number of cores this process may use, asked once: `available_parallelism` reads
+/// several cgroup files on every call, which cost a small write more than hashing it.
+pub fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    })
+}
+
 /// The BLAKE3 hash of an object's payload: its address in the store.
 ///
 /// `Debug` prints the full hash, `Display` a short prefix (as git does).
@@ -19,12 +30,13 @@ impl ContentId {
     /// pieces to be worth it.
     pub fn of_many(pieces: &[&[u8]]) -> Vec<ContentId> {
         let mut out = vec![ContentId([0; 32]); pieces.len()];
-        let threads = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-            .min(8);
         let bytes: usize = pieces.iter().map(|p| p.len()).sum();
-        if threads < 2 || pieces.len() < 2 || bytes < (1 << 20) {
+        let threads = if pieces.len() < 2 || bytes < (1 << 20) {
+            1
+        } else {
+            cores().min(8)
+        };
+        if threads < 2 {
             for (o, p) in out.iter_mut().zip(pieces) {
                 *o = ContentId::of(p);
             }
