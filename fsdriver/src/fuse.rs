@@ -138,13 +138,21 @@ fn caller(req: &Request) -> Caller {
 }
 
 /// The FUSE filesystem of one mount.
+/// The largest write request, and the size of each io_uring payload buffer.
+const MAX_WRITE: u32 = 1 << 20;
+
 pub struct FuseFs {
     fs: Arc<Fs>,
+    /// Asks for FUSE over io_uring at INIT; set to whether the kernel agreed.
+    uring: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl FuseFs {
     pub fn new(fs: Arc<Fs>) -> Self {
-        FuseFs { fs }
+        FuseFs {
+            fs,
+            uring: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        }
     }
 }
 
@@ -177,7 +185,13 @@ impl Filesystem for FuseFs {
             | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
         let have = config.capabilities();
         let _ = config.add_capabilities(want & have);
-        let _ = config.set_max_write(1 << 20);
+        let uring = self.uring.load(std::sync::atomic::Ordering::Relaxed)
+            && config
+                .add_capabilities(InitFlags::FUSE_OVER_IO_URING)
+                .is_ok();
+        self.uring
+            .store(uring, std::sync::atomic::Ordering::Relaxed);
+        let _ = config.set_max_write(MAX_WRITE);
         let _ = config.set_max_readahead(1 << 20);
         let _ = config.set_max_background(64);
         let _ = config.set_congestion_threshold(48);
@@ -719,7 +733,20 @@ pub fn spawn(fs: Arc<Fs>, mountpoint: &Path, fsname: &str) -> std::io::Result<Ba
             .unwrap_or(4),
     );
     config.clone_fd = true;
-    fuser::Session::new(FuseFs::new(fs), mountpoint, &config)?.spawn()
+    let fuse_fs = FuseFs::new(fs.clone());
+    let uring = fuse_fs.uring.clone();
+    uring.store(crate::uring::wanted(), std::sync::atomic::Ordering::Relaxed);
+    let session = fuser::Session::new(fuse_fs, mountpoint, &config)?;
+    if !uring.load(std::sync::atomic::Ordering::Relaxed) {
+        return session.spawn();
+    }
+    // The kernel agreed to io_uring: fuser's threads serve until every CPU's queue is
+    // registered, then only FORGET and INTERRUPT reach them.
+    let dev = std::os::fd::AsFd::as_fd(&session).try_clone_to_owned()?;
+    let dispatcher = session.raw_dispatcher(FuseFs::new(fs));
+    let bg = session.spawn()?;
+    crate::uring::start(dev, dispatcher, MAX_WRITE as usize);
+    Ok(bg)
 }
 
 /// Tells the kernel to forget what it cached of a tree that a rollback replaced.

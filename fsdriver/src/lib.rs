@@ -12,6 +12,7 @@ pub mod segment;
 mod stage;
 pub mod store;
 pub mod tree;
+pub mod uring;
 
 pub use catalog::{Checkpoint, CheckpointKind};
 pub use error::{Result, StoreError};
