@@ -696,3 +696,105 @@ fn setuid_is_cleared_as_on_a_local_filesystem() {
     assert_eq!(mode(&d), 0o2775, "a directory keeps setgid");
     lab.umount_ok(&mnt);
 }
+
+/// (name, time on CPU in ns, voluntary context switches) of each daemon thread.
+fn daemon_threads(pid: i32) -> Vec<(String, u64, u64)> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in rd.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let ns = std::fs::read_to_string(t.path().join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+            .unwrap_or(0);
+        let switches = std::fs::read_to_string(t.path().join("status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .unwrap_or(0);
+        out.push((comm.trim().to_string(), ns, switches));
+    }
+    out
+}
+
+/// On a kernel with FUSE over io_uring, requests are answered by the per-CPU queue threads,
+/// not by the `/dev/fuse` readers: every CPU has its queue threads, and they, not fuser's
+/// threads, do the work of a burst of creates.
+#[test]
+fn requests_are_served_over_io_uring() {
+    if !common::can_mount("fuse_e2e") {
+        return;
+    }
+    if !Path::new("/sys/module/fuse/parameters/enable_uring").exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "this kernel has no FUSE over io_uring"
+        );
+        eprintln!(
+            "skipping requests_are_served_over_io_uring: the kernel has no FUSE over io_uring"
+        );
+        return;
+    }
+    let lab = Lab::new();
+    let store = lab.path().join("store");
+    let mnt = lab.mkdir("mnt");
+    lab.mount_ok(&store, &mnt, None);
+    let pid = *common::daemon_pids(&store).first().expect("daemon pid");
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) } as usize;
+    let queue_threads = |t: &[(String, u64, u64)]| -> (usize, u64, u64) {
+        let q: Vec<_> = t
+            .iter()
+            .filter(|(n, _, _)| n.starts_with("fuse-q"))
+            .collect();
+        (
+            q.len(),
+            q.iter().map(|x| x.1).sum(),
+            q.iter().map(|x| x.2).sum(),
+        )
+    };
+    // (CPU ns, voluntary switches) of fuser's /dev/fuse readers.
+    let fuser_threads = |t: &[(String, u64, u64)]| -> (u64, u64) {
+        let f: Vec<_> = t
+            .iter()
+            .filter(|(n, _, _)| n.starts_with("fuser-") && n != "fuser-bg")
+            .collect();
+        (f.iter().map(|x| x.1).sum(), f.iter().map(|x| x.2).sum())
+    };
+    // Let the queues register (the first requests after INIT may still use /dev/fuse).
+    std::fs::write(mnt.join("warm"), b"x").expect("write");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let before = daemon_threads(pid);
+    let (n, q_ns0, _) = queue_threads(&before);
+    assert!(
+        n >= cpus,
+        "expected io_uring queue threads for {cpus} CPUs, found {n}: {before:?}"
+    );
+    let (f_ns0, f_sw0) = fuser_threads(&before);
+    for i in 0..2000 {
+        std::fs::write(mnt.join(format!("f{i}")), b"data").expect("create");
+    }
+    let after = daemon_threads(pid);
+    let (n2, q_ns1, _) = queue_threads(&after);
+    assert_eq!(n2, n, "a queue thread stopped: {after:?}");
+    let (f_ns1, f_sw1) = fuser_threads(&after);
+    assert!(
+        q_ns1 - q_ns0 > 4 * (f_ns1 - f_ns0),
+        "2000 creates took {} ns in the io_uring queue threads and {} ns in fuser's",
+        q_ns1 - q_ns0,
+        f_ns1 - f_ns0
+    );
+    assert!(
+        f_sw1 - f_sw0 < 1000,
+        "the /dev/fuse threads still served the creates ({} wakeups)",
+        f_sw1 - f_sw0
+    );
+    let log = std::fs::read_to_string(store.join("daemon.log")).unwrap_or_default();
+    assert!(!log.contains("io_uring queue"), "daemon log: {log}");
+    lab.umount_ok(&mnt);
+}

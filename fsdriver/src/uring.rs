@@ -254,6 +254,40 @@ fn uring_cmd(
     }
 }
 
+/// Waits up to `window` for a completion without sleeping, at idle priority, so that the CPU
+/// does not halt between a caller's requests and a caller woken by a reply stays on this
+/// CPU (the scheduler treats a CPU running only idle-priority work as free) and preempts
+/// the poller at once. Returns whether a completion arrived; the thread is back at normal
+/// priority either way.
+fn spin_for_completion(
+    ring: &mut IoUring<squeue::Entry128, cqueue::Entry>,
+    window: std::time::Duration,
+) -> bool {
+    set_idle_priority(true);
+    let start = std::time::Instant::now();
+    let mut found = false;
+    while start.elapsed() < window {
+        if !ring.completion().is_empty() {
+            found = true;
+            break;
+        }
+        std::hint::spin_loop();
+    }
+    set_idle_priority(false);
+    found
+}
+
+fn set_idle_priority(idle: bool) {
+    let param = libc::sched_param { sched_priority: 0 };
+    let policy = if idle {
+        libc::SCHED_IDLE
+    } else {
+        libc::SCHED_OTHER
+    };
+    // SAFETY: `param` is a valid sched_param; pid 0 is this thread.
+    unsafe { libc::sched_setscheduler(0, policy, &param) };
+}
+
 /// Serves queue `qid` on a thread pinned to CPU `qid` until the connection ends.
 fn serve<FS: Filesystem>(
     dev: Arc<OwnedFd>,
@@ -261,6 +295,7 @@ fn serve<FS: Filesystem>(
     entries: usize,
     payload_size: usize,
     dispatcher: Arc<RawDispatcher<FS>>,
+    poll: std::time::Duration,
 ) -> io::Result<()> {
     let mut set = nix::sched::CpuSet::new();
     set.set(qid as usize).map_err(io::Error::from)?;
@@ -287,7 +322,11 @@ fn serve<FS: Filesystem>(
     let mut request: Vec<u8> = Vec::with_capacity(payload_size + HEADER_SIZE);
     let mut registered = false;
     loop {
-        match ring.submit_and_wait(1) {
+        let mut want = 1;
+        if !poll.is_zero() && ring.submit().is_ok() && spin_for_completion(&mut ring, poll) {
+            want = 0;
+        }
+        match ring.submit_and_wait(want) {
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
             Err(e) => return Err(e),
@@ -366,6 +405,12 @@ pub fn start<FS: Filesystem + Send + Sync + 'static>(
         .and_then(|v| v.parse().ok())
         .unwrap_or(2)
         .max(1);
+    let poll = std::time::Duration::from_micros(
+        std::env::var("FORKPOINT_FUSE_POLL_US")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1000),
+    );
     // SAFETY: sysconf has no memory-safety preconditions.
     let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) }.max(1) as usize;
     let dev = Arc::new(dev);
@@ -376,7 +421,12 @@ pub fn start<FS: Filesystem + Send + Sync + 'static>(
             let spawned = std::thread::Builder::new()
                 .name(format!("fuse-q{qid}.{t}"))
                 .spawn(move || {
-                    if let Err(e) = serve(dev, qid as u16, 1, payload_size, dispatcher) {
+                    let poll = if t == 0 {
+                        poll
+                    } else {
+                        std::time::Duration::ZERO
+                    };
+                    if let Err(e) = serve(dev, qid as u16, 1, payload_size, dispatcher, poll) {
                         log::warn!(
                             "FUSE io_uring queue {qid} stopped: {e}; requests go through /dev/fuse"
                         );
