@@ -288,40 +288,160 @@ fn set_idle_priority(idle: bool) {
     unsafe { libc::sched_setscheduler(0, policy, &param) };
 }
 
-/// Serves queue `qid` on a thread pinned to CPU `qid` until the connection ends.
-fn serve<FS: Filesystem>(
+/// FUSE opcodes handed to the worker threads: they move data or wait for the disk, and a
+/// queue thread that ran them itself would hold up the other requests made on its CPU.
+const OP_READ: u32 = 15;
+const OP_WRITE: u32 = 16;
+const OP_FSYNC: u32 = 20;
+const OP_FSYNCDIR: u32 = 30;
+const OP_COPY_FILE_RANGE: u32 = 47;
+/// Reads and writes smaller than this are answered on the queue thread.
+const OFFLOAD_MIN: u32 = 128 << 10;
+
+fn offloaded(opcode: u32, op_args: &[u8]) -> bool {
+    match opcode {
+        OP_FSYNC | OP_FSYNCDIR | OP_COPY_FILE_RANGE => true,
+        // fuse_read_in and fuse_write_in: fh u64, offset u64, size u32, ...
+        OP_READ | OP_WRITE => op_args
+            .get(16..20)
+            .and_then(|b| b.try_into().ok())
+            .is_some_and(|b| u32::from_ne_bytes(b) >= OFFLOAD_MIN),
+        _ => false,
+    }
+}
+
+/// Hands one request in `/dev/fuse` layout to the filesystem; false if it cannot be parsed.
+type Dispatch = dyn Fn(&[u8], Arc<dyn ReplyHook>) -> bool + Send + Sync;
+
+/// A request handed to a worker, and how the worker hands the entry back.
+struct Job {
+    queue: Arc<Returns>,
+    entry: usize,
+    request: Vec<u8>,
+    slot: Arc<Slot>,
+    dispatcher: Arc<Dispatch>,
+}
+
+/// Entries whose replies a worker has written, waiting for their queue thread to commit
+/// them; the eventfd wakes that thread.
+struct Returns {
+    done: Mutex<Vec<(usize, usize, Vec<u8>)>>,
+    event: OwnedFd,
+}
+
+/// Answers `request` through `slot` and returns the reply's payload length.
+fn answer(dispatch: &Dispatch, request: &[u8], slot: &Arc<Slot>) -> usize {
+    let hook: Arc<dyn ReplyHook> = slot.clone();
+    if !dispatch(request, hook) {
+        let unique = request
+            .get(8..16)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_ne_bytes)
+            .unwrap_or(0);
+        let mut h = [0u8; OUT_HEADER_SIZE];
+        h[0..4].copy_from_slice(&(OUT_HEADER_SIZE as u32).to_ne_bytes());
+        h[4..8].copy_from_slice(&(-libc::EIO).to_ne_bytes());
+        h[8..16].copy_from_slice(&unique.to_ne_bytes());
+        let _ = slot.send(&[IoSlice::new(&h)]);
+    }
+    slot.wait()
+}
+
+fn worker(jobs: Arc<Mutex<std::sync::mpsc::Receiver<Job>>>) {
+    loop {
+        let job = {
+            let rx = jobs.lock().unwrap_or_else(|e| e.into_inner());
+            match rx.recv() {
+                Ok(job) => job,
+                Err(_) => return,
+            }
+        };
+        let n = answer(&*job.dispatcher, &job.request, &job.slot);
+        job.queue
+            .done
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((job.entry, n, job.request));
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live buffer to an eventfd we own.
+        unsafe { libc::write(job.queue.event.as_raw_fd(), one.as_ptr().cast(), 8) };
+    }
+}
+
+/// user_data of the eventfd read; entries use their index.
+const EVENT: u64 = u64::MAX;
+
+/// Serves queue `qid` from a thread pinned to CPU `qid` until the connection ends. Small
+/// requests are answered here; large reads and writes and fsyncs go to the workers, and
+/// their entries come back through `Returns`.
+#[allow(clippy::too_many_arguments)]
+fn serve(
     dev: Arc<OwnedFd>,
     qid: u16,
     entries: usize,
     payload_size: usize,
-    dispatcher: Arc<RawDispatcher<FS>>,
+    dispatch: Arc<Dispatch>,
+    jobs: std::sync::mpsc::Sender<Job>,
     poll: std::time::Duration,
 ) -> io::Result<()> {
     let mut set = nix::sched::CpuSet::new();
-    set.set(qid as usize).map_err(io::Error::from)?;
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).map_err(io::Error::from)?;
-    let mut ring: IoUring<squeue::Entry128, cqueue::Entry> =
-        IoUring::builder().build((entries as u32).next_power_of_two().max(2))?;
+    if set.set(qid as usize).is_ok() {
+        if let Err(e) = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set) {
+            log::debug!("FUSE queue {qid} runs unpinned: {e}");
+        }
+    }
+    // SAFETY: eventfd has no memory-safety preconditions; the result is checked.
+    let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    if efd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `efd` is a new descriptor that nothing else owns.
+    let event = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(efd) };
+    let returns = Arc::new(Returns {
+        done: Mutex::new(Vec::new()),
+        event,
+    });
     let bufs: Vec<Buffers> = (0..entries)
         .map(|_| Buffers::new(payload_size))
         .collect::<io::Result<_>>()?;
+    let slots: Vec<Arc<Slot>> = (0..entries)
+        .map(|_| {
+            Arc::new(Slot {
+                state: Mutex::new(SlotState {
+                    target: None,
+                    reply_len: None,
+                }),
+                done: Condvar::new(),
+            })
+        })
+        .collect();
+    let mut requests: Vec<Option<Vec<u8>>> = (0..entries)
+        .map(|_| Some(Vec::with_capacity(payload_size + HEADER_SIZE)))
+        .collect();
+    let mut event_buf = Box::new([0u8; 8]);
+    // Declared after everything the kernel may write to, so it is closed (and its
+    // requests cancelled) before they are freed.
+    let mut ring: IoUring<squeue::Entry128, cqueue::Entry> =
+        IoUring::builder().build((entries as u32 + 1).next_power_of_two().max(4))?;
     let fd = dev.as_raw_fd();
+    let arm_event = |ring: &mut IoUring<squeue::Entry128, cqueue::Entry>, buf: &mut [u8; 8]| {
+        let sqe: squeue::Entry128 = opcode::Read::new(types::Fd(efd), buf.as_mut_ptr(), 8)
+            .build()
+            .user_data(EVENT)
+            .into();
+        // SAFETY: `buf` lives until the function returns, after the ring is closed.
+        unsafe { ring.submission().push(&sqe) }.map_err(io::Error::other)
+    };
+    arm_event(&mut ring, &mut event_buf)?;
     for (i, b) in bufs.iter().enumerate() {
         let sqe = uring_cmd(fd, CMD_REGISTER, 0, qid, Some(&b.iov)).user_data(i as u64);
-        // SAFETY: the iovecs and the buffers they point to live in `bufs` until this
-        // function returns, after the ring (declared before, dropped after) is closed.
+        // SAFETY: the iovecs and buffers live in `bufs` until the function returns, after
+        // the ring is closed.
         unsafe { ring.submission().push(&sqe) }.map_err(io::Error::other)?;
     }
-    let slot = Arc::new(Slot {
-        state: Mutex::new(SlotState {
-            target: None,
-            reply_len: None,
-        }),
-        done: Condvar::new(),
-    });
-    let mut request: Vec<u8> = Vec::with_capacity(payload_size + HEADER_SIZE);
     let mut registered = false;
-    loop {
+    let mut with_workers = 0usize;
+    let result = loop {
         let mut want = 1;
         if !poll.is_zero() && ring.submit().is_ok() && spin_for_completion(&mut ring, poll) {
             want = 0;
@@ -329,43 +449,81 @@ fn serve<FS: Filesystem>(
         match ring.submit_and_wait(want) {
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-            Err(e) => return Err(e),
+            Err(e) => break Err(e),
         }
-        let done: Vec<(u64, i32)> = ring
+        let completions: Vec<(u64, i32)> = ring
             .completion()
             .map(|c| (c.user_data(), c.result()))
             .collect();
-        for (idx, res) in done {
+        let mut stop = None;
+        for (ud, res) in completions {
+            if ud == EVENT {
+                let back: Vec<_> =
+                    std::mem::take(&mut *returns.done.lock().unwrap_or_else(|e| e.into_inner()));
+                for (idx, reply_len, request) in back {
+                    with_workers -= 1;
+                    requests[idx] = Some(request);
+                    let b = &bufs[idx];
+                    b.write_u32(ENT_IN_OUT + 16, reply_len as u32);
+                    let commit_id = b.read_u64(ENT_IN_OUT + 8);
+                    let sqe = uring_cmd(fd, CMD_COMMIT_AND_FETCH, commit_id, qid, None)
+                        .user_data(idx as u64);
+                    // SAFETY: as for REGISTER.
+                    unsafe { ring.submission().push(&sqe) }.map_err(io::Error::other)?;
+                }
+                arm_event(&mut ring, &mut event_buf)?;
+                continue;
+            }
+            let idx = ud as usize;
             if res < 0 {
                 let e = -res;
-                if registered && matches!(e, libc::ENOTCONN | libc::ECANCELED | libc::ENODEV) {
-                    return Ok(());
+                if registered
+                    && matches!(
+                        e,
+                        libc::ENOTCONN | libc::ECANCELED | libc::ENODEV | libc::ECONNABORTED
+                    )
+                {
+                    stop = Some(Ok(()));
+                } else if registered && idx < bufs.len() {
+                    // The kernel dropped this entry; give it a fresh one so the queue
+                    // never runs out.
+                    log::warn!(
+                        "FUSE queue {qid}: entry {idx} failed ({}); registering it again",
+                        io::Error::from_raw_os_error(e)
+                    );
+                    let sqe = uring_cmd(fd, CMD_REGISTER, 0, qid, Some(&bufs[idx].iov))
+                        .user_data(idx as u64);
+                    // SAFETY: as for REGISTER above.
+                    unsafe { ring.submission().push(&sqe) }.map_err(io::Error::other)?;
+                } else {
+                    stop = Some(Err(io::Error::from_raw_os_error(e)));
                 }
-                return Err(io::Error::from_raw_os_error(e));
+                continue;
             }
             registered = true;
-            let Some(b) = bufs.get(idx as usize) else {
-                return Err(io::Error::other(format!(
+            let (Some(b), Some(Some(mut request))) =
+                (bufs.get(idx), requests.get_mut(idx).map(Option::take))
+            else {
+                stop = Some(Err(io::Error::other(format!(
                     "io_uring completion for unknown entry {idx}"
-                )));
+                ))));
+                continue;
             };
             let len = b.read_u32(0) as usize;
+            let opcode = b.read_u32(4);
             let commit_id = b.read_u64(ENT_IN_OUT + 8);
             let payload_sz = b.read_u32(ENT_IN_OUT + 16) as usize;
             let op_len = len.saturating_sub(IN_HEADER_SIZE + payload_sz);
-            if len < IN_HEADER_SIZE
-                || op_len > HEADER_SIZE - OP_IN - 32
-                || payload_sz > b.payload_size
-            {
+            if len < IN_HEADER_SIZE || op_len > ENT_IN_OUT - OP_IN || payload_sz > b.payload_size {
                 log::error!(
                     "malformed FUSE request from io_uring (len {len}, payload {payload_sz})"
                 );
             }
-            let op_len = op_len.min(HEADER_SIZE - OP_IN - 32);
+            let op_len = op_len.min(ENT_IN_OUT - OP_IN);
             let payload_sz = payload_sz.min(b.payload_size);
             request.clear();
-            // SAFETY: all three ranges are inside their allocations (clamped above), and the
-            // kernel does not write to the entry until it is committed.
+            // SAFETY: all three ranges are inside their allocations (clamped above), and
+            // the kernel does not write to the entry until it is committed.
             unsafe {
                 request.extend_from_slice(std::slice::from_raw_parts(b.header, IN_HEADER_SIZE));
                 request.extend_from_slice(std::slice::from_raw_parts(b.header.add(OP_IN), op_len));
@@ -373,26 +531,70 @@ fn serve<FS: Filesystem>(
             }
             let total = request.len() as u32;
             request[0..4].copy_from_slice(&total.to_ne_bytes());
+            let slot = &slots[idx];
             slot.arm(b);
-            let hook: Arc<dyn ReplyHook> = slot.clone();
-            if !dispatcher.dispatch(&request, hook) {
-                let unique = u64::from_ne_bytes(request[8..16].try_into().unwrap_or([0; 8]));
-                let mut h = [0u8; OUT_HEADER_SIZE];
-                h[0..4].copy_from_slice(&(OUT_HEADER_SIZE as u32).to_ne_bytes());
-                h[4..8].copy_from_slice(&(-libc::EIO).to_ne_bytes());
-                h[8..16].copy_from_slice(&unique.to_ne_bytes());
-                slot.send(&[IoSlice::new(&h)])?;
+            if offloaded(opcode, &request[IN_HEADER_SIZE..IN_HEADER_SIZE + op_len]) {
+                let job = Job {
+                    queue: returns.clone(),
+                    entry: idx,
+                    request,
+                    slot: slot.clone(),
+                    dispatcher: dispatch.clone(),
+                };
+                match jobs.send(job) {
+                    Ok(()) => {
+                        with_workers += 1;
+                        continue;
+                    }
+                    Err(std::sync::mpsc::SendError(job)) => request = job.request,
+                }
             }
-            let reply_len = slot.wait();
+            let reply_len = answer(&*dispatch, &request, slot);
+            requests[idx] = Some(request);
             b.write_u32(ENT_IN_OUT + 16, reply_len as u32);
-            let sqe = uring_cmd(fd, CMD_COMMIT_AND_FETCH, commit_id, qid, None).user_data(idx);
+            let sqe =
+                uring_cmd(fd, CMD_COMMIT_AND_FETCH, commit_id, qid, None).user_data(idx as u64);
             // SAFETY: as for REGISTER above.
             unsafe { ring.submission().push(&sqe) }.map_err(io::Error::other)?;
         }
+        if let Some(r) = stop {
+            break r;
+        }
+    };
+    // Workers still write into entries they hold: wait for them before the buffers go.
+    while with_workers > 0 {
+        let mut v = [0u8; 8];
+        // SAFETY: reads 8 bytes into a live buffer from an eventfd we own.
+        let n = unsafe { libc::read(efd, v.as_mut_ptr().cast(), 8) };
+        if n < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            break;
+        }
+        let back = std::mem::take(&mut *returns.done.lock().unwrap_or_else(|e| e.into_inner()));
+        with_workers -= back.len().min(with_workers);
     }
+    drop(ring);
+    result
 }
 
-/// Starts serving every CPU's queue. Returns once each queue thread has started; a queue
+/// How many queues the kernel made: one per possible CPU.
+fn possible_cpus() -> usize {
+    let parse = |s: &str| -> Option<usize> {
+        let mut n = 0;
+        for part in s.trim().split(',') {
+            let (a, b) = part.split_once('-').unwrap_or((part, part));
+            let (a, b): (usize, usize) = (a.parse().ok()?, b.parse().ok()?);
+            n = n.max(b + 1).max(a + 1);
+        }
+        Some(n)
+    };
+    std::fs::read_to_string("/sys/devices/system/cpu/possible")
+        .ok()
+        .and_then(|s| parse(&s))
+        // SAFETY: sysconf has no memory-safety preconditions.
+        .unwrap_or_else(|| unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) }.max(1) as usize)
+}
+
+/// Starts serving every CPU's queue, and the workers they hand large requests to. A queue
 /// that cannot register (an old kernel, io_uring disabled) logs why, and the kernel then
 /// keeps using `/dev/fuse`, which fuser serves.
 pub fn start<FS: Filesystem + Send + Sync + 'static>(
@@ -400,10 +602,10 @@ pub fn start<FS: Filesystem + Send + Sync + 'static>(
     dispatcher: RawDispatcher<FS>,
     payload_size: usize,
 ) {
-    let threads_per_queue: usize = std::env::var("FORKPOINT_FUSE_URING_THREADS")
+    let entries: usize = std::env::var("FORKPOINT_FUSE_URING_ENTRIES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(2)
+        .unwrap_or(4)
         .max(1);
     let poll = std::time::Duration::from_micros(
         std::env::var("FORKPOINT_FUSE_POLL_US")
@@ -411,30 +613,34 @@ pub fn start<FS: Filesystem + Send + Sync + 'static>(
             .and_then(|v| v.parse().ok())
             .unwrap_or(1000),
     );
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) }.max(1) as usize;
+    let cpus = possible_cpus();
     let dev = Arc::new(dev);
-    let dispatcher = Arc::new(dispatcher);
+    let dispatch: Arc<Dispatch> =
+        Arc::new(move |req: &[u8], hook: Arc<dyn ReplyHook>| dispatcher.dispatch(req, hook));
+    let (tx, rx) = std::sync::mpsc::channel::<Job>();
+    let rx = Arc::new(Mutex::new(rx));
+    for w in 0..cpus + 2 {
+        let rx = rx.clone();
+        if let Err(e) = std::thread::Builder::new()
+            .name(format!("fuse-w{w}"))
+            .spawn(move || worker(rx))
+        {
+            log::warn!("cannot start FUSE worker: {e}");
+        }
+    }
     for qid in 0..cpus {
-        for t in 0..threads_per_queue {
-            let (dev, dispatcher) = (dev.clone(), dispatcher.clone());
-            let spawned = std::thread::Builder::new()
-                .name(format!("fuse-q{qid}.{t}"))
-                .spawn(move || {
-                    let poll = if t == 0 {
-                        poll
-                    } else {
-                        std::time::Duration::ZERO
-                    };
-                    if let Err(e) = serve(dev, qid as u16, 1, payload_size, dispatcher, poll) {
-                        log::warn!(
-                            "FUSE io_uring queue {qid} stopped: {e}; requests go through /dev/fuse"
-                        );
-                    }
-                });
-            if let Err(e) = spawned {
-                log::warn!("cannot start FUSE io_uring queue {qid}: {e}");
-            }
+        let (dev, dispatch, tx) = (dev.clone(), dispatch.clone(), tx.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("fuse-q{qid}"))
+            .spawn(move || {
+                if let Err(e) = serve(dev, qid as u16, entries, payload_size, dispatch, tx, poll) {
+                    log::warn!(
+                        "FUSE io_uring queue {qid} stopped: {e}; requests go through /dev/fuse"
+                    );
+                }
+            });
+        if let Err(e) = spawned {
+            log::error!("cannot start FUSE io_uring queue {qid}: {e}");
         }
     }
 }
