@@ -443,7 +443,13 @@ fn serve(
     let mut with_workers = 0usize;
     let result = loop {
         let mut want = 1;
-        if !poll.is_zero() && ring.submit().is_ok() && spin_for_completion(&mut ring, poll) {
+        // Not while workers hold entries: the poller makes this CPU look free, and the
+        // scheduler would then crowd the workers and their callers onto it.
+        if !poll.is_zero()
+            && with_workers == 0
+            && ring.submit().is_ok()
+            && spin_for_completion(&mut ring, poll)
+        {
             want = 0;
         }
         match ring.submit_and_wait(want) {
