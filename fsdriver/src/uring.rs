@@ -47,6 +47,13 @@ pub fn wanted() -> bool {
     if std::env::var("FORKPOINT_FUSE_URING").is_ok_and(|v| v == "0") {
         return false;
     }
+    // Once INIT agrees to io_uring the kernel holds every request until each CPU's queue
+    // has an entry, so make sure rings can be made here at all (seccomp filters and
+    // `kernel.io_uring_disabled` forbid them) before asking for it.
+    if let Err(e) = IoUring::<squeue::Entry128, cqueue::Entry>::builder().build(4) {
+        log::info!("FUSE over io_uring stays off: cannot create an io_uring: {e}");
+        return false;
+    }
     match std::fs::read_to_string(ENABLE_PARAM) {
         Ok(v) if v.trim() == "Y" => true,
         Ok(_) => match std::fs::write(ENABLE_PARAM, "Y") {
@@ -263,7 +270,9 @@ fn spin_for_completion(
     ring: &mut IoUring<squeue::Entry128, cqueue::Entry>,
     window: std::time::Duration,
 ) -> bool {
-    set_idle_priority(true);
+    if !set_idle_priority(true) {
+        return false;
+    }
     let start = std::time::Instant::now();
     let mut found = false;
     while start.elapsed() < window {
@@ -273,11 +282,19 @@ fn spin_for_completion(
         }
         std::hint::spin_loop();
     }
-    set_idle_priority(false);
+    if !set_idle_priority(false) {
+        log::error!("FUSE queue thread cannot leave idle priority");
+    }
     found
 }
 
-fn set_idle_priority(idle: bool) {
+/// Whether this thread can go to idle priority and back (going back needs CAP_SYS_NICE or
+/// an RLIMIT_NICE that allows nice 0).
+fn can_switch_priority() -> bool {
+    set_idle_priority(true) && set_idle_priority(false)
+}
+
+fn set_idle_priority(idle: bool) -> bool {
     let param = libc::sched_param { sched_priority: 0 };
     let policy = if idle {
         libc::SCHED_IDLE
@@ -285,7 +302,7 @@ fn set_idle_priority(idle: bool) {
         libc::SCHED_OTHER
     };
     // SAFETY: `param` is a valid sched_param; pid 0 is this thread.
-    unsafe { libc::sched_setscheduler(0, policy, &param) };
+    unsafe { libc::sched_setscheduler(0, policy, &param) == 0 }
 }
 
 /// FUSE opcodes handed to the worker threads: they move data or wait for the disk, and a
@@ -332,7 +349,15 @@ struct Returns {
 /// Answers `request` through `slot` and returns the reply's payload length.
 fn answer(dispatch: &Dispatch, request: &[u8], slot: &Arc<Slot>) -> usize {
     let hook: Arc<dyn ReplyHook> = slot.clone();
-    if !dispatch(request, hook) {
+    // A panic in the filesystem must not take the queue's only thread (or a worker holding
+    // an entry) with it; the request is answered with EIO instead (the reply, if one was
+    // not sent, is dropped with the unwinding and fuser answers EIO).
+    let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| dispatch(request, hook)))
+        .unwrap_or_else(|_| {
+            log::error!("the filesystem panicked answering a FUSE request");
+            true
+        });
+    if !parsed {
         let unique = request
             .get(8..16)
             .and_then(|b| b.try_into().ok())
@@ -368,6 +393,23 @@ fn worker(jobs: Arc<Mutex<std::sync::mpsc::Receiver<Job>>>) {
     }
 }
 
+/// Queues `sqe`, submitting what is already queued first if the submission queue is full.
+///
+/// # Safety
+/// Whatever `sqe` points to must stay valid until the ring is closed.
+unsafe fn push(
+    ring: &mut IoUring<squeue::Entry128, cqueue::Entry>,
+    sqe: &squeue::Entry128,
+) -> io::Result<()> {
+    // SAFETY: the caller keeps what the entry points to alive.
+    if unsafe { ring.submission().push(sqe) }.is_ok() {
+        return Ok(());
+    }
+    ring.submit()?;
+    // SAFETY: as above.
+    unsafe { ring.submission().push(sqe) }.map_err(io::Error::other)
+}
+
 /// user_data of the eventfd read; entries use their index.
 const EVENT: u64 = u64::MAX;
 
@@ -384,6 +426,12 @@ fn serve(
     jobs: std::sync::mpsc::Sender<Job>,
     poll: std::time::Duration,
 ) -> io::Result<()> {
+    let poll = if !poll.is_zero() && !can_switch_priority() {
+        log::info!("FUSE queue {qid} does not poll: cannot switch to idle priority and back");
+        std::time::Duration::ZERO
+    } else {
+        poll
+    };
     let mut set = nix::sched::CpuSet::new();
     if set.set(qid as usize).is_ok() {
         if let Err(e) = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set) {
@@ -430,7 +478,7 @@ fn serve(
             .user_data(EVENT)
             .into();
         // SAFETY: `buf` lives until the function returns, after the ring is closed.
-        unsafe { ring.submission().push(&sqe) }.map_err(io::Error::other)
+        unsafe { push(ring, &sqe) }
     };
     arm_event(&mut ring, &mut event_buf)?;
     for (i, b) in bufs.iter().enumerate() {
@@ -441,6 +489,8 @@ fn serve(
     }
     let mut registered = false;
     let mut with_workers = 0usize;
+    let mut retries = vec![0u8; entries];
+    let mut live = entries;
     let result = loop {
         let mut want = 1;
         // Not while workers hold entries: the poller makes this CPU look free, and the
@@ -455,6 +505,9 @@ fn serve(
         match ring.submit_and_wait(want) {
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY)) => {
+                std::thread::yield_now();
+            }
             Err(e) => break Err(e),
         }
         let completions: Vec<(u64, i32)> = ring
@@ -475,24 +528,28 @@ fn serve(
                     let sqe = uring_cmd(fd, CMD_COMMIT_AND_FETCH, commit_id, qid, None)
                         .user_data(idx as u64);
                     // SAFETY: as for REGISTER.
-                    unsafe { ring.submission().push(&sqe) }.map_err(io::Error::other)?;
+                    if let Err(e) = unsafe { push(&mut ring, &sqe) } {
+                        stop = Some(Err(e));
+                    }
                 }
-                arm_event(&mut ring, &mut event_buf)?;
+                if let Err(e) = arm_event(&mut ring, &mut event_buf) {
+                    stop = Some(Err(e));
+                }
                 continue;
             }
             let idx = ud as usize;
             if res < 0 {
                 let e = -res;
-                if registered
-                    && matches!(
-                        e,
-                        libc::ENOTCONN | libc::ECANCELED | libc::ENODEV | libc::ECONNABORTED
-                    )
-                {
+                if matches!(
+                    e,
+                    libc::ENOTCONN | libc::ECANCELED | libc::ENODEV | libc::ECONNABORTED
+                ) {
+                    // The connection is ending (or ended before this queue was used).
                     stop = Some(Ok(()));
-                } else if registered && idx < bufs.len() {
-                    // The kernel dropped this entry; give it a fresh one so the queue
-                    // never runs out.
+                } else if idx < bufs.len() && retries[idx] < 3 && registered {
+                    // The kernel dropped this entry; register it again, a few times at
+                    // most, so the queue does not run out.
+                    retries[idx] += 1;
                     log::warn!(
                         "FUSE queue {qid}: entry {idx} failed ({}); registering it again",
                         io::Error::from_raw_os_error(e)
@@ -500,9 +557,21 @@ fn serve(
                     let sqe = uring_cmd(fd, CMD_REGISTER, 0, qid, Some(&bufs[idx].iov))
                         .user_data(idx as u64);
                     // SAFETY: as for REGISTER above.
-                    unsafe { ring.submission().push(&sqe) }.map_err(io::Error::other)?;
+                    if let Err(e) = unsafe { push(&mut ring, &sqe) } {
+                        stop = Some(Err(e));
+                    }
                 } else {
-                    stop = Some(Err(io::Error::from_raw_os_error(e)));
+                    // An entry that cannot be registered: the kernel has turned io_uring
+                    // off for this connection if none was yet in use. Keep serving the
+                    // others; stop only when none is left.
+                    live -= 1;
+                    log::warn!(
+                        "FUSE queue {qid}: entry {idx} gave up ({})",
+                        io::Error::from_raw_os_error(e)
+                    );
+                    if live == 0 {
+                        stop = Some(Err(io::Error::from_raw_os_error(e)));
+                    }
                 }
                 continue;
             }
@@ -510,9 +579,7 @@ fn serve(
             let (Some(b), Some(Some(mut request))) =
                 (bufs.get(idx), requests.get_mut(idx).map(Option::take))
             else {
-                stop = Some(Err(io::Error::other(format!(
-                    "io_uring completion for unknown entry {idx}"
-                ))));
+                log::error!("FUSE queue {qid}: completion for unknown or busy entry {idx}");
                 continue;
             };
             let len = b.read_u32(0) as usize;
@@ -561,22 +628,37 @@ fn serve(
             let sqe =
                 uring_cmd(fd, CMD_COMMIT_AND_FETCH, commit_id, qid, None).user_data(idx as u64);
             // SAFETY: as for REGISTER above.
-            unsafe { ring.submission().push(&sqe) }.map_err(io::Error::other)?;
+            if let Err(e) = unsafe { push(&mut ring, &sqe) } {
+                stop = Some(Err(e));
+            }
         }
         if let Some(r) = stop {
             break r;
         }
     };
     // Workers still write into entries they hold: wait for them before the buffers go.
-    while with_workers > 0 {
-        let mut v = [0u8; 8];
-        // SAFETY: reads 8 bytes into a live buffer from an eventfd we own.
-        let n = unsafe { libc::read(efd, v.as_mut_ptr().cast(), 8) };
-        if n < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            break;
-        }
+    // The ring's own eventfd read may take a wakeup, so look at `done` every 10 ms too
+    // (and never block in `read`).
+    // SAFETY: fcntl on an eventfd we own.
+    unsafe { libc::fcntl(efd, libc::F_SETFL, libc::O_NONBLOCK) };
+    loop {
         let back = std::mem::take(&mut *returns.done.lock().unwrap_or_else(|e| e.into_inner()));
         with_workers -= back.len().min(with_workers);
+        if with_workers == 0 {
+            break;
+        }
+        let mut pfd = libc::pollfd {
+            fd: efd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for an eventfd we own.
+        unsafe { libc::poll(&mut pfd, 1, 10) };
+        if pfd.revents & libc::POLLIN != 0 {
+            let mut v = [0u8; 8];
+            // SAFETY: reads 8 bytes into a live buffer; the eventfd is readable.
+            unsafe { libc::read(efd, v.as_mut_ptr().cast(), 8) };
+        }
     }
     drop(ring);
     result
@@ -640,9 +722,7 @@ pub fn start<FS: Filesystem + Send + Sync + 'static>(
             .name(format!("fuse-q{qid}"))
             .spawn(move || {
                 if let Err(e) = serve(dev, qid as u16, entries, payload_size, dispatch, tx, poll) {
-                    log::warn!(
-                        "FUSE io_uring queue {qid} stopped: {e}; requests go through /dev/fuse"
-                    );
+                    log::warn!("FUSE io_uring queue {qid} stopped: {e}");
                 }
             });
         if let Err(e) = spawned {
