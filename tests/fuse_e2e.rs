@@ -798,3 +798,59 @@ fn requests_are_served_over_io_uring() {
     assert!(!log.contains("io_uring queue"), "daemon log: {log}");
     lab.umount_ok(&mnt);
 }
+
+/// A CPU's io_uring queue that cannot be set up after INIT agreed to io_uring must not leave
+/// the mount waiting for it: the daemon makes the kernel turn io_uring off and requests go
+/// through `/dev/fuse`. The file operations run in a child killed after 30 s, so a hang fails
+/// the test instead of stopping it.
+#[test]
+fn a_queue_that_cannot_start_falls_back_to_dev_fuse() {
+    if !common::can_mount("fuse_e2e") {
+        return;
+    }
+    if !Path::new("/sys/module/fuse/parameters/enable_uring").exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "this kernel has no FUSE over io_uring"
+        );
+        eprintln!("skipping: the kernel has no FUSE over io_uring");
+        return;
+    }
+    let lab = Lab::new();
+    let store = lab.path().join("store");
+    let mnt = lab.mkdir("mnt");
+    lab.track(&store, &mnt);
+    let out = std::process::Command::new(common::BIN)
+        .arg("mount")
+        .arg(s(&store))
+        .arg(s(&mnt))
+        .env("FORKPOINT_FUSE_URING_FAIL_QUEUE", "0")
+        .output()
+        .expect("run forkpoint mount");
+    assert!(
+        out.status.success(),
+        "mount: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let script = format!(
+        "for i in $(seq 1 200); do echo $i > {0}/f$i || exit 1; done; cat {0}/f200",
+        s(&mnt)
+    );
+    let ops = std::process::Command::new("timeout")
+        .args(["-s", "KILL", "30", "sh", "-c", &script])
+        .output()
+        .expect("run the file operations");
+    assert!(
+        ops.status.success(),
+        "file operations on the mount did not finish (status {:?}): {}",
+        ops.status,
+        String::from_utf8_lossy(&ops.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&ops.stdout).trim(), "200");
+    let log = std::fs::read_to_string(store.join("daemon.log")).unwrap_or_default();
+    assert!(
+        log.contains("requests go through /dev/fuse"),
+        "daemon log: {log}"
+    );
+    lab.umount_ok(&mnt);
+}

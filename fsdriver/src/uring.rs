@@ -425,7 +425,14 @@ fn serve(
     dispatch: Arc<Dispatch>,
     jobs: std::sync::mpsc::Sender<Job>,
     poll: std::time::Duration,
+    reached_kernel: &mut bool,
 ) -> io::Result<()> {
+    if std::env::var("FORKPOINT_FUSE_URING_FAIL_QUEUE").is_ok_and(|v| v == qid.to_string()) {
+        // For the test of the fallback below.
+        return Err(io::Error::other(
+            "queue set up to fail (FORKPOINT_FUSE_URING_FAIL_QUEUE)",
+        ));
+    }
     let poll = if !poll.is_zero() && !can_switch_priority() {
         log::info!("FUSE queue {qid} does not poll: cannot switch to idle priority and back");
         std::time::Duration::ZERO
@@ -503,7 +510,7 @@ fn serve(
             want = 0;
         }
         match ring.submit_and_wait(want) {
-            Ok(_) => {}
+            Ok(_) => *reached_kernel = true,
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
             Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY)) => {
                 std::thread::yield_now();
@@ -664,6 +671,32 @@ fn serve(
     result
 }
 
+/// A queue that never registered would leave every request waiting (the kernel holds them
+/// until all queues are ready). A REGISTER the kernel must reject (a zero-length header
+/// buffer) makes it turn io_uring off for this connection and release them to `/dev/fuse`.
+fn force_fallback(dev: i32, qid: u16) {
+    let tried = (|| -> io::Result<i32> {
+        let mut ring: IoUring<squeue::Entry128, cqueue::Entry> = IoUring::builder().build(2)?;
+        let iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; 2];
+        let sqe = uring_cmd(dev, CMD_REGISTER, 0, qid, Some(&iov)).user_data(0);
+        // SAFETY: `iov` outlives the wait below, and the kernel rejects the entry.
+        unsafe { push(&mut ring, &sqe) }?;
+        ring.submit_and_wait(1)?;
+        let res = ring.completion().next().map(|c| c.result()).unwrap_or(0);
+        Ok(res)
+    })();
+    match tried {
+        Ok(res) if res < 0 => {
+            log::warn!("FUSE over io_uring turned off; requests go through /dev/fuse")
+        }
+        Ok(res) => log::error!("FUSE io_uring fallback: unexpected result {res}"),
+        Err(e) => log::error!("FUSE io_uring fallback failed: {e}; the mount may hang"),
+    }
+}
+
 /// How many queues the kernel made: one per possible CPU.
 fn possible_cpus() -> usize {
     let parse = |s: &str| -> Option<usize> {
@@ -717,16 +750,32 @@ pub fn start<FS: Filesystem + Send + Sync + 'static>(
         }
     }
     for qid in 0..cpus {
-        let (dev, dispatch, tx) = (dev.clone(), dispatch.clone(), tx.clone());
+        let (qdev, dispatch, tx) = (dev.clone(), dispatch.clone(), tx.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("fuse-q{qid}"))
             .spawn(move || {
-                if let Err(e) = serve(dev, qid as u16, entries, payload_size, dispatch, tx, poll) {
+                let mut reached = false;
+                let fd = qdev.as_raw_fd();
+                let r = serve(
+                    qdev.clone(),
+                    qid as u16,
+                    entries,
+                    payload_size,
+                    dispatch,
+                    tx,
+                    poll,
+                    &mut reached,
+                );
+                if let Err(e) = r {
                     log::warn!("FUSE io_uring queue {qid} stopped: {e}");
+                    if !reached {
+                        force_fallback(fd, qid as u16);
+                    }
                 }
             });
         if let Err(e) = spawned {
             log::error!("cannot start FUSE io_uring queue {qid}: {e}");
+            force_fallback(dev.as_raw_fd(), qid as u16);
         }
     }
 }
