@@ -730,14 +730,7 @@ fn requests_are_served_over_io_uring() {
     if !common::can_mount("fuse_e2e") {
         return;
     }
-    if !Path::new("/sys/module/fuse/parameters/enable_uring").exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "this kernel has no FUSE over io_uring"
-        );
-        eprintln!(
-            "skipping requests_are_served_over_io_uring: the kernel has no FUSE over io_uring"
-        );
+    if !common::has_fuse_uring("fuse_e2e") {
         return;
     }
     let lab = Lab::new();
@@ -808,12 +801,7 @@ fn a_queue_that_cannot_start_falls_back_to_dev_fuse() {
     if !common::can_mount("fuse_e2e") {
         return;
     }
-    if !Path::new("/sys/module/fuse/parameters/enable_uring").exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "this kernel has no FUSE over io_uring"
-        );
-        eprintln!("skipping: the kernel has no FUSE over io_uring");
+    if !common::has_fuse_uring("fuse_e2e") {
         return;
     }
     let lab = Lab::new();

@@ -79,10 +79,6 @@ struct Buffers {
     iov: Box<[libc::iovec; 2]>,
 }
 
-// SAFETY: the pointers are owned allocations; one thread uses them at a time (the queue
-// thread, or a replying thread while the queue thread waits for that reply).
-unsafe impl Send for Buffers {}
-
 impl Buffers {
     fn new(payload_size: usize) -> io::Result<Buffers> {
         let hl = std::alloc::Layout::from_size_align(HEADER_SIZE, 64).map_err(io::Error::other)?;

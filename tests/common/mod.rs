@@ -41,6 +41,20 @@ pub fn can_mount(test: &str) -> bool {
     false
 }
 
+/// Does the kernel have FUSE over io_uring? Without it the test is skipped with a printed
+/// reason, except under `CI`, where it fails.
+pub fn has_fuse_uring(test: &str) -> bool {
+    if Path::new("/sys/module/fuse/parameters/enable_uring").exists() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test} cannot run under CI: the kernel has no FUSE over io_uring"
+    );
+    eprintln!("skipping {test}: the kernel has no FUSE over io_uring");
+    false
+}
+
 /// What a command did.
 #[derive(Debug)]
 pub struct Out {
