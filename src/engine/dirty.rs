@@ -227,7 +227,8 @@ impl DirtyTracker {
 
     /// After the memory of `pid` was read (still frozen): make sure it has a userfaultfd of
     /// ours with `ranges` registered and write-protected. `make_uffd` creates one inside the
-    /// process and returns our reference to it. Failures only mean no tracking.
+    /// process and returns our reference to it, set up with [`init`]. Failures only mean no
+    /// tracking.
     pub fn arm(
         &mut self,
         pid: i32,
@@ -248,7 +249,7 @@ impl DirtyTracker {
         let t = match self.procs.entry(pid) {
             std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
             std::collections::btree_map::Entry::Vacant(v) => {
-                let uffd = match make_uffd().and_then(|u| api(&u).map(|()| u)) {
+                let uffd = match make_uffd() {
                     Ok(u) => u,
                     Err(e) => {
                         log::debug!("process {pid}: no dirty-page tracking: {e}");
@@ -352,6 +353,12 @@ fn pages_of(mem: &ImageMemory) -> BTreeMap<u64, PageData> {
     pages
 }
 
+/// `UFFDIO_API` with asynchronous write-protection: what a userfaultfd given to
+/// [`DirtyTracker::arm`] must have had (the handshake is allowed once per descriptor).
+pub fn init(uffd: OwnedFd) -> Result<OwnedFd, String> {
+    api(&uffd).map(|()| uffd)
+}
+
 fn api(uffd: &OwnedFd) -> Result<(), String> {
     let mut a = [UFFD_API, UFFD_FEATURE_WP_ASYNC, 0u64];
     // SAFETY: UFFDIO_API reads and writes one struct uffdio_api (three u64) at the pointer.
@@ -368,6 +375,71 @@ fn register(uffd: &OwnedFd, start: u64, end: u64) -> Result<(), Errno> {
     let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_REGISTER as _, reg.as_mut_ptr()) };
     if r < 0 {
         return Err(Errno::last());
+    }
+    Ok(())
+}
+
+const UFFDIO_UNREGISTER: u64 = 0x8010_AA01; // _IOR(0xAA, 0x01, struct uffdio_range)
+const UFFDIO_COPY: u64 = 0xC028_AA03; // _IOWR(0xAA, 0x03, struct uffdio_copy)
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+const UFFDIO_COPY_MODE_DONTWAKE: u64 = 1;
+
+/// Registers `[start, end)` for missing-page handling, which [`fill`] needs: a page filled
+/// with `UFFDIO_COPY` is allocated and copied in one step, never zeroed first.
+pub fn register_missing(uffd: &OwnedFd, start: u64, end: u64) -> Result<(), Errno> {
+    let mut reg = [start, end - start, UFFDIO_REGISTER_MODE_MISSING, 0u64];
+    // SAFETY: UFFDIO_REGISTER reads and writes one struct uffdio_register (four u64).
+    let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_REGISTER as _, reg.as_mut_ptr()) };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
+}
+
+/// Unregisters `[start, end)`: a page still missing is again an ordinary zero-fill fault.
+pub fn unregister(uffd: &OwnedFd, start: u64, end: u64) -> Result<(), Errno> {
+    let range = [start, end - start];
+    // SAFETY: UFFDIO_UNREGISTER reads one struct uffdio_range (two u64).
+    let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_UNREGISTER as _, range.as_ptr()) };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
+}
+
+/// Copies `data` to `dst` (page-aligned, a whole number of pages, every page missing) in the
+/// memory behind `uffd`, with `UFFDIO_COPY`: each page is allocated and filled by the kernel
+/// in one step. `EEXIST`: a page was already there (the pages before it were copied).
+pub fn fill(uffd: &OwnedFd, dst: u64, data: &[u8]) -> Result<(), Errno> {
+    let mut done = 0usize;
+    let mut retries = 0;
+    while done < data.len() {
+        let mut arg = [
+            dst + done as u64,
+            data[done..].as_ptr() as u64,
+            (data.len() - done) as u64,
+            UFFDIO_COPY_MODE_DONTWAKE,
+            0u64,
+        ];
+        // SAFETY: UFFDIO_COPY reads one struct uffdio_copy (five u64, the last written
+        // back); its source is `data[done..]`, readable for the length given.
+        let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_COPY as _, arg.as_mut_ptr()) };
+        let copied = arg[4] as i64;
+        if r < 0 {
+            let e = Errno::last();
+            // EAGAIN: interrupted (by a change of the address space, or after a partial
+            // copy); go on from where it stopped.
+            if e == Errno::EAGAIN && retries < 100 {
+                retries += 1;
+                done += copied.max(0) as usize;
+                continue;
+            }
+            return Err(e);
+        }
+        if copied <= 0 {
+            return Err(Errno::EIO);
+        }
+        done += copied as usize;
     }
     Ok(())
 }

@@ -682,7 +682,9 @@ fn read_frozen(
             .map(|(m, _)| (m.start, m.end))
             .collect();
         let t = &mut frozen.tracers[0];
-        tracker.arm(pid, &ranges, &scanned, || make_uffd(pid, t));
+        tracker.arm(pid, &ranges, &scanned, || {
+            make_uffd(pid, t).and_then(super::dirty::init)
+        });
     }
 
     log::debug!(
