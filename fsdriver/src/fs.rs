@@ -950,6 +950,17 @@ impl Fs {
         }
         let mut out = Vec::with_capacity((end - off) as usize);
         let mut plan = Vec::new();
+        // The committed block map of the whole request, looked up in one descent.
+        let base = tree::map_range(&store, &f.base, off / BLOCK, (end - 1) / BLOCK)?;
+        let base_ref = |idx: u64| -> Option<BlockRef> {
+            match f.changes.get(&idx) {
+                Some(c) => *c,
+                None => base
+                    .binary_search_by_key(&idx, |(k, _)| *k)
+                    .ok()
+                    .map(|i| base[i].1),
+            }
+        };
         let mut pos = off;
         while pos < end {
             let idx = pos / BLOCK;
@@ -960,7 +971,7 @@ impl Fs {
             if let Some(d) = f.dirty.get(&idx).or_else(|| f.clean.get(&idx)) {
                 out[at..at + len].copy_from_slice(&d[boff..boff + len]);
             } else {
-                match block_ref(&store, f, idx)? {
+                match base_ref(idx) {
                     Some(BlockRef::Zero) => {}
                     Some(BlockRef::Data { id, len: dl }) => {
                         plan.push(Part::Chunk(id, dl as usize, boff, len, at))

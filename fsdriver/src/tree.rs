@@ -261,6 +261,24 @@ pub fn map_get(store: &Store, map: &BlockMap, idx: u64) -> Result<Option<BlockRe
     }
 }
 
+/// The entries of a block map with indices in `from..=to`, in order.
+pub fn map_range(
+    store: &Store,
+    map: &BlockMap,
+    from: u64,
+    to: u64,
+) -> Result<Vec<(u64, BlockRef)>> {
+    match map {
+        BlockMap::Empty => Ok(Vec::new()),
+        BlockMap::Inline(v) => Ok(v
+            .iter()
+            .filter(|(k, _)| (from..=to).contains(k))
+            .copied()
+            .collect()),
+        BlockMap::Tree(r) => radix::range(store, Some(r), from, to),
+    }
+}
+
 /// All entries of a block map in order.
 pub fn map_entries(store: &Store, map: &BlockMap) -> Result<Vec<(u64, BlockRef)>> {
     match map {
