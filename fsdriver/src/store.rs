@@ -646,6 +646,52 @@ impl Store {
     /// Reads and re-hashes many objects, in order. Records that lie back to back in a segment
     /// (as a checkpoint's pages do) are read with one `pread` of up to 8 MiB.
     pub fn read_many_verified(&self, ids: &[ContentId]) -> Result<Vec<Vec<u8>>> {
+        let mut out: Vec<Vec<u8>> = vec![Vec::new(); ids.len()];
+        self.for_each_verified(ids, &mut |i, data| {
+            out[i] = data.to_vec();
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Calls `f(i, payload)` with every object `ids[i]`, verified, in segment order (not
+    /// `ids` order): objects in the cache from there, the others read from their segments
+    /// as [`Store::read_many_verified`] does but neither copied nor cached. For streamed
+    /// reads, which would otherwise copy every block once more and push everything else
+    /// (tree nodes, inodes) out of the cache.
+    pub fn stream_verified(
+        &self,
+        ids: &[ContentId],
+        f: &mut dyn FnMut(usize, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let cached: Vec<Option<Arc<Vec<u8>>>> = {
+            let c = lock(&self.cache);
+            ids.iter().map(|id| c.get(id)).collect()
+        };
+        let mut missing = Vec::new();
+        let mut missing_at = Vec::new();
+        for (i, c) in cached.iter().enumerate() {
+            match c {
+                Some(v) => f(i, v)?,
+                None => {
+                    missing.push(ids[i]);
+                    missing_at.push(i);
+                }
+            }
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        self.for_each_verified(&missing, &mut |k, data| f(missing_at[k], data))
+    }
+
+    /// The reading part of [`Store::read_many_verified`]: `f(i, payload)` per object, in
+    /// segment order.
+    fn for_each_verified(
+        &self,
+        ids: &[ContentId],
+        f: &mut dyn FnMut(usize, &[u8]) -> Result<()>,
+    ) -> Result<()> {
         const SPAN: u64 = 8 << 20;
         let locs = ids
             .iter()
@@ -654,7 +700,6 @@ impl Store {
         self.wait_staged(&locs)?;
         let mut order: Vec<usize> = (0..ids.len()).collect();
         order.sort_by_key(|&i| (locs[i].segment, locs[i].offset));
-        let mut out: Vec<Vec<u8>> = vec![Vec::new(); ids.len()];
         let mut buf = Vec::new();
         let mut k = 0;
         while k < order.len() {
@@ -670,7 +715,7 @@ impl Store {
                 n += 1;
             }
             if n == k + 1 {
-                out[order[k]] = self.read_at(&ids[order[k]], &first)?;
+                f(order[k], &self.read_at(&ids[order[k]], &first)?)?;
                 k = n;
                 continue;
             }
@@ -688,11 +733,11 @@ impl Store {
             for &i in &order[k..n] {
                 let at = (locs[i].offset - first.offset) as usize;
                 let rec = &buf[at..at + (locs[i].end() - locs[i].offset) as usize];
-                out[i] = segment::check_record(rec, &locs[i], &ids[i])?.to_vec();
+                f(i, segment::check_record(rec, &locs[i], &ids[i])?)?;
             }
             k = n;
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Makes pending objects durable and records them, with an optional checkpoint, in one
