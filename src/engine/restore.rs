@@ -1039,8 +1039,7 @@ impl Restorer<'_> {
         Ok(())
     }
 
-    /// Registers the private anonymous mappings that have contents with a userfaultfd of the
-    /// process, for [`Restorer::write_contents`]. Without one (no userfaultfd here) the
+    /// Registers the private anonymous mappings with a userfaultfd of the process, for [`Restorer::write_contents`]. Without one (no userfaultfd here) the
     /// contents go through `process_vm_writev`.
     fn start_fill(&mut self) {
         let image = self.image;
@@ -1053,11 +1052,6 @@ impl Restorer<'_> {
                         m.kind,
                         MappingKind::Anon | MappingKind::Heap | MappingKind::Stack
                     )
-                    && image.memory.runs.iter().any(|r| {
-                        r.addr < m.end
-                            && m.start < r.addr + r.len
-                            && matches!(r.data, PageData::Stored(_) | PageData::Bytes(_))
-                    })
             })
             .map(|m| (m.start, m.end))
             .collect();
@@ -1120,46 +1114,34 @@ impl Restorer<'_> {
         }
         let mut at = addr;
         while at < end {
-            let (upto, filled) = match &self.fill {
-                Some(f) => {
-                    match f.ranges.iter().find(|&&(s, e)| s <= at && at < e) {
-                        Some(&(_, e)) => {
-                            let upto = e.min(end);
-                            let part = &data[(at - addr) as usize..(upto - addr) as usize];
-                            match super::dirty::fill(&f.uffd, at, part) {
-                                Ok(()) => (upto, true),
-                                Err(e) => {
-                                    log::debug!(
-                                        "process {}: UFFDIO_COPY of {} bytes at {at:#x}: {e}",
-                                        self.pid,
-                                        part.len()
-                                    );
-                                    // The plain path is right once every range is
-                                    // unregistered: a write to a missing page faults it in.
-                                    self.stop_fill()?;
-                                    (at, false)
-                                }
-                            }
+            if let Some(f) = &self.fill {
+                if let Some(&(_, e)) = f.ranges.iter().find(|&&(s, e)| s <= at && at < e) {
+                    let upto = e.min(end);
+                    let part = &data[(at - addr) as usize..(upto - addr) as usize];
+                    match super::dirty::fill(&f.uffd, at, part) {
+                        Ok(()) => {
+                            at = upto;
+                            continue;
                         }
-                        None => {
-                            let next = f
-                                .ranges
-                                .iter()
-                                .map(|r| r.0)
-                                .filter(|&s| s > at)
-                                .min()
-                                .unwrap_or(end);
-                            (next.min(end), false)
+                        Err(e) => {
+                            log::debug!(
+                                "process {}: UFFDIO_COPY of {} bytes at {at:#x}: {e}",
+                                self.pid,
+                                part.len()
+                            );
+                            // The plain path is right once every range is unregistered: a
+                            // write to a missing page faults it in.
+                            self.stop_fill()?;
                         }
                     }
                 }
-                _ => (end, false),
-            };
-            if filled {
-                at = upto;
-                continue;
             }
-            let upto = if upto > at { upto } else { end };
+            // Up to the next registered range, or the end.
+            let upto = self
+                .fill
+                .as_ref()
+                .and_then(|f| f.ranges.iter().map(|r| r.0).filter(|&s| s > at).min())
+                .map_or(end, |s| s.min(end));
             let part = &data[(at - addr) as usize..(upto - addr) as usize];
             let e = self.trace(format!("writing {} bytes at {at:#x}", part.len()));
             self.t.write_mem(at, part).map_err(e)?;
