@@ -63,6 +63,10 @@ pub enum Request {
         name: String,
         from: Option<String>,
     },
+    /// Removes a branch with nothing recorded on it and no mount (a failed restore's).
+    DropBranch {
+        name: String,
+    },
     Gc,
     Status,
 }
@@ -288,6 +292,13 @@ impl Daemon {
             Request::Branch { name, from } => {
                 self.commit_all();
                 create_branch(&self.store, &name, from.as_deref())?
+            }
+            Request::DropBranch { name } => {
+                if lock(&self.mounts).values().any(|m| m.fs.branch() == name) {
+                    bail!("branch '{name}' is mounted");
+                }
+                self.store.catalog(|c| c.drop_branch(&name))?;
+                serde_json::json!({})
             }
             Request::Gc => {
                 self.commit_all();

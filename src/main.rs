@@ -953,6 +953,8 @@ fn restore(
     let now_boot = session::clock_ns(nix::time::ClockId::CLOCK_BOOTTIME);
     let offsets = Some((si.monotonic_ns - now_mono, si.boottime_ns - now_boot));
     let ts = fmt_time(forkpoint_now()).replace([' ', ':'], "-");
+    // The branch this restore made (and its hidden mount), dropped again if it fails.
+    let mut made: Option<(String, PathBuf)> = None;
     let (spec, undo) = match branch {
         Some(new) => {
             let v = daemon::call(
@@ -965,16 +967,24 @@ fn restore(
             .context("no daemon serves this mount")?;
             let _ = v;
             let hidden = store.join("branches").join(new);
-            std::fs::create_dir_all(&hidden)?;
-            daemon::call(
-                &store,
-                &daemon::Request::Mount {
-                    mountpoint: hidden.clone(),
-                    branch: new.to_string(),
-                    keep_orphans: true,
-                },
-            )?
-            .context("no daemon serves this mount")?;
+            let mounted = std::fs::create_dir_all(&hidden)
+                .map_err(anyhow::Error::from)
+                .and_then(|()| {
+                    daemon::call(
+                        &store,
+                        &daemon::Request::Mount {
+                            mountpoint: hidden.clone(),
+                            branch: new.to_string(),
+                            keep_orphans: true,
+                        },
+                    )?
+                    .context("no daemon serves this mount")
+                });
+            if let Err(e) = mounted {
+                drop_failed_branch(&store, new, None);
+                return Err(e);
+            }
+            made = Some((new.to_string(), hidden.clone()));
             (
                 session::InitSpec {
                     store: store.clone(),
@@ -1086,7 +1096,10 @@ fn restore(
             Ok(code)
         }
         Err(e) => {
-            // Leave the branch as it was before the restore.
+            // Leave the branches as they were before the restore: a new one goes again.
+            if let Some((b, hidden)) = made {
+                drop_failed_branch(&store, &b, Some(&hidden));
+            }
             if let Some(prev) = undo {
                 let _ = daemon::call(
                     &store,
@@ -1098,6 +1111,33 @@ fn restore(
             }
             Err(e)
         }
+    }
+}
+
+/// Unmounts and removes branch `name`, made by a restore that failed. What cannot be
+/// undone is said, not hidden.
+fn drop_failed_branch(store: &Path, name: &str, hidden: Option<&Path>) {
+    if let Some(h) = hidden {
+        let umounted = daemon::call(
+            store,
+            &daemon::Request::Umount {
+                mountpoint: h.to_path_buf(),
+            },
+        );
+        if let Err(e) = umounted {
+            eprintln!("forkpoint: could not unmount {}: {e:#}", h.display());
+            return;
+        }
+        let _ = std::fs::remove_dir(h);
+    }
+    let dropped = daemon::call(
+        store,
+        &daemon::Request::DropBranch {
+            name: name.to_string(),
+        },
+    );
+    if let Err(e) = dropped {
+        eprintln!("forkpoint: branch '{name}' is left in the store: {e:#}");
     }
 }
 

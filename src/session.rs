@@ -228,11 +228,22 @@ pub fn start(spec: &InitSpec, detach: bool, time_offsets: Option<(i128, i128)>) 
                 break;
             }
             if let Ok(Some(st)) = child.try_wait() {
-                bail!(
-                    "session '{}' exited at once ({st}); see {}",
-                    spec.name,
-                    dir.join("output.log").display()
-                );
+                let log = dir.join("output.log");
+                // The session's own error is the last message it wrote.
+                let why = std::fs::read_to_string(&log).ok().and_then(|t| {
+                    t.lines()
+                        .rev()
+                        .find_map(|l| l.strip_prefix("forkpoint: "))
+                        .map(str::to_string)
+                });
+                match why {
+                    Some(why) => bail!("{why} ({st}; log in {})", log.display()),
+                    None => bail!(
+                        "session '{}' exited at once ({st}); see {}",
+                        spec.name,
+                        log.display()
+                    ),
+                }
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -507,7 +518,9 @@ fn checkpoint(
     };
     let opts = DumpOptions {
         after,
-        dirty: tracker.filter(|_| after == AfterDump::Resume).cloned(),
+        // Even a checkpoint that kills (the one kept before a rollback) reuses what was not
+        // written since the last one.
+        dirty: tracker.cloned(),
         ..Default::default()
     };
     let t0 = Instant::now();
@@ -658,7 +671,7 @@ fn checkpoint(
         t.lock().unwrap_or_else(|p| p.into_inner()).reused_pages
     });
     v["reused_pages"] = serde_json::json!(reused);
-    let keep = opts.dirty.is_some().then_some(img);
+    let keep = (opts.dirty.is_some() && after == AfterDump::Resume).then_some(img);
     Ok((v, keep))
 }
 
@@ -794,6 +807,62 @@ impl engine::ChunkSource for StoreChunks {
             out.extend(p?);
         }
         Ok(out)
+    }
+
+    /// Reads and verifies straight into `out`, on every core, without a copy per chunk.
+    fn fetch_into(&self, reqs: &[([u8; 32], u64)], out: &mut [u8]) -> Result<(), String> {
+        let total: u64 = reqs.iter().map(|r| r.1).sum();
+        if total != out.len() as u64 {
+            return Err(format!(
+                "{total} bytes of chunks for a buffer of {}",
+                out.len()
+            ));
+        }
+        let read = |part: &[([u8; 32], u64)], out: &mut [u8]| -> Result<(), String> {
+            let ids: Vec<ContentId> = part.iter().map(|(h, _)| ContentId(*h)).collect();
+            let mut offsets = Vec::with_capacity(part.len());
+            let mut at = 0usize;
+            for r in part {
+                offsets.push(at);
+                at += r.1 as usize;
+            }
+            self.0
+                .stream_verified(&ids, &mut |i, data| {
+                    if data.len() as u64 != part[i].1 {
+                        return Err(forkpoint_fs::StoreError::Decode {
+                            what: "page chunk",
+                            id: ids[i],
+                            reason: format!(
+                                "{} bytes where {} were expected",
+                                data.len(),
+                                part[i].1
+                            ),
+                        });
+                    }
+                    out[offsets[i]..offsets[i] + data.len()].copy_from_slice(data);
+                    Ok(())
+                })
+                .map_err(|e| e.to_string())
+        };
+        let threads = forkpoint_fs::id::cores().clamp(1, 8);
+        if threads < 2 || reqs.len() < 64 {
+            return read(reqs, out);
+        }
+        let per = reqs.len().div_ceil(threads);
+        std::thread::scope(|sc| {
+            let mut rest = out;
+            let mut handles = Vec::new();
+            for part in reqs.chunks(per) {
+                let n: u64 = part.iter().map(|r| r.1).sum();
+                let (mine, tail) = std::mem::take(&mut rest).split_at_mut(n as usize);
+                rest = tail;
+                handles.push(sc.spawn(move || read(part, mine)));
+            }
+            handles.into_iter().try_for_each(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("chunk reader panicked".into()))
+            })
+        })
     }
 }
 

@@ -426,6 +426,34 @@ impl Catalog {
         Ok(())
     }
 
+    /// Removes branch `name`, which must have nothing recorded on it (a branch made for a
+    /// restore that failed). Its fork point stays where it is.
+    pub fn drop_branch(&mut self, name: &str) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        let exists: Option<i64> = tx
+            .query_row("SELECT head FROM branches WHERE name=?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        if exists.is_none() {
+            return Err(StoreError::UnknownBranch(name.to_string()));
+        }
+        let own: i64 = tx.query_row(
+            "SELECT count(*) FROM checkpoints WHERE branch=?1",
+            [name],
+            |r| r.get(0),
+        )?;
+        if own > 0 {
+            return Err(StoreError::BranchKept {
+                name: name.to_string(),
+                reason: format!("{own} checkpoints were recorded on it"),
+            });
+        }
+        tx.execute("DELETE FROM branches WHERE name=?1", [name])?;
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Points branch `name` at checkpoint `cno` (a rollback).
     pub fn set_head(&mut self, name: &str, cno: u64) -> Result<()> {
         let n = self.conn.execute(

@@ -41,6 +41,8 @@ pub enum StoreError {
     UnknownCheckpoint(String),
     #[error("unknown branch '{0}'")]
     UnknownBranch(String),
+    #[error("branch '{name}' is kept: {reason}")]
+    BranchKept { name: String, reason: String },
     #[error("branch '{0}' already exists")]
     BranchExists(String),
     #[error("a checkpoint named '{0}' already exists")]

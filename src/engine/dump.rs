@@ -190,7 +190,9 @@ pub struct DumpOptions {
     /// that drives a pseudo-terminal of its own must not be re-attached to the user's.
     pub terminals: Vec<(u64, u64)>,
     /// Dirty-page tracking across checkpoints: pages not written since the last committed
-    /// checkpoint are taken from its image instead of being read ([`super::dirty`]).
+    /// checkpoint are taken from its image instead of being read ([`super::dirty`]). The
+    /// tracking is armed again for the next dump only when the process runs on
+    /// ([`AfterDump::Resume`]).
     pub dirty: Option<std::sync::Arc<std::sync::Mutex<super::dirty::DirtyTracker>>>,
 }
 
@@ -674,7 +676,8 @@ fn read_frozen(
     if let Some(tracker) = tracker.as_mut().filter(|_| filtered) {
         tracker.drop_process(pid);
     }
-    if let Some(mut tracker) = tracker.filter(|_| !filtered) {
+    // A process that does not run on (killed after the dump) needs no tracking.
+    if let Some(mut tracker) = tracker.filter(|_| !filtered && opts.after == AfterDump::Resume) {
         let ranges: Vec<(u64, u64)> = mappings
             .iter()
             .zip(&contents)

@@ -60,6 +60,33 @@ pub trait ChunkSource: Sync {
     fn fetch_many(&self, reqs: &[([u8; 32], u64)]) -> Result<Vec<Vec<u8>>, String> {
         reqs.iter().map(|(h, l)| self.fetch(h, *l)).collect()
     }
+
+    /// Writes the bytes of every (hash, len), in order, one after the other into `out`
+    /// (whose length is the sum of the lengths). A chunk whose length is not the one asked
+    /// for is an error.
+    fn fetch_into(&self, reqs: &[([u8; 32], u64)], out: &mut [u8]) -> Result<(), String> {
+        let data = self.fetch_many(reqs)?;
+        let mut at = 0usize;
+        for ((h, len), d) in reqs.iter().zip(&data) {
+            if d.len() as u64 != *len {
+                return Err(format!(
+                    "chunk {} has {} bytes, not {len}",
+                    hex32(h),
+                    d.len()
+                ));
+            }
+            out.get_mut(at..at + d.len())
+                .ok_or("chunks longer than the buffer")?
+                .copy_from_slice(d);
+            at += d.len();
+        }
+        Ok(())
+    }
+}
+
+/// A hash in hex, for messages.
+pub fn hex32(h: &[u8; 32]) -> String {
+    h.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// `struct itimerval`/`itimerspec`-style words as the kernel reads them (little endian).
@@ -937,52 +964,116 @@ impl Restorer<'_> {
                 }
             }
         }
-        // Contents. Stored runs go in batches: fetched (and verified) together, then written
-        // with one UFFDIO_COPY (private anonymous memory) or process_vm_writev (the rest) per
-        // contiguous range.
+        // Contents. Stored runs go in batches: fetched (and verified) together on a reader
+        // thread while the batch before is written, with one UFFDIO_COPY (private anonymous
+        // memory) or process_vm_writev (the rest) per contiguous range. The batch buffers go
+        // back to the reader, so that the same (already touched) memory carries them all.
         self.start_fill();
         let zeros = vec![0u8; 1 << 20];
+        let mut batches = Vec::new();
         let mut i = 0;
         while i < runs.len() {
-            if matches!(runs[i].data, PageData::Stored(_)) {
-                let mut j = i;
-                let mut bytes = 0;
-                while j < runs.len()
-                    && matches!(runs[j].data, PageData::Stored(_))
-                    && bytes < FETCH_BATCH
-                {
-                    bytes += runs[j].len;
-                    j += 1;
-                }
-                self.write_stored(&runs[i..j])?;
-                i = j;
+            if !matches!(runs[i].data, PageData::Stored(_)) {
+                i += 1;
                 continue;
             }
-            let run = &runs[i];
-            i += 1;
-            let m = image
-                .mappings
-                .iter()
-                .find(|m| m.start <= run.addr && run.addr + run.len <= m.end);
-            let file_backed = m.is_some_and(|m| m.kind == MappingKind::File);
-            let step = format!("writing {} bytes at {:#x}", run.len, run.addr);
-            match &run.data {
-                PageData::Bytes(b) => self.write_contents(run.addr, b)?,
-                PageData::Zero if file_backed => {
-                    let mut off = 0;
-                    while off < run.len {
-                        let n = (run.len - off).min(zeros.len() as u64);
-                        let e = self.trace(step.clone());
-                        self.t
-                            .write_mem(run.addr + off, &zeros[..n as usize])
-                            .map_err(e)?;
-                        off += n;
-                    }
-                }
-                PageData::Zero => {}
-                PageData::Stored(_) => unreachable!("stored runs are written in batches"),
+            let (mut j, mut bytes) = (i, 0);
+            while j < runs.len()
+                && matches!(runs[j].data, PageData::Stored(_))
+                && bytes < FETCH_BATCH
+            {
+                bytes += runs[j].len;
+                j += 1;
             }
+            batches.push((i, j));
+            i = j;
         }
+        let src = match (batches.first(), self.chunks) {
+            (None, _) => None,
+            (Some(_), Some(src)) => Some(src),
+            (Some(&(i, _)), None) => {
+                return Err(RestoreError::Chunk {
+                    addr: runs[i].addr,
+                    len: runs[i].len,
+                    reason: "the image references stored chunks but no chunk source was given"
+                        .into(),
+                })
+            }
+        };
+        std::thread::scope(|sc| -> Result<(), RestoreError> {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<u8>, String>>(1);
+            let (back, reuse) = std::sync::mpsc::channel::<Vec<u8>>();
+            if let Some(src) = src {
+                let batches = &batches;
+                sc.spawn(move || {
+                    for &(i, j) in batches {
+                        let reqs: Vec<([u8; 32], u64)> = runs[i..j]
+                            .iter()
+                            .filter_map(|r| match &r.data {
+                                PageData::Stored(h) => Some((*h, r.len)),
+                                _ => None,
+                            })
+                            .collect();
+                        let total: u64 = reqs.iter().map(|r| r.1).sum();
+                        let mut buf = reuse.try_recv().unwrap_or_default();
+                        buf.resize(total as usize, 0);
+                        let res = src.fetch_into(&reqs, &mut buf).map(|()| buf);
+                        let failed = res.is_err();
+                        // The writer is gone (it failed) or this batch failed: stop.
+                        if tx.send(res).is_err() || failed {
+                            return;
+                        }
+                    }
+                });
+            }
+            let mut next = batches.iter();
+            let mut i = 0;
+            while i < runs.len() {
+                if matches!(runs[i].data, PageData::Stored(_)) {
+                    let Some(&(bi, bj)) = next.next().filter(|b| b.0 == i) else {
+                        unreachable!("a batch starts at every stored run not in the one before");
+                    };
+                    let (addr, len) = (
+                        runs[bi].addr,
+                        runs[bj - 1].addr + runs[bj - 1].len - runs[bi].addr,
+                    );
+                    let buf = rx
+                        .recv()
+                        .map_err(|_| "the chunk reader stopped".to_string())
+                        .and_then(|r| r)
+                        .map_err(|reason| RestoreError::Chunk { addr, len, reason })?;
+                    self.write_batch(&runs[bi..bj], &buf)?;
+                    let _ = back.send(buf);
+                    i = bj;
+                    continue;
+                }
+                let run = &runs[i];
+                i += 1;
+                let m = image
+                    .mappings
+                    .iter()
+                    .find(|m| m.start <= run.addr && run.addr + run.len <= m.end);
+                let file_backed = m.is_some_and(|m| m.kind == MappingKind::File);
+                let step = format!("writing {} bytes at {:#x}", run.len, run.addr);
+                match &run.data {
+                    PageData::Bytes(b) => self.write_contents(run.addr, b)?,
+                    PageData::Zero if file_backed => {
+                        let mut off = 0;
+                        while off < run.len {
+                            let n = (run.len - off).min(zeros.len() as u64);
+                            let e = self.trace(step.clone());
+                            self.t
+                                .write_mem(run.addr + off, &zeros[..n as usize])
+                                .map_err(e)?;
+                            off += n;
+                        }
+                    }
+                    PageData::Zero => {}
+                    PageData::Stored(_) => unreachable!("stored runs are written in batches"),
+                }
+            }
+            Ok(())
+        })?;
         self.stop_fill()?;
         // Final protections.
         for m in writable_later {
@@ -995,46 +1086,30 @@ impl Restorer<'_> {
         Ok(())
     }
 
-    /// Fetches a batch of stored runs and writes them into the child.
-    fn write_stored(&mut self, runs: &[super::image::PageRun]) -> Result<(), RestoreError> {
-        let (Some(first), Some(last)) = (runs.first(), runs.last()) else {
-            return Ok(());
-        };
-        let (addr, len) = (first.addr, last.addr + last.len - first.addr);
-        let src = self.chunks.ok_or_else(|| RestoreError::Chunk {
-            addr,
-            len,
-            reason: "the image references stored chunks but no chunk source was given".into(),
-        })?;
-        let reqs: Vec<([u8; 32], u64)> = runs
-            .iter()
-            .filter_map(|r| match &r.data {
-                PageData::Stored(h) => Some((*h, r.len)),
-                _ => None,
-            })
-            .collect();
-        let data = src
-            .fetch_many(&reqs)
-            .map_err(|reason| RestoreError::Chunk { addr, len, reason })?;
-        let mut buf: Vec<u8> = Vec::new();
-        let mut start = first.addr;
-        for (run, b) in runs.iter().zip(&data) {
-            if b.len() as u64 != run.len {
-                return Err(RestoreError::Chunk {
-                    addr: run.addr,
-                    len: run.len,
-                    reason: format!("chunk has {} bytes", b.len()),
-                });
+    /// Writes a batch of stored runs into the child: `data` holds their bytes one after the
+    /// other; each contiguous range of addresses goes in one write.
+    fn write_batch(
+        &mut self,
+        runs: &[super::image::PageRun],
+        data: &[u8],
+    ) -> Result<(), RestoreError> {
+        let mut k = 0;
+        let mut at = 0usize;
+        while k < runs.len() {
+            let start = runs[k].addr;
+            let mut end = start;
+            let from = at;
+            while k < runs.len() && runs[k].addr == end {
+                end += runs[k].len;
+                at += runs[k].len as usize;
+                k += 1;
             }
-            if start + buf.len() as u64 != run.addr {
-                self.write_contents(start, &buf)?;
-                buf.clear();
-                start = run.addr;
-            }
-            buf.extend_from_slice(b);
-        }
-        if !buf.is_empty() {
-            self.write_contents(start, &buf)?;
+            let piece = data.get(from..at).ok_or_else(|| RestoreError::Chunk {
+                addr: start,
+                len: end - start,
+                reason: "chunk data shorter than its runs".into(),
+            })?;
+            self.write_contents(start, piece)?;
         }
         Ok(())
     }
