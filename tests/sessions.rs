@@ -766,7 +766,7 @@ int main(void) {
         .iter()
         .filter(|c| c["kind"] == "auto")
         .filter_map(|c| c["name"].as_str())
-        .last()
+        .next_back()
         .expect("an automatic checkpoint")
         .to_string();
     let at_cut = lines_any(
