@@ -940,6 +940,7 @@ fn restore(
     detach: bool,
     name: &str,
 ) -> Result<i32> {
+    let t0 = std::time::Instant::now();
     let (mp, store) = mounts::resolve(mountpoint)?;
     let ro = Store::open_read_only(&store)?;
     let cp = ro.find(name)?;
@@ -948,11 +949,21 @@ fn restore(
         .with_context(|| format!("'{name}' is a filesystem snapshot without processes"))?;
     // Refuse a corrupt or incomplete image before anything changes.
     let (si, pi) = session::load_image(&ro, &image)?;
+    // The automatic checkpoint of an in-place restore gets a name of its own, also when
+    // rollbacks follow each other within a second.
+    let ts = fmt_time(forkpoint_now()).replace([' ', ':'], "-");
+    let auto = (1..)
+        .map(|n| match n {
+            1 => format!("auto-{ts}"),
+            n => format!("auto-{ts}-{n}"),
+        })
+        .find(|a| ro.find(a).is_err())
+        .unwrap_or_else(|| format!("auto-{ts}"));
     drop(ro);
+    log::debug!("restore: image checked at {:?}", t0.elapsed());
     let now_mono = session::clock_ns(nix::time::ClockId::CLOCK_MONOTONIC);
     let now_boot = session::clock_ns(nix::time::ClockId::CLOCK_BOOTTIME);
     let offsets = Some((si.monotonic_ns - now_mono, si.boottime_ns - now_boot));
-    let ts = fmt_time(forkpoint_now()).replace([' ', ':'], "-");
     // The branch this restore made (and its hidden mount), dropped again if it fails.
     let mut made: Option<(String, PathBuf)> = None;
     let (spec, undo) = match branch {
@@ -1003,7 +1014,6 @@ fn restore(
         None => {
             let cur = branch_of(&store, &mp)?;
             // Keep what the rollback leaves: processes too, if a session runs here.
-            let auto = format!("auto-{ts}");
             let running: Vec<_> = session::list(&store)?
                 .into_iter()
                 .filter(|s| s.daemon_mount == mp)
@@ -1030,9 +1040,13 @@ fn restore(
                     }
                 }
             }
+            log::debug!(
+                "restore: state before the rollback kept at {:?}",
+                t0.elapsed()
+            );
             for s in &running {
                 for _ in 0..200 {
-                    if nix::sys::signal::kill(nix::unistd::Pid::from_raw(s.pid), None).is_err() {
+                    if !session::alive(s.pid) {
                         break;
                     }
                     std::thread::sleep(std::time::Duration::from_millis(10));
@@ -1051,6 +1065,7 @@ fn restore(
                 .context("no daemon serves this mount")?;
                 kept = v["cno"].as_u64();
             }
+            log::debug!("restore: sessions gone at {:?}", t0.elapsed());
             eprintln!("forkpoint: the state before the rollback is kept as '{auto}'");
             daemon::call(
                 &store,
@@ -1085,6 +1100,7 @@ fn restore(
         ..spec
     };
     let _ = pi;
+    log::debug!("restore: session starts at {:?}", t0.elapsed());
     match session::start(&spec, detach, offsets) {
         Ok(code) => {
             if detach {

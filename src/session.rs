@@ -122,8 +122,21 @@ fn session_dir(store: &Path, name: &str) -> PathBuf {
     sessions_dir(store).join(name)
 }
 
-fn alive(pid: i32) -> bool {
-    pid > 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+/// Whether `pid` runs. A zombie does not: a detached session's init is re-parented, and
+/// the machine's init may reap it only much later.
+pub fn alive(pid: i32) -> bool {
+    if pid <= 0 || nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !matches!(
+            s.rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next()),
+            Some("Z" | "X") | None
+        ),
+        Err(_) => false,
+    }
 }
 
 /// Sessions of a store (live ones only).
@@ -874,8 +887,9 @@ fn restore_main(spec: &InitSpec, cno: u64, dirty: Option<Arc<Mutex<DirtyTracker>
     let image = cp
         .image
         .ok_or_else(|| anyhow!("checkpoint #{cno} has no process image"))?;
-    let (si, tree) = load_image(&store, &image)?;
+    let (si, mut tree) = load_image(&store, &image)?;
     let t_load = t0.elapsed();
+    adopt_session_log(spec, &mut tree);
     let chunks = StoreChunks(store.clone());
 
     // The SysV objects first (with their ids): the processes attach segments while they are
@@ -906,6 +920,38 @@ fn restore_main(spec: &InitSpec, cno: u64, dirty: Option<Arc<Mutex<DirtyTracker>
         t0.elapsed() - t_load
     );
     Ok(pid)
+}
+
+/// Descriptors on the log of the session that was checkpointed (a detached program's
+/// output) write to this session's log instead, when it has one: the log belongs to the
+/// session, not to the checkpoint, and a checkpoint refuses files written outside the mount
+/// but the session's own.
+fn adopt_session_log(spec: &InitSpec, tree: &mut TreeImage) {
+    let sessions = sessions_dir(&spec.store);
+    let ours = session_dir(&spec.store, &spec.name).join("output.log");
+    if !ours.exists() {
+        return;
+    }
+    let Some(ours_str) = ours.to_str() else {
+        return;
+    };
+    for p in tree.processes.iter_mut().filter_map(|m| m.live_mut()) {
+        for fd in &mut p.fds {
+            let path = Path::new(&fd.path);
+            let theirs = path.parent().and_then(|d| d.parent()) == Some(sessions.as_path())
+                && path.file_name() == Some(std::ffi::OsStr::new("output.log"));
+            if theirs && matches!(fd.kind, engine::image::FdKind::Regular) && path != ours {
+                log::debug!(
+                    "fd {} of process {}: {} becomes {}",
+                    fd.fd,
+                    p.pid,
+                    fd.path,
+                    ours_str
+                );
+                fd.path = ours_str.to_string();
+            }
+        }
+    }
 }
 
 /// Resident memory of every process of the session but init (init's /proc is the session's).

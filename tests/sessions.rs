@@ -841,6 +841,56 @@ int main(void) {
     );
 }
 
+/// A detached program writes to its session's log. Restored into a session of another
+/// name, it writes to that session's log, and can be checkpointed again (its output is no
+/// file outside the mount).
+#[test]
+fn restored_program_writes_to_its_new_sessions_log() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    let exe = lab.cc(
+        "talk",
+        r#"
+#include <stdio.h>
+#include <unistd.h>
+int main(void) {
+    for (int fd = 3; fd < 1024; fd++) close(fd);
+    for (unsigned i = 0;; i++) { printf("tick %u\n", i); fflush(stdout); usleep(10000); }
+}
+"#,
+        &[],
+    );
+    lab.fp(&[
+        "run",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--name",
+        "talk",
+        "--",
+        exe.to_str().expect("utf8"),
+    ]);
+    let log_of = |s: &str| lab.store.join("sessions").join(s).join("output.log");
+    wait_for("output", Duration::from_secs(10), || {
+        lines_any(&log_of("talk")) > 5
+    });
+    lab.fp(&["checkpoint", "-m", lab.m(), "--kill", "k1"]);
+    let out = lab.fp(&["restore", "-m", lab.m(), "--detach", "k1"]);
+    assert!(out.contains("as session main"), "{out}");
+    let before = lines_any(&log_of("talk"));
+    wait_for("output in the new log", Duration::from_secs(10), || {
+        lines_any(&log_of("main")) > 5
+    });
+    assert_eq!(
+        lines_any(&log_of("talk")),
+        before,
+        "the old log stays as it was"
+    );
+    lab.fp(&["checkpoint", "-m", lab.m(), "k2"]);
+}
+
 /// A page chunk damaged in the store after the checkpoint: the restore is refused, naming
 /// the corrupt object, before any process of the new branch runs; the program it was taken
 /// from keeps running.
