@@ -4,10 +4,9 @@
 //! `synchronous=FULL`) written after the segment data it references is durable.
 
 use crate::error::{Result, StoreError};
-use crate::id::ContentId;
+use crate::id::{ContentId, IdMap};
 use crate::segment::{Loc, ObjectKind};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
-use std::collections::HashMap;
 use std::path::Path;
 
 /// Version of the catalog schema; a newer one is refused on open.
@@ -118,6 +117,7 @@ pub struct NewCheckpoint<'a> {
 /// The open catalog.
 pub struct Catalog {
     conn: Connection,
+    path: std::path::PathBuf,
 }
 
 fn blob_id(b: Vec<u8>) -> rusqlite::Result<ContentId> {
@@ -166,7 +166,10 @@ impl Catalog {
     pub fn create(path: &Path, meta: &[(&str, &str)]) -> Result<Self> {
         let conn = Connection::open(path)?;
         Self::configure(&conn)?;
-        let tx_conn = Catalog { conn };
+        let tx_conn = Catalog {
+            conn,
+            path: path.to_path_buf(),
+        };
         tx_conn.conn.execute_batch(&format!(
             "BEGIN; {SCHEMA} INSERT INTO meta VALUES('schema_version', '{SCHEMA_VERSION}'); COMMIT;"
         ))?;
@@ -213,16 +216,33 @@ impl Catalog {
                 supported: SCHEMA_VERSION,
             });
         }
-        let ok: String = conn
-            .query_row("PRAGMA quick_check", [], |r| r.get(0))
-            .map_err(corrupt)?;
-        if ok != "ok" {
-            return Err(StoreError::CorruptCatalog {
-                path: path.to_path_buf(),
-                reason: ok,
-            });
+        let cat = Catalog {
+            conn,
+            path: path.to_path_buf(),
+        };
+        // The writer (the daemon, once per start) checks the whole database. A read-only
+        // open (a restore, `log`) leaves that to it and to `verify`: SQLite still refuses
+        // any page it reads that is damaged.
+        if !read_only {
+            cat.quick_check()?;
         }
-        Ok(Catalog { conn })
+        Ok(cat)
+    }
+
+    /// Checks every page of the database (`PRAGMA quick_check`).
+    pub fn quick_check(&self) -> Result<()> {
+        let corrupt = |reason: String| StoreError::CorruptCatalog {
+            path: self.path.clone(),
+            reason,
+        };
+        let ok: String = self
+            .conn
+            .query_row("PRAGMA quick_check", [], |r| r.get(0))
+            .map_err(|e| corrupt(e.to_string()))?;
+        if ok != "ok" {
+            return Err(corrupt(ok));
+        }
+        Ok(())
     }
 
     fn configure(conn: &Connection) -> rusqlite::Result<()> {
@@ -271,11 +291,14 @@ impl Catalog {
     }
 
     /// The whole object index.
-    pub fn load_index(&self) -> Result<HashMap<ContentId, Loc>> {
+    pub fn load_index(&self) -> Result<IdMap<Loc>> {
         let mut st = self
             .conn
             .prepare("SELECT hash, segment, offset, length, kind FROM objects")?;
-        let mut out = HashMap::new();
+        let n: i64 = self
+            .conn
+            .query_row("SELECT count(*) FROM objects", [], |r| r.get(0))?;
+        let mut out = crate::id::id_map(n.max(0) as usize);
         let mut rows = st.query([])?;
         while let Some(r) = rows.next()? {
             let id = blob_id(r.get(0)?)?;

@@ -287,6 +287,7 @@ fn name_paths(inodes: &HashMap<u64, Inode>) -> HashMap<u64, Vec<String>> {
 
 /// Re-hashes every object reachable from a retained checkpoint.
 pub fn verify(store: &Store) -> Result<VerifyReport> {
+    store.catalog(|c| c.quick_check())?;
     let cps = store.catalog(|c| c.retained())?;
     let mut w = Walker {
         store,

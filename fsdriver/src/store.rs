@@ -13,7 +13,7 @@
 
 use crate::catalog::{Catalog, Checkpoint, NewCheckpoint};
 use crate::error::{IoContext, Result, StoreError};
-use crate::id::ContentId;
+use crate::id::{ContentId, IdMap};
 use crate::segment::{self, DirStorage, Loc, ObjectKind, SegFile, Storage, MAX_OBJECT};
 use crate::stage::Stage;
 use std::collections::{BTreeMap, HashMap};
@@ -56,7 +56,7 @@ struct Writer {
 }
 
 struct Cache {
-    map: HashMap<ContentId, Arc<Vec<u8>>>,
+    map: IdMap<Arc<Vec<u8>>>,
     bytes: usize,
     limit: usize,
 }
@@ -83,7 +83,7 @@ pub struct Store {
     dir: PathBuf,
     storage: Arc<dyn Storage>,
     catalog: Mutex<Catalog>,
-    index: RwLock<HashMap<ContentId, Loc>>,
+    index: RwLock<IdMap<Loc>>,
     writer: Mutex<Writer>,
     segs: RwLock<HashMap<u64, Arc<dyn SegFile>>>,
     /// `(segment, offset)`: bytes of that segment from the offset on may still be staged.
@@ -315,7 +315,7 @@ impl Store {
             unstaged: RwLock::new(None),
             segs: RwLock::new(segs),
             cache: Mutex::new(Cache {
-                map: HashMap::new(),
+                map: IdMap::default(),
                 bytes: 0,
                 limit: config.cache_bytes,
             }),
@@ -792,14 +792,14 @@ impl Store {
             .cloned()
     }
 
-    pub(crate) fn replace_index(&self, index: HashMap<ContentId, Loc>) {
+    pub(crate) fn replace_index(&self, index: IdMap<Loc>) {
         *self.index.write().unwrap_or_else(|e| e.into_inner()) = index;
         let mut c = lock(&self.cache);
         c.map.clear();
         c.bytes = 0;
     }
 
-    pub(crate) fn index_snapshot(&self) -> HashMap<ContentId, Loc> {
+    pub(crate) fn index_snapshot(&self) -> IdMap<Loc> {
         self.index.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
