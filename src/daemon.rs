@@ -513,6 +513,8 @@ fn record_checkpoint(
         }
         let items: Vec<(ContentId, &[u8])> = got.into_iter().zip(pieces).collect();
         new_bytes += store.put_batch(ObjectKind::Chunk, &items)?;
+        // The disk writes this batch while the next is copied and hashed.
+        store.sync_behind();
         i = j;
     }
     let bytes =

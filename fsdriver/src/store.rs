@@ -92,6 +92,8 @@ pub struct Store {
     config: StoreConfig,
     lower: Option<PathBuf>,
     read_only: bool,
+    /// A [`Store::sync_behind`] runs.
+    syncing: Arc<std::sync::atomic::AtomicBool>,
     _lock: Option<File>,
 }
 
@@ -322,6 +324,7 @@ impl Store {
             config,
             lower,
             read_only,
+            syncing: Arc::default(),
             _lock: lock_file,
         }))
     }
@@ -740,11 +743,43 @@ impl Store {
         Ok(())
     }
 
+    /// Starts making what was appended so far durable, on a thread of its own, so that the
+    /// next commit finds most of it on disk: a large batch of writes (a checkpoint's memory)
+    /// is then flushed while the caller goes on, not all at once at the commit. At most one
+    /// runs at a time; errors are the commit's to report (it syncs again).
+    pub fn sync_behind(&self) {
+        use std::sync::atomic::Ordering;
+        if self.read_only || self.syncing.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let files: Vec<Arc<dyn SegFile>> = {
+            let mut w = lock(&self.writer);
+            if self.flush_stage(&mut w).is_err() {
+                self.syncing.store(false, Ordering::SeqCst);
+                return;
+            }
+            let segs = self.segs.read().unwrap_or_else(|e| e.into_inner());
+            w.touched
+                .keys()
+                .filter_map(|id| segs.get(id).cloned())
+                .collect()
+        };
+        let flag = self.syncing.clone();
+        std::thread::spawn(move || {
+            for f in files {
+                let _ = f.sync();
+            }
+            flag.store(false, Ordering::SeqCst);
+        });
+    }
+
     /// Makes pending objects durable and records them, with an optional checkpoint, in one
     /// catalog transaction. Returns the new checkpoint number.
     pub fn commit(&self, cp: Option<&NewCheckpoint<'_>>) -> Result<Option<u64>> {
+        let t0 = std::time::Instant::now();
         let mut w = lock(&self.writer);
         self.flush_stage(&mut w)?;
+        let t_flush = t0.elapsed();
         let segs = self.segs.read().unwrap_or_else(|e| e.into_inner()).clone();
         for id in w.touched.keys() {
             if let Some(f) = segs.get(id) {
@@ -759,8 +794,16 @@ impl Store {
         if !self.storage.commit_barrier() {
             return Err(StoreError::SimulatedCrash);
         }
+        let t_sync = t0.elapsed();
         let touched: Vec<(u64, u64)> = w.touched.iter().map(|(k, v)| (*k, *v)).collect();
         let cno = lock(&self.catalog).commit(&w.pending, &touched, cp)?;
+        if w.pending.len() > 1000 {
+            log::debug!(
+                "commit of {} objects: stage flushed in {t_flush:?}, synced at {t_sync:?}, catalog at {:?}",
+                w.pending.len(),
+                t0.elapsed()
+            );
+        }
         w.pending.clear();
         w.touched.clear();
         w.created = false;
