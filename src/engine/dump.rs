@@ -1444,6 +1444,11 @@ type DumpedMemory = (ImageMemory, Vec<(u64, u64)>, u64);
 /// `prev`. Pages not written and in `prev` are taken from it; the others, as the untracked
 /// path would choose them, are read, with one `process_vm_readv` for many ranges. Returns
 /// the number of pages taken from `prev`.
+///
+/// This runs while the program is frozen, and a mostly unchanged mapping has many more
+/// pages taken than read: those are listed in one pass, the reads gathered in pieces of at
+/// most [`READ_PIECE`] bytes (so a mostly written mapping needs no second copy of itself),
+/// and the two address-ordered lists merged at the end.
 fn dump_tracked(
     pid: i32,
     tracer: &mut Tracer,
@@ -1453,30 +1458,27 @@ fn dump_tracked(
     mem: &mut ImageMemory,
 ) -> Result<u64, DumpError> {
     use super::dirty::{PAGE_IS_FILE, PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PAGE_IS_WRITTEN};
-    enum Step {
-        Known(u64, PageData),
-        Read(u64, u64),
-    }
-    let mut plan: Vec<Step> = Vec::new();
-    // Reads of at most READ_PIECE bytes each, neighbours merged up to that.
-    let read = |plan: &mut Vec<Step>, a: u64, len: u64| {
+    let t0 = std::time::Instant::now();
+    let mut known: Vec<(u64, PageData)> = Vec::new();
+    let mut reads: Vec<(u64, u64)> = Vec::new();
+    // Neighbours merged, up to READ_PIECE bytes per range.
+    let read = |reads: &mut Vec<(u64, u64)>, a: u64, len: u64| {
         let (mut a, end) = (a, a + len);
         while a < end {
-            match plan.last_mut() {
-                Some(Step::Read(s, l)) if *s + *l == a && *l < READ_PIECE => {
+            match reads.last_mut() {
+                Some((s, l)) if *s + *l == a && *l < READ_PIECE => {
                     let n = (READ_PIECE - *l).min(end - a);
                     *l += n;
                     a += n;
                 }
                 _ => {
                     let n = READ_PIECE.min(end - a);
-                    plan.push(Step::Read(a, n));
+                    reads.push((a, n));
                     a += n;
                 }
             }
         }
     };
-    let mut reused = 0;
     for &(s, e, cats) in regions {
         // As the pagemap test would choose: only anonymous pages of private file mappings.
         if c == Contents::AnonOnly && cats & PAGE_IS_FILE != 0 && cats & PAGE_IS_SWAPPED == 0 {
@@ -1486,59 +1488,70 @@ fn dump_tracked(
         // also be a write-protect marker left where a page was dropped (MADV_DONTNEED on a
         // private file mapping): reading it gives what is there now.
         if cats & PAGE_IS_WRITTEN != 0 || cats & PAGE_IS_PRESENT == 0 {
-            read(&mut plan, s, e - s);
+            read(&mut reads, s, e - s);
             continue;
         }
-        let mut known = prev.range(s..e).peekable();
+        let mut taken = prev.range(s..e).peekable();
         let mut a = s;
         while a < e {
-            match known.peek() {
+            match taken.peek() {
                 Some((&k, d)) if k == a => {
-                    plan.push(Step::Known(a, (*d).clone()));
-                    reused += 1;
-                    known.next();
+                    known.push((a, (*d).clone()));
+                    taken.next();
                 }
-                _ => read(&mut plan, a, PAGE_SIZE),
+                _ => read(&mut reads, a, PAGE_SIZE),
             }
             a += PAGE_SIZE;
         }
     }
-    // Executed in pieces of at most READ_PIECE bytes read, so that a mostly written mapping
-    // does not need a second copy of itself in memory.
+    let t_plan = t0.elapsed();
+    let reused = known.len() as u64;
+    // The reads, in pieces.
+    let mut got = ImageMemory {
+        page_size: PAGE_SIZE,
+        runs: Vec::new(),
+    };
     let mut buf = Vec::new();
-    let mut steps = plan.into_iter().peekable();
-    while steps.peek().is_some() {
-        let mut piece = Vec::new();
-        let mut bytes = 0u64;
-        while let Some(step) = steps.next_if(|s| match s {
-            Step::Read(_, l) => bytes == 0 || bytes + *l <= READ_PIECE,
-            Step::Known(..) => true,
-        }) {
-            if let Step::Read(_, l) = step {
-                bytes += l;
-            }
-            piece.push(step);
+    let mut i = 0;
+    while i < reads.len() {
+        let (mut j, mut bytes) = (i, 0u64);
+        while j < reads.len() && (j == i || bytes + reads[j].1 <= READ_PIECE) {
+            bytes += reads[j].1;
+            j += 1;
         }
-        let ranges: Vec<(u64, u64)> = piece
-            .iter()
-            .filter_map(|s| match s {
-                Step::Read(a, l) => Some((*a, *l)),
-                Step::Known(..) => None,
-            })
-            .collect();
         buf.resize(bytes as usize, 0);
-        read_ranges(pid, tracer, &ranges, &mut buf)?;
+        read_ranges(pid, tracer, &reads[i..j], &mut buf)?;
         let mut off = 0usize;
-        for step in piece {
-            match step {
-                Step::Known(a, d) => mem.push_known_page(a, d),
-                Step::Read(a, l) => {
-                    mem.push_pages(a, &buf[off..off + l as usize]);
-                    off += l as usize;
-                }
+        for &(a, l) in &reads[i..j] {
+            got.push_pages(a, &buf[off..off + l as usize]);
+            off += l as usize;
+        }
+        i = j;
+    }
+    let t_read = t0.elapsed();
+    // Merge, in address order.
+    mem.runs.reserve(known.len() + got.runs.len());
+    let mut known = known.into_iter().peekable();
+    let mut got = got.runs.into_iter().peekable();
+    loop {
+        let take_known = match (known.peek(), got.peek()) {
+            (Some(k), Some(g)) => k.0 < g.addr,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (None, None) => break,
+        };
+        if take_known {
+            if let Some((a, d)) = known.next() {
+                mem.push_known_page(a, d);
             }
+        } else if let Some(r) = got.next() {
+            mem.push_read_run(r);
         }
     }
+    log::debug!(
+        "process {pid}: tracked mapping: {reused} pages reused; listed in {t_plan:?}, read by {t_read:?}, merged by {:?}",
+        t0.elapsed()
+    );
     Ok(reused)
 }
 
@@ -1608,6 +1621,7 @@ fn dump_memory(
         if *c == Contents::None {
             continue;
         }
+        let ts = std::time::Instant::now();
         let regions = match (tracker, &pagemap) {
             (Some(t), Some(pm))
                 if !m.shared && matches!(c, Contents::Present | Contents::AnonOnly) =>
@@ -1617,8 +1631,18 @@ fn dump_memory(
             _ => None,
         };
         if let (Some(regions), Some(prev)) = (regions, tracker.and_then(|t| t.pages(pid))) {
+            let t_scan = ts.elapsed();
             scanned.push((m.start, m.end));
             reused += dump_tracked(pid, tracer, *c, &regions, prev, &mut mem)?;
+            if m.len() > 64 << 20 {
+                log::debug!(
+                    "process {pid}: {:#x}-{:#x}: {} regions scanned in {t_scan:?}, read at {:?}",
+                    m.start,
+                    m.end,
+                    regions.len(),
+                    ts.elapsed()
+                );
+            }
             continue;
         }
         let npages = m.len() / PAGE_SIZE;

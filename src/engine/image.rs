@@ -52,7 +52,7 @@ pub const SIGINFO_LEN: usize = 128;
 pub const HEADER_LEN: usize = 56;
 /// Default upper bound on the payload size accepted by [`decode`].
 pub const DEFAULT_MAX_IMAGE_LEN: u64 = 64 << 30;
-/// Page runs never cross a multiple of this many bytes (1 MiB).
+/// Page runs with bytes never cross a multiple of this many bytes (one page).
 pub const RUN_ALIGN: u64 = 4096;
 /// Page size on x86_64.
 pub const PAGE_SIZE: u64 = 4096;
@@ -719,6 +719,20 @@ impl ImageMemory {
             len: self.page_size,
             data,
         });
+    }
+
+    /// Appends a run made by [`ImageMemory::push_pages`] (above every run so far), merged
+    /// into the last one when both are zero and adjacent, as `push_pages` would have.
+    pub fn push_read_run(&mut self, run: PageRun) {
+        if run.data == PageData::Zero {
+            if let Some(last) = self.runs.last_mut() {
+                if last.data == PageData::Zero && last.addr + last.len == run.addr {
+                    last.len += run.len;
+                    return;
+                }
+            }
+        }
+        self.runs.push(run);
     }
 
     /// Total bytes covered by runs.

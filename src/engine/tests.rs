@@ -2449,6 +2449,16 @@ fn incremental_dump_reads_only_written_pages() {
         "{reused} pages reused"
     );
     externalize(&mut second);
+    // Runs stay in address order, without overlaps (taken and read pages are merged).
+    for w in second.memory.runs.windows(2) {
+        assert!(
+            w[0].addr + w[0].len <= w[1].addr,
+            "runs {:#x}+{:#x} and {:#x} out of order",
+            w[0].addr,
+            w[0].len,
+            w[1].addr
+        );
+    }
     // The same process dumped in full must give the same memory, page for page.
     let mut full = dump_with(pid, &DumpOptions::default()).unwrap();
     externalize(&mut full);
