@@ -271,6 +271,53 @@ impl Catalog {
             .optional()?)
     }
 
+    /// The object index file's generation and committed length, read in one statement (a
+    /// gc may switch generations between two); `None` for a store whose objects are still in
+    /// the catalog (format 1).
+    pub fn index_meta(&self) -> Result<Option<(u64, u64)>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT key, value FROM meta WHERE key IN ('index_gen', 'index_len')")?;
+        let mut rows = st.query([])?;
+        let (mut gen, mut len) = (None, None);
+        while let Some(r) = rows.next()? {
+            let k: String = r.get(0)?;
+            let v: String = r.get(1)?;
+            let v: u64 = v.parse().map_err(|_| StoreError::CorruptCatalog {
+                path: self.path.clone(),
+                reason: format!("meta {k} is '{v}'"),
+            })?;
+            if k == "index_gen" {
+                gen = Some(v);
+            } else {
+                len = Some(v);
+            }
+        }
+        match (gen, len) {
+            (Some(g), Some(l)) => Ok(Some((g, l))),
+            (None, None) => Ok(None),
+            _ => Err(StoreError::CorruptCatalog {
+                path: self.path.clone(),
+                reason: "index_gen and index_len go together".into(),
+            }),
+        }
+    }
+
+    /// Moves a format-1 store's objects to index file generation `gen` (written and synced
+    /// by the caller, `len` bytes): records it, empties the objects table and marks the
+    /// store format 2, in one transaction.
+    pub fn adopt_index_file(&mut self, gen: u64, len: u64) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        set_index_meta(&tx, gen, len)?;
+        tx.execute("DELETE FROM objects", [])?;
+        tx.execute(
+            "INSERT OR REPLACE INTO meta VALUES('format_version', '2')",
+            [],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
     pub fn set_meta(&self, key: &str, value: &str) -> Result<()> {
         self.conn.execute(
             "INSERT OR REPLACE INTO meta VALUES(?1, ?2)",
@@ -321,14 +368,23 @@ impl Catalog {
         Ok(out)
     }
 
-    /// Records new objects, segment lengths and optionally a checkpoint, in one transaction.
+    /// Records new objects (in the catalog's own table for a store without an index file, else
+    /// the committed length of the index file), segment lengths and optionally a checkpoint,
+    /// in one transaction.
     pub fn commit(
         &mut self,
         objects: &[(ContentId, Loc)],
         segments: &[(u64, u64)],
         cp: Option<&NewCheckpoint<'_>>,
+        index_len: Option<u64>,
     ) -> Result<Option<u64>> {
         let tx = self.conn.transaction()?;
+        if let Some(len) = index_len {
+            tx.execute(
+                "INSERT OR REPLACE INTO meta VALUES('index_len', ?1)",
+                [len.to_string()],
+            )?;
+        }
         {
             let mut ins =
                 tx.prepare_cached("INSERT OR REPLACE INTO objects VALUES(?1, ?2, ?3, ?4, ?5)")?;
@@ -541,12 +597,21 @@ impl Catalog {
         dead: &[ContentId],
         new_segments: &[(u64, u64)],
         dropped_segments: &[u64],
+        index: Option<(u64, u64)>,
     ) -> Result<()> {
         let tx = self.conn.transaction()?;
         tx.execute(
             "DELETE FROM checkpoints WHERE name IS NULL AND cno NOT IN (SELECT head FROM branches)",
             [],
         )?;
+        // With an index file the objects move by switching to its new generation.
+        let (moved, dead) = match index {
+            Some((gen, len)) => {
+                set_index_meta(&tx, gen, len)?;
+                (&[][..], &[][..])
+            }
+            None => (moved, dead),
+        };
         // Parents of kept checkpoints may be gone now; point them at the nearest kept ancestor
         // is not tracked: the parent column is informational.
         {
@@ -578,4 +643,16 @@ impl Catalog {
         tx.commit()?;
         Ok(())
     }
+}
+
+fn set_index_meta(tx: &rusqlite::Transaction<'_>, gen: u64, len: u64) -> Result<()> {
+    tx.execute(
+        "INSERT OR REPLACE INTO meta VALUES('index_gen', ?1)",
+        [gen.to_string()],
+    )?;
+    tx.execute(
+        "INSERT OR REPLACE INTO meta VALUES('index_len', ?1)",
+        [len.to_string()],
+    )?;
+    Ok(())
 }

@@ -7,6 +7,7 @@ pub mod fs;
 pub mod fuse;
 pub mod id;
 pub mod maint;
+pub mod objindex;
 pub mod radix;
 pub mod segment;
 mod stage;

@@ -434,14 +434,25 @@ pub fn gc(store: &Store) -> Result<GcReport> {
             return Err(StoreError::SimulatedCrash);
         }
         let drop: Vec<u64> = victims.iter().copied().collect();
-        store.catalog(|c| c.gc_commit(&moved, &dead, &segs, &drop))?;
+        for (id, loc) in &moved {
+            new_index.insert(*id, *loc);
+        }
+        // With an index file, the new index goes to a new generation of it, written and
+        // synced before the transaction that switches to it.
+        let next = if moved.is_empty() && dead.is_empty() {
+            None
+        } else {
+            store.write_index_generation(&new_index)?
+        };
+        let index_meta = next.as_ref().map(|(gen, f)| (*gen, f.len()));
+        store.catalog(|c| c.gc_commit(&moved, &dead, &segs, &drop, index_meta))?;
+        if let Some((gen, f)) = next {
+            store.switch_index(gen, f);
+        }
         w.finish();
         Ok(segs)
     })?;
     let _ = new_segments;
-    for (id, loc) in &moved {
-        new_index.insert(*id, *loc);
-    }
     store.replace_index(new_index);
     for v in &victims {
         store.drop_segment_handle(*v);

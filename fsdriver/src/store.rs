@@ -14,6 +14,7 @@
 use crate::catalog::{Catalog, Checkpoint, NewCheckpoint};
 use crate::error::{IoContext, Result, StoreError};
 use crate::id::{ContentId, IdMap};
+use crate::objindex::IndexFile;
 use crate::segment::{self, DirStorage, Loc, ObjectKind, SegFile, Storage, MAX_OBJECT};
 use crate::stage::Stage;
 use std::collections::{BTreeMap, HashMap};
@@ -92,9 +93,65 @@ pub struct Store {
     config: StoreConfig,
     lower: Option<PathBuf>,
     read_only: bool,
+    /// The object index file, appended to at each commit (a writer's store).
+    objindex: Mutex<Option<IndexFile>>,
     /// A [`Store::sync_behind`] runs.
     syncing: Arc<std::sync::atomic::AtomicBool>,
     _lock: Option<File>,
+}
+
+/// Store format: 1 kept the object index in the catalog; 2 keeps it in an index file
+/// ([`crate::objindex`]). A format-1 store becomes format 2 when it is opened for writing.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// The object index: from the current index file, or (format 1) from the catalog, moved to
+/// an index file if the store is opened for writing. The writer removes index files of other
+/// generations (a gc that crashed after writing one).
+fn load_object_index(
+    dir: &Path,
+    catalog: &mut Catalog,
+    read_only: bool,
+) -> Result<(Option<IndexFile>, IdMap<Loc>)> {
+    let (file, index, gen) = match catalog.index_meta()? {
+        Some((gen, len)) => match IndexFile::load(dir, gen, len, !read_only) {
+            Ok((f, m)) => (f, m, gen),
+            // A reader may meet a gc switching generations between its two reads.
+            Err(_) if read_only => match catalog.index_meta()? {
+                Some((g, l)) => {
+                    let (f, m) = IndexFile::load(dir, g, l, false)?;
+                    (f, m, g)
+                }
+                None => (None, catalog.load_index()?, 0),
+            },
+            Err(e) => return Err(e),
+        },
+        None => {
+            let m = catalog.load_index()?;
+            if read_only {
+                (None, m, 0)
+            } else {
+                let f = IndexFile::create(dir, 1, &m)?;
+                catalog.adopt_index_file(1, f.len())?;
+                (Some(f), m, 1)
+            }
+        }
+    };
+    if !read_only {
+        if let Ok(rd) = std::fs::read_dir(dir) {
+            for e in rd.flatten() {
+                let name = e.file_name();
+                let other = name
+                    .to_str()
+                    .and_then(|n| n.strip_prefix("index."))
+                    .and_then(|g| g.parse::<u64>().ok())
+                    .is_some_and(|g| g != gen);
+                if other {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+    Ok((file, index))
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -224,13 +281,13 @@ impl Store {
             }
             Some(f)
         };
-        let catalog = Catalog::open(&dir.join(db_name), read_only)?;
+        let mut catalog = Catalog::open(&dir.join(db_name), read_only)?;
         if let Some(v) = catalog.meta("format_version")? {
             let v: u32 = v.parse().unwrap_or(u32::MAX);
-            if v > 1 {
+            if v > FORMAT_VERSION {
                 return Err(StoreError::NewerFormat {
                     found: v,
-                    supported: 1,
+                    supported: FORMAT_VERSION,
                 });
             }
         }
@@ -283,7 +340,7 @@ impl Store {
                     .ctx("remove orphan segment", storage.path())?;
             }
         }
-        let index = catalog.load_index()?;
+        let (objindex, index) = load_object_index(dir, &mut catalog, read_only)?;
         for (id, loc) in &index {
             let clen = committed
                 .iter()
@@ -324,6 +381,7 @@ impl Store {
             config,
             lower,
             read_only,
+            objindex: Mutex::new(objindex),
             syncing: Arc::default(),
             _lock: lock_file,
         }))
@@ -780,11 +838,39 @@ impl Store {
         let mut w = lock(&self.writer);
         self.flush_stage(&mut w)?;
         let t_flush = t0.elapsed();
+        let mut objindex = lock(&self.objindex);
+        if let Some(f) = objindex.as_mut() {
+            f.append(&w.pending)?;
+        }
+        let res = self.commit_locked(&mut w, objindex.as_mut(), cp, t0, t_flush);
+        if res.is_err() {
+            if let Some(f) = objindex.as_mut() {
+                f.rewind();
+            }
+        }
+        res
+    }
+
+    /// [`Store::commit`] once the stage is flushed and the index entries appended.
+    fn commit_locked(
+        &self,
+        w: &mut Writer,
+        objindex: Option<&mut IndexFile>,
+        cp: Option<&NewCheckpoint<'_>>,
+        t0: std::time::Instant,
+        t_flush: std::time::Duration,
+    ) -> Result<Option<u64>> {
         let segs = self.segs.read().unwrap_or_else(|e| e.into_inner()).clone();
         for id in w.touched.keys() {
             if let Some(f) = segs.get(id) {
                 f.sync().ctx("fsync segment", self.storage.path())?;
             }
+        }
+        if let Some(f) = objindex
+            .as_ref()
+            .filter(|f| !w.pending.is_empty() && !f.is_empty())
+        {
+            f.sync()?;
         }
         if w.created {
             self.storage
@@ -796,7 +882,14 @@ impl Store {
         }
         let t_sync = t0.elapsed();
         let touched: Vec<(u64, u64)> = w.touched.iter().map(|(k, v)| (*k, *v)).collect();
-        let cno = lock(&self.catalog).commit(&w.pending, &touched, cp)?;
+        let cno = match objindex {
+            Some(f) => {
+                let cno = lock(&self.catalog).commit(&[], &touched, cp, Some(f.len()))?;
+                f.committed();
+                cno
+            }
+            None => lock(&self.catalog).commit(&w.pending, &touched, cp, None)?,
+        };
         if w.pending.len() > 1000 {
             log::debug!(
                 "commit of {} objects: stage flushed in {t_flush:?}, synced at {t_sync:?}, catalog at {:?}",
@@ -833,6 +926,30 @@ impl Store {
             .unwrap_or_else(|e| e.into_inner())
             .get(&id)
             .cloned()
+    }
+
+    /// Writes `index` as the next generation of the index file (synced); `None` for a store
+    /// without one (read-only).
+    pub(crate) fn write_index_generation(
+        &self,
+        index: &IdMap<Loc>,
+    ) -> Result<Option<(u64, IndexFile)>> {
+        if lock(&self.objindex).is_none() {
+            return Ok(None);
+        }
+        let gen = match lock(&self.catalog).index_meta()? {
+            Some((g, _)) => g + 1,
+            None => 1,
+        };
+        Ok(Some((gen, IndexFile::create(&self.dir, gen, index)?)))
+    }
+
+    /// The catalog now names generation `gen`: append to it, remove the one before.
+    pub(crate) fn switch_index(&self, gen: u64, f: IndexFile) {
+        *lock(&self.objindex) = Some(f);
+        if let Some(old) = gen.checked_sub(1) {
+            let _ = std::fs::remove_file(crate::objindex::path(&self.dir, old));
+        }
     }
 
     pub(crate) fn replace_index(&self, index: IdMap<Loc>) {
