@@ -3,13 +3,15 @@
 //! ```text
 //! STORE/forkpoint.db      SQLite catalog (WAL)
 //! STORE/segments/*.seg    append-only logs of content-addressed records
+//! STORE/index.GEN         where each object lies (crate::objindex; format 2)
 //! STORE/lock              held (flock) by the one process that writes the store
 //! ```
 //!
 //! Objects are written to the active segment as they are produced (pending) and become part
-//! of the store when a commit makes the segment data durable and then records the objects in
-//! the catalog. Bytes past a segment's committed length are a torn or uncommitted tail: they
-//! are cut off when the store is next opened and never served.
+//! of the store when a commit makes the segment data and their index entries durable and then
+//! records the committed lengths in the catalog. Bytes past a segment's (or the index file's)
+//! committed length are a torn or uncommitted tail: they are cut off when the store is next
+//! opened and never served.
 
 use crate::catalog::{Catalog, Checkpoint, NewCheckpoint};
 use crate::error::{IoContext, Result, StoreError};
