@@ -790,39 +790,8 @@ impl engine::ChunkSource for StoreChunks {
             .map_err(|e| e.to_string())
     }
 
-    /// Reads and verifies on every core: verification (BLAKE3 of every page) is most of a
-    /// restore's time.
-    fn fetch_many(&self, reqs: &[([u8; 32], u64)]) -> Result<Vec<Vec<u8>>, String> {
-        let threads = forkpoint_fs::id::cores().clamp(1, 8);
-        let read = |part: &[([u8; 32], u64)]| -> Result<Vec<Vec<u8>>, String> {
-            let ids: Vec<ContentId> = part.iter().map(|(h, _)| ContentId(*h)).collect();
-            self.0.read_many_verified(&ids).map_err(|e| e.to_string())
-        };
-        if threads < 2 || reqs.len() < 64 {
-            return read(reqs);
-        }
-        let per = reqs.len().div_ceil(threads);
-        let parts: Vec<Result<Vec<Vec<u8>>, String>> = std::thread::scope(|sc| {
-            let handles: Vec<_> = reqs
-                .chunks(per)
-                .map(|part| sc.spawn(move || read(part)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err("chunk reader panicked".into()))
-                })
-                .collect()
-        });
-        let mut out = Vec::with_capacity(reqs.len());
-        for p in parts {
-            out.extend(p?);
-        }
-        Ok(out)
-    }
-
-    /// Reads and verifies straight into `out`, on every core, without a copy per chunk.
+    /// Reads and verifies straight into `out`, on every core (verification, BLAKE3 of every
+    /// page, is most of a restore's time), without a copy per chunk.
     fn fetch_into(&self, reqs: &[([u8; 32], u64)], out: &mut [u8]) -> Result<(), String> {
         let total: u64 = reqs.iter().map(|r| r.1).sum();
         if total != out.len() as u64 {

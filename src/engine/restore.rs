@@ -2313,18 +2313,16 @@ pub fn for_each_data_run(
             put(r.addr, b)?;
         }
     }
+    let mut buf = Vec::new();
     for batch in stored.chunks(2048) {
         let src = chunks.ok_or("its contents are stored but no chunk source was given")?;
         let reqs: Vec<([u8; 32], u64)> = batch.iter().map(|(_, h, l)| (*h, *l)).collect();
-        let data = src.fetch_many(&reqs)?;
-        for ((at, _, len), b) in batch.iter().zip(&data) {
-            if b.len() as u64 != *len {
-                return Err(format!(
-                    "chunk at {at} has {} bytes, expected {len}",
-                    b.len()
-                ));
-            }
-            put(*at, b)?;
+        buf.resize(reqs.iter().map(|r| r.1 as usize).sum(), 0);
+        src.fetch_into(&reqs, &mut buf)?;
+        let mut off = 0usize;
+        for (at, _, len) in batch {
+            put(*at, &buf[off..off + *len as usize])?;
+            off += *len as usize;
         }
     }
     Ok(())
