@@ -51,6 +51,10 @@ pub enum Request {
         /// the request: (BLAKE3, u64 LE address, u32 LE length)*.
         page_list: PathBuf,
         auto: bool,
+        /// The image this one is a delta against (hex id), when its memory has
+        /// [`forkpoint::engine::image::PageData::Base`] runs.
+        #[serde(default)]
+        base_image: Option<String>,
     },
     Rollback {
         mountpoint: PathBuf,
@@ -267,6 +271,7 @@ impl Daemon {
                 image_file,
                 page_list,
                 auto,
+                base_image,
             } => {
                 self.fs(&mountpoint)?;
                 let pid =
@@ -275,7 +280,16 @@ impl Daemon {
                     pid,
                     list: &page_list,
                 };
-                record_checkpoint(&self.store, &name, root_cno, &image_file, &pages, auto)?
+                let base = base_image
+                    .map(|h| {
+                        ContentId::from_hex(&h).ok_or_else(|| anyhow!("bad base image id {h}"))
+                    })
+                    .transpose()?;
+                let image = NewImage {
+                    file: &image_file,
+                    base,
+                };
+                record_checkpoint(&self.store, &name, root_cno, &image, &pages, auto)?
             }
             Request::Rollback { mountpoint, cno } => {
                 let mounts = lock(&self.mounts);
@@ -452,14 +466,21 @@ impl Daemon {
 
 /// Moves a session image into the store (memory as deduplicated chunks) and records the
 /// checkpoint (name, filesystem root of `root_cno`, image) in one catalog transaction.
+/// The image a session wrote for a checkpoint, and the image it is a delta against.
+struct NewImage<'a> {
+    file: &'a Path,
+    base: Option<ContentId>,
+}
+
 fn record_checkpoint(
     store: &Store,
     name: &str,
     root_cno: u64,
-    image_file: &Path,
+    image: &NewImage<'_>,
     pages: &PageSource<'_>,
     auto: bool,
 ) -> Result<serde_json::Value> {
+    let image_file = image.file;
     use forkpoint::engine::image::PageData;
     use forkpoint_fs::segment::ObjectKind;
     let t0 = Instant::now();
@@ -517,10 +538,25 @@ fn record_checkpoint(
         store.sync_behind();
         i = j;
     }
+    let t_pages = t0.elapsed();
     let bytes =
         std::fs::read(image_file).with_context(|| format!("read {}", image_file.display()))?;
     let si = SessionImage::decode(&bytes)?;
     let tree = forkpoint::engine::decode_tree(&si.process).context("decode process image")?;
+    let t_decoded = t0.elapsed();
+    // A delta's base must be here (a checkpoint's image: gc keeps it from now on through
+    // this one) and must be one.
+    match (image.base, tree.is_delta()) {
+        (Some(b), true) => {
+            let bytes = store
+                .get(&b)
+                .with_context(|| format!("base image {b} of the delta image"))?;
+            maint::decode_image(&b, &bytes)
+                .with_context(|| format!("base image {b} of the delta image"))?;
+        }
+        (None, true) => bail!("process image refers to a base image but names none"),
+        (Some(_), false) | (None, false) => {}
+    }
     let mut refs = Vec::new();
     let mut mem_bytes = 0u64;
     let runs = tree
@@ -541,22 +577,38 @@ fn record_checkpoint(
                 refs.push(id);
             }
             PageData::Bytes(_) => bail!("process image still holds inline memory"),
+            PageData::Base => mem_bytes += run.len,
             PageData::Zero => {}
         }
     }
+    let t_checked = t0.elapsed();
     // The session wrote exactly this encoding: store it as it came.
     let body = bytes;
+    let refs_len = refs.len();
+    let base = image.base.filter(|_| tree.is_delta());
     let obj = maint::encode_image(&maint::ImageObject {
-        version: 1,
+        version: if base.is_some() {
+            maint::IMAGE_OBJECT_DELTA
+        } else {
+            1
+        },
         refs,
+        base,
         body,
     })?;
+    let obj_len = obj.len();
     let had = store.contains(&ContentId::of(&obj));
     let image = store.put(ObjectKind::Image, &obj)?;
     if !had {
         new_bytes += obj.len() as u64;
     }
     let t_put = t0.elapsed();
+    log::debug!(
+        "checkpoint '{name}': {} new pages stored by {t_pages:?}, image decoded by {t_decoded:?}, {} references checked by {t_checked:?}, image of {} bytes stored by {t_put:?}",
+        entries.len(),
+        refs_len,
+        obj_len
+    );
     let cp = store.catalog(|c| c.checkpoint(root_cno))?;
     let cno = store
         .commit(Some(&NewCheckpoint {
@@ -580,7 +632,7 @@ fn record_checkpoint(
         t0.elapsed() - t_put
     );
     Ok(
-        serde_json::json!({"cno": cno, "branch": cp.branch, "image_bytes": mem_bytes + obj.len() as u64, "new_bytes": new_bytes}),
+        serde_json::json!({"cno": cno, "branch": cp.branch, "image": image.to_hex(), "delta": base.is_some(), "image_bytes": mem_bytes + obj.len() as u64, "new_bytes": new_bytes}),
     )
 }
 

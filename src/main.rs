@@ -390,8 +390,12 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                     allow_outside,
                 },
             )?;
+            let delta = match v["delta_depth"].as_u64() {
+                Some(d) if d > 0 => format!(" (stored as a delta, {d} deep)"),
+                _ => String::new(),
+            };
             println!(
-                "checkpoint '{name}' of session {} is #{}: downtime {:.1} ms, total {:.1} ms (dump {:.1}, hand-off {:.1}), image {} bytes, {} new after dedup, {} pages unchanged since the last checkpoint",
+                "checkpoint '{name}' of session {} is #{}: downtime {:.1} ms, total {:.1} ms (dump {:.1}, hand-off {:.1}), image {} bytes{delta}, {} new after dedup, {} pages unchanged since the last checkpoint",
                 s.name,
                 v["cno"],
                 v["downtime_us"].as_f64().unwrap_or(0.0) / 1000.0,

@@ -493,7 +493,10 @@ fn handle_control(
                 let mut t = t.lock().unwrap_or_else(|p| p.into_inner());
                 match &res {
                     // Pages written from now on are told apart from those of this image.
-                    Ok((_, Some(img))) => t.remember(img),
+                    Ok((_, Some(k))) => {
+                        t.remember(&k.img);
+                        t.base = Some((k.image, k.depth));
+                    }
                     _ => t.forget(),
                 }
             }
@@ -523,7 +526,7 @@ fn checkpoint(
     main: i32,
     req: &CheckpointRequest,
     tracker: Option<&Arc<Mutex<DirtyTracker>>>,
-) -> Result<(serde_json::Value, Option<TreeImage>)> {
+) -> Result<(serde_json::Value, Option<Kept>)> {
     forkpoint_fs::fs::validate_name(&req.name)?;
     let after = match req.after.as_str() {
         "kill" => AfterDump::Kill,
@@ -649,9 +652,55 @@ fn checkpoint(
     list.flush().context("write page list")?;
     drop(list);
     drop(known);
+    // Against the image the tracker's pages are from, the memory is a delta: what the
+    // base holds unchanged is named by range, not page by page (the cost of an incremental
+    // checkpoint otherwise grows with every page the program has, not with those it wrote).
+    let base = opts.dirty.as_ref().and_then(|t| {
+        let t = t.lock().unwrap_or_else(|p| p.into_inner());
+        let (id, depth) = t.base.filter(|b| b.1 < MAX_DELTA_DEPTH)?;
+        let mut deltas = Vec::new();
+        let (mut stored, mut from_base) = (0u64, 0u64);
+        for (i, m) in img.processes.iter().enumerate() {
+            let Some(p) = m.live() else { continue };
+            stored += p
+                .memory
+                .runs
+                .iter()
+                .filter(|r| matches!(r.data, engine::image::PageData::Stored(_)))
+                .count() as u64;
+            let Some(pages) = t.base_pages(m.pid) else {
+                continue;
+            };
+            let (runs, n) = p.memory.delta_against(pages);
+            if n > 0 {
+                deltas.push((i, runs));
+                from_base += n;
+            }
+        }
+        // Not worth a level of the chain when most pages changed.
+        (from_base * 2 > stored).then_some((id, depth, deltas))
+    });
+    let process = match base {
+        Some((_, _, ref deltas)) => {
+            let mut deltas = deltas.clone();
+            let swap =
+                |img: &mut TreeImage, deltas: &mut Vec<(usize, Vec<engine::image::PageRun>)>| {
+                    for (i, runs) in deltas.iter_mut() {
+                        if let Some(p) = img.processes[*i].live_mut() {
+                            std::mem::swap(&mut p.memory.runs, runs);
+                        }
+                    }
+                };
+            swap(&mut img, &mut deltas);
+            let encoded = engine::encode_tree(&img);
+            swap(&mut img, &mut deltas);
+            encoded?
+        }
+        None => engine::encode_tree(&img)?,
+    };
     let wrapped = SessionImage {
         version: SESSION_IMAGE_VERSION,
-        process: engine::encode_tree(&img)?,
+        process,
         monotonic_ns: clock_ns(nix::time::ClockId::CLOCK_MONOTONIC),
         boottime_ns: clock_ns(nix::time::ClockId::CLOCK_BOOTTIME),
         argv: spec.argv.clone(),
@@ -669,6 +718,7 @@ fn checkpoint(
             image_file: tmp.clone(),
             page_list: list_path.clone(),
             auto: req.kind == "auto",
+            base_image: base.as_ref().map(|(id, _, _)| ContentId(*id).to_hex()),
         },
     );
     let _ = std::fs::remove_file(&tmp);
@@ -684,8 +734,33 @@ fn checkpoint(
         t.lock().unwrap_or_else(|p| p.into_inner()).reused_pages
     });
     v["reused_pages"] = serde_json::json!(reused);
-    let keep = (opts.dirty.is_some() && after == AfterDump::Resume).then_some(img);
+    let stored_as = v["image"]
+        .as_str()
+        .and_then(ContentId::from_hex)
+        .ok_or_else(|| anyhow!("the daemon did not name the stored image"))?;
+    let depth = match (&base, v["delta"].as_bool()) {
+        (Some((_, d, _)), Some(true)) => d + 1,
+        _ => 0,
+    };
+    v["delta_depth"] = serde_json::json!(depth);
+    let keep = (opts.dirty.is_some() && after == AfterDump::Resume).then_some(Kept {
+        img,
+        image: stored_as.0,
+        depth,
+    });
     Ok((v, keep))
+}
+
+/// Delta images on top of a whole one, at most: a restore resolves the chain, image by
+/// image, and gc keeps every image of it.
+const MAX_DELTA_DEPTH: u32 = 8;
+
+/// What a checkpoint that let the program run on leaves for the next one: the image as
+/// committed (memory in the store), its store id and its depth in a chain of deltas.
+struct Kept {
+    img: TreeImage,
+    image: [u8; 32],
+    depth: u32,
 }
 
 /// Refuses a checkpoint while a process of the session holds a file outside the mount open
@@ -767,18 +842,48 @@ pub fn request_checkpoint(
 }
 
 /// Reads and fully decodes a checkpoint's image; refuses a corrupt or incomplete one before
-/// anything is changed.
+/// anything is changed. A delta image is resolved against its chain of bases (each read,
+/// checked and decoded the same way).
 pub fn load_image(store: &Store, image: &ContentId) -> Result<(SessionImage, TreeImage)> {
-    let bytes = store.get(image).context("read process image")?;
-    let obj = decode_image(image, &bytes)?;
-    for r in &obj.refs {
-        if !store.contains(r) {
-            bail!("process image {image} refers to missing chunk {r}");
+    load_image_chain(store, image).map(|(si, tree, _)| (si, tree))
+}
+
+/// [`load_image`], with the number of delta images in the chain (0 for a whole image).
+pub fn load_image_chain(
+    store: &Store,
+    image: &ContentId,
+) -> Result<(SessionImage, TreeImage, u32)> {
+    // The chain, newest first; a session makes it at most MAX_DELTA_DEPTH long.
+    let mut chain = Vec::new();
+    let mut next = Some(*image);
+    while let Some(id) = next {
+        if chain.len() > 4 * MAX_DELTA_DEPTH as usize {
+            bail!("process image {image}: its chain of base images is too long");
         }
+        let bytes = store.get(&id).context("read process image")?;
+        let obj = decode_image(&id, &bytes)?;
+        for r in &obj.refs {
+            if !store.contains(r) {
+                bail!("process image {id} refers to missing chunk {r}");
+            }
+        }
+        let si = SessionImage::decode(&obj.body)?;
+        let tree = engine::decode_tree(&si.process)
+            .with_context(|| format!("decode process image {id}"))?;
+        if tree.is_delta() && obj.base.is_none() {
+            bail!("process image {id} is a delta but names no base image");
+        }
+        next = obj.base;
+        chain.push((id, si, tree));
     }
-    let si = SessionImage::decode(&obj.body)?;
-    let tree = engine::decode_tree(&si.process).context("decode process image")?;
-    Ok((si, tree))
+    let depth = chain.len() as u32 - 1;
+    let (_, mut si, mut tree) = chain.pop().ok_or_else(|| anyhow!("no process image"))?;
+    while let Some((id, s, mut t)) = chain.pop() {
+        t.resolve_against(&tree)
+            .map_err(|e| anyhow!("process image {id}: {e}"))?;
+        (si, tree) = (s, t);
+    }
+    Ok((si, tree, depth))
 }
 
 struct StoreChunks(std::sync::Arc<Store>);
@@ -856,7 +961,7 @@ fn restore_main(spec: &InitSpec, cno: u64, dirty: Option<Arc<Mutex<DirtyTracker>
     let image = cp
         .image
         .ok_or_else(|| anyhow!("checkpoint #{cno} has no process image"))?;
-    let (si, mut tree) = load_image(&store, &image)?;
+    let (si, mut tree, depth) = load_image_chain(&store, &image)?;
     let t_load = t0.elapsed();
     adopt_session_log(spec, &mut tree);
     let chunks = StoreChunks(store.clone());
@@ -882,6 +987,11 @@ fn restore_main(spec: &InitSpec, cno: u64, dirty: Option<Arc<Mutex<DirtyTracker>
         }
     }
     let pid = pid.context("restore processes")?;
+    if let Some(t) = &dirty {
+        // The pages remembered for each process are this image's: the next checkpoint
+        // may be a delta against it.
+        t.lock().unwrap_or_else(|p| p.into_inner()).base = Some((image.0, depth));
+    }
     crate::sysv::remove_destroyed(&si.sysv);
     log::debug!(
         "restore of checkpoint #{cno}: store opened in {t_open:?}, image loaded in {:?}, processes restored in {:?}",

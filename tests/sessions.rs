@@ -651,19 +651,9 @@ fn unchanged_pages(out: &str) -> u64 {
         .unwrap_or_else(|| panic!("no reused pages in: {out}"))
 }
 
-/// Later checkpoints read only the pages written since the one before (dirty-page
-/// tracking). A program keeps 32 MiB of counters whose sum it knows, rewrites a few pages
-/// between checkpoints, drops and maps memory; restored from the third checkpoint, it finds
-/// every counter as it was there (checked page by page by the program itself).
-#[test]
-fn incremental_checkpoints_restore_exact_memory() {
-    if !can_run() {
-        return;
-    }
-    let lab = Lab::new();
-    let exe = lab.cc(
-        "sums",
-        r#"
+/// Keeps 32 MiB of counters whose sum it knows; rewrites a few random pages and drops one
+/// each step, checks the sum page by page and logs "STEP ok" (or BAD) to sums.log.
+const SUMS_C: &str = r#"
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -694,9 +684,19 @@ int main(void) {
         usleep(20000);
     }
 }
-"#,
-        &[],
-    );
+"#;
+
+/// Later checkpoints read only the pages written since the one before (dirty-page
+/// tracking). A program keeps 32 MiB of counters whose sum it knows, rewrites a few pages
+/// between checkpoints, drops and maps memory; restored from the third checkpoint, it finds
+/// every counter as it was there (checked page by page by the program itself).
+#[test]
+fn incremental_checkpoints_restore_exact_memory() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    let exe = lab.cc("sums", SUMS_C, &[]);
     lab.fp(&[
         "run",
         "-m",
@@ -782,6 +782,81 @@ int main(void) {
     let text = std::fs::read_to_string(&log).expect("log");
     for (i, l) in text.lines().enumerate() {
         assert_eq!(l, format!("{} ok", i + 1), "line {} of sums.log", i + 1);
+    }
+}
+
+/// The delta depth a `checkpoint` line reports (0 for a whole image).
+fn delta_depth(out: &str) -> u32 {
+    out.split(" deep)")
+        .next()
+        .filter(|s| s.len() < out.len())
+        .and_then(|s| s.rsplit(' ').next())
+        .map_or(0, |d| {
+            d.parse()
+                .unwrap_or_else(|_| panic!("delta depth in: {out}"))
+        })
+}
+
+/// Incremental checkpoints are stored as deltas against the one before, at most 8 deep,
+/// then as a whole image again. gc keeps what the deltas build on, verify walks it, and the
+/// deepest delta restores exactly, as does the checkpoint after the chain was cut.
+#[test]
+fn delta_images_chain_survive_gc_and_restore_exactly() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    let exe = lab.cc("sums", SUMS_C, &[]);
+    lab.fp(&[
+        "run",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--",
+        exe.to_str().expect("utf8"),
+    ]);
+    let log = lab.mnt.join("sums.log");
+    let mut depths = Vec::new();
+    for i in 0..10 {
+        let n = lines_any(&log);
+        wait_for("the program", Duration::from_secs(20), || {
+            lines_any(&log) > n + 2
+        });
+        depths.push(delta_depth(&lab.fp(&[
+            "checkpoint",
+            "-m",
+            lab.m(),
+            &format!("d{i}"),
+        ])));
+    }
+    assert_eq!(depths, [0, 1, 2, 3, 4, 5, 6, 7, 8, 0]);
+    let store = lab.store.to_str().expect("utf8");
+    lab.fp(&["gc", store]);
+    // verify exits non-zero on any damaged or missing object.
+    let out = lab.fp(&["verify", store]);
+    assert!(
+        out.contains("from 11 retained checkpoints") && !out.contains("CORRUPT"),
+        "{out}"
+    );
+    for cp in ["d8", "d9"] {
+        let n = lines_any(&log);
+        wait_for("the program", Duration::from_secs(20), || {
+            lines_any(&log) > n + 2
+        });
+        let at_cut = lines_any(&lab.mnt.join(format!(".forkpoint/snapshots/{cp}/sums.log")));
+        lab.fp(&["restore", "-m", lab.m(), "--detach", cp]);
+        wait_for("the restored program", Duration::from_secs(20), || {
+            lines_any(&log) > at_cut + 5
+        });
+        let text = std::fs::read_to_string(&log).expect("log");
+        for (i, l) in text.lines().enumerate() {
+            assert_eq!(
+                l,
+                format!("{} ok", i + 1),
+                "{cp}: line {} of sums.log",
+                i + 1
+            );
+        }
     }
 }
 

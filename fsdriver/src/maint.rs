@@ -7,23 +7,31 @@ use crate::radix;
 use crate::segment::{Loc, ObjectKind};
 use crate::store::Store;
 use crate::tree::{self, BlockMap, BlockRef, Body, Inode, Root};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-/// A process image object: the chunks it references (so gc and verify can follow them) and an
-/// opaque body owned by the process engine.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// A process image object: the chunks it references (so gc and verify can follow them), the
+/// image it is a delta against, if any (which they follow too), and an opaque body owned by
+/// the process engine.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ImageObject {
+    /// 1: a whole image; 2: `base` follows the references.
     pub version: u32,
     pub refs: Vec<ContentId>,
+    /// The image this one is a delta against (version 2): its pages, and through its own
+    /// base theirs, are part of this image.
+    pub base: Option<ContentId>,
     pub body: Vec<u8>,
 }
 
-/// Decodes an image object. The encoding is postcard's for [`ImageObject`] (varint
-/// version, varint count and 32 bytes per reference, varint length and the body), read here
-/// by hand: serde's visitor took a call per byte of the 131,072 references of a 512 MiB
-/// image. Every length is checked against what is left before anything is allocated, and
-/// nothing may follow the body.
+/// Image objects older than this have no `base`.
+pub const IMAGE_OBJECT_DELTA: u32 = 2;
+
+/// Decodes an image object. The encoding is postcard's for the fields in order (varint
+/// version, varint count and 32 bytes per reference, from version 2 an option of a 32-byte
+/// base, varint length and the body), read here by hand: serde's visitor took a call per
+/// byte of the 131,072 references of a 512 MiB image. Every length is checked against what
+/// is left before anything is allocated, and nothing may follow the body.
 pub fn decode_image(id: &ContentId, bytes: &[u8]) -> Result<ImageObject> {
     let bad = |reason: &str| StoreError::Decode {
         what: "process image",
@@ -35,6 +43,11 @@ pub fn decode_image(id: &ContentId, bytes: &[u8]) -> Result<ImageObject> {
         .varint(5)
         .and_then(|v| u32::try_from(v).ok())
         .ok_or_else(|| bad("bad version"))?;
+    if version == 0 || version > IMAGE_OBJECT_DELTA {
+        return Err(bad(&format!(
+            "version {version} is not supported (this forkpoint reads 1 to {IMAGE_OBJECT_DELTA})"
+        )));
+    }
     let refs = r
         .varint(10)
         .and_then(|n| usize::try_from(n).ok()?.checked_mul(32))
@@ -47,6 +60,20 @@ pub fn decode_image(id: &ContentId, bytes: &[u8]) -> Result<ImageObject> {
             ContentId(h)
         })
         .collect();
+    let base = if version >= IMAGE_OBJECT_DELTA {
+        match r.take(1) {
+            Some([0]) => None,
+            Some([1]) => {
+                let b = r.take(32).ok_or_else(|| bad("base truncated"))?;
+                let mut h = [0u8; 32];
+                h.copy_from_slice(b);
+                Some(ContentId(h))
+            }
+            _ => return Err(bad("bad base")),
+        }
+    } else {
+        None
+    };
     let body = r
         .varint(10)
         .and_then(|n| r.take(usize::try_from(n).ok()?))
@@ -58,6 +85,7 @@ pub fn decode_image(id: &ContentId, bytes: &[u8]) -> Result<ImageObject> {
     Ok(ImageObject {
         version,
         refs,
+        base,
         body,
     })
 }
@@ -107,6 +135,21 @@ pub fn encode_image(img: &ImageObject) -> Result<Vec<u8>> {
     put_varint(&mut out, img.refs.len() as u64);
     for r in &img.refs {
         out.extend_from_slice(&r.0);
+    }
+    if img.version >= IMAGE_OBJECT_DELTA {
+        match &img.base {
+            Some(b) => {
+                out.push(1);
+                out.extend_from_slice(&b.0);
+            }
+            None => out.push(0),
+        }
+    } else if img.base.is_some() {
+        return Err(StoreError::Decode {
+            what: "process image",
+            id: ContentId([0; 32]),
+            reason: format!("version {} cannot name a base image", img.version),
+        });
     }
     put_varint(&mut out, img.body.len() as u64);
     out.extend_from_slice(&img.body);
@@ -213,23 +256,42 @@ impl Walker<'_> {
         if let Some(img) = cp.image {
             let il = label.clone();
             if let Some(bytes) = self.fetch(&img, "image", &|| format!("{il}: process image")) {
-                match decode_image(&img, &bytes) {
-                    Ok(o) => {
-                        for r in &o.refs {
-                            let il = label.clone();
-                            self.chunk(r, &|| format!("{il}: process memory"));
-                        }
-                    }
-                    Err(e) => self.record(
-                        img,
-                        "image",
-                        e.to_string(),
-                        format!("{label}: process image"),
-                    ),
-                }
+                self.image(&label, img, &bytes);
             }
         }
         Ok(())
+    }
+
+    /// The chunks of a fetched image, then those of its base images, each image walked once.
+    fn image(&mut self, label: &str, id: ContentId, bytes: &[u8]) {
+        let (mut id, mut bytes) = (id, std::sync::Arc::new(bytes.to_vec()));
+        loop {
+            let o = match decode_image(&id, &bytes) {
+                Ok(o) => o,
+                Err(e) => {
+                    self.record(
+                        id,
+                        "image",
+                        e.to_string(),
+                        format!("{label}: process image"),
+                    );
+                    return;
+                }
+            };
+            for r in &o.refs {
+                self.chunk(r, &|| format!("{label}: process memory"));
+            }
+            let Some(base) = o.base else { return };
+            if self.seen.contains(&base) {
+                return; // walked with an earlier checkpoint
+            }
+            match self.fetch(&base, "image", &|| {
+                format!("{label}: base of the process image")
+            }) {
+                Some(b) => (id, bytes) = (base, b),
+                None => return,
+            }
+        }
     }
 
     fn record(&mut self, id: ContentId, kind: &'static str, reason: String, user: String) {
@@ -553,20 +615,60 @@ mod image_codec_tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// The fields of each version, in order, for postcard.
+    #[derive(Serialize)]
+    struct V1 {
+        version: u32,
+        refs: Vec<ContentId>,
+        body: Vec<u8>,
+    }
+    #[derive(Serialize)]
+    struct V2 {
+        version: u32,
+        refs: Vec<ContentId>,
+        base: Option<ContentId>,
+        body: Vec<u8>,
+    }
+
+    #[test]
+    fn unknown_versions_and_bad_bases_are_refused() {
+        let id = ContentId([0; 32]);
+        let img = |version, base| ImageObject {
+            version,
+            refs: vec![ContentId([7; 32])],
+            base,
+            body: vec![1, 2, 3],
+        };
+        assert!(encode_image(&img(1, Some(id))).is_err());
+        for v in [0, 3, 99] {
+            let bytes = encode_image(&img(v, None)).expect("encode");
+            let e = decode_image(&id, &bytes)
+                .expect_err("unknown version")
+                .to_string();
+            assert!(e.contains("not supported"), "{e}");
+        }
+        let mut bytes = encode_image(&img(2, None)).expect("encode");
+        bytes[1 + 1 + 32] = 2; // the option's tag
+        assert!(decode_image(&id, &bytes).is_err());
+    }
+
     proptest! {
         /// The hand-written codec writes exactly what postcard wrote (stores hold both) and
         /// reads it back; any truncation or trailing byte is refused.
         #[test]
-        fn same_bytes_as_postcard(version in any::<u32>(), refs in proptest::collection::vec(any::<[u8; 32]>(), 0..300), body in proptest::collection::vec(any::<u8>(), 0..3000)) {
-            let img = ImageObject { version, refs: refs.into_iter().map(ContentId).collect(), body };
+        fn same_bytes_as_postcard(delta in any::<bool>(), refs in proptest::collection::vec(any::<[u8; 32]>(), 0..300), base in any::<Option<[u8; 32]>>(), body in proptest::collection::vec(any::<u8>(), 0..3000)) {
+            let refs: Vec<ContentId> = refs.into_iter().map(ContentId).collect();
+            let img = ImageObject { version: if delta { 2 } else { 1 }, refs: refs.clone(), base: base.filter(|_| delta).map(ContentId), body: body.clone() };
             let ours = encode_image(&img).expect("encode");
-            let theirs = postcard::to_allocvec(&img).expect("postcard");
+            let theirs = if delta {
+                postcard::to_allocvec(&V2 { version: 2, refs, base: img.base, body })
+            } else {
+                postcard::to_allocvec(&V1 { version: 1, refs, body })
+            }.expect("postcard");
             prop_assert_eq!(&ours, &theirs);
             let id = ContentId([0; 32]);
             let back = decode_image(&id, &ours).expect("decode");
-            prop_assert_eq!(back.version, img.version);
-            prop_assert_eq!(&back.refs, &img.refs);
-            prop_assert_eq!(&back.body, &img.body);
+            prop_assert_eq!(&back, &img);
             for cut in [0, 1, ours.len() / 2, ours.len() - 1] {
                 prop_assert!(decode_image(&id, &ours[..cut]).is_err());
             }

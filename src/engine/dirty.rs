@@ -159,6 +159,11 @@ pub struct DirtyTracker {
     procs: BTreeMap<i32, Tracked>,
     /// Pages reused (not read) by the dumps since the last `remember`.
     pub reused_pages: u64,
+    /// The stored image the remembered pages are from, when the caller recorded it (its
+    /// store id, and how many delta images lie under it: 0 for a whole image). The next
+    /// image may then be a delta against it ([`super::image::ImageMemory::delta_against`]
+    /// with [`DirtyTracker::base_pages`]). Cleared by [`DirtyTracker::forget`].
+    pub base: Option<([u8; 32], u32)>,
 }
 
 impl std::fmt::Debug for DirtyTracker {
@@ -179,6 +184,7 @@ impl DirtyTracker {
     pub fn forget(&mut self) {
         self.procs.clear();
         self.reused_pages = 0;
+        self.base = None;
     }
 
     /// Stops tracking `pid` (its userfaultfd is closed).
@@ -223,6 +229,14 @@ impl DirtyTracker {
     /// The pages of `pid` in its last committed image (address → zero or stored).
     pub fn pages(&self, pid: i32) -> Option<&BTreeMap<u64, PageData>> {
         self.procs.get(&pid).filter(|t| !t.fresh).map(|t| &t.pages)
+    }
+
+    /// The pages of `pid` in [`DirtyTracker::base`], the image last remembered, also after a
+    /// dump re-armed the tracking (until the next `remember` or `forget`). Empty for a
+    /// process tracked since.
+    pub fn base_pages(&self, pid: i32) -> Option<&BTreeMap<u64, PageData>> {
+        self.base?;
+        self.procs.get(&pid).map(|t| &t.pages)
     }
 
     /// After the memory of `pid` was read (still frozen): make sure it has a userfaultfd of
@@ -308,6 +322,7 @@ impl DirtyTracker {
             t.pages = pages_of(mem);
             t.fresh = false;
         }
+        self.base = None;
     }
 
     /// [`DirtyTracker::remember`] for images of single processes: (pid, its memory).
@@ -323,6 +338,7 @@ impl DirtyTracker {
             t.fresh = false;
         }
         self.reused_pages = 0;
+        self.base = None;
     }
 }
 

@@ -45,7 +45,8 @@ pub const TREE_MAGIC: [u8; 8] = *b"FKPTTRE\0";
 ///    mapped shared), with [`FdKind::Memfd`] and [`MappingKind::Memfd`], carried after the
 ///    sockets in a tree payload, and SysV attachments ([`MappingKind::SysvShm`]). Older
 ///    images decode with none.
-pub const IMAGE_FORMAT_VERSION: u32 = 5;
+/// 6: [`PageData::Base`] runs (delta images). Older images decode unchanged.
+pub const IMAGE_FORMAT_VERSION: u32 = 6;
 /// Size of one `siginfo_t` on x86_64.
 pub const SIGINFO_LEN: usize = 128;
 /// Length of the framed header.
@@ -296,6 +297,38 @@ pub struct TreeImage {
     /// Encoded after the sockets.
     #[serde(skip)]
     pub memfds: Vec<MemfdImage>,
+}
+
+impl TreeImage {
+    /// Whether any process's memory refers to a base image ([`PageData::Base`]).
+    pub fn is_delta(&self) -> bool {
+        self.processes
+            .iter()
+            .filter_map(|m| m.live())
+            .any(|p| p.memory.runs.iter().any(|r| r.data == PageData::Base))
+    }
+
+    /// Resolves a delta image against its base (itself resolved): each process's
+    /// [`PageData::Base`] runs become the runs of the base's process of the same pid.
+    pub fn resolve_against(&mut self, base: &TreeImage) -> Result<(), String> {
+        for m in &mut self.processes {
+            let pid = m.pid;
+            let Some(p) = m.live_mut() else { continue };
+            if !p.memory.runs.iter().any(|r| r.data == PageData::Base) {
+                continue;
+            }
+            let b = base
+                .processes
+                .iter()
+                .find(|b| b.pid == pid)
+                .and_then(|b| b.live())
+                .ok_or_else(|| format!("delta image: process {pid} is not in its base image"))?;
+            p.memory
+                .resolve_against(&b.memory)
+                .map_err(|e| format!("process {pid}: {e}"))?;
+        }
+        Ok(())
+    }
 }
 
 /// A file in shared memory that members of the tree hold open or map shared: a memfd,
@@ -626,6 +659,10 @@ pub enum PageData {
     Bytes(#[serde(with = "bytes")] Vec<u8>),
     /// Moved to a content-addressed store under this BLAKE3 hash.
     Stored([u8; 32]),
+    /// Only in a delta image (format version 6): the pages are those of the base image, same
+    /// process, same addresses ([`ImageMemory::delta_against`]). Resolved by
+    /// [`TreeImage::resolve_against`] before anything else sees the image.
+    Base,
 }
 
 /// Consecutive pages at `addr`.
@@ -735,6 +772,101 @@ impl ImageMemory {
         self.runs.push(run);
     }
 
+    /// This memory as a delta against `base` (page address → contents in the base image,
+    /// as [`super::dirty::DirtyTracker::pages`] gives them): every stored page that the base
+    /// holds with the same hash becomes part of a [`PageData::Base`] run, adjacent ones
+    /// merged. Returns the runs and how many pages went to the base. Exact equality of the
+    /// hash is the only test, so the delta is right whatever happened in between.
+    pub fn delta_against(
+        &self,
+        base: &std::collections::BTreeMap<u64, PageData>,
+    ) -> (Vec<PageRun>, u64) {
+        let mut out: Vec<PageRun> = Vec::with_capacity(self.runs.len() / 4);
+        let mut from_base = 0u64;
+        let mut cursor = base.range(..).peekable();
+        for r in &self.runs {
+            if matches!(r.data, PageData::Stored(_)) && r.len == self.page_size {
+                while cursor.peek().is_some_and(|(&a, _)| a < r.addr) {
+                    cursor.next();
+                }
+                if cursor
+                    .peek()
+                    .is_some_and(|(&a, d)| a == r.addr && **d == r.data)
+                {
+                    from_base += 1;
+                    match out.last_mut() {
+                        Some(last)
+                            if last.data == PageData::Base && last.addr + last.len == r.addr =>
+                        {
+                            last.len += r.len;
+                        }
+                        _ => out.push(PageRun {
+                            addr: r.addr,
+                            len: r.len,
+                            data: PageData::Base,
+                        }),
+                    }
+                    continue;
+                }
+            }
+            out.push(r.clone());
+        }
+        (out, from_base)
+    }
+
+    /// Replaces every [`PageData::Base`] run by the runs `base` has there. `base` must cover
+    /// each such run exactly with stored pages or zero runs; anything else is refused.
+    pub fn resolve_against(&mut self, base: &ImageMemory) -> Result<(), String> {
+        if !self.runs.iter().any(|r| r.data == PageData::Base) {
+            return Ok(());
+        }
+        let mut out = ImageMemory {
+            page_size: self.page_size,
+            runs: Vec::with_capacity(base.runs.len().max(self.runs.len())),
+        };
+        for r in std::mem::take(&mut self.runs) {
+            if r.data != PageData::Base {
+                out.push_read_run(r);
+                continue;
+            }
+            let (mut a, end) = (r.addr, r.addr.saturating_add(r.len));
+            let mut i = base.runs.partition_point(|b| b.addr + b.len <= a);
+            while a < end {
+                let missing = || format!("delta image: page {a:#x} is not in its base image");
+                let b = base
+                    .runs
+                    .get(i)
+                    .filter(|b| b.addr <= a)
+                    .ok_or_else(missing)?;
+                let b_end = b.addr + b.len;
+                match &b.data {
+                    PageData::Zero => {
+                        let e = b_end.min(end);
+                        out.push_read_run(PageRun {
+                            addr: a,
+                            len: e - a,
+                            data: PageData::Zero,
+                        });
+                        a = e;
+                    }
+                    PageData::Stored(_) if b.addr == a && b_end <= end => {
+                        out.push_read_run(b.clone());
+                        a = b_end;
+                    }
+                    _ => {
+                        return Err(format!(
+                        "delta image: pages {:#x}-{end:#x} do not match the runs of its base image",
+                        r.addr
+                    ))
+                    }
+                }
+                i += 1;
+            }
+        }
+        *self = out;
+        Ok(())
+    }
+
     /// Total bytes covered by runs.
     pub fn covered_bytes(&self) -> u64 {
         self.runs.iter().map(|r| r.len).sum()
@@ -835,7 +967,7 @@ impl ImageMemory {
                 a.copy_from_slice(b.get(o..o + 8)?);
                 Some(u64::from_le_bytes(a))
             }
-            PageData::Stored(_) => None,
+            PageData::Stored(_) | PageData::Base => None,
         }
     }
 }
@@ -1213,6 +1345,86 @@ pub fn read_from(mut r: impl std::io::Read, limit: u64) -> Result<ProcessImage, 
 pub(crate) mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use proptest::prelude::*;
+
+    /// Memory of per-page contents: `None` a gap, `Some(0)` a zero page, `Some(k)` a
+    /// stored page with hash `[k; 32]`; zero pages merged as a dump merges them.
+    fn memory_of(pages: &[Option<u8>]) -> ImageMemory {
+        let mut m = ImageMemory {
+            page_size: PAGE_SIZE,
+            runs: Vec::new(),
+        };
+        for (i, p) in pages.iter().enumerate() {
+            let Some(k) = p else { continue };
+            m.push_read_run(PageRun {
+                addr: 0x10000 + i as u64 * PAGE_SIZE,
+                len: PAGE_SIZE,
+                data: if *k == 0 {
+                    PageData::Zero
+                } else {
+                    PageData::Stored([*k; 32])
+                },
+            });
+        }
+        m
+    }
+
+    proptest! {
+        /// A delta resolved against its base is the memory it was made from, whatever
+        /// changed in between (pages written, dropped, mapped, unmapped).
+        #[test]
+        fn delta_resolves_to_the_same_memory(
+            base in proptest::collection::vec(proptest::option::weighted(0.9, 0u8..4), 0..300),
+            changes in proptest::collection::vec((0usize..300, proptest::option::weighted(0.8, 0u8..6)), 0..40),
+        ) {
+            let mut now = base.clone();
+            for (i, p) in changes {
+                if i < now.len() { now[i] = p } else { now.push(p) }
+            }
+            let (base_mem, now_mem) = (memory_of(&base), memory_of(&now));
+            let pages: std::collections::BTreeMap<u64, PageData> = base
+                .iter()
+                .enumerate()
+                .filter_map(|(i, p)| p.map(|k| (0x10000 + i as u64 * PAGE_SIZE, if k == 0 { PageData::Zero } else { PageData::Stored([k; 32]) })))
+                .collect();
+            let (runs, from_base) = now_mem.delta_against(&pages);
+            let same = base.iter().zip(&now).filter(|(b, n)| b == n && matches!(n, Some(k) if *k > 0)).count();
+            prop_assert_eq!(from_base, same as u64);
+            let mut delta = ImageMemory { page_size: PAGE_SIZE, runs };
+            delta.resolve_against(&base_mem).unwrap();
+            prop_assert_eq!(delta, now_mem);
+        }
+    }
+
+    #[test]
+    fn delta_outside_its_base_is_refused() {
+        let base = memory_of(&[Some(1), Some(0), None, Some(2)]);
+        for (addr, len) in [
+            (0x10000 + 2 * PAGE_SIZE, PAGE_SIZE),
+            (0x10000, 3 * PAGE_SIZE),
+            (0x10000 + 4 * PAGE_SIZE, PAGE_SIZE),
+        ] {
+            let mut d = ImageMemory {
+                page_size: PAGE_SIZE,
+                runs: vec![PageRun {
+                    addr,
+                    len,
+                    data: PageData::Base,
+                }],
+            };
+            assert!(d.resolve_against(&base).is_err(), "{addr:#x}+{len:#x}");
+        }
+        let mut whole = ImageMemory {
+            page_size: PAGE_SIZE,
+            runs: vec![PageRun {
+                addr: 0x10000,
+                len: 2 * PAGE_SIZE,
+                data: PageData::Base,
+            }],
+        };
+        whole.resolve_against(&base).unwrap();
+        assert_eq!(whole, memory_of(&[Some(1), Some(0)]));
+    }
 
     pub(crate) fn sample() -> ProcessImage {
         let mut memory = ImageMemory {

@@ -1070,6 +1070,13 @@ impl Restorer<'_> {
                     }
                     PageData::Zero => {}
                     PageData::Stored(_) => unreachable!("stored runs are written in batches"),
+                    PageData::Base => {
+                        return Err(RestoreError::Chunk {
+                            addr: run.addr,
+                            len: run.len,
+                            reason: "a delta image's page left unresolved".into(),
+                        })
+                    }
                 }
             }
             Ok(())
