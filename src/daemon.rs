@@ -260,8 +260,14 @@ impl Daemon {
                 serde_json::json!({"cno": cno, "branch": fs.branch(), "micros": t.elapsed().as_micros() as u64})
             }
             Request::Commit { mountpoint } => {
+                let t = Instant::now();
                 let fs = self.fs(&mountpoint)?;
                 let cno = fs.commit_now()?;
+                log::debug!(
+                    "commit #{cno} of {} in {:?}",
+                    mountpoint.display(),
+                    t.elapsed()
+                );
                 serde_json::json!({"cno": cno})
             }
             Request::RecordCheckpoint {
@@ -384,15 +390,28 @@ impl Daemon {
         listener.set_nonblocking(true)?;
         let mut last_tick = Instant::now();
         while !self.quit.load(Ordering::SeqCst) {
+            // Wait for a client in poll, not in a sleep: a checkpoint calls the daemon while
+            // the program is frozen, and every call used to wait up to a sleep's length.
+            // The timeout only bounds how late a quit (signal, last umount) is seen.
+            {
+                use std::os::fd::AsFd;
+                let mut fds = [nix::poll::PollFd::new(
+                    listener.as_fd(),
+                    nix::poll::PollFlags::POLLIN,
+                )];
+                let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(50u16));
+            }
             match listener.accept() {
                 Ok((conn, _)) => {
                     let d = self.clone();
                     std::thread::spawn(move || d.connection(conn));
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::warn!("accept: {e}");
                     std::thread::sleep(Duration::from_millis(20));
                 }
-                Err(e) => log::warn!("accept: {e}"),
             }
             if last_tick.elapsed() >= Duration::from_secs(1) {
                 last_tick = Instant::now();

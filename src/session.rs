@@ -439,6 +439,15 @@ fn init(spec: &InitSpec, mut info: SessionInfo) -> Result<i32> {
         if let Some(c) = main_status {
             return Ok(c);
         }
+        // A request is taken as soon as it comes; the timeout paces the reaping above.
+        {
+            use std::os::fd::AsFd;
+            let mut fds = [nix::poll::PollFd::new(
+                listener.as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(20u16));
+        }
         match listener.accept() {
             Ok((conn, _)) => {
                 let _ = conn.set_nonblocking(false);
@@ -449,9 +458,7 @@ fn init(spec: &InitSpec, mut info: SessionInfo) -> Result<i32> {
                     return Ok(137);
                 }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(20))
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(_) => std::thread::sleep(Duration::from_millis(20)),
         }
     }

@@ -892,7 +892,7 @@ impl Store {
             }
             None => lock(&self.catalog).commit(&w.pending, &touched, cp, None)?,
         };
-        if w.pending.len() > 1000 {
+        if w.pending.len() > 1000 || std::env::var_os("FORKPOINT_TRACE_COMMITS").is_some() {
             log::debug!(
                 "commit of {} objects: stage flushed in {t_flush:?}, synced at {t_sync:?}, catalog at {:?}",
                 w.pending.len(),

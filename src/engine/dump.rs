@@ -44,9 +44,9 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 
 use super::image::{
     Creds, EpollWatch, FdKind, FdState, FileId, ITimer, ImageMemory, Mapping, MappingKind,
-    MemberState, MemfdImage, Message, MmState, PageData, PipeImage, PosixTimer, ProcessImage, Regs,
-    Rlimit, RseqState, SigAction, SigAltStack, SigInfo, SignalState, SocketEnd, SocketPairImage,
-    ThreadState, TreeImage, TreeMember, PAGE_SIZE, SIGINFO_LEN,
+    MemberState, MemfdImage, Message, MmState, PageData, PageRun, PipeImage, PosixTimer,
+    ProcessImage, Regs, Rlimit, RseqState, SigAction, SigAltStack, SigInfo, SignalState, SocketEnd,
+    SocketPairImage, ThreadState, TreeImage, TreeMember, PAGE_SIZE, SIGINFO_LEN,
 };
 use super::sys;
 use super::tracer::{TraceError, Tracer};
@@ -414,9 +414,13 @@ fn classify(pid: i32, l: &MapsLine, opts: &DumpOptions) -> Result<(Mapping, Cont
             }
         }
     };
-    // Mappings the tracee cannot access at all are not dumped (never populated in practice;
-    // e.g. guard pages and address-space reservations).
-    let contents = if prot == 0 { Contents::None } else { contents };
+    // A mapping the tracee cannot access now (guard pages, address-space reservations, or
+    // memory an allocator protected after use) keeps only the pages it has: nothing for a
+    // reservation, the written pages of memory protected later.
+    let contents = match contents {
+        Contents::All if prot == 0 => Contents::Present,
+        c => c,
+    };
     Ok((m, contents))
 }
 
@@ -1511,23 +1515,7 @@ fn dump_tracked(
         page_size: PAGE_SIZE,
         runs: Vec::new(),
     };
-    let mut buf = Vec::new();
-    let mut i = 0;
-    while i < reads.len() {
-        let (mut j, mut bytes) = (i, 0u64);
-        while j < reads.len() && (j == i || bytes + reads[j].1 <= READ_PIECE) {
-            bytes += reads[j].1;
-            j += 1;
-        }
-        buf.resize(bytes as usize, 0);
-        read_ranges(pid, tracer, &reads[i..j], &mut buf)?;
-        let mut off = 0usize;
-        for &(a, l) in &reads[i..j] {
-            got.push_pages(a, &buf[off..off + l as usize]);
-            off += l as usize;
-        }
-        i = j;
-    }
+    read_pages_into(pid, tracer, &reads, &mut got)?;
     let t_read = t0.elapsed();
     // Merge, in address order.
     mem.runs.reserve(known.len() + got.runs.len());
@@ -1549,49 +1537,93 @@ fn dump_tracked(
         }
     }
     log::debug!(
-        "process {pid}: tracked mapping: {reused} pages reused; listed in {t_plan:?}, read by {t_read:?}, merged by {:?}",
+        "process {pid}: tracked mapping: {reused} pages reused; listed in {t_plan:?}, {} ranges read by {t_read:?}, merged by {:?}",
+        reads.len(),
         t0.elapsed()
     );
     Ok(reused)
 }
 
-/// Reads `ranges` of `pid`'s memory into `buf` (their lengths add up to its length), with
-/// up to 1024 ranges per `process_vm_readv`; a batch that comes back short is read again
-/// range by range through the tracer (which falls back to /proc/PID/mem).
-fn read_ranges(
+/// Reads the pages of `ranges` (page aligned, in address order) of `pid` straight into one
+/// buffer per page and appends them to `mem` (zero pages as zero runs), as
+/// [`ImageMemory::push_pages`] would, but with one copy instead of two: the kernel's, into
+/// the buffers the image keeps. Up to 1024 pages per `process_vm_readv`; pages it cannot
+/// read (a short batch) are read one by one through the tracer (which falls back to
+/// /proc/PID/mem).
+fn read_pages_into(
     pid: i32,
     tracer: &mut Tracer,
     ranges: &[(u64, u64)],
-    buf: &mut [u8],
+    mem: &mut ImageMemory,
 ) -> Result<(), DumpError> {
-    use nix::sys::uio::{process_vm_readv, RemoteIoVec};
-    let mut off = 0usize;
-    for batch in ranges.chunks(1024) {
-        let len: usize = batch.iter().map(|r| r.1 as usize).sum();
-        let remote: Vec<RemoteIoVec> = batch
-            .iter()
-            .map(|&(a, l)| RemoteIoVec {
-                base: a as usize,
-                len: l as usize,
-            })
-            .collect();
-        let dst = &mut buf[off..off + len];
-        let n = process_vm_readv(
-            nix::unistd::Pid::from_raw(pid),
-            &mut [std::io::IoSliceMut::new(dst)],
-            &remote,
-        )
-        .unwrap_or(0);
-        if n != len {
-            let mut o = off;
-            for &(a, l) in batch {
-                tracer
-                    .read_mem(a, &mut buf[o..o + l as usize])
-                    .map_err(|source| DumpError::Trace { pid, source })?;
-                o += l as usize;
+    const BATCH: usize = 1024; // IOV_MAX
+    let page = PAGE_SIZE as usize;
+    let mut pages = ranges
+        .iter()
+        .flat_map(|&(a, l)| (a..a + l).step_by(page))
+        .peekable();
+    let mut addrs: Vec<u64> = Vec::with_capacity(BATCH);
+    let mut bufs: Vec<Vec<u8>> = Vec::with_capacity(BATCH);
+    let mut local: Vec<libc::iovec> = Vec::with_capacity(BATCH);
+    let mut remote: Vec<libc::iovec> = Vec::with_capacity(BATCH);
+    while pages.peek().is_some() {
+        addrs.clear();
+        addrs.extend(pages.by_ref().take(BATCH));
+        bufs.clear();
+        bufs.extend(addrs.iter().map(|_| Vec::with_capacity(page)));
+        local.clear();
+        local.extend(bufs.iter_mut().map(|b| libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: page,
+        }));
+        remote.clear();
+        for &a in &addrs {
+            match remote.last_mut() {
+                Some(r) if r.iov_base as u64 + r.iov_len as u64 == a => r.iov_len += page,
+                _ => remote.push(libc::iovec {
+                    iov_base: a as *mut libc::c_void,
+                    iov_len: page,
+                }),
             }
         }
-        off += len;
+        // SAFETY: every local vector points at the spare capacity (`page` bytes, unaliased)
+        // of a buffer in `bufs`, which outlives the call and is not touched during it; the
+        // remote vectors are only addresses in the other process; both counts are at most
+        // IOV_MAX.
+        let n = unsafe {
+            libc::process_vm_readv(
+                pid,
+                local.as_ptr(),
+                local.len() as libc::c_ulong,
+                remote.as_ptr(),
+                remote.len() as libc::c_ulong,
+                0,
+            )
+        };
+        // The kernel fills the local vectors in order: these pages are complete.
+        let full = usize::try_from(n).unwrap_or(0) / page;
+        for (k, (mut b, &a)) in bufs.drain(..).zip(&addrs).enumerate() {
+            if k < full {
+                // SAFETY: the first `full` local vectors, all of this buffer's `page` bytes
+                // of capacity, were written by process_vm_readv.
+                unsafe { b.set_len(page) };
+            } else {
+                b.resize(page, 0);
+                tracer
+                    .read_mem(a, &mut b)
+                    .map_err(|source| DumpError::Trace { pid, source })?;
+            }
+            let data = if b.iter().all(|&x| x == 0) {
+                PageData::Zero
+            } else {
+                PageData::Bytes(b)
+            };
+            mem.push_read_run(PageRun {
+                addr: a,
+                len: PAGE_SIZE,
+                data,
+            });
+        }
     }
     Ok(())
 }
@@ -1614,7 +1646,6 @@ fn dump_memory(
     };
     let pm_path = format!("/proc/{pid}/pagemap");
     let pagemap = File::open(&pm_path).ok();
-    let mut buf = Vec::new();
     let mut entries = Vec::new();
     let mut reused = 0u64;
     for (m, c) in mappings.iter().zip(contents) {
@@ -1689,12 +1720,7 @@ fn dump_memory(
                     j += 1;
                 }
                 let addr = wstart + i * PAGE_SIZE;
-                let len = ((j - i) * PAGE_SIZE) as usize;
-                buf.resize(len, 0);
-                tracer
-                    .read_mem(addr, &mut buf)
-                    .map_err(|source| DumpError::Trace { pid, source })?;
-                mem.push_pages(addr, &buf);
+                read_pages_into(pid, tracer, &[(addr, (j - i) * PAGE_SIZE)], &mut mem)?;
                 i = j;
             }
             w0 += wn;

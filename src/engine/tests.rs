@@ -3,6 +3,7 @@
 //! processes, `PR_SET_MM`, `set_tid`) and skip with a message otherwise.
 #![allow(clippy::unwrap_used)]
 
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -2498,4 +2499,63 @@ fn incremental_dump_reads_only_written_pages() {
         );
     }
     assert_eq!(pages_of(&second, extra, extra + (1 << 20)).len(), 256);
+}
+
+const PROTECTED_C: &str = r#"
+#include <stdio.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    syscall(SYS_close_range, 3, ~0U, 0);
+    unsigned long *p = mmap(NULL, 3 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    for (long i = 0; i < 3 * 512; i++) p[i] = 0x5a5a000000000000UL + i;
+    /* process_vm_readv cannot read this page (no FOLL_FORCE): the dump falls back */
+    mprotect(p + 512, 4096, PROT_NONE);
+    FILE *f = fopen(argv[1], "w");
+    fprintf(f, "%lu\n", (unsigned long)p);
+    fclose(f);
+    for (;;) pause();
+}
+"#;
+
+/// Pages the fast read cannot reach (here a written page made PROT_NONE) are read through
+/// the tracer; the image holds every byte of the three pages, and the restored process has
+/// them back.
+#[test]
+fn dump_reads_pages_the_fast_path_cannot() {
+    require_env!();
+    let mut procs = Procs(Vec::new());
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build(dir.path(), "protected", PROTECTED_C);
+    let addr_file = dir.path().join("addr");
+    let pid = spawn(&exe, &[&addr_file], &mut procs);
+    assert!(wait_until(Duration::from_secs(5), || {
+        std::fs::read_to_string(&addr_file).is_ok_and(|s| s.ends_with('\n'))
+    }));
+    let addr: u64 = std::fs::read_to_string(&addr_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let img = dump(pid).unwrap();
+    for i in 0..3 * 512u64 {
+        assert_eq!(
+            img.memory.read_u64(addr + i * 8),
+            Some(0x5a5a_0000_0000_0000 + i),
+            "word {i}"
+        );
+    }
+    procs.kill(pid);
+    let new = restore(&img).unwrap();
+    procs.add(new);
+    let mut page = vec![0u8; 3 * 4096];
+    std::fs::File::open(format!("/proc/{new}/mem"))
+        .unwrap()
+        .read_exact_at(&mut page, addr)
+        .unwrap();
+    for (i, w) in page.chunks_exact(8).enumerate() {
+        let v = u64::from_le_bytes(w.try_into().unwrap());
+        assert_eq!(v, 0x5a5a_0000_0000_0000 + i as u64, "restored word {i}");
+    }
 }
