@@ -493,9 +493,19 @@ fn handle_control(
         Ok(req) => {
             let kill = req.after == "kill";
             let res = checkpoint(spec, main, &req, tracker);
-            // Give the copies' memory back to the kernel (see warm_heap).
-            // SAFETY: malloc_trim only returns free heap memory to the kernel.
-            unsafe { libc::malloc_trim(0) };
+            // Give the copies' memory back to the kernel (see warm_heap), unless they fit in
+            // what was warmed for them: that stays warm for the next (incremental) one.
+            let copied = res
+                .as_ref()
+                .ok()
+                .and_then(|(v, _)| v["copied_bytes"].as_u64())
+                .unwrap_or(u64::MAX);
+            let warm = HEAP_WARM.load(std::sync::atomic::Ordering::Relaxed);
+            if copied > warm || warm > program_rss() / 4 {
+                // SAFETY: malloc_trim only returns free heap memory to the kernel.
+                unsafe { libc::malloc_trim(0) };
+                HEAP_WARM.store(0, std::sync::atomic::Ordering::Relaxed);
+            }
             if let Some(t) = tracker {
                 let mut t = t.lock().unwrap_or_else(|p| p.into_inner());
                 match &res {
@@ -523,6 +533,14 @@ fn handle_control(
     let mut out = resp.to_string();
     out.push('\n');
     let _ = (&*conn).write_all(out.as_bytes());
+    // Once the caller has its answer, while the program runs: warm the heap the next
+    // incremental checkpoint copies into (kept between checkpoints, see above).
+    if tracker.is_some()
+        && !killed
+        && std::env::var("FORKPOINT_WARM_HEAP").map_or(true, |v| v != "0")
+    {
+        warm_heap(program_rss() / 8);
+    }
     killed
 }
 
@@ -736,6 +754,7 @@ fn checkpoint(
     v["total_us"] = serde_json::json!(t0.elapsed().as_micros() as u64);
     v["pid"] = serde_json::json!(main);
     v["dump_us"] = serde_json::json!(t_dump.as_micros() as u64);
+    v["copied_bytes"] = serde_json::json!(inline);
     v["handoff_us"] = serde_json::json!((t_write - t_dump).as_micros() as u64);
     let reused = opts.dirty.as_ref().map_or(0, |t| {
         t.lock().unwrap_or_else(|p| p.into_inner()).reused_pages
@@ -1055,6 +1074,9 @@ fn program_rss() -> u64 {
         .sum()
 }
 
+/// Free heap known to be touched: what [`warm_heap`] warmed, until a `malloc_trim`.
+static HEAP_WARM: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Touches up to `bytes` (at most a quarter of the machine's available memory) of heap in
 /// 16 MiB blocks and frees them; with the trim threshold raised, the allocator keeps the
 /// pages, and the copies of the frozen window reuse them. `malloc_trim` after the
@@ -1066,7 +1088,8 @@ fn warm_heap(bytes: u64) -> u64 {
         .and_then(|m| field_kb(&m, "MemAvailable:"))
         .map_or(0, |kb| kb << 10);
     let want = bytes.min(avail / 4);
-    if want < BLOCK as u64 {
+    // Heap warmed for an earlier checkpoint and kept counts.
+    if want < BLOCK as u64 || want <= HEAP_WARM.load(std::sync::atomic::Ordering::Relaxed) {
         return 0;
     }
     // SAFETY: mallopt only changes allocator tunables of this (single-threaded) process.
@@ -1083,6 +1106,7 @@ fn warm_heap(bytes: u64) -> u64 {
         blocks.push(b);
     }
     drop(blocks);
+    HEAP_WARM.store((n * BLOCK) as u64, std::sync::atomic::Ordering::Relaxed);
     (n * BLOCK) as u64
 }
 
