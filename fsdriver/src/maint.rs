@@ -197,7 +197,7 @@ impl Walker<'_> {
             return None;
         }
         let r = if self.verify {
-            self.store.read_verified(id).map(std::sync::Arc::new)
+            self.store.read_verified_full(id).map(std::sync::Arc::new)
         } else {
             self.store.get(id)
         };

@@ -463,7 +463,7 @@ impl Store {
             Some((i, f)) => (*i, f.clone()),
             None => unreachable!("roll always opens a segment"),
         };
-        let hdr = segment::encode_header(kind, &id, data.len() as u32);
+        let hdr = segment::encode_header(kind, &id, data);
         let off = w.len;
         self.append(&mut w, &file, seg_id, &[&hdr, data])?;
         w.len += rec_len;
@@ -534,7 +534,7 @@ impl Store {
                 if j > i && end + rec > self.config.segment_size {
                     break;
                 }
-                headers.push(segment::encode_header(kind, id, data.len() as u32));
+                headers.push(segment::encode_header(kind, id, data));
                 locs.push((
                     *id,
                     Loc {
@@ -680,19 +680,30 @@ impl Store {
         Ok(out.into_iter().flatten().collect())
     }
 
-    /// Reads and re-hashes an object, bypassing the cache.
+    /// Reads and checks an object (its record's CRC32C), bypassing the cache.
     pub fn read_verified(&self, id: &ContentId) -> Result<Vec<u8>> {
         let loc = self.locate(id).ok_or(StoreError::MissingObject(*id))?;
         self.wait_staged(std::slice::from_ref(&loc))?;
         self.read_at(id, &loc)
     }
 
-    /// Reads and re-hashes the record of `id` at `loc` (written out: see `wait_staged`).
+    /// Reads an object and re-hashes it with BLAKE3 (and checks its CRC32C), bypassing the
+    /// cache: what `verify` does to every object.
+    pub fn read_verified_full(&self, id: &ContentId) -> Result<Vec<u8>> {
+        let loc = self.locate(id).ok_or(StoreError::MissingObject(*id))?;
+        self.wait_staged(std::slice::from_ref(&loc))?;
+        let file = self
+            .segment_file(loc.segment)
+            .ok_or(StoreError::MissingObject(*id))?;
+        segment::read_record(&*file, &loc, id, true)
+    }
+
+    /// Reads and checks the record of `id` at `loc` (written out: see `wait_staged`).
     fn read_at(&self, id: &ContentId, loc: &Loc) -> Result<Vec<u8>> {
         let file = self
             .segment_file(loc.segment)
             .ok_or(StoreError::MissingObject(*id))?;
-        segment::read_record(&*file, loc, id)
+        segment::read_record(&*file, loc, id, false)
     }
 
     /// Flushes the stage if any of `locs` may still lie in it, unwritten.
@@ -1024,7 +1035,7 @@ impl WriterHandle<'_> {
             Some((i, f)) => (*i, f.clone()),
             None => unreachable!("roll always opens a segment"),
         };
-        let hdr = segment::encode_header(kind, &id, data.len() as u32);
+        let hdr = segment::encode_header(kind, &id, data);
         self.store.append(self.w, &file, seg_id, &[&hdr, data])?;
         let loc = Loc {
             segment: seg_id,

@@ -1028,6 +1028,7 @@ impl Restorer<'_> {
             }
             let mut next = batches.iter();
             let mut i = 0;
+            let (mut waited, mut wrote) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
             while i < runs.len() {
                 if matches!(runs[i].data, PageData::Stored(_)) {
                     let Some(&(bi, bj)) = next.next().filter(|b| b.0 == i) else {
@@ -1037,12 +1038,16 @@ impl Restorer<'_> {
                         runs[bi].addr,
                         runs[bj - 1].addr + runs[bj - 1].len - runs[bi].addr,
                     );
+                    let t = std::time::Instant::now();
                     let buf = rx
                         .recv()
                         .map_err(|_| "the chunk reader stopped".to_string())
                         .and_then(|r| r)
                         .map_err(|reason| RestoreError::Chunk { addr, len, reason })?;
+                    waited += t.elapsed();
+                    let t = std::time::Instant::now();
                     self.write_batch(&runs[bi..bj], &buf)?;
+                    wrote += t.elapsed();
                     let _ = back.send(buf);
                     i = bj;
                     continue;
@@ -1078,6 +1083,13 @@ impl Restorer<'_> {
                         })
                     }
                 }
+            }
+            if !batches.is_empty() {
+                log::debug!(
+                    "process {}: {} batches of stored pages: {waited:?} waiting for chunks, {wrote:?} writing",
+                    self.pid,
+                    batches.len()
+                );
             }
             Ok(())
         })?;
