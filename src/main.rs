@@ -951,8 +951,15 @@ fn restore(
     let image = cp
         .image
         .with_context(|| format!("'{name}' is a filesystem snapshot without processes"))?;
-    // Refuse a corrupt or incomplete image before anything changes.
-    let (si, pi) = session::load_image(&ro, &image)?;
+    // Refuse a corrupt or incomplete image before anything changes. A rollback stops the
+    // running program, so its image is read and checked in full first; a restore on a new
+    // branch changes nothing that a failure would not undo (the session reads and checks
+    // the image before it starts anything, and the branch is dropped again), so only the
+    // wrapper is read here.
+    let si = match branch {
+        Some(_) => session::load_session_image(&ro, &image)?,
+        None => session::load_image(&ro, &image)?.0,
+    };
     // The automatic checkpoint of an in-place restore gets a name of its own, also when
     // rollbacks follow each other within a second.
     let ts = fmt_time(forkpoint_now()).replace([' ', ':'], "-");
@@ -1103,7 +1110,6 @@ fn restore(
         restore: Some(cp.cno),
         ..spec
     };
-    let _ = pi;
     log::debug!("restore: session starts at {:?}", t0.elapsed());
     match session::start(&spec, detach, offsets) {
         Ok(code) => {

@@ -874,6 +874,13 @@ pub fn load_image(store: &Store, image: &ContentId) -> Result<(SessionImage, Tre
     load_image_chain(store, image).map(|(si, tree, _)| (si, tree))
 }
 
+/// The session image of a checkpoint (its wrapper: argv, clocks, SysV objects), read and
+/// checked without decoding or resolving the process image inside.
+pub fn load_session_image(store: &Store, image: &ContentId) -> Result<SessionImage> {
+    let bytes = store.get(image).context("read process image")?;
+    SessionImage::decode(&decode_image(image, &bytes)?.body)
+}
+
 /// [`load_image`], with the number of delta images in the chain (0 for a whole image).
 pub fn load_image_chain(
     store: &Store,
