@@ -36,6 +36,7 @@ pub const SESSION_IMAGE_VERSION: u32 = 3;
 pub struct SessionImage {
     pub version: u32,
     /// The engine's image (memory externalized into store chunks).
+    #[serde(with = "forkpoint::engine::image::bytes")]
     pub process: Vec<u8>,
     /// CLOCK_MONOTONIC and CLOCK_BOOTTIME inside the session at the checkpoint (ns).
     pub monotonic_ns: i128,
@@ -49,6 +50,7 @@ pub struct SessionImage {
 #[derive(Deserialize)]
 struct SessionImageV2 {
     version: u32,
+    #[serde(with = "forkpoint::engine::image::bytes")]
     process: Vec<u8>,
     monotonic_ns: i128,
     boottime_ns: i128,
@@ -893,16 +895,27 @@ pub fn load_image_chain(
         if chain.len() > 4 * MAX_DELTA_DEPTH as usize {
             bail!("process image {image}: its chain of base images is too long");
         }
+        let t = Instant::now();
         let bytes = store.get(&id).context("read process image")?;
+        let t_get = t.elapsed();
         let obj = decode_image(&id, &bytes)?;
+        let t_obj = t.elapsed();
         for r in &obj.refs {
             if !store.contains(r) {
                 bail!("process image {id} refers to missing chunk {r}");
             }
         }
+        let t_refs = t.elapsed();
         let si = SessionImage::decode(&obj.body)?;
+        let t_si = t.elapsed();
         let tree = engine::decode_tree(&si.process)
             .with_context(|| format!("decode process image {id}"))?;
+        log::debug!(
+            "image {id}: {} bytes read in {t_get:?}, object decoded by {t_obj:?}, {} references checked by {t_refs:?}, wrapper by {t_si:?}, tree by {:?}",
+            bytes.len(),
+            obj.refs.len(),
+            t.elapsed()
+        );
         if tree.is_delta() && obj.base.is_none() {
             bail!("process image {id} is a delta but names no base image");
         }
@@ -1126,4 +1139,37 @@ fn field_kb(text: &str, key: &str) -> Option<u64> {
         .trim()
         .parse()
         .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `process` decodes as one byte string; the encoding is what a sequence of `u8` gave
+    /// (images stored before still decode, and the same bytes come out).
+    #[test]
+    fn session_image_bytes_keep_their_encoding() {
+        #[derive(Serialize)]
+        struct Before {
+            version: u32,
+            process: Vec<u8>,
+            monotonic_ns: i128,
+            boottime_ns: i128,
+            argv: Vec<String>,
+            sysv: crate::sysv::SysvImage,
+        }
+        let process: Vec<u8> = (0..5000u32).map(|i| (i * 7) as u8).collect();
+        let before = postcard::to_allocvec(&Before {
+            version: SESSION_IMAGE_VERSION,
+            process: process.clone(),
+            monotonic_ns: -5,
+            boottime_ns: 7,
+            argv: vec!["a".into()],
+            sysv: Default::default(),
+        })
+        .expect("encode");
+        let si = SessionImage::decode(&before).expect("decode");
+        assert_eq!(si.process, process);
+        assert_eq!(postcard::to_allocvec(&si).expect("encode"), before);
+    }
 }

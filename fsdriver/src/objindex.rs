@@ -178,7 +178,11 @@ impl IndexFile {
         // Checking an entry is a BLAKE3 of 56 bytes (~0.2 µs): on every core for a large
         // index (a restore opens the store twice), then inserted in file order.
         let threads = crate::id::cores().clamp(1, 8);
-        let per = if n < 16_384 { n.max(1) } else { n.div_ceil(threads) };
+        let per = if n < 16_384 {
+            n.max(1)
+        } else {
+            n.div_ceil(threads)
+        };
         let parts: Vec<std::result::Result<Vec<(ContentId, Loc)>, usize>> =
             std::thread::scope(|sc| {
                 let handles: Vec<_> = entries

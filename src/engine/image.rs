@@ -129,10 +129,14 @@ pub enum ImageError {
 }
 
 /// Serialize `Vec<u8>` as one byte string instead of a sequence of integers.
-mod bytes {
+/// Serde helper for `Vec<u8>` fields: one byte string instead of a sequence of `u8`. In
+/// postcard both are a length and the raw bytes, so the encoding is unchanged; decoding
+/// takes one call instead of one per byte.
+pub mod bytes {
     use serde::de::{SeqAccess, Visitor};
     use serde::{Deserializer, Serializer};
 
+    /// Serializes `v` as a byte string.
     pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
         s.serialize_bytes(v)
     }
@@ -158,6 +162,7 @@ mod bytes {
         }
     }
 
+    /// Deserializes a byte string (or a sequence of `u8`).
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
         d.deserialize_byte_buf(V)
     }
