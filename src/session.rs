@@ -953,29 +953,7 @@ impl engine::ChunkSource for StoreChunks {
         }
         let read = |part: &[([u8; 32], u64)], out: &mut [u8]| -> Result<(), String> {
             let ids: Vec<ContentId> = part.iter().map(|(h, _)| ContentId(*h)).collect();
-            let mut offsets = Vec::with_capacity(part.len());
-            let mut at = 0usize;
-            for r in part {
-                offsets.push(at);
-                at += r.1 as usize;
-            }
-            self.0
-                .stream_verified(&ids, &mut |i, data| {
-                    if data.len() as u64 != part[i].1 {
-                        return Err(forkpoint_fs::StoreError::Decode {
-                            what: "page chunk",
-                            id: ids[i],
-                            reason: format!(
-                                "{} bytes where {} were expected",
-                                data.len(),
-                                part[i].1
-                            ),
-                        });
-                    }
-                    out[offsets[i]..offsets[i] + data.len()].copy_from_slice(data);
-                    Ok(())
-                })
-                .map_err(|e| e.to_string())
+            self.0.read_into(&ids, out).map_err(|e| e.to_string())
         };
         let threads = forkpoint_fs::id::cores().clamp(1, 8);
         if threads < 2 || reqs.len() < 64 {

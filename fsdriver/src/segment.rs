@@ -163,6 +163,16 @@ pub trait SegFile: Send + Sync {
         }
         Ok(())
     }
+    /// Fills `bufs` back to back from `off` (one `preadv` where the file allows); fails if
+    /// the file ends first.
+    fn read_vectored_at(&self, bufs: &mut [&mut [u8]], off: u64) -> io::Result<()> {
+        let mut at = off;
+        for b in bufs.iter_mut() {
+            self.read_exact_at(b, at)?;
+            at += b.len() as u64;
+        }
+        Ok(())
+    }
     /// Makes every write so far durable.
     fn sync(&self) -> io::Result<()>;
     fn len(&self) -> io::Result<u64>;
@@ -226,6 +236,40 @@ struct RealSeg(File, Option<File>);
 impl SegFile for RealSeg {
     fn read_exact_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
         self.0.read_exact_at(buf, off)
+    }
+    fn read_vectored_at(&self, bufs: &mut [&mut [u8]], off: u64) -> io::Result<()> {
+        // At most IOV_MAX (1024) pieces per call; a short read finishes piece by piece.
+        let mut at = off;
+        for group in bufs.chunks_mut(1024) {
+            let want: usize = group.iter().map(|b| b.len()).sum();
+            let done = {
+                let mut iov: Vec<io::IoSliceMut> =
+                    group.iter_mut().map(|b| io::IoSliceMut::new(b)).collect();
+                loop {
+                    match nix::sys::uio::preadv(&self.0, &mut iov, at as libc::off_t) {
+                        Ok(n) => break n,
+                        Err(nix::errno::Errno::EINTR) => continue,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            };
+            if done < want {
+                let mut skip = done;
+                let mut pos = at;
+                for b in group.iter_mut() {
+                    let n = b.len();
+                    if skip >= n {
+                        skip -= n;
+                    } else {
+                        self.0.read_exact_at(&mut b[skip..], pos + skip as u64)?;
+                        skip = 0;
+                    }
+                    pos += n as u64;
+                }
+            }
+            at += want as u64;
+        }
+        Ok(())
     }
     fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
         self.0.write_all_at(buf, off)
@@ -517,20 +561,40 @@ pub fn check_record_full<'a>(rec: &'a [u8], loc: &Loc, id: &ContentId) -> Result
     check(rec, loc, id, true)
 }
 
+/// [`check_record`] for a record read in two parts: its header and its payload.
+pub fn check_parts(header: &[u8], payload: &[u8], loc: &Loc, id: &ContentId) -> Result<()> {
+    check_payload(header, payload, loc, id, false).map(|_| ())
+}
+
 fn check<'a>(rec: &'a [u8], loc: &Loc, id: &ContentId, full: bool) -> Result<&'a [u8]> {
+    let payload = rec
+        .get(RECORD_HEADER_LEN as usize..RECORD_HEADER_LEN as usize + loc.len as usize)
+        .ok_or_else(|| StoreError::CorruptObject {
+            id: *id,
+            segment: loc.segment,
+            offset: loc.offset,
+            reason: "record cut short".into(),
+        })?;
+    check_payload(rec, payload, loc, id, full)
+}
+
+fn check_payload<'a>(
+    header: &[u8],
+    payload: &'a [u8],
+    loc: &Loc,
+    id: &ContentId,
+    full: bool,
+) -> Result<&'a [u8]> {
     let corrupt = |reason: &str| StoreError::CorruptObject {
         id: *id,
         segment: loc.segment,
         offset: loc.offset,
         reason: reason.to_string(),
     };
-    let h = decode_header(rec).ok_or_else(|| corrupt("bad record header"))?;
-    if h.id != *id || h.len != loc.len {
+    let h = decode_header(header).ok_or_else(|| corrupt("bad record header"))?;
+    if h.id != *id || h.len != loc.len || payload.len() != loc.len as usize {
         return Err(corrupt("record header does not match the catalog"));
     }
-    let payload = rec
-        .get(RECORD_HEADER_LEN as usize..RECORD_HEADER_LEN as usize + loc.len as usize)
-        .ok_or_else(|| corrupt("record cut short"))?;
     if (full || h.crc.is_none()) && ContentId::of(payload) != *id {
         return Err(corrupt("payload hash mismatch"));
     }

@@ -728,6 +728,75 @@ impl Store {
         Ok(out)
     }
 
+    /// Reads objects `ids` into `out` back to back, in order (their lengths must add up to
+    /// `out`'s), each checked as [`Store::read_verified`] checks it. Neighbouring records
+    /// are read with one `preadv` that puts the headers aside and the payloads straight
+    /// into `out`: no copy but the kernel's (a restore reads its memory this way).
+    pub fn read_into(&self, ids: &[ContentId], out: &mut [u8]) -> Result<()> {
+        const GROUP: usize = 512; // two pieces per record, IOV_MAX 1024
+        const SPAN: u64 = 8 << 20;
+        let locs = ids
+            .iter()
+            .map(|id| self.locate(id).ok_or(StoreError::MissingObject(*id)))
+            .collect::<Result<Vec<Loc>>>()?;
+        let total: u64 = locs.iter().map(|l| u64::from(l.len)).sum();
+        if total != out.len() as u64 {
+            return Err(StoreError::Decode {
+                what: "object read",
+                id: ids.first().copied().unwrap_or(ContentId([0; 32])),
+                reason: format!("{total} bytes of objects for a buffer of {}", out.len()),
+            });
+        }
+        self.wait_staged(&locs)?;
+        let hl = segment::RECORD_HEADER_LEN as usize;
+        let mut headers = vec![0u8; GROUP * hl];
+        let mut rest: &mut [u8] = out;
+        let mut k = 0;
+        while k < locs.len() {
+            let first = locs[k];
+            let mut n = k + 1;
+            while n < locs.len()
+                && n - k < GROUP
+                && locs[n].segment == first.segment
+                && locs[n].offset == locs[n - 1].end()
+                && locs[n].end() - first.offset <= SPAN
+            {
+                n += 1;
+            }
+            let file = self
+                .segment_file(first.segment)
+                .ok_or(StoreError::MissingObject(ids[k]))?;
+            let group_len: usize = locs[k..n].iter().map(|l| l.len as usize).sum();
+            let (mine, tail) = std::mem::take(&mut rest).split_at_mut(group_len);
+            rest = tail;
+            {
+                let mut pieces: Vec<&mut [u8]> = Vec::with_capacity(2 * (n - k));
+                let mut payloads: &mut [u8] = &mut *mine;
+                for (h, l) in headers.chunks_mut(hl).zip(&locs[k..n]) {
+                    let (p, t) = std::mem::take(&mut payloads).split_at_mut(l.len as usize);
+                    payloads = t;
+                    pieces.push(h);
+                    pieces.push(p);
+                }
+                file.read_vectored_at(&mut pieces, first.offset)
+                    .map_err(|e| StoreError::CorruptObject {
+                        id: ids[k],
+                        segment: first.segment,
+                        offset: first.offset,
+                        reason: format!("read failed: {e}"),
+                    })?;
+            }
+            let mut at = 0usize;
+            for (i, h) in (k..n).zip(headers.chunks(hl)) {
+                let len = locs[i].len as usize;
+                segment::check_parts(h, &mine[at..at + len], &locs[i], &ids[i])?;
+                at += len;
+            }
+            k = n;
+        }
+        Ok(())
+    }
+
     /// Calls `f(i, payload)` with every object `ids[i]`, verified, in segment order (not
     /// `ids` order): objects in the cache from there, the others read from their segments
     /// as [`Store::read_many_verified`] does but neither copied nor cached. For streamed
