@@ -627,7 +627,12 @@ fn checkpoint(
             nix::sys::signal::Signal::SIGSTOP,
         );
     }
-    let downtime = frozen_at.map(|f| f.elapsed()).unwrap_or_default();
+    // The program runs again from the thaw (what follows it, filling in the pages taken
+    // from the last image, happens while it runs).
+    let downtime = img
+        .frozen_for
+        .or_else(|| frozen_at.map(|f| f.elapsed()))
+        .unwrap_or_default();
     let root_cno = root_cno.ok_or_else(|| anyhow!("filesystem was not committed"))?;
     // Memory goes to the store as page chunks. Pages the store already holds are not handed
     // over at all (the read-only index is a hint; the daemon checks every reference).
@@ -941,8 +946,7 @@ impl engine::ChunkSource for StoreChunks {
             .map_err(|e| e.to_string())
     }
 
-    /// Reads and verifies straight into `out`, on every core (verification, BLAKE3 of every
-    /// page, is most of a restore's time), without a copy per chunk.
+    /// Reads and checks straight into `out` ([`Store::read_into`]), split over the cores.
     fn fetch_into(&self, reqs: &[([u8; 32], u64)], out: &mut [u8]) -> Result<(), String> {
         let total: u64 = reqs.iter().map(|r| r.1).sum();
         if total != out.len() as u64 {

@@ -231,6 +231,12 @@ impl DirtyTracker {
         self.procs.get(&pid).filter(|t| !t.fresh).map(|t| &t.pages)
     }
 
+    /// The pages of `pid` last remembered, whether or not a dump re-armed its tracking since
+    /// (a dump takes pages from them while frozen and fills them in afterwards).
+    pub fn remembered(&self, pid: i32) -> Option<&BTreeMap<u64, PageData>> {
+        self.procs.get(&pid).map(|t| &t.pages)
+    }
+
     /// The pages of `pid` in [`DirtyTracker::base`], the image last remembered, also after a
     /// dump re-armed the tracking (until the next `remember` or `forget`). Empty for a
     /// process tracked since.

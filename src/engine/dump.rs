@@ -529,8 +529,9 @@ pub fn dump_frozen(
 ) -> Result<ProcessImage, DumpError> {
     let mut frozen = Frozen::freeze(pid)?;
     on_frozen().map_err(|reason| DumpError::Hook { pid, reason })?;
-    let image = read_frozen(pid, &mut frozen, opts, false)?;
+    let mut image = read_frozen(pid, &mut frozen, opts, false)?;
     finish(vec![(pid, frozen)], opts.after)?;
+    resolve_all_taken(opts, [&mut image])?;
     log_dumped(&image);
     Ok(image)
 }
@@ -639,7 +640,7 @@ fn read_frozen(
         .dirty
         .as_ref()
         .map(|d| d.lock().unwrap_or_else(|p| p.into_inner()));
-    let (memory, scanned, reused) = dump_memory(
+    let (mut memory, scanned, reused) = dump_memory(
         pid,
         &mut frozen.tracers[0],
         &mappings,
@@ -678,6 +679,10 @@ fn read_frozen(
     //    process under a seccomp filter: the injected userfaultfd() could be its death.
     let filtered = status_field(&status, "Seccomp:").map(str::trim) == Some("2");
     if let Some(tracker) = tracker.as_mut().filter(|_| filtered) {
+        // The pages taken from the last image go with the tracking: resolve them now.
+        let empty = std::collections::BTreeMap::new();
+        let prev = tracker.remembered(pid).unwrap_or(&empty);
+        resolve_taken(pid, &mut memory, prev)?;
         tracker.drop_process(pid);
     }
     // A process that does not run on (killed after the dump) needs no tracking.
@@ -1211,11 +1216,18 @@ pub fn dump_tree(
     // 4. Resume or kill.
     let t_read = t_frozen.elapsed();
     finish(frozen_all, opts.after)?;
+    let frozen_for = t_frozen.elapsed();
     log::debug!(
         "tree {root}: frozen for {:?} (hook {t_hook:?}, reading {:?}, thawing {:?})",
         t_frozen.elapsed(),
         t_read - t_hook,
         t_frozen.elapsed() - t_read
+    );
+    let t_resolve = std::time::Instant::now();
+    resolve_all_taken(opts, processes.iter_mut().filter_map(|m| m.live_mut()))?;
+    log::debug!(
+        "tree {root}: taken pages resolved in {:?}",
+        t_resolve.elapsed()
     );
     for m in &processes {
         if let Some(p) = m.live() {
@@ -1223,6 +1235,7 @@ pub fn dump_tree(
         }
     }
     Ok(TreeImage {
+        frozen_for: Some(frozen_for),
         memfds,
         root,
         processes,
@@ -1463,7 +1476,11 @@ fn dump_tracked(
 ) -> Result<u64, DumpError> {
     use super::dirty::{PAGE_IS_FILE, PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PAGE_IS_WRITTEN};
     let t0 = std::time::Instant::now();
-    let mut known: Vec<(u64, PageData)> = Vec::new();
+    // Pages the last image has, as merged ranges: they go into `mem` as `PageData::Base`
+    // runs, which `resolve_taken` replaces by the pages once the process runs again (the
+    // frozen window only decides what to read).
+    let mut known: Vec<(u64, u64)> = Vec::new();
+    let mut reused = 0u64;
     let mut reads: Vec<(u64, u64)> = Vec::new();
     // Neighbours merged, up to READ_PIECE bytes per range.
     let read = |reads: &mut Vec<(u64, u64)>, a: u64, len: u64| {
@@ -1499,8 +1516,12 @@ fn dump_tracked(
         let mut a = s;
         while a < e {
             match taken.peek() {
-                Some((&k, d)) if k == a => {
-                    known.push((a, (*d).clone()));
+                Some((&k, _)) if k == a => {
+                    match known.last_mut() {
+                        Some((s, l)) if *s + *l == a => *l += PAGE_SIZE,
+                        _ => known.push((a, PAGE_SIZE)),
+                    }
+                    reused += 1;
                     taken.next();
                 }
                 _ => read(&mut reads, a, PAGE_SIZE),
@@ -1509,7 +1530,6 @@ fn dump_tracked(
         }
     }
     let t_plan = t0.elapsed();
-    let reused = known.len() as u64;
     // The reads, in pieces.
     let mut got = ImageMemory {
         page_size: PAGE_SIZE,
@@ -1529,8 +1549,12 @@ fn dump_tracked(
             (None, None) => break,
         };
         if take_known {
-            if let Some((a, d)) = known.next() {
-                mem.push_known_page(a, d);
+            if let Some((addr, len)) = known.next() {
+                mem.runs.push(PageRun {
+                    addr,
+                    len,
+                    data: PageData::Base,
+                });
             }
         } else if let Some(r) = got.next() {
             mem.push_read_run(r);
@@ -1542,6 +1566,69 @@ fn dump_tracked(
         t0.elapsed()
     );
     Ok(reused)
+}
+
+/// Replaces the [`PageData::Base`] runs a tracked dump left in `mem` (pages not written
+/// since the last checkpoint) by those pages of the last image, `prev`, merged as
+/// [`ImageMemory::push_known_page`] merges them. Done once the process runs again.
+fn resolve_taken(
+    pid: i32,
+    mem: &mut ImageMemory,
+    prev: &std::collections::BTreeMap<u64, PageData>,
+) -> Result<(), DumpError> {
+    if !mem.runs.iter().any(|r| r.data == PageData::Base) {
+        return Ok(());
+    }
+    let mut out = ImageMemory {
+        page_size: mem.page_size,
+        runs: Vec::with_capacity(mem.runs.len() + prev.len()),
+    };
+    for r in std::mem::take(&mut mem.runs) {
+        if r.data != PageData::Base {
+            out.push_read_run(r);
+            continue;
+        }
+        let mut n = 0;
+        for (&addr, d) in prev.range(r.addr..r.addr + r.len) {
+            out.push_read_run(PageRun {
+                addr,
+                len: PAGE_SIZE,
+                data: d.clone(),
+            });
+            n += 1;
+        }
+        if n * PAGE_SIZE != r.len {
+            return Err(DumpError::Parse {
+                pid,
+                what: "pages taken from the last checkpoint",
+                detail: format!(
+                    "{n} pages remembered in {:#x}-{:#x}",
+                    r.addr,
+                    r.addr + r.len
+                ),
+            });
+        }
+    }
+    *mem = out;
+    Ok(())
+}
+
+/// [`resolve_taken`] for every process of `images` the tracker of `opts` remembers.
+fn resolve_all_taken<'a>(
+    opts: &DumpOptions,
+    images: impl IntoIterator<Item = &'a mut ProcessImage>,
+) -> Result<(), DumpError> {
+    let Some(t) = opts.dirty.as_ref() else {
+        return Ok(());
+    };
+    let t = t.lock().unwrap_or_else(|p| p.into_inner());
+    for img in images {
+        let pid = img.pid;
+        let empty = std::collections::BTreeMap::new();
+        let prev = t.remembered(pid).unwrap_or(&empty);
+        resolve_taken(pid, &mut img.memory, prev)?;
+    }
+    Ok(())
 }
 
 /// Reads the pages of `ranges` (page aligned, in address order) of `pid` straight into one

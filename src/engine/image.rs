@@ -302,6 +302,10 @@ pub struct TreeImage {
     /// Encoded after the sockets.
     #[serde(skip)]
     pub memfds: Vec<MemfdImage>,
+    /// How long the tree was frozen, from the dump's hook to the thaw (set by
+    /// [`super::dump::dump_tree`]; not part of the image).
+    #[serde(skip)]
+    pub frozen_for: Option<std::time::Duration>,
 }
 
 impl TreeImage {
@@ -1549,6 +1553,7 @@ pub(crate) mod tests {
     fn version_3_trees_decode_without_sockets() {
         let img = sample();
         let tree = TreeImage {
+            frozen_for: None,
             root: 42,
             processes: vec![TreeMember {
                 pid: 42,
@@ -1575,6 +1580,7 @@ pub(crate) mod tests {
         want.signals = SignalState::default();
         assert_eq!(back, want);
         let tree = TreeImage {
+            frozen_for: None,
             root: 42,
             processes: vec![TreeMember {
                 pid: 42,
@@ -1777,6 +1783,7 @@ pub(crate) mod tests {
         with_pipe.pid = 43;
         with_pipe.fds[0].kind = FdKind::Pipe { ino: 99 };
         let tree = TreeImage {
+            frozen_for: None,
             root: 42,
             processes: vec![
                 TreeMember {

@@ -1264,6 +1264,7 @@ fn restore_refuses_pipe_fd_without_tree() {
     let mut img = super::image::tests::sample();
     img.fds[0].kind = super::image::FdKind::Pipe { ino: 5 };
     let tree = super::image::TreeImage {
+        frozen_for: None,
         root: img.pid,
         processes: vec![super::image::TreeMember {
             pid: img.pid,
