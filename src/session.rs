@@ -236,9 +236,11 @@ pub fn start(spec: &InitSpec, detach: bool, time_offsets: Option<(i128, i128)>) 
     }
     let mut child = cmd.spawn().context("start session")?;
     if detach {
-        // Wait until init serves its socket, so that the caller can checkpoint at once.
+        // Wait until init serves its socket (the program runs: a restore is complete), so
+        // that the caller can checkpoint at once, or until the session fails. A restore of
+        // a large image from disk may take long: there is no deadline while it is alive.
         let sock = dir.join("ctl.sock");
-        for _ in 0..500 {
+        loop {
             if sock.exists() {
                 break;
             }
@@ -260,7 +262,7 @@ pub fn start(spec: &InitSpec, detach: bool, time_offsets: Option<(i128, i128)>) 
                     ),
                 }
             }
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(Duration::from_millis(2));
         }
         std::thread::spawn(move || child.wait());
         return Ok(0);
@@ -956,8 +958,9 @@ impl engine::ChunkSource for StoreChunks {
             ));
         }
         let read = |part: &[([u8; 32], u64)], out: &mut [u8]| -> Result<(), String> {
-            let ids: Vec<ContentId> = part.iter().map(|(h, _)| ContentId(*h)).collect();
-            self.0.read_into(&ids, out).map_err(|e| e.to_string())
+            let objs: Vec<(ContentId, u64)> =
+                part.iter().map(|(h, l)| (ContentId(*h), *l)).collect();
+            self.0.read_into(&objs, out).map_err(|e| e.to_string())
         };
         let threads = forkpoint_fs::id::cores().clamp(1, 8);
         if threads < 2 || reqs.len() < 64 {

@@ -728,17 +728,30 @@ impl Store {
         Ok(out)
     }
 
-    /// Reads objects `ids` into `out` back to back, in order (their lengths must add up to
-    /// `out`'s), each checked as [`Store::read_verified`] checks it. Neighbouring records
-    /// are read with one `preadv` that puts the headers aside and the payloads straight
-    /// into `out`: no copy but the kernel's (a restore reads its memory this way).
-    pub fn read_into(&self, ids: &[ContentId], out: &mut [u8]) -> Result<()> {
+    /// Reads objects into `out` back to back, in order, each of the length given with it
+    /// (an object of another length is refused; the lengths add up to `out`'s), each
+    /// checked as [`Store::read_verified`] checks it. Neighbouring records are read with one
+    /// `preadv` that puts the headers aside and the payloads straight into `out`: no copy
+    /// but the kernel's (a restore reads its memory this way).
+    pub fn read_into(&self, objs: &[(ContentId, u64)], out: &mut [u8]) -> Result<()> {
+        let ids: Vec<ContentId> = objs.iter().map(|o| o.0).collect();
         const GROUP: usize = 512; // two pieces per record, IOV_MAX 1024
         const SPAN: u64 = 8 << 20;
         let locs = ids
             .iter()
             .map(|id| self.locate(id).ok_or(StoreError::MissingObject(*id)))
             .collect::<Result<Vec<Loc>>>()?;
+        if let Some((l, (id, want))) = locs
+            .iter()
+            .zip(objs)
+            .find(|(l, (_, want))| u64::from(l.len) != *want)
+        {
+            return Err(StoreError::Decode {
+                what: "object read",
+                id: *id,
+                reason: format!("{} bytes where {want} were expected", l.len),
+            });
+        }
         let total: u64 = locs.iter().map(|l| u64::from(l.len)).sum();
         if total != out.len() as u64 {
             return Err(StoreError::Decode {

@@ -194,7 +194,7 @@ fn read_into_fills_the_buffer_and_checks_each_record() {
     let mut want: Vec<usize> = (0..700).collect();
     want.extend((0..700).rev().step_by(3));
     want.extend([5, 5, 6]);
-    let asked: Vec<ContentId> = want.iter().map(|&i| ids[i]).collect();
+    let asked: Vec<(ContentId, u64)> = want.iter().map(|&i| (ids[i], 4096)).collect();
     let mut out = vec![0u8; asked.len() * 4096];
     store.read_into(&asked, &mut out).expect("read into");
     for (k, i) in want.iter().enumerate() {
@@ -205,7 +205,14 @@ fn read_into_fills_the_buffer_and_checks_each_record() {
         );
     }
     let mut short = vec![0u8; 4095];
-    assert!(store.read_into(&ids[..1], &mut short).is_err());
+    assert!(store.read_into(&[(ids[0], 4096)], &mut short).is_err());
+    // Lengths that add up but do not match the objects are refused.
+    let mut two = vec![0u8; 8192];
+    let e = store
+        .read_into(&[(ids[0], 8192), (ids[1], 0)], &mut two)
+        .expect_err("wrong lengths")
+        .to_string();
+    assert!(e.contains("4096 bytes where 8192 were expected"), "{e}");
     store.commit(None).expect("commit");
     drop(store);
     // Flip one payload byte of object 400 on disk.
@@ -223,8 +230,9 @@ fn read_into_fills_the_buffer_and_checks_each_record() {
     std::fs::write(&seg, &bytes).expect("write segment");
     let store = Store::open_with(&dir, config, None, true).expect("reopen");
     let mut out = vec![0u8; ids.len() * 4096];
+    let all: Vec<(ContentId, u64)> = ids.iter().map(|id| (*id, 4096)).collect();
     let msg = store
-        .read_into(&ids, &mut out)
+        .read_into(&all, &mut out)
         .expect_err("a corrupt record must be refused")
         .to_string();
     assert!(

@@ -145,7 +145,7 @@ struct Tracked {
     /// Ranges registered at the last dump.
     registered: Vec<(u64, u64)>,
     /// Page address → its contents in the last committed image (zero or stored).
-    pages: BTreeMap<u64, PageData>,
+    pages: std::sync::Arc<BTreeMap<u64, PageData>>,
     /// Registered at a dump that has not been committed yet.
     fresh: bool,
 }
@@ -228,13 +228,13 @@ impl DirtyTracker {
 
     /// The pages of `pid` in its last committed image (address → zero or stored).
     pub fn pages(&self, pid: i32) -> Option<&BTreeMap<u64, PageData>> {
-        self.procs.get(&pid).filter(|t| !t.fresh).map(|t| &t.pages)
+        self.procs.get(&pid).filter(|t| !t.fresh).map(|t| &*t.pages)
     }
 
-    /// The pages of `pid` last remembered, whether or not a dump re-armed its tracking since
-    /// (a dump takes pages from them while frozen and fills them in afterwards).
-    pub fn remembered(&self, pid: i32) -> Option<&BTreeMap<u64, PageData>> {
-        self.procs.get(&pid).map(|t| &t.pages)
+    /// The pages of `pid` last remembered, shared: a dump takes pages from them while
+    /// frozen and fills them in after the thaw, whatever re-arming did to the tracker.
+    pub fn remembered(&self, pid: i32) -> Option<std::sync::Arc<BTreeMap<u64, PageData>>> {
+        self.procs.get(&pid).map(|t| t.pages.clone())
     }
 
     /// The pages of `pid` in [`DirtyTracker::base`], the image last remembered, also after a
@@ -242,7 +242,7 @@ impl DirtyTracker {
     /// process tracked since.
     pub fn base_pages(&self, pid: i32) -> Option<&BTreeMap<u64, PageData>> {
         self.base?;
-        self.procs.get(&pid).map(|t| &t.pages)
+        self.procs.get(&pid).map(|t| &*t.pages)
     }
 
     /// After the memory of `pid` was read (still frozen): make sure it has a userfaultfd of
@@ -280,7 +280,7 @@ impl DirtyTracker {
                     start,
                     uffd,
                     registered: Vec::new(),
-                    pages: BTreeMap::new(),
+                    pages: Default::default(),
                     fresh: true,
                 })
             }
@@ -325,7 +325,7 @@ impl DirtyTracker {
     /// next dump may reuse. Other processes are left as they are.
     pub fn remember_one(&mut self, pid: i32, mem: &ImageMemory) {
         if let Some(t) = self.procs.get_mut(&pid) {
-            t.pages = pages_of(mem);
+            t.pages = std::sync::Arc::new(pages_of(mem));
             t.fresh = false;
         }
         self.base = None;
@@ -340,7 +340,7 @@ impl DirtyTracker {
         self.procs.retain(|pid, _| live.contains_key(pid));
         for (pid, t) in &mut self.procs {
             let Some(mem) = live.get(pid) else { continue };
-            t.pages = pages_of(mem);
+            t.pages = std::sync::Arc::new(pages_of(mem));
             t.fresh = false;
         }
         self.reused_pages = 0;

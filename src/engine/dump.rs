@@ -529,9 +529,14 @@ pub fn dump_frozen(
 ) -> Result<ProcessImage, DumpError> {
     let mut frozen = Frozen::freeze(pid)?;
     on_frozen().map_err(|reason| DumpError::Hook { pid, reason })?;
-    let mut image = read_frozen(pid, &mut frozen, opts, false)?;
+    let (mut image, taken) = read_frozen(pid, &mut frozen, opts, false)?;
+    // A process killed after its dump: fill in before the kill, so that nothing can fail
+    // once it is gone. One that runs on: after the thaw.
+    if opts.after != AfterDump::Resume {
+        fill_taken(&mut image, &taken)?;
+    }
     finish(vec![(pid, frozen)], opts.after)?;
-    resolve_all_taken(opts, [&mut image])?;
+    fill_taken(&mut image, &taken)?;
     log_dumped(&image);
     Ok(image)
 }
@@ -554,7 +559,7 @@ fn read_frozen(
     frozen: &mut Frozen,
     opts: &DumpOptions,
     allow_pipes: bool,
-) -> Result<ProcessImage, DumpError> {
+) -> Result<(ProcessImage, Taken), DumpError> {
     let trace = |source| DumpError::Trace { pid, source };
 
     let t0 = std::time::Instant::now();
@@ -640,7 +645,7 @@ fn read_frozen(
         .dirty
         .as_ref()
         .map(|d| d.lock().unwrap_or_else(|p| p.into_inner()));
-    let (mut memory, scanned, reused) = dump_memory(
+    let (memory, scanned, reused) = dump_memory(
         pid,
         &mut frozen.tracers[0],
         &mappings,
@@ -650,6 +655,12 @@ fn read_frozen(
     if let Some(t) = tracker.as_mut() {
         t.reused_pages += reused;
     }
+    // The pages the dump took from the last image, kept for filling them in after the thaw
+    // (re-arming below may replace what the tracker remembers).
+    let taken = tracker
+        .as_ref()
+        .filter(|_| memory.runs.iter().any(|r| r.data == PageData::Base))
+        .and_then(|t| t.remembered(pid));
 
     let t_memory = t0.elapsed();
     // 6. /proc state.
@@ -679,10 +690,6 @@ fn read_frozen(
     //    process under a seccomp filter: the injected userfaultfd() could be its death.
     let filtered = status_field(&status, "Seccomp:").map(str::trim) == Some("2");
     if let Some(tracker) = tracker.as_mut().filter(|_| filtered) {
-        // The pages taken from the last image go with the tracking: resolve them now.
-        let empty = std::collections::BTreeMap::new();
-        let prev = tracker.remembered(pid).unwrap_or(&empty);
-        resolve_taken(pid, &mut memory, prev)?;
         tracker.drop_process(pid);
     }
     // A process that does not run on (killed after the dump) needs no tracking.
@@ -720,7 +727,7 @@ fn read_frozen(
             })
             .collect();
     }
-    Ok(ProcessImage {
+    let image = ProcessImage {
         pid,
         comm: read_proc(pid, "comm")?.trim_end_matches('\n').to_string(),
         exe: read_link(pid, "exe").ok(),
@@ -741,7 +748,20 @@ fn read_frozen(
         rlimits,
         sigactions,
         signals,
-    })
+    };
+    Ok((image, taken))
+}
+
+/// The pages of the last image a tracked dump took (as [`PageData::Base`] runs) without
+/// reading them, to be filled in by [`fill_taken`] once the process runs again.
+type Taken = Option<std::sync::Arc<std::collections::BTreeMap<u64, PageData>>>;
+
+/// Fills in what [`read_frozen`] took from the last image.
+fn fill_taken(img: &mut ProcessImage, taken: &Taken) -> Result<(), DumpError> {
+    match taken {
+        Some(prev) => resolve_taken(img.pid, &mut img.memory, prev),
+        None => Ok(()),
+    }
 }
 
 /// A userfaultfd for the memory of `pid`: made by a syscall injected into it (with every
@@ -1128,12 +1148,18 @@ pub fn dump_tree(
 
     // 2. Read every live member.
     let mut processes = Vec::with_capacity(members.len());
+    let mut taken = Vec::with_capacity(members.len());
     let mut frozen_all = Vec::new();
     for (pid, ppid, held) in members {
         let state = match held {
             Held::Live(mut f) => {
-                let img = read_frozen(pid, &mut f, opts, true)?;
+                let (mut img, t) = read_frozen(pid, &mut f, opts, true)?;
                 frozen_all.push((pid, f));
+                // Killed after the dump: fill in before the kill (see dump_frozen).
+                if opts.after != AfterDump::Resume {
+                    fill_taken(&mut img, &t)?;
+                }
+                taken.push(t);
                 MemberState::Live(Box::new(img))
             }
             Held::Zombie { status, pgid, sid } => MemberState::Zombie { status, pgid, sid },
@@ -1224,9 +1250,15 @@ pub fn dump_tree(
         t_frozen.elapsed() - t_read
     );
     let t_resolve = std::time::Instant::now();
-    resolve_all_taken(opts, processes.iter_mut().filter_map(|m| m.live_mut()))?;
+    for (p, t) in processes
+        .iter_mut()
+        .filter_map(|m| m.live_mut())
+        .zip(&taken)
+    {
+        fill_taken(p, t)?;
+    }
     log::debug!(
-        "tree {root}: taken pages resolved in {:?}",
+        "tree {root}: taken pages filled in in {:?}",
         t_resolve.elapsed()
     );
     for m in &processes {
@@ -1613,24 +1645,6 @@ fn resolve_taken(
     Ok(())
 }
 
-/// [`resolve_taken`] for every process of `images` the tracker of `opts` remembers.
-fn resolve_all_taken<'a>(
-    opts: &DumpOptions,
-    images: impl IntoIterator<Item = &'a mut ProcessImage>,
-) -> Result<(), DumpError> {
-    let Some(t) = opts.dirty.as_ref() else {
-        return Ok(());
-    };
-    let t = t.lock().unwrap_or_else(|p| p.into_inner());
-    for img in images {
-        let pid = img.pid;
-        let empty = std::collections::BTreeMap::new();
-        let prev = t.remembered(pid).unwrap_or(&empty);
-        resolve_taken(pid, &mut img.memory, prev)?;
-    }
-    Ok(())
-}
-
 /// Reads the pages of `ranges` (page aligned, in address order) of `pid` straight into one
 /// buffer per page and appends them to `mem` (zero pages as zero runs), as
 /// [`ImageMemory::push_pages`] would, but with one copy instead of two: the kernel's, into
@@ -1658,48 +1672,64 @@ fn read_pages_into(
         addrs.extend(pages.by_ref().take(BATCH));
         bufs.clear();
         bufs.extend(addrs.iter().map(|_| Vec::with_capacity(page)));
-        local.clear();
-        local.extend(bufs.iter_mut().map(|b| libc::iovec {
-            iov_base: b.as_mut_ptr().cast(),
-            iov_len: page,
-        }));
-        remote.clear();
-        for &a in &addrs {
-            match remote.last_mut() {
-                Some(r) if r.iov_base as u64 + r.iov_len as u64 == a => r.iov_len += page,
-                _ => remote.push(libc::iovec {
-                    iov_base: a as *mut libc::c_void,
-                    iov_len: page,
-                }),
-            }
-        }
-        // SAFETY: every local vector points at the spare capacity (`page` bytes, unaliased)
-        // of a buffer in `bufs`, which outlives the call and is not touched during it; the
-        // remote vectors are only addresses in the other process; both counts are at most
-        // IOV_MAX.
-        let n = unsafe {
-            libc::process_vm_readv(
-                pid,
-                local.as_ptr(),
-                local.len() as libc::c_ulong,
-                remote.as_ptr(),
-                remote.len() as libc::c_ulong,
-                0,
-            )
-        };
-        // The kernel fills the local vectors in order: these pages are complete.
-        let full = usize::try_from(n).unwrap_or(0) / page;
-        for (k, (mut b, &a)) in bufs.drain(..).zip(&addrs).enumerate() {
-            if k < full {
-                // SAFETY: the first `full` local vectors, all of this buffer's `page` bytes
-                // of capacity, were written by process_vm_readv.
-                unsafe { b.set_len(page) };
+        // From page `s` on: one process_vm_readv; a page it stops at (one it cannot read,
+        // e.g. protected) goes through the tracer, then the fast read goes on after it. After
+        // two calls in a row that read nothing, the rest of the batch goes through the tracer.
+        let mut s = 0;
+        let mut misses = 0;
+        while s < addrs.len() {
+            let full = if misses >= 2 {
+                0
             } else {
+                local.clear();
+                local.extend(bufs[s..].iter_mut().map(|b| libc::iovec {
+                    iov_base: b.as_mut_ptr().cast(),
+                    iov_len: page,
+                }));
+                remote.clear();
+                for &a in &addrs[s..] {
+                    match remote.last_mut() {
+                        Some(r) if r.iov_base as u64 + r.iov_len as u64 == a => r.iov_len += page,
+                        _ => remote.push(libc::iovec {
+                            iov_base: a as *mut libc::c_void,
+                            iov_len: page,
+                        }),
+                    }
+                }
+                // SAFETY: every local vector points at the spare capacity (`page` bytes,
+                // unaliased) of a buffer in `bufs`, which outlives the call and is not
+                // touched during it; the remote vectors are only addresses in the other
+                // process; both counts are at most IOV_MAX.
+                let n = unsafe {
+                    libc::process_vm_readv(
+                        pid,
+                        local.as_ptr(),
+                        local.len() as libc::c_ulong,
+                        remote.as_ptr(),
+                        remote.len() as libc::c_ulong,
+                        0,
+                    )
+                };
+                // The kernel fills the local vectors in order: these pages are complete.
+                usize::try_from(n).unwrap_or(0) / page
+            };
+            for b in &mut bufs[s..s + full] {
+                // SAFETY: all of this buffer's `page` bytes of capacity were written by the
+                // process_vm_readv above (one of the first `full` local vectors).
+                unsafe { b.set_len(page) };
+            }
+            misses = if full == 0 { misses + 1 } else { 0 };
+            s += full;
+            if s < addrs.len() {
+                let b = &mut bufs[s];
                 b.resize(page, 0);
                 tracer
-                    .read_mem(a, &mut b)
+                    .read_mem(addrs[s], b)
                     .map_err(|source| DumpError::Trace { pid, source })?;
+                s += 1;
             }
+        }
+        for (b, &a) in bufs.drain(..).zip(&addrs) {
             let data = if b.iter().all(|&x| x == 0) {
                 PageData::Zero
             } else {

@@ -1142,7 +1142,17 @@ pub fn encode_tree(img: &TreeImage) -> Result<Vec<u8>, ImageError> {
         .iter()
         .filter_map(|m| m.live().map(|p| (m.pid, &p.signals)))
         .collect();
-    encode_framed(&(img, signals, &img.sockets, &img.memfds), &TREE_MAGIC)
+    // A whole image is written as version 5, which older builds read; only a delta needs 6.
+    let version = if img.is_delta() {
+        IMAGE_FORMAT_VERSION
+    } else {
+        5
+    };
+    encode_framed_version(
+        &(img, signals, &img.sockets, &img.memfds),
+        &TREE_MAGIC,
+        version,
+    )
 }
 
 /// A version 3 process payload: the image, then its signal state.
@@ -1201,17 +1211,25 @@ pub fn decode_tree_with_limit(bytes: &[u8], limit: u64) -> Result<TreeImage, Ima
 }
 
 fn encode_framed<T: Serialize>(img: &T, magic: &[u8; 8]) -> Result<Vec<u8>, ImageError> {
+    encode_framed_version(img, magic, IMAGE_FORMAT_VERSION)
+}
+
+fn encode_framed_version<T: Serialize>(
+    img: &T,
+    magic: &[u8; 8],
+    version: u32,
+) -> Result<Vec<u8>, ImageError> {
     let payload = postcard::to_stdvec(img).map_err(ImageError::Encode)?;
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
-    out.extend_from_slice(&header(&payload, magic));
+    out.extend_from_slice(&header(&payload, magic, version));
     out.extend_from_slice(&payload);
     Ok(out)
 }
 
-fn header(payload: &[u8], magic: &[u8; 8]) -> [u8; HEADER_LEN] {
+fn header(payload: &[u8], magic: &[u8; 8], version: u32) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     h[0..8].copy_from_slice(magic);
-    h[8..12].copy_from_slice(&IMAGE_FORMAT_VERSION.to_le_bytes());
+    h[8..12].copy_from_slice(&version.to_le_bytes());
     h[12..16].copy_from_slice(&0u32.to_le_bytes());
     h[16..24].copy_from_slice(&(payload.len() as u64).to_le_bytes());
     h[24..56].copy_from_slice(blake3::hash(payload).as_bytes());
@@ -1327,7 +1345,7 @@ fn framed_payload<'a>(
 /// Write a framed image to `w`.
 pub fn write_to(img: &ProcessImage, mut w: impl std::io::Write) -> Result<(), ImageError> {
     let payload = postcard::to_stdvec(&(img, &img.signals)).map_err(ImageError::Encode)?;
-    w.write_all(&header(&payload, &IMAGE_MAGIC))?;
+    w.write_all(&header(&payload, &IMAGE_MAGIC, IMAGE_FORMAT_VERSION))?;
     w.write_all(&payload)?;
     w.flush()?;
     Ok(())
@@ -1403,6 +1421,38 @@ pub(crate) mod tests {
             delta.resolve_against(&base_mem).unwrap();
             prop_assert_eq!(delta, now_mem);
         }
+    }
+
+    /// A whole tree image is written as format 5 (older builds read it); only a delta,
+    /// which they could not resolve, as 6. Both decode.
+    #[test]
+    fn only_delta_images_need_format_6() {
+        let img = sample();
+        let mut tree = TreeImage {
+            frozen_for: None,
+            root: 42,
+            processes: vec![TreeMember {
+                pid: 42,
+                ppid: 1,
+                state: MemberState::Live(Box::new(img)),
+            }],
+            pipes: Vec::new(),
+            sockets: Vec::new(),
+            memfds: Vec::new(),
+        };
+        let whole = encode_tree(&tree).unwrap();
+        assert_eq!(whole[8..12], 5u32.to_le_bytes());
+        assert_eq!(decode_tree(&whole).unwrap(), tree);
+        if let Some(p) = tree.processes[0].live_mut() {
+            p.memory.runs.push(PageRun {
+                addr: 0x100000,
+                len: PAGE_SIZE,
+                data: PageData::Base,
+            });
+        }
+        let delta = encode_tree(&tree).unwrap();
+        assert_eq!(delta[8..12], IMAGE_FORMAT_VERSION.to_le_bytes());
+        assert!(decode_tree(&delta).unwrap().is_delta());
     }
 
     #[test]
@@ -1542,7 +1592,7 @@ pub(crate) mod tests {
 
     fn encode_as<T: Serialize>(version: u32, img: &T, magic: &[u8; 8]) -> Vec<u8> {
         let payload = postcard::to_stdvec(img).unwrap();
-        let mut h = header(&payload, magic);
+        let mut h = header(&payload, magic, IMAGE_FORMAT_VERSION);
         h[8..12].copy_from_slice(&version.to_le_bytes());
         let mut out = h.to_vec();
         out.extend_from_slice(&payload);
@@ -1771,7 +1821,7 @@ pub(crate) mod tests {
     #[test]
     fn rejects_garbage_payload_with_valid_checksum() {
         let payload = vec![0xffu8; 16];
-        let mut bytes = header(&payload, &IMAGE_MAGIC).to_vec();
+        let mut bytes = header(&payload, &IMAGE_MAGIC, IMAGE_FORMAT_VERSION).to_vec();
         bytes.extend_from_slice(&payload);
         assert!(matches!(decode(&bytes), Err(ImageError::Decode(_))));
     }
