@@ -321,8 +321,19 @@ impl Daemon {
                 serde_json::json!({})
             }
             Request::Gc => {
-                self.commit_all();
-                serde_json::to_value(maint::gc(&self.store)?)?
+                // The mark runs beside the mounts' writes; a sweep that finds the store
+                // changed since refuses, and gc starts again (a few times).
+                let mut tries = 0;
+                let report = loop {
+                    self.commit_all();
+                    match maint::gc(&self.store) {
+                        Err(forkpoint_fs::StoreError::ChangedDuringGc) if tries < 4 => {
+                            tries += 1;
+                        }
+                        r => break r?,
+                    }
+                };
+                serde_json::to_value(report)?
             }
             Request::Status => {
                 let mounts = lock(&self.mounts);
@@ -587,18 +598,24 @@ fn record_checkpoint(
     for run in runs {
         match &run.data {
             PageData::Stored(h) => {
-                let id = ContentId(*h);
-                if !store.contains(&id) {
-                    bail!("process image refers to page chunk {id}, which the store does not hold");
-                }
                 mem_bytes += run.len;
-                refs.push(id);
+                refs.push(ContentId(*h));
             }
             PageData::Bytes(_) => bail!("process image still holds inline memory"),
             PageData::Base => mem_bytes += run.len,
             PageData::Zero => {}
         }
     }
+    // Every chunk named must be here, and stays (a gc running now starts again rather than
+    // sweep what this checkpoint is about to commit); so must the base.
+    let mut used = refs.clone();
+    used.extend(image.base);
+    store.reference(&used).map_err(|e| match e {
+        forkpoint_fs::StoreError::MissingObject(id) => {
+            anyhow!("process image refers to chunk {id}, which the store does not hold")
+        }
+        e => e.into(),
+    })?;
     let t_checked = t0.elapsed();
     // The session wrote exactly this encoding: store it as it came.
     let body = bytes;

@@ -23,6 +23,8 @@ pub enum StoreError {
     },
     #[error("object {0} is missing from the store")]
     MissingObject(ContentId),
+    #[error("the store was written to while gc marked what is in use; nothing was reclaimed (run gc again)")]
+    ChangedDuringGc,
     #[error("segment {segment} is missing or truncated: catalog says {expected} bytes, file has {found}")]
     TruncatedSegment {
         segment: u64,

@@ -44,7 +44,7 @@ pub fn errno(e: &FsError) -> Errno {
         FsError::Store(s) => match s {
             StoreError::InvalidName { .. } => Errno::EINVAL,
             StoreError::NameExists(_) | StoreError::BranchExists(_) => Errno::EEXIST,
-            StoreError::BranchKept { .. } => Errno::EBUSY,
+            StoreError::BranchKept { .. } | StoreError::ChangedDuringGc => Errno::EBUSY,
             StoreError::UnknownCheckpoint(_) | StoreError::UnknownBranch(_) => Errno::ENOENT,
             StoreError::TooLarge { .. } => Errno::EFBIG,
             StoreError::Io { source, .. } | StoreError::Lower { source, .. } => {

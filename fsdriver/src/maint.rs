@@ -500,6 +500,15 @@ pub struct GcReport {
 /// catalog transaction switches to them; reclaimed files are deleted after it (or, after a
 /// crash, when the store is next opened).
 pub fn gc(store: &Store) -> Result<GcReport> {
+    gc_with(store, &mut || {})
+}
+
+/// [`gc`], calling `between` after the mark and before the sweep (for tests of what writes
+/// in between do). The mark runs without holding the writer; anything that wrote, used a
+/// stored object or committed since it began makes the sweep refuse (nothing is changed)
+/// with [`StoreError::ChangedDuringGc`]: what the mark called unreachable may be in use.
+pub fn gc_with(store: &Store, between: &mut dyn FnMut()) -> Result<GcReport> {
+    let commits_before = store.commit_count();
     let mut report = GcReport {
         bytes_before: store.disk_usage(),
         ..Default::default()
@@ -508,6 +517,7 @@ pub fn gc(store: &Store) -> Result<GcReport> {
     let retained = store.catalog(|c| c.retained())?.len();
     report.dropped_checkpoints = before - retained;
     let live = reachable(store)?;
+    between();
     let index = store.index_snapshot();
     let mut seg_total: BTreeMap<u64, u64> = BTreeMap::new();
     let mut seg_live: BTreeMap<u64, u64> = BTreeMap::new();
@@ -542,12 +552,8 @@ pub fn gc(store: &Store) -> Result<GcReport> {
         new_index.remove(d);
     }
     let new_segments = store.with_writer(|w| {
-        if w.has_pending() {
-            return Err(StoreError::Io {
-                op: "gc",
-                path: store.dir().to_path_buf(),
-                source: std::io::Error::other("uncommitted objects in the store; commit first"),
-            });
+        if w.has_pending() || w.has_refs() || w.commits() != commits_before {
+            return Err(StoreError::ChangedDuringGc);
         }
         let mut victims_sorted: Vec<(ContentId, Loc)> = index
             .iter()

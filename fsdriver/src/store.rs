@@ -54,6 +54,12 @@ struct Writer {
     /// Segments written since the last commit, with their lengths.
     touched: BTreeMap<u64, u64>,
     created: bool,
+    /// Objects the store already held were used since the last commit (a deduplicated put,
+    /// or references taken with [`Store::reference`]): like `pending`, they make a gc that
+    /// marked before them start again.
+    refs: bool,
+    /// Commits so far (a gc compares the count before its mark and at its sweep).
+    commits: u64,
     /// Appends to the active segment collect here and go out as aligned `O_DIRECT` writes.
     stage: Stage,
 }
@@ -371,6 +377,8 @@ impl Store {
                 pending: Vec::new(),
                 touched: BTreeMap::new(),
                 created: false,
+                refs: false,
+                commits: 0,
                 stage: Stage::new(),
             }),
             unstaged: RwLock::new(None),
@@ -412,6 +420,23 @@ impl Store {
             .contains_key(id)
     }
 
+    /// Takes references to objects the store holds, for the next commit (a process image
+    /// naming chunks): fails naming the first one it does not hold. Like a deduplicated put,
+    /// this makes a gc that marked before it start again rather than sweep them.
+    pub fn reference(&self, ids: &[ContentId]) -> Result<()> {
+        let mut w = lock(&self.writer);
+        if let Some(id) = ids.iter().find(|id| !self.contains(id)) {
+            return Err(StoreError::MissingObject(*id));
+        }
+        w.refs = true;
+        Ok(())
+    }
+
+    /// Commits made since the store was opened.
+    pub(crate) fn commit_count(&self) -> u64 {
+        lock(&self.writer).commits
+    }
+
     /// Where `id` lives.
     pub fn locate(&self, id: &ContentId) -> Option<Loc> {
         self.index
@@ -448,11 +473,11 @@ impl Store {
                 source: std::io::Error::from(std::io::ErrorKind::ReadOnlyFilesystem),
             });
         }
-        if self.contains(&id) {
-            return Ok(());
-        }
+        // The existence check is made under the writer, where a gc's sweep cannot come in
+        // between it and the use of the object it found.
         let mut w = lock(&self.writer);
         if self.contains(&id) {
+            w.refs = true;
             return Ok(());
         }
         let rec_len = segment::RECORD_HEADER_LEN + data.len() as u64;
@@ -511,6 +536,9 @@ impl Store {
             .iter()
             .filter(|(id, _)| !self.contains(id) && seen.insert(*id))
             .collect();
+        if new.len() < items.len() {
+            w.refs = true;
+        }
         let mut written = 0u64;
         let mut i = 0;
         while i < new.len() {
@@ -995,6 +1023,8 @@ impl Store {
         w.pending.clear();
         w.touched.clear();
         w.created = false;
+        w.refs = false;
+        w.commits += 1;
         Ok(cno)
     }
 
@@ -1148,6 +1178,16 @@ impl WriterHandle<'_> {
 
     pub(crate) fn has_pending(&self) -> bool {
         !self.w.pending.is_empty()
+    }
+
+    /// Objects used (deduplicated puts, references) since the last commit.
+    pub(crate) fn has_refs(&self) -> bool {
+        self.w.refs
+    }
+
+    /// Commits so far.
+    pub(crate) fn commits(&self) -> u64 {
+        self.w.commits
     }
 
     pub(crate) fn finish(&mut self) {
