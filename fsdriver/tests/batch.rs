@@ -6,6 +6,23 @@ use forkpoint_fs::segment::ObjectKind;
 use forkpoint_fs::store::StoreConfig;
 use forkpoint_fs::{ContentId, Store};
 
+/// Flips one byte of the payload of `id`'s record, on disk (the store is closed).
+fn flip_payload_byte(store: &std::path::Path, id: &ContentId) {
+    let (seg, mut bytes, at) = std::fs::read_dir(store.join("segments"))
+        .expect("segments")
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find_map(|p| {
+            let bytes = std::fs::read(&p).ok()?;
+            // The id ends the 48-byte header: 100 bytes into the payload.
+            let at = bytes.windows(32).position(|w| w == id.0)?;
+            Some((p, bytes, at + 32 + 100))
+        })
+        .expect("the object's record");
+    bytes[at] ^= 1;
+    std::fs::write(&seg, &bytes).expect("write segment");
+}
+
 #[test]
 fn put_batch_spans_segments_and_skips_known_objects() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -144,19 +161,7 @@ fn read_many_coalesces_and_still_verifies_each_record() {
         assert_eq!(g, &chunks[*i], "object {i}");
     }
     drop(store);
-    // Flip one payload byte of object 150 on disk.
-    let (seg, mut bytes, at) = std::fs::read_dir(dir.join("segments"))
-        .expect("segments")
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .find_map(|p| {
-            let bytes = std::fs::read(&p).ok()?;
-            let at = bytes.windows(32).position(|w| w == ids[150].0)?;
-            Some((p, bytes, at + 32 + 100))
-        })
-        .expect("the record of object 150");
-    bytes[at] ^= 1;
-    std::fs::write(&seg, &bytes).expect("write segment");
+    flip_payload_byte(&dir, &ids[150]);
     let store = Store::open_with(&dir, StoreConfig::default(), None, true).expect("reopen");
     let err = store
         .read_many_verified(&ids)
@@ -215,19 +220,7 @@ fn read_into_fills_the_buffer_and_checks_each_record() {
     assert!(e.contains("4096 bytes where 8192 were expected"), "{e}");
     store.commit(None).expect("commit");
     drop(store);
-    // Flip one payload byte of object 400 on disk.
-    let (seg, mut bytes, at) = std::fs::read_dir(dir.join("segments"))
-        .expect("segments")
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .find_map(|p| {
-            let bytes = std::fs::read(&p).ok()?;
-            let at = bytes.windows(32).position(|w| w == ids[400].0)?;
-            Some((p, bytes, at + 32 + 100))
-        })
-        .expect("the record of object 400");
-    bytes[at] ^= 1;
-    std::fs::write(&seg, &bytes).expect("write segment");
+    flip_payload_byte(&dir, &ids[400]);
     let store = Store::open_with(&dir, config, None, true).expect("reopen");
     let mut out = vec![0u8; ids.len() * 4096];
     let all: Vec<(ContentId, u64)> = ids.iter().map(|id| (*id, 4096)).collect();
