@@ -47,14 +47,20 @@ pub enum Request {
         name: String,
         root_cno: u64,
         image_file: PathBuf,
-        /// Page chunks the store may not hold yet, in the memory of the process that sends
-        /// the request: (BLAKE3, u64 LE address, u32 LE length)*.
-        page_list: PathBuf,
         auto: bool,
         /// The image this one is a delta against (hex id), when its memory has
         /// [`forkpoint::engine::image::PageData::Base`] runs.
         #[serde(default)]
         base_image: Option<String>,
+    },
+    /// Stores page chunks copied out of the memory of the process that sends the request,
+    /// listed in `page_list` as (u64 LE address, u32 LE length)*; the daemon names each
+    /// (BLAKE3, which it computes anyway to store it) and writes the 32-byte ids, in list
+    /// order, to `ids_out`. The pages must stay unchanged until the answer.
+    StorePages {
+        mountpoint: PathBuf,
+        page_list: PathBuf,
+        ids_out: PathBuf,
     },
     Rollback {
         mountpoint: PathBuf,
@@ -275,17 +281,10 @@ impl Daemon {
                 name,
                 root_cno,
                 image_file,
-                page_list,
                 auto,
                 base_image,
             } => {
                 self.fs(&mountpoint)?;
-                let pid =
-                    peer.ok_or_else(|| anyhow!("cannot tell which process sent the pages"))?;
-                let pages = PageSource {
-                    pid,
-                    list: &page_list,
-                };
                 let base = base_image
                     .map(|h| {
                         ContentId::from_hex(&h).ok_or_else(|| anyhow!("bad base image id {h}"))
@@ -295,7 +294,21 @@ impl Daemon {
                     file: &image_file,
                     base,
                 };
-                record_checkpoint(&self.store, &name, root_cno, &image, &pages, auto)?
+                record_checkpoint(&self.store, &name, root_cno, &image, auto)?
+            }
+            Request::StorePages {
+                mountpoint,
+                page_list,
+                ids_out,
+            } => {
+                self.fs(&mountpoint)?;
+                let pid =
+                    peer.ok_or_else(|| anyhow!("cannot tell which process sent the pages"))?;
+                let pages = PageSource {
+                    pid,
+                    list: &page_list,
+                };
+                store_pages(&self.store, &pages, &ids_out)?
             }
             Request::Rollback { mountpoint, cno } => {
                 let mounts = lock(&self.mounts);
@@ -502,51 +515,43 @@ struct NewImage<'a> {
     base: Option<ContentId>,
 }
 
-fn record_checkpoint(
-    store: &Store,
-    name: &str,
-    root_cno: u64,
-    image: &NewImage<'_>,
-    pages: &PageSource<'_>,
-    auto: bool,
-) -> Result<serde_json::Value> {
-    let image_file = image.file;
-    use forkpoint::engine::image::PageData;
+/// Stores the pages a session lists (see [`Request::StorePages`]): copied out of its memory
+/// in batches, named (hashed on all cores), appended in one vectored write per batch, the
+/// disk set to work behind each. Returns the count and the bytes new to the store.
+fn store_pages(store: &Store, pages: &PageSource<'_>, ids_out: &Path) -> Result<serde_json::Value> {
     use forkpoint_fs::segment::ObjectKind;
-    let t0 = Instant::now();
-    // New pages first, copied out of the sender's memory in batches; each is re-hashed (on
-    // all cores), so no sender can put wrong data under a name; then one vectored append.
     const BATCH: usize = 32 << 20;
+    const ENTRY: usize = 12;
+    let t0 = Instant::now();
     let list =
         std::fs::read(pages.list).with_context(|| format!("read {}", pages.list.display()))?;
-    if list.len() % 44 != 0 {
+    if list.len() % ENTRY != 0 {
         bail!("page list {}: truncated entry", pages.list.display());
     }
-    let entries: Vec<([u8; 32], u64, usize)> = list
-        .chunks_exact(44)
+    let entries: Vec<(u64, usize)> = list
+        .chunks_exact(ENTRY)
         .map(|e| {
-            let mut h = [0u8; 32];
-            h.copy_from_slice(&e[..32]);
             let mut a = [0u8; 8];
-            a.copy_from_slice(&e[32..40]);
-            let len = u32::from_le_bytes([e[40], e[41], e[42], e[43]]) as usize;
-            (h, u64::from_le_bytes(a), len)
+            a.copy_from_slice(&e[..8]);
+            let len = u32::from_le_bytes([e[8], e[9], e[10], e[11]]) as usize;
+            (u64::from_le_bytes(a), len)
         })
         .collect();
     if let Some(e) = entries
         .iter()
-        .find(|e| e.2 > forkpoint_fs::segment::MAX_OBJECT)
+        .find(|e| e.1 > forkpoint_fs::segment::MAX_OBJECT)
     {
-        bail!("page list: chunk of {} bytes is too large", e.2);
+        bail!("page list: chunk of {} bytes is too large", e.1);
     }
+    let mut ids = Vec::with_capacity(entries.len() * 32);
     let mut new_bytes = 0u64;
     let mut buf: Vec<u8> = Vec::new();
     let mut i = 0;
     while i < entries.len() {
         let mut j = i;
         let mut total = 0usize;
-        while j < entries.len() && (j == i || total + entries[j].2 <= BATCH) {
-            total += entries[j].2;
+        while j < entries.len() && (j == i || total + entries[j].1 <= BATCH) {
+            total += entries[j].1;
             j += 1;
         }
         let batch = &entries[i..j];
@@ -555,12 +560,12 @@ fn record_checkpoint(
         let mut pieces: Vec<&[u8]> = Vec::with_capacity(batch.len());
         let mut at = 0;
         for e in batch {
-            pieces.push(&buf[at..at + e.2]);
-            at += e.2;
+            pieces.push(&buf[at..at + e.1]);
+            at += e.1;
         }
         let got = ContentId::of_many(&pieces);
-        if let Some((e, _)) = batch.iter().zip(&got).find(|(e, g)| e.0 != g.0) {
-            bail!("page chunk {} does not match its hash", ContentId(e.0));
+        for id in &got {
+            ids.extend_from_slice(&id.0);
         }
         let items: Vec<(ContentId, &[u8])> = got.into_iter().zip(pieces).collect();
         new_bytes += store.put_batch(ObjectKind::Chunk, &items)?;
@@ -568,7 +573,27 @@ fn record_checkpoint(
         store.sync_behind();
         i = j;
     }
-    let t_pages = t0.elapsed();
+    std::fs::write(ids_out, &ids).with_context(|| format!("write {}", ids_out.display()))?;
+    log::debug!(
+        "{} pages ({new_bytes} new bytes) stored in {:?}",
+        entries.len(),
+        t0.elapsed()
+    );
+    Ok(serde_json::json!({"pages": entries.len(), "new_bytes": new_bytes}))
+}
+
+fn record_checkpoint(
+    store: &Store,
+    name: &str,
+    root_cno: u64,
+    image: &NewImage<'_>,
+    auto: bool,
+) -> Result<serde_json::Value> {
+    let image_file = image.file;
+    use forkpoint::engine::image::PageData;
+    use forkpoint_fs::segment::ObjectKind;
+    let t0 = Instant::now();
+    let mut new_bytes = 0u64;
     let bytes =
         std::fs::read(image_file).with_context(|| format!("read {}", image_file.display()))?;
     let si = SessionImage::decode(&bytes)?;
@@ -639,8 +664,7 @@ fn record_checkpoint(
     }
     let t_put = t0.elapsed();
     log::debug!(
-        "checkpoint '{name}': {} new pages stored by {t_pages:?}, image decoded by {t_decoded:?}, {} references checked by {t_checked:?}, image of {} bytes stored by {t_put:?}",
-        entries.len(),
+        "checkpoint '{name}': image decoded by {t_decoded:?}, {} references checked by {t_checked:?}, image of {} bytes stored by {t_put:?}",
         refs_len,
         obj_len
     );
@@ -770,18 +794,18 @@ fn peer_pid(conn: &UnixStream) -> Option<i32> {
 }
 
 /// Copies the `(hash, address, length)` ranges of process `pid` into `buf`, back to back.
-fn read_peer(pid: i32, ranges: &[([u8; 32], u64, usize)], buf: &mut [u8]) -> Result<()> {
+fn read_peer(pid: i32, ranges: &[(u64, usize)], buf: &mut [u8]) -> Result<()> {
     use nix::sys::uio::{process_vm_readv, RemoteIoVec};
     let mut off = 0usize;
     for group in ranges.chunks(1024) {
         let remote: Vec<RemoteIoVec> = group
             .iter()
             .map(|e| RemoteIoVec {
-                base: e.1 as usize,
-                len: e.2,
+                base: e.0 as usize,
+                len: e.1,
             })
             .collect();
-        let len: usize = group.iter().map(|e| e.2).sum();
+        let len: usize = group.iter().map(|e| e.1).sum();
         let mut done = 0;
         while done < len {
             // A short read stops at a range boundary; go on from there.

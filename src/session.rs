@@ -15,6 +15,7 @@
 use crate::daemon::{self, Request};
 use anyhow::{anyhow, bail, Context, Result};
 use forkpoint::engine::dirty::DirtyTracker;
+use forkpoint::engine::image::PageData;
 use forkpoint::engine::{self, AfterDump, DumpOptions, TreeImage, TreeRestoreOptions};
 use forkpoint_fs::maint::decode_image;
 use forkpoint_fs::{ContentId, Store};
@@ -652,40 +653,76 @@ fn checkpoint(
         .chain(img.memfds.iter().map(|f| &f.contents))
         .map(|m| m.inline_bytes())
         .sum();
-    let known = (inline > 64 << 20)
-        .then(|| Store::open_read_only(&spec.store).ok())
-        .flatten();
-    // The daemon copies the new pages straight out of this process's memory (it knows the
-    // pid from the connection): a list of (BLAKE3, address, length) is all that is written.
-    // `held` keeps the bytes alive, unchanged, until the daemon has answered.
+    // The daemon copies the pages straight out of this process's memory (it knows the pid
+    // from the connection) and names them: it hashes what it stores anyway, so nothing is
+    // hashed twice, and no sender can put wrong data under a name. A list of (address,
+    // length) is all that is written; `held` keeps the bytes alive, unchanged, until the
+    // daemon has answered; their runs wait for their names (in list order).
     let mut list = std::io::BufWriter::with_capacity(
         1 << 20,
         std::fs::File::create(&list_path).context("create page list")?,
     );
-    let mut sent = std::collections::HashSet::new();
     let mut held: Vec<Vec<u8>> = Vec::new();
     let mut sysv = sysv.unwrap_or_default();
-    let memories = img
-        .processes
-        .iter_mut()
-        .filter_map(|m| m.live_mut())
-        .map(|p| &mut p.memory)
-        .chain(img.memfds.iter_mut().map(|f| &mut f.contents))
-        .chain(sysv.shm.iter_mut().map(|s| &mut s.contents));
-    for memory in memories {
-        for (hash, data) in memory.take_inline() {
-            let id = ContentId(hash);
-            if !known.as_ref().is_some_and(|s| s.contains(&id)) && sent.insert(id) {
-                list.write_all(&hash)?;
+    for memory in memories_mut(&mut img, &mut sysv) {
+        for run in &mut memory.runs {
+            if !matches!(run.data, PageData::Bytes(_)) {
+                continue;
+            }
+            if let PageData::Bytes(data) =
+                std::mem::replace(&mut run.data, PageData::Stored([0; 32]))
+            {
                 list.write_all(&(data.as_ptr() as u64).to_le_bytes())?;
                 list.write_all(&(data.len() as u32).to_le_bytes())?;
+                held.push(data);
             }
-            held.push(data);
         }
     }
     list.flush().context("write page list")?;
     drop(list);
-    drop(known);
+    let ids_path = dir.join("checkpoint.ids");
+    let stored = if held.is_empty() {
+        serde_json::json!({"new_bytes": 0})
+    } else {
+        let v = daemon::call(
+            &spec.store,
+            &Request::StorePages {
+                mountpoint: spec.daemon_mount.clone(),
+                page_list: list_path.clone(),
+                ids_out: ids_path.clone(),
+            },
+        );
+        let _ = std::fs::remove_file(&list_path);
+        v?.ok_or_else(|| anyhow!("no daemon serves the mount"))?
+    };
+    let ids = if held.is_empty() {
+        Vec::new()
+    } else {
+        let ids = std::fs::read(&ids_path).context("read the pages' names")?;
+        let _ = std::fs::remove_file(&ids_path);
+        ids
+    };
+    if ids.len() != held.len() * 32 {
+        bail!(
+            "the daemon named {} of {} pages",
+            ids.len() / 32,
+            held.len()
+        );
+    }
+    drop(held);
+    // The placeholders, in the same order (a real BLAKE3 output is never all zeros).
+    let mut names = ids.chunks_exact(32);
+    for memory in memories_mut(&mut img, &mut sysv) {
+        for run in &mut memory.runs {
+            if run.data == PageData::Stored([0; 32]) {
+                if let Some(n) = names.next() {
+                    let mut h = [0u8; 32];
+                    h.copy_from_slice(n);
+                    run.data = PageData::Stored(h);
+                }
+            }
+        }
+    }
     // Against the image the tracker's pages are from, the memory is a delta: what the
     // base holds unchanged is named by range, not page by page (the cost of an incremental
     // checkpoint otherwise grows with every page the program has, not with those it wrote).
@@ -750,15 +787,15 @@ fn checkpoint(
             name: req.name.clone(),
             root_cno,
             image_file: tmp.clone(),
-            page_list: list_path.clone(),
             auto: req.kind == "auto",
             base_image: base.as_ref().map(|(id, _, _)| ContentId(*id).to_hex()),
         },
     );
     let _ = std::fs::remove_file(&tmp);
-    let _ = std::fs::remove_file(&list_path);
-    drop(held);
     let mut v = v?.ok_or_else(|| anyhow!("no daemon serves the mount"))?;
+    v["new_bytes"] = serde_json::json!(
+        v["new_bytes"].as_u64().unwrap_or(0) + stored["new_bytes"].as_u64().unwrap_or(0)
+    );
     v["downtime_us"] = serde_json::json!(downtime.as_micros() as u64);
     v["total_us"] = serde_json::json!(t0.elapsed().as_micros() as u64);
     v["pid"] = serde_json::json!(main);
@@ -784,6 +821,20 @@ fn checkpoint(
         depth,
     });
     Ok((v, keep))
+}
+
+/// Every memory of a checkpoint whose contents go to the store: each process's, each shared
+/// memory file's, each SysV segment's, in a fixed order.
+fn memories_mut<'a>(
+    img: &'a mut TreeImage,
+    sysv: &'a mut crate::sysv::SysvImage,
+) -> impl Iterator<Item = &'a mut engine::image::ImageMemory> {
+    img.processes
+        .iter_mut()
+        .filter_map(|m| m.live_mut())
+        .map(|p| &mut p.memory)
+        .chain(img.memfds.iter_mut().map(|f| &mut f.contents))
+        .chain(sysv.shm.iter_mut().map(|s| &mut s.contents))
 }
 
 /// Delta images on top of a whole one, at most: a restore resolves the chain, image by
