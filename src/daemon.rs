@@ -121,7 +121,15 @@ pub fn call(store: &Path, req: &Request) -> Result<Option<serde_json::Value>> {
     if r.ok {
         Ok(Some(r.value))
     } else {
-        Err(anyhow!(r.error.unwrap_or_else(|| "daemon error".into())))
+        let e = r.error.unwrap_or_else(|| "daemon error".into());
+        // A daemon started by an older build does not know a newer request.
+        if e.starts_with("bad request: unknown variant") {
+            bail!(
+                "{e}: the daemon of {} runs another version of forkpoint; unmount its mounts (`forkpoint umount`) and mount again",
+                store.display()
+            );
+        }
+        Err(anyhow!(e))
     }
 }
 
