@@ -540,10 +540,7 @@ fn handle_control(
     let _ = (&*conn).write_all(out.as_bytes());
     // Once the caller has its answer, while the program runs: warm the heap the next
     // incremental checkpoint copies into (kept between checkpoints, see above).
-    if tracker.is_some()
-        && !killed
-        && std::env::var("FORKPOINT_WARM_HEAP").map_or(true, |v| v != "0")
-    {
+    if tracker.is_some() && !killed && heap_warming() {
         warm_heap(program_rss() / 8);
     }
     killed
@@ -611,7 +608,7 @@ fn checkpoint(
         .dirty
         .as_ref()
         .is_some_and(|t| t.lock().unwrap_or_else(|p| p.into_inner()).tracks(main));
-    let warmed = if std::env::var("FORKPOINT_WARM_HEAP").is_ok_and(|v| v == "0") {
+    let warmed = if !heap_warming() {
         0
     } else if incremental {
         warm_heap(program_rss() / 8)
@@ -1128,6 +1125,11 @@ fn program_rss() -> u64 {
             Some(field_kb(&st, "VmRSS:")? << 10)
         })
         .sum()
+}
+
+/// Whether to warm the heap (`FORKPOINT_WARM_HEAP=0` turns it off, for measurements).
+fn heap_warming() -> bool {
+    std::env::var("FORKPOINT_WARM_HEAP").map_or(true, |v| v != "0")
 }
 
 /// Free heap known to be touched: what [`warm_heap`] warmed, until a `malloc_trim`.

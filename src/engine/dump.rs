@@ -1601,8 +1601,8 @@ fn dump_tracked(
 }
 
 /// Replaces the [`PageData::Base`] runs a tracked dump left in `mem` (pages not written
-/// since the last checkpoint) by those pages of the last image, `prev`, merged as
-/// [`ImageMemory::push_known_page`] merges them. Done once the process runs again.
+/// since the last checkpoint) by those pages of the last image, `prev` (zero runs merged, as
+/// a dump merges them). Done once the process runs again.
 fn resolve_taken(
     pid: i32,
     mem: &mut ImageMemory,

@@ -749,24 +749,6 @@ impl ImageMemory {
         }
     }
 
-    /// Appends one page at `addr` (above every run so far) whose contents are known from an
-    /// earlier image (zero or stored), without its bytes.
-    pub fn push_known_page(&mut self, addr: u64, data: PageData) {
-        if data == PageData::Zero {
-            if let Some(last) = self.runs.last_mut() {
-                if last.data == PageData::Zero && last.addr + last.len == addr {
-                    last.len += self.page_size;
-                    return;
-                }
-            }
-        }
-        self.runs.push(PageRun {
-            addr,
-            len: self.page_size,
-            data,
-        });
-    }
-
     /// Appends a run made by [`ImageMemory::push_pages`] (above every run so far), merged
     /// into the last one when both are zero and adjacent, as `push_pages` would have.
     pub fn push_read_run(&mut self, run: PageRun) {
