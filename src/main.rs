@@ -134,6 +134,11 @@ enum Cmd {
         branch: Option<String>,
         #[arg(long)]
         detach: bool,
+        /// Let the program run before its memory is all back: pages are copied in on first
+        /// touch and in the background (post-copy). Its next checkpoint waits until every
+        /// page is in and reads its memory in full.
+        #[arg(long)]
+        lazy: bool,
         name: String,
     },
     /// List sessions.
@@ -411,9 +416,16 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             mountpoint,
             branch,
             detach,
+            lazy,
             name,
         } => {
-            let code = restore(mountpoint.as_deref(), branch.as_deref(), detach, &name)?;
+            let code = restore(
+                mountpoint.as_deref(),
+                branch.as_deref(),
+                detach,
+                lazy,
+                &name,
+            )?;
             return Ok(ExitCode::from(code.clamp(0, 255) as u8));
         }
         Cmd::Ps { mountpoint, json } => {
@@ -907,6 +919,7 @@ fn run_session(
         argv: cmd,
         restore: None,
         restored_from: None,
+        lazy: false,
     };
     let code = session::start(&spec, detach, None)?;
     if detach {
@@ -942,6 +955,7 @@ fn restore(
     mountpoint: Option<&Path>,
     branch: Option<&str>,
     detach: bool,
+    lazy: bool,
     name: &str,
 ) -> Result<i32> {
     let t0 = std::time::Instant::now();
@@ -1018,6 +1032,7 @@ fn restore(
                     argv: si.argv.clone(),
                     restore: None,
                     restored_from: Some(name.to_string()),
+                    lazy: false,
                 },
                 None,
             )
@@ -1101,6 +1116,7 @@ fn restore(
                     argv: si.argv.clone(),
                     restore: None,
                     restored_from: Some(name.to_string()),
+                    lazy: false,
                 },
                 kept,
             )
@@ -1108,6 +1124,7 @@ fn restore(
     };
     let spec = session::InitSpec {
         restore: Some(cp.cno),
+        lazy,
         ..spec
     };
     log::debug!("restore: session starts at {:?}", t0.elapsed());
@@ -1196,6 +1213,7 @@ fn demo_processes(store: &Path, mnt: &Path) -> Result<()> {
         argv: vec!["python3".into(), "counter.py".into()],
         restore: None,
         restored_from: None,
+        lazy: false,
     };
     session::start(&spec, true, None)?;
     wait(1500);
@@ -1222,7 +1240,7 @@ fn demo_processes(store: &Path, mnt: &Path) -> Result<()> {
         last(&mnt.join("counter.txt"))
     );
     println!("$ forkpoint restore -m {} --detach warm", mnt.display());
-    restore(Some(mnt), None, true, "warm")?;
+    restore(Some(mnt), None, true, false, "warm")?;
     wait(300);
     println!(
         "rolled back, and counting on from the checkpoint: {}",
@@ -1232,7 +1250,7 @@ fn demo_processes(store: &Path, mnt: &Path) -> Result<()> {
         "$ forkpoint restore -m {} --detach --branch experiment warm",
         mnt.display()
     );
-    restore(Some(mnt), Some("experiment"), true, "warm")?;
+    restore(Some(mnt), Some("experiment"), true, false, "warm")?;
     wait(1000);
     let exp = store.join("branches/experiment");
     println!(

@@ -115,6 +115,9 @@ pub struct InitSpec {
     /// Checkpoint number to restore instead of running `argv`.
     pub restore: Option<u64>,
     pub restored_from: Option<String>,
+    /// Restore memory lazily ([`engine::lazy`]).
+    #[serde(default)]
+    pub lazy: bool,
 }
 
 pub fn sessions_dir(store: &Path) -> PathBuf {
@@ -555,6 +558,7 @@ fn checkpoint(
     tracker: Option<&Arc<Mutex<DirtyTracker>>>,
 ) -> Result<(serde_json::Value, Option<Kept>)> {
     forkpoint_fs::fs::validate_name(&req.name)?;
+    finish_lazy()?;
     let after = match req.after.as_str() {
         "kill" => AfterDump::Kill,
         _ => AfterDump::Resume,
@@ -1044,6 +1048,30 @@ fn restore_main(spec: &InitSpec, cno: u64, dirty: Option<Arc<Mutex<DirtyTracker>
     let t_load = t0.elapsed();
     adopt_session_log(spec, &mut tree);
     let chunks = StoreChunks(store.clone());
+    let lazy = if spec.lazy {
+        // Pages are read after the program runs: every one must be in the store now.
+        for p in tree.processes.iter().filter_map(|m| m.live()) {
+            for r in &p.memory.runs {
+                if let PageData::Stored(h) = &r.data {
+                    if !store.contains(&ContentId(*h)) {
+                        bail!(
+                            "process {}: the pages at {:#x} ({}) are missing from the store",
+                            p.pid,
+                            r.addr,
+                            engine::restore::hex32(h)
+                        );
+                    }
+                }
+            }
+        }
+        let source = Arc::new(StoreChunks(store.clone()));
+        Some(
+            engine::lazy::LazyFill::start(source, Box::new(|_| kill_program()))
+                .context("start the lazy restore")?,
+        )
+    } else {
+        None
+    };
 
     // The SysV objects first (with their ids): the processes attach segments while they are
     // rebuilt. init is alone in the session's fresh IPC namespace.
@@ -1058,6 +1086,7 @@ fn restore_main(spec: &InitSpec, cno: u64, dirty: Option<Arc<Mutex<DirtyTracker>
         // /dev/null and the session's log.
         terminal: None,
         dirty: dirty.clone(),
+        lazy: lazy.as_ref(),
     };
     let pid = engine::restore_tree(&tree, &opts);
     if pid.is_err() {
@@ -1072,12 +1101,47 @@ fn restore_main(spec: &InitSpec, cno: u64, dirty: Option<Arc<Mutex<DirtyTracker>
         t.lock().unwrap_or_else(|p| p.into_inner()).base = Some((image.0, depth));
     }
     crate::sysv::remove_destroyed(&si.sysv);
+    if let Some(l) = lazy {
+        l.commit();
+        *LAZY.lock().unwrap_or_else(|p| p.into_inner()) = Some(l);
+    }
     log::debug!(
         "restore of checkpoint #{cno}: store opened in {t_open:?}, image loaded in {:?}, processes restored in {:?}",
         t_load - t_open,
         t0.elapsed() - t_load
     );
     Ok(pid)
+}
+
+/// The lazy fill of the last restore while it copies pages in ([`engine::lazy`]).
+static LAZY: Mutex<Option<engine::lazy::LazyFill>> = Mutex::new(None);
+
+/// Waits for the lazy fill of the restore (if any) to end: a checkpoint reads memory that
+/// is all there, and the fill's userfaultfds are gone.
+fn finish_lazy() -> Result<()> {
+    let fill = LAZY.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(f) = fill {
+        let t = Instant::now();
+        let stats = f
+            .wait()
+            .map_err(|e| anyhow!("the lazy restore failed (the program was killed): {e}"))?;
+        log::debug!("waited {:?} for the lazy restore: {stats:?}", t.elapsed());
+    }
+    Ok(())
+}
+
+/// Kills every process of the session but init (init's /proc is the session's).
+fn kill_program() {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for pid in dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| *pid != 1)
+    {
+        let _ = engine::sys::kill(pid, libc::SIGKILL);
+    }
 }
 
 /// Descriptors on the log of the session that was checkpointed (a detached program's

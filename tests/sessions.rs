@@ -785,6 +785,60 @@ fn incremental_checkpoints_restore_exact_memory() {
     }
 }
 
+/// `restore --lazy`: the program runs before its memory is back (pages come in on first
+/// touch and in the background); it drops pages while others are still missing, and finds
+/// every counter as it was (checked by the program itself), in place and on a new branch.
+/// The checkpoint after it waits for the last page and reads the memory in full.
+#[test]
+fn lazy_restore_gives_back_exact_memory() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    let exe = lab.cc("sums", SUMS_C, &[]);
+    lab.fp(&[
+        "run",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--",
+        exe.to_str().expect("utf8"),
+    ]);
+    let log = lab.mnt.join("sums.log");
+    wait_for("the program", Duration::from_secs(20), || {
+        lines_any(&log) > 5
+    });
+    lab.fp(&["checkpoint", "-m", lab.m(), "c1"]);
+    let at_cut = lines_any(&lab.mnt.join(".forkpoint/snapshots/c1/sums.log"));
+    lab.fp(&["restore", "-m", lab.m(), "--detach", "--lazy", "c1"]);
+    wait_for("the restored program", Duration::from_secs(20), || {
+        lines_any(&log) > at_cut + 10
+    });
+    let r = unchanged_pages(&lab.fp(&["checkpoint", "-m", lab.m(), "c2"]));
+    assert_eq!(r, 0, "the checkpoint after a lazy restore reads everything");
+    lab.fp(&[
+        "restore",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--lazy",
+        "--branch",
+        "b",
+        "c2",
+    ]);
+    let blog = lab.branch_dir("b").join("sums.log");
+    let at_cut = lines_any(&lab.mnt.join(".forkpoint/snapshots/c2/sums.log"));
+    wait_for("the program on the branch", Duration::from_secs(20), || {
+        lines_any(&blog) > at_cut + 10
+    });
+    for l in [&log, &blog] {
+        let text = std::fs::read_to_string(l).expect("log");
+        for (i, l) in text.lines().enumerate() {
+            assert_eq!(l, format!("{} ok", i + 1), "line {} of sums.log", i + 1);
+        }
+    }
+}
+
 /// The delta depth a `checkpoint` line reports (0 for a whole image).
 fn delta_depth(out: &str) -> u32 {
     out.split(" deep)")

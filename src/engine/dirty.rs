@@ -382,11 +382,16 @@ pub fn init(uffd: OwnedFd) -> Result<OwnedFd, String> {
 }
 
 fn api(uffd: &OwnedFd) -> Result<(), String> {
-    let mut a = [UFFD_API, UFFD_FEATURE_WP_ASYNC, 0u64];
+    api_with(uffd, UFFD_FEATURE_WP_ASYNC)
+}
+
+/// `UFFDIO_API` asking for `features` (allowed once per descriptor).
+pub fn api_with(uffd: &OwnedFd, features: u64) -> Result<(), String> {
+    let mut a = [UFFD_API, features, 0u64];
     // SAFETY: UFFDIO_API reads and writes one struct uffdio_api (three u64) at the pointer.
     let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_API as _, a.as_mut_ptr()) };
     if r < 0 {
-        return Err(format!("UFFDIO_API(WP_ASYNC): {}", Errno::last()));
+        return Err(format!("UFFDIO_API({features:#x}): {}", Errno::last()));
     }
     Ok(())
 }

@@ -767,14 +767,20 @@ fn fill_taken(img: &mut ProcessImage, taken: &Taken) -> Result<(), DumpError> {
 /// A userfaultfd for the memory of `pid`: made by a syscall injected into it (with every
 /// signal blocked in the injecting thread), taken over with `pidfd_getfd`, closed there.
 pub(crate) fn make_uffd(pid: i32, t: &mut Tracer) -> Result<std::os::fd::OwnedFd, String> {
+    make_uffd_with(pid, t, super::dirty::UFFD_FLAGS)
+}
+
+/// [`make_uffd`] with the `userfaultfd` flags given.
+pub(crate) fn make_uffd_with(
+    pid: i32,
+    t: &mut Tracer,
+    flags: u64,
+) -> Result<std::os::fd::OwnedFd, String> {
     let mask = t.sigmask().map_err(|e| e.to_string())?;
     t.set_sigmask(!0).map_err(|e| e.to_string())?;
     let res = (|| {
         let fd = t
-            .syscall(
-                libc::SYS_userfaultfd,
-                [super::dirty::UFFD_FLAGS, 0, 0, 0, 0, 0],
-            )
+            .syscall(libc::SYS_userfaultfd, [flags, 0, 0, 0, 0, 0])
             .map_err(|e| format!("userfaultfd: {e}"))?;
         let ours = super::unix::take_fd(pid, fd as i32).map_err(|e| format!("pidfd_getfd: {e}"));
         let closed = t

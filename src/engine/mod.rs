@@ -33,6 +33,7 @@
 pub mod dirty;
 pub mod dump;
 pub mod image;
+pub mod lazy;
 pub mod restore;
 pub mod sys;
 pub mod tracer;

@@ -323,6 +323,8 @@ pub fn restore_with(image: &ProcessImage, opts: &RestoreOptions) -> Result<i32, 
         dirty: None,
         fill: None,
         uffd: None,
+        lazy: None,
+        lazy_used: false,
     };
     match r.run() {
         Ok(()) => match r.detach_all() {
@@ -472,6 +474,11 @@ struct Restorer<'a> {
     fill: Option<Fill>,
     /// The userfaultfd used for the contents, kept for dirty-page tracking.
     uffd: Option<std::os::fd::OwnedFd>,
+    /// Serves the stored pages of private anonymous memory after the process runs
+    /// ([`super::lazy`]) instead of writing them first.
+    lazy: Option<&'a super::lazy::LazyFill>,
+    /// This process's pages are filled lazily (no dirty-page tracking from the restore on).
+    lazy_used: bool,
 }
 
 /// Private anonymous memory filled with `UFFDIO_COPY` rather than `process_vm_writev`: the
@@ -481,6 +488,8 @@ struct Restorer<'a> {
 struct Fill {
     uffd: std::os::fd::OwnedFd,
     ranges: Vec<(u64, u64)>,
+    /// The ranges' stored pages are a [`super::lazy::LazyFill`]'s: they stay registered.
+    lazy: bool,
 }
 
 impl Fill {
@@ -661,7 +670,12 @@ impl Restorer<'_> {
         }
         // Memory is the image's: from here on, a write (the program's, or the kernel's on
         // its behalf) is what the next checkpoint reads again.
-        if let Some(d) = self.dirty {
+        if let (Some(d), true) = (self.dirty, self.lazy_used) {
+            // What the program writes before its pages are all in is not tracked.
+            d.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .drop_process(self.pid);
+        } else if let Some(d) = self.dirty {
             let ranges: Vec<(u64, u64)> = image
                 .mappings
                 .iter()
@@ -969,19 +983,27 @@ impl Restorer<'_> {
         // memory) or process_vm_writev (the rest) per contiguous range. The batch buffers go
         // back to the reader, so that the same (already touched) memory carries them all.
         self.start_fill();
+        let lazy_ranges: Vec<(u64, u64)> = match &self.fill {
+            Some(f) if f.lazy => f.ranges.clone(),
+            _ => Vec::new(),
+        };
+        // Stored runs written now (the others are the lazy fill's).
+        let eager = |r: &super::image::PageRun| {
+            matches!(r.data, PageData::Stored(_))
+                && !lazy_ranges
+                    .iter()
+                    .any(|&(s, e)| s <= r.addr && r.addr + r.len <= e)
+        };
         let zeros = vec![0u8; 1 << 20];
         let mut batches = Vec::new();
         let mut i = 0;
         while i < runs.len() {
-            if !matches!(runs[i].data, PageData::Stored(_)) {
+            if !eager(&runs[i]) {
                 i += 1;
                 continue;
             }
             let (mut j, mut bytes) = (i, 0);
-            while j < runs.len()
-                && matches!(runs[j].data, PageData::Stored(_))
-                && bytes < FETCH_BATCH
-            {
+            while j < runs.len() && eager(&runs[j]) && bytes < FETCH_BATCH {
                 bytes += runs[j].len;
                 j += 1;
             }
@@ -1030,7 +1052,7 @@ impl Restorer<'_> {
             let mut i = 0;
             let (mut waited, mut wrote) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
             while i < runs.len() {
-                if matches!(runs[i].data, PageData::Stored(_)) {
+                if eager(&runs[i]) {
                     let Some(&(bi, bj)) = next.next().filter(|b| b.0 == i) else {
                         unreachable!("a batch starts at every stored run not in the one before");
                     };
@@ -1074,7 +1096,8 @@ impl Restorer<'_> {
                         }
                     }
                     PageData::Zero => {}
-                    PageData::Stored(_) => unreachable!("stored runs are written in batches"),
+                    // Served by the lazy fill.
+                    PageData::Stored(_) => {}
                     PageData::Base => {
                         return Err(RestoreError::Chunk {
                             addr: run.addr,
@@ -1154,6 +1177,12 @@ impl Restorer<'_> {
             return;
         }
         let pid = self.pid;
+        if let Some(lazy) = self.lazy {
+            match self.start_lazy(lazy, &ranges) {
+                Ok(()) => return,
+                Err(e) => log::debug!("process {pid}: pages written now, not lazily: {e}"),
+            }
+        }
         let uffd = match super::dump::make_uffd(pid, &mut self.t).and_then(super::dirty::init) {
             Ok(u) => u,
             Err(e) => {
@@ -1164,6 +1193,7 @@ impl Restorer<'_> {
         let mut fill = Fill {
             uffd,
             ranges: Vec::new(),
+            lazy: false,
         };
         for (s, e) in ranges {
             match super::dirty::register_missing(&fill.uffd, s, e) {
@@ -1174,12 +1204,66 @@ impl Restorer<'_> {
         self.fill = Some(fill);
     }
 
+    /// [`Restorer::start_fill`] for a lazy restore: a userfaultfd with the events
+    /// [`super::lazy`] follows, every range registered (or none), and the stored pages of
+    /// those ranges handed to `lazy`, which serves the faults from here on.
+    fn start_lazy(
+        &mut self,
+        lazy: &super::lazy::LazyFill,
+        ranges: &[(u64, u64)],
+    ) -> Result<(), String> {
+        let uffd = super::dump::make_uffd_with(self.pid, &mut self.t, super::lazy::FLAGS)?;
+        super::dirty::api_with(&uffd, super::lazy::FEATURES)?;
+        for (i, &(s, e)) in ranges.iter().enumerate() {
+            if let Err(err) = super::dirty::register_missing(&uffd, s, e) {
+                for &(s, e) in &ranges[..i] {
+                    let _ = super::dirty::unregister(&uffd, s, e);
+                }
+                return Err(format!("registering {s:#x}-{e:#x}: {err}"));
+            }
+        }
+        let runs: Vec<super::lazy::LazyRun> = self
+            .image
+            .memory
+            .runs
+            .iter()
+            .filter_map(|r| match &r.data {
+                PageData::Stored(h)
+                    if ranges
+                        .iter()
+                        .any(|&(s, e)| s <= r.addr && r.addr + r.len <= e) =>
+                {
+                    Some(super::lazy::LazyRun {
+                        addr: r.addr,
+                        len: r.len,
+                        hash: *h,
+                    })
+                }
+                _ => None,
+            })
+            .collect();
+        let ours = uffd.try_clone().map_err(|e| format!("dup: {e}"))?;
+        lazy.add(self.pid, ours, runs, ranges);
+        self.fill = Some(Fill {
+            uffd,
+            ranges: ranges.to_vec(),
+            lazy: true,
+        });
+        self.lazy_used = true;
+        Ok(())
+    }
+
     /// Ends [`Restorer::start_fill`]: every range unregistered, the userfaultfd kept for
     /// dirty-page tracking.
     fn stop_fill(&mut self) -> Result<(), RestoreError> {
         let Some(fill) = self.fill.take() else {
             return Ok(());
         };
+        if fill.lazy {
+            // The ranges stay registered, served by the lazy fill: a write from here on
+            // faults its page in through it.
+            return Ok(());
+        }
         let (start, end) = (fill.ranges.first(), fill.ranges.last());
         let (start, end) = (start.map_or(0, |r| r.0), end.map_or(0, |r| r.1));
         match fill.finish() {
@@ -2003,6 +2087,9 @@ pub struct TreeRestoreOptions<'a> {
     /// image as the last checkpoint, so that the first checkpoint after a restore reads only
     /// what the program wrote since ([`super::dirty`]).
     pub dirty: Option<std::sync::Arc<std::sync::Mutex<super::dirty::DirtyTracker>>>,
+    /// Fill private anonymous memory after the processes run ([`super::lazy`]); the caller
+    /// [`commit`](super::lazy::LazyFill::commit)s it once the restore succeeded.
+    pub lazy: Option<&'a super::lazy::LazyFill>,
 }
 
 /// A process of the tree being restored.
@@ -2580,6 +2667,8 @@ fn build_tree<'a>(
                 dirty: opts.dirty.as_deref(),
                 fill: None,
                 uffd: None,
+                lazy: opts.lazy,
+                lazy_used: false,
             };
             let res = r.run();
             restorers.push(r);

@@ -2560,3 +2560,151 @@ fn dump_reads_pages_the_fast_path_cannot() {
         assert_eq!(v, 0x5a5a_0000_0000_0000 + i as u64, "restored word {i}");
     }
 }
+
+/// Regions filled with a pattern; after a restore (SIGUSR1) the program forks a child that
+/// checks one region, moves another with mremap, drops a third with MADV_DONTNEED, unmaps a
+/// fourth, and checks what it then sees.
+const LAZY_C: &str = r#"
+#define _GNU_SOURCE
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#define P 4096UL
+static volatile sig_atomic_t go;
+static void on_usr1(int s) { (void)s; go = 1; }
+static unsigned long pat(unsigned long i, unsigned long salt) { return (i + salt) * 2654435761UL; }
+static void fill(unsigned long *m, unsigned long n, unsigned long salt) { for (unsigned long i = 0; i < n; i++) m[i] = pat(i, salt); }
+static long check(const unsigned long *m, unsigned long n, unsigned long salt) { for (unsigned long i = 0; i < n; i++) if (m[i] != pat(i, salt)) return (long)i; return -1; }
+static void report(const char *dir, const char *name, const char *text) {
+    char p[4096], t[4096]; snprintf(p, sizeof p, "%s/%s", dir, name); snprintf(t, sizeof t, "%s.tmp", p);
+    FILE *f = fopen(t, "w"); fputs(text, f); fclose(f); rename(t, p);
+}
+int main(int argc, char **argv) {
+    const char *dir = argv[1];
+    for (int fd = 3; fd < 1024; fd++) close(fd);
+    unsigned long na = 300 * P / 8, nb = 40 * P / 8, nc = 20 * P / 8;
+    unsigned long *a = mmap(0, 300 * P, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    unsigned long *b = mmap(0, 40 * P, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    unsigned long *c = mmap(0, 20 * P, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    unsigned long *d = mmap(0, 20 * P, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    unsigned long *r = mmap(0, 40 * P, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    fill(a, na, 1); fill(b, nb, 2); fill(c, nc, 3); fill(d, nc, 4);
+    signal(SIGUSR1, on_usr1);
+    report(dir, "ready", "1\n");
+    while (!go) usleep(1000);
+    pid_t kid = fork();
+    if (kid == 0) {
+        char t[64]; snprintf(t, sizeof t, "%ld %ld\n", check(a, na, 1), check(b, nb, 2));
+        report(dir, "child", t);
+        _exit(0);
+    }
+    unsigned long *moved = mremap(b, 40 * P, 40 * P, MREMAP_MAYMOVE | MREMAP_FIXED, r);
+    madvise(c, 20 * P, MADV_DONTNEED);
+    munmap(d, 20 * P);
+    long zero = -1;
+    for (unsigned long i = 0; i < nc; i++) if (c[i] != 0) { zero = (long)i; break; }
+    char t[128];
+    snprintf(t, sizeof t, "%ld %ld %ld %d\n", check(a, na, 1), moved == r ? check(r, nb, 2) : -2, zero, waitpid(kid, 0, 0) == kid);
+    report(dir, "parent", t);
+    for (;;) pause();
+}
+"#;
+
+/// Lazy restore: with the background pass held back, every page the program (and its
+/// child, forked while pages were missing) reads comes from a fault; moved, dropped and
+/// unmapped ranges are followed. Then the rest is filled in and the userfaultfd let go.
+#[test]
+fn lazy_restore_serves_faults_forks_and_remaps() {
+    require_env!();
+    use super::dump::{dump_tree, AfterDump, DumpOptions};
+    use super::lazy::LazyFill;
+    use super::restore::{restore_tree, ChunkSource, TreeRestoreOptions};
+    struct Chunks(std::collections::HashMap<[u8; 32], Vec<u8>>);
+    impl ChunkSource for Chunks {
+        fn fetch(&self, hash: &[u8; 32], _len: u64) -> Result<Vec<u8>, String> {
+            self.0.get(hash).cloned().ok_or_else(|| "missing".into())
+        }
+    }
+    let mut guard = TreeGuard::new();
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build(dir.path(), "lazy", LAZY_C);
+    let child = Command::new(&exe)
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let root = child.id() as i32;
+    drop(child);
+    guard.add(&[root]);
+    let file = |n: &str| std::fs::read_to_string(dir.path().join(n)).ok();
+    assert!(wait_until(Duration::from_secs(5), || file("ready").is_some()));
+    let mut img = dump_tree(
+        root,
+        &DumpOptions {
+            after: AfterDump::Kill,
+            ..Default::default()
+        },
+        &mut || Ok(()),
+    )
+    .unwrap();
+    guard.kill_all();
+    let mut chunks = Chunks(Default::default());
+    for p in img.processes.iter_mut().filter_map(|m| m.live_mut()) {
+        p.memory
+            .externalize(|h, b| {
+                chunks.0.insert(*h, b.to_vec());
+                Ok::<(), ()>(())
+            })
+            .unwrap();
+    }
+    let killed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let k = killed.clone();
+    let chunks = std::sync::Arc::new(chunks);
+    let lazy = LazyFill::start(
+        chunks.clone(),
+        Box::new(move |_| k.store(true, std::sync::atomic::Ordering::SeqCst)),
+    )
+    .unwrap();
+    let new_root = restore_tree(
+        &img,
+        &TreeRestoreOptions {
+            lazy: Some(&lazy),
+            chunks: Some(&*chunks),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    guard.add(&[new_root]);
+    // Not committed: no background pass, only faults.
+    sys::kill(new_root, libc::SIGUSR1).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || file("parent").is_some()),
+        "the restored program did not finish its checks"
+    );
+    assert_eq!(
+        file("child").as_deref(),
+        Some("-1 -1\n"),
+        "the child's view"
+    );
+    assert_eq!(
+        file("parent").as_deref(),
+        Some("-1 -1 -1 1\n"),
+        "the parent's view: region, moved region, dropped region, child reaped"
+    );
+    assert!(!lazy.is_done());
+    lazy.commit();
+    let stats = lazy.wait().unwrap();
+    assert!(!killed.load(std::sync::atomic::Ordering::SeqCst));
+    assert!(stats.faults > 0, "{stats:?}");
+    assert_eq!(stats.forks, 1, "{stats:?}");
+    // The program runs on with its userfaultfd gone.
+    let maps = std::fs::read_to_string(format!("/proc/{new_root}/maps")).unwrap();
+    assert!(!maps.is_empty());
+    assert!(Path::new(&format!("/proc/{new_root}")).exists());
+    drop(lazy);
+}
