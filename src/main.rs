@@ -965,15 +965,9 @@ fn restore(
     let image = cp
         .image
         .with_context(|| format!("'{name}' is a filesystem snapshot without processes"))?;
-    // Refuse a corrupt or incomplete image before anything changes. A rollback stops the
-    // running program, so its image is read and checked in full first; a restore on a new
-    // branch changes nothing that a failure would not undo (the session reads and checks
-    // the image before it starts anything, and the branch is dropped again), so only the
-    // wrapper is read here.
-    let si = match branch {
-        Some(_) => session::load_session_image(&ro, &image)?,
-        None => session::load_image(&ro, &image)?.0,
-    };
+    // Refuse a corrupt or incomplete image before anything changes: read, checked and
+    // resolved here, once; the session gets it, and the open store, by fork.
+    let (si, tree, depth) = session::load_image_chain(&ro, &image)?;
     // The automatic checkpoint of an in-place restore gets a name of its own, also when
     // rollbacks follow each other within a second.
     let ts = fmt_time(forkpoint_now()).replace([' ', ':'], "-");
@@ -984,7 +978,6 @@ fn restore(
         })
         .find(|a| ro.find(a).is_err())
         .unwrap_or_else(|| format!("auto-{ts}"));
-    drop(ro);
     log::debug!("restore: image checked at {:?}", t0.elapsed());
     let now_mono = session::clock_ns(nix::time::ClockId::CLOCK_MONOTONIC);
     let now_boot = session::clock_ns(nix::time::ClockId::CLOCK_BOOTTIME);
@@ -1122,13 +1115,22 @@ fn restore(
             )
         }
     };
+    // FORKPOINT_LAZY_RESTORE=1 makes every restore lazy.
+    let lazy = lazy || std::env::var("FORKPOINT_LAZY_RESTORE").is_ok_and(|v| v == "1");
     let spec = session::InitSpec {
         restore: Some(cp.cno),
         lazy,
         ..spec
     };
     log::debug!("restore: session starts at {:?}", t0.elapsed());
-    match session::start(&spec, detach, offsets) {
+    let pre = session::Preloaded {
+        store: ro,
+        image,
+        si,
+        tree,
+        depth,
+    };
+    match session::start_with(&spec, detach, offsets, Some(pre)) {
         Ok(code) => {
             if detach {
                 println!(

@@ -173,6 +173,75 @@ pub fn clock_ns(clock: nix::time::ClockId) -> i128 {
 
 /// Starts a session; returns session-init's exit status (or 0 when detached).
 pub fn start(spec: &InitSpec, detach: bool, time_offsets: Option<(i128, i128)>) -> Result<i32> {
+    start_with(spec, detach, time_offsets, None)
+}
+
+/// What a restore has read and checked before its session starts: the store, and the
+/// process image resolved from it. Handed to the session by `fork` (no second read).
+pub struct Preloaded {
+    pub store: Arc<Store>,
+    /// The checkpoint's process image (the top of its chain).
+    pub image: ContentId,
+    pub si: SessionImage,
+    pub tree: TreeImage,
+    /// Delta images under it.
+    pub depth: u32,
+}
+
+/// The session's first process: exec'd (`forkpoint session-init`), or forked from this
+/// one with a [`Preloaded`] restore.
+enum Started {
+    Exec(std::process::Child),
+    Forked(nix::unistd::Pid),
+}
+
+impl Started {
+    /// Its exit, as a message, once it has exited.
+    fn try_wait(&mut self) -> Result<Option<String>> {
+        match self {
+            Started::Exec(c) => Ok(c.try_wait()?.map(|st| st.to_string())),
+            Started::Forked(pid) => {
+                use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+                match waitpid(*pid, Some(WaitPidFlag::WNOHANG))? {
+                    WaitStatus::Exited(_, c) => Ok(Some(format!("exit status: {c}"))),
+                    WaitStatus::Signaled(_, s, _) => Ok(Some(format!("signal: {s}"))),
+                    _ => Ok(None),
+                }
+            }
+        }
+    }
+
+    /// Waits for its exit code (128 + the signal that killed it).
+    fn wait(self) -> Result<i32> {
+        match self {
+            Started::Exec(mut c) => {
+                let st = c.wait().context("wait for session")?;
+                Ok(st.code().unwrap_or_else(|| {
+                    use std::os::unix::process::ExitStatusExt;
+                    128 + st.signal().unwrap_or(0)
+                }))
+            }
+            Started::Forked(pid) => loop {
+                use nix::sys::wait::{waitpid, WaitStatus};
+                match waitpid(pid, None) {
+                    Ok(WaitStatus::Exited(_, c)) => return Ok(c),
+                    Ok(WaitStatus::Signaled(_, s, _)) => return Ok(128 + s as i32),
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+                    Err(e) => return Err(e).context("wait for session"),
+                }
+            },
+        }
+    }
+}
+
+/// [`start`]; with `pre`, the session is forked from this process and restores what `pre`
+/// holds (a restore reads its image once, here).
+pub fn start_with(
+    spec: &InitSpec,
+    detach: bool,
+    time_offsets: Option<(i128, i128)>,
+    pre: Option<Preloaded>,
+) -> Result<i32> {
     use std::os::unix::process::CommandExt;
     let dir = session_dir(&spec.store, &spec.name);
     if let Ok(text) = std::fs::read_to_string(dir.join("info.json")) {
@@ -190,15 +259,12 @@ pub fn start(spec: &InitSpec, detach: bool, time_offsets: Option<(i128, i128)>) 
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     let spec_path = dir.join("spec.json");
     std::fs::write(&spec_path, serde_json::to_vec(spec)?).context("write session spec")?;
-    let mut cmd = std::process::Command::new(std::env::current_exe().context("current exe")?);
-    cmd.arg("session-init").arg(&spec_path);
-    if detach {
+    let log_file = if detach {
         let log = dir.join("output.log");
-        let f = std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
-        cmd.stdin(std::process::Stdio::null())
-            .stdout(f.try_clone()?)
-            .stderr(f);
-    }
+        Some(std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?)
+    } else {
+        None
+    };
     // Offsets are written before the new time namespace has any member, as the kernel requires.
     let offsets = time_offsets.map(|(m, b)| {
         let sec = |ns: i128| {
@@ -233,12 +299,52 @@ pub fn start(spec: &InitSpec, detach: bool, time_offsets: Option<(i128, i128)>) 
         }
         Ok(())
     };
-    // SAFETY: the hook runs between fork and exec and makes only plain system calls (open,
-    // write, setsid, unshare); the values it uses were built before the fork.
-    unsafe {
-        cmd.pre_exec(hook);
-    }
-    let mut child = cmd.spawn().context("start session")?;
+    let mut child = match pre {
+        None => {
+            let mut cmd =
+                std::process::Command::new(std::env::current_exe().context("current exe")?);
+            cmd.arg("session-init").arg(&spec_path);
+            if let Some(f) = log_file {
+                cmd.stdin(std::process::Stdio::null())
+                    .stdout(f.try_clone()?)
+                    .stderr(f);
+            }
+            // SAFETY: the hook runs between fork and exec and makes only plain system calls
+            // (open, write, setsid, unshare); the values it uses were built before the fork.
+            unsafe {
+                cmd.pre_exec(hook);
+            }
+            Started::Exec(cmd.spawn().context("start session")?)
+        }
+        Some(pre) => {
+            let null = std::fs::File::open("/dev/null").context("open /dev/null")?;
+            // SAFETY: this process is single-threaded here (the restore's threads are
+            // joined); the child goes on with its own copy of everything and never returns.
+            match unsafe { nix::unistd::fork() }.context("start session")? {
+                nix::unistd::ForkResult::Child => {
+                    let res = (|| -> Result<i32> {
+                        if let Some(f) = &log_file {
+                            nix::unistd::dup2_stdin(&null)?;
+                            nix::unistd::dup2_stdout(f)?;
+                            nix::unistd::dup2_stderr(f)?;
+                        }
+                        drop((null, log_file));
+                        hook()?;
+                        session_init_with(spec.clone(), Some(pre))
+                    })();
+                    let code = res.unwrap_or_else(|e| {
+                        eprintln!("forkpoint: session {}: {e:#}", spec.name);
+                        127
+                    });
+                    std::process::exit(code);
+                }
+                nix::unistd::ForkResult::Parent { child } => {
+                    drop(pre);
+                    Started::Forked(child)
+                }
+            }
+        }
+    };
     if detach {
         // Wait until init serves its socket (the program runs: a restore is complete), so
         // that the caller can checkpoint at once, or until the session fails. A restore of
@@ -271,16 +377,16 @@ pub fn start(spec: &InitSpec, detach: bool, time_offsets: Option<(i128, i128)>) 
         std::thread::spawn(move || child.wait());
         return Ok(0);
     }
-    let st = child.wait().context("wait for session")?;
-    Ok(st.code().unwrap_or_else(|| {
-        use std::os::unix::process::ExitStatusExt;
-        128 + st.signal().unwrap_or(0)
-    }))
+    child.wait()
 }
 
 /// session-init: runs on the host side of the new namespaces and forks init, PID 1.
 pub fn session_init(spec_path: &Path) -> Result<i32> {
     let spec: InitSpec = serde_json::from_slice(&std::fs::read(spec_path).context("read spec")?)?;
+    session_init_with(spec, None)
+}
+
+fn session_init_with(spec: InitSpec, pre: Option<Preloaded>) -> Result<i32> {
     let dir = session_dir(&spec.store, &spec.name);
     let info = SessionInfo {
         name: spec.name.clone(),
@@ -314,7 +420,7 @@ pub fn session_init(spec_path: &Path) -> Result<i32> {
             if nix::unistd::getppid().as_raw() == 1 {
                 std::process::exit(137);
             }
-            let code = match init(&spec, info) {
+            let code = match init(&spec, info, pre) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("forkpoint: session {}: {e:#}", spec.name);
@@ -341,7 +447,7 @@ pub fn session_init(spec_path: &Path) -> Result<i32> {
 }
 
 /// PID 1 of the session.
-fn init(spec: &InitSpec, mut info: SessionInfo) -> Result<i32> {
+fn init(spec: &InitSpec, mut info: SessionInfo, pre: Option<Preloaded>) -> Result<i32> {
     use nix::mount::{mount, MsFlags};
     let dir = session_dir(&spec.store, &spec.name);
     mount(
@@ -381,7 +487,7 @@ fn init(spec: &InitSpec, mut info: SessionInfo) -> Result<i32> {
     let tracker = (std::env::var("FORKPOINT_DIRTY_TRACKING").as_deref() != Ok("0"))
         .then(|| Arc::new(Mutex::new(DirtyTracker::new())));
     let main = match spec.restore {
-        Some(cno) => restore_main(spec, cno, tracker.clone())?,
+        Some(cno) => restore_main(spec, cno, tracker.clone(), pre)?,
         None => {
             let argv: Vec<std::ffi::CString> = spec
                 .argv
@@ -928,21 +1034,10 @@ pub fn request_checkpoint(
     }
 }
 
-/// Reads and fully decodes a checkpoint's image; refuses a corrupt or incomplete one before
-/// anything is changed. A delta image is resolved against its chain of bases (each read,
-/// checked and decoded the same way).
-pub fn load_image(store: &Store, image: &ContentId) -> Result<(SessionImage, TreeImage)> {
-    load_image_chain(store, image).map(|(si, tree, _)| (si, tree))
-}
-
-/// The session image of a checkpoint (its wrapper: argv, clocks, SysV objects), read and
-/// checked without decoding or resolving the process image inside.
-pub fn load_session_image(store: &Store, image: &ContentId) -> Result<SessionImage> {
-    let bytes = store.get(image).context("read process image")?;
-    SessionImage::decode(&decode_image(image, &bytes)?.body)
-}
-
-/// [`load_image`], with the number of delta images in the chain (0 for a whole image).
+/// Reads and fully decodes a checkpoint's image, refusing a corrupt or incomplete one
+/// before anything is changed: a delta image is resolved against its chain of bases (each
+/// read, checked and decoded the same way). Returns the session image, the resolved process
+/// image and the number of delta images in the chain (0 for a whole image).
 pub fn load_image_chain(
     store: &Store,
     image: &ContentId,
@@ -959,10 +1054,8 @@ pub fn load_image_chain(
         let t_get = t.elapsed();
         let obj = decode_image(&id, &bytes)?;
         let t_obj = t.elapsed();
-        for r in &obj.refs {
-            if !store.contains(r) {
-                bail!("process image {id} refers to missing chunk {r}");
-            }
+        if let Some(r) = store.first_missing(obj.refs.iter().copied()) {
+            bail!("process image {id} refers to missing chunk {r}");
         }
         let t_refs = t.elapsed();
         let si = SessionImage::decode(&obj.body)?;
@@ -1036,34 +1129,48 @@ impl engine::ChunkSource for StoreChunks {
     }
 }
 
-fn restore_main(spec: &InitSpec, cno: u64, dirty: Option<Arc<Mutex<DirtyTracker>>>) -> Result<i32> {
+fn restore_main(
+    spec: &InitSpec,
+    cno: u64,
+    dirty: Option<Arc<Mutex<DirtyTracker>>>,
+    pre: Option<Preloaded>,
+) -> Result<i32> {
     let t0 = Instant::now();
-    let store = Store::open_read_only(&spec.store)?;
-    let t_open = t0.elapsed();
-    let cp = store.catalog(|c| c.checkpoint(cno))?;
-    let image = cp
-        .image
-        .ok_or_else(|| anyhow!("checkpoint #{cno} has no process image"))?;
-    let (si, mut tree, depth) = load_image_chain(&store, &image)?;
+    let (store, image, si, mut tree, depth, t_open) = match pre {
+        Some(p) => (p.store, p.image, p.si, p.tree, p.depth, t0.elapsed()),
+        None => {
+            let store = Store::open_read_only(&spec.store)?;
+            let t_open = t0.elapsed();
+            let cp = store.catalog(|c| c.checkpoint(cno))?;
+            let image = cp
+                .image
+                .ok_or_else(|| anyhow!("checkpoint #{cno} has no process image"))?;
+            let (si, tree, depth) = load_image_chain(&store, &image)?;
+            (store, image, si, tree, depth, t_open)
+        }
+    };
     let t_load = t0.elapsed();
     adopt_session_log(spec, &mut tree);
     let chunks = StoreChunks(store.clone());
     let lazy = if spec.lazy {
-        // Pages are read after the program runs: every one must be in the store now.
-        for p in tree.processes.iter().filter_map(|m| m.live()) {
-            for r in &p.memory.runs {
-                if let PageData::Stored(h) = &r.data {
-                    if !store.contains(&ContentId(*h)) {
-                        bail!(
-                            "process {}: the pages at {:#x} ({}) are missing from the store",
-                            p.pid,
-                            r.addr,
-                            engine::restore::hex32(h)
-                        );
-                    }
-                }
-            }
-        }
+        // Pages are read after the program runs: load_image_chain found every chunk the
+        // images refer to in the store.
+        // The fill's thread takes an id from this (the session's) pid namespace: past every
+        // pid and thread id the restore gives back, which must be free.
+        let top = tree
+            .processes
+            .iter()
+            .map(|m| m.pid)
+            .chain(
+                tree.processes
+                    .iter()
+                    .filter_map(|m| m.live())
+                    .flat_map(|p| p.threads.iter().map(|t| t.tid)),
+            )
+            .max()
+            .unwrap_or(1);
+        std::fs::write("/proc/sys/kernel/ns_last_pid", top.to_string())
+            .context("set the session's last pid")?;
         let source = Arc::new(StoreChunks(store.clone()));
         Some(
             engine::lazy::LazyFill::start(source, Box::new(|_| kill_program()))

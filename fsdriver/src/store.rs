@@ -420,6 +420,12 @@ impl Store {
             .contains_key(id)
     }
 
+    /// The first of `ids` the store does not hold, if any (one look at the index for all).
+    pub fn first_missing(&self, ids: impl IntoIterator<Item = ContentId>) -> Option<ContentId> {
+        let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+        ids.into_iter().find(|id| !index.contains_key(id))
+    }
+
     /// Takes references to objects the store holds, for the next commit (a process image
     /// naming chunks): fails naming the first one it does not hold. Like a deduplicated put,
     /// this makes a gc that marked before it start again rather than sweep them.

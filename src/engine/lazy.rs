@@ -430,6 +430,7 @@ fn parse_msg(m: &[u8]) -> (u8, [u64; 3]) {
 fn serve(shared: &Shared, source: &dyn ChunkSource, on_error: &dyn Fn(&str)) {
     let mut procs: Vec<Proc> = Vec::new();
     let mut turn = 0usize;
+    let mut buf = Vec::new();
     let res = (|| -> Result<(), String> {
         loop {
             let committed = {
@@ -486,7 +487,7 @@ fn serve(shared: &Shared, source: &dyn ChunkSource, on_error: &dyn Fn(&str)) {
                     .find(|&i| !procs[i].gone && procs[i].next < procs[i].runs.len())
                 {
                     turn = i + 1;
-                    background_step(shared, source, &mut procs[i])?;
+                    background_step(shared, source, &mut procs[i], &mut buf)?;
                 }
             }
         }
@@ -595,8 +596,9 @@ fn serve_fault(
                         bytes += runs[j].len;
                         j += 1;
                     }
-                    let data = fetch(source, &runs[k..j])?;
-                    let r = p.apply(&runs[k..j], &data);
+                    let mut buf = Vec::new();
+                    let data = fetch(source, &runs[k..j], &mut buf)?;
+                    let r = p.apply(&runs[k..j], data);
                     if r.is_ok() {
                         let mut st = shared.lock();
                         st.stats.faults += 1;
@@ -627,26 +629,36 @@ fn serve_fault(
     }
 }
 
-fn fetch(source: &dyn ChunkSource, runs: &[LazyRun]) -> Result<Vec<u8>, String> {
+/// Reads the bytes of `runs` into `buf` (reused: its memory is touched once).
+fn fetch<'b>(
+    source: &dyn ChunkSource,
+    runs: &[LazyRun],
+    buf: &'b mut Vec<u8>,
+) -> Result<&'b [u8], String> {
     let reqs: Vec<([u8; 32], u64)> = runs.iter().map(|r| (r.hash, r.len)).collect();
     let total: u64 = runs.iter().map(|r| r.len).sum();
-    let mut buf = vec![0u8; total as usize];
+    buf.resize(total as usize, 0);
     source
-        .fetch_into(&reqs, &mut buf)
+        .fetch_into(&reqs, &mut buf[..])
         .map_err(|e| format!("pages at {:#x}..: {e}", runs.first().map_or(0, |r| r.addr)))?;
-    Ok(buf)
+    Ok(&buf[..])
 }
 
 /// Copies in the next batch of `p`'s runs.
-fn background_step(shared: &Shared, source: &dyn ChunkSource, p: &mut Proc) -> Result<(), String> {
+fn background_step(
+    shared: &Shared,
+    source: &dyn ChunkSource,
+    p: &mut Proc,
+    buf: &mut Vec<u8>,
+) -> Result<(), String> {
     let runs = p.runs.clone();
     let (i, mut j, mut bytes) = (p.next, p.next, 0);
     while j < runs.len() && (bytes == 0 || bytes + runs[j].len <= BATCH) {
         bytes += runs[j].len;
         j += 1;
     }
-    let data = fetch(source, &runs[i..j])?;
-    match p.apply(&runs[i..j], &data) {
+    let data = fetch(source, &runs[i..j], buf)?;
+    match p.apply(&runs[i..j], data) {
         Ok(()) => {
             p.next = j;
             shared.lock().stats.background_bytes += bytes;

@@ -1076,6 +1076,9 @@ impl Restorer<'_> {
                 }
                 let run = &runs[i];
                 i += 1;
+                if matches!(run.data, PageData::Stored(_)) {
+                    continue; // served by the lazy fill
+                }
                 let m = image
                     .mappings
                     .iter()
@@ -1096,8 +1099,7 @@ impl Restorer<'_> {
                         }
                     }
                     PageData::Zero => {}
-                    // Served by the lazy fill.
-                    PageData::Stored(_) => {}
+                    PageData::Stored(_) => unreachable!("stored runs are written in batches"),
                     PageData::Base => {
                         return Err(RestoreError::Chunk {
                             addr: run.addr,

@@ -2708,3 +2708,101 @@ fn lazy_restore_serves_faults_forks_and_remaps() {
     assert!(Path::new(&format!("/proc/{new_root}")).exists());
     drop(lazy);
 }
+
+/// A page the lazy fill cannot fetch: the program is killed (through `on_error`) before
+/// anything lets it run on with memory that is not its own, and `wait` names the failure.
+#[test]
+fn lazy_restore_kills_the_program_when_a_page_cannot_be_fetched() {
+    require_env!();
+    use super::dump::{dump_tree, AfterDump, DumpOptions};
+    use super::lazy::LazyFill;
+    use super::restore::{restore_tree, ChunkSource, TreeRestoreOptions};
+    struct Chunks {
+        map: std::collections::HashMap<[u8; 32], Vec<u8>>,
+        broken: std::sync::atomic::AtomicBool,
+    }
+    impl ChunkSource for Chunks {
+        fn fetch(&self, hash: &[u8; 32], _len: u64) -> Result<Vec<u8>, String> {
+            if self.broken.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err("damaged on disk".into());
+            }
+            self.map.get(hash).cloned().ok_or_else(|| "missing".into())
+        }
+    }
+    let mut guard = TreeGuard::new();
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build(dir.path(), "lazy", LAZY_C);
+    let child = Command::new(&exe)
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let root = child.id() as i32;
+    drop(child);
+    guard.add(&[root]);
+    let file = |n: &str| std::fs::read_to_string(dir.path().join(n)).ok();
+    assert!(wait_until(Duration::from_secs(5), || file("ready").is_some()));
+    let mut img = dump_tree(
+        root,
+        &DumpOptions {
+            after: AfterDump::Kill,
+            ..Default::default()
+        },
+        &mut || Ok(()),
+    )
+    .unwrap();
+    guard.kill_all();
+    let mut map = std::collections::HashMap::new();
+    for p in img.processes.iter_mut().filter_map(|m| m.live_mut()) {
+        p.memory
+            .externalize(|h, b| {
+                map.insert(*h, b.to_vec());
+                Ok::<(), ()>(())
+            })
+            .unwrap();
+    }
+    let chunks = std::sync::Arc::new(Chunks {
+        map,
+        broken: std::sync::atomic::AtomicBool::new(false),
+    });
+    let victim = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(0));
+    let v = victim.clone();
+    let lazy = LazyFill::start(
+        chunks.clone(),
+        Box::new(move |_| {
+            let _ = sys::kill(v.load(std::sync::atomic::Ordering::SeqCst), libc::SIGKILL);
+        }),
+    )
+    .unwrap();
+    let new_root = restore_tree(
+        &img,
+        &TreeRestoreOptions {
+            lazy: Some(&lazy),
+            chunks: Some(&*chunks),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    guard.add(&[new_root]);
+    victim.store(new_root, std::sync::atomic::Ordering::SeqCst);
+    chunks
+        .broken
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    sys::kill(new_root, libc::SIGUSR1).unwrap();
+    let err = lazy.wait().unwrap_err();
+    assert!(err.contains("damaged on disk"), "{err}");
+    let dead = || {
+        std::fs::read_to_string(format!("/proc/{new_root}/stat")).map_or(true, |s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), dead),
+        "the program was killed"
+    );
+    assert!(file("parent").is_none(), "it never reported what it read");
+}
