@@ -3,7 +3,8 @@
 #   bash examples/checkpoint_bench.sh [MEM_MIB]      (default 512)
 # A C program fills MEM_MIB of memory with random bytes. Prints: first checkpoint (total and
 # downtime), a second checkpoint after 5% of the pages changed (total, downtime, new bytes after
-# dedup), and the time of a restore (in place).
+# dedup), and the time of a restore: in place, on a new branch, and on a new branch with
+# --lazy (to running, and until every page is in).
 set -euo pipefail
 MEM=${1:-512}
 cd "$(dirname "$0")/.."
@@ -73,6 +74,16 @@ s=$(date +%s.%N)
 "$FP" restore --detach --branch side second >/dev/null 2>&1
 e=$(date +%s.%N)
 echo "restore on a new branch: $(echo "$e - $s" | bc -l | cut -c1-6) s"
+sleep 1
+s=$(date +%s.%N)
+FORKPOINT_LOG=debug "$FP" restore --detach --lazy --branch lazy second >/dev/null 2>&1
+e=$(date +%s.%N)
+echo -n "restore on a new branch, --lazy: $(echo "$e - $s" | bc -l | cut -c1-6) s to running"
+# The session's log has the fill's figures once it ends.
+for _ in $(seq 100); do grep -q "lazy restore: LazyStats" "$W/store/sessions/lazy/output.log" 2>/dev/null && break; sleep 0.1; done
+grep -o "lazy restore: LazyStats.*" "$W/store/sessions/lazy/output.log" | head -1 |
+  sed -E 's/.*faults: ([0-9]+).*fill_time: ([0-9.]+)(m?s).*/; every page in \2 \3 later (\1 faults served)/'
 for p in $(cat "$W"/store/sessions/*/info.json | grep '"pid"' | tr -dc '0-9\n'); do kill -9 "$p" 2>/dev/null || true; done
 sleep 0.5
 "$FP" umount "$W/store/branches/side" >/dev/null 2>&1 || true
+"$FP" umount "$W/store/branches/lazy" >/dev/null 2>&1 || true
