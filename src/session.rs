@@ -299,6 +299,16 @@ pub fn start_with(
         }
         Ok(())
     };
+    // Forking needs this process to be single-threaded (a thread left behind, such as the
+    // waiter of a detached session started before, might hold a lock the child needs): else
+    // the session is exec'd and reads the image itself.
+    let pre = pre.filter(|_| {
+        let one = thread_count() == Some(1);
+        if !one {
+            log::debug!("session {}: exec'd, this process has threads", spec.name);
+        }
+        one
+    });
     let mut child = match pre {
         None => {
             let mut cmd =
@@ -318,8 +328,9 @@ pub fn start_with(
         }
         Some(pre) => {
             let null = std::fs::File::open("/dev/null").context("open /dev/null")?;
-            // SAFETY: this process is single-threaded here (the restore's threads are
-            // joined); the child goes on with its own copy of everything and never returns.
+            // SAFETY: this process is single-threaded (checked above); the child goes on with
+            // its own copy of everything and never returns. It reads segments through the
+            // inherited read-only store and never uses its SQLite connection.
             match unsafe { nix::unistd::fork() }.context("start session")? {
                 nix::unistd::ForkResult::Child => {
                     let res = (|| -> Result<i32> {
@@ -380,6 +391,16 @@ pub fn start_with(
     child.wait()
 }
 
+/// Threads of this process (/proc/self/status).
+fn thread_count() -> Option<u64> {
+    let st = std::fs::read_to_string("/proc/self/status").ok()?;
+    st.lines()
+        .find_map(|l| l.strip_prefix("Threads:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// session-init: runs on the host side of the new namespaces and forks init, PID 1.
 pub fn session_init(spec_path: &Path) -> Result<i32> {
     let spec: InitSpec = serde_json::from_slice(&std::fs::read(spec_path).context("read spec")?)?;
@@ -430,6 +451,8 @@ fn session_init_with(spec: InitSpec, pre: Option<Preloaded>) -> Result<i32> {
             std::process::exit(code);
         }
         nix::unistd::ForkResult::Parent { child } => {
+            // init has its own copy; the store and the image are not held here.
+            drop(pre);
             let code = loop {
                 match nix::sys::wait::waitpid(child, None) {
                     Ok(nix::sys::wait::WaitStatus::Exited(_, c)) => break c,
@@ -1169,13 +1192,29 @@ fn restore_main(
             )
             .max()
             .unwrap_or(1);
-        std::fs::write("/proc/sys/kernel/ns_last_pid", top.to_string())
-            .context("set the session's last pid")?;
-        let source = Arc::new(StoreChunks(store.clone()));
-        Some(
-            engine::lazy::LazyFill::start(source, Box::new(|_| kill_program()))
-                .context("start the lazy restore")?,
-        )
+        let pid_max: i32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(32768);
+        let placed = if top < pid_max - 1 {
+            std::fs::write("/proc/sys/kernel/ns_last_pid", top.to_string())
+                .map_err(|e| format!("setting ns_last_pid: {e}"))
+        } else {
+            Err(format!("pid {top} is too close to pid_max {pid_max}"))
+        };
+        match placed {
+            Ok(()) => {
+                let source = Arc::new(StoreChunks(store.clone()));
+                Some(
+                    engine::lazy::LazyFill::start(source, Box::new(|_| kill_program()))
+                        .context("start the lazy restore")?,
+                )
+            }
+            Err(e) => {
+                log::warn!("restoring eagerly: {e}");
+                None
+            }
+        }
     } else {
         None
     };
@@ -1237,18 +1276,10 @@ fn finish_lazy() -> Result<()> {
     Ok(())
 }
 
-/// Kills every process of the session but init (init's /proc is the session's).
+/// Kills every process of the session but init: from init, the session's PID 1, `kill(-1)`
+/// reaches every other process of its pid namespace at once.
 fn kill_program() {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for pid in dir
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| *pid != 1)
-    {
-        let _ = engine::sys::kill(pid, libc::SIGKILL);
-    }
+    let _ = engine::sys::kill(-1, libc::SIGKILL);
 }
 
 /// Descriptors on the log of the session that was checkpointed (a detached program's

@@ -203,6 +203,17 @@ fn copy(uffd: &OwnedFd, dst: u64, data: &[u8]) -> Result<(), CopyErr> {
             continue;
         }
         match e {
+            // A copy must stay inside one mapping (the kernel refuses it whole otherwise):
+            // the rest goes page by page, and a page without a mapping is skipped then.
+            Errno::ENOENT if data.len() - done > PAGE as usize => {
+                while done < data.len() {
+                    let page = &data[done..(done + PAGE as usize).min(data.len())];
+                    match copy(uffd, dst + done as u64, page) {
+                        Ok(()) => done += PAGE as usize,
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
             // Already there (a fault or the parent before a fork got it), or the mapping is
             // gone (an unmap whose event is being read): skip the page.
             Errno::EEXIST | Errno::ENOENT => done += PAGE as usize,
@@ -431,12 +442,13 @@ fn serve(shared: &Shared, source: &dyn ChunkSource, on_error: &dyn Fn(&str)) {
     let mut procs: Vec<Proc> = Vec::new();
     let mut turn = 0usize;
     let mut buf = Vec::new();
-    let res = (|| -> Result<(), String> {
+    // Ok(true): every page is in; Ok(false): stopped (dropped) before.
+    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<bool, String> {
         loop {
             let committed = {
                 let mut st = shared.lock();
                 if st.stop {
-                    return Ok(());
+                    return Ok(false);
                 }
                 procs.append(&mut st.incoming);
                 st.committed
@@ -445,7 +457,7 @@ fn serve(shared: &Shared, source: &dyn ChunkSource, on_error: &dyn Fn(&str)) {
             let deferred = procs.iter().any(|p| !p.gone && !p.deferred.is_empty());
             let work = deferred || (committed.is_some() && procs.iter().any(|p| p.work_left()));
             if committed.is_some() && !work {
-                return Ok(()); // everything is in (or every process is gone)
+                return Ok(true); // everything is in (or every process is gone)
             }
             // Faults and events first.
             let mut fds: Vec<libc::pollfd> = std::iter::once(shared.event.as_raw_fd())
@@ -491,7 +503,17 @@ fn serve(shared: &Shared, source: &dyn ChunkSource, on_error: &dyn Fn(&str)) {
                 }
             }
         }
-    })();
+    }))
+    .unwrap_or_else(|_| Err("the lazy fill thread panicked".into()));
+    // Stopped with pages still missing (the restore failed after some processes were let
+    // go): closing the userfaultfds would leave them zeros.
+    let res = match res {
+        Ok(false) if procs.iter().any(|p| !p.gone) => {
+            Err("the lazy restore was stopped before every page was in".to_string())
+        }
+        Ok(_) => Ok(()),
+        Err(e) => Err(e),
+    };
     if let Err(e) = &res {
         log::error!("lazy restore: {e}; the program is killed");
         on_error(e);
@@ -539,11 +561,16 @@ fn read_msgs(
         if n == 0 {
             return Ok(());
         }
+        // The kernel hands out waiting faults before events, and an event's sender goes on
+        // (the address space may change again) once its message is read: every event of
+        // this read is applied first, in order, then the faults are served with the picture
+        // they bring.
+        let mut faults = Vec::new();
         for m in buf[..n as usize].chunks_exact(32) {
             let (event, a) = parse_msg(m);
             let p = &mut procs[i];
             match event {
-                UFFD_EVENT_PAGEFAULT => serve_fault(shared, source, p, a[1] & !(PAGE - 1))?,
+                UFFD_EVENT_PAGEFAULT => faults.push(a[1] & !(PAGE - 1)),
                 UFFD_EVENT_FORK => {
                     // SAFETY: the kernel installed this descriptor in our table for us.
                     let uffd = unsafe { OwnedFd::from_raw_fd(a[0] as u32 as i32) };
@@ -562,6 +589,9 @@ fn read_msgs(
                 UFFD_EVENT_REMOVE | UFFD_EVENT_UNMAP => segs_remove(&mut p.segs, a[0], a[1]),
                 _ => {}
             }
+        }
+        for addr in faults {
+            serve_fault(shared, source, &mut procs[i], addr)?;
         }
         if (n as usize) < buf.len() {
             return Ok(());

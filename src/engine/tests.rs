@@ -2574,7 +2574,9 @@ const LAZY_C: &str = r#"
 #include <unistd.h>
 #define P 4096UL
 static volatile sig_atomic_t go;
+static volatile sig_atomic_t go2;
 static void on_usr1(int s) { (void)s; go = 1; }
+static void on_usr2(int s) { (void)s; go2 = 1; }
 static unsigned long pat(unsigned long i, unsigned long salt) { return (i + salt) * 2654435761UL; }
 static void fill(unsigned long *m, unsigned long n, unsigned long salt) { for (unsigned long i = 0; i < n; i++) m[i] = pat(i, salt); }
 static long check(const unsigned long *m, unsigned long n, unsigned long salt) { for (unsigned long i = 0; i < n; i++) if (m[i] != pat(i, salt)) return (long)i; return -1; }
@@ -2591,8 +2593,12 @@ int main(int argc, char **argv) {
     unsigned long *c = mmap(0, 20 * P, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     unsigned long *d = mmap(0, 20 * P, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     unsigned long *r = mmap(0, 40 * P, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    fill(a, na, 1); fill(b, nb, 2); fill(c, nc, 3); fill(d, nc, 4);
+    /* two neighbouring mappings (the second half made read-only): one copy cannot span them */
+    unsigned long *e = mmap(0, 32 * P, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    fill(a, na, 1); fill(b, nb, 2); fill(c, nc, 3); fill(d, nc, 4); fill(e, 32 * P / 8, 5);
+    mprotect((char *)e + 16 * P, 16 * P, PROT_READ);
     signal(SIGUSR1, on_usr1);
+    signal(SIGUSR2, on_usr2);
     report(dir, "ready", "1\n");
     while (!go) usleep(1000);
     pid_t kid = fork();
@@ -2609,6 +2615,10 @@ int main(int argc, char **argv) {
     char t[128];
     snprintf(t, sizeof t, "%ld %ld %ld %d\n", check(a, na, 1), moved == r ? check(r, nb, 2) : -2, zero, waitpid(kid, 0, 0) == kid);
     report(dir, "parent", t);
+    /* e is first read on SIGUSR2, after the background pass filled it */
+    while (!go2) usleep(1000);
+    snprintf(t, sizeof t, "%ld\n", check(e, 32 * P / 8, 5));
+    report(dir, "e", t);
     for (;;) pause();
 }
 "#;
@@ -2702,6 +2712,14 @@ fn lazy_restore_serves_faults_forks_and_remaps() {
     assert!(!killed.load(std::sync::atomic::Ordering::SeqCst));
     assert!(stats.faults > 0, "{stats:?}");
     assert_eq!(stats.forks, 1, "{stats:?}");
+    // Two neighbouring mappings filled by the background pass alone.
+    sys::kill(new_root, libc::SIGUSR2).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || file("e").is_some()));
+    assert_eq!(
+        file("e").as_deref(),
+        Some("-1\n"),
+        "the neighbouring mappings"
+    );
     // The program runs on with its userfaultfd gone.
     let maps = std::fs::read_to_string(format!("/proc/{new_root}/maps")).unwrap();
     assert!(!maps.is_empty());
