@@ -358,10 +358,13 @@ impl LazyFill {
             cv: Condvar::new(),
             event,
         });
+        // Both threads start here, before the restore creates any process (each takes a
+        // thread id in the caller's pid namespace).
+        let fetcher = Fetcher::start(source.clone())?;
         let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name("lazy-fill".into())
-            .spawn(move || serve(&s, &*source, &*on_error))?;
+            .spawn(move || serve(&s, &*source, fetcher, &*on_error))?;
         Ok(LazyFill {
             shared,
             thread: Some(thread),
@@ -438,10 +441,9 @@ fn parse_msg(m: &[u8]) -> (u8, [u64; 3]) {
 }
 
 /// The serving thread's loop.
-fn serve(shared: &Shared, source: &dyn ChunkSource, on_error: &dyn Fn(&str)) {
+fn serve(shared: &Shared, source: &dyn ChunkSource, mut fetcher: Fetcher, on_error: &dyn Fn(&str)) {
     let mut procs: Vec<Proc> = Vec::new();
     let mut turn = 0usize;
-    let mut buf = Vec::new();
     // Ok(true): every page is in; Ok(false): stopped (dropped) before.
     let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<bool, String> {
         loop {
@@ -499,7 +501,7 @@ fn serve(shared: &Shared, source: &dyn ChunkSource, on_error: &dyn Fn(&str)) {
                     .find(|&i| !procs[i].gone && procs[i].next < procs[i].runs.len())
                 {
                     turn = i + 1;
-                    background_step(shared, source, &mut procs[i], &mut buf)?;
+                    background_step(shared, &mut fetcher, &mut procs[i])?;
                 }
             }
         }
@@ -674,23 +676,116 @@ fn fetch<'b>(
     Ok(&buf[..])
 }
 
-/// Copies in the next batch of `p`'s runs.
-fn background_step(
-    shared: &Shared,
-    source: &dyn ChunkSource,
-    p: &mut Proc,
-    buf: &mut Vec<u8>,
-) -> Result<(), String> {
-    let runs = p.runs.clone();
-    let (i, mut j, mut bytes) = (p.next, p.next, 0);
+/// A batch of runs: the address of their list (shared by a process and the children it
+/// forked, which hold the same image) and the range in it.
+type BatchKey = (usize, usize, usize);
+
+/// Fetches the background pass's next batch on a thread of its own while the batch before
+/// is copied in.
+struct Fetcher {
+    req: std::sync::mpsc::Sender<(BatchKey, Arc<Vec<LazyRun>>, Vec<u8>)>,
+    resp: std::sync::mpsc::Receiver<(BatchKey, Result<Vec<u8>, String>)>,
+    /// Asked for and not received yet.
+    pending: Option<BatchKey>,
+    /// Received and not used yet (or kept for a copy to retry).
+    ready: Option<(BatchKey, Vec<u8>)>,
+    spare: Vec<u8>,
+    source: Arc<dyn ChunkSource + Send + Sync>,
+}
+
+impl Fetcher {
+    fn start(source: Arc<dyn ChunkSource + Send + Sync>) -> std::io::Result<Fetcher> {
+        let (req, rx) = std::sync::mpsc::channel::<(BatchKey, Arc<Vec<LazyRun>>, Vec<u8>)>();
+        let (tx, resp) = std::sync::mpsc::channel();
+        let src = source.clone();
+        std::thread::Builder::new()
+            .name("lazy-fetch".into())
+            .spawn(move || {
+                for (key, runs, mut buf) in rx {
+                    let r = fetch(&*src, &runs[key.1..key.2], &mut buf).map(|_| ());
+                    if tx.send((key, r.map(|()| buf))).is_err() {
+                        break;
+                    }
+                }
+            })?;
+        Ok(Fetcher {
+            req,
+            resp,
+            pending: None,
+            ready: None,
+            spare: Vec::new(),
+            source,
+        })
+    }
+
+    /// Waits for the batch in flight, if any, and keeps it ready.
+    fn settle(&mut self) -> Result<(), String> {
+        if self.pending.take().is_some() {
+            let (key, r) = self
+                .resp
+                .recv()
+                .map_err(|_| "the lazy fetch thread stopped".to_string())?;
+            let buf = r?;
+            if let Some((_, old)) = self.ready.replace((key, buf)) {
+                self.spare = old;
+            }
+        }
+        Ok(())
+    }
+
+    /// The bytes of batch `key` of `runs`: prefetched, or read now.
+    fn take(&mut self, key: BatchKey, runs: &Arc<Vec<LazyRun>>) -> Result<Vec<u8>, String> {
+        if self.pending == Some(key) {
+            self.settle()?;
+        }
+        if let Some((k, buf)) = self.ready.take() {
+            if k == key {
+                return Ok(buf);
+            }
+            self.spare = buf;
+        }
+        let mut buf = std::mem::take(&mut self.spare);
+        fetch(&*self.source, &runs[key.1..key.2], &mut buf).map(|_| ())?;
+        Ok(buf)
+    }
+
+    /// Starts fetching batch `key` of `runs` (after the one in flight is in).
+    fn ask(&mut self, key: BatchKey, runs: &Arc<Vec<LazyRun>>) -> Result<(), String> {
+        self.settle()?;
+        let buf = std::mem::take(&mut self.spare);
+        self.req
+            .send((key, runs.clone(), buf))
+            .map_err(|_| "the lazy fetch thread stopped".to_string())?;
+        self.pending = Some(key);
+        Ok(())
+    }
+}
+
+/// The batch of `runs` starting at `i`: up to [`BATCH`] bytes.
+fn batch_end(runs: &[LazyRun], i: usize) -> usize {
+    let (mut j, mut bytes) = (i, 0);
     while j < runs.len() && (bytes == 0 || bytes + runs[j].len <= BATCH) {
         bytes += runs[j].len;
         j += 1;
     }
-    let data = fetch(source, &runs[i..j], buf)?;
-    match p.apply(&runs[i..j], data) {
+    j
+}
+
+/// Copies in the next batch of `p`'s runs, with the one after it fetched meanwhile.
+fn background_step(shared: &Shared, fetcher: &mut Fetcher, p: &mut Proc) -> Result<(), String> {
+    let runs = p.runs.clone();
+    let id = Arc::as_ptr(&runs) as usize;
+    let (i, j) = (p.next, batch_end(&runs, p.next));
+    let data = fetcher.take((id, i, j), &runs)?;
+    if j < runs.len() {
+        fetcher.ask((id, j, batch_end(&runs, j)), &runs)?;
+    }
+    let bytes: u64 = runs[i..j].iter().map(|r| r.len).sum();
+    let res = p.apply(&runs[i..j], &data);
+    match res {
         Ok(()) => {
             p.next = j;
+            fetcher.spare = data;
             shared.lock().stats.background_bytes += bytes;
             Ok(())
         }
@@ -699,8 +794,14 @@ fn background_step(
             Ok(())
         }
         // An event interrupted the copy: the main loop reads it, and this batch comes again
-        // (the pages copied so far are skipped then).
-        Err(CopyErr::Again) => Ok(()),
+        // (the pages copied so far are skipped then) with the bytes kept.
+        Err(CopyErr::Again) => {
+            fetcher.settle()?;
+            if let Some((_, b)) = fetcher.ready.replace(((id, i, j), data)) {
+                fetcher.spare = b;
+            }
+            Ok(())
+        }
         Err(CopyErr::Other(e)) => Err(format!(
             "process {}: filling {:#x}..: {e}",
             p.label, runs[i].addr
