@@ -135,8 +135,8 @@ enum Cmd {
         #[arg(long)]
         detach: bool,
         /// Let the program run before its memory is all back: pages are copied in on first
-        /// touch and in the background (post-copy). Its next checkpoint waits until every
-        /// page is in and reads its memory in full.
+        /// touch and in the background (post-copy). A checkpoint waits until every page is
+        /// in; a page damaged on disk is found only when read (the program is then killed).
         #[arg(long)]
         lazy: bool,
         name: String,

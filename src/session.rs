@@ -576,6 +576,12 @@ fn init(spec: &InitSpec, mut info: SessionInfo, pre: Option<Preloaded>) -> Resul
         if let Some(c) = main_status {
             return Ok(c);
         }
+        // A lazy restore that has every page in goes over to dirty-page tracking.
+        if lazy_complete() {
+            if let Err(e) = finish_lazy(tracker.as_ref()) {
+                log::warn!("{e:#}");
+            }
+        }
         // A request is taken as soon as it comes; the timeout paces the reaping above.
         {
             use std::os::fd::AsFd;
@@ -687,7 +693,7 @@ fn checkpoint(
     tracker: Option<&Arc<Mutex<DirtyTracker>>>,
 ) -> Result<(serde_json::Value, Option<Kept>)> {
     forkpoint_fs::fs::validate_name(&req.name)?;
-    finish_lazy()?;
+    finish_lazy(tracker)?;
     let after = match req.after.as_str() {
         "kill" => AfterDump::Kill,
         _ => AfterDump::Resume,
@@ -1249,7 +1255,7 @@ fn restore_main(
     crate::sysv::remove_destroyed(&si.sysv);
     if let Some(l) = lazy {
         l.commit();
-        *LAZY.lock().unwrap_or_else(|p| p.into_inner()) = Some(l);
+        *LAZY.lock().unwrap_or_else(|p| p.into_inner()) = Some((l, tree));
     }
     log::debug!(
         "restore of checkpoint #{cno}: store opened in {t_open:?}, image loaded in {:?}, processes restored in {:?}",
@@ -1259,19 +1265,35 @@ fn restore_main(
     Ok(pid)
 }
 
-/// The lazy fill of the last restore while it copies pages in ([`engine::lazy`]).
-static LAZY: Mutex<Option<engine::lazy::LazyFill>> = Mutex::new(None);
+/// The lazy fill of the last restore while it copies pages in ([`engine::lazy`]), with the
+/// image it restored.
+static LAZY: Mutex<Option<(engine::lazy::LazyFill, TreeImage)>> = Mutex::new(None);
 
-/// Waits for the lazy fill of the restore (if any) to end: a checkpoint reads memory that
-/// is all there, and the fill's userfaultfds are gone.
-fn finish_lazy() -> Result<()> {
+/// Whether the lazy fill of the restore has every page in (and waits to be finished).
+fn lazy_complete() -> bool {
+    LAZY.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .is_some_and(|(f, _)| f.is_done())
+}
+
+/// Waits for the lazy fill of the restore (if any) to have every page in, then hands the
+/// restored processes over to dirty-page tracking (each stopped for it, see
+/// [`engine::dump::track_after_lazy`]) and lets the fill go: a checkpoint reads memory that
+/// is all there, and only what was written since the restore.
+fn finish_lazy(tracker: Option<&Arc<Mutex<DirtyTracker>>>) -> Result<()> {
     let fill = LAZY.lock().unwrap_or_else(|p| p.into_inner()).take();
-    if let Some(f) = fill {
+    if let Some((f, tree)) = fill {
         let t = Instant::now();
         let stats = f
             .wait()
             .map_err(|e| anyhow!("the lazy restore failed (the program was killed): {e}"))?;
         log::debug!("waited {:?} for the lazy restore: {stats:?}", t.elapsed());
+        if let Some(tr) = tracker {
+            let t = Instant::now();
+            engine::dump::track_tree_after_lazy(&tree, &f, tr);
+            log::debug!("lazy restore handed over to tracking in {:?}", t.elapsed());
+        }
     }
     Ok(())
 }

@@ -788,7 +788,7 @@ fn incremental_checkpoints_restore_exact_memory() {
 /// `restore --lazy`: the program runs before its memory is back (pages come in on first
 /// touch and in the background); it drops pages while others are still missing, and finds
 /// every counter as it was (checked by the program itself), in place and on a new branch.
-/// The checkpoint after it waits for the last page and reads the memory in full.
+/// The checkpoint after it is incremental, and restores exactly too.
 #[test]
 fn lazy_restore_gives_back_exact_memory() {
     if !can_run() {
@@ -814,8 +814,13 @@ fn lazy_restore_gives_back_exact_memory() {
     wait_for("the restored program", Duration::from_secs(20), || {
         lines_any(&log) > at_cut + 10
     });
+    // The fill hands the program over to dirty-page tracking once every page is in: the
+    // checkpoint after it reads only what was written since the restore.
     let r = unchanged_pages(&lab.fp(&["checkpoint", "-m", lab.m(), "c2"]));
-    assert_eq!(r, 0, "the checkpoint after a lazy restore reads everything");
+    assert!(
+        r > 7000,
+        "the checkpoint after a lazy restore reuses pages: {r}"
+    );
     lab.fp(&[
         "restore",
         "-m",

@@ -95,13 +95,37 @@ pub fn scan_and_protect(
     start: u64,
     end: u64,
 ) -> Result<Vec<(u64, u64, u64)>, Errno> {
+    scan_with(
+        pagemap,
+        start,
+        end,
+        PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+    )
+}
+
+/// [`scan_and_protect`] without protecting anything: which pages were written since they
+/// were last write-protected.
+pub fn scan_only(
+    pagemap: &std::fs::File,
+    start: u64,
+    end: u64,
+) -> Result<Vec<(u64, u64, u64)>, Errno> {
+    scan_with(pagemap, start, end, PM_SCAN_CHECK_WPASYNC)
+}
+
+fn scan_with(
+    pagemap: &std::fs::File,
+    start: u64,
+    end: u64,
+    flags: u64,
+) -> Result<Vec<(u64, u64, u64)>, Errno> {
     let mut out = Vec::new();
     let mut vec = vec![PageRegion::default(); 4096];
     let mut at = start;
     while at < end {
         let mut arg = PmScanArg {
             size: std::mem::size_of::<PmScanArg>() as u64,
-            flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+            flags,
             start: at,
             end,
             vec: vec.as_mut_ptr() as u64,
@@ -331,6 +355,14 @@ impl DirtyTracker {
         self.base = None;
     }
 
+    /// Drops the pages of `pid` for which `stale` holds from what its next dump may reuse
+    /// (they are read again).
+    pub fn forget_pages(&mut self, pid: i32, stale: impl Fn(u64) -> bool) {
+        if let Some(t) = self.procs.get_mut(&pid) {
+            std::sync::Arc::make_mut(&mut t.pages).retain(|&a, _| !stale(a));
+        }
+    }
+
     /// [`DirtyTracker::remember`] for images of single processes: (pid, its memory).
     pub fn remember_memory<'a>(
         &mut self,
@@ -375,6 +407,9 @@ fn pages_of(mem: &ImageMemory) -> BTreeMap<u64, PageData> {
     pages
 }
 
+/// `UFFD_FEATURE_WP_ASYNC`: write faults on write-protected pages resolved by the kernel.
+pub const FEATURE_WP_ASYNC: u64 = UFFD_FEATURE_WP_ASYNC;
+
 /// `UFFDIO_API` with asynchronous write-protection: what a userfaultfd given to
 /// [`DirtyTracker::arm`] must have had (the handshake is allowed once per descriptor).
 pub fn init(uffd: OwnedFd) -> Result<OwnedFd, String> {
@@ -414,7 +449,22 @@ const UFFDIO_COPY_MODE_DONTWAKE: u64 = 1;
 /// Registers `[start, end)` for missing-page handling, which [`fill`] needs: a page filled
 /// with `UFFDIO_COPY` is allocated and copied in one step, never zeroed first.
 pub fn register_missing(uffd: &OwnedFd, start: u64, end: u64) -> Result<(), Errno> {
-    let mut reg = [start, end - start, UFFDIO_REGISTER_MODE_MISSING, 0u64];
+    register_mode(uffd, start, end, UFFDIO_REGISTER_MODE_MISSING)
+}
+
+/// Registers `[start, end)` for missing pages and write-protection at once (a lazy restore
+/// that keeps dirty-page tracking: pages copied in write-protected, see [`super::lazy`]).
+pub fn register_missing_wp(uffd: &OwnedFd, start: u64, end: u64) -> Result<(), Errno> {
+    register_mode(
+        uffd,
+        start,
+        end,
+        UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP,
+    )
+}
+
+fn register_mode(uffd: &OwnedFd, start: u64, end: u64, mode: u64) -> Result<(), Errno> {
+    let mut reg = [start, end - start, mode, 0u64];
     // SAFETY: UFFDIO_REGISTER reads and writes one struct uffdio_register (four u64).
     let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_REGISTER as _, reg.as_mut_ptr()) };
     if r < 0 {

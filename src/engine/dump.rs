@@ -794,6 +794,103 @@ pub(crate) fn make_uffd_with(
     res
 }
 
+/// Hands process `pid`, lazily restored from `mem` with its private anonymous memory in
+/// `lazy_ranges`, over from `lazy` (every page in) to dirty-page tracking: stopped, the pages
+/// it wrote since the restore are read from the write-protection the fill copied pages in
+/// with, the fill lets go of it, and `tracker` is armed on `ranges` (as after an eager
+/// restore) remembering the image's pages but those written, those outside `lazy_ranges`
+/// and, if image memory moved meanwhile, all of them. On error the process is simply not
+/// tracked (its next dump reads all of it).
+pub fn track_after_lazy(
+    pid: i32,
+    lazy: &super::lazy::LazyFill,
+    tracker: &std::sync::Mutex<super::dirty::DirtyTracker>,
+    lazy_ranges: &[(u64, u64)],
+    ranges: &[(u64, u64)],
+    mem: &ImageMemory,
+) -> Result<(), DumpError> {
+    let mut frozen = match Frozen::freeze(pid) {
+        Ok(f) => f,
+        Err(e) => {
+            lazy.release(pid);
+            return Err(e);
+        }
+    };
+    let scanned = (|| -> Result<Vec<(u64, u64)>, String> {
+        let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap"))
+            .map_err(|e| format!("pagemap: {e}"))?;
+        let mut written = Vec::new();
+        for &(s, e) in lazy_ranges {
+            for (a, b, cats) in super::dirty::scan_only(&pagemap, s, e)
+                .map_err(|err| format!("scanning {s:#x}-{e:#x}: {err}"))?
+            {
+                if cats & super::dirty::PAGE_IS_WRITTEN != 0 {
+                    written.push((a, b));
+                }
+            }
+        }
+        written.sort_unstable();
+        Ok(written)
+    })();
+    let moved = lazy.release(pid);
+    let mut t = tracker.lock().unwrap_or_else(|p| p.into_inner());
+    let written = match (scanned, moved) {
+        (Ok(w), false) => w,
+        (Err(e), _) => {
+            log::debug!("process {pid}: not tracked after the lazy restore: {e}");
+            t.drop_process(pid);
+            return Ok(());
+        }
+        (Ok(_), true) => {
+            log::debug!("process {pid}: not tracked after the lazy restore: memory moved");
+            t.drop_process(pid);
+            return Ok(());
+        }
+    };
+    let Some(tracer) = frozen.tracers.first_mut() else {
+        return Ok(());
+    };
+    t.arm(pid, ranges, &[], || {
+        tracer.locate_syscall_insn().map_err(|e| e.to_string())?;
+        make_uffd(pid, tracer).and_then(super::dirty::init)
+    });
+    t.remember_one(pid, mem);
+    let inside = |a: u64| lazy_ranges.iter().any(|&(s, e)| s <= a && a < e);
+    let hit = |a: u64| {
+        let i = written.partition_point(|&(_, e)| e <= a);
+        written.get(i).is_some_and(|&(s, _)| s <= a)
+    };
+    t.forget_pages(pid, |a| !inside(a) || hit(a));
+    log::debug!(
+        "process {pid}: tracked after the lazy restore ({} ranges written since)",
+        written.len()
+    );
+    Ok(())
+}
+
+/// [`track_after_lazy`] for every process of `tree` that `lazy` filled (every page in),
+/// once restored from `tree`.
+pub fn track_tree_after_lazy(
+    tree: &TreeImage,
+    lazy: &super::lazy::LazyFill,
+    tracker: &std::sync::Mutex<super::dirty::DirtyTracker>,
+) {
+    for (pid, image_pid, lazy_ranges) in lazy.processes() {
+        let Some(img) = tree
+            .processes
+            .iter()
+            .find(|m| m.pid == image_pid)
+            .and_then(|m| m.live())
+        else {
+            continue;
+        };
+        let ranges = super::restore::tracked_ranges(img);
+        if let Err(e) = track_after_lazy(pid, lazy, tracker, &lazy_ranges, &ranges, &img.memory) {
+            log::debug!("process {pid}: not tracked after the lazy restore: {e}");
+        }
+    }
+}
+
 /// Step 7 for every frozen process: thaw (explicitly, to report errors) or kill. With
 /// [`AfterDump::Kill`] every process is sent `SIGKILL` before any is waited for.
 fn finish(procs: Vec<(i32, Frozen)>, after: AfterDump) -> Result<(), DumpError> {

@@ -6,9 +6,14 @@
 //! events) whose other end is served by one thread of the restorer. The program runs as soon
 //! as everything else is rebuilt; a page it touches first is fetched from the store and
 //! copied in on demand (with the pages after it, up to [`FAULT_WINDOW`]), while the thread
-//! copies in the rest in the background, in image order. When every page is in, the
-//! userfaultfds are closed, which unregisters everything: the program runs as if restored
-//! eagerly.
+//! copies in the rest in the background, in image order (the next batch fetched on a
+//! thread of its own). Pages are copied in write-protected (the ranges are registered for
+//! write-protection too, with asynchronous resolution), so that what the program writes
+//! meanwhile shows in `PAGEMAP_SCAN` as after an eager restore. When every page is in,
+//! children forked meanwhile are let go, and each restored process is handed over to
+//! dirty-page tracking by [`super::dump::track_after_lazy`] (stopped: what it wrote is read,
+//! its userfaultfd closed, which unregisters everything, and tracking armed anew); until
+//! then the thread serves it (zero pages for a page the image does not have).
 //!
 //! The address space may change while pages are still missing; the events keep the
 //! thread's picture right:
@@ -23,9 +28,9 @@
 //! program blocked for ever, or with wrong memory: the thread then calls the `on_error`
 //! given to [`LazyFill::start`] (which kills the program) before it lets go of anything.
 //!
-//! What a lazily restored program does not get: dirty-page tracking from the restore on (its
-//! first checkpoint reads all its memory again; the store still keeps only the pages that
-//! changed). A checkpoint waits for the fill to end ([`LazyFill::wait`]).
+//! A checkpoint waits for every page to be in ([`LazyFill::wait`]). A process that moved
+//! image memory with mremap while pages were missing is not tracked after the hand-over
+//! (its next checkpoint reads all of it).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Condvar, Mutex};
@@ -51,7 +56,8 @@ const UFFD_FEATURE_EVENT_UNMAP: u64 = 1 << 6;
 pub const FEATURES: u64 = UFFD_FEATURE_EVENT_FORK
     | UFFD_FEATURE_EVENT_REMAP
     | UFFD_FEATURE_EVENT_REMOVE
-    | UFFD_FEATURE_EVENT_UNMAP;
+    | UFFD_FEATURE_EVENT_UNMAP
+    | super::dirty::FEATURE_WP_ASYNC;
 /// Flags for the `userfaultfd` syscall of a lazy restore: no `UFFD_USER_MODE_ONLY`, as the
 /// kernel's own accesses (a `read` into a missing page) must be served too. Creating one
 /// takes `CAP_SYS_PTRACE`, which the process has while it is being rebuilt.
@@ -66,6 +72,9 @@ const UFFD_EVENT_UNMAP: u8 = 0x16;
 const UFFDIO_WAKE: u64 = 0x8010_AA02; // _IOR(0xAA, 0x02, struct uffdio_range)
 const UFFDIO_COPY: u64 = 0xC028_AA03; // _IOWR(0xAA, 0x03, struct uffdio_copy)
 const UFFDIO_ZEROPAGE: u64 = 0xC020_AA04; // _IOWR(0xAA, 0x04, struct uffdio_zeropage)
+/// Pages copied in write-protected: until the program writes one, it is the image's (what
+/// dirty-page tracking reads when the fill is released).
+const UFFDIO_COPY_MODE_WP: u64 = 1 << 1;
 
 /// A stored run of an image, in a lazily filled range.
 #[derive(Clone, Debug)]
@@ -183,7 +192,7 @@ fn copy(uffd: &OwnedFd, dst: u64, data: &[u8]) -> Result<(), CopyErr> {
             dst + done as u64,
             data[done..].as_ptr() as u64,
             (data.len() - done) as u64,
-            0u64,
+            UFFDIO_COPY_MODE_WP,
             0u64,
         ];
         // SAFETY: UFFDIO_COPY reads one struct uffdio_copy (five u64, the last written
@@ -253,6 +262,8 @@ fn wake(uffd: &OwnedFd, dst: u64) {
 struct Proc {
     /// For messages: the pid, or "a child of" it.
     label: String,
+    /// The restored process's pid (`None`: a child it forked while pages were missing).
+    pid: Option<i32>,
     uffd: OwnedFd,
     /// Stored runs of its image in lazily filled ranges, by address.
     runs: Arc<Vec<LazyRun>>,
@@ -262,6 +273,8 @@ struct Proc {
     /// Faults (page addresses) to serve again after the events were read.
     deferred: Vec<u64>,
     gone: bool,
+    /// Image memory was moved (mremap) while pages were missing.
+    remapped: bool,
 }
 
 impl Proc {
@@ -302,9 +315,15 @@ struct State {
     incoming: Vec<Proc>,
     committed: Option<Instant>,
     stop: bool,
+    /// Every page is in (or the fill failed).
+    complete: bool,
+    /// The thread has ended.
     done: bool,
     error: Option<String>,
     stats: LazyStats,
+    /// Processes to let go of, and those let go of (with whether pages moved in them).
+    release: Vec<i32>,
+    released: Vec<(i32, bool)>,
 }
 
 struct Shared {
@@ -326,11 +345,17 @@ impl Shared {
     }
 }
 
+/// A process handed to a [`LazyFill`]: its pid, its pid in the image, the ranges filled
+/// lazily.
+pub type Handed = (i32, i32, Vec<(u64, u64)>);
+
 /// The thread serving the userfaultfds of a lazy restore. Dropping it stops the thread and
 /// closes every userfaultfd (a restore that failed: its processes are killed).
 pub struct LazyFill {
     shared: Arc<Shared>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Every process handed over.
+    added: Mutex<Vec<Handed>>,
 }
 
 impl std::fmt::Debug for LazyFill {
@@ -368,16 +393,30 @@ impl LazyFill {
         Ok(LazyFill {
             shared,
             thread: Some(thread),
+            added: Mutex::new(Vec::new()),
         })
     }
 
     /// Hands over process `pid`: `uffd` (set up with [`FEATURES`], its ranges registered for
     /// missing pages), the stored `runs` those ranges hold (sorted by address) and the
     /// ranges themselves.
-    pub fn add(&self, pid: i32, uffd: OwnedFd, mut runs: Vec<LazyRun>, ranges: &[(u64, u64)]) {
+    pub fn add(
+        &self,
+        pid: i32,
+        image_pid: i32,
+        uffd: OwnedFd,
+        mut runs: Vec<LazyRun>,
+        ranges: &[(u64, u64)],
+    ) {
+        self.added.lock().unwrap_or_else(|p| p.into_inner()).push((
+            pid,
+            image_pid,
+            ranges.to_vec(),
+        ));
         runs.sort_by_key(|r| r.addr);
         let p = Proc {
             label: pid.to_string(),
+            pid: Some(pid),
             uffd,
             runs: Arc::new(runs),
             segs: ranges
@@ -391,6 +430,7 @@ impl LazyFill {
             next: 0,
             deferred: Vec::new(),
             gone: false,
+            remapped: false,
         };
         self.shared.lock().incoming.push(p);
         self.shared.kick();
@@ -405,7 +445,7 @@ impl LazyFill {
     /// Waits until every page is in (or the fill failed, which killed the program).
     pub fn wait(&self) -> Result<LazyStats, String> {
         let mut st = self.shared.lock();
-        while !st.done {
+        while !st.complete {
             st = self.shared.cv.wait(st).unwrap_or_else(|p| p.into_inner());
         }
         match &st.error {
@@ -414,9 +454,37 @@ impl LazyFill {
         }
     }
 
-    /// Whether the fill has ended.
+    /// Every process handed over.
+    pub fn processes(&self) -> Vec<Handed> {
+        self.added.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Whether every page is in (or the fill failed).
     pub fn is_done(&self) -> bool {
-        self.shared.lock().done
+        self.shared.lock().complete
+    }
+
+    /// Lets go of process `pid` once every page is in: its userfaultfd is closed, which
+    /// unregisters its ranges (and clears their write-protection). Call it with the process
+    /// stopped, after reading what it wrote since the restore ([`super::dirty::scan_only`]),
+    /// and arm dirty-page tracking anew before it runs. Returns whether the process moved
+    /// image memory with mremap meanwhile (then a page's address no longer says which page
+    /// of the image it holds).
+    pub fn release(&self, pid: i32) -> bool {
+        let mut st = self.shared.lock();
+        st.release.push(pid);
+        drop(st);
+        self.shared.kick();
+        let mut st = self.shared.lock();
+        loop {
+            if let Some(&(_, moved)) = st.released.iter().find(|r| r.0 == pid) {
+                return moved;
+            }
+            if st.done {
+                return true;
+            }
+            st = self.shared.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
     }
 }
 
@@ -444,22 +512,50 @@ fn parse_msg(m: &[u8]) -> (u8, [u64; 3]) {
 fn serve(shared: &Shared, source: &dyn ChunkSource, mut fetcher: Fetcher, on_error: &dyn Fn(&str)) {
     let mut procs: Vec<Proc> = Vec::new();
     let mut turn = 0usize;
+    // Every page is in: from then on the restored processes are only served until they are
+    // released (or the fill is dropped).
+    let mut complete = false;
     // Ok(true): every page is in; Ok(false): stopped (dropped) before.
     let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<bool, String> {
         loop {
             let committed = {
                 let mut st = shared.lock();
                 if st.stop {
-                    return Ok(false);
+                    return Ok(complete);
                 }
                 procs.append(&mut st.incoming);
+                // Released: their userfaultfd closes here (which unregisters everything).
+                for pid in std::mem::take(&mut st.release) {
+                    let moved = procs.iter().any(|p| p.pid == Some(pid) && p.remapped);
+                    procs.retain(|p| p.pid != Some(pid));
+                    st.released.push((pid, moved));
+                    shared.cv.notify_all();
+                }
                 st.committed
             };
             procs.retain(|p| !p.gone);
             let deferred = procs.iter().any(|p| !p.gone && !p.deferred.is_empty());
             let work = deferred || (committed.is_some() && procs.iter().any(|p| p.work_left()));
-            if committed.is_some() && !work {
-                return Ok(true); // everything is in (or every process is gone)
+            if committed.is_some() && !work && !complete {
+                // Every page is in. Children forked meanwhile are let go (what they have is
+                // theirs); the restored processes stay registered, write-protection and
+                // all, until released to dirty-page tracking.
+                complete = true;
+                procs.retain(|p| p.pid.is_some());
+                for p in &mut procs {
+                    p.runs = Arc::new(Vec::new());
+                    p.segs.clear();
+                }
+                let mut st = shared.lock();
+                if let Some(c) = st.committed {
+                    st.stats.fill_time = c.elapsed();
+                }
+                st.complete = true;
+                log::debug!("lazy restore: {:?}", st.stats);
+                shared.cv.notify_all();
+            }
+            if complete && procs.is_empty() {
+                return Ok(true);
             }
             // Faults and events first.
             let mut fds: Vec<libc::pollfd> = std::iter::once(shared.event.as_raw_fd())
@@ -510,7 +606,7 @@ fn serve(shared: &Shared, source: &dyn ChunkSource, mut fetcher: Fetcher, on_err
     // Stopped with pages still missing (the restore failed after some processes were let
     // go): closing the userfaultfds would leave them zeros.
     let res = match res {
-        Ok(false) if procs.iter().any(|p| !p.gone) => {
+        Ok(false) if procs.iter().any(|p| !p.gone && p.work_left()) => {
             Err("the lazy restore was stopped before every page was in".to_string())
         }
         Ok(_) => Ok(()),
@@ -521,14 +617,17 @@ fn serve(shared: &Shared, source: &dyn ChunkSource, mut fetcher: Fetcher, on_err
         on_error(e);
     }
     let mut st = shared.lock();
-    if let Some(c) = st.committed {
-        st.stats.fill_time = c.elapsed();
+    if !st.complete {
+        if let Some(c) = st.committed {
+            st.stats.fill_time = c.elapsed();
+        }
+        log::debug!("lazy restore: {:?}", st.stats);
     }
     st.error = res.err();
     // Closing the userfaultfds unregisters every range they hold.
     drop(procs);
+    st.complete = true;
     st.done = true;
-    log::debug!("lazy restore: {:?}", st.stats);
     shared.cv.notify_all();
 }
 
@@ -578,16 +677,21 @@ fn read_msgs(
                     let uffd = unsafe { OwnedFd::from_raw_fd(a[0] as u32 as i32) };
                     born.push(Proc {
                         label: format!("a child of {}", p.label),
+                        pid: None,
                         uffd,
                         runs: p.runs.clone(),
                         segs: p.segs.clone(),
                         next: p.next,
                         deferred: Vec::new(),
                         gone: false,
+                        remapped: p.remapped,
                     });
                     shared.lock().stats.forks += 1;
                 }
-                UFFD_EVENT_REMAP => segs_remap(&mut p.segs, a[0], a[1], a[2]),
+                UFFD_EVENT_REMAP => {
+                    segs_remap(&mut p.segs, a[0], a[1], a[2]);
+                    p.remapped = true;
+                }
                 UFFD_EVENT_REMOVE | UFFD_EVENT_UNMAP => segs_remove(&mut p.segs, a[0], a[1]),
                 _ => {}
             }

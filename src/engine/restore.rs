@@ -676,22 +676,7 @@ impl Restorer<'_> {
                 .unwrap_or_else(|p| p.into_inner())
                 .drop_process(self.pid);
         } else if let Some(d) = self.dirty {
-            let ranges: Vec<(u64, u64)> = image
-                .mappings
-                .iter()
-                .filter(|m| {
-                    !m.shared
-                        && m.prot != 0
-                        && matches!(
-                            m.kind,
-                            MappingKind::Anon
-                                | MappingKind::Heap
-                                | MappingKind::Stack
-                                | MappingKind::File
-                        )
-                })
-                .map(|m| (m.start, m.end))
-                .collect();
+            let ranges = tracked_ranges(image);
             let pid = self.pid;
             let t = &mut self.t;
             let mut tracker = d.lock().unwrap_or_else(|p| p.into_inner());
@@ -1217,7 +1202,7 @@ impl Restorer<'_> {
         let uffd = super::dump::make_uffd_with(self.pid, &mut self.t, super::lazy::FLAGS)?;
         super::dirty::api_with(&uffd, super::lazy::FEATURES)?;
         for (i, &(s, e)) in ranges.iter().enumerate() {
-            if let Err(err) = super::dirty::register_missing(&uffd, s, e) {
+            if let Err(err) = super::dirty::register_missing_wp(&uffd, s, e) {
                 for &(s, e) in &ranges[..i] {
                     let _ = super::dirty::unregister(&uffd, s, e);
                 }
@@ -1245,7 +1230,7 @@ impl Restorer<'_> {
             })
             .collect();
         let ours = uffd.try_clone().map_err(|e| format!("dup: {e}"))?;
-        lazy.add(self.pid, ours, runs, ranges);
+        lazy.add(self.pid, self.image.pid, ours, runs, ranges);
         self.fill = Some(Fill {
             uffd,
             ranges: ranges.to_vec(),
@@ -2069,6 +2054,24 @@ struct PipeFds {
     sockets: std::collections::BTreeMap<u64, i32>,
     /// Inode of a shared memory file in the image → the recreated memfd.
     memfds: std::collections::BTreeMap<u64, i32>,
+}
+
+/// The mappings of `image` that dirty-page tracking covers after a restore: private, not
+/// `PROT_NONE`, anonymous or file-backed.
+pub fn tracked_ranges(image: &ProcessImage) -> Vec<(u64, u64)> {
+    image
+        .mappings
+        .iter()
+        .filter(|m| {
+            !m.shared
+                && m.prot != 0
+                && matches!(
+                    m.kind,
+                    MappingKind::Anon | MappingKind::Heap | MappingKind::Stack | MappingKind::File
+                )
+        })
+        .map(|m| (m.start, m.end))
+        .collect()
 }
 
 /// Options for [`restore_tree`].
