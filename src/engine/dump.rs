@@ -813,29 +813,46 @@ pub fn track_after_lazy(
         Ok(f) => f,
         Err(e) => {
             lazy.release(pid);
+            tracker
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .drop_process(pid);
             return Err(e);
         }
     };
+    // The pages seen present and not written since they were copied in: only those are the
+    // image's. (A page the fill still serves after this scan, a zero page for a dropped
+    // one say, is not among them, and is read again by the next dump.)
     let scanned = (|| -> Result<Vec<(u64, u64)>, String> {
+        if !lazy.tracks_writes(pid) {
+            return Err("its pages were copied in without write-protection".into());
+        }
+        // The userfaultfd() injected below could be the death of a filtered process.
+        let status = read_proc(pid, "status").map_err(|e| e.to_string())?;
+        if status_field(&status, "Seccomp:").map(str::trim) == Some("2") {
+            return Err("it is under a seccomp filter".into());
+        }
         let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap"))
             .map_err(|e| format!("pagemap: {e}"))?;
-        let mut written = Vec::new();
+        let mut clean = Vec::new();
         for &(s, e) in lazy_ranges {
             for (a, b, cats) in super::dirty::scan_only(&pagemap, s, e)
                 .map_err(|err| format!("scanning {s:#x}-{e:#x}: {err}"))?
             {
-                if cats & super::dirty::PAGE_IS_WRITTEN != 0 {
-                    written.push((a, b));
+                if cats & super::dirty::PAGE_IS_WRITTEN == 0
+                    && cats & super::dirty::PAGE_IS_PRESENT != 0
+                {
+                    clean.push((a, b));
                 }
             }
         }
-        written.sort_unstable();
-        Ok(written)
+        clean.sort_unstable();
+        Ok(clean)
     })();
     let moved = lazy.release(pid);
     let mut t = tracker.lock().unwrap_or_else(|p| p.into_inner());
-    let written = match (scanned, moved) {
-        (Ok(w), false) => w,
+    let clean = match (scanned, moved) {
+        (Ok(c), false) => c,
         (Err(e), _) => {
             log::debug!("process {pid}: not tracked after the lazy restore: {e}");
             t.drop_process(pid);
@@ -848,23 +865,28 @@ pub fn track_after_lazy(
         }
     };
     let Some(tracer) = frozen.tracers.first_mut() else {
+        t.drop_process(pid);
         return Ok(());
     };
     t.arm(pid, ranges, &[], || {
         tracer.locate_syscall_insn().map_err(|e| e.to_string())?;
         make_uffd(pid, tracer).and_then(super::dirty::init)
     });
+    // The image stays the base the next image may be a delta against.
+    let base = t.base;
     t.remember_one(pid, mem);
-    let inside = |a: u64| lazy_ranges.iter().any(|&(s, e)| s <= a && a < e);
-    let hit = |a: u64| {
-        let i = written.partition_point(|&(_, e)| e <= a);
-        written.get(i).is_some_and(|&(s, _)| s <= a)
+    t.base = base;
+    let is_clean = |a: u64| {
+        let i = clean.partition_point(|&(_, e)| e <= a);
+        clean.get(i).is_some_and(|&(s, _)| s <= a)
     };
-    t.forget_pages(pid, |a| !inside(a) || hit(a));
-    log::debug!(
-        "process {pid}: tracked after the lazy restore ({} ranges written since)",
-        written.len()
-    );
+    t.forget_pages(pid, |a| !is_clean(a));
+    if t.tracks(pid) {
+        log::debug!(
+            "process {pid}: tracked after the lazy restore ({} clean ranges)",
+            clean.len()
+        );
+    }
     Ok(())
 }
 
@@ -875,7 +897,13 @@ pub fn track_tree_after_lazy(
     lazy: &super::lazy::LazyFill,
     tracker: &std::sync::Mutex<super::dirty::DirtyTracker>,
 ) {
-    for (pid, image_pid, lazy_ranges) in lazy.processes() {
+    for super::lazy::Handed {
+        pid,
+        image_pid,
+        ranges: lazy_ranges,
+        ..
+    } in lazy.processes()
+    {
         let Some(img) = tree
             .processes
             .iter()

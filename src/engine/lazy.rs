@@ -52,6 +52,13 @@ const UFFD_FEATURE_EVENT_FORK: u64 = 1 << 1;
 const UFFD_FEATURE_EVENT_REMAP: u64 = 1 << 2;
 const UFFD_FEATURE_EVENT_REMOVE: u64 = 1 << 3;
 const UFFD_FEATURE_EVENT_UNMAP: u64 = 1 << 6;
+/// Features asked of a lazy userfaultfd where the kernel lacks `UFFD_FEATURE_WP_ASYNC`
+/// (before 6.7): pages go in without write-protection, and the process is not tracked
+/// after the fill.
+pub const FEATURES_NO_WP: u64 = UFFD_FEATURE_EVENT_FORK
+    | UFFD_FEATURE_EVENT_REMAP
+    | UFFD_FEATURE_EVENT_REMOVE
+    | UFFD_FEATURE_EVENT_UNMAP;
 /// Features asked of a lazy userfaultfd.
 pub const FEATURES: u64 = UFFD_FEATURE_EVENT_FORK
     | UFFD_FEATURE_EVENT_REMAP
@@ -185,14 +192,14 @@ enum CopyErr {
 
 /// `UFFDIO_COPY` of `data` to `dst`, waking the faulting threads; pages already there are
 /// skipped, as are pages no longer in a registered mapping.
-fn copy(uffd: &OwnedFd, dst: u64, data: &[u8]) -> Result<(), CopyErr> {
+fn copy(uffd: &OwnedFd, dst: u64, data: &[u8], mode: u64) -> Result<(), CopyErr> {
     let mut done = 0usize;
     while done < data.len() {
         let mut arg = [
             dst + done as u64,
             data[done..].as_ptr() as u64,
             (data.len() - done) as u64,
-            UFFDIO_COPY_MODE_WP,
+            mode,
             0u64,
         ];
         // SAFETY: UFFDIO_COPY reads one struct uffdio_copy (five u64, the last written
@@ -217,7 +224,7 @@ fn copy(uffd: &OwnedFd, dst: u64, data: &[u8]) -> Result<(), CopyErr> {
             Errno::ENOENT if data.len() - done > PAGE as usize => {
                 while done < data.len() {
                     let page = &data[done..(done + PAGE as usize).min(data.len())];
-                    match copy(uffd, dst + done as u64, page) {
+                    match copy(uffd, dst + done as u64, page, mode) {
                         Ok(()) => done += PAGE as usize,
                         Err(e) => return Err(e),
                     }
@@ -264,6 +271,8 @@ struct Proc {
     label: String,
     /// The restored process's pid (`None`: a child it forked while pages were missing).
     pid: Option<i32>,
+    /// Its ranges are registered for write-protection: pages go in write-protected.
+    wp: bool,
     uffd: OwnedFd,
     /// Stored runs of its image in lazily filled ranges, by address.
     runs: Arc<Vec<LazyRun>>,
@@ -303,7 +312,13 @@ impl Proc {
                 len += pieces[j].2;
                 j += 1;
             }
-            copy(&self.uffd, cur, &data[off as usize..(off + len) as usize])?;
+            let mode = if self.wp { UFFDIO_COPY_MODE_WP } else { 0 };
+            copy(
+                &self.uffd,
+                cur,
+                &data[off as usize..(off + len) as usize],
+                mode,
+            )?;
             i = j;
         }
         Ok(())
@@ -345,9 +360,17 @@ impl Shared {
     }
 }
 
-/// A process handed to a [`LazyFill`]: its pid, its pid in the image, the ranges filled
-/// lazily.
-pub type Handed = (i32, i32, Vec<(u64, u64)>);
+/// A process handed to a [`LazyFill`].
+#[derive(Clone, Debug)]
+pub struct Handed {
+    pub pid: i32,
+    pub image_pid: i32,
+    /// The ranges filled lazily.
+    pub ranges: Vec<(u64, u64)>,
+    /// Registered for write-protection too ([`FEATURES`]): pages are copied in
+    /// write-protected, and what the program writes can be told ([`LazyFill::tracks_writes`]).
+    pub wp: bool,
+}
 
 /// The thread serving the userfaultfds of a lazy restore. Dropping it stops the thread and
 /// closes every userfaultfd (a restore that failed: its processes are killed).
@@ -400,23 +423,14 @@ impl LazyFill {
     /// Hands over process `pid`: `uffd` (set up with [`FEATURES`], its ranges registered for
     /// missing pages), the stored `runs` those ranges hold (sorted by address) and the
     /// ranges themselves.
-    pub fn add(
-        &self,
-        pid: i32,
-        image_pid: i32,
-        uffd: OwnedFd,
-        mut runs: Vec<LazyRun>,
-        ranges: &[(u64, u64)],
-    ) {
-        self.added.lock().unwrap_or_else(|p| p.into_inner()).push((
-            pid,
-            image_pid,
-            ranges.to_vec(),
-        ));
+    pub fn add(&self, h: Handed, uffd: OwnedFd, mut runs: Vec<LazyRun>) {
+        let (pid, ranges, wp) = (h.pid, h.ranges.clone(), h.wp);
+        self.added.lock().unwrap_or_else(|p| p.into_inner()).push(h);
         runs.sort_by_key(|r| r.addr);
         let p = Proc {
             label: pid.to_string(),
             pid: Some(pid),
+            wp,
             uffd,
             runs: Arc::new(runs),
             segs: ranges
@@ -457,6 +471,15 @@ impl LazyFill {
     /// Every process handed over.
     pub fn processes(&self) -> Vec<Handed> {
         self.added.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Whether `pid` was handed over with write-protection (see [`Handed::wp`]).
+    pub fn tracks_writes(&self, pid: i32) -> bool {
+        self.added
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|h| h.pid == pid && h.wp)
     }
 
     /// Whether every page is in (or the fill failed).
@@ -678,6 +701,7 @@ fn read_msgs(
                     born.push(Proc {
                         label: format!("a child of {}", p.label),
                         pid: None,
+                        wp: p.wp,
                         uffd,
                         runs: p.runs.clone(),
                         segs: p.segs.clone(),
@@ -791,8 +815,9 @@ struct Fetcher {
     resp: std::sync::mpsc::Receiver<(BatchKey, Result<Vec<u8>, String>)>,
     /// Asked for and not received yet.
     pending: Option<BatchKey>,
-    /// Received and not used yet (or kept for a copy to retry).
-    ready: Option<(BatchKey, Vec<u8>)>,
+    /// Received and not used yet (or kept for a copy to retry), a few at most: with several
+    /// processes, the round goes through the others before a prefetched batch is used.
+    ready: Vec<(BatchKey, Vec<u8>)>,
     spare: Vec<u8>,
     source: Arc<dyn ChunkSource + Send + Sync>,
 }
@@ -816,7 +841,7 @@ impl Fetcher {
             req,
             resp,
             pending: None,
-            ready: None,
+            ready: Vec::new(),
             spare: Vec::new(),
             source,
         })
@@ -830,11 +855,17 @@ impl Fetcher {
                 .recv()
                 .map_err(|_| "the lazy fetch thread stopped".to_string())?;
             let buf = r?;
-            if let Some((_, old)) = self.ready.replace((key, buf)) {
-                self.spare = old;
-            }
+            self.keep(key, buf);
         }
         Ok(())
+    }
+
+    /// Keeps `buf`, the bytes of batch `key`, for later.
+    fn keep(&mut self, key: BatchKey, buf: Vec<u8>) {
+        self.ready.push((key, buf));
+        if self.ready.len() > 8 {
+            self.spare = self.ready.remove(0).1;
+        }
     }
 
     /// The bytes of batch `key` of `runs`: prefetched, or read now.
@@ -842,11 +873,8 @@ impl Fetcher {
         if self.pending == Some(key) {
             self.settle()?;
         }
-        if let Some((k, buf)) = self.ready.take() {
-            if k == key {
-                return Ok(buf);
-            }
-            self.spare = buf;
+        if let Some(i) = self.ready.iter().position(|r| r.0 == key) {
+            return Ok(self.ready.swap_remove(i).1);
         }
         let mut buf = std::mem::take(&mut self.spare);
         fetch(&*self.source, &runs[key.1..key.2], &mut buf).map(|_| ())?;
@@ -900,10 +928,7 @@ fn background_step(shared: &Shared, fetcher: &mut Fetcher, p: &mut Proc) -> Resu
         // An event interrupted the copy: the main loop reads it, and this batch comes again
         // (the pages copied so far are skipped then) with the bytes kept.
         Err(CopyErr::Again) => {
-            fetcher.settle()?;
-            if let Some((_, b)) = fetcher.ready.replace(((id, i, j), data)) {
-                fetcher.spare = b;
-            }
+            fetcher.keep((id, i, j), data);
             Ok(())
         }
         Err(CopyErr::Other(e)) => Err(format!(

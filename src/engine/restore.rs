@@ -1200,9 +1200,29 @@ impl Restorer<'_> {
         ranges: &[(u64, u64)],
     ) -> Result<(), String> {
         let uffd = super::dump::make_uffd_with(self.pid, &mut self.t, super::lazy::FLAGS)?;
-        super::dirty::api_with(&uffd, super::lazy::FEATURES)?;
+        // Without asynchronous write-protection (an older kernel), pages go in unprotected
+        // and the process is not tracked after the fill. The handshake is once per
+        // descriptor: a second one for the fallback.
+        let (uffd, wp) = match super::dirty::api_with(&uffd, super::lazy::FEATURES) {
+            Ok(()) => (uffd, true),
+            Err(e) => {
+                log::debug!(
+                    "process {}: lazy restore without write-protection: {e}",
+                    self.pid
+                );
+                drop(uffd);
+                let u = super::dump::make_uffd_with(self.pid, &mut self.t, super::lazy::FLAGS)?;
+                super::dirty::api_with(&u, super::lazy::FEATURES_NO_WP)?;
+                (u, false)
+            }
+        };
         for (i, &(s, e)) in ranges.iter().enumerate() {
-            if let Err(err) = super::dirty::register_missing_wp(&uffd, s, e) {
+            let r = if wp {
+                super::dirty::register_missing_wp(&uffd, s, e)
+            } else {
+                super::dirty::register_missing(&uffd, s, e)
+            };
+            if let Err(err) = r {
                 for &(s, e) in &ranges[..i] {
                     let _ = super::dirty::unregister(&uffd, s, e);
                 }
@@ -1230,7 +1250,16 @@ impl Restorer<'_> {
             })
             .collect();
         let ours = uffd.try_clone().map_err(|e| format!("dup: {e}"))?;
-        lazy.add(self.pid, self.image.pid, ours, runs, ranges);
+        lazy.add(
+            super::lazy::Handed {
+                pid: self.pid,
+                image_pid: self.image.pid,
+                ranges: ranges.to_vec(),
+                wp,
+            },
+            ours,
+            runs,
+        );
         self.fill = Some(Fill {
             uffd,
             ranges: ranges.to_vec(),
