@@ -393,12 +393,10 @@ pub fn start_with(
 
 /// Threads of this process (/proc/self/status).
 fn thread_count() -> Option<u64> {
-    let st = std::fs::read_to_string("/proc/self/status").ok()?;
-    st.lines()
-        .find_map(|l| l.strip_prefix("Threads:"))?
-        .trim()
-        .parse()
-        .ok()
+    field_kb(
+        &std::fs::read_to_string("/proc/self/status").ok()?,
+        "Threads:",
+    )
 }
 
 /// session-init: runs on the host side of the new namespaces and forks init, PID 1.
@@ -1392,7 +1390,7 @@ fn warm_heap(bytes: u64) -> u64 {
     (n * BLOCK) as u64
 }
 
-/// A "Key:   123 kB" field of /proc/*/status or /proc/meminfo, in kB.
+/// A "Key:   123 kB" field of /proc/*/status or /proc/meminfo, in kB (or a plain count).
 fn field_kb(text: &str, key: &str) -> Option<u64> {
     text.lines()
         .find_map(|l| l.strip_prefix(key))?

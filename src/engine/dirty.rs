@@ -484,6 +484,16 @@ pub fn unregister(uffd: &OwnedFd, start: u64, end: u64) -> Result<(), Errno> {
     Ok(())
 }
 
+/// One `UFFDIO_COPY` of `src` to `dst` with `mode`: the error, if any, and the `copy` field
+/// (the bytes copied, also before an error, or the negated error).
+pub(crate) fn copy_once(uffd: &OwnedFd, dst: u64, src: &[u8], mode: u64) -> (Option<Errno>, i64) {
+    let mut arg = [dst, src.as_ptr() as u64, src.len() as u64, mode, 0u64];
+    // SAFETY: UFFDIO_COPY reads one struct uffdio_copy (five u64, the last written back);
+    // its source is `src`, readable for the length given.
+    let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_COPY as _, arg.as_mut_ptr()) };
+    ((r < 0).then(Errno::last), arg[4] as i64)
+}
+
 /// Copies `data` to `dst` (page-aligned, a whole number of pages, every page missing) in the
 /// memory behind `uffd`, with `UFFDIO_COPY`: each page is allocated and filled by the kernel
 /// in one step. `EEXIST`: a page was already there (the pages before it were copied).
@@ -491,19 +501,13 @@ pub fn fill(uffd: &OwnedFd, dst: u64, data: &[u8]) -> Result<(), Errno> {
     let mut done = 0usize;
     let mut retries = 0;
     while done < data.len() {
-        let mut arg = [
+        let (err, copied) = copy_once(
+            uffd,
             dst + done as u64,
-            data[done..].as_ptr() as u64,
-            (data.len() - done) as u64,
+            &data[done..],
             UFFDIO_COPY_MODE_DONTWAKE,
-            0u64,
-        ];
-        // SAFETY: UFFDIO_COPY reads one struct uffdio_copy (five u64, the last written
-        // back); its source is `data[done..]`, readable for the length given.
-        let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_COPY as _, arg.as_mut_ptr()) };
-        let copied = arg[4] as i64;
-        if r < 0 {
-            let e = Errno::last();
+        );
+        if let Some(e) = err {
             // EAGAIN: interrupted (by a change of the address space, or after a partial
             // copy); go on from where it stopped.
             if e == Errno::EAGAIN && retries < 100 {

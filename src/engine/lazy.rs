@@ -77,7 +77,6 @@ const UFFD_EVENT_REMOVE: u8 = 0x15;
 const UFFD_EVENT_UNMAP: u8 = 0x16;
 
 const UFFDIO_WAKE: u64 = 0x8010_AA02; // _IOR(0xAA, 0x02, struct uffdio_range)
-const UFFDIO_COPY: u64 = 0xC028_AA03; // _IOWR(0xAA, 0x03, struct uffdio_copy)
 const UFFDIO_ZEROPAGE: u64 = 0xC020_AA04; // _IOWR(0xAA, 0x04, struct uffdio_zeropage)
 /// Pages copied in write-protected: until the program writes one, it is the image's (what
 /// dirty-page tracking reads when the fill is released).
@@ -195,25 +194,14 @@ enum CopyErr {
 fn copy(uffd: &OwnedFd, dst: u64, data: &[u8], mode: u64) -> Result<(), CopyErr> {
     let mut done = 0usize;
     while done < data.len() {
-        let mut arg = [
-            dst + done as u64,
-            data[done..].as_ptr() as u64,
-            (data.len() - done) as u64,
-            mode,
-            0u64,
-        ];
-        // SAFETY: UFFDIO_COPY reads one struct uffdio_copy (five u64, the last written
-        // back); its source is `data[done..]`, readable for the length given.
-        let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_COPY as _, arg.as_mut_ptr()) };
-        let copied = arg[4] as i64;
-        if r >= 0 {
+        let (err, copied) = super::dirty::copy_once(uffd, dst + done as u64, &data[done..], mode);
+        let Some(e) = err else {
             done += copied.max(0) as usize;
             if copied <= 0 {
                 return Err(CopyErr::Other(Errno::EIO));
             }
             continue;
-        }
-        let e = Errno::last();
+        };
         if copied > 0 {
             done += copied as usize; // partial: go on from there
             continue;

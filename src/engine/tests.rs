@@ -2623,26 +2623,31 @@ int main(int argc, char **argv) {
 }
 "#;
 
-/// Lazy restore: with the background pass held back, every page the program (and its
-/// child, forked while pages were missing) reads comes from a fault; moved, dropped and
-/// unmapped ranges are followed. Then the rest is filled in and the userfaultfd let go.
-#[test]
-fn lazy_restore_serves_faults_forks_and_remaps() {
-    require_env!();
-    use super::dump::{dump_tree, AfterDump, DumpOptions};
-    use super::lazy::LazyFill;
-    use super::restore::{restore_tree, ChunkSource, TreeRestoreOptions};
-    struct Chunks(std::collections::HashMap<[u8; 32], Vec<u8>>);
-    impl ChunkSource for Chunks {
-        fn fetch(&self, hash: &[u8; 32], _len: u64) -> Result<Vec<u8>, String> {
-            self.0.get(hash).cloned().ok_or_else(|| "missing".into())
+/// Page chunks of an image, kept in memory; `broken` makes every fetch fail.
+struct LazyChunks {
+    map: std::collections::HashMap<[u8; 32], Vec<u8>>,
+    broken: std::sync::atomic::AtomicBool,
+}
+
+impl super::restore::ChunkSource for LazyChunks {
+    fn fetch(&self, hash: &[u8; 32], _len: u64) -> Result<Vec<u8>, String> {
+        if self.broken.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err("damaged on disk".into());
         }
+        self.map.get(hash).cloned().ok_or_else(|| "missing".into())
     }
-    let mut guard = TreeGuard::new();
-    let dir = tempfile::tempdir().unwrap();
-    let exe = build(dir.path(), "lazy", LAZY_C);
+}
+
+/// Runs [`LAZY_C`] in `dir` under `guard` until it is ready, dumps it (killed after) and
+/// moves its memory into chunks.
+fn lazy_program_image(
+    guard: &mut TreeGuard,
+    dir: &Path,
+) -> (super::image::TreeImage, std::sync::Arc<LazyChunks>) {
+    use super::dump::{dump_tree, AfterDump, DumpOptions};
+    let exe = build(dir, "lazy", LAZY_C);
     let child = Command::new(&exe)
-        .arg(dir.path())
+        .arg(dir)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -2651,8 +2656,9 @@ fn lazy_restore_serves_faults_forks_and_remaps() {
     let root = child.id() as i32;
     drop(child);
     guard.add(&[root]);
-    let file = |n: &str| std::fs::read_to_string(dir.path().join(n)).ok();
-    assert!(wait_until(Duration::from_secs(5), || file("ready").is_some()));
+    assert!(wait_until(Duration::from_secs(5), || dir
+        .join("ready")
+        .exists()));
     let mut img = dump_tree(
         root,
         &DumpOptions {
@@ -2663,18 +2669,36 @@ fn lazy_restore_serves_faults_forks_and_remaps() {
     )
     .unwrap();
     guard.kill_all();
-    let mut chunks = Chunks(Default::default());
+    let mut map = std::collections::HashMap::new();
     for p in img.processes.iter_mut().filter_map(|m| m.live_mut()) {
         p.memory
             .externalize(|h, b| {
-                chunks.0.insert(*h, b.to_vec());
+                map.insert(*h, b.to_vec());
                 Ok::<(), ()>(())
             })
             .unwrap();
     }
+    let chunks = LazyChunks {
+        map,
+        broken: std::sync::atomic::AtomicBool::new(false),
+    };
+    (img, std::sync::Arc::new(chunks))
+}
+
+/// Lazy restore: with the background pass held back, every page the program (and its
+/// child, forked while pages were missing) reads comes from a fault; moved, dropped and
+/// unmapped ranges are followed. Then the rest is filled in and the userfaultfd let go.
+#[test]
+fn lazy_restore_serves_faults_forks_and_remaps() {
+    require_env!();
+    use super::lazy::LazyFill;
+    use super::restore::{restore_tree, TreeRestoreOptions};
+    let mut guard = TreeGuard::new();
+    let dir = tempfile::tempdir().unwrap();
+    let file = |n: &str| std::fs::read_to_string(dir.path().join(n)).ok();
+    let (img, chunks) = lazy_program_image(&mut guard, dir.path());
     let killed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let k = killed.clone();
-    let chunks = std::sync::Arc::new(chunks);
     let lazy = LazyFill::start(
         chunks.clone(),
         Box::new(move |_| k.store(true, std::sync::atomic::Ordering::SeqCst)),
@@ -2732,59 +2756,12 @@ fn lazy_restore_serves_faults_forks_and_remaps() {
 #[test]
 fn lazy_restore_kills_the_program_when_a_page_cannot_be_fetched() {
     require_env!();
-    use super::dump::{dump_tree, AfterDump, DumpOptions};
     use super::lazy::LazyFill;
-    use super::restore::{restore_tree, ChunkSource, TreeRestoreOptions};
-    struct Chunks {
-        map: std::collections::HashMap<[u8; 32], Vec<u8>>,
-        broken: std::sync::atomic::AtomicBool,
-    }
-    impl ChunkSource for Chunks {
-        fn fetch(&self, hash: &[u8; 32], _len: u64) -> Result<Vec<u8>, String> {
-            if self.broken.load(std::sync::atomic::Ordering::SeqCst) {
-                return Err("damaged on disk".into());
-            }
-            self.map.get(hash).cloned().ok_or_else(|| "missing".into())
-        }
-    }
+    use super::restore::{restore_tree, TreeRestoreOptions};
     let mut guard = TreeGuard::new();
     let dir = tempfile::tempdir().unwrap();
-    let exe = build(dir.path(), "lazy", LAZY_C);
-    let child = Command::new(&exe)
-        .arg(dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let root = child.id() as i32;
-    drop(child);
-    guard.add(&[root]);
     let file = |n: &str| std::fs::read_to_string(dir.path().join(n)).ok();
-    assert!(wait_until(Duration::from_secs(5), || file("ready").is_some()));
-    let mut img = dump_tree(
-        root,
-        &DumpOptions {
-            after: AfterDump::Kill,
-            ..Default::default()
-        },
-        &mut || Ok(()),
-    )
-    .unwrap();
-    guard.kill_all();
-    let mut map = std::collections::HashMap::new();
-    for p in img.processes.iter_mut().filter_map(|m| m.live_mut()) {
-        p.memory
-            .externalize(|h, b| {
-                map.insert(*h, b.to_vec());
-                Ok::<(), ()>(())
-            })
-            .unwrap();
-    }
-    let chunks = std::sync::Arc::new(Chunks {
-        map,
-        broken: std::sync::atomic::AtomicBool::new(false),
-    });
+    let (img, chunks) = lazy_program_image(&mut guard, dir.path());
     let victim = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(0));
     let v = victim.clone();
     let lazy = LazyFill::start(
