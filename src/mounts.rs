@@ -129,8 +129,9 @@ pub fn absolute(p: &Path) -> Result<PathBuf> {
 }
 
 /// Lets the kernel keep more dirty pages of a FUSE mount than its default 1% strict limit, so
-/// that writers are not throttled to the daemon's round-trip rate; and reads ahead 1 MiB.
-/// Best effort: older kernels lack some of these knobs.
+/// that writers are not throttled to the daemon's round-trip rate; and reads ahead 8 MiB,
+/// which keeps eight 1 MiB reads in flight (a cold sequential read averaged 915 MB/s
+/// against 837 with 1 MiB, alternating runs). Best effort: older kernels lack some knobs.
 pub fn tune_bdi(mountpoint: &Path) {
     let Ok(Some(m)) = mounts().map(|v| v.into_iter().rev().find(|m| m.mountpoint == mountpoint))
     else {
@@ -140,7 +141,7 @@ pub fn tune_bdi(mountpoint: &Path) {
     for (knob, value) in [
         ("strict_limit", "0"),
         ("max_ratio", "50"),
-        ("read_ahead_kb", "1024"),
+        ("read_ahead_kb", "8192"),
     ] {
         if let Err(e) = std::fs::write(bdi.join(knob), value) {
             log::debug!("{}/{knob}: {e}", bdi.display());

@@ -918,10 +918,23 @@ impl Fs {
 
     /// Reads up to `size` bytes at `off`.
     pub fn read(&self, ino: u64, off: u64, size: u32) -> FsResult<Vec<u8>> {
+        let mut out = vec![0u8; size as usize];
+        let n = self.read_into(ino, off, &mut out)?;
+        out.truncate(n);
+        Ok(out)
+    }
+
+    /// Reads up to `out.len()` bytes at `off` into `out` (which need not be zeroed) and
+    /// returns how many: the FUSE transport hands its reply buffer here, so the data is
+    /// written once, where the kernel takes it from.
+    pub fn read_into(&self, ino: u64, off: u64, out: &mut [u8]) -> FsResult<usize> {
         if ino & SNAP_BIT != 0 {
             let (view, tino) = self.snap_of(ino)?;
             let inode = self.snap_inode(&view, tino)?;
-            return view.read(&inode, off, size as usize, &self.store);
+            let d = view.read(&inode, off, out.len(), &self.store)?;
+            let n = d.len().min(out.len());
+            out[..n].copy_from_slice(&d[..n]);
+            return Ok(n);
         }
         if ino & META_BIT != 0 {
             return Err(FsError::IsDir);
@@ -936,9 +949,9 @@ impl Fs {
                 FsError::Invalid("read of a special file")
             });
         };
-        let end = (off + u64::from(size)).min(n.attr.size);
+        let end = off.saturating_add(out.len() as u64).min(n.attr.size);
         if off >= end {
-            return Ok(Vec::new());
+            return Ok(0);
         }
         // Plan under the lock, fetch without it: chunks and lower files never change, so
         // reads of different blocks proceed in parallel.
@@ -948,7 +961,7 @@ impl Fs {
             /// Lower file, file offset, bytes, offset in `out`.
             Lower(LowerRef, u64, usize, usize),
         }
-        let mut out = Vec::with_capacity((end - off) as usize);
+        let total = (end - off) as usize;
         let mut plan = Vec::new();
         // The committed block map of the whole request, looked up in one descent.
         let base = tree::map_range(&store, &f.base, off / BLOCK, (end - 1) / BLOCK)?;
@@ -966,22 +979,24 @@ impl Fs {
             let idx = pos / BLOCK;
             let boff = (pos % BLOCK) as usize;
             let len = ((BLOCK - boff as u64).min(end - pos)) as usize;
-            let at = out.len();
-            out.resize(at + len, 0);
+            let at = (pos - off) as usize;
+            let dst = &mut out[at..at + len];
             if let Some(d) = f.dirty.get(&idx).or_else(|| f.clean.get(&idx)) {
-                out[at..at + len].copy_from_slice(&d[boff..boff + len]);
+                dst.copy_from_slice(&d[boff..boff + len]);
             } else {
                 match base_ref(idx) {
-                    Some(BlockRef::Zero) => {}
                     Some(BlockRef::Data { id, len: dl }) => {
                         plan.push(Part::Chunk(id, dl as usize, boff, len, at))
                     }
+                    Some(BlockRef::Zero) => dst.fill(0),
                     None => match &f.lower {
                         Some(l) if pos < l.len => {
                             let n = ((l.len - pos) as usize).min(len);
+                            // A lower file that shrank under us reads as zeros past its end.
+                            dst.fill(0);
                             plan.push(Part::Lower(l.clone(), pos, n, at));
                         }
-                        _ => {}
+                        _ => dst.fill(0),
                     },
                 }
             }
@@ -1007,13 +1022,16 @@ impl Fs {
             let have = dl.min(data.len());
             let from = boff.min(have);
             let to = (boff + len).min(have);
-            out[at..at + (to - from)].copy_from_slice(&data[from..to]);
+            let (data_part, zero_part) = out[at..at + len].split_at_mut(to - from);
+            data_part.copy_from_slice(&data[from..to]);
+            // A block stored shorter than the file's size covers (its tail was zeros).
+            zero_part.fill(0);
             Ok(())
         })?;
         for (l, pos, n, at) in lower {
             tree::read_lower(&store, &l, pos, &mut out[at..at + n])?
         }
-        Ok(out)
+        Ok(total)
     }
 
     /// Writes `data` at `off`; returns the bytes written.

@@ -744,9 +744,15 @@ pub fn spawn(fs: Arc<Fs>, mountpoint: &Path, fsname: &str) -> std::io::Result<Ba
     // The kernel agreed to io_uring: fuser's threads serve until every CPU's queue is
     // registered, then only FORGET and INTERRUPT reach them.
     let dev = std::os::fd::AsFd::as_fd(&session).try_clone_to_owned()?;
-    let dispatcher = session.raw_dispatcher(FuseFs::new(fs));
+    let dispatcher = session.raw_dispatcher(FuseFs::new(fs.clone()));
     let bg = session.spawn()?;
-    crate::uring::start(dev, dispatcher, MAX_WRITE as usize);
+    let read: Box<crate::uring::ReadInto> = Box::new(move |ino, off, buf: &mut [u8]| {
+        fs.read_into(ino, off, buf).map_err(|e| {
+            log::debug!("fs error: {e}");
+            errno(&e).code()
+        })
+    });
+    crate::uring::start(dev, dispatcher, Some(read), MAX_WRITE as usize);
     Ok(bg)
 }
 

@@ -882,7 +882,6 @@ impl Store {
         ids: &[ContentId],
         f: &mut dyn FnMut(usize, &[u8]) -> Result<()>,
     ) -> Result<()> {
-        const SPAN: u64 = 8 << 20;
         let locs = ids
             .iter()
             .map(|id| self.locate(id).ok_or(StoreError::MissingObject(*id)))
@@ -890,7 +889,29 @@ impl Store {
         self.wait_staged(&locs)?;
         let mut order: Vec<usize> = (0..ids.len()).collect();
         order.sort_by_key(|&i| (locs[i].segment, locs[i].offset));
-        let mut buf = Vec::new();
+        // The span buffer is kept per thread: zeroing a fresh megabyte for every FUSE read
+        // cost as much as checking its records.
+        thread_local! {
+            static SPAN_BUF: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+        }
+        let mut buf = SPAN_BUF.take();
+        let r = self.read_spans(ids, &locs, &order, &mut buf, f);
+        if buf.capacity() <= 4 << 20 {
+            SPAN_BUF.set(buf);
+        }
+        r
+    }
+
+    /// [`Store::for_each_verified`]'s reads: neighbouring records in one `pread` each.
+    fn read_spans(
+        &self,
+        ids: &[ContentId],
+        locs: &[Loc],
+        order: &[usize],
+        buf: &mut Vec<u8>,
+        f: &mut dyn FnMut(usize, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        const SPAN: u64 = 8 << 20;
         let mut k = 0;
         while k < order.len() {
             let first = locs[order[k]];
@@ -912,8 +933,12 @@ impl Store {
             let file = self
                 .segment_file(first.segment)
                 .ok_or(StoreError::MissingObject(ids[order[k]]))?;
-            buf.resize((end - first.offset) as usize, 0);
-            file.read_exact_at(&mut buf, first.offset)
+            let need = (end - first.offset) as usize;
+            if buf.len() < need {
+                buf.resize(need, 0);
+            }
+            let buf = &mut buf[..need];
+            file.read_exact_at(buf, first.offset)
                 .map_err(|e| StoreError::CorruptObject {
                     id: ids[order[k]],
                     segment: first.segment,

@@ -210,6 +210,49 @@ impl ReplyHook for Slot {
 }
 
 impl Slot {
+    /// Answers a READ of `size` bytes: `fill` writes the data straight into the entry's
+    /// payload buffer and returns its length or an errno.
+    fn answer_read(
+        &self,
+        unique: u64,
+        size: usize,
+        fill: impl FnOnce(&mut [u8]) -> Result<usize, i32>,
+    ) {
+        let target = self.state.lock().unwrap_or_else(|e| e.into_inner()).target;
+        let Some((_, payload, cap)) = target else {
+            log::error!("FUSE READ {unique} answered twice");
+            return;
+        };
+        let len = size.min(cap);
+        // SAFETY: the payload allocation is `cap` bytes and lives as long as the queue;
+        // while the entry waits for its reply, only this thread touches it (the kernel
+        // reads it after the commit, which waits for `reply_len`).
+        let buf = unsafe { std::slice::from_raw_parts_mut(payload as *mut u8, len) };
+        // A panic in the filesystem answers EIO, as for the other requests.
+        let (error, n) = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fill(buf)))
+        {
+            Ok(Ok(n)) => (0, n.min(len)),
+            Ok(Err(e)) => (-e, 0),
+            Err(_) => {
+                log::error!("the filesystem panicked answering a FUSE READ");
+                (-libc::EIO, 0)
+            }
+        };
+        let mut h = [0u8; OUT_HEADER_SIZE];
+        h[0..4].copy_from_slice(&((OUT_HEADER_SIZE + n) as u32).to_ne_bytes());
+        h[4..8].copy_from_slice(&error.to_ne_bytes());
+        h[8..16].copy_from_slice(&unique.to_ne_bytes());
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((header, _, _)) = st.target.take() else {
+            log::error!("FUSE READ {unique} answered twice");
+            return;
+        };
+        // SAFETY: the header allocation is HEADER_SIZE >= 16 bytes.
+        unsafe { std::ptr::copy_nonoverlapping(h.as_ptr(), header as *mut u8, h.len()) };
+        st.reply_len = Some(n);
+        self.done.notify_all();
+    }
+
     fn arm(&self, b: &Buffers) {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         st.target = Some((b.header as usize, b.payload as usize, b.payload_size));
@@ -326,13 +369,51 @@ fn offloaded(opcode: u32, op_args: &[u8]) -> bool {
 /// Hands one request in `/dev/fuse` layout to the filesystem; false if it cannot be parsed.
 type Dispatch = dyn Fn(&[u8], Arc<dyn ReplyHook>) -> bool + Send + Sync;
 
+/// Reads `(inode, offset)` into the buffer given, returning the bytes read or an errno.
+pub type ReadInto = dyn Fn(u64, u64, &mut [u8]) -> Result<usize, i32> + Send + Sync;
+
+/// What answers requests: fuser's dispatcher, and a READ path that writes the data
+/// straight into the entry's payload buffer (fuser's reply would copy it there once more).
+pub struct Server {
+    dispatch: Box<Dispatch>,
+    read: Option<Box<ReadInto>>,
+}
+
+const OP_READ_SIZE: usize = 20;
+
+/// `(unique, inode, offset, size)` of a READ request in `/dev/fuse` layout.
+fn read_request(request: &[u8]) -> Option<(u64, u64, u64, usize)> {
+    let u32_at = |at: usize| {
+        request
+            .get(at..at + 4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_ne_bytes)
+    };
+    let u64_at = |at: usize| {
+        request
+            .get(at..at + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_ne_bytes)
+    };
+    if u32_at(4)? != OP_READ || request.len() < IN_HEADER_SIZE + OP_READ_SIZE {
+        return None;
+    }
+    // fuse_in_header: len, opcode, unique, nodeid, ...; fuse_read_in: fh, offset, size, ...
+    Some((
+        u64_at(8)?,
+        u64_at(16)?,
+        u64_at(IN_HEADER_SIZE + 8)?,
+        u32_at(IN_HEADER_SIZE + 16)? as usize,
+    ))
+}
+
 /// A request handed to a worker, and how the worker hands the entry back.
 struct Job {
     queue: Arc<Returns>,
     entry: usize,
     request: Vec<u8>,
     slot: Arc<Slot>,
-    dispatcher: Arc<Dispatch>,
+    server: Arc<Server>,
 }
 
 /// Entries whose replies a worker has written, waiting for their queue thread to commit
@@ -343,7 +424,12 @@ struct Returns {
 }
 
 /// Answers `request` through `slot` and returns the reply's payload length.
-fn answer(dispatch: &Dispatch, request: &[u8], slot: &Arc<Slot>) -> usize {
+fn answer(server: &Server, request: &[u8], slot: &Arc<Slot>) -> usize {
+    if let (Some(read), Some((unique, ino, off, size))) = (&server.read, read_request(request)) {
+        slot.answer_read(unique, size, |buf| read(ino, off, buf));
+        return slot.wait();
+    }
+    let dispatch = &server.dispatch;
     let hook: Arc<dyn ReplyHook> = slot.clone();
     // A panic in the filesystem must not take the queue's only thread (or a worker holding
     // an entry) with it; the request is answered with EIO instead (the reply, if one was
@@ -377,7 +463,7 @@ fn worker(jobs: Arc<Mutex<std::sync::mpsc::Receiver<Job>>>) {
                 Err(_) => return,
             }
         };
-        let n = answer(&*job.dispatcher, &job.request, &job.slot);
+        let n = answer(&job.server, &job.request, &job.slot);
         job.queue
             .done
             .lock()
@@ -418,7 +504,7 @@ fn serve(
     qid: u16,
     entries: usize,
     payload_size: usize,
-    dispatch: Arc<Dispatch>,
+    server: Arc<Server>,
     jobs: std::sync::mpsc::Sender<Job>,
     poll: std::time::Duration,
     reached_kernel: &mut bool,
@@ -615,7 +701,7 @@ fn serve(
                     entry: idx,
                     request,
                     slot: slot.clone(),
-                    dispatcher: dispatch.clone(),
+                    server: server.clone(),
                 };
                 match jobs.send(job) {
                     Ok(()) => {
@@ -625,7 +711,7 @@ fn serve(
                     Err(std::sync::mpsc::SendError(job)) => request = job.request,
                 }
             }
-            let reply_len = answer(&*dispatch, &request, slot);
+            let reply_len = answer(&server, &request, slot);
             requests[idx] = Some(request);
             b.write_u32(ENT_IN_OUT + 16, reply_len as u32);
             let sqe =
@@ -717,6 +803,7 @@ fn possible_cpus() -> usize {
 pub fn start<FS: Filesystem + Send + Sync + 'static>(
     dev: OwnedFd,
     dispatcher: RawDispatcher<FS>,
+    read: Option<Box<ReadInto>>,
     payload_size: usize,
 ) {
     let entries: usize = std::env::var("FORKPOINT_FUSE_URING_ENTRIES")
@@ -732,8 +819,12 @@ pub fn start<FS: Filesystem + Send + Sync + 'static>(
     );
     let cpus = possible_cpus();
     let dev = Arc::new(dev);
-    let dispatch: Arc<Dispatch> =
-        Arc::new(move |req: &[u8], hook: Arc<dyn ReplyHook>| dispatcher.dispatch(req, hook));
+    let server = Arc::new(Server {
+        dispatch: Box::new(move |req: &[u8], hook: Arc<dyn ReplyHook>| {
+            dispatcher.dispatch(req, hook)
+        }),
+        read,
+    });
     let (tx, rx) = std::sync::mpsc::channel::<Job>();
     let rx = Arc::new(Mutex::new(rx));
     for w in 0..cpus + 2 {
@@ -746,7 +837,7 @@ pub fn start<FS: Filesystem + Send + Sync + 'static>(
         }
     }
     for qid in 0..cpus {
-        let (qdev, dispatch, tx) = (dev.clone(), dispatch.clone(), tx.clone());
+        let (qdev, server, tx) = (dev.clone(), server.clone(), tx.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("fuse-q{qid}"))
             .spawn(move || {
@@ -757,7 +848,7 @@ pub fn start<FS: Filesystem + Send + Sync + 'static>(
                     qid as u16,
                     entries,
                     payload_size,
-                    dispatch,
+                    server,
                     tx,
                     poll,
                     &mut reached,
@@ -773,5 +864,24 @@ pub fn start<FS: Filesystem + Send + Sync + 'static>(
             log::error!("cannot start FUSE io_uring queue {qid}: {e}");
             force_fallback(dev.as_raw_fd(), qid as u16);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_requests_are_parsed_and_others_left_to_fuser() {
+        let mut req = vec![0u8; IN_HEADER_SIZE + 40];
+        req[4..8].copy_from_slice(&OP_READ.to_ne_bytes());
+        req[8..16].copy_from_slice(&77u64.to_ne_bytes());
+        req[16..24].copy_from_slice(&5u64.to_ne_bytes());
+        req[IN_HEADER_SIZE + 8..IN_HEADER_SIZE + 16].copy_from_slice(&(1u64 << 33).to_ne_bytes());
+        req[IN_HEADER_SIZE + 16..IN_HEADER_SIZE + 20].copy_from_slice(&(1u32 << 20).to_ne_bytes());
+        assert_eq!(read_request(&req), Some((77, 5, 1 << 33, 1 << 20)));
+        assert_eq!(read_request(&req[..IN_HEADER_SIZE + 19]), None, "truncated");
+        req[4..8].copy_from_slice(&OP_WRITE.to_ne_bytes());
+        assert_eq!(read_request(&req), None, "not a read");
     }
 }

@@ -828,3 +828,62 @@ fn regression_write_extend_then_read_gap() {
 }
 
 fn _assert_send(_: Arc<Store>) {}
+
+/// `read_into` is handed the FUSE reply buffer as it is, stale bytes and all: every byte
+/// it reports must be written, from the store, the caches, zero blocks and holes alike.
+#[test]
+fn read_into_writes_every_byte_of_a_dirty_buffer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::create(&dir.path().join("s"), None).expect("create");
+    let block = 64 << 10;
+    let mut want = vec![0u8; 5 * block + 100];
+    let ino = {
+        let fs = Fs::new(store.clone(), "main").expect("fs");
+        let (st, fh) = fs
+            .create(1, b"f", 0o644, true, Caller::default())
+            .expect("create");
+        let data: Vec<u8> = (0..want.len() as u32)
+            .map(|i| (i % 251) as u8 + 1)
+            .collect();
+        fs.write(st.ino, 0, &data).expect("write");
+        want.copy_from_slice(&data);
+        // A hole in the middle block, a block stored shorter than the file (its tail
+        // was cut and the file extended again), and a tail past the last write.
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        fs.fallocate(st.ino, 2 * block as u64, block as u64, punch)
+            .expect("punch");
+        want[2 * block..3 * block].fill(0);
+        let cut = SetAttr {
+            size: Some(3 * block as u64 + 10),
+            ..SetAttr::default()
+        };
+        fs.setattr(st.ino, &cut).expect("truncate");
+        let extend = SetAttr {
+            size: Some(want.len() as u64 + 3000),
+            ..SetAttr::default()
+        };
+        fs.setattr(st.ino, &extend).expect("extend");
+        want[3 * block + 10..].fill(0);
+        want.resize(want.len() + 3000, 0);
+        fs.release(fh).expect("release");
+        fs.fsync().expect("commit");
+        st.ino
+    };
+    // A fresh overlay on the committed branch: every block comes from the store.
+    let fs = Fs::new(store, "main").expect("reopen");
+    for (off, len) in [
+        (0, want.len() + 500),
+        (block - 7, 3 * block),
+        (3 * block + 5, 2 * block),
+        (want.len() - 10, 100),
+    ] {
+        let mut buf = vec![0xAAu8; len];
+        let n = fs.read_into(ino, off as u64, &mut buf).expect("read_into");
+        let end = (off + len).min(want.len());
+        assert_eq!(n, end - off, "length at {off}+{len}");
+        assert!(
+            buf[..n] == want[off..end],
+            "bytes at {off}+{len} differ from what was written"
+        );
+    }
+}
