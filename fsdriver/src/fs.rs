@@ -992,8 +992,7 @@ impl Fs {
                     None => match &f.lower {
                         Some(l) if pos < l.len => {
                             let n = ((l.len - pos) as usize).min(len);
-                            // A lower file that shrank under us reads as zeros past its end.
-                            dst.fill(0);
+                            dst[n..].fill(0);
                             plan.push(Part::Lower(l.clone(), pos, n, at));
                         }
                         _ => dst.fill(0),
@@ -1029,7 +1028,9 @@ impl Fs {
             Ok(())
         })?;
         for (l, pos, n, at) in lower {
-            tree::read_lower(&store, &l, pos, &mut out[at..at + n])?
+            let got = tree::read_lower(&store, &l, pos, &mut out[at..at + n])?;
+            // A lower file that shrank under us reads as zeros past its end.
+            out[at + got..at + n].fill(0);
         }
         Ok(total)
     }

@@ -724,7 +724,7 @@ pub fn read_block(
 }
 
 /// Reads from the lower file into `buf` (short files read as zeros past their end).
-pub fn read_lower(store: &Store, l: &LowerRef, off: u64, buf: &mut [u8]) -> Result<()> {
+pub fn read_lower(store: &Store, l: &LowerRef, off: u64, buf: &mut [u8]) -> Result<usize> {
     use std::os::unix::fs::FileExt;
     let Some(base) = store.lower() else {
         return Err(StoreError::Lower {
@@ -753,7 +753,7 @@ pub fn read_lower(store: &Store, l: &LowerRef, off: u64, buf: &mut [u8]) -> Resu
         }
         done += n;
     }
-    Ok(())
+    Ok(done)
 }
 
 /// How an inode differs between two trees.

@@ -887,3 +887,51 @@ fn read_into_writes_every_byte_of_a_dirty_buffer() {
         );
     }
 }
+
+/// The same for a file of the lower directory, read in place (and one that shrank there
+/// since: what is gone reads as zeros, never as stale bytes of the buffer).
+#[test]
+fn read_into_writes_every_byte_of_a_lower_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lower = dir.path().join("lower");
+    std::fs::create_dir(&lower).expect("mkdir lower");
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8 + 1).collect();
+    std::fs::write(lower.join("f"), &data).expect("write lower file");
+    std::fs::write(lower.join("g"), &data).expect("write lower file");
+    let store = Store::create(&dir.path().join("s"), Some(&lower)).expect("create");
+    let fs = Fs::new(store, "main").expect("fs");
+    let ino = fs.lookup(1, b"f").expect("lookup").ino;
+    let mut buf = vec![0xAAu8; 300_000];
+    let n = fs.read_into(ino, 1000, &mut buf).expect("read_into");
+    assert_eq!(n, data.len() - 1000);
+    assert!(buf[..n] == data[1000..], "lower bytes differ");
+    // Another lower file, extended on the mount: past the lower end, zeros.
+    let g = fs.lookup(1, b"g").expect("lookup g").ino;
+    let grow = SetAttr {
+        size: Some(260_000),
+        ..SetAttr::default()
+    };
+    fs.setattr(g, &grow).expect("extend");
+    buf.fill(0xAA);
+    let n = fs
+        .read_into(g, 190_000, &mut buf)
+        .expect("read_into past the lower end");
+    assert_eq!(n, 70_000);
+    assert!(buf[..10_000] == data[190_000..], "lower bytes differ");
+    assert!(
+        buf[10_000..n].iter().all(|b| *b == 0),
+        "past the lower end: zeros"
+    );
+    // The lower file shrinks under the mount: the overlay still has its old size.
+    std::fs::write(lower.join("f"), &data[..50_000]).expect("shrink lower file");
+    buf.fill(0xAA);
+    let n = fs
+        .read_into(ino, 0, &mut buf)
+        .expect("read_into after shrink");
+    assert_eq!(n, data.len());
+    assert!(buf[..50_000] == data[..50_000], "lower bytes differ");
+    assert!(
+        buf[50_000..n].iter().all(|b| *b == 0),
+        "past the lower end: zeros"
+    );
+}
