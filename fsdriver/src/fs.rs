@@ -101,6 +101,14 @@ pub struct Stat {
     pub attr: Attr,
 }
 
+/// Where [`Fs::read_to`] puts what it reads.
+enum Out<'a> {
+    /// The caller's buffer, of the size asked for, not zeroed.
+    Fill(&'a mut [u8]),
+    /// A vector grown to what the file has.
+    Grow(&'a mut Vec<u8>),
+}
+
 /// Attribute changes for `setattr`.
 #[derive(Clone, Debug, Default)]
 pub struct SetAttr {
@@ -918,9 +926,8 @@ impl Fs {
 
     /// Reads up to `size` bytes at `off`.
     pub fn read(&self, ino: u64, off: u64, size: u32) -> FsResult<Vec<u8>> {
-        let mut out = vec![0u8; size as usize];
-        let n = self.read_into(ino, off, &mut out)?;
-        out.truncate(n);
+        let mut out = Vec::new();
+        self.read_to(ino, off, size as usize, Out::Grow(&mut out))?;
         Ok(out)
     }
 
@@ -928,12 +935,20 @@ impl Fs {
     /// returns how many: the FUSE transport hands its reply buffer here, so the data is
     /// written once, where the kernel takes it from.
     pub fn read_into(&self, ino: u64, off: u64, out: &mut [u8]) -> FsResult<usize> {
+        let size = out.len();
+        self.read_to(ino, off, size, Out::Fill(out))
+    }
+
+    fn read_to(&self, ino: u64, off: u64, size: usize, out: Out<'_>) -> FsResult<usize> {
         if ino & SNAP_BIT != 0 {
             let (view, tino) = self.snap_of(ino)?;
             let inode = self.snap_inode(&view, tino)?;
-            let d = view.read(&inode, off, out.len(), &self.store)?;
-            let n = d.len().min(out.len());
-            out[..n].copy_from_slice(&d[..n]);
+            let d = view.read(&inode, off, size, &self.store)?;
+            let n = d.len().min(size);
+            match out {
+                Out::Fill(out) => out[..n].copy_from_slice(&d[..n]),
+                Out::Grow(out) => *out = d,
+            }
             return Ok(n);
         }
         if ino & META_BIT != 0 {
@@ -949,7 +964,7 @@ impl Fs {
                 FsError::Invalid("read of a special file")
             });
         };
-        let end = off.saturating_add(out.len() as u64).min(n.attr.size);
+        let end = off.saturating_add(size as u64).min(n.attr.size);
         if off >= end {
             return Ok(0);
         }
@@ -962,6 +977,14 @@ impl Fs {
             Lower(LowerRef, u64, usize, usize),
         }
         let total = (end - off) as usize;
+        let out: &mut [u8] = match out {
+            Out::Fill(out) => out,
+            // Only what the file has at `off`: a read asks for a megabyte of a small file.
+            Out::Grow(v) => {
+                v.resize(total, 0);
+                v
+            }
+        };
         let mut plan = Vec::new();
         // The committed block map of the whole request, looked up in one descent.
         let base = tree::map_range(&store, &f.base, off / BLOCK, (end - 1) / BLOCK)?;

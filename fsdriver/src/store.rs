@@ -935,6 +935,8 @@ impl Store {
                 .ok_or(StoreError::MissingObject(ids[order[k]]))?;
             let need = (end - first.offset) as usize;
             if buf.len() < need {
+                // Exactly: a doubled capacity past the limit would not be kept.
+                buf.reserve_exact(need - buf.len());
                 buf.resize(need, 0);
             }
             let buf = &mut buf[..need];

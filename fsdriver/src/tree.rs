@@ -640,7 +640,7 @@ impl TreeView {
         let Body::File { lower, blocks } = &inode.body else {
             return Ok(Vec::new());
         };
-        let end = (off + len as u64).min(inode.attr.size);
+        let end = off.saturating_add(len as u64).min(inode.attr.size);
         let mut out = Vec::with_capacity(end.saturating_sub(off) as usize);
         let mut pos = off;
         while pos < end {

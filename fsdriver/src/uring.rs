@@ -84,8 +84,10 @@ impl Buffers {
         let hl = std::alloc::Layout::from_size_align(HEADER_SIZE, 64).map_err(io::Error::other)?;
         let pl =
             std::alloc::Layout::from_size_align(payload_size, 4096).map_err(io::Error::other)?;
-        // SAFETY: both layouts have non-zero sizes.
-        let (header, payload) = unsafe { (std::alloc::alloc_zeroed(hl), std::alloc::alloc(pl)) };
+        // SAFETY: both layouts have non-zero sizes. Both zeroed: a READ answered in place
+        // takes the payload as a byte slice before anything was written to it.
+        let (header, payload) =
+            unsafe { (std::alloc::alloc_zeroed(hl), std::alloc::alloc_zeroed(pl)) };
         if header.is_null() || payload.is_null() {
             return Err(io::Error::from(io::ErrorKind::OutOfMemory));
         }
@@ -210,47 +212,54 @@ impl ReplyHook for Slot {
 }
 
 impl Slot {
-    /// Answers a READ of `size` bytes: `fill` writes the data straight into the entry's
-    /// payload buffer and returns its length or an errno.
+    /// Answers a READ of `size` bytes at `off` on this thread: `fill` writes the data
+    /// straight into the entry's payload buffer and returns its length or an errno.
+    /// Returns the reply's payload length.
     fn answer_read(
         &self,
         unique: u64,
+        off: u64,
         size: usize,
         fill: impl FnOnce(&mut [u8]) -> Result<usize, i32>,
-    ) {
-        let target = self.state.lock().unwrap_or_else(|e| e.into_inner()).target;
-        let Some((_, payload, cap)) = target else {
+    ) -> usize {
+        // Taken now: a stray reply through `send` meanwhile finds the entry answered.
+        let target = self
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .target
+            .take();
+        let Some((header, payload, cap)) = target else {
             log::error!("FUSE READ {unique} answered twice");
-            return;
+            return 0;
         };
-        let len = size.min(cap);
-        // SAFETY: the payload allocation is `cap` bytes and lives as long as the queue;
-        // while the entry waits for its reply, only this thread touches it (the kernel
-        // reads it after the commit, which waits for `reply_len`).
-        let buf = unsafe { std::slice::from_raw_parts_mut(payload as *mut u8, len) };
-        // A panic in the filesystem answers EIO, as for the other requests.
-        let (error, n) = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fill(buf)))
-        {
-            Ok(Ok(n)) => (0, n.min(len)),
-            Ok(Err(e)) => (-e, 0),
-            Err(_) => {
-                log::error!("the filesystem panicked answering a FUSE READ");
-                (-libc::EIO, 0)
+        let (error, n) = if off > i64::MAX as u64 {
+            (-libc::EINVAL, 0)
+        } else if size > cap {
+            // Cannot happen: the kernel sizes requests by the buffers it was given.
+            (-libc::EIO, 0)
+        } else {
+            // SAFETY: the payload allocation is `cap >= size` bytes, initialised, and lives
+            // as long as the queue; while the entry waits for its reply only this thread
+            // touches it (the target was taken above; the kernel reads it after the commit).
+            let buf = unsafe { std::slice::from_raw_parts_mut(payload as *mut u8, size) };
+            // A panic in the filesystem answers EIO, as for the other requests.
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fill(buf))) {
+                Ok(Ok(n)) => (0, n.min(size)),
+                Ok(Err(e)) => (-e, 0),
+                Err(_) => {
+                    log::error!("the filesystem panicked answering a FUSE READ");
+                    (-libc::EIO, 0)
+                }
             }
         };
         let mut h = [0u8; OUT_HEADER_SIZE];
         h[0..4].copy_from_slice(&((OUT_HEADER_SIZE + n) as u32).to_ne_bytes());
         h[4..8].copy_from_slice(&error.to_ne_bytes());
         h[8..16].copy_from_slice(&unique.to_ne_bytes());
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let Some((header, _, _)) = st.target.take() else {
-            log::error!("FUSE READ {unique} answered twice");
-            return;
-        };
-        // SAFETY: the header allocation is HEADER_SIZE >= 16 bytes.
+        // SAFETY: the header allocation is HEADER_SIZE >= 16 bytes, ours as the payload is.
         unsafe { std::ptr::copy_nonoverlapping(h.as_ptr(), header as *mut u8, h.len()) };
-        st.reply_len = Some(n);
-        self.done.notify_all();
+        n
     }
 
     fn arm(&self, b: &Buffers) {
@@ -426,8 +435,7 @@ struct Returns {
 /// Answers `request` through `slot` and returns the reply's payload length.
 fn answer(server: &Server, request: &[u8], slot: &Arc<Slot>) -> usize {
     if let (Some(read), Some((unique, ino, off, size))) = (&server.read, read_request(request)) {
-        slot.answer_read(unique, size, |buf| read(ino, off, buf));
-        return slot.wait();
+        return slot.answer_read(unique, off, size, |buf| read(ino, off, buf));
     }
     let dispatch = &server.dispatch;
     let hook: Arc<dyn ReplyHook> = slot.clone();
