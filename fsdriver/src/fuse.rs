@@ -752,7 +752,7 @@ pub fn spawn(fs: Arc<Fs>, mountpoint: &Path, fsname: &str) -> std::io::Result<Ba
             errno(&e).code()
         })
     });
-    crate::uring::start(dev, dispatcher, Some(read), MAX_WRITE as usize);
+    crate::uring::start(dev, dispatcher, read, MAX_WRITE as usize);
     Ok(bg)
 }
 

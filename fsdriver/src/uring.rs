@@ -170,12 +170,8 @@ impl ReplyHook for Slot {
         let mut pos = 0usize;
         if total < OUT_HEADER_SIZE || len > cap {
             // Cannot happen with fuser's replies; answer EIO rather than nothing.
-            let mut h = [0u8; OUT_HEADER_SIZE];
-            if let Some(first) = bufs.first().filter(|b| b.len() >= OUT_HEADER_SIZE) {
-                h.copy_from_slice(&first[..OUT_HEADER_SIZE]);
-            }
-            h[0..4].copy_from_slice(&(OUT_HEADER_SIZE as u32).to_ne_bytes());
-            h[4..8].copy_from_slice(&(-libc::EIO).to_ne_bytes());
+            let unique = bufs.first().and_then(|b| ne_u64(b, 8)).unwrap_or(0);
+            let h = out_header(0, -libc::EIO, unique);
             // SAFETY: the header allocation is HEADER_SIZE >= 16 bytes.
             unsafe { std::ptr::copy_nonoverlapping(h.as_ptr(), header as *mut u8, h.len()) };
             len = 0;
@@ -253,10 +249,7 @@ impl Slot {
                 }
             }
         };
-        let mut h = [0u8; OUT_HEADER_SIZE];
-        h[0..4].copy_from_slice(&((OUT_HEADER_SIZE + n) as u32).to_ne_bytes());
-        h[4..8].copy_from_slice(&error.to_ne_bytes());
-        h[8..16].copy_from_slice(&unique.to_ne_bytes());
+        let h = out_header(n, error, unique);
         // SAFETY: the header allocation is HEADER_SIZE >= 16 bytes, ours as the payload is.
         unsafe { std::ptr::copy_nonoverlapping(h.as_ptr(), header as *mut u8, h.len()) };
         n
@@ -367,12 +360,32 @@ fn offloaded(opcode: u32, op_args: &[u8]) -> bool {
     match opcode {
         OP_FSYNC | OP_FSYNCDIR | OP_COPY_FILE_RANGE => true,
         // fuse_read_in and fuse_write_in: fh u64, offset u64, size u32, ...
-        OP_READ | OP_WRITE => op_args
-            .get(16..20)
-            .and_then(|b| b.try_into().ok())
-            .is_some_and(|b| u32::from_ne_bytes(b) >= OFFLOAD_MIN),
+        OP_READ | OP_WRITE => ne_u32(op_args, 16).is_some_and(|size| size >= OFFLOAD_MIN),
         _ => false,
     }
+}
+
+/// The native-endian u32 at `at` in `b`, if `b` is long enough.
+fn ne_u32(b: &[u8], at: usize) -> Option<u32> {
+    b.get(at..at + 4)
+        .and_then(|b| b.try_into().ok())
+        .map(u32::from_ne_bytes)
+}
+
+/// The native-endian u64 at `at` in `b`, if `b` is long enough.
+fn ne_u64(b: &[u8], at: usize) -> Option<u64> {
+    b.get(at..at + 8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_ne_bytes)
+}
+
+/// A `fuse_out_header` for `payload` bytes of reply, `error` (a negative errno or 0).
+fn out_header(payload: usize, error: i32, unique: u64) -> [u8; OUT_HEADER_SIZE] {
+    let mut h = [0u8; OUT_HEADER_SIZE];
+    h[0..4].copy_from_slice(&((OUT_HEADER_SIZE + payload) as u32).to_ne_bytes());
+    h[4..8].copy_from_slice(&error.to_ne_bytes());
+    h[8..16].copy_from_slice(&unique.to_ne_bytes());
+    h
 }
 
 /// Hands one request in `/dev/fuse` layout to the filesystem; false if it cannot be parsed.
@@ -385,34 +398,22 @@ pub type ReadInto = dyn Fn(u64, u64, &mut [u8]) -> Result<usize, i32> + Send + S
 /// straight into the entry's payload buffer (fuser's reply would copy it there once more).
 pub struct Server {
     dispatch: Box<Dispatch>,
-    read: Option<Box<ReadInto>>,
+    read: Box<ReadInto>,
 }
 
 const OP_READ_SIZE: usize = 20;
 
 /// `(unique, inode, offset, size)` of a READ request in `/dev/fuse` layout.
-fn read_request(request: &[u8]) -> Option<(u64, u64, u64, usize)> {
-    let u32_at = |at: usize| {
-        request
-            .get(at..at + 4)
-            .and_then(|b| b.try_into().ok())
-            .map(u32::from_ne_bytes)
-    };
-    let u64_at = |at: usize| {
-        request
-            .get(at..at + 8)
-            .and_then(|b| b.try_into().ok())
-            .map(u64::from_ne_bytes)
-    };
-    if u32_at(4)? != OP_READ || request.len() < IN_HEADER_SIZE + OP_READ_SIZE {
+fn read_request(r: &[u8]) -> Option<(u64, u64, u64, usize)> {
+    if ne_u32(r, 4)? != OP_READ || r.len() < IN_HEADER_SIZE + OP_READ_SIZE {
         return None;
     }
     // fuse_in_header: len, opcode, unique, nodeid, ...; fuse_read_in: fh, offset, size, ...
     Some((
-        u64_at(8)?,
-        u64_at(16)?,
-        u64_at(IN_HEADER_SIZE + 8)?,
-        u32_at(IN_HEADER_SIZE + 16)? as usize,
+        ne_u64(r, 8)?,
+        ne_u64(r, 16)?,
+        ne_u64(r, IN_HEADER_SIZE + 8)?,
+        ne_u32(r, IN_HEADER_SIZE + 16)? as usize,
     ))
 }
 
@@ -434,8 +435,8 @@ struct Returns {
 
 /// Answers `request` through `slot` and returns the reply's payload length.
 fn answer(server: &Server, request: &[u8], slot: &Arc<Slot>) -> usize {
-    if let (Some(read), Some((unique, ino, off, size))) = (&server.read, read_request(request)) {
-        return slot.answer_read(unique, off, size, |buf| read(ino, off, buf));
+    if let Some((unique, ino, off, size)) = read_request(request) {
+        return slot.answer_read(unique, off, size, |buf| (server.read)(ino, off, buf));
     }
     let dispatch = &server.dispatch;
     let hook: Arc<dyn ReplyHook> = slot.clone();
@@ -448,15 +449,8 @@ fn answer(server: &Server, request: &[u8], slot: &Arc<Slot>) -> usize {
             true
         });
     if !parsed {
-        let unique = request
-            .get(8..16)
-            .and_then(|b| b.try_into().ok())
-            .map(u64::from_ne_bytes)
-            .unwrap_or(0);
-        let mut h = [0u8; OUT_HEADER_SIZE];
-        h[0..4].copy_from_slice(&(OUT_HEADER_SIZE as u32).to_ne_bytes());
-        h[4..8].copy_from_slice(&(-libc::EIO).to_ne_bytes());
-        h[8..16].copy_from_slice(&unique.to_ne_bytes());
+        let unique = ne_u64(request, 8).unwrap_or(0);
+        let h = out_header(0, -libc::EIO, unique);
         let _ = slot.send(&[IoSlice::new(&h)]);
     }
     slot.wait()
@@ -811,7 +805,7 @@ fn possible_cpus() -> usize {
 pub fn start<FS: Filesystem + Send + Sync + 'static>(
     dev: OwnedFd,
     dispatcher: RawDispatcher<FS>,
-    read: Option<Box<ReadInto>>,
+    read: Box<ReadInto>,
     payload_size: usize,
 ) {
     let entries: usize = std::env::var("FORKPOINT_FUSE_URING_ENTRIES")
