@@ -144,6 +144,8 @@ pub struct Daemon {
     store: Arc<Store>,
     mounts: Mutex<HashMap<PathBuf, Mounted>>,
     quit: AtomicBool,
+    /// Device and inode of the control socket this daemon bound.
+    socket: std::sync::OnceLock<(u64, u64)>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -156,7 +158,24 @@ impl Daemon {
             store,
             mounts: Mutex::new(HashMap::new()),
             quit: AtomicBool::new(false),
+            socket: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Removes the control socket if it is still this daemon's. A store deleted while its
+    /// daemon was exiting and made again at the same path has a new daemon, whose socket
+    /// this one must not take away (that daemon could then not be reached to unmount).
+    fn remove_socket(&self) {
+        use std::os::unix::fs::MetadataExt;
+        let path = self.store.dir().join(SOCKET);
+        let ours = match (std::fs::symlink_metadata(&path), self.socket.get()) {
+            (Err(_), _) => false,
+            (Ok(_), None) => true,
+            (Ok(m), Some(&id)) => (m.dev(), m.ino()) == id,
+        };
+        if ours {
+            let _ = std::fs::remove_file(&path);
+        }
     }
 
     /// Mounts `branch` at `mountpoint`.
@@ -451,7 +470,7 @@ impl Daemon {
             }
         }
         // New clients must not reach a daemon that is shutting down.
-        let _ = std::fs::remove_file(self.store.dir().join(SOCKET));
+        self.remove_socket();
         self.shutdown();
         Ok(())
     }
@@ -464,7 +483,7 @@ impl Daemon {
                 log::error!("{e:#}");
             }
         }
-        let _ = std::fs::remove_file(self.store.dir().join(SOCKET));
+        self.remove_socket();
     }
 
     fn connection(&self, conn: UnixStream) {
@@ -499,7 +518,7 @@ impl Daemon {
         // for dead).
         let last = lock(&self.mounts).is_empty();
         if last {
-            let _ = std::fs::remove_file(self.store.dir().join(SOCKET));
+            self.remove_socket();
         }
         let mut out = serde_json::to_string(&resp).unwrap_or_else(|_| "{\"ok\":false}".into());
         out.push('\n');
@@ -758,6 +777,10 @@ pub fn run(
         let listener =
             UnixListener::bind(&sock).with_context(|| format!("bind {}", sock.display()))?;
         let d = Daemon::new(store);
+        if let Ok(m) = std::fs::symlink_metadata(&sock) {
+            use std::os::unix::fs::MetadataExt;
+            let _ = d.socket.set((m.dev(), m.ino()));
+        }
         d.mount(mountpoint, branch)?;
         Ok((d, listener))
     };

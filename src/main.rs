@@ -71,6 +71,10 @@ enum Cmd {
         store: Option<PathBuf>,
         #[arg(long)]
         json: bool,
+        /// Also list the unnamed commits (made by fsync, umount and the daemon's timer);
+        /// without it they are counted, not listed.
+        #[arg(long)]
+        all: bool,
     },
     /// What changed between two checkpoints or snapshots (names, or #CNO).
     Diff {
@@ -221,6 +225,23 @@ fn main() -> ExitCode {
         _ => log::LevelFilter::Info,
     });
     let cli = Cli::parse();
+    if matches!(
+        cli.cmd,
+        Cmd::Log { .. } | Cmd::Ps { .. } | Cmd::Diff { .. } | Cmd::Verify { .. }
+    ) {
+        // Commands that only read and print end quietly when their reader goes away
+        // (`forkpoint log | head`), as other Unix tools do; Rust's runtime ignores SIGPIPE,
+        // which would make the next print fail. Not the other commands: they start the
+        // daemon and sessions, which must not die of a peer's closed socket.
+        // SAFETY: no handler is installed; SIG_DFL is async-signal-safe by construction, and
+        // no other thread runs yet.
+        let _ = unsafe {
+            nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGPIPE,
+                nix::sys::signal::SigHandler::SigDfl,
+            )
+        };
+    }
     match run(cli.cmd) {
         Ok(code) => code,
         Err(e) => {
@@ -286,9 +307,10 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             mountpoint,
             store,
             json,
+            all,
         } => {
             let store = store_of(mountpoint.as_deref(), store.as_deref())?;
-            print_log(&store, json)?;
+            print_log(&store, json, all)?;
         }
         Cmd::Diff {
             mountpoint,
@@ -751,15 +773,25 @@ fn umount(mountpoint: &Path) -> Result<()> {
     Ok(())
 }
 
-fn print_log(store: &Path, json: bool) -> Result<()> {
+fn print_log(store: &Path, json: bool, all: bool) -> Result<()> {
     let s = Store::open_read_only(store)?;
-    let (branches, cps) = s.catalog(|c| Ok((c.branches()?, c.checkpoints()?)))?;
+    let (branches, mut cps) = s.catalog(|c| Ok((c.branches()?, c.checkpoints()?)))?;
+    // Every fsync of a file on the mount is a commit: a database in the mount makes
+    // thousands. What a user names (snapshots, checkpoints) and the branch heads are listed;
+    // the rest are counted.
+    let before = cps.len();
+    if !all {
+        cps.retain(|cp| cp.name.is_some() || branches.iter().any(|b| b.head == cp.cno));
+    }
+    let hidden = before - cps.len();
     if json {
         println!(
             "{}",
-            serde_json::to_string_pretty(
-                &serde_json::json!({"branches": branches, "checkpoints": cps})
-            )?
+            serde_json::to_string_pretty(&serde_json::json!({
+                "branches": branches,
+                "checkpoints": cps,
+                "unlisted_commits": hidden,
+            }))?
         );
         return Ok(());
     }
@@ -792,6 +824,9 @@ fn print_log(store: &Path, json: bool) -> Result<()> {
                 .unwrap_or_default(),
             marker
         );
+    }
+    if hidden > 0 {
+        println!("({hidden} unnamed commits not listed; --all lists them)");
     }
     Ok(())
 }
@@ -861,7 +896,7 @@ fn demo(dir: &Path) -> Result<()> {
     println!("$ forkpoint umount {}", mnt.display());
     umount(&mnt)?;
     println!("$ forkpoint log --store {}", store.display());
-    print_log(&store, false)?;
+    print_log(&store, false, false)?;
     println!("$ forkpoint verify {}", store.display());
     let r = maint::verify(&*Store::open_read_only(&store)?)?;
     println!(

@@ -521,6 +521,17 @@ fn init(spec: &InitSpec, mut info: SessionInfo, pre: Option<Preloaded>) -> Resul
             match unsafe { nix::unistd::fork() }.context("fork program")? {
                 nix::unistd::ForkResult::Child => {
                     let _ = nix::unistd::chdir(&spec.cwd);
+                    // Rust's runtime ignores SIGPIPE, and an ignored signal stays ignored
+                    // across exec: the program starts with the default, as
+                    // `std::process::Command` gives its children (`yes | head` ends `yes`
+                    // by the signal, not with an error).
+                    // SAFETY: SIG_DFL installs no handler; the child is single-threaded.
+                    let _ = unsafe {
+                        nix::sys::signal::signal(
+                            nix::sys::signal::Signal::SIGPIPE,
+                            nix::sys::signal::SigHandler::SigDfl,
+                        )
+                    };
                     // The program gets stdin, stdout and stderr only: a descriptor inherited
                     // from whoever ran `forkpoint run` (a jobserver pipe, a socket) would
                     // reach outside the session and make every checkpoint fail.

@@ -435,6 +435,51 @@ fn new_user_workflow() {
         .collect();
     assert_eq!(heads, ["main"], "branches: {log}");
 
+    // Each fsync commits; the log lists what is named and the branch heads, and counts the
+    // rest (a database in the mount makes thousands); --all lists them.
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(mnt.join("fsynced")).expect("create fsynced");
+        for i in 0..3 {
+            writeln!(f, "line {i}").expect("write fsynced");
+            f.sync_all().expect("fsync");
+        }
+    }
+    std::fs::remove_file(mnt.join("fsynced")).expect("remove fsynced");
+    let log_of = |extra: &[&str]| {
+        let mut args = vec![OsStr::new("log"), OsStr::new("--store"), store.as_os_str()];
+        args.extend(extra.iter().map(OsStr::new));
+        fp_ok(&args)
+    };
+    let short = log_of(&[]);
+    let entries = |text: &str| text.lines().filter(|l| l.starts_with("* #")).count();
+    for l in short.lines().filter(|l| l.starts_with("* #")) {
+        assert!(
+            l.contains('\'') || l.contains("<- main"),
+            "an unnamed commit that is no head is listed: {l}\n{short}"
+        );
+    }
+    assert!(
+        short.contains("unnamed commits not listed; --all lists them"),
+        "{short}"
+    );
+    let full = log_of(&["--all"]);
+    assert!(
+        entries(&full) >= entries(&short) + 3,
+        "--all lists the fsyncs' commits:\n{full}\nwithout it:\n{short}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&log_of(&["--json"])).expect("log json");
+    let listed = v["checkpoints"].as_array().map_or(0, |a| a.len());
+    let unlisted = v["unlisted_commits"].as_u64().expect("unlisted_commits");
+    let v: serde_json::Value =
+        serde_json::from_str(&log_of(&["--json", "--all"])).expect("log json");
+    assert_eq!(
+        v["checkpoints"].as_array().map_or(0, |a| a.len()),
+        listed + unlisted as usize,
+        "--all lists every commit: {v}"
+    );
+    assert_eq!(v["unlisted_commits"], 0, "{v}");
+
     // A busy mount refuses to unmount and stays served (it used to be left dangling).
     let mut holder = std::process::Command::new("sleep")
         .arg("60")
@@ -841,4 +886,32 @@ fn a_queue_that_cannot_start_falls_back_to_dev_fuse() {
         "daemon log: {log}"
     );
     lab.umount_ok(&mnt);
+}
+
+/// `umount` answers before its daemon has exited. A store deleted right after and made again
+/// at the same path gets a new daemon while the old one is still going; the old one used to
+/// remove the control socket on its way out, the new daemon's by then, which left the new
+/// mount unreachable (the next umount found "no running daemon" and detached it, the daemon
+/// stayed behind).
+#[test]
+fn a_store_made_again_at_once_keeps_its_new_daemon_reachable() {
+    if !common::can_mount("fuse_e2e") {
+        return;
+    }
+    let lab = Lab::new();
+    let store = lab.path().join("store");
+    let mnt = lab.mkdir("mnt");
+    for round in 0..6 {
+        lab.mount_ok(&store, &mnt, None);
+        std::fs::write(mnt.join("f"), format!("round {round}\n")).expect("write");
+        let out = fp(&[OsStr::new("umount"), mnt.as_os_str()]);
+        assert!(
+            out.ok && out.stdout.contains("unmounted") && !out.stderr.contains("no running"),
+            "round {round}: umount: {}{}",
+            out.stdout,
+            out.stderr
+        );
+        std::fs::remove_dir_all(&store).expect("remove the store");
+    }
+    wait_daemon_exit(&store);
 }

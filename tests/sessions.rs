@@ -203,6 +203,38 @@ int main(void) {
 }
 "#;
 
+/// `forkpoint run` in the foreground exits with the program's status, and the program starts
+/// with the signal dispositions a program started from a shell has: `yes | head` ends
+/// `yes` by SIGPIPE (status 141), where an ignored SIGPIPE (Rust's runtime ignores it, and
+/// exec keeps an ignored signal ignored) would make it fail with "Broken pipe" instead.
+#[test]
+fn program_starts_with_default_sigpipe_and_its_status_is_returned() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    let out = Command::new(BIN)
+        .args([
+            "run",
+            "-m",
+            lab.m(),
+            "--",
+            "bash",
+            "-c",
+            "yes | head -c1 >/dev/null; exit ${PIPESTATUS[0]}",
+        ])
+        .current_dir(&lab.mnt)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run forkpoint");
+    assert_eq!(
+        out.status.code(),
+        Some(128 + libc::SIGPIPE),
+        "yes should end by SIGPIPE: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn counter_cut_is_atomic_and_rollback_continues() {
     if !can_run() {

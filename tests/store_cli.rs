@@ -172,3 +172,27 @@ fn diff_between_snapshots() {
     lines.sort();
     assert_eq!(lines, vec!["A /c", "D /b", "M /", "M /a"], "{out}");
 }
+
+/// A command that prints ends quietly when its reader has gone (`forkpoint log | head`):
+/// by SIGPIPE, as other Unix tools do, not with a panic about a failed print.
+#[test]
+fn output_to_a_closed_pipe_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = new_store(tmp.path());
+    let (read, write) = nix::unistd::pipe().expect("pipe");
+    drop(read);
+    let out = Command::new(env!("CARGO_BIN_EXE_forkpoint"))
+        .args(["log", "--store", &store])
+        .stdout(std::process::Stdio::from(write))
+        .output()
+        .expect("run forkpoint");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "log panicked: {err}");
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGPIPE),
+        "log into a closed pipe: {:?} {err}",
+        out.status
+    );
+}
