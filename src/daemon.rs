@@ -362,12 +362,26 @@ impl Daemon {
             }
             Request::Gc => {
                 // The mark runs beside the mounts' writes; a sweep that finds the store
-                // changed since refuses, and gc starts again (a few times).
+                // changed since refuses, and gc starts again. A mount that commits all the
+                // time (every fsync is a commit) would make every try fail: the last one
+                // holds the mounts' commits off until it is done (their fsyncs wait).
+                const TRIES: usize = 3;
                 let mut tries = 0;
                 let report = loop {
                     self.commit_all();
-                    match maint::gc(&self.store) {
-                        Err(forkpoint_fs::StoreError::ChangedDuringGc) if tries < 4 => {
+                    let r = if tries + 1 < TRIES {
+                        maint::gc(&self.store)
+                    } else {
+                        let fss: Vec<Arc<Fs>> =
+                            lock(&self.mounts).values().map(|m| m.fs.clone()).collect();
+                        let _held = fss
+                            .iter()
+                            .map(|fs| fs.hold_commits())
+                            .collect::<Result<Vec<_>, _>>()?;
+                        maint::gc(&self.store)
+                    };
+                    match r {
+                        Err(forkpoint_fs::StoreError::ChangedDuringGc) if tries + 1 < TRIES => {
                             tries += 1;
                         }
                         r => break r?,

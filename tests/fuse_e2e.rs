@@ -915,3 +915,101 @@ fn a_store_made_again_at_once_keeps_its_new_daemon_reachable() {
     }
     wait_daemon_exit(&store);
 }
+
+/// gc succeeds while a program fsyncs all the time (each fsync is a commit, so a mark
+/// never finished unchanged and every try was refused), and what it leaves is whole: every
+/// later fsync still commits, and the store verifies, also while the commits go on.
+#[test]
+fn gc_succeeds_beside_a_program_that_fsyncs_all_the_time() {
+    if !common::can_mount("fuse_e2e") {
+        return;
+    }
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let lab = Lab::new();
+    let store = lab.path().join("store");
+    let mnt = lab.mkdir("mnt");
+    lab.mount_ok(&store, &mnt, None);
+    let stop = AtomicBool::new(false);
+    /// Stops the writers however the scope ends: a failed assertion in it would otherwise
+    /// wait for them forever.
+    struct StopOnDrop<'a>(&'a AtomicBool);
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+    let last = std::thread::scope(|sc| {
+        let stopper = StopOnDrop(&stop);
+        // Two more writers keep the commits coming without a gap.
+        let churn: Vec<_> = (0..2)
+            .map(|t| {
+                let (stop, mnt) = (&stop, &mnt);
+                sc.spawn(move || -> std::io::Result<()> {
+                    let mut f = std::fs::File::create(mnt.join(format!("churn.{t}")))?;
+                    while !stop.load(Ordering::SeqCst) {
+                        writeln!(f, "x")?;
+                        f.sync_data()?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        let writer = sc.spawn(|| -> std::io::Result<u64> {
+            let mut n = 0u64;
+            while !stop.load(Ordering::SeqCst) || n < 50 {
+                n += 1;
+                let mut f = std::fs::File::create(mnt.join(format!("db.{}", n % 7)))?;
+                writeln!(f, "{n}")?;
+                f.sync_all()?;
+                std::fs::write(mnt.join("last"), n.to_string())?;
+                std::fs::File::open(mnt.join("last"))?.sync_all()?;
+            }
+            Ok(n)
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        for round in 0..3 {
+            let out = fp(&[OsStr::new("gc"), store.as_os_str()]);
+            assert!(
+                out.ok && out.stdout.contains("gc:"),
+                "gc {round} beside fsyncs: {}{}",
+                out.stdout,
+                out.stderr
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // verify beside the commits: it reads the store as of its opening (the catalog
+        // and the index read one after the other disagreed, and objects looked missing).
+        for round in 0..3 {
+            let out = fp(&[OsStr::new("verify"), store.as_os_str()]);
+            assert!(
+                out.ok && out.stdout.contains("verified"),
+                "verify {round} beside fsyncs: {}{}",
+                out.stdout,
+                out.stderr
+            );
+        }
+        drop(stopper);
+        for c in churn {
+            c.join()
+                .expect("churn thread")
+                .expect("every fsync beside gc succeeds");
+        }
+        writer.join().expect("writer thread")
+    });
+    let last = last.expect("every write and fsync beside gc succeeds");
+    assert_eq!(
+        std::fs::read_to_string(mnt.join("last")).expect("read last"),
+        last.to_string()
+    );
+    lab.umount_ok(&mnt);
+    let out = fp_ok(&[OsStr::new("verify"), store.as_os_str()]);
+    assert!(out.contains("verified"), "verify: {out}");
+    // Mounted again, the files are those last written.
+    lab.mount_ok(&store, &mnt, None);
+    assert_eq!(
+        std::fs::read_to_string(mnt.join("last")).expect("read last after remount"),
+        last.to_string()
+    );
+    lab.umount_ok(&mnt);
+}

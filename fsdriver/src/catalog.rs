@@ -271,6 +271,30 @@ impl Catalog {
             .optional()?)
     }
 
+    /// Starts a read transaction: until [`Catalog::end_snapshot`], every query sees the
+    /// catalog as it was at the first one (SQLite's WAL snapshot), however many commits a
+    /// daemon makes meanwhile.
+    pub fn begin_snapshot(&self) -> Result<()> {
+        self.conn.execute_batch("BEGIN")?;
+        Ok(())
+    }
+
+    /// Ends the read transaction of [`Catalog::begin_snapshot`].
+    pub fn end_snapshot(&self) -> Result<()> {
+        self.conn.execute_batch("COMMIT")?;
+        Ok(())
+    }
+
+    /// The newest checkpoint number (0 when there is none).
+    pub fn max_cno(&self) -> Result<u64> {
+        let n: i64 =
+            self.conn
+                .query_row("SELECT COALESCE(MAX(cno), 0) FROM checkpoints", [], |r| {
+                    r.get(0)
+                })?;
+        Ok(n as u64)
+    }
+
     /// The object index file's generation and committed length, read in one statement (a
     /// gc may switch generations between two); `None` for a store whose objects are still in
     /// the catalog (format 1).
@@ -577,6 +601,21 @@ impl Catalog {
             .prepare(&format!("SELECT {CP_COLS} FROM checkpoints ORDER BY cno"))?;
         let rows = st.query_map([], row_checkpoint)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// The newest checkpoint of `branch` numbered `cno` or lower.
+    pub fn latest_on_branch(&self, branch: &str, cno: u64) -> Result<Option<Checkpoint>> {
+        Ok(self
+            .conn
+            .query_row(
+                &format!(
+                    "SELECT {CP_COLS} FROM checkpoints WHERE branch=?1 AND cno<=?2
+                     ORDER BY cno DESC LIMIT 1"
+                ),
+                params![branch, cno as i64],
+                row_checkpoint,
+            )
+            .optional()?)
     }
 
     /// Checkpoints that gc keeps: named ones and branch heads.

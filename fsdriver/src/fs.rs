@@ -1409,6 +1409,16 @@ impl Fs {
         !st.dirty.is_empty()
     }
 
+    /// Commits what is pending and holds off this branch's further commits (an fsync waits)
+    /// while the guard lives. gc takes it when a mount commits too often for its mark to
+    /// finish unchanged: a database in the mount fsyncs many times a second, and each fsync
+    /// is a commit.
+    pub fn hold_commits(&self) -> FsResult<std::sync::MutexGuard<'_, ()>> {
+        let held = self.commit_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.commit_locked(CheckpointKind::Commit, None, None)?;
+        Ok(held)
+    }
+
     /// Commits the branch; with `name`, records a named snapshot or checkpoint.
     pub fn commit(
         &self,
@@ -1417,6 +1427,16 @@ impl Fs {
         image: Option<ContentId>,
     ) -> FsResult<u64> {
         let _c = self.commit_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.commit_locked(kind, name, image)
+    }
+
+    /// [`Fs::commit`] under the commit lock.
+    fn commit_locked(
+        &self,
+        kind: CheckpointKind,
+        name: Option<&str>,
+        image: Option<ContentId>,
+    ) -> FsResult<u64> {
         if let Some(n) = name {
             validate_name(n)?;
         }

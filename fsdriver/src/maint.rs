@@ -426,7 +426,29 @@ fn name_paths(inodes: &HashMap<u64, Inode>) -> HashMap<u64, Vec<String>> {
 /// Re-hashes every object reachable from a retained checkpoint.
 pub fn verify(store: &Store) -> Result<VerifyReport> {
     store.catalog(|c| c.quick_check())?;
-    let cps = store.catalog(|c| c.retained())?;
+    let cps = store.catalog(|c| {
+        let mut cps = c.retained()?;
+        // Beside a running daemon: what was committed after this store was opened is not in
+        // its index (it would look missing); a branch whose head moved since is checked at
+        // its newest checkpoint from before.
+        if let Some(cut) = store.snapshot_cno() {
+            let moved: Vec<String> = c
+                .branches()?
+                .into_iter()
+                .filter(|b| b.head > cut)
+                .map(|b| b.name)
+                .collect();
+            cps.retain(|cp| cp.cno <= cut);
+            for b in moved {
+                if let Some(cp) = c.latest_on_branch(&b, cut)? {
+                    if !cps.iter().any(|x| x.cno == cp.cno) {
+                        cps.push(cp);
+                    }
+                }
+            }
+        }
+        Ok(cps)
+    })?;
     let mut w = Walker {
         store,
         seen: HashSet::new(),
@@ -593,11 +615,13 @@ pub fn gc_with(store: &Store, between: &mut dyn FnMut()) -> Result<GcReport> {
         if let Some((gen, f)) = next {
             store.switch_index(gen, f);
         }
+        // Under the writer: a put right after the closure would add its entry to the index
+        // this replaces, and be lost (the object then "missing from the store").
+        store.replace_index(std::mem::take(&mut new_index));
         w.finish();
         Ok(segs)
     })?;
     let _ = new_segments;
-    store.replace_index(new_index);
     for v in &victims {
         store.drop_segment_handle(*v);
         store

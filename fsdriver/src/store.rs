@@ -103,6 +103,9 @@ pub struct Store {
     read_only: bool,
     /// The object index file, appended to at each commit (a writer's store).
     objindex: Mutex<Option<IndexFile>>,
+    /// A reader's store: the newest checkpoint when it was opened. Its index holds the
+    /// objects of that checkpoint and the older ones, not of those made since.
+    snapshot_cno: Option<u64>,
     /// A [`Store::sync_behind`] runs.
     syncing: Arc<std::sync::atomic::AtomicBool>,
     _lock: Option<File>,
@@ -123,14 +126,8 @@ fn load_object_index(
     let (file, index, gen) = match catalog.index_meta()? {
         Some((gen, len)) => match IndexFile::load(dir, gen, len, !read_only) {
             Ok((f, m)) => (f, m, gen),
-            // A reader may meet a gc switching generations between its two reads.
-            Err(_) if read_only => match catalog.index_meta()? {
-                Some((g, l)) => {
-                    let (f, m) = IndexFile::load(dir, g, l, false)?;
-                    (f, m, g)
-                }
-                None => (None, catalog.load_index()?, 0),
-            },
+            // A reader may meet a gc switching generations (and deleting this one) after
+            // its snapshot of the catalog: `Store::open_with` opens it again.
             Err(e) => return Err(e),
         },
         None => {
@@ -261,6 +258,17 @@ impl Store {
         if !is_store(dir) {
             return Err(StoreError::NotAStore(dir.to_path_buf()));
         }
+        if read_only {
+            // A reader's snapshot of the catalog may name an index generation or a segment
+            // that a gc running beside it has just deleted: a fresh snapshot names the new
+            // ones. A store that fails three times in a row is reported as it failed.
+            for _ in 0..2 {
+                match Self::open_inner(dir, DB_FILE, config.clone(), storage.clone(), true) {
+                    Ok(s) => return Ok(s),
+                    Err(e) => log::debug!("opening {} to read: {e}; again", dir.display()),
+                }
+            }
+        }
         Self::open_inner(dir, DB_FILE, config, storage, read_only)
     }
 
@@ -305,6 +313,12 @@ impl Store {
             .map(PathBuf::from);
         let storage: Arc<dyn Storage> =
             storage.unwrap_or_else(|| Arc::new(DirStorage::new(dir.join("segments"))));
+        // A reader takes the segments' lengths, the index and the newest checkpoint number
+        // from one snapshot of the catalog: read one by one while a daemon commits (an fsync
+        // on the mount is a commit), they disagreed, and the store looked corrupt.
+        if read_only {
+            catalog.begin_snapshot()?;
+        }
         let committed = catalog.segments()?;
         let mut segs = HashMap::new();
         let on_disk = storage.list().ctx("list segments", storage.path())?;
@@ -349,6 +363,13 @@ impl Store {
             }
         }
         let (objindex, index) = load_object_index(dir, &mut catalog, read_only)?;
+        let snapshot_cno = if read_only {
+            let n = catalog.max_cno()?;
+            catalog.end_snapshot()?;
+            Some(n)
+        } else {
+            None
+        };
         for (id, loc) in &index {
             let clen = committed
                 .iter()
@@ -392,9 +413,16 @@ impl Store {
             lower,
             read_only,
             objindex: Mutex::new(objindex),
+            snapshot_cno,
             syncing: Arc::default(),
             _lock: lock_file,
         }))
+    }
+
+    /// For a store opened read-only, the newest checkpoint at the opening: what its index
+    /// can reach (a writer's store reaches everything: `None`).
+    pub fn snapshot_cno(&self) -> Option<u64> {
+        self.snapshot_cno
     }
 
     /// The store directory.
