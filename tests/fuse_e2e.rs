@@ -680,19 +680,28 @@ fn wait_daemon_exit(store: &Path) {
     }
 }
 
+/// A lab with a new store mounted at its `mnt` (lab, store, mountpoint); `None` (the reason
+/// printed) where mounts cannot run.
+fn mounted_lab() -> Option<(Lab, PathBuf, PathBuf)> {
+    if !common::can_mount("fuse_e2e") {
+        return None;
+    }
+    let lab = Lab::new();
+    let store = lab.path().join("store");
+    let mnt = lab.mkdir("mnt");
+    lab.mount_ok(&store, &mnt, None);
+    Some((lab, store, mnt))
+}
+
 /// setuid/setgid are cleared as the kernel clears them on a local filesystem (the mount takes
 /// FUSE_HANDLE_KILLPRIV_V2, so this is the daemon's job): by every chown of a non-directory,
 /// even chown(-1, -1) (found by the long differential run), and not by root's writes and
 /// truncations.
 #[test]
 fn setuid_is_cleared_as_on_a_local_filesystem() {
-    if !common::can_mount("fuse_e2e") {
+    let Some((lab, _store, mnt)) = mounted_lab() else {
         return;
-    }
-    let lab = Lab::new();
-    let store = lab.path().join("store");
-    let mnt = lab.mkdir("mnt");
-    lab.mount_ok(&store, &mnt, None);
+    };
     let f = mnt.join("tool");
     std::fs::write(&f, b"#!/bin/sh\n").expect("write");
     let mode = |p: &Path| std::fs::metadata(p).expect("stat").mode() & 0o7777;
@@ -921,15 +930,11 @@ fn a_store_made_again_at_once_keeps_its_new_daemon_reachable() {
 /// later fsync still commits, and the store verifies, also while the commits go on.
 #[test]
 fn gc_succeeds_beside_a_program_that_fsyncs_all_the_time() {
-    if !common::can_mount("fuse_e2e") {
-        return;
-    }
     use std::io::Write;
     use std::sync::atomic::{AtomicBool, Ordering};
-    let lab = Lab::new();
-    let store = lab.path().join("store");
-    let mnt = lab.mkdir("mnt");
-    lab.mount_ok(&store, &mnt, None);
+    let Some((lab, store, mnt)) = mounted_lab() else {
+        return;
+    };
     let stop = AtomicBool::new(false);
     /// Stops the writers however the scope ends: a failed assertion in it would otherwise
     /// wait for them forever.
