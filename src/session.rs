@@ -211,6 +211,26 @@ impl Started {
         }
     }
 
+    /// Its exit code (128 + the signal that killed it), once it has exited.
+    fn try_code(&mut self) -> Result<Option<i32>> {
+        use std::os::unix::process::ExitStatusExt;
+        match self {
+            Started::Exec(c) => Ok(c
+                .try_wait()
+                .context("wait for session")?
+                .map(|st| st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0)))),
+            Started::Forked(pid) => {
+                use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+                match waitpid(*pid, Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::Exited(_, c)) => Ok(Some(c)),
+                    Ok(WaitStatus::Signaled(_, s, _)) => Ok(Some(128 + s as i32)),
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(None),
+                    Err(e) => Err(e).context("wait for session"),
+                }
+            }
+        }
+    }
+
     /// Waits for its exit code (128 + the signal that killed it).
     fn wait(self) -> Result<i32> {
         match self {
@@ -388,7 +408,98 @@ pub fn start_with(
         std::thread::spawn(move || child.wait());
         return Ok(0);
     }
-    child.wait()
+    wait_forwarding_signals(child, &dir)
+}
+
+/// Signals sent to a foreground `forkpoint run` or `restore`, one bit per signal number.
+static FORWARD: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The signals a foreground session's command passes on to its program.
+const FORWARDED: [nix::sys::signal::Signal; 6] = {
+    use nix::sys::signal::Signal as S;
+    [
+        S::SIGINT,
+        S::SIGTERM,
+        S::SIGHUP,
+        S::SIGQUIT,
+        S::SIGUSR1,
+        S::SIGUSR2,
+    ]
+};
+
+extern "C" fn note_signal(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // A signal the terminal sent (Ctrl-C: `SI_KERNEL`) reached the program as well, in the
+    // same foreground process group; only one sent with kill(2) to this process is passed on.
+    // SAFETY: the kernel hands a SA_SIGINFO handler a valid siginfo_t.
+    let from_kernel = !info.is_null() && unsafe { (*info).si_code } == libc::SI_KERNEL;
+    if !from_kernel && (0..64).contains(&sig) {
+        FORWARD.fetch_or(1 << sig, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Waits for a foreground session and returns its program's exit code, passing signals sent
+/// to this process (by `kill`, `timeout`, a supervisor) on to the program, as sudo does: the
+/// command dies with its program, not before it, and leaves no session behind.
+fn wait_forwarding_signals(mut child: Started, dir: &Path) -> Result<i32> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet};
+    let action = SigAction::new(
+        SigHandler::SigAction(note_signal),
+        SaFlags::SA_SIGINFO | SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for sig in FORWARDED {
+        // SAFETY: the handler only stores into an atomic, which is async-signal-safe.
+        let _ = unsafe { sigaction(sig, &action) };
+    }
+    let mut held = 0u64;
+    loop {
+        if let Some(code) = child.try_code()? {
+            return Ok(code);
+        }
+        held |= FORWARD.swap(0, std::sync::atomic::Ordering::SeqCst);
+        if held != 0 {
+            // Kept until the program is there to take them (it may be starting still).
+            if let Some(pid) = program_host_pid(dir) {
+                for sig in FORWARDED {
+                    if held & (1 << sig as i32) != 0 {
+                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+                    }
+                }
+                held = 0;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The host pid of a session's program: the descendant of its session-init whose pid in the
+/// session's namespace is the one info.json names.
+fn program_host_pid(dir: &Path) -> Option<i32> {
+    let info: SessionInfo =
+        serde_json::from_slice(&std::fs::read(dir.join("info.json")).ok()?).ok()?;
+    if info.main_pid <= 0 {
+        return None;
+    }
+    let mut todo = vec![info.pid];
+    while let Some(p) = todo.pop() {
+        let status = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap_or_default();
+        let nspid: Vec<i32> = status
+            .lines()
+            .find_map(|l| l.strip_prefix("NSpid:"))
+            .map(|v| {
+                v.split_whitespace()
+                    .filter_map(|x| x.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if nspid.len() > 1 && nspid.last() == Some(&info.main_pid) {
+            return Some(p);
+        }
+        if let Ok(c) = std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")) {
+            todo.extend(c.split_whitespace().filter_map(|x| x.parse::<i32>().ok()));
+        }
+    }
+    None
 }
 
 /// Threads of this process (/proc/self/status).
@@ -451,6 +562,17 @@ fn session_init_with(spec: InitSpec, pre: Option<Preloaded>) -> Result<i32> {
         nix::unistd::ForkResult::Parent { child } => {
             // init has its own copy; the store and the image are not held here.
             drop(pre);
+            // On a terminal, Ctrl-C and Ctrl-\ reach every process of the foreground group:
+            // the program decides what they do (it may catch them), as it would without
+            // forkpoint. Here they would end session-init, and init and the program with it.
+            for sig in [
+                nix::sys::signal::Signal::SIGINT,
+                nix::sys::signal::Signal::SIGQUIT,
+            ] {
+                // SAFETY: SIG_IGN installs no handler.
+                let _ =
+                    unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigIgn) };
+            }
             let code = loop {
                 match nix::sys::wait::waitpid(child, None) {
                     Ok(nix::sys::wait::WaitStatus::Exited(_, c)) => break c,

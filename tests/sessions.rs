@@ -235,6 +235,102 @@ fn program_starts_with_default_sigpipe_and_its_status_is_returned() {
     );
 }
 
+/// A signal sent to a foreground `forkpoint run` (by kill, timeout, a supervisor) goes on to
+/// the program, and the command ends with the program's status, leaving no session behind.
+/// It used to end the command at once and leave the program running on its own.
+#[test]
+fn signals_sent_to_run_reach_the_program() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    let mut child = Command::new(BIN)
+        .args([
+            "run",
+            "-m",
+            lab.m(),
+            "--",
+            "sh",
+            "-c",
+            "trap 'echo caught > caught; exit 7' TERM; : > started; while :; do sleep 0.05; done",
+        ])
+        .current_dir(&lab.mnt)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("run forkpoint");
+    wait_for("the program to start", Duration::from_secs(10), || {
+        lab.mnt.join("started").exists()
+    });
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("kill");
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(7), "the program's own exit: {status:?}");
+    assert!(
+        lab.mnt.join("caught").exists(),
+        "the program caught SIGTERM"
+    );
+    let ps: serde_json::Value =
+        serde_json::from_str(&lab.fp(&["ps", "-m", lab.m(), "--json"])).expect("ps json");
+    assert_eq!(ps.as_array().map(Vec::len), Some(0), "sessions left: {ps}");
+}
+
+/// Ctrl-C on the terminal is the program's to handle: one that catches SIGINT goes on and
+/// ends as it decides, and `forkpoint run` with it (Ctrl-C used to kill the session's
+/// supervisor, and the program with it).
+#[test]
+fn ctrl_c_on_the_terminal_is_the_programs_to_handle() {
+    if !can_run() {
+        return;
+    }
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let lab = Lab::new();
+    let (m, s) = pty();
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "run",
+        "-m",
+        lab.m(),
+        "--",
+        "sh",
+        "-c",
+        "n=0; trap 'n=$((n+1)); echo INT $n' INT; : > started; i=0; \
+         while [ $i -lt 30 ]; do sleep 0.05; i=$((i+1)); done; echo done $n; exit 3",
+    ])
+    .current_dir(&lab.mnt)
+    .stdin(s.try_clone().expect("dup"))
+    .stdout(s.try_clone().expect("dup"))
+    .stderr(s);
+    // SAFETY: setsid and ioctl are async-signal-safe; the terminal becomes the controlling
+    // terminal of the new session, as a login shell's is.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            libc::ioctl(0, libc::TIOCSCTTY, 0);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("start forkpoint");
+    wait_for("the program to start", Duration::from_secs(10), || {
+        lab.mnt.join("started").exists()
+    });
+    // SAFETY: writes one byte from a local buffer to the terminal's master side.
+    let n = unsafe { libc::write(m.as_raw_fd(), b"\x03".as_ptr().cast(), 1) };
+    assert_eq!(n, 1, "write ^C");
+    let text = screen(&m, Duration::from_secs(4));
+    let status = child.wait().expect("wait");
+    assert!(text.contains("INT 1"), "the program caught ^C: {text:?}");
+    assert!(text.contains("done 1"), "and went on to its end: {text:?}");
+    assert_eq!(
+        status.code(),
+        Some(3),
+        "its exit status: {status:?} {text:?}"
+    );
+}
+
 #[test]
 fn counter_cut_is_atomic_and_rollback_continues() {
     if !can_run() {
