@@ -400,6 +400,16 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                 .map(|p| mounts::absolute(p))
                 .collect::<Result<Vec<_>>>()?;
             let s = pick_session(&store, &mp, session.as_deref())?;
+            if session::state(&s) == "mount lost" {
+                bail!(
+                    "session '{}' lost its files: the daemon that served {} died; its program \
+                     runs on without them and cannot be checkpointed (restore a checkpoint, \
+                     or end it: kill {})",
+                    s.name,
+                    s.mountpoint.display(),
+                    s.pid
+                );
+            }
             let after = if kill {
                 "kill"
             } else if stop {
@@ -454,19 +464,28 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             let (_, store) = mounts::resolve(mountpoint.as_deref())?;
             let list = session::list(&store)?;
             if json {
+                let list = list
+                    .iter()
+                    .map(|s| {
+                        let mut v = serde_json::to_value(s)?;
+                        v["state"] = session::state(s).into();
+                        Ok(v)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 println!(
-                    "{:<12} {:<12} {:>8} {:>6}  COMMAND",
-                    "SESSION", "BRANCH", "PID", "MAIN"
+                    "{:<12} {:<12} {:>8} {:>6}  {:<10}  COMMAND",
+                    "SESSION", "BRANCH", "PID", "MAIN", "STATE"
                 );
                 for s in list {
                     println!(
-                        "{:<12} {:<12} {:>8} {:>6}  {}",
+                        "{:<12} {:<12} {:>8} {:>6}  {:<10}  {}",
                         s.name,
                         s.branch,
                         s.pid,
                         s.main_pid,
+                        session::state(&s),
                         s.argv.join(" ")
                     );
                 }

@@ -472,11 +472,48 @@ fn wait_forwarding_signals(mut child: Started, dir: &Path) -> Result<i32> {
     }
 }
 
-/// The host pid of a session's program: the descendant of its session-init whose pid in the
-/// session's namespace is the one info.json names.
+/// The host pid of a session's program (see [`program_host_pid_of`]), from its info.json.
 fn program_host_pid(dir: &Path) -> Option<i32> {
     let info: SessionInfo =
         serde_json::from_slice(&std::fs::read(dir.join("info.json")).ok()?).ok()?;
+    program_host_pid_of(&info)
+}
+
+/// A running session's state, as `ps` shows it: `running`; `stopped` (left stopped by
+/// `checkpoint --stop`, or by a signal); `starting` (no program yet); `mount lost` (the
+/// daemon that served its files died: the program's files are gone from under it, and a
+/// checkpoint is refused).
+pub fn state(info: &SessionInfo) -> &'static str {
+    let Some(pid) = program_host_pid_of(info) else {
+        return "starting";
+    };
+    // Through /proc/PID/root the mount is looked up in the program's own mount namespace;
+    // statfs always asks the daemon (a stat may be answered from the kernel's cache).
+    let seen = PathBuf::from(format!("/proc/{pid}/root")).join(
+        info.mountpoint
+            .strip_prefix("/")
+            .unwrap_or(&info.mountpoint),
+    );
+    if matches!(
+        nix::sys::statfs::statfs(&seen),
+        Err(nix::errno::Errno::ENOTCONN)
+    ) {
+        return "mount lost";
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    match stat
+        .rsplit(')')
+        .next()
+        .and_then(|r| r.split_whitespace().next())
+    {
+        Some("T" | "t") => "stopped",
+        _ => "running",
+    }
+}
+
+/// The host pid of a session's program: the descendant of its session-init whose pid in the
+/// session's namespace is the one info.json names.
+fn program_host_pid_of(info: &SessionInfo) -> Option<i32> {
     if info.main_pid <= 0 {
         return None;
     }

@@ -331,6 +331,76 @@ fn ctrl_c_on_the_terminal_is_the_programs_to_handle() {
     );
 }
 
+/// `ps` shows each session's state: `running`, `stopped` after `checkpoint --stop`, and
+/// `mount lost` once the daemon that served its files has died (the program runs on
+/// without them); a checkpoint of such a session is refused with a message that says so.
+#[test]
+fn ps_shows_stopped_sessions_and_sessions_that_lost_their_mount() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    let state = |name: &str| -> String {
+        let ps: serde_json::Value =
+            serde_json::from_str(&lab.fp(&["ps", "-m", lab.m(), "--json"])).expect("ps json");
+        ps.as_array()
+            .and_then(|a| a.iter().find(|s| s["name"] == name))
+            .and_then(|s| s["state"].as_str())
+            .unwrap_or("(not listed)")
+            .to_string()
+    };
+    for name in ["a", "b"] {
+        lab.fp(&[
+            "run",
+            "-m",
+            lab.m(),
+            "--detach",
+            "--name",
+            name,
+            "--",
+            "sh",
+            "-c",
+            "while :; do sleep 0.05; done",
+        ]);
+    }
+    assert_eq!(state("a"), "running");
+    lab.fp(&[
+        "checkpoint",
+        "-m",
+        lab.m(),
+        "--session",
+        "b",
+        "--stop",
+        "b1",
+    ]);
+    assert_eq!(state("b"), "stopped");
+    // The daemon dies; the next mount cleans up after it.
+    let store = lab.store.to_str().expect("utf8").to_string();
+    let mut daemons = Vec::new();
+    for e in std::fs::read_dir("/proc").expect("proc").flatten() {
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
+        if args.len() > 2 && args[1] == b"daemon" && args[2] == store.as_bytes() {
+            let pid: i32 = e
+                .file_name()
+                .to_str()
+                .and_then(|p| p.parse().ok())
+                .expect("pid");
+            // SAFETY: kill has no memory effects.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            daemons.push(pid);
+        }
+    }
+    assert_eq!(daemons.len(), 1, "the store's daemon");
+    wait_for("the daemon to die", Duration::from_secs(10), || {
+        !Path::new(&format!("/proc/{}", daemons[0])).exists()
+    });
+    lab.fp(&["mount", lab.store.to_str().expect("utf8"), lab.m()]);
+    assert_eq!(state("a"), "mount lost");
+    let err = lab.fp_fails(&["checkpoint", "-m", lab.m(), "--session", "a", "a1"]);
+    assert!(err.contains("lost its files"), "{err}");
+}
+
 #[test]
 fn counter_cut_is_atomic_and_rollback_continues() {
     if !can_run() {
