@@ -27,6 +27,7 @@ struct Cli {
 enum Cmd {
     /// Create a store (a directory: log segments, SQLite catalog, control socket).
     Init {
+        /// Directory of the new store.
         store: PathBuf,
         /// Read-only base directory the store's tree starts from.
         #[arg(long)]
@@ -34,10 +35,15 @@ enum Cmd {
     },
     /// Serve a branch of a store at MOUNTPOINT (creating the store if needed).
     Mount {
+        /// Directory of the store (created if it does not exist).
         store: PathBuf,
+        /// An empty directory to serve the branch at.
         mountpoint: PathBuf,
+        /// Read-only directory the files start from (given when the store is created; never
+        /// modified).
         #[arg(long)]
         lower: Option<PathBuf>,
+        /// The branch to serve.
         #[arg(long, default_value = "main")]
         branch: String,
         /// Serve from this process instead of a background daemon.
@@ -45,30 +51,44 @@ enum Cmd {
         foreground: bool,
     },
     /// Commit and unmount.
-    Umount { mountpoint: PathBuf },
+    Umount {
+        /// The forkpoint mount to commit and unmount.
+        mountpoint: PathBuf,
+    },
     /// Take a named filesystem snapshot of a mount.
     Snapshot {
+        /// The mount to work on (default: the forkpoint mount that holds the current
+        /// directory).
         #[arg(short = 'm', long = "mount")]
         mountpoint: Option<PathBuf>,
+        /// Name of the snapshot (browse it at MOUNTPOINT/.forkpoint/snapshots/NAME).
         name: String,
     },
     /// Create a branch from a snapshot or checkpoint (default: main's head).
     Branch {
+        /// The mount to work on (default: the forkpoint mount that holds the current
+        /// directory).
         #[arg(short = 'm', long = "mount")]
         mountpoint: Option<PathBuf>,
         /// Operate on a store directly instead of through a mount.
         #[arg(long, conflicts_with = "mountpoint")]
         store: Option<PathBuf>,
+        /// Name of the new branch.
         name: String,
+        /// Snapshot or checkpoint to start from (NAME or #CNO; default: main's head).
         #[arg(long)]
         from: Option<String>,
     },
     /// List branches and checkpoints.
     Log {
+        /// The mount to work on (default: the forkpoint mount that holds the current
+        /// directory).
         #[arg(short = 'm', long = "mount")]
         mountpoint: Option<PathBuf>,
+        /// Operate on a store directly instead of through a mount.
         #[arg(long, conflicts_with = "mountpoint")]
         store: Option<PathBuf>,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
         /// Also list the unnamed commits (made by fsync, umount and the daemon's timer);
@@ -78,43 +98,60 @@ enum Cmd {
     },
     /// What changed between two checkpoints or snapshots (names, or #CNO).
     Diff {
+        /// The mount to work on (default: the forkpoint mount that holds the current
+        /// directory).
         #[arg(short = 'm', long = "mount")]
         mountpoint: Option<PathBuf>,
+        /// Operate on a store directly instead of through a mount.
         #[arg(long, conflicts_with = "mountpoint")]
         store: Option<PathBuf>,
+        /// The older checkpoint or snapshot (NAME or #CNO).
         from: String,
+        /// The newer checkpoint or snapshot (NAME or #CNO).
         to: String,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Re-hash every object reachable from a retained checkpoint.
     Verify {
+        /// Directory of the store.
         store: PathBuf,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Reclaim log space no retained checkpoint reaches.
     Gc {
+        /// Directory of the store.
         store: PathBuf,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Run a program as a session inside a mount (own PID, mount, IPC, UTS, time namespaces).
     Run {
+        /// The mount to work on (default: the forkpoint mount that holds the current
+        /// directory).
         #[arg(short = 'm', long = "mount")]
         mountpoint: Option<PathBuf>,
+        /// Name of the session (default: the first free one of s1, s2, ...).
         #[arg(long)]
         name: Option<String>,
         /// Stdin from /dev/null, output to a log in the store; return at once.
         #[arg(long)]
         detach: bool,
+        /// The program and its arguments, after `--`.
         #[arg(required = true, last = true)]
         cmd: Vec<String>,
     },
     /// Checkpoint a session: its processes and the mount's files, in one atomic cut.
     Checkpoint {
+        /// The mount to work on (default: the forkpoint mount that holds the current
+        /// directory).
         #[arg(short = 'm', long = "mount")]
         mountpoint: Option<PathBuf>,
+        /// The session to checkpoint (default: the mount's only session).
         #[arg(long)]
         session: Option<String>,
         /// Leave the program stopped after the checkpoint.
@@ -127,15 +164,19 @@ enum Cmd {
         /// writing; such files move forward, a restore does not roll them back. Repeatable.
         #[arg(long = "allow-outside", value_name = "PATH")]
         allow_outside: Vec<PathBuf>,
+        /// Name of the checkpoint.
         name: String,
     },
     /// Roll back to a checkpoint, or restore it on a new branch.
     Restore {
+        /// The mount to work on (default: the forkpoint mount that holds the current
+        /// directory).
         #[arg(short = 'm', long = "mount")]
         mountpoint: Option<PathBuf>,
         /// Create this branch from the checkpoint and restore there, side by side.
         #[arg(long)]
         branch: Option<String>,
+        /// Run the restored program in the background (output to a log in the store).
         #[arg(long)]
         detach: bool,
         /// Let the program run before its memory is all back: pages are copied in on first
@@ -143,12 +184,16 @@ enum Cmd {
         /// in; a page damaged on disk is found only when read (the program is then killed).
         #[arg(long)]
         lazy: bool,
+        /// The checkpoint to restore (NAME or #CNO).
         name: String,
     },
     /// List sessions.
     Ps {
+        /// The mount to work on (default: the forkpoint mount that holds the current
+        /// directory).
         #[arg(short = 'm', long = "mount")]
         mountpoint: Option<PathBuf>,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -157,6 +202,7 @@ enum Cmd {
     SessionInit { spec: PathBuf },
     /// Walk through the filesystem workflow on a store in a local directory.
     Demo {
+        /// Directory for the demo's store, lower directory and mount (made anew).
         #[arg(default_value = "forkpoint-demo")]
         dir: PathBuf,
     },
