@@ -1051,6 +1051,47 @@ fn pick_session(store: &Path, mp: &Path, name: Option<&str>) -> Result<session::
     }
 }
 
+/// `restore SNAPSHOT` without `--branch`: the mount's files go back to the snapshot (as
+/// `zfs rollback` does), after what they are now is kept as an automatic snapshot. There are
+/// no processes to restore: refused while a session runs on the mount, whose files would
+/// change under it.
+fn rollback_files(mp: &Path, store: &Path, cno: u64, name: &str, auto: &str) -> Result<i32> {
+    let running: Vec<String> = session::list(store)?
+        .into_iter()
+        .filter(|s| s.daemon_mount == mp)
+        .map(|s| s.name)
+        .collect();
+    if !running.is_empty() {
+        bail!(
+            "'{name}' is a filesystem snapshot without processes, and sessions run on {}: {}; \
+             their files would change under them (checkpoint or end them first)",
+            mp.display(),
+            running.join(", ")
+        );
+    }
+    flush_mount(mp, None)?;
+    daemon::call(
+        store,
+        &daemon::Request::Snapshot {
+            mountpoint: mp.to_path_buf(),
+            name: auto.to_string(),
+            auto: true,
+        },
+    )?
+    .context("no daemon serves this mount")?;
+    eprintln!("forkpoint: the state before the rollback is kept as '{auto}'");
+    daemon::call(
+        store,
+        &daemon::Request::Rollback {
+            mountpoint: mp.to_path_buf(),
+            cno,
+        },
+    )?
+    .context("no daemon serves this mount")?;
+    println!("rolled the files of {} back to '{name}'", mp.display());
+    Ok(0)
+}
+
 fn restore(
     mountpoint: Option<&Path>,
     branch: Option<&str>,
@@ -1062,12 +1103,6 @@ fn restore(
     let (mp, store) = mounts::resolve(mountpoint)?;
     let ro = Store::open_read_only(&store)?;
     let cp = ro.find(name)?;
-    let image = cp
-        .image
-        .with_context(|| format!("'{name}' is a filesystem snapshot without processes"))?;
-    // Refuse a corrupt or incomplete image before anything changes: read, checked and
-    // resolved here, once; the session gets it, and the open store, by fork.
-    let (si, tree, depth) = session::load_image_chain(&ro, &image)?;
     // The automatic checkpoint of an in-place restore gets a name of its own, also when
     // rollbacks follow each other within a second.
     let ts = fmt_time(forkpoint_now()).replace([' ', ':'], "-");
@@ -1078,6 +1113,20 @@ fn restore(
         })
         .find(|a| ro.find(a).is_err())
         .unwrap_or_else(|| format!("auto-{ts}"));
+    let Some(image) = cp.image else {
+        return match branch {
+            Some(new) => bail!(
+                "'{name}' is a filesystem snapshot without processes: `forkpoint branch {new} \
+                 --from {name}` makes a branch of its files, and `forkpoint mount {} DIR \
+                 --branch {new}` serves it",
+                store.display()
+            ),
+            None => rollback_files(&mp, &store, cp.cno, name, &auto),
+        };
+    };
+    // Refuse a corrupt or incomplete image before anything changes: read, checked and
+    // resolved here, once; the session gets it, and the open store, by fork.
+    let (si, tree, depth) = session::load_image_chain(&ro, &image)?;
     log::debug!("restore: image checked at {:?}", t0.elapsed());
     let now_mono = session::clock_ns(nix::time::ClockId::CLOCK_MONOTONIC);
     let now_boot = session::clock_ns(nix::time::ClockId::CLOCK_BOOTTIME);

@@ -401,6 +401,71 @@ fn ps_shows_stopped_sessions_and_sessions_that_lost_their_mount() {
     assert!(err.contains("lost its files"), "{err}");
 }
 
+/// `restore SNAPSHOT` rolls the mount's files back to a filesystem snapshot (as `zfs
+/// rollback`), keeping what they were as an automatic snapshot, which can be restored in
+/// turn; it is refused, changing nothing, while a session runs on the mount.
+#[test]
+fn a_filesystem_snapshot_rolls_the_files_back() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    let m = &lab.mnt;
+    std::fs::write(m.join("f1"), "one").expect("write");
+    std::fs::create_dir(m.join("d")).expect("mkdir");
+    std::fs::write(m.join("d/f2"), "two").expect("write");
+    lab.fp(&["snapshot", "-m", lab.m(), "base"]);
+    std::fs::write(m.join("f1"), "changed").expect("write");
+    std::fs::remove_dir_all(m.join("d")).expect("rm");
+    std::fs::write(m.join("f3"), "three").expect("write");
+    lab.fp(&[
+        "run",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--name",
+        "q",
+        "--",
+        "sleep",
+        "60",
+    ]);
+    let err = lab.fp_fails(&["restore", "-m", lab.m(), "base"]);
+    assert!(
+        err.contains("sessions run on") && err.contains('q'),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(m.join("f1")).expect("f1"),
+        "changed"
+    );
+    let (pid, _) = lab.session_pid("q");
+    // SAFETY: kill has no memory effects.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    wait_for("the session to end", Duration::from_secs(10), || {
+        !lab.fp(&["ps", "-m", lab.m()]).contains("sleep")
+    });
+    lab.fp(&["restore", "-m", lab.m(), "base"]);
+    assert_eq!(std::fs::read_to_string(m.join("f1")).expect("f1"), "one");
+    assert_eq!(std::fs::read_to_string(m.join("d/f2")).expect("f2"), "two");
+    assert!(!m.join("f3").exists(), "f3 came after the snapshot");
+    // What the rollback left is kept, and comes back the same way.
+    let v: serde_json::Value =
+        serde_json::from_str(&lab.fp(&["log", "-m", lab.m(), "--json"])).expect("log json");
+    let auto = v["checkpoints"]
+        .as_array()
+        .and_then(|a| a.iter().rev().find(|c| c["kind"] == "auto"))
+        .and_then(|c| c["name"].as_str())
+        .expect("an automatic snapshot")
+        .to_string();
+    lab.fp(&["restore", "-m", lab.m(), &auto]);
+    assert_eq!(
+        std::fs::read_to_string(m.join("f1")).expect("f1"),
+        "changed"
+    );
+    assert_eq!(std::fs::read_to_string(m.join("f3")).expect("f3"), "three");
+    assert!(!m.join("d").exists(), "d was removed before the rollback");
+}
+
 #[test]
 fn counter_cut_is_atomic_and_rollback_continues() {
     if !can_run() {
