@@ -373,12 +373,15 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&d)?);
             } else {
                 for e in d {
-                    let k = match e.kind {
-                        forkpoint_fs::tree::DiffKind::Added => 'A',
-                        forkpoint_fs::tree::DiffKind::Removed => 'D',
-                        forkpoint_fs::tree::DiffKind::Modified => 'M',
-                    };
-                    println!("{k} {}", e.paths.join(", "));
+                    use forkpoint_fs::tree::DiffKind;
+                    match e.kind {
+                        DiffKind::Added => println!("A {}", e.paths.join(", ")),
+                        DiffKind::Removed => println!("D {}", e.paths.join(", ")),
+                        DiffKind::Modified => println!("M {}", e.paths.join(", ")),
+                        DiffKind::Renamed => {
+                            println!("R {} -> {}", e.old_paths.join(", "), e.paths.join(", "))
+                        }
+                    }
                 }
             }
         }
@@ -728,7 +731,27 @@ fn mount(
         store.display(),
         mp.display()
     );
+    warn_lost_sessions(&store);
     Ok(())
+}
+
+/// After a daemon died, the sessions that ran on its mounts go on without their files: say
+/// so when the store is mounted again (they cannot be checkpointed; their last checkpoints
+/// can be restored).
+fn warn_lost_sessions(store: &Path) {
+    let lost: Vec<String> = session::list(store)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|s| session::state(s) == "mount lost")
+        .map(|s| format!("{} (pid {})", s.name, s.pid))
+        .collect();
+    if !lost.is_empty() {
+        eprintln!(
+            "forkpoint: these sessions lost their files when the daemon died and cannot be \
+             checkpointed; restore a checkpoint of theirs or end them: {}",
+            lost.join(", ")
+        );
+    }
 }
 
 fn spawn_daemon(store: &Path, mp: &Path, branch: &str) -> Result<()> {

@@ -395,7 +395,16 @@ fn ps_shows_stopped_sessions_and_sessions_that_lost_their_mount() {
     wait_for("the daemon to die", Duration::from_secs(10), || {
         !Path::new(&format!("/proc/{}", daemons[0])).exists()
     });
-    lab.fp(&["mount", lab.store.to_str().expect("utf8"), lab.m()]);
+    let out = Command::new(BIN)
+        .args(["mount", lab.store.to_str().expect("utf8"), lab.m()])
+        .output()
+        .expect("mount again");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "mount again: {err}");
+    assert!(
+        err.contains("lost their files") && err.contains("a (pid"),
+        "the mount names the sessions that lost their files: {err}"
+    );
     assert_eq!(state("a"), "mount lost");
     let err = lab.fp_fails(&["checkpoint", "-m", lab.m(), "--session", "a", "a1"]);
     assert!(err.contains("lost its files"), "{err}");

@@ -147,7 +147,7 @@ fn corrupt_record_fails_verify_with_its_path() {
 
 #[test]
 fn diff_between_snapshots() {
-    use forkpoint_fs::fs::{Caller, Fs};
+    use forkpoint_fs::fs::{Caller, Fs, RenameFlags};
     let tmp = tempfile::tempdir().expect("tempdir");
     let s = tmp.path().join("store");
     {
@@ -158,19 +158,38 @@ fn diff_between_snapshots() {
         fs.release(fh).expect("release");
         let (b, fh) = fs.create(1, b"b", 0o644, true, c).expect("b");
         fs.release(fh).expect("release");
+        let (m, fh) = fs.create(1, b"moved", 0o644, true, c).expect("moved");
+        fs.release(fh).expect("release");
+        let (l, fh) = fs.create(1, b"linked", 0o644, true, c).expect("linked");
+        fs.release(fh).expect("release");
         fs.snapshot("one").expect("snapshot");
         fs.write(a.ino, 0, b"changed").expect("write");
         fs.unlink(1, b"b").expect("unlink");
-        let _ = b;
+        let _ = (b, m);
         let (_, fh) = fs.create(1, b"c", 0o644, true, c).expect("c");
         fs.release(fh).expect("release");
+        fs.rename(1, b"moved", 1, b"there", RenameFlags::default())
+            .expect("rename");
+        fs.link(l.ino, 1, b"link2").expect("link");
         fs.snapshot("two").expect("snapshot");
     }
     let (ok, out, err) = forkpoint(&["diff", "--store", s.to_str().expect("utf8"), "one", "two"]);
     assert!(ok, "{err}");
     let mut lines: Vec<&str> = out.lines().collect();
     lines.sort();
-    assert_eq!(lines, vec!["A /c", "D /b", "M /", "M /a"], "{out}");
+    // A rename is one line naming both; a new hard link keeps the old name: a change.
+    assert_eq!(
+        lines,
+        vec![
+            "A /c",
+            "D /b",
+            "M /",
+            "M /a",
+            "M /link2, /linked",
+            "R /moved -> /there"
+        ],
+        "{out}"
+    );
 }
 
 /// A command that prints ends quietly when its reader has gone (`forkpoint log | head`):

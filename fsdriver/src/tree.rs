@@ -762,15 +762,20 @@ pub enum DiffKind {
     Added,
     Removed,
     Modified,
+    /// Moved to other names (none of its old names is left), changed or not.
+    Renamed,
 }
 
 /// One difference between two trees, named by its paths (in the newer tree, or the older one
-/// for a removal; `unlinked inode N` if it has no name).
+/// for a removal; `unlinked inode N` if it has no name); a renamed inode also by its names in
+/// the older tree.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct DiffEntry {
     pub kind: DiffKind,
     pub ino: u64,
     pub paths: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub old_paths: Vec<String>,
 }
 
 /// Differences between the trees of roots `a` and `b`. The inode tables are compared by
@@ -797,17 +802,28 @@ pub fn diff(store: &Arc<Store>, a: ContentId, b: ContentId) -> Result<Vec<DiffEn
                 kind: DiffKind::Added,
                 ino,
                 paths: name(ino, &pb),
+                old_paths: Vec::new(),
             },
             radix::Change::Removed(ino, _) => DiffEntry {
                 kind: DiffKind::Removed,
                 ino,
                 paths: name(ino, &pa),
+                old_paths: Vec::new(),
             },
-            radix::Change::Modified(ino, _, _) => DiffEntry {
-                kind: DiffKind::Modified,
-                ino,
-                paths: name(ino, &pb),
-            },
+            radix::Change::Modified(ino, _, _) => {
+                let (old, new) = (name(ino, &pa), name(ino, &pb));
+                let moved = old.iter().all(|p| !new.contains(p));
+                DiffEntry {
+                    kind: if moved {
+                        DiffKind::Renamed
+                    } else {
+                        DiffKind::Modified
+                    },
+                    ino,
+                    paths: new,
+                    old_paths: if moved { old } else { Vec::new() },
+                }
+            }
         })
         .collect())
 }
