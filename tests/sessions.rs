@@ -475,6 +475,77 @@ fn a_filesystem_snapshot_rolls_the_files_back() {
     assert!(!m.join("d").exists(), "d was removed before the rollback");
 }
 
+/// File locks the program holds (an flock and a POSIX record lock, as SQLite takes) are
+/// held again after a restore, on the new branch's files and after a rollback in place: a
+/// restored program that believed it held a lock nobody held could be overrun by another.
+#[test]
+fn file_locks_are_held_again_after_restore() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    std::fs::write(
+        lab.mnt.join("lk.py"),
+        "import fcntl, time\n\
+         f = open('lockfile', 'w'); fcntl.flock(f, fcntl.LOCK_EX)\n\
+         g = open('rec', 'w'); fcntl.lockf(g, fcntl.LOCK_EX, 10, 0)\n\
+         open('ready', 'w').close()\n\
+         while True: time.sleep(0.05)\n",
+    )
+    .expect("write program");
+    lab.fp(&[
+        "run",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--name",
+        "lk",
+        "--",
+        "python3",
+        "lk.py",
+    ]);
+    wait_for("the locks", Duration::from_secs(20), || {
+        lab.mnt.join("ready").exists()
+    });
+    lab.fp(&["checkpoint", "-m", lab.m(), "--session", "lk", "l1"]);
+    lab.fp(&["restore", "-m", lab.m(), "--detach", "--branch", "lb", "l1"]);
+    // (flock held by someone else, first 10 bytes write-locked by someone else)
+    let held = |dir: &Path| -> (bool, bool) {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.join("lockfile"))
+            .expect("open lockfile");
+        // SAFETY: flock on a descriptor we own.
+        let flocked = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0;
+        let g = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.join("rec"))
+            .expect("open rec");
+        // SAFETY: an all-zero struct flock is valid; fields set below.
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = libc::F_WRLCK as i16;
+        fl.l_whence = libc::SEEK_SET as i16;
+        fl.l_len = 10;
+        // SAFETY: F_GETLK fills the struct we pass.
+        let r = unsafe { libc::fcntl(g.as_raw_fd(), libc::F_GETLK, &mut fl) };
+        assert_eq!(r, 0, "F_GETLK");
+        (flocked, fl.l_type != libc::F_UNLCK as i16)
+    };
+    assert_eq!(held(&lab.mnt), (true, true), "the original holds both");
+    assert_eq!(
+        held(&lab.branch_dir("lb")),
+        (true, true),
+        "the restored copy holds both on its branch's files"
+    );
+    lab.fp(&["restore", "-m", lab.m(), "--detach", "l1"]);
+    assert_eq!(
+        held(&lab.mnt),
+        (true, true),
+        "and after a rollback in place"
+    );
+}
+
 #[test]
 fn counter_cut_is_atomic_and_rollback_continues() {
     if !can_run() {

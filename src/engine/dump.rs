@@ -43,10 +43,11 @@ use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 
 use super::image::{
-    Creds, EpollWatch, FdKind, FdState, FileId, ITimer, ImageMemory, Mapping, MappingKind,
-    MemberState, MemfdImage, Message, MmState, PageData, PageRun, PipeImage, PosixTimer,
-    ProcessImage, Regs, Rlimit, RseqState, SigAction, SigAltStack, SigInfo, SignalState, SocketEnd,
-    SocketPairImage, ThreadState, TreeImage, TreeMember, PAGE_SIZE, SIGINFO_LEN,
+    Creds, EpollWatch, FdKind, FdState, FileId, FileLock, ITimer, ImageMemory, LockKind, Mapping,
+    MappingKind, MemberState, MemfdImage, Message, MmState, PageData, PageRun, PipeImage,
+    PosixTimer, ProcessImage, Regs, Rlimit, RseqState, SigAction, SigAltStack, SigInfo,
+    SignalState, SocketEnd, SocketPairImage, ThreadState, TreeImage, TreeMember, PAGE_SIZE,
+    SIGINFO_LEN,
 };
 use super::sys;
 use super::tracer::{TraceError, Tracer};
@@ -670,6 +671,7 @@ fn read_frozen(
         opts.terminals.clone()
     };
     let fds = dump_fds(pid, allow_pipes, &terminals)?;
+    let locks = dump_locks(pid, &fds)?;
     let status = read_proc(pid, "status")?;
     let creds = parse_creds(pid, &status)?;
     let umask = status_field(&status, "Umask:")
@@ -748,8 +750,73 @@ fn read_frozen(
         rlimits,
         sigactions,
         signals,
+        locks,
     };
     Ok((image, taken))
+}
+
+/// The file locks `pid` holds through its descriptors on files and directories: the `lock:`
+/// lines of each one's fdinfo (the kernel lists there the locks taken through that open
+/// file and owned by it or by this process).
+fn dump_locks(pid: i32, fds: &[FdState]) -> Result<Vec<FileLock>, DumpError> {
+    let mut out = Vec::new();
+    for f in fds
+        .iter()
+        .filter(|f| matches!(f.kind, FdKind::Regular | FdKind::Directory))
+    {
+        let info = read_proc(pid, &format!("fdinfo/{}", f.fd))?;
+        for line in info.lines().filter_map(|l| l.strip_prefix("lock:")) {
+            out.push(
+                parse_lock(line, f.fd).map_err(|reason| DumpError::UnsupportedFd {
+                    pid,
+                    fd: f.fd,
+                    target: f.path.clone(),
+                    reason,
+                })?,
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// One `lock:` line of an fdinfo, after the prefix: `1: POSIX  ADVISORY  WRITE 27749
+/// 00:28:4 0 9` (the last two: first and last byte, or `EOF`).
+fn parse_lock(line: &str, fd: i32) -> Result<FileLock, String> {
+    let w: Vec<&str> = line.split_whitespace().collect();
+    let bad = || format!("cannot read the file lock {:?}", line.trim());
+    if w.len() < 8 {
+        return Err(bad());
+    }
+    let kind = match w[1] {
+        "FLOCK" => LockKind::Flock,
+        "POSIX" => LockKind::Posix,
+        "OFDLCK" => LockKind::Ofd,
+        other => {
+            return Err(format!(
+                "holds a {other} on the file, which is not supported"
+            ))
+        }
+    };
+    if w[2] != "ADVISORY" {
+        return Err(format!("holds a {} lock, which is not supported", w[2]));
+    }
+    let write = match w[3] {
+        "WRITE" => true,
+        "READ" => false,
+        _ => return Err(bad()),
+    };
+    let start = w[6].parse::<u64>().map_err(|_| bad())?;
+    let end = match w[7] {
+        "EOF" => None,
+        n => Some(n.parse::<u64>().map_err(|_| bad())?),
+    };
+    Ok(FileLock {
+        fd,
+        kind,
+        write,
+        start,
+        end,
+    })
 }
 
 /// The pages of the last image a tracked dump took (as [`PageData::Base`] runs) without

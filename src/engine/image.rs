@@ -46,7 +46,7 @@ pub const TREE_MAGIC: [u8; 8] = *b"FKPTTRE\0";
 ///    sockets in a tree payload, and SysV attachments ([`MappingKind::SysvShm`]). Older
 ///    images decode with none.
 /// 6: [`PageData::Base`] runs (delta images). Older images decode unchanged.
-pub const IMAGE_FORMAT_VERSION: u32 = 6;
+pub const IMAGE_FORMAT_VERSION: u32 = 7;
 /// Size of one `siginfo_t` on x86_64.
 pub const SIGINFO_LEN: usize = 128;
 /// Length of the framed header.
@@ -209,6 +209,36 @@ pub struct ProcessImage {
     /// rather than as a field of it, so that version 1 and 2 payloads still decode.
     #[serde(skip)]
     pub signals: SignalState,
+    /// File locks the process holds (format version 7, trees only). Encoded after the
+    /// memory files.
+    #[serde(skip)]
+    pub locks: Vec<FileLock>,
+}
+
+/// What kind of file lock ([`FileLock`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LockKind {
+    /// `flock(2)`: owned by the open file.
+    Flock,
+    /// A POSIX record lock (`fcntl(F_SETLK)`, `lockf`): owned by the process.
+    Posix,
+    /// An open file description lock (`fcntl(F_OFD_SETLK)`): owned by the open file.
+    Ofd,
+}
+
+/// A file lock a process holds through one of its descriptors (`/proc/PID/fdinfo/FD`),
+/// taken again on the same descriptor at restore ([`IMAGE_FORMAT_VERSION`] 7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileLock {
+    /// The descriptor it was taken through.
+    pub fd: i32,
+    pub kind: LockKind,
+    /// Exclusive (write) rather than shared (read).
+    pub write: bool,
+    /// First byte (0 for flock).
+    pub start: u64,
+    /// Last byte, `None` to the end of the file (and for flock).
+    pub end: Option<u64>,
 }
 
 /// Signals on their way to a process, and the timers that will send more
@@ -1124,12 +1154,22 @@ pub fn encode_tree(img: &TreeImage) -> Result<Vec<u8>, ImageError> {
         .iter()
         .filter_map(|m| m.live().map(|p| (m.pid, &p.signals)))
         .collect();
-    // A whole image is written as version 5, which older builds read; only a delta needs 6.
-    let version = if img.is_delta() {
-        IMAGE_FORMAT_VERSION
-    } else {
-        5
-    };
+    let locks: Vec<(i32, &Vec<FileLock>)> = img
+        .processes
+        .iter()
+        .filter_map(|m| m.live().map(|p| (m.pid, &p.locks)))
+        .filter(|(_, l)| !l.is_empty())
+        .collect();
+    // A whole image is written as version 5, which older builds read; only a delta needs 6,
+    // and only an image with file locks needs 7.
+    if !locks.is_empty() {
+        return encode_framed_version(
+            &(img, signals, &img.sockets, &img.memfds, locks),
+            &TREE_MAGIC,
+            IMAGE_FORMAT_VERSION,
+        );
+    }
+    let version = if img.is_delta() { 6 } else { 5 };
     encode_framed_version(
         &(img, signals, &img.sockets, &img.memfds),
         &TREE_MAGIC,
@@ -1160,11 +1200,34 @@ fn tree_from_payload(version: u32, payload: &[u8]) -> Result<TreeImage, ImageErr
             from_payload(payload)?;
         img.sockets = sockets;
         (img, signals)
-    } else {
+    } else if version < 7 {
         let (mut img, signals, sockets, memfds): (TreeImage, Vec<(i32, SignalState)>, _, _) =
             from_payload(payload)?;
         img.sockets = sockets;
         img.memfds = memfds;
+        (img, signals)
+    } else {
+        type V7 = (
+            TreeImage,
+            Vec<(i32, SignalState)>,
+            Vec<SocketPairImage>,
+            Vec<MemfdImage>,
+            Vec<(i32, Vec<FileLock>)>,
+        );
+        let (mut img, signals, sockets, memfds, locks): V7 = from_payload(payload)?;
+        img.sockets = sockets;
+        img.memfds = memfds;
+        for (pid, l) in locks {
+            let p = img
+                .processes
+                .iter_mut()
+                .find(|m| m.pid == pid)
+                .and_then(TreeMember::live_mut)
+                .ok_or(ImageError::Inconsistent {
+                    reason: format!("file locks for process {pid}, which is not a live member"),
+                })?;
+            p.locks = l;
+        }
         (img, signals)
     };
     for (pid, st) in signals {
@@ -1433,7 +1496,7 @@ pub(crate) mod tests {
             });
         }
         let delta = encode_tree(&tree).unwrap();
-        assert_eq!(delta[8..12], IMAGE_FORMAT_VERSION.to_le_bytes());
+        assert_eq!(delta[8..12], 6u32.to_le_bytes());
         assert!(decode_tree(&delta).unwrap().is_delta());
     }
 
@@ -1564,6 +1627,7 @@ pub(crate) mod tests {
                     ..PosixTimer::default()
                 }],
             },
+            locks: Vec::new(),
         }
     }
 
@@ -1884,6 +1948,34 @@ pub(crate) mod tests {
         let bytes = encode_tree(&tree).unwrap();
         assert_eq!(&bytes[0..8], &TREE_MAGIC);
         assert_eq!(decode_tree(&bytes).unwrap(), tree);
+        // Without file locks a whole tree is still version 5 (older builds read it); with
+        // them it is version 7, and they come back on their process.
+        assert_eq!(
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]),
+            5
+        );
+        let mut locked = tree.clone();
+        if let Some(p) = locked.processes[1].live_mut() {
+            p.locks = vec![
+                FileLock {
+                    fd: 3,
+                    kind: LockKind::Posix,
+                    write: true,
+                    start: 0,
+                    end: Some(9),
+                },
+                FileLock {
+                    fd: 3,
+                    kind: LockKind::Flock,
+                    write: false,
+                    start: 0,
+                    end: None,
+                },
+            ];
+        }
+        let lb = encode_tree(&locked).unwrap();
+        assert_eq!(u32::from_le_bytes([lb[8], lb[9], lb[10], lb[11]]), 7);
+        assert_eq!(decode_tree(&lb).unwrap(), locked);
         // Version 4 trees (no shared memory files) still decode.
         let signals: Vec<(i32, SignalState)> = tree
             .processes

@@ -1612,12 +1612,74 @@ impl Restorer<'_> {
             };
             self.restore_epoll(f, watches).map_err(fd_err)?;
         }
+        self.restore_locks()?;
         if let Some(p) = self.pipes {
             self.call(
                 "closing the inherited pipe ends",
                 libc::SYS_close_range,
                 [p.base as u64, u32::MAX as u64, 0, 0, 0, 0],
             )?;
+        }
+        Ok(())
+    }
+
+    /// Takes the process's file locks again, through the same descriptors, without waiting:
+    /// a lock someone else holds now fails the restore (the program would otherwise believe
+    /// it holds a lock it does not).
+    fn restore_locks(&mut self) -> Result<(), RestoreError> {
+        use super::image::LockKind;
+        let pid = self.pid;
+        let locks = self.image.locks.clone();
+        for l in &locks {
+            let path = self
+                .image
+                .fds
+                .iter()
+                .find(|f| f.fd == l.fd)
+                .map(|f| f.path.clone())
+                .unwrap_or_default();
+            let fd_err = |source| RestoreError::Fd {
+                pid,
+                fd: l.fd,
+                path: path.clone(),
+                source,
+            };
+            match l.kind {
+                LockKind::Flock => {
+                    let op = if l.write {
+                        libc::LOCK_EX
+                    } else {
+                        libc::LOCK_SH
+                    } | libc::LOCK_NB;
+                    self.t
+                        .syscall(libc::SYS_flock, [l.fd as u64, op as u64, 0, 0, 0, 0])
+                        .map_err(fd_err)?;
+                }
+                LockKind::Posix | LockKind::Ofd => {
+                    // struct flock on x86_64: l_type i16, l_whence i16, (pad 4), l_start i64,
+                    // l_len i64 (0: to the end), l_pid i32, (pad 4).
+                    let mut fl = [0u8; 32];
+                    let ty = if l.write {
+                        libc::F_WRLCK
+                    } else {
+                        libc::F_RDLCK
+                    } as i16;
+                    fl[0..2].copy_from_slice(&ty.to_ne_bytes());
+                    fl[2..4].copy_from_slice(&(libc::SEEK_SET as i16).to_ne_bytes());
+                    fl[8..16].copy_from_slice(&(l.start as i64).to_ne_bytes());
+                    let len = l.end.map_or(0, |e| e.saturating_sub(l.start) + 1);
+                    fl[16..24].copy_from_slice(&(len as i64).to_ne_bytes());
+                    let addr = self.put_bytes(0, &fl)?;
+                    let cmd = if l.kind == LockKind::Ofd {
+                        libc::F_OFD_SETLK
+                    } else {
+                        libc::F_SETLK
+                    };
+                    self.t
+                        .syscall(libc::SYS_fcntl, [l.fd as u64, cmd as u64, addr, 0, 0, 0])
+                        .map_err(fd_err)?;
+                }
+            }
         }
         Ok(())
     }
