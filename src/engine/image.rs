@@ -1218,30 +1218,29 @@ fn tree_from_payload(version: u32, payload: &[u8]) -> Result<TreeImage, ImageErr
         img.sockets = sockets;
         img.memfds = memfds;
         for (pid, l) in locks {
-            let p = img
-                .processes
-                .iter_mut()
-                .find(|m| m.pid == pid)
-                .and_then(TreeMember::live_mut)
-                .ok_or(ImageError::Inconsistent {
-                    reason: format!("file locks for process {pid}, which is not a live member"),
-                })?;
-            p.locks = l;
+            live_member(&mut img, pid, "file locks")?.locks = l;
         }
         (img, signals)
     };
     for (pid, st) in signals {
-        let p = img
-            .processes
-            .iter_mut()
-            .find(|m| m.pid == pid)
-            .and_then(TreeMember::live_mut)
-            .ok_or(ImageError::Inconsistent {
-                reason: format!("signal state for process {pid}, which is not a live member"),
-            })?;
-        p.signals = st;
+        live_member(&mut img, pid, "signal state")?.signals = st;
     }
     Ok(img)
+}
+
+/// The live member `pid` of a tree, which the part of the payload named `what` is for.
+fn live_member<'a>(
+    img: &'a mut TreeImage,
+    pid: i32,
+    what: &str,
+) -> Result<&'a mut ProcessImage, ImageError> {
+    img.processes
+        .iter_mut()
+        .find(|m| m.pid == pid)
+        .and_then(TreeMember::live_mut)
+        .ok_or(ImageError::Inconsistent {
+            reason: format!("{what} for process {pid}, which is not a live member"),
+        })
 }
 
 /// Decode a framed process-tree image with the default size limit.
