@@ -1638,11 +1638,29 @@ impl Restorer<'_> {
                 .find(|f| f.fd == l.fd)
                 .map(|f| f.path.clone())
                 .unwrap_or_default();
-            let fd_err = |source| RestoreError::Fd {
-                pid,
-                fd: l.fd,
-                path: path.clone(),
-                source,
+            let image_pid = self.image.pid;
+            let fd_err = |source| match source {
+                TraceError::Injected {
+                    errno: nix::errno::Errno::EAGAIN | nix::errno::Errno::EACCES,
+                    ..
+                } => RestoreError::Unsupported {
+                    pid: image_pid,
+                    what: format!(
+                        "its {} on fd {} ({path}) is held by another process now",
+                        match l.kind {
+                            LockKind::Flock => "flock",
+                            LockKind::Posix => "POSIX record lock",
+                            LockKind::Ofd => "OFD lock",
+                        },
+                        l.fd
+                    ),
+                },
+                source => RestoreError::Fd {
+                    pid,
+                    fd: l.fd,
+                    path: path.clone(),
+                    source,
+                },
             };
             match l.kind {
                 LockKind::Flock => {
