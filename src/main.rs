@@ -449,7 +449,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                 .map(|p| mounts::absolute(p))
                 .collect::<Result<Vec<_>>>()?;
             let s = pick_session(&store, &mp, session.as_deref())?;
-            if session::state(&s) == "mount lost" {
+            if session::state(&s) == session::State::MountLost {
                 bail!(
                     "session '{}' lost its files: the daemon that served {} died; its program \
                      runs on without them and cannot be checkpointed (restore a checkpoint, \
@@ -517,7 +517,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                     .iter()
                     .map(|s| {
                         let mut v = serde_json::to_value(s)?;
-                        v["state"] = session::state(s).into();
+                        v["state"] = session::state(s).as_str().into();
                         Ok(v)
                     })
                     .collect::<Result<Vec<_>>>()?;
@@ -534,7 +534,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                         s.branch,
                         s.pid,
                         s.main_pid,
-                        session::state(&s),
+                        session::state(&s).as_str(),
                         s.argv.join(" ")
                     );
                 }
@@ -742,7 +742,7 @@ fn warn_lost_sessions(store: &Path) {
     let lost: Vec<String> = session::list(store)
         .unwrap_or_default()
         .into_iter()
-        .filter(|s| session::state(s) == "mount lost")
+        .filter(|s| session::state(s) == session::State::MountLost)
         .map(|s| format!("{} (pid {})", s.name, s.pid))
         .collect();
     if !lost.is_empty() {
@@ -1092,8 +1092,18 @@ fn rollback_files(mp: &Path, store: &Path, cno: u64, name: &str, auto: &str) -> 
             running.join(", ")
         );
     }
+    keep_files(mp, store, auto)?;
+    eprintln!("forkpoint: the state before the rollback is kept as '{auto}'");
+    roll_back(mp, store, cno)?;
+    println!("rolled the files of {} back to '{name}'", mp.display());
+    Ok(0)
+}
+
+/// Keeps the mount's files as they are now as the automatic snapshot `auto` (before a
+/// rollback); returns its checkpoint number.
+fn keep_files(mp: &Path, store: &Path, auto: &str) -> Result<Option<u64>> {
     flush_mount(mp, None)?;
-    daemon::call(
+    let v = daemon::call(
         store,
         &daemon::Request::Snapshot {
             mountpoint: mp.to_path_buf(),
@@ -1102,7 +1112,12 @@ fn rollback_files(mp: &Path, store: &Path, cno: u64, name: &str, auto: &str) -> 
         },
     )?
     .context("no daemon serves this mount")?;
-    eprintln!("forkpoint: the state before the rollback is kept as '{auto}'");
+    Ok(v["cno"].as_u64())
+}
+
+/// Moves the mount's branch back to checkpoint `cno` (the daemon invalidates the kernel's
+/// caches of the mount).
+fn roll_back(mp: &Path, store: &Path, cno: u64) -> Result<()> {
     daemon::call(
         store,
         &daemon::Request::Rollback {
@@ -1111,8 +1126,7 @@ fn rollback_files(mp: &Path, store: &Path, cno: u64, name: &str, auto: &str) -> 
         },
     )?
     .context("no daemon serves this mount")?;
-    println!("rolled the files of {} back to '{name}'", mp.display());
-    Ok(0)
+    Ok(())
 }
 
 fn restore(
@@ -1244,28 +1258,11 @@ fn restore(
                 }
             }
             if kept.is_none() {
-                flush_mount(&mp, None)?;
-                let v = daemon::call(
-                    &store,
-                    &daemon::Request::Snapshot {
-                        mountpoint: mp.clone(),
-                        name: auto.clone(),
-                        auto: true,
-                    },
-                )?
-                .context("no daemon serves this mount")?;
-                kept = v["cno"].as_u64();
+                kept = keep_files(&mp, &store, &auto)?;
             }
             log::debug!("restore: sessions gone at {:?}", t0.elapsed());
             eprintln!("forkpoint: the state before the rollback is kept as '{auto}'");
-            daemon::call(
-                &store,
-                &daemon::Request::Rollback {
-                    mountpoint: mp.clone(),
-                    cno: cp.cno,
-                },
-            )?
-            .context("no daemon serves this mount")?;
+            roll_back(&mp, &store, cp.cno)?;
             let sname = running
                 .first()
                 .map(|s| s.name.clone())

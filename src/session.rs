@@ -134,15 +134,15 @@ pub fn alive(pid: i32) -> bool {
     if pid <= 0 || nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
         return false;
     }
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !matches!(
-            s.rsplit(')')
-                .next()
-                .and_then(|r| r.split_whitespace().next()),
-            Some("Z" | "X") | None
-        ),
-        Err(_) => false,
-    }
+    !matches!(proc_state(pid).as_deref(), Some("Z" | "X") | None)
+}
+
+/// The state letter of `/proc/PID/stat` (`R`, `S`, `T`, `Z`, ...), if the process exists.
+fn proc_state(pid: i32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: the state follows the last ')'.
+    let state = stat.rsplit(')').next()?.split_whitespace().next()?;
+    Some(state.to_string())
 }
 
 /// Sessions of a store (live ones only).
@@ -479,13 +479,34 @@ fn program_host_pid(dir: &Path) -> Option<i32> {
     program_host_pid_of(&info)
 }
 
-/// A running session's state, as `ps` shows it: `running`; `stopped` (left stopped by
-/// `checkpoint --stop`, or by a signal); `starting` (no program yet); `mount lost` (the
-/// daemon that served its files died: the program's files are gone from under it, and a
-/// checkpoint is refused).
-pub fn state(info: &SessionInfo) -> &'static str {
+/// A running session's state, as `ps` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Running,
+    /// Left stopped by `checkpoint --stop`, or by a signal.
+    Stopped,
+    /// No program yet.
+    Starting,
+    /// The daemon that served its files died: the program's files are gone from under it,
+    /// and a checkpoint is refused.
+    MountLost,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Running => "running",
+            State::Stopped => "stopped",
+            State::Starting => "starting",
+            State::MountLost => "mount lost",
+        }
+    }
+}
+
+/// A running session's [`State`].
+pub fn state(info: &SessionInfo) -> State {
     let Some(pid) = program_host_pid_of(info) else {
-        return "starting";
+        return State::Starting;
     };
     // Through /proc/PID/root the mount is looked up in the program's own mount namespace;
     // statfs always asks the daemon (a stat may be answered from the kernel's cache).
@@ -498,16 +519,11 @@ pub fn state(info: &SessionInfo) -> &'static str {
         nix::sys::statfs::statfs(&seen),
         Err(nix::errno::Errno::ENOTCONN)
     ) {
-        return "mount lost";
+        return State::MountLost;
     }
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    match stat
-        .rsplit(')')
-        .next()
-        .and_then(|r| r.split_whitespace().next())
-    {
-        Some("T" | "t") => "stopped",
-        _ => "running",
+    match proc_state(pid).as_deref() {
+        Some("T" | "t") => State::Stopped,
+        _ => State::Running,
     }
 }
 
