@@ -232,7 +232,7 @@ impl Daemon {
     }
 
     fn finish(&self, mountpoint: &Path, mut m: Mounted) -> Result<()> {
-        if let Err(e) = m.fs.fsync() {
+        if let Err(e) = m.fs.commit_now() {
             log::error!("commit of {} failed: {e}", mountpoint.display());
         }
         if let Some(s) = m.session.take() {
@@ -406,7 +406,7 @@ impl Daemon {
             .map(|(p, m)| (p.clone(), m.fs.clone()))
             .collect();
         for (p, fs) in fss {
-            if let Err(e) = fs.fsync() {
+            if let Err(e) = fs.commit_now() {
                 log::error!("commit of {} failed: {e}", p.display());
             }
         }
@@ -431,14 +431,14 @@ impl Daemon {
             }
         }
         for (p, fs) in due {
-            if let Err(e) = fs.fsync() {
+            if let Err(e) = fs.commit_now() {
                 log::error!("periodic commit of {} failed: {e}", p.display());
             }
         }
         for p in gone {
             if let Some(mut m) = lock(&self.mounts).remove(&p) {
                 log::info!("{} was unmounted from outside", p.display());
-                let _ = m.fs.fsync();
+                let _ = m.fs.commit_now();
                 // The kernel side is gone; dropping the session must not try to unmount again.
                 if let Some(s) = m.session.take() {
                     std::mem::forget(s);

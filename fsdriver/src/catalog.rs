@@ -1,7 +1,9 @@
 //! The SQLite catalog: branches, checkpoints, segments and the object index.
 //!
 //! The catalog is the commit point of the store: a commit is one SQLite transaction (WAL,
-//! `synchronous=FULL`) written after the segment data it references is durable.
+//! `synchronous=FULL`) written after the segment data it references is durable. An fsync's
+//! commit may instead be made durable by a marker in the log, its transaction left unflushed
+//! ([`Durability::Intent`]; see [`crate::intent`]).
 
 use crate::error::{Result, StoreError};
 use crate::id::{ContentId, IdMap};
@@ -402,7 +404,58 @@ impl Catalog {
         cp: Option<&NewCheckpoint<'_>>,
         index_len: Option<u64>,
     ) -> Result<Option<u64>> {
+        self.commit_as(objects, segments, cp, index_len, Durability::Full)
+    }
+
+    /// [`Catalog::commit`], durable as `durability` says. A [`Durability::Intent`] commit is
+    /// written without a flush: its marker in the log is what makes it durable (see
+    /// [`crate::intent`]), and it records, if no intent commit did since the last full one,
+    /// where the index and the segments stood then ([`FastBase`]), for recovery to scan
+    /// from. A full commit flushes, and with it every intent commit before it, and forgets
+    /// that base.
+    pub fn commit_as(
+        &mut self,
+        objects: &[(ContentId, Loc)],
+        segments: &[(u64, u64)],
+        cp: Option<&NewCheckpoint<'_>>,
+        index_len: Option<u64>,
+        durability: Durability,
+    ) -> Result<Option<u64>> {
+        if durability == Durability::Intent {
+            self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        }
+        let r = self.commit_tx(objects, segments, cp, index_len, durability);
+        if durability == Durability::Intent {
+            self.conn.pragma_update(None, "synchronous", "FULL")?;
+        }
+        r
+    }
+
+    fn commit_tx(
+        &mut self,
+        objects: &[(ContentId, Loc)],
+        segments: &[(u64, u64)],
+        cp: Option<&NewCheckpoint<'_>>,
+        index_len: Option<u64>,
+        durability: Durability,
+    ) -> Result<Option<u64>> {
         let tx = self.conn.transaction()?;
+        match durability {
+            Durability::Full => {
+                tx.execute("DELETE FROM meta WHERE key='fast_base'", [])?;
+            }
+            Durability::Intent => {
+                let base: Option<String> = tx
+                    .query_row("SELECT value FROM meta WHERE key='fast_base'", [], |r| {
+                        r.get(0)
+                    })
+                    .optional()?;
+                if base.is_none() {
+                    let b = FastBase::read(&tx)?;
+                    tx.execute("INSERT INTO meta VALUES('fast_base', ?1)", [b.encode()])?;
+                }
+            }
+        }
         if let Some(len) = index_len {
             tx.execute(
                 "INSERT OR REPLACE INTO meta VALUES('index_len', ?1)",
@@ -432,51 +485,50 @@ impl Catalog {
         }
         let cno = match cp {
             None => None,
-            Some(cp) => {
-                let parent: Option<i64> = tx
-                    .query_row(
-                        "SELECT head FROM branches WHERE name=?1",
-                        [cp.branch],
-                        |r| r.get(0),
-                    )
-                    .optional()?;
-                if let Some(name) = cp.name {
-                    let exists: Option<i64> = tx
-                        .query_row("SELECT cno FROM checkpoints WHERE name=?1", [name], |r| {
-                            r.get(0)
-                        })
-                        .optional()?;
-                    if exists.is_some() {
-                        return Err(StoreError::NameExists(name.to_string()));
-                    }
-                }
-                tx.execute(
-                    "INSERT INTO checkpoints(branch, parent, root, name, time, kind, image, note)
-                     VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                    params![
-                        cp.branch,
-                        parent,
-                        &cp.root.0[..],
-                        cp.name,
-                        now_ns(),
-                        cp.kind.as_str(),
-                        cp.image.map(|i| i.0.to_vec()),
-                        cp.note
-                    ],
-                )?;
-                let cno = tx.last_insert_rowid();
-                if cp.advance_head {
-                    tx.execute(
-                        "INSERT INTO branches(name, head, created) VALUES(?1, ?2, ?3)
-                     ON CONFLICT(name) DO UPDATE SET head=excluded.head",
-                        params![cp.branch, cno, now_ns()],
-                    )?;
-                }
-                Some(cno as u64)
-            }
+            Some(cp) => Some(insert_checkpoint(&tx, cp, now_ns())?),
         };
         tx.commit()?;
         Ok(cno)
+    }
+
+    /// The base of the intent commits made since the last full commit, if any.
+    pub fn fast_base(&self) -> Result<Option<FastBase>> {
+        let Some(v) = self.meta("fast_base")? else {
+            return Ok(None);
+        };
+        FastBase::decode(&v)
+            .map(Some)
+            .ok_or_else(|| StoreError::CorruptCatalog {
+                path: self.path.clone(),
+                reason: format!("meta fast_base is '{v}'"),
+            })
+    }
+
+    /// Recovery's commit, in one flushed transaction: the intent commits found in the log
+    /// and not in the catalog (in log order), the segments' new lengths and the index file's.
+    pub fn recover_commit(
+        &mut self,
+        replay: &[(NewCheckpoint<'_>, i64)],
+        segments: &[(u64, u64)],
+        index_len: u64,
+    ) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        tx.execute("DELETE FROM meta WHERE key='fast_base'", [])?;
+        tx.execute(
+            "INSERT OR REPLACE INTO meta VALUES('index_len', ?1)",
+            [index_len.to_string()],
+        )?;
+        {
+            let mut seg = tx.prepare_cached("INSERT OR REPLACE INTO segments VALUES(?1, ?2)")?;
+            for (id, len) in segments {
+                seg.execute(params![*id as i64, *len as i64])?;
+            }
+        }
+        for (cp, time) in replay {
+            insert_checkpoint(&tx, cp, *time)?;
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     pub fn branches(&self) -> Result<Vec<Branch>> {
@@ -639,6 +691,9 @@ impl Catalog {
         index: Option<(u64, u64)>,
     ) -> Result<()> {
         let tx = self.conn.transaction()?;
+        // A flushed transaction: the intent commits before it are durable now, and the
+        // index generation may change, so their base no longer applies.
+        tx.execute("DELETE FROM meta WHERE key='fast_base'", [])?;
         tx.execute(
             "DELETE FROM checkpoints WHERE name IS NULL AND cno NOT IN (SELECT head FROM branches)",
             [],
@@ -694,4 +749,125 @@ fn set_index_meta(tx: &rusqlite::Transaction<'_>, gen: u64, len: u64) -> Result<
         [len.to_string()],
     )?;
     Ok(())
+}
+
+/// How a commit is made durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// The catalog transaction is flushed (`synchronous=FULL`).
+    Full,
+    /// The log holds a marker of the commit, already flushed; the catalog transaction is
+    /// not flushed (`synchronous=NORMAL`), so a crash of the machine may lose it, and
+    /// recovery replays it from the marker.
+    Intent,
+}
+
+/// Where the index file and the segments stood at the last full commit, recorded by the
+/// first intent commit after it: recovery rebuilds the index entries of everything past it
+/// from the log, as the index file's unflushed tail may be lost.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FastBase {
+    /// Generation of the index file.
+    pub index_gen: u64,
+    /// Its committed (and flushed) length.
+    pub index_len: u64,
+    /// Segments and their committed lengths.
+    pub segments: Vec<(u64, u64)>,
+}
+
+impl FastBase {
+    fn read(tx: &rusqlite::Transaction<'_>) -> Result<FastBase> {
+        let get = |k: &str| -> Result<u64> {
+            let v: Option<String> = tx
+                .query_row("SELECT value FROM meta WHERE key=?1", [k], |r| r.get(0))
+                .optional()?;
+            Ok(v.and_then(|v| v.parse().ok()).unwrap_or(0))
+        };
+        let mut st = tx.prepare_cached("SELECT id, committed_len FROM segments ORDER BY id")?;
+        let segments = st
+            .query_map([], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(FastBase {
+            index_gen: get("index_gen")?,
+            index_len: get("index_len")?,
+            segments,
+        })
+    }
+
+    /// `GEN INDEX_LEN SEG:LEN SEG:LEN …`
+    fn encode(&self) -> String {
+        let mut s = format!("{} {}", self.index_gen, self.index_len);
+        for (id, len) in &self.segments {
+            s.push_str(&format!(" {id}:{len}"));
+        }
+        s
+    }
+
+    fn decode(v: &str) -> Option<FastBase> {
+        let mut it = v.split(' ');
+        let index_gen = it.next()?.parse().ok()?;
+        let index_len = it.next()?.parse().ok()?;
+        let segments = it
+            .map(|p| {
+                let (a, b) = p.split_once(':')?;
+                Some((a.parse().ok()?, b.parse().ok()?))
+            })
+            .collect::<Option<_>>()?;
+        Some(FastBase {
+            index_gen,
+            index_len,
+            segments,
+        })
+    }
+}
+
+/// Inserts a checkpoint (its parent the branch head) and, if asked, moves the branch head
+/// to it; returns its number.
+fn insert_checkpoint(
+    tx: &rusqlite::Transaction<'_>,
+    cp: &NewCheckpoint<'_>,
+    time: i64,
+) -> Result<u64> {
+    let parent: Option<i64> = tx
+        .query_row(
+            "SELECT head FROM branches WHERE name=?1",
+            [cp.branch],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if let Some(name) = cp.name {
+        let exists: Option<i64> = tx
+            .query_row("SELECT cno FROM checkpoints WHERE name=?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        if exists.is_some() {
+            return Err(StoreError::NameExists(name.to_string()));
+        }
+    }
+    tx.execute(
+        "INSERT INTO checkpoints(branch, parent, root, name, time, kind, image, note)
+         VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![
+            cp.branch,
+            parent,
+            &cp.root.0[..],
+            cp.name,
+            time,
+            cp.kind.as_str(),
+            cp.image.map(|i| i.0.to_vec()),
+            cp.note
+        ],
+    )?;
+    let cno = tx.last_insert_rowid();
+    if cp.advance_head {
+        tx.execute(
+            "INSERT INTO branches(name, head, created) VALUES(?1, ?2, ?3)
+             ON CONFLICT(name) DO UPDATE SET head=excluded.head",
+            params![cp.branch, cno, now_ns()],
+        )?;
+    }
+    Ok(cno as u64)
 }

@@ -1239,7 +1239,9 @@ impl Fs {
 
     /// Makes a file's data durable: commits the branch.
     pub fn fsync(&self) -> FsResult<()> {
-        self.commit(CheckpointKind::Commit, None, None).map(|_| ())
+        let _c = self.commit_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.commit_as(CheckpointKind::Commit, None, None, true)
+            .map(|_| ())
     }
 
     // ----- directories ---------------------------------------------------------------------
@@ -1437,6 +1439,18 @@ impl Fs {
         name: Option<&str>,
         image: Option<ContentId>,
     ) -> FsResult<u64> {
+        self.commit_as(kind, name, image, false)
+    }
+
+    /// [`Fs::commit_locked`]; an fsync's commit may be an intent commit
+    /// ([`Store::commit_fsync`]).
+    fn commit_as(
+        &self,
+        kind: CheckpointKind,
+        name: Option<&str>,
+        image: Option<ContentId>,
+        fsync: bool,
+    ) -> FsResult<u64> {
         if let Some(n) = name {
             validate_name(n)?;
         }
@@ -1447,18 +1461,22 @@ impl Fs {
         let store = self.store.clone();
         let root_id = st.write_root(&store)?;
         let branch = st.branch.clone();
-        let cno = store
-            .commit(Some(&NewCheckpoint {
-                branch: &branch,
-                root: root_id,
-                name,
-                kind,
-                image,
-                note: None,
-                advance_head: true,
-                parent: None,
-            }))?
-            .ok_or(FsError::Invalid("commit without checkpoint"))?;
+        let cp = NewCheckpoint {
+            branch: &branch,
+            root: root_id,
+            name,
+            kind,
+            image,
+            note: None,
+            advance_head: true,
+            parent: None,
+        };
+        let cno = if fsync {
+            store.commit_fsync(&cp)?
+        } else {
+            store.commit(Some(&cp))?
+        }
+        .ok_or(FsError::Invalid("commit without checkpoint"))?;
         st.head = cno;
         st.dirty.clear();
         st.removed.clear();

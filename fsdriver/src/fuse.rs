@@ -201,7 +201,7 @@ impl Filesystem for FuseFs {
     }
 
     fn destroy(&mut self) {
-        if let Err(e) = self.fs.fsync() {
+        if let Err(e) = self.fs.commit_now() {
             log::error!("final commit failed: {e}");
         }
     }

@@ -6,6 +6,7 @@ pub mod error;
 pub mod fs;
 pub mod fuse;
 pub mod id;
+pub mod intent;
 pub mod maint;
 pub mod objindex;
 pub mod radix;

@@ -59,6 +59,9 @@ pub enum ObjectKind {
     Root = 4,
     /// A process image.
     Image = 5,
+    /// The marker of an intent commit ([`crate::intent`]): never in the index, never
+    /// referenced, dropped by gc with the segment it lies in.
+    Marker = 6,
 }
 
 impl ObjectKind {
@@ -70,6 +73,7 @@ impl ObjectKind {
             3 => Self::Node,
             4 => Self::Root,
             5 => Self::Image,
+            6 => Self::Marker,
             _ => return None,
         })
     }

@@ -13,7 +13,7 @@
 //! committed length are a torn or uncommitted tail: they are cut off when the store is next
 //! opened and never served.
 
-use crate::catalog::{Catalog, Checkpoint, NewCheckpoint};
+use crate::catalog::{Catalog, Checkpoint, CheckpointKind, Durability, NewCheckpoint};
 use crate::error::{IoContext, Result, StoreError};
 use crate::id::{ContentId, IdMap};
 use crate::objindex::IndexFile;
@@ -62,7 +62,18 @@ struct Writer {
     commits: u64,
     /// Appends to the active segment collect here and go out as aligned `O_DIRECT` writes.
     stage: Stage,
+    /// Intent commits since the last full commit, and the bytes they wrote to the log (what
+    /// recovery would scan).
+    intents: u32,
+    intent_bytes: u64,
+    /// Index entries were appended by intent commits and not flushed.
+    index_unsynced: bool,
 }
+
+/// Most intent commits in a row before a full one: bounds what recovery scans.
+const MAX_INTENTS: u32 = 1024;
+/// Most bytes written to the log by intent commits in a row before a full one.
+const MAX_INTENT_BYTES: u64 = 64 << 20;
 
 struct Cache {
     map: IdMap<Arc<Vec<u8>>>,
@@ -122,9 +133,11 @@ fn load_object_index(
     dir: &Path,
     catalog: &mut Catalog,
     read_only: bool,
+    flushed_len: Option<u64>,
 ) -> Result<(Option<IndexFile>, IdMap<Loc>)> {
     let (file, index, gen) = match catalog.index_meta()? {
-        Some((gen, len)) => match IndexFile::load(dir, gen, len, !read_only) {
+        Some((gen, len)) => match IndexFile::load(dir, gen, flushed_len.unwrap_or(len), !read_only)
+        {
             Ok((f, m)) => (f, m, gen),
             // A reader may meet a gc switching generations (and deleting this one) after
             // its snapshot of the catalog: `Store::open_with` opens it again.
@@ -319,9 +332,19 @@ impl Store {
         if read_only {
             catalog.begin_snapshot()?;
         }
-        let committed = catalog.segments()?;
+        let mut committed = catalog.segments()?;
         let mut segs = HashMap::new();
         let on_disk = storage.list().ctx("list segments", storage.path())?;
+        // Intent commits the catalog may have lost in a crash are found in the log.
+        let recovery = match catalog.index_meta()? {
+            Some(ix) if !read_only => {
+                crate::intent::recover(&*storage, &committed, &on_disk, ix, catalog.fast_base()?)?
+            }
+            _ => None,
+        };
+        if let Some(r) = &recovery {
+            committed = r.segments.iter().map(|(k, v)| (*k, *v)).collect();
+        }
         let mut max_seg = 0;
         for &(id, clen) in &committed {
             max_seg = max_seg.max(id);
@@ -362,7 +385,54 @@ impl Store {
                     .ctx("remove orphan segment", storage.path())?;
             }
         }
-        let (objindex, index) = load_object_index(dir, &mut catalog, read_only)?;
+        let (mut objindex, mut index) = load_object_index(
+            dir,
+            &mut catalog,
+            read_only,
+            recovery.as_ref().map(|r| r.index_len),
+        )?;
+        if let (Some(r), Some(f)) = (recovery, objindex.as_mut()) {
+            f.append(&r.entries)?;
+            f.sync()?;
+            for (id, loc) in &r.entries {
+                index.insert(*id, *loc);
+            }
+            for id in &r.grown {
+                if let Some(f) = segs.get(id) {
+                    f.sync().ctx("fsync segment", storage.path())?;
+                }
+            }
+            storage
+                .sync_dir()
+                .ctx("fsync segment directory", storage.path())?;
+            let replay: Vec<(NewCheckpoint<'_>, i64)> = r
+                .replay
+                .iter()
+                .map(|m| {
+                    (
+                        NewCheckpoint {
+                            branch: &m.branch,
+                            root: m.root,
+                            name: None,
+                            kind: CheckpointKind::Commit,
+                            image: None,
+                            note: None,
+                            advance_head: true,
+                            parent: None,
+                        },
+                        m.time,
+                    )
+                })
+                .collect();
+            catalog.recover_commit(&replay, &committed, f.len())?;
+            f.committed();
+            if !replay.is_empty() {
+                log::info!(
+                    "recovered {} commit(s) from the log that the catalog had lost",
+                    replay.len()
+                );
+            }
+        }
         let snapshot_cno = if read_only {
             let n = catalog.max_cno()?;
             catalog.end_snapshot()?;
@@ -401,6 +471,9 @@ impl Store {
                 refs: false,
                 commits: 0,
                 stage: Stage::new(),
+                intents: 0,
+                intent_bytes: 0,
+                index_unsynced: false,
             }),
             unstaged: RwLock::new(None),
             segs: RwLock::new(segs),
@@ -1018,21 +1091,123 @@ impl Store {
     /// Makes pending objects durable and records them, with an optional checkpoint, in one
     /// catalog transaction. Returns the new checkpoint number.
     pub fn commit(&self, cp: Option<&NewCheckpoint<'_>>) -> Result<Option<u64>> {
-        let t0 = std::time::Instant::now();
         let mut w = lock(&self.writer);
-        self.flush_stage(&mut w)?;
-        let t_flush = t0.elapsed();
         let mut objindex = lock(&self.objindex);
-        if let Some(f) = objindex.as_mut() {
+        self.commit_full(&mut w, objindex.as_mut(), cp)
+    }
+
+    fn commit_full(
+        &self,
+        w: &mut Writer,
+        mut objindex: Option<&mut IndexFile>,
+        cp: Option<&NewCheckpoint<'_>>,
+    ) -> Result<Option<u64>> {
+        let t0 = std::time::Instant::now();
+        self.flush_stage(w)?;
+        let t_flush = t0.elapsed();
+        if let Some(f) = objindex.as_deref_mut() {
             f.append(&w.pending)?;
         }
-        let res = self.commit_locked(&mut w, objindex.as_mut(), cp, t0, t_flush);
+        let res = self.commit_locked(w, objindex.as_deref_mut(), cp, t0, t_flush);
         if res.is_err() {
-            if let Some(f) = objindex.as_mut() {
+            if let Some(f) = objindex {
                 f.rewind();
             }
         }
         res
+    }
+
+    /// An fsync's commit: as [`Store::commit`], but made durable by a marker in the log and
+    /// one flush of the segment (an intent commit, see [`crate::intent`]) when it can be:
+    /// an anonymous commit that moves a branch head, in a store with an index file, after
+    /// few and small intent commits since the last full one (recovery scans what they
+    /// wrote). Otherwise a full commit.
+    pub fn commit_fsync(&self, cp: &NewCheckpoint<'_>) -> Result<Option<u64>> {
+        let mut w = lock(&self.writer);
+        let mut objindex = lock(&self.objindex);
+        let pending_bytes: u64 = w.pending.iter().map(|(_, l)| l.end() - l.offset).sum();
+        let eligible = cp.name.is_none()
+            && cp.image.is_none()
+            && cp.note.is_none()
+            && cp.parent.is_none()
+            && cp.advance_head
+            && cp.kind == CheckpointKind::Commit
+            && w.intents < MAX_INTENTS
+            && w.intent_bytes + pending_bytes <= MAX_INTENT_BYTES
+            && std::env::var_os("FORKPOINT_NO_INTENT_COMMITS").is_none();
+        let Some(f) = objindex.as_mut().filter(|_| eligible) else {
+            return self.commit_full(&mut w, objindex.as_mut(), Some(cp));
+        };
+        let t0 = std::time::Instant::now();
+        let marker = crate::intent::encode(&crate::intent::Marker {
+            branch: cp.branch.to_string(),
+            root: cp.root,
+            time: crate::catalog::now_ns(),
+        });
+        let id = ContentId::of(&marker);
+        let rec_len = segment::RECORD_HEADER_LEN + marker.len() as u64;
+        if w.seg.is_none() || w.len + rec_len > self.config.segment_size {
+            self.roll(&mut w)?;
+        }
+        let (seg_id, file) = match &w.seg {
+            Some((i, f)) => (*i, f.clone()),
+            None => unreachable!("roll always opens a segment"),
+        };
+        let hdr = segment::encode_header(ObjectKind::Marker, &id, &marker);
+        self.append(&mut w, &file, seg_id, &[&hdr, &marker])?;
+        w.len += rec_len;
+        let len = w.len;
+        w.touched.insert(seg_id, len);
+        self.flush_stage(&mut w)?;
+        // The commit point: the marker and the objects before it on the disk.
+        let segs = self.segs.read().unwrap_or_else(|e| e.into_inner()).clone();
+        for id in w.touched.keys() {
+            if let Some(f) = segs.get(id) {
+                f.sync().ctx("fsync segment", self.storage.path())?;
+            }
+        }
+        if w.created {
+            self.storage
+                .sync_dir()
+                .ctx("fsync segment directory", self.storage.path())?;
+        }
+        if !self.storage.commit_barrier() {
+            return Err(StoreError::SimulatedCrash);
+        }
+        let t_sync = t0.elapsed();
+        f.append(&w.pending)?;
+        let touched: Vec<(u64, u64)> = w.touched.iter().map(|(k, v)| (*k, *v)).collect();
+        let res = lock(&self.catalog).commit_as(
+            &[],
+            &touched,
+            Some(cp),
+            Some(f.len()),
+            Durability::Intent,
+        );
+        let cno = match res {
+            Ok(cno) => cno,
+            Err(e) => {
+                f.rewind();
+                return Err(e);
+            }
+        };
+        f.committed();
+        if std::env::var_os("FORKPOINT_TRACE_COMMITS").is_some() {
+            log::debug!(
+                "intent commit of {} objects: synced at {t_sync:?}, catalog at {:?}",
+                w.pending.len(),
+                t0.elapsed()
+            );
+        }
+        w.intents += 1;
+        w.intent_bytes += pending_bytes + rec_len;
+        w.index_unsynced |= !w.pending.is_empty();
+        w.pending.clear();
+        w.touched.clear();
+        w.created = false;
+        w.refs = false;
+        w.commits += 1;
+        Ok(cno)
     }
 
     /// [`Store::commit`] once the stage is flushed and the index entries appended.
@@ -1052,7 +1227,7 @@ impl Store {
         }
         if let Some(f) = objindex
             .as_ref()
-            .filter(|f| !w.pending.is_empty() && !f.is_empty())
+            .filter(|f| (!w.pending.is_empty() || w.index_unsynced) && !f.is_empty())
         {
             f.sync()?;
         }
@@ -1086,6 +1261,9 @@ impl Store {
         w.created = false;
         w.refs = false;
         w.commits += 1;
+        w.intents = 0;
+        w.intent_bytes = 0;
+        w.index_unsynced = false;
         Ok(cno)
     }
 
