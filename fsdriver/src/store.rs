@@ -375,7 +375,7 @@ impl Store {
             }
             segs.insert(id, f);
         }
-        for id in on_disk {
+        for &id in &on_disk {
             max_seg = max_seg.max(id);
             if !committed.iter().any(|(c, _)| *c == id) && !read_only {
                 // Created after the last commit, or reclaimed by a gc that crashed before
@@ -385,12 +385,39 @@ impl Store {
                     .ctx("remove orphan segment", storage.path())?;
             }
         }
-        let (mut objindex, mut index) = load_object_index(
+        let loaded = load_object_index(
             dir,
             &mut catalog,
             read_only,
             recovery.as_ref().map(|r| r.index_len),
-        )?;
+        );
+        let (mut objindex, mut index) = match (loaded, catalog.index_meta()?) {
+            // After a crash of the machine the index file's unflushed tail may be gone
+            // while the catalog recorded it: a reader (before the writer's recovery) takes
+            // the objects past the intent base from the log, as the writer would.
+            (Err(e), Some(ix)) if read_only => {
+                let Some(base) = catalog.fast_base()? else {
+                    return Err(e);
+                };
+                let r = crate::intent::recover(&*storage, &committed, &on_disk, ix, Some(base))?
+                    .ok_or(e)?;
+                let (f, mut m) = load_object_index(dir, &mut catalog, true, Some(r.index_len))?;
+                for (id, loc) in &r.entries {
+                    m.insert(*id, *loc);
+                }
+                for id in &r.grown {
+                    if !segs.contains_key(id) {
+                        let f = storage
+                            .open(*id, false)
+                            .ctx("open segment", storage.path())?;
+                        segs.insert(*id, f);
+                    }
+                }
+                committed = r.segments.iter().map(|(k, v)| (*k, *v)).collect();
+                (f, m)
+            }
+            (r, _) => r?,
+        };
         if let (Some(r), Some(f)) = (recovery, objindex.as_mut()) {
             f.append(&r.entries)?;
             f.sync()?;
