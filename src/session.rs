@@ -1418,6 +1418,7 @@ fn restore_main(
         keep_pids: true,
         chunks: Some(&chunks),
         skip_file_checks: false,
+        snapshot_root: Some(&spec.mountpoint),
         // init's own stdio: the terminal `forkpoint restore` runs in, or with --detach
         // /dev/null and the session's log.
         terminal: None,

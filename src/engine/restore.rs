@@ -292,7 +292,7 @@ pub fn restore_with(image: &ProcessImage, opts: &RestoreOptions) -> Result<i32, 
     }
     check_image(image)?;
     if !opts.skip_file_checks {
-        check_files(image)?;
+        check_files(image, None)?;
     }
     let pid = sys::spawn_stopped_child(opts.pid).map_err(|source| match (source, opts.pid) {
         (Errno::EEXIST, Some(pid)) => RestoreError::PidInUse { pid },
@@ -391,7 +391,15 @@ fn check_image(image: &ProcessImage) -> Result<(), RestoreError> {
     Ok(())
 }
 
-fn check_files(image: &ProcessImage) -> Result<(), RestoreError> {
+/// Checks that every mapped file is the one the dump saw. Under `snapshot_root` (the
+/// mount, whose files the restore takes from the checkpoint's own snapshot) only the inode
+/// is compared: the size and mtime the dump read there came from the kernel's attribute
+/// cache, which with the writeback cache keeps its own times and may disagree with the
+/// snapshot's (a file written through a shared mapping, such as SQLite's `-shm`).
+pub(crate) fn check_files(
+    image: &ProcessImage,
+    snapshot_root: Option<&Path>,
+) -> Result<(), RestoreError> {
     for m in &image.mappings {
         if m.kind != MappingKind::File {
             continue;
@@ -403,7 +411,10 @@ fn check_files(image: &ProcessImage) -> Result<(), RestoreError> {
             path: path.clone(),
             reason: e.to_string(),
         })?;
-        if st.size() != id.size || st.mtime() != id.mtime || st.mtime_nsec() != id.mtime_nsec {
+        let in_snapshot = snapshot_root.is_some_and(|r| Path::new(path).starts_with(r));
+        if !in_snapshot
+            && (st.size() != id.size || st.mtime() != id.mtime || st.mtime_nsec() != id.mtime_nsec)
+        {
             return Err(RestoreError::FileChanged {
                 path: path.clone(),
                 reason: format!(
@@ -2195,6 +2206,9 @@ pub struct TreeRestoreOptions<'a> {
     pub chunks: Option<&'a dyn ChunkSource>,
     /// Do not check that mapped files still have the recorded size and mtime.
     pub skip_file_checks: bool,
+    /// Files under this directory come from the checkpoint's own snapshot (a session's
+    /// mount): of a mapped one, only the inode is checked.
+    pub snapshot_root: Option<&'a Path>,
     /// Where terminal descriptors are reopened (see [`RestoreOptions::terminal`]).
     pub terminal: Option<&'a Path>,
     /// Dirty-page tracking: armed on every restored process just before it runs, with the
@@ -2279,7 +2293,7 @@ fn check_tree(tree: &TreeImage, opts: &TreeRestoreOptions) -> Result<(), Restore
             }
             check_image(img)?;
             if !opts.skip_file_checks {
-                check_files(img)?;
+                check_files(img, opts.snapshot_root)?;
             }
         }
     }
