@@ -137,7 +137,15 @@ struct Mounted {
     fs: Arc<Fs>,
     session: Option<forkpoint_fs::fuse::BackgroundSession>,
     last_commit: Instant,
+    mounted_at: Instant,
+    /// The same, in seconds since the epoch (as session records have it).
+    mounted_epoch: i64,
+    /// A session has run on it (see [`Daemon::release_idle_branch_mounts`]).
+    used: bool,
 }
+
+/// How long a branch's hidden mount waits for its first session before it is released.
+const HIDDEN_MOUNT_GRACE: Duration = Duration::from_secs(60);
 
 /// A running daemon.
 pub struct Daemon {
@@ -206,6 +214,12 @@ impl Daemon {
                 fs,
                 session: Some(session),
                 last_commit: Instant::now(),
+                mounted_at: Instant::now(),
+                mounted_epoch: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs() as i64)
+                    .unwrap_or(0),
+                used: false,
             },
         );
         Ok(())
@@ -412,8 +426,56 @@ impl Daemon {
         }
     }
 
+    /// Unmounts the hidden mounts of branches (`STORE/branches/NAME`, made by
+    /// `restore --branch` for its session) that no session uses any more: once their
+    /// session has ended, or if none came within [`HIDDEN_MOUNT_GRACE`]. Otherwise they
+    /// stayed mounted for good, and kept the daemon running after the user's last umount.
+    /// A mount still in use (a shell in it) is left for a later tick; the kernel's unmount
+    /// is then noticed like any other.
+    fn release_idle_branch_mounts(&self) {
+        let hidden_root = self.store.dir().join("branches");
+        let candidates: Vec<PathBuf> = lock(&self.mounts)
+            .keys()
+            .filter(|p| p.starts_with(&hidden_root))
+            .cloned()
+            .collect();
+        if candidates.is_empty() {
+            return;
+        }
+        // Every session record, ended or not: one may start and end between two ticks.
+        let sessions = crate::session::records(self.store.dir());
+        let mut idle = Vec::new();
+        {
+            let mut mounts = lock(&self.mounts);
+            for p in candidates {
+                let Some(m) = mounts.get_mut(&p) else {
+                    continue;
+                };
+                // Records of this mount, not of an earlier one at the same path.
+                let mine = sessions
+                    .iter()
+                    .filter(|s| s.daemon_mount == p && s.started >= m.mounted_epoch);
+                let mut running = false;
+                for s in mine {
+                    m.used = true;
+                    running |= crate::session::alive(s.pid);
+                }
+                if !running && (m.used || m.mounted_at.elapsed() >= HIDDEN_MOUNT_GRACE) {
+                    idle.push(p);
+                }
+            }
+        }
+        for p in idle {
+            match nix::mount::umount2(&p, nix::mount::MntFlags::empty()) {
+                Ok(()) => log::info!("released {}: no session uses it", p.display()),
+                Err(e) => log::debug!("{} stays mounted: {e}", p.display()),
+            }
+        }
+    }
+
     /// Periodic work: commit dirty mounts, notice mounts unmounted from outside.
     fn tick(&self) {
+        self.release_idle_branch_mounts();
         let live: Vec<PathBuf> = crate::mounts::mounts()
             .map(|v| v.into_iter().map(|m| m.mountpoint).collect())
             .unwrap_or_default();
@@ -442,6 +504,9 @@ impl Daemon {
                 // The kernel side is gone; dropping the session must not try to unmount again.
                 if let Some(s) = m.session.take() {
                     std::mem::forget(s);
+                }
+                if p.starts_with(self.store.dir().join("branches")) {
+                    let _ = std::fs::remove_dir(&p);
                 }
             }
         }

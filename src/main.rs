@@ -476,6 +476,15 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                     allow_outside,
                 },
             )?;
+            // When the command returns the program is gone: a restore right after it must
+            // not find the session still running (it would take over its name and its
+            // place, and keep its state as an automatic checkpoint first).
+            if kill && !session::wait_gone(s.pid, std::time::Duration::from_secs(10)) {
+                eprintln!(
+                    "forkpoint: session '{}' (pid {}) has not ended yet",
+                    s.name, s.pid
+                );
+            }
             let delta = match v["delta_depth"].as_u64() {
                 Some(d) if d > 0 => format!(" (stored as a delta, {d} deep)"),
                 _ => String::new(),
@@ -1250,12 +1259,7 @@ fn restore(
                 t0.elapsed()
             );
             for s in &running {
-                for _ in 0..200 {
-                    if !session::alive(s.pid) {
-                        break;
-                    }
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
+                session::wait_gone(s.pid, std::time::Duration::from_secs(2));
             }
             if kept.is_none() {
                 kept = keep_files(&mp, &store, &auto)?;

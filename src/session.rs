@@ -137,6 +137,18 @@ pub fn alive(pid: i32) -> bool {
     !matches!(proc_state(pid).as_deref(), Some("Z" | "X") | None)
 }
 
+/// Waits up to `timeout` for session-init `pid` to end; whether it did.
+pub fn wait_gone(pid: i32, timeout: std::time::Duration) -> bool {
+    let t0 = Instant::now();
+    while alive(pid) {
+        if t0.elapsed() >= timeout {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    true
+}
+
 /// The state letter of `/proc/PID/stat` (`R`, `S`, `T`, `Z`, ...), if the process exists.
 fn proc_state(pid: i32) -> Option<String> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -146,21 +158,22 @@ fn proc_state(pid: i32) -> Option<String> {
 }
 
 /// Sessions of a store (live ones only).
-pub fn list(store: &Path) -> Result<Vec<SessionInfo>> {
-    let mut out = Vec::new();
+/// Every session record of the store, whether its session runs or not.
+pub fn records(store: &Path) -> Vec<SessionInfo> {
     let Ok(rd) = std::fs::read_dir(sessions_dir(store)) else {
-        return Ok(out);
+        return Vec::new();
     };
-    for e in rd.flatten() {
-        let Ok(text) = std::fs::read_to_string(e.path().join("info.json")) else {
-            continue;
-        };
-        if let Ok(info) = serde_json::from_str::<SessionInfo>(&text) {
-            if alive(info.pid) {
-                out.push(info);
-            }
-        }
-    }
+    rd.flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("info.json")).ok())
+        .filter_map(|t| serde_json::from_str::<SessionInfo>(&t).ok())
+        .collect()
+}
+
+pub fn list(store: &Path) -> Result<Vec<SessionInfo>> {
+    let mut out: Vec<SessionInfo> = records(store)
+        .into_iter()
+        .filter(|i| alive(i.pid))
+        .collect();
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
 }

@@ -673,6 +673,31 @@ fn one_checkpoint_on_two_branches_side_by_side() {
         lines(&b2.join("counter.log")),
     );
     assert!(m.len() > at_cut && x.len() > at_cut && y.len() > at_cut);
+    // A branch's hidden mount goes with its last session (it kept the daemon running after
+    // the user's umount); the other branch's stays while its session runs.
+    let mounted = |p: &Path| {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.split(' ').nth(4) == Some(p.to_str().unwrap_or("")))
+    };
+    assert!(mounted(&b1) && mounted(&b2));
+    lab.fp(&[
+        "checkpoint",
+        "-m",
+        lab.m(),
+        "--session",
+        "b1",
+        "--kill",
+        "b1-end",
+    ]);
+    wait_for("b1's mount released", Duration::from_secs(10), || {
+        !mounted(&b1)
+    });
+    assert!(mounted(&b2), "b2's session still runs there");
+    assert_sequence(&lines(&b2.join("counter.log")));
+    let cp = lab.fp(&["log", "-m", lab.m()]);
+    assert!(cp.contains("b1-end"), "{cp}");
 }
 
 const THREADS: &str = r#"
