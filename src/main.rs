@@ -115,16 +115,18 @@ enum Cmd {
     },
     /// Re-hash every object reachable from a retained checkpoint.
     Verify {
-        /// Directory of the store.
-        store: PathBuf,
+        /// Directory of the store (default: the store of the forkpoint mount that holds the
+        /// current directory).
+        store: Option<PathBuf>,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Reclaim log space no retained checkpoint reaches.
     Gc {
-        /// Directory of the store.
-        store: PathBuf,
+        /// Directory of the store (default: the store of the forkpoint mount that holds the
+        /// current directory).
+        store: Option<PathBuf>,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -377,7 +379,9 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                     match e.kind {
                         DiffKind::Added => println!("A {}", e.paths.join(", ")),
                         DiffKind::Removed => println!("D {}", e.paths.join(", ")),
-                        DiffKind::Modified => println!("M {}", e.paths.join(", ")),
+                        DiffKind::Modified | DiffKind::Replaced => {
+                            println!("M {}", e.paths.join(", "))
+                        }
                         DiffKind::Renamed => {
                             println!("R {} -> {}", e.old_paths.join(", "), e.paths.join(", "))
                         }
@@ -386,6 +390,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             }
         }
         Cmd::Verify { store, json } => {
+            let store = store_arg(store)?;
             let s = Store::open_read_only(&store)?;
             let r = maint::verify(&s)?;
             if json {
@@ -412,6 +417,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             }
         }
         Cmd::Gc { store, json } => {
+            let store = store_arg(store)?;
             let v = match daemon::call(&store, &daemon::Request::Gc)? {
                 Some(v) => v,
                 None => serde_json::to_value(maint::gc(&*Store::open(&store)?)?)?,
@@ -568,6 +574,20 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A command's STORE argument, by default the store of the mount that holds the current
+/// directory.
+fn store_arg(store: Option<PathBuf>) -> Result<PathBuf> {
+    match store {
+        Some(s) => Ok(s),
+        None => match mounts::resolve(None) {
+            Ok((_, s)) => Ok(s),
+            Err(_) => bail!(
+                "no STORE given, and the current directory is not in a forkpoint mount: pass STORE"
+            ),
+        },
+    }
 }
 
 fn store_of(mountpoint: Option<&Path>, store: Option<&Path>) -> Result<PathBuf> {

@@ -162,6 +162,8 @@ fn diff_between_snapshots() {
         fs.release(fh).expect("release");
         let (l, fh) = fs.create(1, b"linked", 0o644, true, c).expect("linked");
         fs.release(fh).expect("release");
+        let (_, fh) = fs.create(1, b"conf", 0o644, true, c).expect("conf");
+        fs.release(fh).expect("release");
         fs.snapshot("one").expect("snapshot");
         fs.write(a.ino, 0, b"changed").expect("write");
         fs.unlink(1, b"b").expect("unlink");
@@ -171,13 +173,19 @@ fn diff_between_snapshots() {
         fs.rename(1, b"moved", 1, b"there", RenameFlags::default())
             .expect("rename");
         fs.link(l.ino, 1, b"link2").expect("link");
+        // Written aside and renamed over the old one, as editors and git do.
+        let (_, fh) = fs.create(1, b"conf.tmp", 0o644, true, c).expect("tmp");
+        fs.release(fh).expect("release");
+        fs.rename(1, b"conf.tmp", 1, b"conf", RenameFlags::default())
+            .expect("rename over");
         fs.snapshot("two").expect("snapshot");
     }
     let (ok, out, err) = forkpoint(&["diff", "--store", s.to_str().expect("utf8"), "one", "two"]);
     assert!(ok, "{err}");
     let mut lines: Vec<&str> = out.lines().collect();
     lines.sort();
-    // A rename is one line naming both; a new hard link keeps the old name: a change.
+    // A rename is one line naming both; a new hard link keeps the old name: a change; a
+    // file renamed over another is a change of that name, not a removal and an addition.
     assert_eq!(
         lines,
         vec![
@@ -185,11 +193,30 @@ fn diff_between_snapshots() {
             "D /b",
             "M /",
             "M /a",
+            "M /conf",
             "M /link2, /linked",
             "R /moved -> /there"
         ],
         "{out}"
     );
+    let (ok, out, err) = forkpoint(&[
+        "diff",
+        "--store",
+        s.to_str().expect("utf8"),
+        "--json",
+        "one",
+        "two",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let conf: Vec<&serde_json::Value> = v
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter(|e| e["paths"][0] == "/conf")
+        .collect();
+    assert_eq!(conf.len(), 1, "{out}");
+    assert_eq!(conf[0]["kind"], "Replaced", "{out}");
 }
 
 /// A command that prints ends quietly when its reader has gone (`forkpoint log | head`):

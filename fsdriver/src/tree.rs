@@ -764,6 +764,9 @@ pub enum DiffKind {
     Modified,
     /// Moved to other names (none of its old names is left), changed or not.
     Renamed,
+    /// Another inode took its names: written under a temporary name and renamed over it,
+    /// as editors and git do. Named by the new inode.
+    Replaced,
 }
 
 /// One difference between two trees, named by its paths (in the newer tree, or the older one
@@ -795,7 +798,7 @@ pub fn diff(store: &Arc<Store>, a: ContentId, b: ContentId) -> Result<Vec<DiffEn
             .cloned()
             .unwrap_or_else(|| vec![format!("unlinked inode {ino}")])
     };
-    Ok(changes
+    let mut out: Vec<DiffEntry> = changes
         .into_iter()
         .map(|c| match c {
             radix::Change::Added(ino, _) => DiffEntry {
@@ -825,5 +828,27 @@ pub fn diff(store: &Arc<Store>, a: ContentId, b: ContentId) -> Result<Vec<DiffEn
                 }
             }
         })
-        .collect())
+        .collect();
+    // A removed inode whose names an added one has now: one replaced file, not two changes.
+    let added: HashMap<Vec<String>, usize> = out
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.kind == DiffKind::Added)
+        .map(|(i, e)| (e.paths.clone(), i))
+        .collect();
+    let mut gone = vec![false; out.len()];
+    for i in 0..out.len() {
+        if out[i].kind != DiffKind::Removed {
+            continue;
+        }
+        if let Some(&j) = added.get(&out[i].paths) {
+            if out[j].kind == DiffKind::Added {
+                out[j].kind = DiffKind::Replaced;
+                gone[i] = true;
+            }
+        }
+    }
+    let mut keep = gone.iter().map(|g| !g);
+    out.retain(|_| keep.next().unwrap_or(true));
+    Ok(out)
 }
