@@ -650,6 +650,15 @@ pub(crate) fn syncfs(mp: &Path) -> Result<()> {
     // not implement FUSE_SYNCFS answers with an error that changes nothing.
     match nix::unistd::syncfs(&f) {
         Ok(()) | Err(nix::errno::Errno::ENOSYS) | Err(nix::errno::Errno::ENOENT) => Ok(()),
+        Err(e @ (nix::errno::Errno::ENOSPC | nix::errno::Errno::EDQUOT)) => {
+            Err(e).with_context(|| {
+                format!(
+                    "the writes to {} could not all be stored: the store's disk is or was full, \
+                 and some data written to the mount may be lost (free space, then try again)",
+                    mp.display()
+                )
+            })
+        }
         Err(e) => Err(e).with_context(|| format!("syncfs {}", mp.display())),
     }
 }

@@ -1018,3 +1018,103 @@ fn gc_succeeds_beside_a_program_that_fsyncs_all_the_time() {
     );
     lab.umount_ok(&mnt);
 }
+
+/// The disk under the store fills up: the mount's writes fail with ENOSPC (reported by
+/// fsync, as writeback errors are), the daemon does not keep what it cannot store in memory
+/// without bound, what was committed stays intact, and once there is room the mount works
+/// on. Before, the log's writer kept every failed 8 MiB write for a retry that never came,
+/// however much more was written.
+#[test]
+fn a_full_disk_fails_writes_and_loses_nothing_committed() {
+    if !common::can_mount("fuse_e2e") {
+        return;
+    }
+    let lab = Lab::new();
+    let disk = lab.mkdir("disk");
+    lab.tmpfs(&disk);
+    let store = disk.join("store");
+    let mnt = lab.mkdir("mnt");
+    lab.mount_ok(&store, &mnt, None);
+    let pid = *common::daemon_pids(&store).first().expect("daemon pid");
+    std::fs::write(mnt.join("keep.txt"), b"kept").expect("write");
+    fp_ok(&[
+        OsStr::new("snapshot"),
+        OsStr::new("-m"),
+        mnt.as_os_str(),
+        OsStr::new("before"),
+    ]);
+    // Three times what the disk holds, every block its own (no dedup).
+    use std::io::Write;
+    let mut f = std::fs::File::create(mnt.join("fill")).expect("create");
+    let mut buf = vec![0u8; 1 << 20];
+    let mut failed = None;
+    for i in 0..768u64 {
+        for (j, w) in buf.chunks_mut(8).enumerate() {
+            w.copy_from_slice(
+                &(i << 32 | j as u64)
+                    .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                    .to_le_bytes(),
+            );
+        }
+        // A program that does not stop at the first error goes on writing.
+        if let Err(e) = f.write_all(&buf) {
+            failed.get_or_insert(e);
+        }
+    }
+    let failed = failed
+        .or_else(|| f.sync_all().err())
+        .expect("a write or the fsync fails");
+    assert_eq!(failed.raw_os_error(), Some(libc::ENOSPC), "{failed}");
+    let rss_kib: u64 = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    assert!(
+        rss_kib < 400 << 10,
+        "the daemon holds {rss_kib} KiB after 768 MiB written to a 256 MiB disk"
+    );
+    drop(f);
+    std::fs::remove_file(mnt.join("fill")).expect("rm");
+    // Room again.
+    let o = std::process::Command::new("mount")
+        .args(["-o", "remount,size=1g"])
+        .arg(&disk)
+        .output()
+        .expect("remount");
+    assert!(o.status.success(), "{o:?}");
+    // The first flush may report the writes lost earlier, by name.
+    let snap = |name: &str| {
+        fp(&[
+            OsStr::new("snapshot"),
+            OsStr::new("-m"),
+            mnt.as_os_str(),
+            OsStr::new(name),
+        ])
+    };
+    let first = snap("after");
+    if !first.ok {
+        assert!(
+            first.stderr.contains("could not all be stored"),
+            "{}",
+            first.stderr
+        );
+        let again = snap("after");
+        assert!(again.ok, "{}", again.stderr);
+    }
+    assert_eq!(std::fs::read(mnt.join("keep.txt")).expect("read"), b"kept");
+    assert_eq!(
+        std::fs::read(mnt.join(".forkpoint/snapshots/before/keep.txt")).expect("read"),
+        b"kept"
+    );
+    std::fs::write(mnt.join("new.txt"), b"new").expect("write after");
+    fp_ok(&[
+        OsStr::new("snapshot"),
+        OsStr::new("-m"),
+        mnt.as_os_str(),
+        OsStr::new("later"),
+    ]);
+    let v = fp_ok(&[OsStr::new("verify"), store.as_os_str()]);
+    assert!(v.contains("verified"), "{v}");
+}

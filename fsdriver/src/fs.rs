@@ -1067,6 +1067,11 @@ impl Fs {
             .ok_or(FsError::TooBig)?;
         let mut st = self.lock();
         let store = self.store.clone();
+        // What is held already must reach the log before more is taken: on a full disk the
+        // write fails here (ENOSPC) instead of piling up in memory.
+        if st.dirty_bytes > DIRTY_LIMIT {
+            st.spill(&store)?;
+        }
         let mut added = 0usize;
         {
             let n = st.node_mut(&store, ino)?;
@@ -1117,7 +1122,11 @@ impl Fs {
         }
         st.dirty_bytes += added;
         if st.dirty_bytes > DIRTY_LIMIT {
-            st.spill(&store)?;
+            if let Err(e) = st.spill(&store) {
+                // This write is taken (it is in memory); the next one fails until the log
+                // takes what is held.
+                log::warn!("cannot move written data to the log: {e}");
+            }
         }
         Ok(data.len() as u32)
     }

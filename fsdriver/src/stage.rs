@@ -106,6 +106,22 @@ impl Stage {
         self.cur.get_or_insert_with(Buf::new)
     }
 
+    /// Whether more may be staged: an earlier write that failed is tried again first, and
+    /// while it fails (a full disk) its error is returned. The caller then takes nothing:
+    /// what the stage holds stays bounded by the writes in flight, and a put fails at once
+    /// instead of piling up in memory.
+    pub fn ready(&mut self) -> io::Result<()> {
+        self.reap_ready();
+        while let Some(mut job) = self.failed.pop() {
+            if let Err(e) = job.run() {
+                self.failed.push(job);
+                return Err(e);
+            }
+            self.spare.push(job.buf);
+        }
+        Ok(())
+    }
+
     /// Appends `data` to the segment `file`.
     pub fn push(&mut self, file: &Arc<dyn SegFile>, mut data: &[u8]) {
         while !data.is_empty() {
@@ -116,6 +132,33 @@ impl Stage {
             data = &data[n..];
             if self.len == STAGE_BYTES {
                 self.hand_off(file);
+            }
+        }
+    }
+
+    /// Collects the writes the writer thread has finished, without waiting.
+    fn reap_ready(&mut self) {
+        while self.in_flight > 0 {
+            let got = match &self.thread {
+                Some(t) => t.done.try_recv(),
+                None => return,
+            };
+            match got {
+                Ok((job, Ok(()))) => {
+                    self.in_flight -= 1;
+                    self.spare.push(job.buf);
+                }
+                Ok((job, Err(e))) => {
+                    self.in_flight -= 1;
+                    log::warn!("segment write at {} failed: {e}; kept for retry", job.off);
+                    self.failed.push(job);
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => return,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    // As in `reap`: the thread is gone with what it held.
+                    self.reap();
+                    return;
+                }
             }
         }
     }

@@ -746,6 +746,9 @@ impl Store {
         }
         // Readers of bytes past the staged start wait for a flush.
         self.set_unstaged(Some((seg_id, w.stage.start)));
+        w.stage
+            .ready()
+            .ctx("append to segment", self.storage.path())?;
         for b in bufs {
             w.stage.push(file, b);
         }
