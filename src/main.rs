@@ -293,7 +293,7 @@ fn main() -> ExitCode {
     match run(cli.cmd) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("forkpoint: {e:#}");
+            eprintln!("forkpoint: {}", render_error(&e));
             ExitCode::FAILURE
         }
     }
@@ -574,6 +574,24 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// An error and its causes, `outer: inner: …`, each cause once: many errors name their
+/// cause in their own message too (`append to segment DIR: No space left on device`), and
+/// printing the chain repeated it.
+fn render_error(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 /// A command's STORE argument, by default the store of the mount that holds the current
@@ -1477,4 +1495,25 @@ fn demo_processes(store: &Path, mnt: &Path) -> Result<()> {
     }
     umount(&exp)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// A cause a message already names is not printed again; other causes are.
+    #[test]
+    fn an_error_prints_each_cause_once() {
+        let io = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        let e = anyhow::Error::new(forkpoint_fs::StoreError::Io {
+            op: "append to segment",
+            path: "/s".into(),
+            source: io,
+        })
+        .context("checkpoint 'c1'");
+        assert_eq!(
+            super::render_error(&e),
+            "checkpoint 'c1': append to segment /s: No space left on device (os error 28)"
+        );
+        let e = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(super::render_error(&e), "outer: inner");
+    }
 }
