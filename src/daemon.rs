@@ -559,7 +559,7 @@ impl Daemon {
         let all: Vec<(PathBuf, Mounted)> = lock(&self.mounts).drain().collect();
         for (p, m) in all {
             if let Err(e) = self.finish(&p, m) {
-                log::error!("{e:#}");
+                log::error!("{}", crate::render_error(&e));
             }
         }
         self.remove_socket();
@@ -580,7 +580,7 @@ impl Daemon {
                 },
                 Err(e) => Response {
                     ok: false,
-                    error: Some(format!("{e:#}")),
+                    error: Some(crate::render_error(&e)),
                     value: serde_json::Value::Null,
                 },
             },
@@ -872,7 +872,7 @@ pub fn run(
     let (d, listener) = match setup() {
         Ok(x) => x,
         Err(e) => {
-            report(&ready, &format!("error: {e:#}"));
+            report(&ready, &format!("error: {}", crate::render_error(&e)));
             return Err(e);
         }
     };

@@ -293,7 +293,15 @@ fn main() -> ExitCode {
     match run(cli.cmd) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("forkpoint: {}", render_error(&e));
+            let text = render_error(&e);
+            eprintln!("forkpoint: {text}");
+            if text.contains("No space left on device") {
+                eprintln!(
+                    "forkpoint: the disk under the store is full. Files deleted in a mount keep \
+                     their space in the log until `forkpoint gc` reclaims it, and gc needs a \
+                     little room itself: free some space on that disk first."
+                );
+            }
             ExitCode::FAILURE
         }
     }
@@ -579,7 +587,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
 /// An error and its causes, `outer: inner: …`, each cause once: many errors name their
 /// cause in their own message too (`append to segment DIR: No space left on device`), and
 /// printing the chain repeated it.
-fn render_error(e: &anyhow::Error) -> String {
+pub(crate) fn render_error(e: &anyhow::Error) -> String {
     let mut out = String::new();
     for cause in e.chain() {
         let text = cause.to_string();

@@ -377,7 +377,7 @@ pub fn start_with(
                         session_init_with(spec.clone(), Some(pre))
                     })();
                     let code = res.unwrap_or_else(|e| {
-                        eprintln!("forkpoint: session {}: {e:#}", spec.name);
+                        eprintln!("forkpoint: session {}: {}", spec.name, crate::render_error(&e));
                         127
                     });
                     std::process::exit(code);
@@ -619,7 +619,7 @@ fn session_init_with(spec: InitSpec, pre: Option<Preloaded>) -> Result<i32> {
             let code = match init(&spec, info, pre) {
                 Ok(c) => c,
                 Err(e) => {
-                    eprintln!("forkpoint: session {}: {e:#}", spec.name);
+                    eprintln!("forkpoint: session {}: {}", spec.name, crate::render_error(&e));
                     127
                 }
             };
@@ -776,7 +776,7 @@ fn init(spec: &InitSpec, mut info: SessionInfo, pre: Option<Preloaded>) -> Resul
         // A lazy restore that has every page in goes over to dirty-page tracking.
         if lazy_complete() {
             if let Err(e) = finish_lazy(tracker.as_ref()) {
-                log::warn!("{e:#}");
+                log::warn!("{}", crate::render_error(&e));
             }
         }
         // A request is taken as soon as it comes; the timeout paces the reaping above.
@@ -860,7 +860,7 @@ fn handle_control(
             match res.map(|(v, _)| v) {
                 Ok(v) => (serde_json::json!({"ok": true, "value": v}), kill),
                 Err(e) => (
-                    serde_json::json!({"ok": false, "error": format!("{e:#}")}),
+                    serde_json::json!({"ok": false, "error": crate::render_error(&e)}),
                     false,
                 ),
             }
@@ -919,7 +919,7 @@ fn checkpoint(
         // The program is stopped: the files as of now belong to this checkpoint.
         // /proc here is the session's own: every process of it, and nothing else.
         let t_checks = frozen_at.map(|f| f.elapsed());
-        crate::flush_mount(&mp, None).map_err(|e| format!("{e:#}"))?;
+        crate::flush_mount(&mp, None).map_err(|e| crate::render_error(&e))?;
         let t_flush = frozen_at.map(|f| f.elapsed());
         let v = daemon::call(
             &store,
@@ -927,7 +927,7 @@ fn checkpoint(
                 mountpoint: dmp.clone(),
             },
         )
-        .map_err(|e| format!("{e:#}"))?
+        .map_err(|e| crate::render_error(&e))?
         .ok_or("no daemon serves the mount")?;
         root_cno = v["cno"].as_u64();
         log::debug!(
