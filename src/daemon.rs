@@ -77,6 +77,14 @@ pub enum Request {
     DropBranch {
         name: String,
     },
+    /// Takes the names off named snapshots and checkpoints (gc then drops them).
+    Forget {
+        names: Vec<String>,
+    },
+    /// Deletes a branch no mount serves.
+    DeleteBranch {
+        name: String,
+    },
     Gc,
     Status,
 }
@@ -89,6 +97,26 @@ pub struct Response {
     pub error: Option<String>,
     #[serde(default)]
     pub value: serde_json::Value,
+}
+
+/// Takes the names off `names`, all or none; returns what each named.
+pub fn forget(store: &Store, names: &[String]) -> Result<serde_json::Value> {
+    store
+        .catalog(|c| {
+            for n in names {
+                if c.find(n)?.name.as_deref() != Some(n.as_str()) {
+                    return Err(forkpoint_fs::StoreError::UnknownCheckpoint(format!(
+                        "{n}' (forget takes names, not numbers)"
+                    )));
+                }
+            }
+            let mut out = Vec::new();
+            for n in names {
+                out.push(serde_json::json!({"name": n, "cno": c.forget(n)?}));
+            }
+            Ok(serde_json::Value::Array(out))
+        })
+        .map_err(Into::into)
 }
 
 /// Sends a request to the daemon of `store`; `Ok(None)` if no daemon is running.
@@ -372,6 +400,14 @@ impl Daemon {
                     bail!("branch '{name}' is mounted");
                 }
                 self.store.catalog(|c| c.drop_branch(&name))?;
+                serde_json::json!({})
+            }
+            Request::Forget { names } => forget(&self.store, &names)?,
+            Request::DeleteBranch { name } => {
+                if lock(&self.mounts).values().any(|m| m.fs.branch() == name) {
+                    bail!("branch '{name}' is mounted (or a session runs on it): unmount it first");
+                }
+                self.store.catalog(|c| c.delete_branch(&name))?;
                 serde_json::json!({})
             }
             Request::Gc => {
@@ -688,6 +724,10 @@ fn store_pages(store: &Store, pages: &PageSource<'_>, ids_out: &Path) -> Result<
     Ok(serde_json::json!({"pages": entries.len(), "new_bytes": new_bytes}))
 }
 
+/// The error of a delta image whose base image is gone (its checkpoint forgotten, then gc):
+/// the session checkpoints whole instead.
+pub const BASE_IMAGE_GONE: &str = "the base image of the delta image is not in the store";
+
 fn record_checkpoint(
     store: &Store,
     name: &str,
@@ -712,7 +752,7 @@ fn record_checkpoint(
         (Some(b), true) => match store.locate(&b) {
             Some(l) if l.kind == ObjectKind::Image => {}
             Some(_) => bail!("base {b} of the delta image is not a process image"),
-            None => bail!("base image {b} of the delta image is not in the store"),
+            None => bail!("{BASE_IMAGE_GONE}: {b}"),
         },
         (None, true) => bail!("process image refers to a base image but names none"),
         (Some(_), false) | (None, false) => {}

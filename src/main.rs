@@ -73,11 +73,29 @@ enum Cmd {
         /// Operate on a store directly instead of through a mount.
         #[arg(long, conflicts_with = "mountpoint")]
         store: Option<PathBuf>,
-        /// Name of the new branch.
+        /// Name of the new branch (with --delete: of the branch to delete).
         name: String,
         /// Snapshot or checkpoint to start from (NAME or #CNO; default: main's head).
         #[arg(long)]
         from: Option<String>,
+        /// Delete the branch instead (it must not be mounted): its unnamed commits are
+        /// then gc's to drop; named snapshots and checkpoints made on it stay.
+        #[arg(short = 'd', long, conflicts_with = "from")]
+        delete: bool,
+    },
+    /// Take the names off snapshots or checkpoints, so that gc reclaims what only they
+    /// keep (a branch head stays until its branch is deleted).
+    Forget {
+        /// The mount to work on (default: the forkpoint mount that holds the current
+        /// directory).
+        #[arg(short = 'm', long = "mount")]
+        mountpoint: Option<PathBuf>,
+        /// Operate on a store directly instead of through a mount.
+        #[arg(long, conflicts_with = "mountpoint")]
+        store: Option<PathBuf>,
+        /// Names of the snapshots or checkpoints (all are checked before any is forgotten).
+        #[arg(required = true)]
+        names: Vec<String>,
     },
     /// List branches and checkpoints.
     Log {
@@ -346,7 +364,44 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             mountpoint,
             store,
             name,
+            delete: true,
+            ..
+        } => {
+            let store = store_of(mountpoint.as_deref(), store.as_deref())?;
+            let req = daemon::Request::DeleteBranch { name: name.clone() };
+            if daemon::call(&store, &req)?.is_none() {
+                Store::open(&store)?.catalog(|c| c.delete_branch(&name))?;
+            }
+            println!("deleted branch {name}; `forkpoint gc` reclaims what only it kept");
+        }
+        Cmd::Forget {
+            mountpoint,
+            store,
+            names,
+        } => {
+            let store = store_of(mountpoint.as_deref(), store.as_deref())?;
+            let req = daemon::Request::Forget {
+                names: names.clone(),
+            };
+            let v = match daemon::call(&store, &req)? {
+                Some(v) => v,
+                None => daemon::forget(&*Store::open(&store)?, &names)?,
+            };
+            for e in v.as_array().into_iter().flatten() {
+                println!(
+                    "forgot '{}' (#{})",
+                    e["name"].as_str().unwrap_or_default(),
+                    e["cno"]
+                );
+            }
+            println!("`forkpoint gc` reclaims what only they kept");
+        }
+        Cmd::Branch {
+            mountpoint,
+            store,
+            name,
             from,
+            delete: false,
         } => {
             let store = store_of(mountpoint.as_deref(), store.as_deref())?;
             let req = daemon::Request::Branch {

@@ -377,7 +377,11 @@ pub fn start_with(
                         session_init_with(spec.clone(), Some(pre))
                     })();
                     let code = res.unwrap_or_else(|e| {
-                        eprintln!("forkpoint: session {}: {}", spec.name, crate::render_error(&e));
+                        eprintln!(
+                            "forkpoint: session {}: {}",
+                            spec.name,
+                            crate::render_error(&e)
+                        );
                         127
                     });
                     std::process::exit(code);
@@ -619,7 +623,11 @@ fn session_init_with(spec: InitSpec, pre: Option<Preloaded>) -> Result<i32> {
             let code = match init(&spec, info, pre) {
                 Ok(c) => c,
                 Err(e) => {
-                    eprintln!("forkpoint: session {}: {}", spec.name, crate::render_error(&e));
+                    eprintln!(
+                        "forkpoint: session {}: {}",
+                        spec.name,
+                        crate::render_error(&e)
+                    );
                     127
                 }
             };
@@ -832,7 +840,18 @@ fn handle_control(
     let (resp, killed) = match serde_json::from_str::<CheckpointRequest>(&line) {
         Ok(req) => {
             let kill = req.after == "kill";
-            let res = checkpoint(spec, main, &req, tracker);
+            let mut res = checkpoint(spec, main, &req, tracker);
+            // The image the pages of a delta come from is gone (its checkpoint was forgotten
+            // and gc ran): checkpoint again, whole.
+            let base_gone =
+                |e: &anyhow::Error| crate::render_error(e).contains(crate::daemon::BASE_IMAGE_GONE);
+            if let (Err(e), Some(t)) = (&res, tracker) {
+                if base_gone(e) {
+                    log::info!("the base image of the delta is gone; checkpointing whole");
+                    t.lock().unwrap_or_else(|p| p.into_inner()).forget();
+                    res = checkpoint(spec, main, &req, tracker);
+                }
+            }
             // Give the copies' memory back to the kernel (see warm_heap), unless they fit in
             // what was warmed for them: that stays warm for the next (incremental) one.
             let copied = res

@@ -2082,3 +2082,116 @@ int main(void) {{
     ]);
     assert!(ok.contains("downtime"), "{ok}");
 }
+
+/// Names can be taken off snapshots and checkpoints (`git tag -d`) and branches deleted, so
+/// that gc reclaims what only they kept. A delta's base stays while the delta is named; a
+/// session whose last image is gone checkpoints whole at once; forget is all or nothing.
+#[test]
+fn forgotten_checkpoints_and_deleted_branches_are_reclaimed() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    let script = lab.mnt.join("memw.py");
+    std::fs::write(
+        &script,
+        r#"
+import os, time
+blob = bytearray(os.urandom(16 << 20))
+n = 0
+while True:
+    n += 1
+    for i in range(0, 1 << 20, 4096):
+        blob[(n * 7919 * 4096 + i) % len(blob)] = n % 256
+    with open("tick", "a") as f:
+        f.write("%d %d\n" % (n, sum(blob[::65536])))
+    time.sleep(0.02)
+"#,
+    )
+    .expect("script");
+    lab.fp(&[
+        "run",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--",
+        "python3",
+        script.to_str().expect("utf8"),
+    ]);
+    let tick = lab.mnt.join("tick");
+    let count = || lines_any(&tick);
+    wait_for("the program", Duration::from_secs(20), || count() > 5);
+    for c in ["c1", "c2", "c3"] {
+        let n = count();
+        wait_for("the program", Duration::from_secs(20), || count() > n + 3);
+        lab.fp(&["checkpoint", "-m", lab.m(), c]);
+    }
+    let err = lab.fp_fails(&["forget", "-m", lab.m(), "c1", "nope"]);
+    assert!(err.contains("nope"), "{err}");
+    assert!(
+        lab.fp(&["log", "-m", lab.m()]).contains("'c1'"),
+        "all or nothing"
+    );
+    lab.fp(&["forget", "-m", lab.m(), "c1", "c2"]);
+    let log = lab.fp(&["log", "-m", lab.m()]);
+    assert!(
+        !log.contains("'c1'") && !log.contains("'c2'") && log.contains("'c3'"),
+        "{log}"
+    );
+    lab.fp(&["gc"]);
+    // c3 is a delta over c2 over c1: their images stay while it is named.
+    let at_c3 = lines_any(&lab.mnt.join(".forkpoint/snapshots/c3/tick"));
+    lab.fp(&["restore", "-m", lab.m(), "--branch", "b3", "--detach", "c3"]);
+    let b3 = lab.branch_dir("b3").join("tick");
+    wait_for("c3 restored", Duration::from_secs(20), || {
+        lines_any(&b3) > at_c3 + 5
+    });
+    lab.fp(&[
+        "checkpoint",
+        "-m",
+        lab.m(),
+        "--session",
+        "b3",
+        "--kill",
+        "b3-end",
+    ]);
+    // The running session's last image goes: its next checkpoint is whole, at once.
+    lab.fp(&["forget", "-m", lab.m(), "c3"]);
+    lab.fp(&["gc"]);
+    let out = lab.fp(&["checkpoint", "-m", lab.m(), "c4"]);
+    assert!(!out.contains("as a delta"), "{out}");
+    let out = lab.fp(&["checkpoint", "-m", lab.m(), "c5"]);
+    assert!(out.contains("as a delta, 1 deep"), "{out}");
+    // Branches: a mounted one is refused, another one goes.
+    let err = lab.fp_fails(&["branch", "-m", lab.m(), "-d", "main"]);
+    assert!(err.contains("mounted"), "{err}");
+    wait_for("b3's mount released", Duration::from_secs(10), || {
+        !std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .contains("/branches/b3 ")
+    });
+    lab.fp(&["branch", "-m", lab.m(), "-d", "b3"]);
+    let log = lab.fp(&["log", "-m", lab.m()]);
+    assert!(
+        !log.contains("branch b3 ") && log.contains("'b3-end'"),
+        "b3 is deleted, its named checkpoint stays: {log}"
+    );
+    let v = lab.fp(&["verify"]);
+    assert!(v.contains("verified"), "{v}");
+    // What is left restores exactly.
+    let at_c5 = lines_any(&lab.mnt.join(".forkpoint/snapshots/c5/tick"));
+    lab.fp(&["restore", "-m", lab.m(), "--detach", "c5"]);
+    wait_for("c5 restored", Duration::from_secs(20), || {
+        count() > at_c5 + 5
+    });
+    let text = std::fs::read_to_string(&tick).expect("tick");
+    let ns: Vec<i64> = text
+        .lines()
+        .map(|l| l.split(' ').next().and_then(|n| n.parse().ok()).expect("n"))
+        .collect();
+    assert_eq!(
+        ns,
+        (1..=ns.len() as i64).collect::<Vec<_>>(),
+        "one run, no gap"
+    );
+}

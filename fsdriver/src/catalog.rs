@@ -609,6 +609,43 @@ impl Catalog {
         Ok(())
     }
 
+    /// Takes the name off a named snapshot or checkpoint, as `git tag -d` does: it stays
+    /// until gc, which drops it (and what only it reaches) unless it is a branch head.
+    /// Returns its number.
+    pub fn forget(&mut self, name: &str) -> Result<u64> {
+        let tx = self.conn.transaction()?;
+        let cno: Option<i64> = tx
+            .query_row("SELECT cno FROM checkpoints WHERE name=?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        let Some(cno) = cno else {
+            return Err(StoreError::UnknownCheckpoint(name.to_string()));
+        };
+        tx.execute("UPDATE checkpoints SET name=NULL WHERE cno=?1", [cno])?;
+        tx.commit()?;
+        Ok(cno as u64)
+    }
+
+    /// Deletes branch `name`: its head and unnamed commits are gc's to drop; the named
+    /// snapshots and checkpoints recorded on it stay. The last branch is kept.
+    pub fn delete_branch(&mut self, name: &str) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        let n = tx.execute("DELETE FROM branches WHERE name=?1", [name])?;
+        if n == 0 {
+            return Err(StoreError::UnknownBranch(name.to_string()));
+        }
+        let left: i64 = tx.query_row("SELECT count(*) FROM branches", [], |r| r.get(0))?;
+        if left == 0 {
+            return Err(StoreError::BranchKept {
+                name: name.to_string(),
+                reason: "it is the store's only branch".into(),
+            });
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Points branch `name` at checkpoint `cno` (a rollback).
     pub fn set_head(&mut self, name: &str, cno: u64) -> Result<()> {
         let n = self.conn.execute(
