@@ -1428,6 +1428,51 @@ int main(void) {
         !log_text.contains("'refused'"),
         "no checkpoint recorded: {log_text}"
     );
+    // An inotify descriptor: refused by its kind, the supported ones named.
+    let (pid, _) = lab.session_pid("s1");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL)
+        .expect("kill");
+    let exe = lab.cc(
+        "watch",
+        r#"
+#include <unistd.h>
+#include <fcntl.h>
+#include <sys/inotify.h>
+int main(void) {
+    for (int fd = 3; fd < 1024; fd++) close(fd);
+    int i = inotify_init1(0);
+    inotify_add_watch(i, ".", IN_CREATE);
+    int f = open("watch.log", O_WRONLY | O_CREAT | O_APPEND, 0644);
+    for (;;) { write(f, "x\n", 2); usleep(10000); }
+}
+"#,
+        &[],
+    );
+    lab.fp(&[
+        "run",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--name",
+        "watcher",
+        "--",
+        exe.to_str().expect("utf8"),
+    ]);
+    let log = lab.mnt.join("watch.log");
+    wait_for("watcher", Duration::from_secs(10), || lines_any(&log) > 5);
+    let err = lab.fp_fails(&["checkpoint", "-m", lab.m(), "refused"]);
+    assert!(
+        err.contains("fd 3") && err.contains("inotify descriptors cannot be checkpointed"),
+        "{err}"
+    );
+    assert!(
+        err.contains("supported: eventfd, timerfd, signalfd, epoll"),
+        "{err}"
+    );
+    let n = lines_any(&log);
+    wait_for("still running", Duration::from_secs(10), || {
+        lines_any(&log) > n + 5
+    });
 }
 
 /// A detached program writes to its session's log. Restored into a session of another

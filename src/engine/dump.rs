@@ -2226,10 +2226,13 @@ fn dump_fds(
             });
             continue;
         }
-        if target.starts_with("anon_inode:") {
-            return Err(refuse(
-                "anonymous inodes (epoll, inotify, ...) are not supported",
-            ));
+        if let Some(what) = target.strip_prefix("anon_inode:") {
+            // eventfd, timerfd, signalfd and epoll are handled above.
+            let what = what.trim_matches(|c| c == '[' || c == ']');
+            return Err(refuse(&format!(
+                "{what} descriptors cannot be checkpointed (supported: eventfd, timerfd, \
+                 signalfd, epoll)"
+            )));
         }
         if !target.starts_with('/') {
             return Err(refuse("not a path"));
