@@ -1465,6 +1465,11 @@ impl Fs {
         }
         let mut st = self.lock();
         if st.dirty.is_empty() && name.is_none() {
+            if !fsync {
+                // Nothing new: what fsyncs committed is made durable the full way (an
+                // unmount ends so).
+                self.store.settle()?;
+            }
             return Ok(st.head);
         }
         let store = self.store.clone();

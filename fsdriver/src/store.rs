@@ -1147,6 +1147,19 @@ impl Store {
         res
     }
 
+    /// Makes the intent commits since the last full commit durable the full way (the index
+    /// file and the catalog flushed, their base forgotten), so that the next opening has
+    /// nothing to scan. For an unmount, or when a commit finds nothing new to record.
+    pub fn settle(&self) -> Result<()> {
+        let mut w = lock(&self.writer);
+        if w.intents == 0 {
+            return Ok(());
+        }
+        let mut objindex = lock(&self.objindex);
+        self.commit_full(&mut w, objindex.as_mut(), None)
+            .map(|_| ())
+    }
+
     /// An fsync's commit: as [`Store::commit`], but made durable by a marker in the log and
     /// one flush of the segment (an intent commit, see [`crate::intent`]) when it can be:
     /// an anonymous commit that moves a branch head, in a store with an index file, after

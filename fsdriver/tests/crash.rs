@@ -354,3 +354,23 @@ fn intent_commits_survive_losing_the_catalog_and_the_index_tail() {
         );
     }
 }
+
+/// A commit with nothing new after fsyncs (as an unmount makes) settles them: the catalog
+/// and the index file are flushed and the next opening has nothing to scan.
+#[test]
+fn a_commit_with_nothing_new_settles_the_intent_commits() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("store");
+    let store = Store::create_with(&dir, None, config(), None).expect("create");
+    let fs = Fs::new(store.clone(), "main").expect("fs");
+    let mut files = Files::new();
+    put(&fs, &mut files, "a", 0, &data(1, 10_000)).expect("put");
+    fs.fsync().expect("fsync");
+    let base = || store.catalog(|c| c.fast_base()).expect("meta");
+    assert!(base().is_some(), "an fsync is an intent commit");
+    fs.commit_now().expect("commit");
+    assert!(base().is_none(), "settled");
+    drop(fs);
+    drop(store);
+    check(&dir, &files, &[]);
+}
