@@ -207,6 +207,16 @@ enum Cmd {
         /// The checkpoint to restore (NAME or #CNO).
         name: String,
     },
+    /// End a session without checkpointing it: every process in it is killed.
+    Kill {
+        /// The mount to work on (default: the forkpoint mount that holds the current
+        /// directory).
+        #[arg(short = 'm', long = "mount")]
+        mountpoint: Option<PathBuf>,
+        /// The session (default: the one running on the mount).
+        #[arg(long)]
+        session: Option<String>,
+    },
     /// List sessions.
     Ps {
         /// The mount to work on (default: the forkpoint mount that holds the current
@@ -587,6 +597,26 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             )?;
             return Ok(ExitCode::from(code.clamp(0, 255) as u8));
         }
+        Cmd::Kill {
+            mountpoint,
+            session,
+        } => {
+            let (mp, store) = mounts::resolve(mountpoint.as_deref())?;
+            let s = pick_session(&store, &mp, session.as_deref())?;
+            // The cgroup holds every process of the session; session-init too, so that the
+            // session's PID namespace goes with it.
+            if let Err(e) = cgroup::kill(&store, &s.name) {
+                log::debug!("cgroup kill of {}: {e:#}", s.name);
+            }
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(s.pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            if !session::wait_gone(s.pid, std::time::Duration::from_secs(10)) {
+                bail!("session '{}' (pid {}) has not ended", s.name, s.pid);
+            }
+            println!("killed session {}", s.name);
+        }
         Cmd::Ps { mountpoint, json } => {
             let (_, store) = mounts::resolve(mountpoint.as_deref())?;
             let list = session::list(&store)?;
@@ -942,7 +972,8 @@ fn umount(mountpoint: &Path) -> Result<()> {
         .collect();
     if !busy.is_empty() {
         bail!(
-            "sessions still run on {}: {}; stop them first",
+            "sessions still run on {}: {}; end them first (`forkpoint checkpoint --kill NAME` \
+             keeps their state, `forkpoint kill --session SESSION` does not)",
             mp.display(),
             busy.join(", ")
         );

@@ -1473,6 +1473,15 @@ int main(void) {
     wait_for("still running", Duration::from_secs(10), || {
         lines_any(&log) > n + 5
     });
+    // A session that cannot be checkpointed is ended with kill; umount says how.
+    let err = lab.fp_fails(&["umount", lab.m()]);
+    assert!(err.contains("forkpoint kill --session"), "{err}");
+    let out = lab.fp(&["kill", "-m", lab.m(), "--session", "watcher"]);
+    assert!(out.contains("killed session watcher"), "{out}");
+    assert!(!lab.fp(&["ps", "-m", lab.m()]).contains("watcher"));
+    let n = lines_any(&log);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(lines_any(&log), n, "nothing of the session runs");
 }
 
 /// A detached program writes to its session's log. Restored into a session of another
