@@ -1022,19 +1022,52 @@ fn print_log(store: &Path, json: bool, all: bool) -> Result<()> {
         cps.retain(|cp| cp.name.is_some() || branches.iter().any(|b| b.head == cp.cno));
     }
     let hidden = before - cps.len();
+    // Where the store's daemon serves which branch (none without a daemon).
+    let mounts: Vec<(String, String)> = daemon::call(store, &daemon::Request::Status)
+        .ok()
+        .flatten()
+        .and_then(|v| v["mounts"].as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|m| {
+            Some((
+                m["branch"].as_str()?.to_string(),
+                m["mountpoint"].as_str()?.to_string(),
+            ))
+        })
+        .collect();
     if json {
+        let mounts: Vec<serde_json::Value> = mounts
+            .iter()
+            .map(|(b, p)| serde_json::json!({"branch": b, "mountpoint": p}))
+            .collect();
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "branches": branches,
                 "checkpoints": cps,
                 "unlisted_commits": hidden,
+                "mounts": mounts,
             }))?
         );
         return Ok(());
     }
     for b in &branches {
-        println!("branch {} (head #{})", b.name, b.head);
+        let at: Vec<&str> = mounts
+            .iter()
+            .filter(|(br, _)| *br == b.name)
+            .map(|(_, p)| p.as_str())
+            .collect();
+        if at.is_empty() {
+            println!("branch {} (head #{})", b.name, b.head);
+        } else {
+            println!(
+                "branch {} (head #{}), mounted at {}",
+                b.name,
+                b.head,
+                at.join(", ")
+            );
+        }
     }
     for cp in cps.iter().rev() {
         let heads: Vec<&str> = branches

@@ -434,6 +434,13 @@ fn new_user_workflow() {
         .filter_map(|b| b["name"].as_str())
         .collect();
     assert_eq!(heads, ["main"], "branches: {log}");
+    let mounts = v["mounts"].as_array().expect("mounts array");
+    assert!(
+        mounts
+            .iter()
+            .any(|m| m["branch"] == "main" && m["mountpoint"] == mnt.to_str().expect("utf8")),
+        "log names where main is mounted: {log}"
+    );
 
     // Each fsync commits; the log lists what is named and the branch heads, and counts the
     // rest (a database in the mount makes thousands); --all lists them.
@@ -452,6 +459,11 @@ fn new_user_workflow() {
         fp_ok(&args)
     };
     let short = log_of(&[]);
+    assert!(
+        short.contains(&format!("branch main (head #"))
+            && short.contains(&format!("mounted at {}", mnt.display())),
+        "{short}"
+    );
     let entries = |text: &str| text.lines().filter(|l| l.starts_with("* #")).count();
     for l in short.lines().filter(|l| l.starts_with("* #")) {
         assert!(
