@@ -460,7 +460,7 @@ fn new_user_workflow() {
     };
     let short = log_of(&[]);
     assert!(
-        short.contains(&format!("branch main (head #"))
+        short.contains("branch main (head #")
             && short.contains(&format!("mounted at {}", mnt.display())),
         "{short}"
     );
