@@ -1203,20 +1203,7 @@ impl Store {
         w.touched.insert(seg_id, len);
         self.flush_stage(&mut w)?;
         // The commit point: the marker and the objects before it on the disk.
-        let segs = self.segs.read().unwrap_or_else(|e| e.into_inner()).clone();
-        for id in w.touched.keys() {
-            if let Some(f) = segs.get(id) {
-                f.sync().ctx("fsync segment", self.storage.path())?;
-            }
-        }
-        if w.created {
-            self.storage
-                .sync_dir()
-                .ctx("fsync segment directory", self.storage.path())?;
-        }
-        if !self.storage.commit_barrier() {
-            return Err(StoreError::SimulatedCrash);
-        }
+        self.sync_log(&w)?;
         let t_sync = t0.elapsed();
         f.append(&w.pending)?;
         let touched: Vec<(u64, u64)> = w.touched.iter().map(|(k, v)| (*k, *v)).collect();
@@ -1262,26 +1249,13 @@ impl Store {
         t0: std::time::Instant,
         t_flush: std::time::Duration,
     ) -> Result<Option<u64>> {
-        let segs = self.segs.read().unwrap_or_else(|e| e.into_inner()).clone();
-        for id in w.touched.keys() {
-            if let Some(f) = segs.get(id) {
-                f.sync().ctx("fsync segment", self.storage.path())?;
-            }
-        }
         if let Some(f) = objindex
             .as_ref()
             .filter(|f| (!w.pending.is_empty() || w.index_unsynced) && !f.is_empty())
         {
             f.sync()?;
         }
-        if w.created {
-            self.storage
-                .sync_dir()
-                .ctx("fsync segment directory", self.storage.path())?;
-        }
-        if !self.storage.commit_barrier() {
-            return Err(StoreError::SimulatedCrash);
-        }
+        self.sync_log(w)?;
         let t_sync = t0.elapsed();
         let touched: Vec<(u64, u64)> = w.touched.iter().map(|(k, v)| (*k, *v)).collect();
         let cno = match objindex {
@@ -1308,6 +1282,26 @@ impl Store {
         w.intent_bytes = 0;
         w.index_unsynced = false;
         Ok(cno)
+    }
+
+    /// Flushes the segments written since the last commit (and the segment directory if
+    /// one was created): what a commit records must be on the disk first.
+    fn sync_log(&self, w: &Writer) -> Result<()> {
+        let segs = self.segs.read().unwrap_or_else(|e| e.into_inner()).clone();
+        for id in w.touched.keys() {
+            if let Some(f) = segs.get(id) {
+                f.sync().ctx("fsync segment", self.storage.path())?;
+            }
+        }
+        if w.created {
+            self.storage
+                .sync_dir()
+                .ctx("fsync segment directory", self.storage.path())?;
+        }
+        if !self.storage.commit_barrier() {
+            return Err(StoreError::SimulatedCrash);
+        }
+        Ok(())
     }
 
     /// Looks up a checkpoint by name (or `#CNO`).
