@@ -105,9 +105,10 @@ pub fn forget(store: &Store, names: &[String]) -> Result<serde_json::Value> {
         .catalog(|c| {
             for n in names {
                 if c.find(n)?.name.as_deref() != Some(n.as_str()) {
-                    return Err(forkpoint_fs::StoreError::UnknownCheckpoint(format!(
-                        "{n}' (forget takes names, not numbers)"
-                    )));
+                    return Err(forkpoint_fs::StoreError::InvalidName {
+                        name: n.clone(),
+                        reason: "forget takes the names of snapshots and checkpoints, not numbers",
+                    });
                 }
             }
             let mut out = Vec::new();
