@@ -99,10 +99,55 @@ pub struct Response {
     pub value: serde_json::Value,
 }
 
-/// Takes the names off `names`, all or none; returns what each named.
+/// Whether `name` matches `pattern`, where `*` stands for any run of characters and `?`
+/// for any one.
+fn glob_match(pattern: &str, name: &str) -> bool {
+    let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
+    let (mut i, mut j) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while j < n.len() {
+        if i < p.len() && (p[i] == '?' || p[i] == n[j]) {
+            i += 1;
+            j += 1;
+        } else if i < p.len() && p[i] == '*' {
+            star = Some((i, j));
+            i += 1;
+        } else if let Some((si, sj)) = star {
+            i = si + 1;
+            j = sj + 1;
+            star = Some((si, sj + 1));
+        } else {
+            return false;
+        }
+    }
+    p[i..].iter().all(|c| *c == '*')
+}
+
+/// Takes the names off `names` (a name with `*` or `?` stands for every name it matches),
+/// all or none; returns what each named.
 pub fn forget(store: &Store, names: &[String]) -> Result<serde_json::Value> {
     store
         .catalog(|c| {
+            let mut expanded = Vec::new();
+            for n in names {
+                if !n.contains(['*', '?']) {
+                    expanded.push(n.clone());
+                    continue;
+                }
+                let hits: Vec<String> = c
+                    .checkpoints()?
+                    .into_iter()
+                    .filter_map(|cp| cp.name)
+                    .filter(|name| glob_match(n, name))
+                    .collect();
+                if hits.is_empty() {
+                    return Err(forkpoint_fs::StoreError::UnknownCheckpoint(n.clone()));
+                }
+                expanded.extend(hits);
+            }
+            let mut seen = std::collections::HashSet::new();
+            expanded.retain(|n| seen.insert(n.clone()));
+            let names = &expanded;
             for n in names {
                 if c.find(n)?.name.as_deref() != Some(n.as_str()) {
                     return Err(forkpoint_fs::StoreError::InvalidName {
@@ -991,4 +1036,17 @@ fn read_peer(pid: i32, ranges: &[(u64, usize)], buf: &mut [u8]) -> Result<()> {
         off += len;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn glob_patterns_match_as_in_a_shell() {
+        use super::glob_match as m;
+        assert!(m("auto-*", "auto-2026-12-06-08-07-36"));
+        assert!(m("*", ""));
+        assert!(m("c?", "c1") && !m("c?", "c10"));
+        assert!(m("a*b*c", "aXbYbZc") && !m("a*b*c", "aXbYbZ"));
+        assert!(!m("auto-*", "warm") && m("warm", "warm"));
+    }
 }

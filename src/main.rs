@@ -93,7 +93,9 @@ enum Cmd {
         /// Operate on a store directly instead of through a mount.
         #[arg(long, conflicts_with = "mountpoint")]
         store: Option<PathBuf>,
-        /// Names of the snapshots or checkpoints (all are checked before any is forgotten).
+        /// Names of the snapshots or checkpoints; `*` and `?` match as in a shell (quote
+        /// them), so `'auto-*'` takes every automatic checkpoint. All are checked before
+        /// any is forgotten.
         #[arg(required = true)]
         names: Vec<String>,
     },

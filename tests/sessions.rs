@@ -2248,4 +2248,14 @@ while True:
         (1..=ns.len() as i64).collect::<Vec<_>>(),
         "one run, no gap"
     );
+    // The rollback kept an automatic checkpoint; a pattern takes every one.
+    assert!(lab.fp(&["log", "-m", lab.m()]).contains("'auto-"));
+    let out = lab.fp(&["forget", "-m", lab.m(), "auto-*"]);
+    assert!(out.contains("forgot 'auto-"), "{out}");
+    assert!(!lab.fp(&["log", "-m", lab.m()]).contains("'auto-"));
+    let err = lab.fp_fails(&["forget", "-m", lab.m(), "auto-*"]);
+    assert!(
+        err.contains("auto-*"),
+        "a pattern that matches nothing: {err}"
+    );
 }
