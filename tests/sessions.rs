@@ -758,12 +758,7 @@ fn multithreaded_program_keeps_its_invariants() {
         exe.to_str().expect("utf8"),
     ]);
     let log = lab.mnt.join("threads.log");
-    let count = |p: &Path| {
-        std::fs::read_to_string(p)
-            .unwrap_or_default()
-            .lines()
-            .count()
-    };
+    let count = lines_any;
     wait_for("threads", Duration::from_secs(10), || count(&log) > 10);
     lab.fp(&["checkpoint", "-m", lab.m(), "mt"]);
     let at_cut = count(&lab.mnt.join(".forkpoint/snapshots/mt/threads.log"));
@@ -902,12 +897,7 @@ out.flush()
         script.to_str().expect("utf8"),
     ]);
     let prog = lab.mnt.join("progress.txt");
-    let count = |p: &Path| {
-        std::fs::read_to_string(p)
-            .unwrap_or_default()
-            .lines()
-            .count()
-    };
+    let count = lines_any;
     wait_for("python", Duration::from_secs(20), || count(&prog) > 50);
     lab.fp(&["checkpoint", "-m", lab.m(), "py"]);
     let at_cut = count(&lab.mnt.join(".forkpoint/snapshots/py/progress.txt"));
@@ -965,12 +955,7 @@ while True:
         script.to_str().expect("utf8"),
     ]);
     let prog = lab.mnt.join("progress.txt");
-    let count = |p: &Path| {
-        std::fs::read_to_string(p)
-            .unwrap_or_default()
-            .lines()
-            .count()
-    };
+    let count = lines_any;
     // The kernel's mtime of the -shm file is from its first write through the mapping.
     wait_for("python", Duration::from_secs(20), || count(&prog) > 300);
     lab.fp(&["checkpoint", "-m", lab.m(), "mapped"]);

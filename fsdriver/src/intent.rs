@@ -110,7 +110,7 @@ pub fn recover(
     // Segments past the last one the start knows were rolled to since: scanned whole.
     let known_max = start.keys().max().copied();
     let ids: BTreeSet<u64> = committed.keys().chain(on_disk).copied().collect();
-    // (segment, scan start, records, valid end)
+    // (segment, its file, records, valid end)
     let mut scanned = Vec::new();
     for id in ids {
         let from = match start.get(&id) {
@@ -135,11 +135,11 @@ pub fn recover(
             path: seg_path.join(format!("{id:016x}.seg")),
             source,
         })?;
-        scanned.push((id, records, end));
+        scanned.push((id, file, records, end));
     }
     let last_marker = scanned
         .iter()
-        .flat_map(|(_, recs, _)| recs.iter())
+        .flat_map(|(_, _, recs, _)| recs.iter())
         .filter(|(_, l)| l.kind == ObjectKind::Marker)
         .map(|(_, l)| (l.segment, l.end()))
         .next_back();
@@ -153,7 +153,7 @@ pub fn recover(
         index_len,
         ..Recovery::default()
     };
-    for (id, records, end) in &scanned {
+    for (id, file, records, end) in &scanned {
         let new_len = match last_marker {
             Some((m, _)) if *id < m => clen(*id).max(*end),
             Some((m, e)) if *id == m => clen(*id).max(e),
@@ -172,13 +172,8 @@ pub fn recover(
             }
             if loc.kind == ObjectKind::Marker {
                 if loc.end() > clen(*id) {
-                    let payload = storage
-                        .open(*id, false)
-                        .and_then(|f| {
-                            let mut p = vec![0u8; loc.len as usize];
-                            f.read_exact_at(&mut p, loc.offset + segment::RECORD_HEADER_LEN)
-                                .map(|_| p)
-                        })
+                    let mut payload = vec![0u8; loc.len as usize];
+                    file.read_exact_at(&mut payload, loc.offset + segment::RECORD_HEADER_LEN)
                         .map_err(|source| StoreError::Io {
                             op: "read marker",
                             path: storage.path(),

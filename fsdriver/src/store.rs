@@ -614,32 +614,13 @@ impl Store {
             w.refs = true;
             return Ok(());
         }
-        let rec_len = segment::RECORD_HEADER_LEN + data.len() as u64;
-        if w.seg.is_none() || w.len + rec_len > self.config.segment_size {
-            self.roll(&mut w)?;
-        }
-        let (seg_id, file) = match &w.seg {
-            Some((i, f)) => (*i, f.clone()),
-            None => unreachable!("roll always opens a segment"),
-        };
-        let hdr = segment::encode_header(kind, &id, data);
-        let off = w.len;
-        self.append(&mut w, &file, seg_id, &[&hdr, data])?;
-        w.len += rec_len;
-        let loc = Loc {
-            segment: seg_id,
-            offset: off,
-            len: data.len() as u32,
-            kind,
-        };
+        let loc = self.append_record(&mut w, kind, &id, data)?;
         w.pending.push((id, loc));
         if kind != ObjectKind::Chunk {
             // Metadata is read back soon (the next lookup of a block map or inode), and the
             // log bypasses the page cache: keep it in the read cache from the start.
             lock(&self.cache).put(id, Arc::new(data.to_vec()));
         }
-        let len = w.len;
-        w.touched.insert(seg_id, len);
         self.index
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -728,6 +709,37 @@ impl Store {
             i = j;
         }
         Ok(written)
+    }
+
+    /// Appends one record to the active segment, rolling to a new segment when it would
+    /// not fit; advances the writer and marks the segment touched. Returns where it lies.
+    fn append_record(
+        &self,
+        w: &mut Writer,
+        kind: ObjectKind,
+        id: &ContentId,
+        data: &[u8],
+    ) -> Result<Loc> {
+        let rec_len = segment::RECORD_HEADER_LEN + data.len() as u64;
+        if w.seg.is_none() || w.len + rec_len > self.config.segment_size {
+            self.roll(w)?;
+        }
+        let (seg_id, file) = match &w.seg {
+            Some((i, f)) => (*i, f.clone()),
+            None => unreachable!("roll always opens a segment"),
+        };
+        let hdr = segment::encode_header(kind, id, data);
+        self.append(w, &file, seg_id, &[&hdr, data])?;
+        let loc = Loc {
+            segment: seg_id,
+            offset: w.len,
+            len: data.len() as u32,
+            kind,
+        };
+        w.len += rec_len;
+        let len = w.len;
+        w.touched.insert(seg_id, len);
+        Ok(loc)
     }
 
     /// Appends `bufs` at the writer's length in the active segment `seg_id` (the caller then
@@ -1189,18 +1201,7 @@ impl Store {
         });
         let id = ContentId::of(&marker);
         let rec_len = segment::RECORD_HEADER_LEN + marker.len() as u64;
-        if w.seg.is_none() || w.len + rec_len > self.config.segment_size {
-            self.roll(&mut w)?;
-        }
-        let (seg_id, file) = match &w.seg {
-            Some((i, f)) => (*i, f.clone()),
-            None => unreachable!("roll always opens a segment"),
-        };
-        let hdr = segment::encode_header(ObjectKind::Marker, &id, &marker);
-        self.append(&mut w, &file, seg_id, &[&hdr, &marker])?;
-        w.len += rec_len;
-        let len = w.len;
-        w.touched.insert(seg_id, len);
+        self.append_record(&mut w, ObjectKind::Marker, &id, &marker)?;
         self.flush_stage(&mut w)?;
         // The commit point: the marker and the objects before it on the disk.
         self.sync_log(&w)?;
