@@ -2,6 +2,7 @@
 
 mod cgroup;
 mod daemon;
+mod devshm;
 mod mounts;
 mod session;
 mod sysv;

@@ -30,7 +30,9 @@ use std::time::{Duration, Instant};
 /// 2: `process` holds the engine's tree image (the program and its descendants, pipes).
 /// 3: `sysv`, the SysV IPC objects of the session's namespace. Version 2 images decode with
 ///    none (they had none: such checkpoints were refused).
-pub const SESSION_IMAGE_VERSION: u32 = 3;
+/// 4: `shm`, the session's private `/dev/shm`. Older images decode with an empty one (their
+///    sessions shared the host's, and checkpoints of files there were refused).
+pub const SESSION_IMAGE_VERSION: u32 = 4;
 
 /// What a checkpoint stores besides the engine's process image.
 #[derive(Debug, Serialize, Deserialize)]
@@ -45,6 +47,8 @@ pub struct SessionImage {
     pub argv: Vec<String>,
     /// SysV IPC objects (version 3), their segments' contents externalized like memory.
     pub sysv: crate::sysv::SysvImage,
+    /// The session's `/dev/shm` (version 4), file contents externalized like memory.
+    pub shm: crate::devshm::ShmDir,
 }
 
 /// A version 2 session image.
@@ -56,6 +60,18 @@ struct SessionImageV2 {
     monotonic_ns: i128,
     boottime_ns: i128,
     argv: Vec<String>,
+}
+
+/// A version 3 session image.
+#[derive(Deserialize)]
+struct SessionImageV3 {
+    version: u32,
+    #[serde(with = "forkpoint::engine::image::bytes")]
+    process: Vec<u8>,
+    monotonic_ns: i128,
+    boottime_ns: i128,
+    argv: Vec<String>,
+    sysv: crate::sysv::SysvImage,
 }
 
 impl SessionImage {
@@ -74,6 +90,20 @@ impl SessionImage {
                     boottime_ns: v.boottime_ns,
                     argv: v.argv,
                     sysv: Default::default(),
+                    shm: Default::default(),
+                })
+            }
+            3 => {
+                let v: SessionImageV3 =
+                    postcard::from_bytes(bytes).context("decode session image")?;
+                Ok(SessionImage {
+                    version: v.version,
+                    process: v.process,
+                    monotonic_ns: v.monotonic_ns,
+                    boottime_ns: v.boottime_ns,
+                    argv: v.argv,
+                    sysv: v.sysv,
+                    shm: Default::default(),
                 })
             }
             SESSION_IMAGE_VERSION => postcard::from_bytes(bytes).context("decode session image"),
@@ -683,6 +713,18 @@ fn init(spec: &InitSpec, mut info: SessionInfo, pre: Option<Preloaded>) -> Resul
         None::<&str>,
     )
     .context("mount /proc")?;
+    // A /dev/shm of the session's own (devshm): POSIX shared memory and named semaphores
+    // are part of the session, recorded by its checkpoints and not shared between branches.
+    if Path::new(crate::devshm::DEV_SHM).is_dir() {
+        mount(
+            Some("tmpfs"),
+            crate::devshm::DEV_SHM,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=1777"),
+        )
+        .context("mount the session's /dev/shm")?;
+    }
     if spec.daemon_mount != spec.mountpoint {
         mount(
             Some(&spec.daemon_mount),
@@ -919,12 +961,14 @@ fn checkpoint(
         // Even a checkpoint that kills (the one kept before a rollback) reuses what was not
         // written since the last one.
         dirty: tracker.cloned(),
+        own_dirs: vec![PathBuf::from(crate::devshm::DEV_SHM)],
         ..Default::default()
     };
     let t0 = Instant::now();
     let mut root_cno = None;
     let mut frozen_at = None;
     let mut sysv = None;
+    let mut shm = None;
     let mp = spec.mountpoint.clone();
     let dmp = spec.daemon_mount.clone();
     let store = spec.store.clone();
@@ -932,8 +976,11 @@ fn checkpoint(
         frozen_at = Some(Instant::now());
         // init shares the session's IPC namespace: these files list the program's objects.
         sysv = Some(crate::sysv::dump()?);
+        // init shares the session's mount namespace: this is the program's /dev/shm.
+        shm = Some(crate::devshm::dump(Path::new(crate::devshm::DEV_SHM))?);
         let mut allowed = req.allow_outside.clone();
         allowed.push(session_dir(&spec.store, &spec.name));
+        allowed.push(PathBuf::from(crate::devshm::DEV_SHM));
         outside_writes(&mp, &allowed)?;
         // The program is stopped: the files as of now belong to this checkpoint.
         // /proc here is the session's own: every process of it, and nothing else.
@@ -1016,7 +1063,8 @@ fn checkpoint(
     );
     let mut held: Vec<Vec<u8>> = Vec::new();
     let mut sysv = sysv.unwrap_or_default();
-    for memory in memories_mut(&mut img, &mut sysv) {
+    let mut shm = shm.unwrap_or_default();
+    for memory in memories_mut(&mut img, &mut sysv, &mut shm) {
         for run in &mut memory.runs {
             if !matches!(run.data, PageData::Bytes(_)) {
                 continue;
@@ -1064,7 +1112,7 @@ fn checkpoint(
     drop(held);
     // The placeholders, in the same order (a real BLAKE3 output is never all zeros).
     let mut names = ids.chunks_exact(32);
-    for memory in memories_mut(&mut img, &mut sysv) {
+    for memory in memories_mut(&mut img, &mut sysv, &mut shm) {
         for run in &mut memory.runs {
             if run.data == PageData::Stored([0; 32]) {
                 if let Some(n) = names.next() {
@@ -1128,6 +1176,7 @@ fn checkpoint(
         boottime_ns: clock_ns(nix::time::ClockId::CLOCK_BOOTTIME),
         argv: spec.argv.clone(),
         sysv,
+        shm,
     };
     let tmp = dir.join("checkpoint.tmp");
     std::fs::write(&tmp, postcard::to_allocvec(&wrapped)?).context("write image")?;
@@ -1176,10 +1225,11 @@ fn checkpoint(
 }
 
 /// Every memory of a checkpoint whose contents go to the store: each process's, each shared
-/// memory file's, each SysV segment's, in a fixed order.
+/// memory file's, each SysV segment's, each file's in /dev/shm, in a fixed order.
 fn memories_mut<'a>(
     img: &'a mut TreeImage,
     sysv: &'a mut crate::sysv::SysvImage,
+    shm: &'a mut crate::devshm::ShmDir,
 ) -> impl Iterator<Item = &'a mut engine::image::ImageMemory> {
     img.processes
         .iter_mut()
@@ -1187,6 +1237,7 @@ fn memories_mut<'a>(
         .map(|p| &mut p.memory)
         .chain(img.memfds.iter_mut().map(|f| &mut f.contents))
         .chain(sysv.shm.iter_mut().map(|s| &mut s.contents))
+        .chain(shm.memories_mut())
 }
 
 /// Delta images on top of a whole one, at most: a restore resolves the chain, image by
@@ -1446,11 +1497,17 @@ fn restore_main(
     crate::sysv::restore(&si.sysv, &chunks)
         .map_err(|e| anyhow!(e))
         .context("restore SysV IPC objects")?;
+    // Then /dev/shm (init's, a fresh tmpfs): the processes reopen and map its files.
+    let own_dirs = [PathBuf::from(crate::devshm::DEV_SHM)];
+    crate::devshm::restore(&si.shm, &own_dirs[0], &chunks)
+        .map_err(|e| anyhow!(e))
+        .context("restore /dev/shm")?;
     let opts = TreeRestoreOptions {
         keep_pids: true,
         chunks: Some(&chunks),
         skip_file_checks: false,
         snapshot_root: Some(&spec.mountpoint),
+        recreated: &own_dirs,
         // init's own stdio: the terminal `forkpoint restore` runs in, or with --detach
         // /dev/null and the session's log.
         terminal: None,
@@ -1522,32 +1579,33 @@ fn kill_program() {
 }
 
 /// Descriptors on the log of the session that was checkpointed (a detached program's
-/// output) write to this session's log instead, when it has one: the log belongs to the
-/// session, not to the checkpoint, and a checkpoint refuses files written outside the mount
-/// but the session's own.
+/// output) write to this session's output instead: its log when it has one (a detached
+/// restore), else the terminal or whatever the restore's stdio is, as a terminal of the
+/// checkpointed session would. The log belongs to the session, not to the checkpoint (and
+/// a rollback's session of the same name starts it anew).
 fn adopt_session_log(spec: &InitSpec, tree: &mut TreeImage) {
     let sessions = sessions_dir(&spec.store);
     let ours = session_dir(&spec.store, &spec.name).join("output.log");
-    if !ours.exists() {
-        return;
-    }
-    let Some(ours_str) = ours.to_str() else {
-        return;
-    };
+    let ours_str = ours.exists().then(|| ours.to_str()).flatten();
     for p in tree.processes.iter_mut().filter_map(|m| m.live_mut()) {
         for fd in &mut p.fds {
             let path = Path::new(&fd.path);
             let theirs = path.parent().and_then(|d| d.parent()) == Some(sessions.as_path())
                 && path.file_name() == Some(std::ffi::OsStr::new("output.log"));
-            if theirs && matches!(fd.kind, engine::image::FdKind::Regular) && path != ours {
-                log::debug!(
-                    "fd {} of process {}: {} becomes {}",
-                    fd.fd,
-                    p.pid,
-                    fd.path,
-                    ours_str
-                );
-                fd.path = ours_str.to_string();
+            let kept = ours_str.is_some() && path == ours;
+            if !theirs || !matches!(fd.kind, engine::image::FdKind::Regular) || kept {
+                continue;
+            }
+            log::debug!(
+                "fd {} of process {}: {} becomes {}",
+                fd.fd,
+                p.pid,
+                fd.path,
+                ours_str.unwrap_or("the restore's output")
+            );
+            match ours_str {
+                Some(o) => fd.path = o.to_string(),
+                None => fd.kind = engine::image::FdKind::Tty,
             }
         }
     }
@@ -1625,7 +1683,8 @@ mod tests {
     use super::*;
 
     /// `process` decodes as one byte string; the encoding is what a sequence of `u8` gave
-    /// (images stored before still decode, and the same bytes come out).
+    /// (images stored before still decode, and the same bytes come out). A version 3 image
+    /// (no /dev/shm) decodes with an empty one.
     #[test]
     fn session_image_bytes_keep_their_encoding() {
         #[derive(Serialize)]
@@ -1637,18 +1696,31 @@ mod tests {
             argv: Vec<String>,
             sysv: crate::sysv::SysvImage,
         }
+        #[derive(Serialize)]
+        struct Now {
+            before: Before,
+            shm: crate::devshm::ShmDir,
+        }
         let process: Vec<u8> = (0..5000u32).map(|i| (i * 7) as u8).collect();
-        let before = postcard::to_allocvec(&Before {
-            version: SESSION_IMAGE_VERSION,
+        let before = |version| Before {
+            version,
             process: process.clone(),
             monotonic_ns: -5,
             boottime_ns: 7,
             argv: vec!["a".into()],
             sysv: Default::default(),
+        };
+        let now = postcard::to_allocvec(&Now {
+            before: before(SESSION_IMAGE_VERSION),
+            shm: Default::default(),
         })
         .expect("encode");
-        let si = SessionImage::decode(&before).expect("decode");
+        let si = SessionImage::decode(&now).expect("decode");
         assert_eq!(si.process, process);
-        assert_eq!(postcard::to_allocvec(&si).expect("encode"), before);
+        assert_eq!(postcard::to_allocvec(&si).expect("encode"), now);
+        let v3 = postcard::to_allocvec(&before(3)).expect("encode");
+        let si = SessionImage::decode(&v3).expect("decode version 3");
+        assert_eq!((si.version, si.process), (3, process));
+        assert!(si.shm.entries.is_empty());
     }
 }

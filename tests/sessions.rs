@@ -1517,6 +1517,155 @@ int main(void) {
         "the old log stays as it was"
     );
     lab.fp(&["checkpoint", "-m", lab.m(), "k2"]);
+    // Rolled back in the foreground, the program writes to the restoring command's output
+    // (the session's log is made anew, and a foreground session has none).
+    let mut fg = Command::new(BIN)
+        .args(["restore", "-m", lab.m(), "k2"])
+        .current_dir(&lab.mnt)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("restore in the foreground");
+    let stdout = fg.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .filter(|l| l.starts_with("tick "))
+            .take(5)
+            .count()
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !reader.is_finished() && Instant::now() < deadline {
+        if fg.try_wait().expect("wait").is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = Command::new(BIN)
+        .args(["kill", "-m", lab.m()])
+        .current_dir(&lab.mnt)
+        .output();
+    let out = fg.wait_with_output().expect("restore ends");
+    let ticks = reader.join().expect("reader");
+    assert_eq!(
+        ticks,
+        5,
+        "ticks on the restoring command's output; stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// POSIX shared memory, named semaphores and a multiprocessing queue between two Python
+/// processes, all in the session's own /dev/shm: a shared_memory block (a file there held
+/// open), a Lock (a semaphore file unlinked at once and mapped) and an unlinked scratch
+/// file held by a descriptor. The host's /dev/shm never sees them; a restore on a branch,
+/// side by side with the running program, and a rollback in place both carry on with every
+/// invariant intact.
+#[test]
+fn posix_shared_memory_and_semaphores_live_in_the_sessions_dev_shm() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    let script = lab.mnt.join("shm.py");
+    std::fs::write(
+        &script,
+        r#"
+import multiprocessing as mp, os, time
+from multiprocessing import shared_memory
+NAME = "fp-test-block"
+
+def child(q, lock):
+    shm = shared_memory.SharedMemory(name=NAME)
+    while True:
+        with lock:
+            c = int.from_bytes(shm.buf[0:8], "little") + 1
+            shm.buf[0:8] = c.to_bytes(8, "little")
+        q.put(c)
+        time.sleep(0.01)
+
+if __name__ == "__main__":
+    for fd in range(3, 1024):
+        try: os.close(fd)
+        except OSError: pass
+    shm = shared_memory.SharedMemory(create=True, size=1 << 20, name=NAME)
+    blob = bytes((i * 13 + 5) % 251 for i in range(1 << 16))
+    scratch = os.open("/dev/shm/scratch", os.O_CREAT | os.O_RDWR, 0o600)
+    os.write(scratch, blob)
+    os.unlink("/dev/shm/scratch")
+    lock = mp.Lock()
+    q = mp.Queue()
+    p = mp.Process(target=child, args=(q, lock))
+    p.start()
+    out = open("progress.txt", "a")
+    last = 0
+    n = 0
+    while True:
+        got = q.get()
+        n += 1
+        with lock:
+            c = int.from_bytes(shm.buf[0:8], "little")
+        ok = got == last + 1 and c >= got and os.pread(scratch, len(blob), 0) == blob \
+            and os.listdir("/dev/shm") == [NAME]
+        last = got
+        out.write("%d %s\n" % (n, "ok" if ok else "BAD got=%d c=%d %r" % (got, c, os.listdir("/dev/shm"))))
+        out.flush()
+"#,
+    )
+    .expect("script");
+    lab.fp(&[
+        "run",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--",
+        "python3",
+        script.to_str().expect("utf8"),
+    ]);
+    let prog = lab.mnt.join("progress.txt");
+    wait_for("python", Duration::from_secs(20), || lines_any(&prog) > 30);
+    assert!(
+        !Path::new("/dev/shm/fp-test-block").exists(),
+        "the session's shared memory is not the host's"
+    );
+    lab.fp(&["checkpoint", "-m", lab.m(), "shm"]);
+    let at_cut = lines_any(&lab.mnt.join(".forkpoint/snapshots/shm/progress.txt"));
+    let all_ok = |p: &Path| {
+        let text = std::fs::read_to_string(p).expect("progress");
+        for (i, l) in text.lines().enumerate() {
+            assert_eq!(
+                l,
+                format!("{} ok", i + 1),
+                "line {} of {}",
+                i + 1,
+                p.display()
+            );
+        }
+    };
+    // Side by side: the branch makes the same names in its own /dev/shm.
+    lab.fp(&[
+        "restore",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--branch",
+        "b1",
+        "shm",
+    ]);
+    let b1 = lab.branch_dir("b1").join("progress.txt");
+    wait_for("the branch", Duration::from_secs(20), || {
+        lines_any(&b1) > at_cut + 30
+    });
+    all_ok(&b1);
+    // The original ran on meanwhile; rolled back, it carries on from the cut.
+    lab.fp(&["restore", "-m", lab.m(), "--detach", "shm"]);
+    wait_for("python after the rollback", Duration::from_secs(20), || {
+        lines_any(&prog) > at_cut + 30
+    });
+    all_ok(&prog);
+    all_ok(&b1);
 }
 
 /// A page chunk damaged in the store after the checkpoint: the restore is refused, naming

@@ -195,6 +195,11 @@ pub struct DumpOptions {
     /// tracking is armed again for the next dump only when the process runs on
     /// ([`AfterDump::Resume`]).
     pub dirty: Option<std::sync::Arc<std::sync::Mutex<super::dirty::DirtyTracker>>>,
+    /// Directories whose files the caller records and recreates itself (a session's private
+    /// `/dev/shm`). A deleted file there that a descriptor holds is kept like a memfd (its
+    /// contents in the image) instead of being refused; restore leaves the files mapped
+    /// from there unchecked ([`super::TreeRestoreOptions::recreated`]).
+    pub own_dirs: Vec<std::path::PathBuf>,
 }
 
 /// The terminals among this process's stdin, stdout and stderr, as (`st_dev`, `st_rdev`).
@@ -670,7 +675,7 @@ fn read_frozen(
     } else {
         opts.terminals.clone()
     };
-    let fds = dump_fds(pid, allow_pipes, &terminals)?;
+    let fds = dump_fds(pid, allow_pipes, &terminals, &opts.own_dirs)?;
     let locks = dump_locks(pid, &fds)?;
     let status = read_proc(pid, "status")?;
     let creds = parse_creds(pid, &status)?;
@@ -2078,6 +2083,7 @@ fn dump_fds(
     pid: i32,
     allow_pipes: bool,
     terminals: &[(u64, u64)],
+    own_dirs: &[std::path::PathBuf],
 ) -> Result<Vec<FdState>, DumpError> {
     let dir = format!("/proc/{pid}/fd");
     let rd = std::fs::read_dir(&dir).map_err(|source| DumpError::Proc {
@@ -2252,8 +2258,15 @@ fn dump_fds(
             .map_err(|e| refuse(&format!("cannot stat: {e}")))?;
         let ft = st.file_type();
         let mut target = target.clone();
-        let kind = if ft.is_file() && target.starts_with("/memfd:") {
-            // The file itself is recorded once for the whole tree (dump_tree).
+        let deleted_own = ft.is_file()
+            && target.strip_suffix(" (deleted)").is_some_and(|orig| {
+                own_dirs
+                    .iter()
+                    .any(|d| std::path::Path::new(orig).starts_with(d))
+            });
+        let kind = if ft.is_file() && (target.starts_with("/memfd:") || deleted_own) {
+            // The file itself is recorded once for the whole tree (dump_tree); so is a
+            // deleted file in a directory the caller recreates (a session's /dev/shm).
             if !allow_pipes {
                 return Err(refuse(
                     "memfds are only supported when dumping a process tree",
@@ -2473,12 +2486,8 @@ fn shared_files(
             if let FdKind::Memfd { ino } = f.kind {
                 let at = format!("/proc/{}/fd/{}", m.pid, f.fd);
                 let dev = dev_of(&at, m.pid)?;
-                let name = f
-                    .path
-                    .strip_prefix("/memfd:")
-                    .and_then(|p| p.strip_suffix(" (deleted)"))
-                    .unwrap_or(&f.path)
-                    .to_string();
+                let path = f.path.strip_suffix(" (deleted)").unwrap_or(&f.path);
+                let name = path.strip_prefix("/memfd:").unwrap_or(path).to_string();
                 let e = found.entry(ino).or_insert_with(|| Found {
                     dev,
                     at: at.clone(),

@@ -292,7 +292,7 @@ pub fn restore_with(image: &ProcessImage, opts: &RestoreOptions) -> Result<i32, 
     }
     check_image(image)?;
     if !opts.skip_file_checks {
-        check_files(image, None)?;
+        check_files(image, None, &[])?;
     }
     let pid = sys::spawn_stopped_child(opts.pid).map_err(|source| match (source, opts.pid) {
         (Errno::EEXIST, Some(pid)) => RestoreError::PidInUse { pid },
@@ -395,10 +395,12 @@ fn check_image(image: &ProcessImage) -> Result<(), RestoreError> {
 /// mount, whose files the restore takes from the checkpoint's own snapshot) only the inode
 /// is compared: the size and mtime the dump read there came from the kernel's attribute
 /// cache, which with the writeback cache keeps its own times and may disagree with the
-/// snapshot's (a file written through a shared mapping, such as SQLite's `-shm`).
+/// snapshot's (a file written through a shared mapping, such as SQLite's `-shm`). Under
+/// `recreated` nothing is compared: those files were made anew from the checkpoint.
 pub(crate) fn check_files(
     image: &ProcessImage,
     snapshot_root: Option<&Path>,
+    recreated: &[std::path::PathBuf],
 ) -> Result<(), RestoreError> {
     for m in &image.mappings {
         if m.kind != MappingKind::File {
@@ -407,6 +409,9 @@ pub(crate) fn check_files(
         let (Some(path), Some(id)) = (&m.path, &m.file) else {
             continue;
         };
+        if recreated.iter().any(|d| Path::new(path).starts_with(d)) {
+            continue;
+        }
         let st = std::fs::metadata(path).map_err(|e| RestoreError::FileChanged {
             path: path.clone(),
             reason: e.to_string(),
@@ -2209,6 +2214,10 @@ pub struct TreeRestoreOptions<'a> {
     /// Files under this directory come from the checkpoint's own snapshot (a session's
     /// mount): of a mapped one, only the inode is checked.
     pub snapshot_root: Option<&'a Path>,
+    /// Directories the caller recreated from the checkpoint before the restore (a session's
+    /// private `/dev/shm`, see [`super::DumpOptions::own_dirs`]): files mapped from there
+    /// are new files with the recorded contents, not checked against the dump's identity.
+    pub recreated: &'a [std::path::PathBuf],
     /// Where terminal descriptors are reopened (see [`RestoreOptions::terminal`]).
     pub terminal: Option<&'a Path>,
     /// Dirty-page tracking: armed on every restored process just before it runs, with the
@@ -2293,7 +2302,7 @@ fn check_tree(tree: &TreeImage, opts: &TreeRestoreOptions) -> Result<(), Restore
             }
             check_image(img)?;
             if !opts.skip_file_checks {
-                check_files(img, opts.snapshot_root)?;
+                check_files(img, opts.snapshot_root, opts.recreated)?;
             }
         }
     }

@@ -800,8 +800,8 @@ fn restore_refuses_changed_file() {
     }
     assert!(mapped > 0, "the executable is mapped");
     let dir = c.exe.parent().unwrap();
-    super::restore::check_files(&img, Some(dir)).expect("same inode under the snapshot root");
-    let err = super::restore::check_files(&img, Some(std::path::Path::new("/elsewhere")));
+    super::restore::check_files(&img, Some(dir), &[]).expect("same inode under the snapshot root");
+    let err = super::restore::check_files(&img, Some(std::path::Path::new("/elsewhere")), &[]);
     assert!(
         matches!(&err, Err(super::restore::RestoreError::FileChanged { reason, .. }) if reason.contains("mtime")),
         "{err:?}"
