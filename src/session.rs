@@ -324,7 +324,15 @@ pub fn start_with(
     std::fs::write(&spec_path, serde_json::to_vec(spec)?).context("write session spec")?;
     let log_file = if detach {
         let log = dir.join("output.log");
-        Some(std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?)
+        // Appending: a restore reopens the program's descriptors on it (or on the log of the
+        // session it is restored as) at the end, whatever their offset was.
+        Some(
+            std::fs::File::options()
+                .append(true)
+                .create_new(true)
+                .open(&log)
+                .with_context(|| format!("create {}", log.display()))?,
+        )
     } else {
         None
     };
@@ -1017,7 +1025,21 @@ fn checkpoint(
     } else {
         warm_heap(program_rss())
     };
-    let img = engine::dump_tree(main, &opts, &mut hook);
+    // A queue the program has not read yet (inotify events) passes in a moment: thaw and
+    // try again, for up to a second.
+    let mut tries = 0;
+    let img = loop {
+        match engine::dump_tree(main, &opts, &mut hook) {
+            Err(engine::DumpError::Busy { .. }) if tries < 40 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            r => break r,
+        }
+    };
+    if tries > 0 {
+        log::debug!("checkpoint: frozen again {tries} times for queues to be read");
+    }
     if warmed > 0 {
         log::debug!("checkpoint: {} MiB of heap warmed", warmed >> 20);
     }
@@ -1604,7 +1626,11 @@ fn adopt_session_log(spec: &InitSpec, tree: &mut TreeImage) {
                 ours_str.unwrap_or("the restore's output")
             );
             match ours_str {
-                Some(o) => fd.path = o.to_string(),
+                Some(o) => {
+                    fd.path = o.to_string();
+                    // At its end, not at the offset the old log had.
+                    fd.flags |= libc::O_APPEND;
+                }
                 None => fd.kind = engine::image::FdKind::Tty,
             }
         }

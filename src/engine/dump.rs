@@ -43,9 +43,9 @@ use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 
 use super::image::{
-    Creds, EpollWatch, FdKind, FdState, FileId, FileLock, ITimer, ImageMemory, LockKind, Mapping,
-    MappingKind, MemberState, MemfdImage, Message, MmState, PageData, PageRun, PipeImage,
-    PosixTimer, ProcessImage, Regs, Rlimit, RseqState, SigAction, SigAltStack, SigInfo,
+    Creds, EpollWatch, FdKind, FdState, FileId, FileLock, ITimer, ImageMemory, InotifyWatch,
+    LockKind, Mapping, MappingKind, MemberState, MemfdImage, Message, MmState, PageData, PageRun,
+    PipeImage, PosixTimer, ProcessImage, Regs, Rlimit, RseqState, SigAction, SigAltStack, SigInfo,
     SignalState, SocketEnd, SocketPairImage, ThreadState, TreeImage, TreeMember, PAGE_SIZE,
     SIGINFO_LEN,
 };
@@ -140,6 +140,19 @@ pub enum DumpError {
     /// A file descriptor cannot be checkpointed.
     #[error("process {pid}: fd {fd} ({target}) is not supported: {reason}")]
     UnsupportedFd {
+        /// Pid.
+        pid: i32,
+        /// Descriptor.
+        fd: i32,
+        /// Link target.
+        target: String,
+        /// Why.
+        reason: String,
+    },
+    /// A descriptor is in a state that cannot be checkpointed now but will pass soon (the
+    /// program has not read what is queued for it yet): the caller may try again.
+    #[error("process {pid}: fd {fd} ({target}): {reason}; checkpoint again in a moment")]
+    Busy {
         /// Pid.
         pid: i32,
         /// Descriptor.
@@ -1345,6 +1358,12 @@ pub fn dump_tree(
             break;
         }
     }
+    // Before anything is committed or read: a queue that must be empty but is not yet.
+    for (pid, _, held) in &members {
+        if matches!(held, Held::Live(_)) {
+            unread_events(*pid)?;
+        }
+    }
     let t_frozen = std::time::Instant::now();
     on_frozen().map_err(|reason| DumpError::Hook { pid: root, reason })?;
     let t_hook = t_frozen.elapsed();
@@ -1386,6 +1405,7 @@ pub fn dump_tree(
                             | FdKind::SignalFd { .. }
                             | FdKind::Epoll { .. }
                             | FdKind::EventFd { .. }
+                            | FdKind::Inotify { .. }
                     )
                 })
                 .map(move |f| (m.pid, f.fd))
@@ -2067,6 +2087,192 @@ fn fdinfo_flags(pid: i32, info: &str) -> Result<i32, DumpError> {
 }
 
 /// The path of inode `ino` under `.forkpoint/inodes/` of the forkpoint mount holding `path`.
+/// [`DumpError::Busy`] if an inotify instance of `pid` has events queued.
+fn unread_events(pid: i32) -> Result<(), DumpError> {
+    let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Ok(());
+    };
+    for e in rd.flatten() {
+        let Ok(target) = std::fs::read_link(e.path()) else {
+            continue;
+        };
+        if target.as_os_str() != "anon_inode:inotify" {
+            continue;
+        }
+        let Some(fd) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(ours) = super::unix::take_fd(pid, fd) else {
+            continue;
+        };
+        if let Ok(queued @ 1..) = sys::pipe_buffered(&ours) {
+            return Err(DumpError::Busy {
+                pid,
+                fd,
+                target: "anon_inode:inotify".into(),
+                reason: format!("{queued} bytes of inotify events are queued, not read yet"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The watches of inotify instance `fd` of `pid`, from its fdinfo: each watched file is
+/// found again from the file handle the kernel prints (`open_by_handle_at` on a mount of its
+/// filesystem) and recorded by its path. An instance with events queued is
+/// [`DumpError::Busy`]: they cannot be put back, and the program reads them soon.
+fn inotify_watches(
+    pid: i32,
+    fd: i32,
+    target: &str,
+    info: &str,
+) -> Result<Vec<InotifyWatch>, DumpError> {
+    let refuse = |reason: String| DumpError::UnsupportedFd {
+        pid,
+        fd,
+        target: target.to_string(),
+        reason,
+    };
+    let ours = super::unix::take_fd(pid, fd).map_err(|e| refuse(format!("pidfd_getfd: {e}")))?;
+    let queued = sys::pipe_buffered(&ours).map_err(|e| refuse(format!("FIONREAD: {e}")))?;
+    if queued > 0 {
+        return Err(DumpError::Busy {
+            pid,
+            fd,
+            target: target.to_string(),
+            reason: format!("{queued} bytes of inotify events are queued, not read yet"),
+        });
+    }
+    let mut out = Vec::new();
+    for line in info.lines() {
+        let Some(rest) = line.strip_prefix("inotify ") else {
+            continue;
+        };
+        let field = |k: &str| rest.split_whitespace().find_map(|kv| kv.strip_prefix(k));
+        let hex = |k: &str| field(k).and_then(|v| u64::from_str_radix(v, 16).ok());
+        let parse = || DumpError::Parse {
+            pid,
+            what: "inotify watch",
+            detail: line.to_string(),
+        };
+        let (Some(wd), Some(ino), Some(sdev), Some(mask)) =
+            (hex("wd:"), hex("ino:"), hex("sdev:"), hex("mask:"))
+        else {
+            return Err(parse());
+        };
+        let handle = match (hex("fhandle-type:"), field("f_handle:")) {
+            (Some(t), Some(h)) => (t as i32, decode_hex(h).ok_or_else(parse)?),
+            _ => {
+                return Err(refuse(format!(
+                    "watch {wd}: the kernel gives no file handle"
+                )))
+            }
+        };
+        let path = watched_path(sdev, ino, &handle)
+            .map_err(|r| refuse(format!("watch {wd} (inode {ino}): {r}")))?;
+        out.push(InotifyWatch {
+            wd: i32::try_from(wd).map_err(|_| parse())?,
+            mask: u32::try_from(mask).map_err(|_| parse())?,
+            path,
+            ino,
+        });
+    }
+    out.sort_by_key(|w| w.wd);
+    Ok(out)
+}
+
+fn decode_hex(h: &str) -> Option<Vec<u8>> {
+    if h.len() % 2 != 0 {
+        return None;
+    }
+    (0..h.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(h.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// A /proc/self/mountinfo field with its octal escapes (`\040` for a space) undone.
+fn unescape_mountinfo(f: &str) -> String {
+    let b = f.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let oct = b
+            .get(i + 1..i + 4)
+            .filter(|o| o.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (b[i], oct) {
+            (b'\\', Some(o)) => {
+                out.push((o[0] - b'0') * 64 + (o[1] - b'0') * 8 + (o[2] - b'0'));
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The path (in the caller's mount namespace) of the file with `handle` (type, bytes) on
+/// the filesystem of device `sdev` (the kernel's internal encoding: major << 20 | minor).
+fn watched_path(sdev: u64, ino: u64, handle: &(i32, Vec<u8>)) -> Result<String, String> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let dev = format!("{}:{}", sdev >> 20, sdev & 0xfffff);
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| format!("read /proc/self/mountinfo: {e}"))?;
+    let at = mountinfo
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f.get(2) == Some(&dev.as_str())).then(|| f.get(4).map(|m| unescape_mountinfo(m)))?
+        })
+        .ok_or_else(|| format!("its filesystem (device {dev}) is not mounted here"))?;
+    let mount = File::open(&at).map_err(|e| format!("open {at}: {e}"))?;
+    // struct file_handle: u32 handle_bytes, i32 handle_type, then the bytes; built in u32
+    // words for its alignment.
+    let mut fh = Vec::with_capacity(8 + handle.1.len());
+    fh.extend_from_slice(&(handle.1.len() as u32).to_ne_bytes());
+    fh.extend_from_slice(&handle.0.to_ne_bytes());
+    fh.extend_from_slice(&handle.1);
+    let words: Vec<u32> = fh
+        .chunks(4)
+        .map(|c| {
+            let mut w = [0u8; 4];
+            w[..c.len()].copy_from_slice(c);
+            u32::from_ne_bytes(w)
+        })
+        .collect();
+    // SAFETY: `words` holds a complete struct file_handle (header and handle_bytes bytes),
+    // 4-byte aligned, alive for the call; the result is a new descriptor we own.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_open_by_handle_at,
+            mount.as_raw_fd(),
+            words.as_ptr(),
+            libc::O_PATH | libc::O_CLOEXEC,
+        )
+    };
+    if r < 0 {
+        return Err(format!(
+            "cannot open it by its file handle: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: `r` is a fresh descriptor nobody else owns.
+    let file = unsafe { OwnedFd::from_raw_fd(r as i32) };
+    let path = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        .map_err(|e| format!("cannot name it: {e}"))?;
+    let path = path.to_string_lossy().into_owned();
+    if path.ends_with(" (deleted)") {
+        return Err("the watched file was deleted".into());
+    }
+    match std::fs::metadata(&path) {
+        Ok(m) if m.ino() == ino => Ok(path),
+        _ => Err(format!("{path} no longer names the watched file")),
+    }
+}
+
 fn by_inode_path(path: &str, ino: u64) -> Option<String> {
     let mut dir = std::path::Path::new(path).parent();
     while let Some(d) = dir {
@@ -2232,12 +2438,34 @@ fn dump_fds(
             });
             continue;
         }
+        if target == "anon_inode:inotify" {
+            if let Some(other) = anon
+                .iter()
+                .find(|o| sys::same_file(pid, **o, pid, fd) != Some(false))
+            {
+                return Err(refuse(&format!(
+                    "the same inotify instance is also fd {other}, which is not supported yet"
+                )));
+            }
+            anon.push(fd);
+            let info = read_proc(pid, &format!("fdinfo/{fd}"))?;
+            let flags = fdinfo_flags(pid, &info)?;
+            let watches = inotify_watches(pid, fd, &target, &info)?;
+            out.push(FdState {
+                fd,
+                path: target.clone(),
+                pos: 0,
+                flags,
+                kind: FdKind::Inotify { watches },
+            });
+            continue;
+        }
         if let Some(what) = target.strip_prefix("anon_inode:") {
-            // eventfd, timerfd, signalfd and epoll are handled above.
+            // eventfd, timerfd, signalfd, epoll and inotify are handled above.
             let what = what.trim_matches(|c| c == '[' || c == ']');
             return Err(refuse(&format!(
                 "{what} descriptors cannot be checkpointed (supported: eventfd, timerfd, \
-                 signalfd, epoll)"
+                 signalfd, epoll, inotify)"
             )));
         }
         if !target.starts_with('/') {

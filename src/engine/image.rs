@@ -46,7 +46,9 @@ pub const TREE_MAGIC: [u8; 8] = *b"FKPTTRE\0";
 ///    sockets in a tree payload, and SysV attachments ([`MappingKind::SysvShm`]). Older
 ///    images decode with none.
 /// 6: [`PageData::Base`] runs (delta images). Older images decode unchanged.
-pub const IMAGE_FORMAT_VERSION: u32 = 7;
+/// 7: file locks, carried after the shared memory files.
+/// 8: [`FdKind::Inotify`]; the payload is laid out as in version 7.
+pub const IMAGE_FORMAT_VERSION: u32 = 8;
 /// Size of one `siginfo_t` on x86_64.
 pub const SIGINFO_LEN: usize = 128;
 /// Length of the framed header.
@@ -1054,6 +1056,26 @@ pub enum FdKind {
         /// Inode of the memfd, the key into [`TreeImage::memfds`].
         ino: u64,
     },
+    /// An inotify instance with its watches (format version 8), made again with the same
+    /// watch descriptors. Checkpointed only with no event queued (events cannot be put
+    /// back).
+    Inotify {
+        /// The watches, in the order of their descriptors.
+        watches: Vec<InotifyWatch>,
+    },
+}
+
+/// One inotify watch (`inotify_add_watch` arguments and the descriptor it returned).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InotifyWatch {
+    /// The watch descriptor.
+    pub wd: i32,
+    /// Events and flags (`IN_ONESHOT`, `IN_EXCL_UNLINK`, ...) as the kernel keeps them.
+    pub mask: u32,
+    /// The watched file, by the path it had at the checkpoint.
+    pub path: String,
+    /// Its inode at the checkpoint.
+    pub ino: u64,
 }
 
 /// One descriptor watched by an epoll instance (`epoll_ctl(EPOLL_CTL_ADD)` arguments).
@@ -1161,12 +1183,18 @@ pub fn encode_tree(img: &TreeImage) -> Result<Vec<u8>, ImageError> {
         .filter(|(_, l)| !l.is_empty())
         .collect();
     // A whole image is written as version 5, which older builds read; only a delta needs 6,
-    // and only an image with file locks needs 7.
-    if !locks.is_empty() {
+    // only an image with file locks needs 7, and one with inotify instances 8.
+    let inotify = img
+        .processes
+        .iter()
+        .filter_map(|m| m.live())
+        .flat_map(|p| &p.fds)
+        .any(|f| matches!(f.kind, FdKind::Inotify { .. }));
+    if !locks.is_empty() || inotify {
         return encode_framed_version(
             &(img, signals, &img.sockets, &img.memfds, locks),
             &TREE_MAGIC,
-            IMAGE_FORMAT_VERSION,
+            if inotify { 8 } else { 7 },
         );
     }
     let version = if img.is_delta() { 6 } else { 5 };

@@ -1543,6 +1543,10 @@ impl Restorer<'_> {
                 self.restore_eventfd(f, count, semaphore).map_err(fd_err)?;
                 continue;
             }
+            if let FdKind::Inotify { watches } = &f.kind {
+                self.restore_inotify(f, watches)?;
+                continue;
+            }
             if matches!(f.kind, FdKind::TimerFd { .. } | FdKind::SignalFd { .. }) {
                 self.restore_anon(f).map_err(fd_err)?;
                 continue;
@@ -1817,6 +1821,94 @@ impl Restorer<'_> {
             self.t.syscall(libc::SYS_write, [efd, addr, 8, 0, 0, 0])?;
         }
         self.place_fd(efd, f)
+    }
+
+    /// A new inotify instance at the old descriptor number with every watch, each at its
+    /// old watch descriptor. The kernel hands out watch descriptors in increasing order
+    /// (cyclically, from 1), so a gap left by a removed watch is made by adding and removing
+    /// a watch on a file no one watches (the process's own `/proc/self/stat`); the
+    /// `IN_IGNORED` events those removals queue are read off again.
+    fn restore_inotify(
+        &mut self,
+        f: &super::image::FdState,
+        watches: &[super::image::InotifyWatch],
+    ) -> Result<(), RestoreError> {
+        let pid = self.image.pid;
+        let fd_err = |source| RestoreError::Fd {
+            pid,
+            fd: f.fd,
+            path: f.path.clone(),
+            source,
+        };
+        let fl = (f.flags & (libc::O_CLOEXEC | libc::O_NONBLOCK)) as u64;
+        let ifd = self
+            .t
+            .syscall(libc::SYS_inotify_init1, [fl, 0, 0, 0, 0, 0])
+            .map_err(fd_err)?;
+        // IN_MASK_ADD and IN_MASK_CREATE are arguments, not state.
+        const ARG_ONLY: u32 = 0x2000_0000 | 0x1000_0000;
+        let mut next = 1i64;
+        let mut ignored = 0u64;
+        for w in watches {
+            let wrong = |got: i64| RestoreError::Unsupported {
+                pid,
+                what: format!(
+                    "fd {}: inotify watch {} on {} came back as watch {got}",
+                    f.fd, w.wd, w.path
+                ),
+            };
+            while next < w.wd as i64 {
+                let p = self.put_str(0, "/proc/self/stat")?;
+                let d = self
+                    .t
+                    .syscall(
+                        libc::SYS_inotify_add_watch,
+                        [ifd, p, libc::IN_ATTRIB as u64, 0, 0, 0],
+                    )
+                    .map_err(fd_err)? as i64;
+                if d < next {
+                    return Err(wrong(d));
+                }
+                self.t
+                    .syscall(libc::SYS_inotify_rm_watch, [ifd, d as u64, 0, 0, 0, 0])
+                    .map_err(fd_err)?;
+                ignored += 1;
+                next = d + 1;
+            }
+            let p = self.put_str(0, &w.path)?;
+            let got = self
+                .t
+                .syscall(
+                    libc::SYS_inotify_add_watch,
+                    [ifd, p, (w.mask & !ARG_ONLY) as u64, 0, 0, 0],
+                )
+                .map_err(fd_err)? as i64;
+            if got != w.wd as i64 {
+                return Err(wrong(got));
+            }
+            next = got + 1;
+        }
+        // Each removal queued one event without a name (16 bytes); they are the first in
+        // the queue. Read in whole events, never more than are queued (no blocking read).
+        let mut left = ignored * 16;
+        while left > 0 {
+            let at = self.scratch + DATA_OFF;
+            self.t
+                .syscall(libc::SYS_ioctl, [ifd, libc::FIONREAD, at, 0, 0, 0])
+                .map_err(fd_err)?;
+            let mut q = [0u8; 4];
+            self.t.read_mem(at, &mut q).map_err(fd_err)?;
+            let n = left.min(u32::from_ne_bytes(q) as u64).min(4096);
+            if n == 0 {
+                break;
+            }
+            let got = self
+                .t
+                .syscall(libc::SYS_read, [ifd, at, n, 0, 0, 0])
+                .map_err(fd_err)?;
+            left = left.saturating_sub(got.max(16));
+        }
+        self.place_fd(ifd, f).map_err(fd_err)
     }
 
     fn restore_misc(&mut self) -> Result<(), RestoreError> {
