@@ -196,8 +196,10 @@ pub fn call(store: &Path, req: &Request) -> Result<Option<serde_json::Value>> {
         Ok(Some(r.value))
     } else {
         let e = r.error.unwrap_or_else(|| "daemon error".into());
-        // A daemon started by an older build does not know a newer request.
-        if e.starts_with("bad request: unknown variant") {
+        // A daemon started by an older build does not know a newer request or image.
+        if e.starts_with("bad request: unknown variant")
+            || e.contains("is newer than the supported version")
+        {
             bail!(
                 "{e}: the daemon of {} runs another version of forkpoint; unmount its mounts (`forkpoint umount`) and mount again",
                 store.display()

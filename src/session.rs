@@ -1536,6 +1536,11 @@ fn restore_main(
         dirty: dirty.clone(),
         lazy: lazy.as_ref(),
     };
+    log::debug!(
+        "restoring {} processes, {:?} stopped",
+        tree.processes.len(),
+        tree.stopped
+    );
     let pid = engine::restore_tree(&tree, &opts);
     if pid.is_err() {
         if let Some(t) = &dirty {

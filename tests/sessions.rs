@@ -1567,6 +1567,91 @@ int main(void) {
     assert!(!read(&log).contains("name=new"), "{}", read(&log));
 }
 
+/// A program stopped by SIGSTOP (as Ctrl-Z stops it) at the checkpoint is restored stopped,
+/// without running a single line, and goes on at SIGCONT.
+#[test]
+fn a_stopped_program_is_restored_stopped() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    let exe = lab.cc(
+        "ticker",
+        r#"
+#include <stdio.h>
+#include <unistd.h>
+int main(void) {
+    for (int fd = 3; fd < 1024; fd++) close(fd);
+    FILE *f = fopen("ticks.log", "a");
+    for (unsigned i = 0;; i++) { fprintf(f, "%u\n", i); fflush(f); usleep(5000); }
+}
+"#,
+        &[],
+    );
+    lab.fp(&[
+        "run",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--name",
+        "t",
+        "--",
+        exe.to_str().expect("utf8"),
+    ]);
+    let log = lab.mnt.join("ticks.log");
+    wait_for("ticks", Duration::from_secs(10), || lines_any(&log) > 10);
+    // The program is the only child of the session's init, itself the child of session-init.
+    let child_of = |pid: i32| -> i32 {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .expect("children")
+            .split_whitespace()
+            .next()
+            .and_then(|c| c.parse().ok())
+            .expect("a child")
+    };
+    let program = |session: &str| child_of(child_of(lab.session_pid(session).0));
+    let signal = |pid: i32, sig| {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).expect("signal")
+    };
+    signal(program("t"), nix::sys::signal::Signal::SIGSTOP);
+    wait_for("the stop", Duration::from_secs(10), || {
+        lab.fp(&["ps", "-m", lab.m()]).contains("stopped")
+    });
+    lab.fp(&["checkpoint", "-m", lab.m(), "halted"]);
+    let at_cut = lines_any(&lab.mnt.join(".forkpoint/snapshots/halted/ticks.log"));
+    lab.fp(&[
+        "restore",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--branch",
+        "b1",
+        "halted",
+    ]);
+    let blog = lab.branch_dir("b1").join("ticks.log");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        lines_any(&blog),
+        at_cut,
+        "the restored program does not run"
+    );
+    let ps = lab.fp(&["ps", "-m", lab.m()]);
+    let b1 = ps.lines().find(|l| l.starts_with("b1 ")).expect("b1 in ps");
+    assert!(b1.contains("stopped"), "{ps}");
+    signal(program("b1"), nix::sys::signal::Signal::SIGCONT);
+    wait_for(
+        "the restored program, continued",
+        Duration::from_secs(10),
+        || lines_any(&blog) > at_cut + 10,
+    );
+    let text = std::fs::read_to_string(&blog).expect("log");
+    for (i, l) in text.lines().enumerate() {
+        assert_eq!(l, i.to_string(), "line {i} of the branch's ticks");
+    }
+    // The original stays stopped until it is continued too.
+    assert_eq!(lines_any(&log), at_cut);
+}
+
 /// A detached program writes to its session's log. Restored into a session of another
 /// name, it writes to that session's log, and can be checkpointed again (its output is no
 /// file outside the mount).

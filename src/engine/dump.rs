@@ -450,6 +450,9 @@ const PM_FILE: u64 = 1 << 61;
 /// The all-threads-stopped state of a process. Dropping it restores and detaches every thread.
 struct Frozen {
     tracers: Vec<Tracer>,
+    /// The process was in a group stop (`SIGSTOP`, Ctrl-Z) when it was frozen; detaching
+    /// leaves it so.
+    stopped: bool,
 }
 
 impl Frozen {
@@ -463,8 +466,12 @@ impl Frozen {
                 return Err(DumpError::NotAProcess { pid, tgid });
             }
         }
+        // Read before the seize, which puts every thread in a ptrace stop.
+        let stopped = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|st| stat_fields(&st).first() == Some(&"T"));
         let mut f = Frozen {
             tracers: Vec::new(),
+            stopped,
         };
         let mut seen = BTreeSet::new();
         // The leader first.
@@ -1372,9 +1379,13 @@ pub fn dump_tree(
     let mut processes = Vec::with_capacity(members.len());
     let mut taken = Vec::with_capacity(members.len());
     let mut frozen_all = Vec::new();
+    let mut stopped = Vec::new();
     for (pid, ppid, held) in members {
         let state = match held {
             Held::Live(mut f) => {
+                if f.stopped {
+                    stopped.push(pid);
+                }
                 let (mut img, t) = read_frozen(pid, &mut f, opts, true)?;
                 frozen_all.push((pid, f));
                 // Killed after the dump: fill in before the kill (see dump_frozen).
@@ -1496,6 +1507,7 @@ pub fn dump_tree(
         processes,
         pipes,
         sockets,
+        stopped,
     })
 }
 

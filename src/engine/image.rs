@@ -48,7 +48,8 @@ pub const TREE_MAGIC: [u8; 8] = *b"FKPTTRE\0";
 /// 6: [`PageData::Base`] runs (delta images). Older images decode unchanged.
 /// 7: file locks, carried after the shared memory files.
 /// 8: [`FdKind::Inotify`]; the payload is laid out as in version 7.
-pub const IMAGE_FORMAT_VERSION: u32 = 8;
+/// 9: [`TreeImage::stopped`], carried after the file locks.
+pub const IMAGE_FORMAT_VERSION: u32 = 9;
 /// Size of one `siginfo_t` on x86_64.
 pub const SIGINFO_LEN: usize = 128;
 /// Length of the framed header.
@@ -338,6 +339,10 @@ pub struct TreeImage {
     /// [`super::dump::dump_tree`]; not part of the image).
     #[serde(skip)]
     pub frozen_for: Option<std::time::Duration>,
+    /// Members that were in a group stop (`SIGSTOP`, Ctrl-Z) at the dump (format version
+    /// 9): restored stopped. Encoded after the file locks.
+    #[serde(skip)]
+    pub stopped: Vec<i32>,
 }
 
 impl TreeImage {
@@ -1183,13 +1188,21 @@ pub fn encode_tree(img: &TreeImage) -> Result<Vec<u8>, ImageError> {
         .filter(|(_, l)| !l.is_empty())
         .collect();
     // A whole image is written as version 5, which older builds read; only a delta needs 6,
-    // only an image with file locks needs 7, and one with inotify instances 8.
+    // only an image with file locks needs 7, one with inotify instances 8, and one with
+    // stopped members 9.
     let inotify = img
         .processes
         .iter()
         .filter_map(|m| m.live())
         .flat_map(|p| &p.fds)
         .any(|f| matches!(f.kind, FdKind::Inotify { .. }));
+    if !img.stopped.is_empty() {
+        return encode_framed_version(
+            &(img, signals, &img.sockets, &img.memfds, locks, &img.stopped),
+            &TREE_MAGIC,
+            9,
+        );
+    }
     if !locks.is_empty() || inotify {
         return encode_framed_version(
             &(img, signals, &img.sockets, &img.memfds, locks),
@@ -1242,7 +1255,26 @@ fn tree_from_payload(version: u32, payload: &[u8]) -> Result<TreeImage, ImageErr
             Vec<MemfdImage>,
             Vec<(i32, Vec<FileLock>)>,
         );
-        let (mut img, signals, sockets, memfds, locks): V7 = from_payload(payload)?;
+        type V9 = (
+            TreeImage,
+            Vec<(i32, SignalState)>,
+            Vec<SocketPairImage>,
+            Vec<MemfdImage>,
+            Vec<(i32, Vec<FileLock>)>,
+            Vec<i32>,
+        );
+        let (mut img, signals, sockets, memfds, locks) = if version < 9 {
+            let v: V7 = from_payload(payload)?;
+            v
+        } else {
+            let (img, signals, sockets, memfds, locks, stopped): V9 = from_payload(payload)?;
+            let mut img = img;
+            for &pid in &stopped {
+                live_member(&mut img, pid, "the stopped list")?;
+            }
+            img.stopped = stopped;
+            (img, signals, sockets, memfds, locks)
+        };
         img.sockets = sockets;
         img.memfds = memfds;
         for (pid, l) in locks {
@@ -1502,6 +1534,7 @@ pub(crate) mod tests {
         let img = sample();
         let mut tree = TreeImage {
             frozen_for: None,
+            stopped: Vec::new(),
             root: 42,
             processes: vec![TreeMember {
                 pid: 42,
@@ -1677,6 +1710,7 @@ pub(crate) mod tests {
         let img = sample();
         let tree = TreeImage {
             frozen_for: None,
+            stopped: Vec::new(),
             root: 42,
             processes: vec![TreeMember {
                 pid: 42,
@@ -1704,6 +1738,7 @@ pub(crate) mod tests {
         assert_eq!(back, want);
         let tree = TreeImage {
             frozen_for: None,
+            stopped: Vec::new(),
             root: 42,
             processes: vec![TreeMember {
                 pid: 42,
@@ -1907,6 +1942,7 @@ pub(crate) mod tests {
         with_pipe.fds[0].kind = FdKind::Pipe { ino: 99 };
         let tree = TreeImage {
             frozen_for: None,
+            stopped: Vec::new(),
             root: 42,
             processes: vec![
                 TreeMember {

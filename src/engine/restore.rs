@@ -2915,7 +2915,13 @@ fn build_tree<'a>(
         }
         return Err(e);
     }
-    // (4) Let everything run.
+    // (4) Let everything run, but what was in a group stop: a SIGSTOP queued while every
+    // thread is still in its ptrace stop is taken at the detach, before any user code runs.
+    for r in &restorers {
+        if tree.stopped.contains(&r.image.pid) {
+            let _ = sys::kill(r.pid, libc::SIGSTOP);
+        }
+    }
     let mut first_err = None;
     for r in restorers {
         if let Err(e) = r.detach_all() {

@@ -1288,6 +1288,7 @@ fn restore_refuses_pipe_fd_without_tree() {
     img.fds[0].kind = super::image::FdKind::Pipe { ino: 5 };
     let tree = super::image::TreeImage {
         frozen_for: None,
+        stopped: Vec::new(),
         root: img.pid,
         processes: vec![super::image::TreeMember {
             pid: img.pid,
