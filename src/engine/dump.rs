@@ -1176,10 +1176,15 @@ fn socket_pairs(
             reason,
         };
         let Some(d) = diag.get(&ino) else {
-            return Err(refuse(
-                "only unix socket pairs inside the tree are supported (this is not a unix socket)"
+            return Err(refuse(match inet_socket(ino) {
+                Some(what) => format!(
+                    "{what}: network sockets cannot be checkpointed (only unix socket pairs \
+                     inside the tree)"
+                ),
+                None => "only unix socket pairs inside the tree are supported (this is not a \
+                         unix socket)"
                     .into(),
-            ));
+            }));
         };
         if !d.name.is_empty() {
             return Err(refuse(format!(
@@ -2099,6 +2104,57 @@ fn fdinfo_flags(pid: i32, info: &str) -> Result<i32, DumpError> {
 }
 
 /// The path of inode `ino` under `.forkpoint/inodes/` of the forkpoint mount holding `path`.
+/// What the TCP or UDP socket with inode `ino` is, from `/proc/net/{tcp,udp}{,6}`: "a TCP
+/// socket listening on 127.0.0.1:8000", "a TCP connection 10.0.0.2:5122 -> 10.0.0.1:80".
+fn inet_socket(ino: u64) -> Option<String> {
+    for (file, proto) in [
+        ("tcp", "TCP"),
+        ("tcp6", "TCP"),
+        ("udp", "UDP"),
+        ("udp6", "UDP"),
+    ] {
+        let text = std::fs::read_to_string(format!("/proc/net/{file}")).ok()?;
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.get(9).and_then(|v| v.parse::<u64>().ok()) != Some(ino) {
+                continue;
+            }
+            let (local, remote) = (inet_addr(f.get(1)?)?, inet_addr(f.get(2)?)?);
+            let state = u8::from_str_radix(f.get(3)?, 16).ok()?;
+            return Some(match (proto, state) {
+                ("TCP", 0x0a) => format!("a TCP socket listening on {local}"),
+                ("TCP", 0x01) => format!("a TCP connection {local} -> {remote}"),
+                ("TCP", _) => format!("a TCP socket {local} -> {remote}"),
+                _ if remote.ends_with(":0") => format!("a UDP socket on {local}"),
+                _ => format!("a UDP socket {local} -> {remote}"),
+            });
+        }
+    }
+    None
+}
+
+/// An address of /proc/net/tcp ("0100007F:1F40", or 32 hex digits for IPv6: each 32-bit
+/// word in host order) as text.
+fn inet_addr(a: &str) -> Option<String> {
+    let (ip, port) = a.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let words: Vec<u32> = (0..ip.len() / 8)
+        .map(|i| u32::from_str_radix(ip.get(i * 8..i * 8 + 8)?, 16).ok())
+        .collect::<Option<_>>()?;
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    match bytes.len() {
+        4 => Some(format!(
+            "{}:{port}",
+            std::net::Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3])
+        )),
+        16 => {
+            let b: [u8; 16] = bytes.try_into().ok()?;
+            Some(format!("[{}]:{port}", std::net::Ipv6Addr::from(b)))
+        }
+        _ => None,
+    }
+}
+
 /// [`DumpError::Busy`] if an inotify instance of `pid` has events queued.
 fn unread_events(pid: i32) -> Result<(), DumpError> {
     let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
@@ -2884,6 +2940,32 @@ mod tests {
         assert_eq!(v[2].path, "/tmp/a file (deleted)");
         assert_eq!(v[2].offset, 0x1000);
         assert_eq!(prot_of(&v[1].perms), 3);
+    }
+
+    #[test]
+    fn names_network_sockets() {
+        assert_eq!(
+            inet_addr("0100007F:1F40").as_deref(),
+            Some("127.0.0.1:8000")
+        );
+        assert_eq!(
+            inet_addr("00000000000000000000000001000000:0050").as_deref(),
+            Some("[::1]:80")
+        );
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        use std::os::fd::AsRawFd;
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", l.as_raw_fd())).expect("link");
+        let ino: u64 = link
+            .to_string_lossy()
+            .trim_start_matches("socket:[")
+            .trim_end_matches(']')
+            .parse()
+            .expect("inode");
+        assert_eq!(
+            inet_socket(ino),
+            Some(format!("a TCP socket listening on 127.0.0.1:{port}"))
+        );
     }
 
     #[test]
