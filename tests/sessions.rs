@@ -1652,6 +1652,76 @@ int main(void) {
     assert_eq!(lines_any(&log), at_cut);
 }
 
+/// A server's listening TCP socket is part of the checkpoint: `python3 -m http.server`
+/// rolled back serves the files of the checkpoint on the same port. A restore on a branch
+/// while the original still listens there is refused, naming the address, and leaves no
+/// branch behind.
+#[test]
+fn a_listening_server_is_rolled_back_on_its_port() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let get = |path: &str| -> Option<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(s, "GET /{path} HTTP/1.0\r\n\r\n").ok()?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).ok()?;
+        resp.split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_string())
+    };
+    std::fs::write(lab.mnt.join("page.txt"), "v1\n").expect("write");
+    let port_s = port.to_string();
+    lab.fp(&[
+        "run",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--name",
+        "web",
+        "--",
+        "python3",
+        "-m",
+        "http.server",
+        &port_s,
+        "--bind",
+        "127.0.0.1",
+    ]);
+    wait_for("the server", Duration::from_secs(20), || {
+        get("page.txt").as_deref() == Some("v1\n")
+    });
+    lab.fp(&["checkpoint", "-m", lab.m(), "serving"]);
+    std::fs::write(lab.mnt.join("page.txt"), "v2\n").expect("write");
+    assert_eq!(get("page.txt").as_deref(), Some("v2\n"));
+    let err = lab.fp_fails(&[
+        "restore",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--branch",
+        "b1",
+        "serving",
+    ]);
+    assert!(
+        err.contains(&format!("127.0.0.1:{port} is in use")),
+        "{err}"
+    );
+    assert!(!lab.fp(&["log", "-m", lab.m()]).contains("branch b1"));
+    lab.fp(&["restore", "-m", lab.m(), "--detach", "serving"]);
+    wait_for("the restored server", Duration::from_secs(20), || {
+        get("page.txt").as_deref() == Some("v1\n")
+    });
+    // And it is checkpointed again like any other.
+    lab.fp(&["checkpoint", "-m", lab.m(), "again"]);
+    assert_eq!(get("page.txt").as_deref(), Some("v1\n"));
+}
+
 /// A detached program writes to its session's log. Restored into a session of another
 /// name, it writes to that session's log, and can be checkpointed again (its output is no
 /// file outside the mount).

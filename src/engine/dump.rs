@@ -44,10 +44,10 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 
 use super::image::{
     Creds, EpollWatch, FdKind, FdState, FileId, FileLock, ITimer, ImageMemory, InotifyWatch,
-    LockKind, Mapping, MappingKind, MemberState, MemfdImage, Message, MmState, PageData, PageRun,
-    PipeImage, PosixTimer, ProcessImage, Regs, Rlimit, RseqState, SigAction, SigAltStack, SigInfo,
-    SignalState, SocketEnd, SocketPairImage, ThreadState, TreeImage, TreeMember, PAGE_SIZE,
-    SIGINFO_LEN,
+    ListenerImage, LockKind, Mapping, MappingKind, MemberState, MemfdImage, Message, MmState,
+    PageData, PageRun, PipeImage, PosixTimer, ProcessImage, Regs, Rlimit, RseqState, SigAction,
+    SigAltStack, SigInfo, SignalState, SocketEnd, SocketPairImage, ThreadState, TreeImage,
+    TreeMember, PAGE_SIZE, SIGINFO_LEN,
 };
 use super::sys;
 use super::tracer::{TraceError, Tracer};
@@ -1140,13 +1140,14 @@ fn outside_holder(want: &str, tree: &BTreeSet<i32>) -> Option<i32> {
     None
 }
 
-/// The unix socket pairs held by the members, with their queued messages. Refused: a socket
-/// that is not a unix socket, one with an address (bound, listening or connected to a named
-/// socket), one whose peer is outside the tree or gone, and messages carrying descriptors.
+/// The unix socket pairs held by the members, with their queued messages, and the listening
+/// TCP sockets. Refused: another network socket, a unix socket with an address (bound,
+/// listening or connected to a named socket), one whose peer is outside the tree or gone,
+/// and messages carrying descriptors.
 fn socket_pairs(
     processes: &[TreeMember],
     known: &BTreeSet<i32>,
-) -> Result<Vec<SocketPairImage>, DumpError> {
+) -> Result<(Vec<SocketPairImage>, Vec<ListenerImage>), DumpError> {
     use super::unix;
     // Socket inode → its first holder (pid, fd).
     let mut held: std::collections::BTreeMap<u64, (i32, i32)> = Default::default();
@@ -1158,8 +1159,9 @@ fn socket_pairs(
         }
     }
     if held.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     }
+    let mut listeners = Vec::new();
     let (pid0, fd0) = held.values().next().copied().unwrap_or_default();
     let diag = unix::unix_sockets().map_err(|e| DumpError::UnsupportedFd {
         pid: pid0,
@@ -1176,6 +1178,10 @@ fn socket_pairs(
             reason,
         };
         let Some(d) = diag.get(&ino) else {
+            if let Some(l) = tcp_listener(pid, fd, ino)? {
+                listeners.push(l);
+                continue;
+            }
             return Err(refuse(match inet_socket(ino) {
                 Some(what) => format!(
                     "{what}: network sockets cannot be checkpointed (only unix socket pairs \
@@ -1272,7 +1278,82 @@ fn socket_pairs(
             ends: [end(pid, fd, ino)?, end(ppid, pfd, peer)?],
         });
     }
-    Ok(out)
+    Ok((out, listeners))
+}
+
+/// The listening TCP socket `ino` (`fd` of `pid`), if it is one: its address, backlog and
+/// options. Connections waiting to be accepted are not part of the checkpoint: their
+/// clients are outside, and the program that runs on accepts them.
+fn tcp_listener(pid: i32, fd: i32, ino: u64) -> Result<Option<ListenerImage>, DumpError> {
+    use super::unix;
+    let target = format!("socket:[{ino}]");
+    let refuse = |reason: String| DumpError::UnsupportedFd {
+        pid,
+        fd,
+        target: target.clone(),
+        reason,
+    };
+    let mut row = None;
+    for file in ["tcp", "tcp6"] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/net/{file}")) else {
+            continue;
+        };
+        row = text.lines().skip(1).find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(9)?.parse::<u64>().ok()? == ino && *f.get(3)? == "0A")
+                .then(|| f.get(4).map(|q| q.to_string()))?
+        });
+        if row.is_some() {
+            break;
+        }
+    }
+    // "tx_queue:rx_queue": for a listener, the backlog and the connections not accepted yet.
+    let Some(queues) = row else {
+        return Ok(None);
+    };
+    let backlog = queues
+        .split_once(':')
+        .and_then(|(t, _)| u32::from_str_radix(t, 16).ok())
+        .ok_or_else(|| refuse(format!("cannot parse the queues {queues:?}")))?;
+    let sock = unix::take_fd(pid, fd).map_err(|e| refuse(format!("pidfd_getfd: {e}")))?;
+    let mut addr = [0u8; 128];
+    let mut len = addr.len() as libc::socklen_t;
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: getsockname writes at most `len` bytes into `addr` and updates `len`.
+        let r = unsafe { libc::getsockname(sock.as_raw_fd(), addr.as_mut_ptr().cast(), &mut len) };
+        if r < 0 {
+            return Err(refuse(format!(
+                "getsockname: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+    }
+    let addr = addr[..(len as usize).min(addr.len())].to_vec();
+    let family = i32::from(u16::from_ne_bytes([addr[0], addr[1]]));
+    let mut wanted = vec![
+        (libc::SOL_SOCKET, libc::SO_REUSEADDR),
+        (libc::SOL_SOCKET, libc::SO_REUSEPORT),
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE),
+        (libc::IPPROTO_TCP, libc::TCP_NODELAY),
+        (libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT),
+    ];
+    if family == libc::AF_INET6 {
+        wanted.push((libc::IPPROTO_IPV6, libc::IPV6_V6ONLY));
+    }
+    let mut options = Vec::new();
+    for (level, name) in wanted {
+        let v = unix::getsockopt_int(&sock, level, name)
+            .map_err(|e| refuse(format!("getsockopt({level}, {name}): {e}")))?;
+        options.push((level, name, v));
+    }
+    Ok(Some(ListenerImage {
+        ino,
+        family,
+        addr,
+        backlog,
+        options,
+    }))
 }
 
 /// Copy the data buffered in the pipe behind `pid`'s `fd` without consuming it: open a new
@@ -1471,7 +1552,20 @@ pub fn dump_tree(
     }
 
     // 3b. Unix socket pairs: both ends inside the tree.
-    let sockets = socket_pairs(&processes, &known)?;
+    let (sockets, listeners) = socket_pairs(&processes, &known)?;
+    for m in processes.iter_mut() {
+        for f in m
+            .live_mut()
+            .map(|p| p.fds.as_mut_slice())
+            .unwrap_or(&mut [])
+        {
+            if let FdKind::UnixSocket { ino } = f.kind {
+                if listeners.iter().any(|l| l.ino == ino) {
+                    f.kind = FdKind::TcpListener { ino };
+                }
+            }
+        }
+    }
 
     // 3c. Files in shared memory (memfds, shared anonymous memory, deleted files mapped
     //     shared): recorded once, restored once as a memfd that every descriptor and
@@ -1513,6 +1607,7 @@ pub fn dump_tree(
         pipes,
         sockets,
         stopped,
+        listeners,
     })
 }
 

@@ -47,9 +47,9 @@ pub const TREE_MAGIC: [u8; 8] = *b"FKPTTRE\0";
 ///    images decode with none.
 /// 6: [`PageData::Base`] runs (delta images). Older images decode unchanged.
 /// 7: file locks, carried after the shared memory files.
-/// 8: [`FdKind::Inotify`]; the payload is laid out as in version 7.
-/// 9: [`TreeImage::stopped`], carried after the file locks.
-pub const IMAGE_FORMAT_VERSION: u32 = 9;
+/// 8: [`FdKind::Inotify`] and [`FdKind::TcpListener`]; after the file locks, the stopped
+///    members ([`TreeImage::stopped`]) and the listening sockets ([`TreeImage::listeners`]).
+pub const IMAGE_FORMAT_VERSION: u32 = 8;
 /// Size of one `siginfo_t` on x86_64.
 pub const SIGINFO_LEN: usize = 128;
 /// Length of the framed header.
@@ -340,9 +340,30 @@ pub struct TreeImage {
     #[serde(skip)]
     pub frozen_for: Option<std::time::Duration>,
     /// Members that were in a group stop (`SIGSTOP`, Ctrl-Z) at the dump (format version
-    /// 9): restored stopped. Encoded after the file locks.
+    /// 8): restored stopped. Encoded after the file locks.
     #[serde(skip)]
     pub stopped: Vec<i32>,
+    /// Every listening TCP socket a member holds (format version 8), encoded after the
+    /// stopped members.
+    #[serde(skip)]
+    pub listeners: Vec<ListenerImage>,
+}
+
+/// A listening TCP socket ([`IMAGE_FORMAT_VERSION`] 8), made again (bound and listening)
+/// before the processes; every descriptor of it shares it again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenerImage {
+    /// Inode at dump time (the key used by [`FdKind::TcpListener`]).
+    pub ino: u64,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: i32,
+    /// The bound address as `getsockname` returned it (a `sockaddr_in` or `sockaddr_in6`).
+    pub addr: Vec<u8>,
+    /// The `listen` backlog.
+    pub backlog: u32,
+    /// (level, option, value) of the integer options that were read: `SO_REUSEADDR`,
+    /// `SO_REUSEPORT`, `SO_KEEPALIVE`, `TCP_NODELAY`, `TCP_DEFER_ACCEPT`, `IPV6_V6ONLY`.
+    pub options: Vec<(i32, i32, i32)>,
 }
 
 impl TreeImage {
@@ -1061,6 +1082,12 @@ pub enum FdKind {
         /// Inode of the memfd, the key into [`TreeImage::memfds`].
         ino: u64,
     },
+    /// A listening TCP socket (format version 8); only in process trees, whose
+    /// [`TreeImage::listeners`] holds it.
+    TcpListener {
+        /// Inode of the socket, the key into [`TreeImage::listeners`].
+        ino: u64,
+    },
     /// An inotify instance with its watches (format version 8), made again with the same
     /// watch descriptors. Checkpointed only with no event queued (events cannot be put
     /// back).
@@ -1188,26 +1215,36 @@ pub fn encode_tree(img: &TreeImage) -> Result<Vec<u8>, ImageError> {
         .filter(|(_, l)| !l.is_empty())
         .collect();
     // A whole image is written as version 5, which older builds read; only a delta needs 6,
-    // only an image with file locks needs 7, one with inotify instances 8, and one with
-    // stopped members 9.
-    let inotify = img
-        .processes
-        .iter()
-        .filter_map(|m| m.live())
-        .flat_map(|p| &p.fds)
-        .any(|f| matches!(f.kind, FdKind::Inotify { .. }));
-    if !img.stopped.is_empty() {
+    // only an image with file locks needs 7, and only one with inotify instances, listening
+    // sockets or stopped members needs 8.
+    let v8 = !img.stopped.is_empty()
+        || !img.listeners.is_empty()
+        || img
+            .processes
+            .iter()
+            .filter_map(|m| m.live())
+            .flat_map(|p| &p.fds)
+            .any(|f| matches!(f.kind, FdKind::Inotify { .. }));
+    if v8 {
         return encode_framed_version(
-            &(img, signals, &img.sockets, &img.memfds, locks, &img.stopped),
+            &(
+                img,
+                signals,
+                &img.sockets,
+                &img.memfds,
+                locks,
+                &img.stopped,
+                &img.listeners,
+            ),
             &TREE_MAGIC,
-            9,
+            8,
         );
     }
-    if !locks.is_empty() || inotify {
+    if !locks.is_empty() {
         return encode_framed_version(
             &(img, signals, &img.sockets, &img.memfds, locks),
             &TREE_MAGIC,
-            if inotify { 8 } else { 7 },
+            7,
         );
     }
     let version = if img.is_delta() { 6 } else { 5 };
@@ -1255,24 +1292,26 @@ fn tree_from_payload(version: u32, payload: &[u8]) -> Result<TreeImage, ImageErr
             Vec<MemfdImage>,
             Vec<(i32, Vec<FileLock>)>,
         );
-        type V9 = (
+        type V8 = (
             TreeImage,
             Vec<(i32, SignalState)>,
             Vec<SocketPairImage>,
             Vec<MemfdImage>,
             Vec<(i32, Vec<FileLock>)>,
             Vec<i32>,
+            Vec<ListenerImage>,
         );
-        let (mut img, signals, sockets, memfds, locks) = if version < 9 {
+        let (mut img, signals, sockets, memfds, locks) = if version < 8 {
             let v: V7 = from_payload(payload)?;
             v
         } else {
-            let (img, signals, sockets, memfds, locks, stopped): V9 = from_payload(payload)?;
-            let mut img = img;
+            let (mut img, signals, sockets, memfds, locks, stopped, listeners): V8 =
+                from_payload(payload)?;
             for &pid in &stopped {
                 live_member(&mut img, pid, "the stopped list")?;
             }
             img.stopped = stopped;
+            img.listeners = listeners;
             (img, signals, sockets, memfds, locks)
         };
         img.sockets = sockets;
@@ -1535,6 +1574,7 @@ pub(crate) mod tests {
         let mut tree = TreeImage {
             frozen_for: None,
             stopped: Vec::new(),
+            listeners: Vec::new(),
             root: 42,
             processes: vec![TreeMember {
                 pid: 42,
@@ -1711,6 +1751,7 @@ pub(crate) mod tests {
         let tree = TreeImage {
             frozen_for: None,
             stopped: Vec::new(),
+            listeners: Vec::new(),
             root: 42,
             processes: vec![TreeMember {
                 pid: 42,
@@ -1739,6 +1780,7 @@ pub(crate) mod tests {
         let tree = TreeImage {
             frozen_for: None,
             stopped: Vec::new(),
+            listeners: Vec::new(),
             root: 42,
             processes: vec![TreeMember {
                 pid: 42,
@@ -1943,6 +1985,7 @@ pub(crate) mod tests {
         let tree = TreeImage {
             frozen_for: None,
             stopped: Vec::new(),
+            listeners: Vec::new(),
             root: 42,
             processes: vec![
                 TreeMember {
@@ -2039,6 +2082,33 @@ pub(crate) mod tests {
         let lb = encode_tree(&locked).unwrap();
         assert_eq!(u32::from_le_bytes([lb[8], lb[9], lb[10], lb[11]]), 7);
         assert_eq!(decode_tree(&lb).unwrap(), locked);
+        // Stopped members, listening sockets and inotify instances need version 8.
+        let mut v8 = locked.clone();
+        v8.stopped = vec![43];
+        v8.listeners = vec![ListenerImage {
+            ino: 5,
+            family: libc::AF_INET,
+            addr: vec![2, 0, 0x1f, 0x40, 127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0],
+            backlog: 128,
+            options: vec![(libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)],
+        }];
+        if let Some(p) = v8.processes[0].live_mut() {
+            p.fds[0].kind = FdKind::Inotify {
+                watches: vec![InotifyWatch {
+                    wd: 2,
+                    mask: 0x100,
+                    path: "/w".into(),
+                    ino: 9,
+                }],
+            };
+        }
+        let b8 = encode_tree(&v8).unwrap();
+        assert_eq!(u32::from_le_bytes([b8[8], b8[9], b8[10], b8[11]]), 8);
+        assert_eq!(decode_tree(&b8).unwrap(), v8);
+        // A stopped pid that is no live member is refused.
+        let mut bad = v8.clone();
+        bad.stopped = vec![44];
+        assert!(decode_tree(&encode_tree(&bad).unwrap()).is_err());
         // Version 4 trees (no shared memory files) still decode.
         let signals: Vec<(i32, SignalState)> = tree
             .processes

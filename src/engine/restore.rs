@@ -1507,6 +1507,10 @@ impl Restorer<'_> {
                     format!("a unix socket (socket:[{ino}])"),
                     self.pipes.and_then(|p| p.sockets.get(&ino).copied()),
                 )?),
+                FdKind::TcpListener { ino } => Some(from_restorer(
+                    format!("a listening TCP socket (socket:[{ino}])"),
+                    self.pipes.and_then(|p| p.sockets.get(&ino).copied()),
+                )?),
                 FdKind::Memfd { ino } => Some(from_restorer(
                     format!("a memfd (inode {ino})"),
                     self.pipes.and_then(|p| p.memfds.get(&ino).copied()),
@@ -2566,6 +2570,15 @@ fn make_pipes(
             owned.push(s);
         }
     }
+    for l in &tree.listeners {
+        let s = make_listener(l)?;
+        let s = sys::dup_at_least(&s, base).map_err(|e| RestoreError::Socket {
+            ino: l.ino,
+            reason: format!("dup: {e}"),
+        })?;
+        sockets.insert(l.ino, s.as_raw_fd());
+        owned.push(s);
+    }
     let mut memfds = std::collections::BTreeMap::new();
     for f in &tree.memfds {
         let m = make_memfd(f, chunks)?;
@@ -2585,6 +2598,67 @@ fn make_pipes(
             memfds,
         },
     ))
+}
+
+/// A listening TCP socket as recorded: options, then bound to its address and listening.
+fn make_listener(l: &super::image::ListenerImage) -> Result<std::os::fd::OwnedFd, RestoreError> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let err = |reason: String| RestoreError::Socket { ino: l.ino, reason };
+    let os = || std::io::Error::last_os_error();
+    if l.family != libc::AF_INET && l.family != libc::AF_INET6 {
+        return Err(err(format!("address family {} is not TCP/IP", l.family)));
+    }
+    // SAFETY: socket takes integers and returns a new descriptor, owned from here on.
+    let fd = unsafe { libc::socket(l.family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(err(format!("socket: {}", os())));
+    }
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    let sock = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    for &(level, name, v) in &l.options {
+        unix::setsockopt_int(&sock, level, name, v)
+            .map_err(|e| err(format!("setsockopt({level}, {name}, {v}): {e}")))?;
+    }
+    let mut addr = [0u8; 128];
+    let n = l.addr.len().min(addr.len());
+    addr[..n].copy_from_slice(&l.addr[..n]);
+    // SAFETY: bind reads `n` bytes of the address from `addr`, which holds 128.
+    if unsafe { libc::bind(sock.as_raw_fd(), addr.as_ptr().cast(), n as libc::socklen_t) } < 0 {
+        let e = os();
+        let at = describe_sockaddr(&l.addr);
+        return Err(err(if e.raw_os_error() == Some(libc::EADDRINUSE) {
+            format!(
+                "{at} is in use (by the program this checkpoint was taken from, if it still \
+                 runs: a listening socket can be restored once per address)"
+            )
+        } else {
+            format!("bind to {at}: {e}")
+        }));
+    }
+    let backlog = l.backlog.min(i32::MAX as u32) as i32;
+    // SAFETY: listen takes integers.
+    if unsafe { libc::listen(sock.as_raw_fd(), backlog) } < 0 {
+        return Err(err(format!("listen: {}", os())));
+    }
+    Ok(sock)
+}
+
+/// A `sockaddr_in` or `sockaddr_in6` as `address:port`.
+fn describe_sockaddr(a: &[u8]) -> String {
+    let port = |b: &[u8]| u16::from_be_bytes([b[2], b[3]]);
+    match a.len() {
+        16.. if i32::from(u16::from_ne_bytes([a[0], a[1]])) == libc::AF_INET => format!(
+            "{}:{}",
+            std::net::Ipv4Addr::new(a[4], a[5], a[6], a[7]),
+            port(a)
+        ),
+        28.. => {
+            let mut ip = [0u8; 16];
+            ip.copy_from_slice(&a[8..24]);
+            format!("[{}]:{}", std::net::Ipv6Addr::from(ip), port(a))
+        }
+        _ => format!("{a:02x?}"),
+    }
 }
 
 /// Recreates a shared memory file as a memfd: its contents, its size, then its seals.
