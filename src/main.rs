@@ -2,8 +2,8 @@
 
 mod cgroup;
 mod daemon;
-mod devshm;
 mod mounts;
+mod owndirs;
 mod session;
 mod sysv;
 

@@ -30,8 +30,9 @@ use std::time::{Duration, Instant};
 /// 2: `process` holds the engine's tree image (the program and its descendants, pipes).
 /// 3: `sysv`, the SysV IPC objects of the session's namespace. Version 2 images decode with
 ///    none (they had none: such checkpoints were refused).
-/// 4: `shm`, the session's private `/dev/shm`. Older images decode with an empty one (their
-///    sessions shared the host's, and checkpoints of files there were refused).
+/// 4: `own`, the directories the session owns (its `/dev/shm` and temporary directory).
+///    Older images decode with none (their sessions shared the host's, and checkpoints of
+///    files written there were refused).
 pub const SESSION_IMAGE_VERSION: u32 = 4;
 
 /// What a checkpoint stores besides the engine's process image.
@@ -47,8 +48,9 @@ pub struct SessionImage {
     pub argv: Vec<String>,
     /// SysV IPC objects (version 3), their segments' contents externalized like memory.
     pub sysv: crate::sysv::SysvImage,
-    /// The session's `/dev/shm` (version 4), file contents externalized like memory.
-    pub shm: crate::devshm::ShmDir,
+    /// The directories the session owns (version 4), by path, their file contents
+    /// externalized like memory.
+    pub own: Vec<(PathBuf, crate::owndirs::ShmDir)>,
 }
 
 /// A version 2 session image.
@@ -90,7 +92,7 @@ impl SessionImage {
                     boottime_ns: v.boottime_ns,
                     argv: v.argv,
                     sysv: Default::default(),
-                    shm: Default::default(),
+                    own: Vec::new(),
                 })
             }
             3 => {
@@ -103,7 +105,7 @@ impl SessionImage {
                     boottime_ns: v.boottime_ns,
                     argv: v.argv,
                     sysv: v.sysv,
-                    shm: Default::default(),
+                    own: Vec::new(),
                 })
             }
             SESSION_IMAGE_VERSION => postcard::from_bytes(bytes).context("decode session image"),
@@ -721,18 +723,10 @@ fn init(spec: &InitSpec, mut info: SessionInfo, pre: Option<Preloaded>) -> Resul
         None::<&str>,
     )
     .context("mount /proc")?;
-    // A /dev/shm of the session's own (devshm): POSIX shared memory and named semaphores
-    // are part of the session, recorded by its checkpoints and not shared between branches.
-    if Path::new(crate::devshm::DEV_SHM).is_dir() {
-        mount(
-            Some("tmpfs"),
-            crate::devshm::DEV_SHM,
-            Some("tmpfs"),
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            Some("mode=1777"),
-        )
-        .context("mount the session's /dev/shm")?;
-    }
+    // A /dev/shm and a temporary directory of the session's own (owndirs): shared memory,
+    // semaphores and scratch files are part of the session, recorded by its checkpoints and
+    // not shared between branches.
+    crate::owndirs::mount_all();
     if spec.daemon_mount != spec.mountpoint {
         mount(
             Some(&spec.daemon_mount),
@@ -763,6 +757,15 @@ fn init(spec: &InitSpec, mut info: SessionInfo, pre: Option<Preloaded>) -> Resul
                 .collect::<Result<_, _>>()
                 .context("argument contains NUL")?;
             let prog = argv.first().cloned().ok_or_else(|| anyhow!("no command"))?;
+            // Scratch files go to the session's temporary directory (owndirs), unless the
+            // program was given a directory of its own other than /tmp.
+            let tmpdir = std::env::var_os("TMPDIR");
+            let default_tmp = tmpdir
+                .as_deref()
+                .is_none_or(|t| t.is_empty() || Path::new(t) == Path::new("/tmp"));
+            if default_tmp && Path::new(crate::owndirs::SESSION_TMP).is_dir() {
+                std::env::set_var("TMPDIR", crate::owndirs::SESSION_TMP);
+            }
             // SAFETY: init is single-threaded; the child only execs.
             match unsafe { nix::unistd::fork() }.context("fork program")? {
                 nix::unistd::ForkResult::Child => {
@@ -969,14 +972,14 @@ fn checkpoint(
         // Even a checkpoint that kills (the one kept before a rollback) reuses what was not
         // written since the last one.
         dirty: tracker.cloned(),
-        own_dirs: vec![PathBuf::from(crate::devshm::DEV_SHM)],
+        own_dirs: crate::owndirs::dirs(),
         ..Default::default()
     };
     let t0 = Instant::now();
     let mut root_cno = None;
     let mut frozen_at = None;
     let mut sysv = None;
-    let mut shm = None;
+    let mut own = None;
     let mp = spec.mountpoint.clone();
     let dmp = spec.daemon_mount.clone();
     let store = spec.store.clone();
@@ -984,11 +987,12 @@ fn checkpoint(
         frozen_at = Some(Instant::now());
         // init shares the session's IPC namespace: these files list the program's objects.
         sysv = Some(crate::sysv::dump()?);
-        // init shares the session's mount namespace: this is the program's /dev/shm.
-        shm = Some(crate::devshm::dump(Path::new(crate::devshm::DEV_SHM))?);
+        // init shares the session's mount namespace: these are the program's /dev/shm and
+        // temporary directory.
+        own = Some(crate::owndirs::dump_all()?);
         let mut allowed = req.allow_outside.clone();
         allowed.push(session_dir(&spec.store, &spec.name));
-        allowed.push(PathBuf::from(crate::devshm::DEV_SHM));
+        allowed.extend(crate::owndirs::dirs());
         outside_writes(&mp, &allowed)?;
         // The program is stopped: the files as of now belong to this checkpoint.
         // /proc here is the session's own: every process of it, and nothing else.
@@ -1085,8 +1089,8 @@ fn checkpoint(
     );
     let mut held: Vec<Vec<u8>> = Vec::new();
     let mut sysv = sysv.unwrap_or_default();
-    let mut shm = shm.unwrap_or_default();
-    for memory in memories_mut(&mut img, &mut sysv, &mut shm) {
+    let mut own = own.unwrap_or_default();
+    for memory in memories_mut(&mut img, &mut sysv, &mut own) {
         for run in &mut memory.runs {
             if !matches!(run.data, PageData::Bytes(_)) {
                 continue;
@@ -1134,7 +1138,7 @@ fn checkpoint(
     drop(held);
     // The placeholders, in the same order (a real BLAKE3 output is never all zeros).
     let mut names = ids.chunks_exact(32);
-    for memory in memories_mut(&mut img, &mut sysv, &mut shm) {
+    for memory in memories_mut(&mut img, &mut sysv, &mut own) {
         for run in &mut memory.runs {
             if run.data == PageData::Stored([0; 32]) {
                 if let Some(n) = names.next() {
@@ -1198,7 +1202,7 @@ fn checkpoint(
         boottime_ns: clock_ns(nix::time::ClockId::CLOCK_BOOTTIME),
         argv: spec.argv.clone(),
         sysv,
-        shm,
+        own,
     };
     let tmp = dir.join("checkpoint.tmp");
     std::fs::write(&tmp, postcard::to_allocvec(&wrapped)?).context("write image")?;
@@ -1247,11 +1251,12 @@ fn checkpoint(
 }
 
 /// Every memory of a checkpoint whose contents go to the store: each process's, each shared
-/// memory file's, each SysV segment's, each file's in /dev/shm, in a fixed order.
+/// memory file's, each SysV segment's, each file's in the directories the session owns, in
+/// a fixed order.
 fn memories_mut<'a>(
     img: &'a mut TreeImage,
     sysv: &'a mut crate::sysv::SysvImage,
-    shm: &'a mut crate::devshm::ShmDir,
+    own: &'a mut [(PathBuf, crate::owndirs::ShmDir)],
 ) -> impl Iterator<Item = &'a mut engine::image::ImageMemory> {
     img.processes
         .iter_mut()
@@ -1259,7 +1264,7 @@ fn memories_mut<'a>(
         .map(|p| &mut p.memory)
         .chain(img.memfds.iter_mut().map(|f| &mut f.contents))
         .chain(sysv.shm.iter_mut().map(|s| &mut s.contents))
-        .chain(shm.memories_mut())
+        .chain(own.iter_mut().flat_map(|(_, d)| d.memories_mut()))
 }
 
 /// Delta images on top of a whole one, at most: a restore resolves the chain, image by
@@ -1296,10 +1301,12 @@ fn outside_writes(mountpoint: &Path, allowed: &[PathBuf]) -> Result<(), String> 
             let Ok(target) = std::fs::read_link(f.path()) else {
                 continue;
             };
-            // A memfd is no file outside: the checkpoint holds its contents.
+            // A memfd or a deleted file is no file outside: the checkpoint holds its contents.
+            let name = target.to_string_lossy();
             if !target.is_absolute()
                 || target.starts_with(mountpoint)
-                || target.to_string_lossy().starts_with("/memfd:")
+                || name.starts_with("/memfd:")
+                || name.ends_with(" (deleted)")
             {
                 continue;
             }
@@ -1519,11 +1526,12 @@ fn restore_main(
     crate::sysv::restore(&si.sysv, &chunks)
         .map_err(|e| anyhow!(e))
         .context("restore SysV IPC objects")?;
-    // Then /dev/shm (init's, a fresh tmpfs): the processes reopen and map its files.
-    let own_dirs = [PathBuf::from(crate::devshm::DEV_SHM)];
-    crate::devshm::restore(&si.shm, &own_dirs[0], &chunks)
+    // Then /dev/shm and the temporary directory (init's, fresh tmpfs): the processes reopen
+    // and map their files.
+    let own_dirs = crate::owndirs::dirs();
+    crate::owndirs::restore_all(&si.own, &chunks)
         .map_err(|e| anyhow!(e))
-        .context("restore /dev/shm")?;
+        .context("restore the session's /dev/shm and temporary directory")?;
     let opts = TreeRestoreOptions {
         keep_pids: true,
         chunks: Some(&chunks),
@@ -1715,7 +1723,7 @@ mod tests {
 
     /// `process` decodes as one byte string; the encoding is what a sequence of `u8` gave
     /// (images stored before still decode, and the same bytes come out). A version 3 image
-    /// (no /dev/shm) decodes with an empty one.
+    /// (no directories of its own) decodes with none.
     #[test]
     fn session_image_bytes_keep_their_encoding() {
         #[derive(Serialize)]
@@ -1730,7 +1738,7 @@ mod tests {
         #[derive(Serialize)]
         struct Now {
             before: Before,
-            shm: crate::devshm::ShmDir,
+            own: Vec<(PathBuf, crate::owndirs::ShmDir)>,
         }
         let process: Vec<u8> = (0..5000u32).map(|i| (i * 7) as u8).collect();
         let before = |version| Before {
@@ -1743,7 +1751,7 @@ mod tests {
         };
         let now = postcard::to_allocvec(&Now {
             before: before(SESSION_IMAGE_VERSION),
-            shm: Default::default(),
+            own: Vec::new(),
         })
         .expect("encode");
         let si = SessionImage::decode(&now).expect("decode");
@@ -1752,6 +1760,6 @@ mod tests {
         let v3 = postcard::to_allocvec(&before(3)).expect("encode");
         let si = SessionImage::decode(&v3).expect("decode version 3");
         assert_eq!((si.version, si.process), (3, process));
-        assert!(si.shm.entries.is_empty());
+        assert!(si.own.is_empty());
     }
 }

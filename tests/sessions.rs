@@ -1722,6 +1722,110 @@ fn a_listening_server_is_rolled_back_on_its_port() {
     assert_eq!(get("page.txt").as_deref(), Some("v1\n"));
 }
 
+/// Scratch files: a program's temporary directory is the session's own (`TMPDIR`, as
+/// compilers and `tempfile` use it), recorded by its checkpoints and never seen by the host;
+/// a file made with glibc's `tmpfile()` (unlinked at once, in /tmp) is kept with its
+/// contents. Both come back, on a branch beside the original and rolled back in place.
+#[test]
+fn temporary_files_are_part_of_the_session() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    let exe = lab.cc(
+        "scratch",
+        r#"
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+int main(void) {
+    for (int fd = 3; fd < 1024; fd++) close(fd);
+    const char *t = getenv("TMPDIR");
+    FILE *out = fopen("scratch.log", "a");
+    fprintf(out, "tmpdir %s\n", t ? t : "(none)");
+    fflush(out);
+    char p[4096];
+    snprintf(p, sizeof p, "%s/scratchXXXXXX", t ? t : "/tmp");
+    int a = mkstemp(p);
+    FILE *b = tmpfile();
+    if (a < 0 || !b) { fprintf(out, "no temporary files\n"); return 1; }
+    long total = 0;
+    for (unsigned i = 1;; i++) {
+        char line[32], back[32], first[2];
+        int n = snprintf(line, sizeof line, "%u\n", i);
+        write(a, line, n);
+        fwrite(line, 1, n, b);
+        fflush(b);
+        total += n;
+        long sa = lseek(a, 0, SEEK_CUR), sb = ftell(b);
+        int ok = sa == total && sb == total
+            && pread(a, back, n, total - n) == n && !memcmp(back, line, n)
+            && pread(fileno(b), back, n, total - n) == n && !memcmp(back, line, n)
+            && pread(fileno(b), first, 2, 0) == 2 && !memcmp(first, "1\n", 2);
+        fprintf(out, "%u %s\n", i, ok ? "ok" : "BAD");
+        fflush(out);
+        usleep(5000);
+    }
+}
+"#,
+        &[],
+    );
+    lab.fp(&[
+        "run",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--",
+        exe.to_str().expect("utf8"),
+    ]);
+    let log = lab.mnt.join("scratch.log");
+    wait_for("the program", Duration::from_secs(10), || {
+        lines_any(&log) > 30
+    });
+    let text = std::fs::read_to_string(&log).expect("log");
+    assert!(
+        text.starts_with("tmpdir /tmp/.forkpoint-session-tmp\n"),
+        "{text}"
+    );
+    let on_host: Vec<_> = std::fs::read_dir("/tmp/.forkpoint-session-tmp")
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        !on_host
+            .iter()
+            .any(|n| n.to_string_lossy().starts_with("scratch")),
+        "the host sees the session's scratch files: {on_host:?}"
+    );
+    lab.fp(&["checkpoint", "-m", lab.m(), "scratching"]);
+    let at_cut = lines_any(&lab.mnt.join(".forkpoint/snapshots/scratching/scratch.log"));
+    let all_ok = |p: &Path| {
+        let text = std::fs::read_to_string(p).expect("log");
+        for (i, l) in text.lines().enumerate().skip(1) {
+            assert_eq!(l, format!("{i} ok"), "line {} of {}", i + 1, p.display());
+        }
+    };
+    lab.fp(&[
+        "restore",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--branch",
+        "b1",
+        "scratching",
+    ]);
+    let b1 = lab.branch_dir("b1").join("scratch.log");
+    wait_for("the branch", Duration::from_secs(10), || {
+        lines_any(&b1) > at_cut + 30
+    });
+    lab.fp(&["restore", "-m", lab.m(), "--detach", "scratching"]);
+    wait_for("the rollback", Duration::from_secs(10), || {
+        lines_any(&log) > at_cut + 30
+    });
+    all_ok(&b1);
+    all_ok(&log);
+}
+
 /// A detached program writes to its session's log. Restored into a session of another
 /// name, it writes to that session's log, and can be checkpointed again (its output is no
 /// file outside the mount).

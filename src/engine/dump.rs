@@ -2649,18 +2649,22 @@ fn dump_fds(
             .map_err(|e| refuse(&format!("cannot stat: {e}")))?;
         let ft = st.file_type();
         let mut target = target.clone();
-        let deleted_own = ft.is_file()
+        // A deleted file is reached again by inode on a forkpoint mount (its snapshot keeps
+        // it); anywhere else (glibc's tmpfile() in /tmp, a session's own directories) only
+        // its holders reach it: its contents are kept like a memfd's.
+        let deleted_elsewhere = ft.is_file()
             && target.strip_suffix(" (deleted)").is_some_and(|orig| {
                 own_dirs
                     .iter()
                     .any(|d| std::path::Path::new(orig).starts_with(d))
+                    || by_inode_path(orig, st.ino()).is_none()
             });
-        let kind = if ft.is_file() && (target.starts_with("/memfd:") || deleted_own) {
+        let kind = if ft.is_file() && (target.starts_with("/memfd:") || deleted_elsewhere) {
             // The file itself is recorded once for the whole tree (dump_tree); so is a
-            // deleted file in a directory the caller recreates (a session's /dev/shm).
+            // deleted file that is not on a forkpoint mount.
             if !allow_pipes {
                 return Err(refuse(
-                    "memfds are only supported when dumping a process tree",
+                    "memfds and deleted files are only supported when dumping a process tree",
                 ));
             }
             FdKind::Memfd { ino: st.ino() }

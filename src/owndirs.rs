@@ -1,10 +1,13 @@
-//! A session's private `/dev/shm`: POSIX shared memory (`shm_open`), named semaphores
-//! (`sem_open`) and whatever else a program keeps there, recorded at a checkpoint and made
-//! again before a restore's processes.
+//! The directories a session owns: its private `/dev/shm` (POSIX shared memory, named
+//! semaphores) and its temporary directory (`TMPDIR`, where compilers and `tempfile` put
+//! their scratch files), recorded at a checkpoint and made again before a restore's
+//! processes.
 //!
-//! Every session mounts a tmpfs of its own on `/dev/shm` (in its mount namespace), so that
-//! what a program puts there is part of the session: two branches restored side by side do
-//! not share a semaphore by name, and the host's `/dev/shm` sees nothing. At a checkpoint
+//! Every session mounts a tmpfs of its own on each (in its mount namespace), so that what a
+//! program puts there is part of the session: two branches restored side by side do not
+//! share a semaphore or a temporary file by name, and the host sees nothing. The temporary
+//! directory is `/tmp/.forkpoint-session-tmp` (an empty directory on the host), given to the
+//! program as `TMPDIR` unless it has one of its own other than `/tmp`. At a checkpoint
 //! (the program frozen) the tree is walked and every file's data read, skipping holes;
 //! contents go to the store as page chunks like memory. A restore makes the entries again,
 //! with their modes, owners and times, before the processes reopen and map them by path.
@@ -19,8 +22,60 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-/// Where the session's own tmpfs is mounted.
+/// Where the session's own tmpfs for shared memory is mounted.
 pub const DEV_SHM: &str = "/dev/shm";
+/// The session's own temporary directory.
+pub const SESSION_TMP: &str = "/tmp/.forkpoint-session-tmp";
+
+/// Every directory a session owns.
+pub fn dirs() -> Vec<PathBuf> {
+    vec![PathBuf::from(DEV_SHM), PathBuf::from(SESSION_TMP)]
+}
+
+/// Mounts a fresh tmpfs on each directory a session owns, in the caller's (the session's)
+/// mount namespace; the temporary directory is made on the host first if it is missing.
+/// A directory that cannot be had is skipped (its files stay outside the session).
+pub fn mount_all() {
+    use nix::mount::{mount, MsFlags};
+    if let Err(e) = std::fs::create_dir_all(SESSION_TMP) {
+        log::warn!("{SESSION_TMP}: {e}; the session has no temporary directory of its own");
+    }
+    for d in dirs() {
+        if !d.is_dir() {
+            continue;
+        }
+        let r = mount(
+            Some("tmpfs"),
+            &d,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=1777"),
+        );
+        if let Err(e) = r {
+            log::warn!("mount a tmpfs on {}: {e}", d.display());
+        }
+    }
+}
+
+/// Records every directory a session owns (call it while the program is frozen).
+pub fn dump_all() -> Result<Vec<(PathBuf, ShmDir)>, String> {
+    dirs()
+        .into_iter()
+        .map(|d| Ok((d.clone(), dump(&d)?)))
+        .collect()
+}
+
+/// Makes the recorded directories again, each in its fresh tmpfs.
+pub fn restore_all(img: &[(PathBuf, ShmDir)], chunks: &dyn ChunkSource) -> Result<(), String> {
+    let own = dirs();
+    for (d, tree) in img {
+        if !own.contains(d) {
+            return Err(format!("{} is not a directory a session owns", d.display()));
+        }
+        restore(tree, d, chunks)?;
+    }
+    Ok(())
+}
 
 /// Every entry under the session's `/dev/shm`, parents before their children.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
