@@ -1826,6 +1826,101 @@ int main(void) {
     all_ok(&log);
 }
 
+/// Unix socket servers inside the session: Python's `multiprocessing.Manager` (a server
+/// process listening on a socket in the session's temporary directory, a connection per
+/// proxy) and a listener of the program's own on the mount with a connection it accepted
+/// from itself. Both listen again after a restore, beside the original on a branch and
+/// rolled back in place, and every call still answers right.
+#[test]
+fn unix_socket_servers_listen_again_after_restore() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    let script = lab.mnt.join("mgr.py");
+    std::fs::write(
+        &script,
+        r#"
+import multiprocessing as mp, os, socket, time
+if __name__ == "__main__":
+    for fd in range(3, 1024):
+        try: os.close(fd)
+        except OSError: pass
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind("ctl.sock")
+    srv.listen(4)
+    cli = socket.socket(socket.AF_UNIX)
+    cli.connect("ctl.sock")
+    conn, _ = srv.accept()
+    out = open("mgr.log", "a")
+    with mp.Manager() as m:
+        d, l, n = m.dict(), m.list(), 0
+        while True:
+            n += 1
+            d[n % 50] = n
+            l.append(n)
+            cli.sendall(b"%d\n" % n)
+            echo = conn.recv(64)
+            ok = d[n % 50] == n and l[-1] == n and len(l) == n and echo == b"%d\n" % n
+            out.write("%d %s\n" % (n, "ok" if ok else "BAD"))
+            out.flush()
+            time.sleep(0.005)
+"#,
+    )
+    .expect("script");
+    lab.fp(&[
+        "run",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--",
+        "python3",
+        script.to_str().expect("utf8"),
+    ]);
+    let log = lab.mnt.join("mgr.log");
+    wait_for("the manager", Duration::from_secs(20), || {
+        lines_any(&log) > 30
+    });
+    lab.fp(&["checkpoint", "-m", lab.m(), "managed"]);
+    let at_cut = lines_any(&lab.mnt.join(".forkpoint/snapshots/managed/mgr.log"));
+    let all_ok = |p: &Path| {
+        let text = std::fs::read_to_string(p).expect("log");
+        for (i, l) in text.lines().enumerate() {
+            assert_eq!(
+                l,
+                format!("{} ok", i + 1),
+                "line {} of {}",
+                i + 1,
+                p.display()
+            );
+        }
+    };
+    lab.fp(&[
+        "restore",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--branch",
+        "b1",
+        "managed",
+    ]);
+    let b1 = lab.branch_dir("b1");
+    wait_for("the branch", Duration::from_secs(20), || {
+        lines_any(&b1.join("mgr.log")) > at_cut + 30
+    });
+    lab.fp(&["restore", "-m", lab.m(), "--detach", "managed"]);
+    wait_for("the rollback", Duration::from_secs(20), || {
+        lines_any(&log) > at_cut + 30
+    });
+    all_ok(&b1.join("mgr.log"));
+    all_ok(&log);
+    // The listener on the mount is a real one again, in each.
+    for dir in [&lab.mnt, &b1] {
+        std::os::unix::net::UnixStream::connect(dir.join("ctl.sock"))
+            .unwrap_or_else(|e| panic!("connect to {}/ctl.sock: {e}", dir.display()));
+    }
+}
+
 /// A detached program writes to its session's log. Restored into a session of another
 /// name, it writes to that session's log, and can be checkpointed again (its output is no
 /// file outside the mount).

@@ -1192,12 +1192,19 @@ fn socket_pairs(
                     .into(),
             }));
         };
-        if !d.name.is_empty() {
+        if !d.name.is_empty() && d.state == unix::LISTEN {
+            listeners.push(unix_listener(pid, fd, ino, d)?);
+            continue;
+        }
+        if !d.name.is_empty() && d.peer == 0 {
             return Err(refuse(format!(
-                "the unix socket has the address {:?}; only unnamed socket pairs are supported",
+                "the unix socket is bound to {:?} but neither listening nor connected; not \
+                 supported yet",
                 String::from_utf8_lossy(&d.name)
             )));
         }
+        // A connection accepted from (or made to) a named socket is a pair like any other
+        // once both ends are in the tree; the names are not kept.
         let stream = d.kind as i32 == libc::SOCK_STREAM;
         let end = |pid: i32, fd: i32, ino: u64| -> Result<SocketEnd, DumpError> {
             let refuse = |reason: String| DumpError::UnsupportedFd {
@@ -1350,10 +1357,62 @@ fn tcp_listener(pid: i32, fd: i32, ino: u64) -> Result<Option<ListenerImage>, Du
     Ok(Some(ListenerImage {
         ino,
         family,
+        kind: libc::SOCK_STREAM,
         addr,
         backlog,
+        dir: String::new(),
         options,
     }))
+}
+
+/// The listening unix socket `ino` (`fd` of `pid`, described by `d`): its address, kind,
+/// backlog and `SO_PASSCRED`. Connections still waiting to be accepted were found by
+/// [`unread_events`] before the freeze; one that arrives after it comes from outside and is
+/// not part of the checkpoint.
+fn unix_listener(
+    pid: i32,
+    fd: i32,
+    ino: u64,
+    d: &super::unix::UnixDiag,
+) -> Result<ListenerImage, DumpError> {
+    use super::unix;
+    use std::os::fd::AsRawFd;
+    let refuse = |reason: String| DumpError::UnsupportedFd {
+        pid,
+        fd,
+        target: format!("socket:[{ino}]"),
+        reason,
+    };
+    let sock = unix::take_fd(pid, fd).map_err(|e| refuse(format!("pidfd_getfd: {e}")))?;
+    let mut addr = [0u8; 128];
+    let mut len = addr.len() as libc::socklen_t;
+    // SAFETY: getsockname writes at most `len` bytes into `addr` and updates `len`.
+    let r = unsafe { libc::getsockname(sock.as_raw_fd(), addr.as_mut_ptr().cast(), &mut len) };
+    if r < 0 {
+        return Err(refuse(format!(
+            "getsockname: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    let passcred = unix::getsockopt_int(&sock, libc::SOL_SOCKET, libc::SO_PASSCRED)
+        .map_err(|e| refuse(format!("getsockopt(SO_PASSCRED): {e}")))?;
+    // A relative path was taken from the binder's working directory; the holder's now is
+    // the best guess of it.
+    let relative = addr.get(2).is_some_and(|c| *c != 0 && *c != b'/');
+    let dir = if relative {
+        read_link(pid, "cwd")?
+    } else {
+        String::new()
+    };
+    Ok(ListenerImage {
+        ino,
+        family: libc::AF_UNIX,
+        kind: i32::from(d.kind),
+        addr: addr[..(len as usize).min(addr.len())].to_vec(),
+        backlog: d.backlog,
+        dir,
+        options: vec![(libc::SOL_SOCKET, libc::SO_PASSCRED, passcred)],
+    })
 }
 
 /// Copy the data buffered in the pipe behind `pid`'s `fd` without consuming it: open a new
@@ -1561,7 +1620,7 @@ pub fn dump_tree(
         {
             if let FdKind::UnixSocket { ino } = f.kind {
                 if listeners.iter().any(|l| l.ino == ino) {
-                    f.kind = FdKind::TcpListener { ino };
+                    f.kind = FdKind::Listener { ino };
                 }
             }
         }
@@ -2250,15 +2309,46 @@ fn inet_addr(a: &str) -> Option<String> {
     }
 }
 
-/// [`DumpError::Busy`] if an inotify instance of `pid` has events queued.
+/// [`DumpError::Busy`] if an inotify instance of `pid` has events queued, or a listening
+/// unix socket connections not accepted yet (its clients may be members: their half-made
+/// connections cannot be restored).
 fn unread_events(pid: i32) -> Result<(), DumpError> {
     let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
         return Ok(());
     };
+    let mut diag = None;
     for e in rd.flatten() {
         let Ok(target) = std::fs::read_link(e.path()) else {
             continue;
         };
+        let socket = target
+            .to_str()
+            .and_then(|t| t.strip_prefix("socket:["))
+            .and_then(|t| t.strip_suffix(']'))
+            .and_then(|t| t.parse::<u64>().ok());
+        if let Some(ino) = socket {
+            if diag.is_none() {
+                diag = Some(super::unix::unix_sockets().unwrap_or_default());
+            }
+            let d = diag.as_ref().and_then(|d| d.get(&ino));
+            if let Some(d) = d.filter(|d| d.state == super::unix::LISTEN && d.pending > 0) {
+                return Err(DumpError::Busy {
+                    pid,
+                    fd: e
+                        .file_name()
+                        .to_str()
+                        .and_then(|n| n.parse().ok())
+                        .unwrap_or(-1),
+                    target: target.to_string_lossy().into_owned(),
+                    reason: format!(
+                        "{} connections to the unix socket {:?} are not accepted yet",
+                        d.pending,
+                        String::from_utf8_lossy(&d.name)
+                    ),
+                });
+            }
+            continue;
+        }
         if target.as_os_str() != "anon_inode:inotify" {
             continue;
         }

@@ -343,26 +343,33 @@ pub struct TreeImage {
     /// 8): restored stopped. Encoded after the file locks.
     #[serde(skip)]
     pub stopped: Vec<i32>,
-    /// Every listening TCP socket a member holds (format version 8), encoded after the
-    /// stopped members.
+    /// Every listening socket (TCP or unix) a member holds (format version 8), encoded after
+    /// the stopped members.
     #[serde(skip)]
     pub listeners: Vec<ListenerImage>,
 }
 
-/// A listening TCP socket ([`IMAGE_FORMAT_VERSION`] 8), made again (bound and listening)
-/// before the processes; every descriptor of it shares it again.
+/// A listening socket ([`IMAGE_FORMAT_VERSION`] 8), TCP or unix, made again (bound and
+/// listening) before the processes; every descriptor of it shares it again.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListenerImage {
-    /// Inode at dump time (the key used by [`FdKind::TcpListener`]).
+    /// Inode at dump time (the key used by [`FdKind::Listener`]).
     pub ino: u64,
-    /// `AF_INET` or `AF_INET6`.
+    /// `AF_INET`, `AF_INET6` or `AF_UNIX`.
     pub family: i32,
-    /// The bound address as `getsockname` returned it (a `sockaddr_in` or `sockaddr_in6`).
+    /// `SOCK_STREAM` or (unix only) `SOCK_SEQPACKET`.
+    pub kind: i32,
+    /// The bound address as `getsockname` returned it (a `sockaddr_in`, `sockaddr_in6` or
+    /// `sockaddr_un`).
     pub addr: Vec<u8>,
     /// The `listen` backlog.
     pub backlog: u32,
-    /// (level, option, value) of the integer options that were read: `SO_REUSEADDR`,
-    /// `SO_REUSEPORT`, `SO_KEEPALIVE`, `TCP_NODELAY`, `TCP_DEFER_ACCEPT`, `IPV6_V6ONLY`.
+    /// For a unix socket bound to a relative path, the directory the path is taken from at
+    /// restore: the holder's working directory at the checkpoint. Empty otherwise.
+    pub dir: String,
+    /// (level, option, value) of the integer options that were read: for TCP
+    /// `SO_REUSEADDR`, `SO_REUSEPORT`, `SO_KEEPALIVE`, `TCP_NODELAY`, `TCP_DEFER_ACCEPT`,
+    /// `IPV6_V6ONLY`; for unix `SO_PASSCRED`.
     pub options: Vec<(i32, i32, i32)>,
 }
 
@@ -1082,9 +1089,9 @@ pub enum FdKind {
         /// Inode of the memfd, the key into [`TreeImage::memfds`].
         ino: u64,
     },
-    /// A listening TCP socket (format version 8); only in process trees, whose
+    /// A listening socket, TCP or unix (format version 8); only in process trees, whose
     /// [`TreeImage::listeners`] holds it.
-    TcpListener {
+    Listener {
         /// Inode of the socket, the key into [`TreeImage::listeners`].
         ino: u64,
     },
@@ -2088,8 +2095,10 @@ pub(crate) mod tests {
         v8.listeners = vec![ListenerImage {
             ino: 5,
             family: libc::AF_INET,
+            kind: libc::SOCK_STREAM,
             addr: vec![2, 0, 0x1f, 0x40, 127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0],
             backlog: 128,
+            dir: String::new(),
             options: vec![(libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)],
         }];
         if let Some(p) = v8.processes[0].live_mut() {

@@ -1507,7 +1507,7 @@ impl Restorer<'_> {
                     format!("a unix socket (socket:[{ino}])"),
                     self.pipes.and_then(|p| p.sockets.get(&ino).copied()),
                 )?),
-                FdKind::TcpListener { ino } => Some(from_restorer(
+                FdKind::Listener { ino } => Some(from_restorer(
                     format!("a listening TCP socket (socket:[{ino}])"),
                     self.pipes.and_then(|p| p.sockets.get(&ino).copied()),
                 )?),
@@ -2600,16 +2600,50 @@ fn make_pipes(
     ))
 }
 
-/// A listening TCP socket as recorded: options, then bound to its address and listening.
+/// A listening socket (TCP or unix) as recorded: options, then bound to its address and
+/// listening.
 fn make_listener(l: &super::image::ListenerImage) -> Result<std::os::fd::OwnedFd, RestoreError> {
+    use std::os::fd::AsRawFd;
+    let err = |reason: String| RestoreError::Socket { ino: l.ino, reason };
+    let kinds_ok = match l.family {
+        libc::AF_INET | libc::AF_INET6 => l.kind == libc::SOCK_STREAM,
+        libc::AF_UNIX => l.kind == libc::SOCK_STREAM || l.kind == libc::SOCK_SEQPACKET,
+        _ => false,
+    };
+    if !kinds_ok {
+        return Err(err(format!(
+            "a listening socket of family {} and type {}",
+            l.family, l.kind
+        )));
+    }
+    // A unix socket bound to a relative path is bound from the directory it was relative
+    // to; the caller's working directory is put back after.
+    let back = if l.dir.is_empty() {
+        None
+    } else {
+        let here = std::fs::File::open(".")
+            .map_err(|e| err(format!("open the working directory: {e}")))?;
+        std::env::set_current_dir(&l.dir).map_err(|e| err(format!("chdir {}: {e}", l.dir)))?;
+        Some(here)
+    };
+    let res = bind_listener(l);
+    if let Some(here) = back {
+        // SAFETY: fchdir takes a descriptor, which `here` keeps open for the call.
+        unsafe { libc::fchdir(here.as_raw_fd()) };
+    }
+    res
+}
+
+/// [`make_listener`] from the right working directory.
+fn bind_listener(l: &super::image::ListenerImage) -> Result<std::os::fd::OwnedFd, RestoreError> {
     use std::os::fd::{AsRawFd, FromRawFd};
     let err = |reason: String| RestoreError::Socket { ino: l.ino, reason };
     let os = || std::io::Error::last_os_error();
-    if l.family != libc::AF_INET && l.family != libc::AF_INET6 {
-        return Err(err(format!("address family {} is not TCP/IP", l.family)));
+    if l.family == libc::AF_UNIX {
+        remove_stale_socket(&l.addr, l.kind);
     }
     // SAFETY: socket takes integers and returns a new descriptor, owned from here on.
-    let fd = unsafe { libc::socket(l.family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    let fd = unsafe { libc::socket(l.family, l.kind | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         return Err(err(format!("socket: {}", os())));
     }
@@ -2643,9 +2677,61 @@ fn make_listener(l: &super::image::ListenerImage) -> Result<std::os::fd::OwnedFd
     Ok(sock)
 }
 
-/// A `sockaddr_in` or `sockaddr_in6` as `address:port`.
+/// The file a unix socket address names, if it is a path (not an abstract name).
+fn unix_path(a: &[u8]) -> Option<std::path::PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    let p = a.get(2..)?;
+    if p.first().is_none_or(|c| *c == 0) {
+        return None;
+    }
+    let end = p.iter().position(|c| *c == 0).unwrap_or(p.len());
+    Some(std::ffi::OsStr::from_bytes(&p[..end]).into())
+}
+
+/// A socket file left at a unix socket's path by a listener that is gone (connecting to it
+/// is refused) is removed, as servers do before they bind: the checkpoint's snapshot and a
+/// rollback both leave one.
+fn remove_stale_socket(addr: &[u8], kind: i32) {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::fs::FileTypeExt;
+    let Some(path) = unix_path(addr) else {
+        return;
+    };
+    if !std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket()) {
+        return;
+    }
+    // SAFETY: socket takes integers; a non-negative result is a new descriptor we own.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, kind | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return;
+    }
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    let probe = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: connect reads `addr.len()` bytes of the address from `addr`.
+    let r = unsafe {
+        libc::connect(
+            probe.as_raw_fd(),
+            addr.as_ptr().cast(),
+            addr.len() as libc::socklen_t,
+        )
+    };
+    if r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ECONNREFUSED) {
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
+/// A `sockaddr_in`, `sockaddr_in6` or `sockaddr_un` as text.
 fn describe_sockaddr(a: &[u8]) -> String {
     let port = |b: &[u8]| u16::from_be_bytes([b[2], b[3]]);
+    if a.len() >= 2 && i32::from(u16::from_ne_bytes([a[0], a[1]])) == libc::AF_UNIX {
+        return match unix_path(a) {
+            Some(p) => p.display().to_string(),
+            None => format!(
+                "@{}",
+                String::from_utf8_lossy(a.get(3..).unwrap_or_default())
+            ),
+        };
+    }
     match a.len() {
         16.. if i32::from(u16::from_ne_bytes([a[0], a[1]])) == libc::AF_INET => format!(
             "{}:{}",

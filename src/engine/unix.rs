@@ -24,11 +24,20 @@ pub struct UnixDiag {
     pub name: Vec<u8>,
     /// `sk_shutdown`: bit 0 = receive side shut down, bit 1 = send side.
     pub shutdown: u8,
+    /// For a listening socket, the connections not accepted yet (`UNIX_DIAG_RQLEN`).
+    pub pending: u32,
+    /// For a listening socket, the backlog.
+    pub backlog: u32,
 }
+
+/// `TCP_LISTEN`, as the kernel names a listening unix socket's state.
+pub const LISTEN: u8 = 10;
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const UDIAG_SHOW_NAME: u32 = 0x1;
 const UDIAG_SHOW_PEER: u32 = 0x4;
+const UDIAG_SHOW_RQLEN: u32 = 0x10;
+const UNIX_DIAG_RQLEN: u16 = 4;
 const UNIX_DIAG_NAME: u16 = 0;
 const UNIX_DIAG_PEER: u16 = 2;
 const UNIX_DIAG_SHUTDOWN: u16 = 6;
@@ -69,7 +78,7 @@ pub fn unix_sockets() -> Result<BTreeMap<u64, UnixDiag>, Errno> {
     req.extend_from_slice(&0u16.to_le_bytes()); // pad
     req.extend_from_slice(&u32::MAX.to_le_bytes()); // udiag_states: all
     req.extend_from_slice(&0u32.to_le_bytes()); // udiag_ino
-    req.extend_from_slice(&(UDIAG_SHOW_NAME | UDIAG_SHOW_PEER).to_le_bytes());
+    req.extend_from_slice(&(UDIAG_SHOW_NAME | UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN).to_le_bytes());
     req.extend_from_slice(&[0xff; 8]); // udiag_cookie: INET_DIAG_NOCOOKIE
     nix::unistd::write(&nl, &req)?;
     let mut out = BTreeMap::new();
@@ -123,6 +132,10 @@ pub fn unix_sockets() -> Result<BTreeMap<u64, UnixDiag>, Errno> {
                     UNIX_DIAG_NAME => d.name = v.to_vec(),
                     UNIX_DIAG_PEER if v.len() >= 4 => d.peer = le32(v) as u64,
                     UNIX_DIAG_SHUTDOWN if !v.is_empty() => d.shutdown = v[0],
+                    UNIX_DIAG_RQLEN if v.len() >= 8 => {
+                        d.pending = le32(v);
+                        d.backlog = le32(&v[4..]);
+                    }
                     _ => {}
                 }
                 a += (alen + 3) & !3;
