@@ -1921,6 +1921,148 @@ if __name__ == "__main__":
     }
 }
 
+/// One open file behind several descriptors stays one after a restore: `2>&1` in a process
+/// and a descriptor a child inherited share the file position, so the lines the parent and
+/// the child append through them never overwrite each other (they did, each descriptor
+/// reopened on its own at offset it had).
+#[test]
+fn descriptors_of_one_open_file_share_it_after_restore() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    let exe = lab.cc(
+        "sharer",
+        r#"
+#include <stdio.h>
+#include <fcntl.h>
+#include <unistd.h>
+int main(void) {
+    for (int fd = 3; fd < 1024; fd++) close(fd);
+    int f = open("shared.log", O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    dup2(f, 7);
+    char line[32];
+    if (fork() == 0) {
+        for (unsigned i = 0;; i++) {
+            int n = snprintf(line, sizeof line, "c%u\n", i);
+            write(7, line, n);
+            usleep(3000);
+        }
+    }
+    for (unsigned i = 0;; i++) {
+        int n = snprintf(line, sizeof line, "p%u\n", i);
+        write(i % 2 ? f : 7, line, n);
+        usleep(3000);
+    }
+}
+"#,
+        &[],
+    );
+    lab.fp(&[
+        "run",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--",
+        exe.to_str().expect("utf8"),
+    ]);
+    let log = lab.mnt.join("shared.log");
+    wait_for("the writers", Duration::from_secs(10), || {
+        lines_any(&log) > 100
+    });
+    lab.fp(&["checkpoint", "-m", lab.m(), "sharing"]);
+    let at_cut = lines_any(&lab.mnt.join(".forkpoint/snapshots/sharing/shared.log"));
+    lab.fp(&["restore", "-m", lab.m(), "--detach", "sharing"]);
+    wait_for("the restored writers", Duration::from_secs(10), || {
+        lines_any(&log) > at_cut + 200
+    });
+    lab.fp(&["kill", "-m", lab.m()]);
+    // Every line whole, each writer's numbers without a gap or a repeat.
+    let text = std::fs::read_to_string(&log).expect("log");
+    let (mut p, mut c) = (0u32, 0u32);
+    for (i, l) in text.lines().enumerate() {
+        let (next, who) = match l.as_bytes().first() {
+            Some(b'p') => (&mut p, 'p'),
+            Some(b'c') => (&mut c, 'c'),
+            _ => panic!("line {} is {l:?}", i + 1),
+        };
+        assert_eq!(l, format!("{who}{next}"), "line {} of shared.log", i + 1);
+        *next += 1;
+    }
+    assert!(p as usize + c as usize > at_cut + 200);
+}
+
+/// asyncio with a process pool: the workers are forked while the event loop runs and
+/// inherit its epoll instance and wake-up socket pair, one open file held by several
+/// processes (it was refused).
+#[test]
+fn asyncio_with_a_process_pool_survives() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    let script = lab.mnt.join("pool.py");
+    std::fs::write(
+        &script,
+        r#"
+import asyncio, concurrent.futures, os
+def square(x):
+    return x * x
+async def main():
+    out = open("pool.log", "a")
+    loop = asyncio.get_running_loop()
+    with concurrent.futures.ProcessPoolExecutor(2) as ex:
+        n = 0
+        while True:
+            n += 1
+            r = await loop.run_in_executor(ex, square, n)
+            out.write("%d %s\n" % (n, "ok" if r == n * n else "BAD"))
+            out.flush()
+            await asyncio.sleep(0.005)
+for fd in range(3, 1024):
+    try: os.close(fd)
+    except OSError: pass
+asyncio.run(main())
+"#,
+    )
+    .expect("script");
+    lab.fp(&[
+        "run",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--",
+        "python3",
+        script.to_str().expect("utf8"),
+    ]);
+    let log = lab.mnt.join("pool.log");
+    wait_for("the pool", Duration::from_secs(20), || lines_any(&log) > 30);
+    lab.fp(&["checkpoint", "-m", lab.m(), "pooled"]);
+    let at_cut = lines_any(&lab.mnt.join(".forkpoint/snapshots/pooled/pool.log"));
+    lab.fp(&[
+        "restore",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--branch",
+        "b1",
+        "pooled",
+    ]);
+    let b1 = lab.branch_dir("b1").join("pool.log");
+    wait_for("the branch", Duration::from_secs(20), || {
+        lines_any(&b1) > at_cut + 30
+    });
+    let text = std::fs::read_to_string(&b1).expect("log");
+    for (i, l) in text.lines().enumerate() {
+        assert_eq!(
+            l,
+            format!("{} ok", i + 1),
+            "line {} of the branch's pool.log",
+            i + 1
+        );
+    }
+}
+
 /// A detached program writes to its session's log. Restored into a session of another
 /// name, it writes to that session's log, and can be checkpointed again (its output is no
 /// file outside the mount).

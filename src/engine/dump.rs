@@ -1545,41 +1545,17 @@ pub fn dump_tree(
         processes.push(TreeMember { pid, ppid, state });
     }
 
-    // Anonymous descriptors are recreated one per descriptor: one file shared between
-    // processes is refused (kcmp tells whether two descriptors share a file).
-    let held: Vec<(i32, i32)> = processes
-        .iter()
-        .flat_map(|m| {
-            m.live()
-                .map(|p| p.fds.as_slice())
-                .unwrap_or(&[])
-                .iter()
-                .filter(|f| {
-                    matches!(
-                        f.kind,
-                        FdKind::TimerFd { .. }
-                            | FdKind::SignalFd { .. }
-                            | FdKind::Epoll { .. }
-                            | FdKind::EventFd { .. }
-                            | FdKind::Inotify { .. }
-                    )
-                })
-                .map(move |f| (m.pid, f.fd))
-        })
-        .collect();
-    for (i, &(p1, f1)) in held.iter().enumerate() {
-        for &(p2, f2) in &held[..i] {
-            if p1 != p2 && sys::same_file(p1, f1, p2, f2) != Some(false) {
-                return Err(DumpError::UnsupportedFd {
-                    pid: p1,
-                    fd: f1,
-                    target: "anon_inode".into(),
-                    reason: format!(
-                        "the same file is fd {f2} of process {p2}, which is not supported yet"
-                    ),
-                });
-            }
-        }
+    // One open file held by several members (a descriptor a child inherited) is recorded
+    // once; the others are Dups of it.
+    {
+        let mut members: Vec<(i32, &mut Vec<FdState>)> = processes
+            .iter_mut()
+            .filter_map(|m| {
+                let pid = m.pid;
+                m.live_mut().map(|p| (pid, &mut p.fds))
+            })
+            .collect();
+        mark_dups(&mut members);
     }
 
     // 3. Pipes.
@@ -2556,7 +2532,6 @@ fn dump_fds(
         .collect();
     fds.sort_unstable();
     let mut out = Vec::new();
-    let mut anon: Vec<i32> = Vec::new();
     for fd in fds {
         let target = match read_link(pid, &format!("fd/{fd}")) {
             Ok(t) => t,
@@ -2607,17 +2582,7 @@ fn dump_fds(
             || target == "anon_inode:[eventpoll]"
             || target == "anon_inode:[eventfd]"
         {
-            // Recreated once per descriptor: one open file behind two descriptors is refused.
-            if let Some(other) = anon
-                .iter()
-                .find(|o| sys::same_file(pid, **o, pid, fd) != Some(false))
-            {
-                return Err(refuse(&format!(
-                    "the same {} is also fd {other}, which is not supported yet",
-                    &target[12..target.len() - 1]
-                )));
-            }
-            anon.push(fd);
+            // One open file behind two descriptors becomes a Dup (mark_dups).
             let info = read_proc(pid, &format!("fdinfo/{fd}"))?;
             let parse = |what: &'static str| DumpError::Parse {
                 pid,
@@ -2692,15 +2657,6 @@ fn dump_fds(
             continue;
         }
         if target == "anon_inode:inotify" {
-            if let Some(other) = anon
-                .iter()
-                .find(|o| sys::same_file(pid, **o, pid, fd) != Some(false))
-            {
-                return Err(refuse(&format!(
-                    "the same inotify instance is also fd {other}, which is not supported yet"
-                )));
-            }
-            anon.push(fd);
             let info = read_proc(pid, &format!("fdinfo/{fd}"))?;
             let flags = fdinfo_flags(pid, &info)?;
             let watches = inotify_watches(pid, fd, &target, &info)?;
@@ -2804,6 +2760,7 @@ fn dump_fds(
             kind,
         });
     }
+    mark_dups(&mut [(pid, &mut out)]);
     // An epoll instance is rebuilt from the descriptors it watches: they must be there, and
     // not be epoll instances themselves (those would have to be rebuilt first).
     for f in &out {
@@ -2827,6 +2784,46 @@ fn dump_fds(
         }
     }
     Ok(out)
+}
+
+/// Whether a descriptor of this kind is made anew at restore, so that two descriptors of one
+/// open file must be recorded as one file and a [`FdKind::Dup`] to keep sharing it (file
+/// position, status flags, the object itself). Pipes, sockets and memfds are made once for
+/// the tree already; terminals and devices have no state to share.
+fn made_per_descriptor(k: &FdKind) -> bool {
+    matches!(
+        k,
+        FdKind::Regular
+            | FdKind::Directory
+            | FdKind::EventFd { .. }
+            | FdKind::TimerFd { .. }
+            | FdKind::SignalFd { .. }
+            | FdKind::Epoll { .. }
+            | FdKind::Inotify { .. }
+    )
+}
+
+/// Marks every descriptor that is the same open file as one before it (in `members` order,
+/// then by descriptor) as a [`FdKind::Dup`] of that one: a `dup`, `2>&1`, or a descriptor a
+/// child inherited. Candidates are compared by path first, then with `kcmp`.
+fn mark_dups(members: &mut [(i32, &mut Vec<FdState>)]) {
+    // path → the representatives seen so far (pid, fd).
+    let mut reps: std::collections::HashMap<String, Vec<(i32, i32)>> = Default::default();
+    for (pid, fds) in members.iter_mut() {
+        for f in fds.iter_mut() {
+            if !made_per_descriptor(&f.kind) {
+                continue;
+            }
+            let seen = reps.entry(f.path.clone()).or_default();
+            match seen
+                .iter()
+                .find(|&&(p, d)| sys::same_file(p, d, *pid, f.fd) == Some(true))
+            {
+                Some(&(p, d)) => f.kind = FdKind::Dup { pid: p, fd: d },
+                None => seen.push((*pid, f.fd)),
+            }
+        }
+    }
 }
 
 fn status_field<'a>(text: &'a str, key: &str) -> Option<&'a str> {

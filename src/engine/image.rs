@@ -47,7 +47,8 @@ pub const TREE_MAGIC: [u8; 8] = *b"FKPTTRE\0";
 ///    images decode with none.
 /// 6: [`PageData::Base`] runs (delta images). Older images decode unchanged.
 /// 7: file locks, carried after the shared memory files.
-/// 8: [`FdKind::Inotify`] and [`FdKind::TcpListener`]; after the file locks, the stopped
+/// 8: [`FdKind::Inotify`], [`FdKind::Listener`] and [`FdKind::Dup`]; after the file locks,
+///    the stopped
 ///    members ([`TreeImage::stopped`]) and the listening sockets ([`TreeImage::listeners`]).
 pub const IMAGE_FORMAT_VERSION: u32 = 8;
 /// Size of one `siginfo_t` on x86_64.
@@ -1095,6 +1096,16 @@ pub enum FdKind {
         /// Inode of the socket, the key into [`TreeImage::listeners`].
         ino: u64,
     },
+    /// The same open file as descriptor `fd` of member `pid` (format version 8): a
+    /// descriptor `dup`ed or inherited, which shares its file position and status flags with
+    /// that one. `pid` is an earlier member, or this process with a lower descriptor; that
+    /// descriptor has the file's own kind.
+    Dup {
+        /// The member holding the descriptor restored first.
+        pid: i32,
+        /// Its number there.
+        fd: i32,
+    },
     /// An inotify instance with its watches (format version 8), made again with the same
     /// watch descriptors. Checkpointed only with no event queued (events cannot be put
     /// back).
@@ -1231,7 +1242,7 @@ pub fn encode_tree(img: &TreeImage) -> Result<Vec<u8>, ImageError> {
             .iter()
             .filter_map(|m| m.live())
             .flat_map(|p| &p.fds)
-            .any(|f| matches!(f.kind, FdKind::Inotify { .. }));
+            .any(|f| matches!(f.kind, FdKind::Inotify { .. } | FdKind::Dup { .. }));
     if v8 {
         return encode_framed_version(
             &(

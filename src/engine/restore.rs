@@ -325,6 +325,7 @@ pub fn restore_with(image: &ProcessImage, opts: &RestoreOptions) -> Result<i32, 
         uffd: None,
         lazy: None,
         lazy_used: false,
+        peers: None,
     };
     match r.run() {
         Ok(()) => match r.detach_all() {
@@ -495,6 +496,9 @@ struct Restorer<'a> {
     lazy: Option<&'a super::lazy::LazyFill>,
     /// This process's pages are filled lazily (no dirty-page tracking from the restore on).
     lazy_used: bool,
+    /// In a tree restore, the new pid of every member by its image pid (for
+    /// [`FdKind::Dup`] of an earlier member's descriptor).
+    peers: Option<&'a std::collections::BTreeMap<i32, i32>>,
 }
 
 /// Private anonymous memory filled with `UFFDIO_COPY` rather than `process_vm_writev`: the
@@ -1555,8 +1559,9 @@ impl Restorer<'_> {
                 self.restore_anon(f).map_err(fd_err)?;
                 continue;
             }
-            if matches!(f.kind, FdKind::Epoll { .. }) {
-                // After every descriptor it watches (below).
+            if matches!(f.kind, FdKind::Epoll { .. } | FdKind::Dup { .. }) {
+                // After every descriptor it watches, or the one it is the same file as
+                // (below).
                 continue;
             }
             let tty = f.kind == FdKind::Tty;
@@ -1623,7 +1628,24 @@ impl Restorer<'_> {
                     .map_err(fd_err)?;
             }
         }
-        for f in &self.image.fds {
+        // Descriptors of files restored above, then epoll instances (which may watch them),
+        // then descriptors of those.
+        let image = self.image;
+        let of_epoll = |f: &super::image::FdState| match f.kind {
+            FdKind::Dup { pid, fd } if pid == image.pid => image
+                .fds
+                .iter()
+                .any(|o| o.fd == fd && matches!(o.kind, FdKind::Epoll { .. })),
+            _ => false,
+        };
+        let (late, early): (Vec<&super::image::FdState>, Vec<_>) =
+            image.fds.iter().partition(|f| of_epoll(f));
+        for f in early {
+            if let FdKind::Dup { pid, fd } = f.kind {
+                self.restore_dup(f, pid, fd)?;
+            }
+        }
+        for f in &image.fds {
             let FdKind::Epoll { watches } = &f.kind else {
                 continue;
             };
@@ -1635,6 +1657,11 @@ impl Restorer<'_> {
                 source,
             };
             self.restore_epoll(f, watches).map_err(fd_err)?;
+        }
+        for f in late {
+            if let FdKind::Dup { pid, fd } = f.kind {
+                self.restore_dup(f, pid, fd)?;
+            }
         }
         self.restore_locks()?;
         if let Some(p) = self.pipes {
@@ -1733,6 +1760,68 @@ impl Restorer<'_> {
             self.t
                 .syscall(libc::SYS_dup3, [newfd, f.fd as u64, cl, 0, 0, 0])?;
             self.t.syscall(libc::SYS_close, [newfd, 0, 0, 0, 0, 0])?;
+        }
+        Ok(())
+    }
+
+    /// Descriptor `f` as the same open file as descriptor `src_fd` of member `src_pid`
+    /// ([`FdKind::Dup`]): a `dup3` in this process, or, from an earlier member (restored, still
+    /// held), taken from it with `pidfd_getfd` by this process (still root here: credentials
+    /// come after the descriptors).
+    fn restore_dup(
+        &mut self,
+        f: &super::image::FdState,
+        src_pid: i32,
+        src_fd: i32,
+    ) -> Result<(), RestoreError> {
+        let pid = self.pid;
+        let fd_err = |source| RestoreError::Fd {
+            pid,
+            fd: f.fd,
+            path: f.path.clone(),
+            source,
+        };
+        let cl = (f.flags & libc::O_CLOEXEC) as u64;
+        if src_pid == self.image.pid {
+            if src_fd != f.fd {
+                self.t
+                    .syscall(libc::SYS_dup3, [src_fd as u64, f.fd as u64, cl, 0, 0, 0])
+                    .map_err(fd_err)?;
+            }
+            return Ok(());
+        }
+        let from = self
+            .peers
+            .and_then(|m| m.get(&src_pid).copied())
+            .ok_or_else(|| RestoreError::Unsupported {
+                pid: self.image.pid,
+                what: format!(
+                    "fd {} is fd {src_fd} of process {src_pid}, which is not restored before it",
+                    f.fd
+                ),
+            })?;
+        let pfd = self
+            .t
+            .syscall(libc::SYS_pidfd_open, [from as u64, 0, 0, 0, 0, 0])
+            .map_err(fd_err)?;
+        let got = self
+            .t
+            .syscall(libc::SYS_pidfd_getfd, [pfd, src_fd as u64, 0, 0, 0, 0])
+            .map_err(fd_err);
+        let _ = self.t.syscall(libc::SYS_close, [pfd, 0, 0, 0, 0, 0]);
+        let got = got?;
+        if got != f.fd as u64 {
+            self.t
+                .syscall(libc::SYS_dup3, [got, f.fd as u64, cl, 0, 0, 0])
+                .map_err(fd_err)?;
+            self.t
+                .syscall(libc::SYS_close, [got, 0, 0, 0, 0, 0])
+                .map_err(fd_err)?;
+        } else if cl == 0 {
+            // pidfd_getfd sets close-on-exec.
+            self.t
+                .syscall(libc::SYS_fcntl, [got, libc::F_SETFD as u64, 0, 0, 0, 0])
+                .map_err(fd_err)?;
         }
         Ok(())
     }
@@ -3033,6 +3122,10 @@ fn build_tree<'a>(
     }
 
     // (3) Rebuild every live process.
+    let peers: std::collections::BTreeMap<i32, i32> = built
+        .iter()
+        .map(|b| (tree.processes[b.idx].pid, b.pid))
+        .collect();
     let mut restorers = Vec::new();
     let res = (|| {
         for b in built.iter_mut() {
@@ -3058,6 +3151,7 @@ fn build_tree<'a>(
                 uffd: None,
                 lazy: opts.lazy,
                 lazy_used: false,
+                peers: Some(&peers),
             };
             let res = r.run();
             restorers.push(r);
