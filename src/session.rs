@@ -973,6 +973,9 @@ fn checkpoint(
         // written since the last one.
         dirty: tracker.cloned(),
         own_dirs: crate::owndirs::dirs(),
+        // The state a rollback keeps is taken from a program about to be killed: it does
+        // not wait for the program to read its queues.
+        lenient_queues: req.kind == "auto",
         ..Default::default()
     };
     let t0 = Instant::now();

@@ -213,6 +213,11 @@ pub struct DumpOptions {
     /// contents in the image) instead of being refused; restore leaves the files mapped
     /// from there unchecked ([`super::TreeRestoreOptions::recreated`]).
     pub own_dirs: Vec<std::path::PathBuf>,
+    /// Do not wait for queues the program has not read (inotify events, unix connections not
+    /// accepted): what is in them is left out of the image instead of the dump being
+    /// [`DumpError::Busy`]. For a checkpoint that only keeps the state of a program about to
+    /// be killed (a rollback's automatic one).
+    pub lenient_queues: bool,
 }
 
 /// The terminals among this process's stdin, stdout and stderr, as (`st_dev`, `st_rdev`).
@@ -695,7 +700,13 @@ fn read_frozen(
     } else {
         opts.terminals.clone()
     };
-    let fds = dump_fds(pid, allow_pipes, &terminals, &opts.own_dirs)?;
+    let fds = dump_fds(
+        pid,
+        allow_pipes,
+        &terminals,
+        &opts.own_dirs,
+        opts.lenient_queues,
+    )?;
     let locks = dump_locks(pid, &fds)?;
     let status = read_proc(pid, "status")?;
     let creds = parse_creds(pid, &status)?;
@@ -1337,7 +1348,10 @@ fn tcp_listener(pid: i32, fd: i32, ino: u64) -> Result<Option<ListenerImage>, Du
         }
     }
     let addr = addr[..(len as usize).min(addr.len())].to_vec();
-    let family = i32::from(u16::from_ne_bytes([addr[0], addr[1]]));
+    let family = match addr.get(..2) {
+        Some(&[a, b]) => i32::from(u16::from_ne_bytes([a, b])),
+        _ => return Err(refuse(format!("getsockname returned {} bytes", addr.len()))),
+    };
     let mut wanted = vec![
         (libc::SOL_SOCKET, libc::SO_REUSEADDR),
         (libc::SOL_SOCKET, libc::SO_REUSEPORT),
@@ -1512,7 +1526,7 @@ pub fn dump_tree(
     }
     // Before anything is committed or read: a queue that must be empty but is not yet.
     for (pid, _, held) in &members {
-        if matches!(held, Held::Live(_)) {
+        if matches!(held, Held::Live(_)) && !opts.lenient_queues {
             unread_events(*pid)?;
         }
     }
@@ -2355,6 +2369,7 @@ fn inotify_watches(
     fd: i32,
     target: &str,
     info: &str,
+    lenient: bool,
 ) -> Result<Vec<InotifyWatch>, DumpError> {
     let refuse = |reason: String| DumpError::UnsupportedFd {
         pid,
@@ -2364,7 +2379,7 @@ fn inotify_watches(
     };
     let ours = super::unix::take_fd(pid, fd).map_err(|e| refuse(format!("pidfd_getfd: {e}")))?;
     let queued = sys::pipe_buffered(&ours).map_err(|e| refuse(format!("FIONREAD: {e}")))?;
-    if queued > 0 {
+    if queued > 0 && !lenient {
         return Err(DumpError::Busy {
             pid,
             fd,
@@ -2519,6 +2534,7 @@ fn dump_fds(
     allow_pipes: bool,
     terminals: &[(u64, u64)],
     own_dirs: &[std::path::PathBuf],
+    lenient: bool,
 ) -> Result<Vec<FdState>, DumpError> {
     let dir = format!("/proc/{pid}/fd");
     let rd = std::fs::read_dir(&dir).map_err(|source| DumpError::Proc {
@@ -2659,7 +2675,7 @@ fn dump_fds(
         if target == "anon_inode:inotify" {
             let info = read_proc(pid, &format!("fdinfo/{fd}"))?;
             let flags = fdinfo_flags(pid, &info)?;
-            let watches = inotify_watches(pid, fd, &target, &info)?;
+            let watches = inotify_watches(pid, fd, &target, &info, lenient)?;
             out.push(FdState {
                 fd,
                 path: target.clone(),
