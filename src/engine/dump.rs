@@ -593,6 +593,31 @@ fn read_frozen(
 ) -> Result<(ProcessImage, Taken), DumpError> {
     let trace = |source| DumpError::Trace { pid, source };
 
+    // A seccomp filter (or strict mode) is not recorded, and a restore without it would let
+    // the program run outside its sandbox: refused, before anything is injected into it.
+    for tid in list_tasks(pid)? {
+        let status = read_proc(pid, &format!("task/{tid}/status"))?;
+        let mode = status_field(&status, "Seccomp:")
+            .map(str::trim)
+            .unwrap_or("0");
+        if mode != "0" {
+            return Err(DumpError::Unsupported {
+                pid,
+                what: format!(
+                    "thread {tid} under seccomp {}",
+                    if mode == "1" {
+                        "strict mode"
+                    } else {
+                        "filters"
+                    }
+                ),
+                reason: "seccomp is not restored yet, and the program would run without its \
+                         sandbox"
+                    .into(),
+            });
+        }
+    }
+
     let t0 = std::time::Instant::now();
     // 2. Mappings (before we add our scratch page).
     let lines = read_maps(pid)?;

@@ -1607,6 +1607,42 @@ fn eventfd_counter_survives_restore() {
     assert_eq!(read_nums(&out), vec![5, 1, 1]);
 }
 
+/// A process under a seccomp filter is refused (a restore would drop its sandbox), naming
+/// the thread, and keeps running.
+#[test]
+fn seccomp_filtered_process_is_refused() {
+    require_env!();
+    let mut procs = Procs(Vec::new());
+    let dir = tempfile::tempdir().unwrap();
+    let src = r#"
+#include <stddef.h>
+#include <stdio.h>
+#include <unistd.h>
+#include <sys/prctl.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+int main(int argc, char **argv) {
+    for (int fd = 3; fd < 1024; fd++) close(fd);
+    struct sock_filter allow[] = { BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW) };
+    struct sock_fprog prog = { 1, allow };
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) || prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog))
+        return 1;
+    FILE *f = fopen(argv[1], "w"); fclose(f);
+    for (;;) pause();
+}
+"#;
+    let exe = build(dir.path(), "filtered", src);
+    let ready = dir.path().join("ready");
+    let pid = spawn(&exe, &[&ready], &mut procs);
+    assert!(wait_until(Duration::from_secs(5), || ready.exists()));
+    let err = dump(pid).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!("thread {pid} under seccomp filters")) && err.contains("sandbox"),
+        "{err}"
+    );
+    assert!(alive(pid));
+}
+
 /// A `dup` of an eventfd is recorded as a [`super::image::FdKind::Dup`] and comes back as
 /// the same open file, not a second eventfd.
 #[test]
