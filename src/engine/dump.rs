@@ -618,6 +618,21 @@ fn read_frozen(
         }
     }
 
+    // A root directory other than the caller's (chroot) is not recorded either.
+    let root = read_link(pid, "root")?;
+    let ours = std::fs::read_link("/proc/self/root").map_err(|source| DumpError::Proc {
+        pid,
+        path: "/proc/self/root".into(),
+        source,
+    })?;
+    if std::path::Path::new(&root) != ours {
+        return Err(DumpError::Unsupported {
+            pid,
+            what: format!("a root directory of its own ({root})"),
+            reason: "chroot is not restored yet".into(),
+        });
+    }
+
     let t0 = std::time::Instant::now();
     // 2. Mappings (before we add our scratch page).
     let lines = read_maps(pid)?;

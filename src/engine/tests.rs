@@ -1643,6 +1643,37 @@ int main(int argc, char **argv) {
     assert!(alive(pid));
 }
 
+/// A process that changed its root directory is refused, naming it.
+#[test]
+fn chrooted_process_is_refused() {
+    require_env!();
+    let mut procs = Procs(Vec::new());
+    let dir = tempfile::tempdir().unwrap();
+    let jail = dir.path().join("jail");
+    std::fs::create_dir(&jail).unwrap();
+    let src = r#"
+#include <stdio.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    for (int fd = 3; fd < 1024; fd++) close(fd);
+    if (chroot(argv[1]) || chdir("/")) return 1;
+    FILE *f = fopen("/ready", "w");
+    fclose(f);
+    for (;;) pause();
+}
+"#;
+    let exe = build(dir.path(), "jailed", src);
+    let ready = jail.join("ready");
+    let pid = spawn(&exe, &[&jail], &mut procs);
+    assert!(wait_until(Duration::from_secs(5), || ready.exists()));
+    let err = dump(pid).unwrap_err().to_string();
+    assert!(
+        err.contains("a root directory of its own") && err.contains("jail"),
+        "{err}"
+    );
+    assert!(alive(pid));
+}
+
 /// A `dup` of an eventfd is recorded as a [`super::image::FdKind::Dup`] and comes back as
 /// the same open file, not a second eventfd.
 #[test]
