@@ -750,6 +750,7 @@ fn read_frozen(
     let locks = dump_locks(pid, &fds)?;
     let status = read_proc(pid, "status")?;
     let creds = parse_creds(pid, &status)?;
+    check_capabilities(pid, &status, &creds)?;
     let umask = status_field(&status, "Umask:")
         .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
         .unwrap_or(0o022);
@@ -2840,6 +2841,44 @@ fn dump_fds(
         }
     }
     Ok(out)
+}
+
+/// Capabilities are not recorded: a restored process has those of the restorer (its own
+/// copy), kept through `setresuid` to root ids or cleared by it to others, as the kernel
+/// does. A process whose capability sets differ from that (a root program that dropped
+/// some, a file-capability binary such as `ping`) is refused rather than restored with more
+/// or fewer privileges than it had.
+fn check_capabilities(pid: i32, status: &str, creds: &Creds) -> Result<(), DumpError> {
+    let me = read_proc(std::process::id() as i32, "status")?;
+    let set = |text: &str, key: &str| {
+        status_field(text, key).and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+    };
+    let [ruid, euid, suid, _] = creds.uid;
+    let any_root = ruid == 0 || euid == 0 || suid == 0;
+    let mine = |key: &str| set(&me, key).unwrap_or(0);
+    let want = [
+        ("CapInh:", mine("CapInh:")),
+        ("CapPrm:", if any_root { mine("CapPrm:") } else { 0 }),
+        ("CapEff:", if euid == 0 { mine("CapEff:") } else { 0 }),
+        ("CapBnd:", mine("CapBnd:")),
+        ("CapAmb:", if any_root { mine("CapAmb:") } else { 0 }),
+    ];
+    for (key, w) in want {
+        let Some(have) = set(status, key) else {
+            continue;
+        };
+        if have != w {
+            return Err(DumpError::Unsupported {
+                pid,
+                what: format!(
+                    "its capabilities ({} {have:016x}, a restore would give {w:016x})",
+                    key.trim_end_matches(':')
+                ),
+                reason: "capability sets other than those of its user are not restored yet".into(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Whether a descriptor of this kind is made anew at restore, so that two descriptors of one

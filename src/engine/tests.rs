@@ -1643,6 +1643,34 @@ int main(int argc, char **argv) {
     assert!(alive(pid));
 }
 
+/// A root process that dropped a capability from its bounding set is refused: a restore
+/// would give it back.
+#[test]
+fn dropped_capabilities_are_refused() {
+    require_env!();
+    let mut procs = Procs(Vec::new());
+    let dir = tempfile::tempdir().unwrap();
+    let src = r#"
+#include <stdio.h>
+#include <unistd.h>
+#include <sys/prctl.h>
+#include <linux/capability.h>
+int main(int argc, char **argv) {
+    for (int fd = 3; fd < 1024; fd++) close(fd);
+    if (prctl(PR_CAPBSET_DROP, CAP_NET_RAW, 0, 0, 0)) return 1;
+    FILE *f = fopen(argv[1], "w"); fclose(f);
+    for (;;) pause();
+}
+"#;
+    let exe = build(dir.path(), "capless", src);
+    let ready = dir.path().join("ready");
+    let pid = spawn(&exe, &[&ready], &mut procs);
+    assert!(wait_until(Duration::from_secs(5), || ready.exists()));
+    let err = dump(pid).unwrap_err().to_string();
+    assert!(err.contains("its capabilities (CapBnd"), "{err}");
+    assert!(alive(pid));
+}
+
 /// A process that changed its root directory is refused, naming it.
 #[test]
 fn chrooted_process_is_refused() {
