@@ -2843,9 +2843,9 @@ fn dump_fds(
     Ok(out)
 }
 
-/// Capabilities are not recorded: a restored process has those of the restorer (its own
-/// copy), kept through `setresuid` to root ids or cleared by it to others, as the kernel
-/// does. A process whose capability sets differ from that (a root program that dropped
+/// Capabilities and no_new_privs are not recorded: a restored process has those of the
+/// restorer (its own copy), capabilities kept through `setresuid` to root ids or cleared by
+/// it to others, as the kernel does. A process whose capability sets differ from that (a root program that dropped
 /// some, a file-capability binary such as `ping`) is refused rather than restored with more
 /// or fewer privileges than it had.
 fn check_capabilities(pid: i32, status: &str, creds: &Creds) -> Result<(), DumpError> {
@@ -2863,6 +2863,19 @@ fn check_capabilities(pid: i32, status: &str, creds: &Creds) -> Result<(), DumpE
         ("CapBnd:", mine("CapBnd:")),
         ("CapAmb:", if any_root { mine("CapAmb:") } else { 0 }),
     ];
+    // no_new_privs is inherited from the restorer the same way.
+    let nnp = |text: &str| status_field(text, "NoNewPrivs:").map(str::trim) == Some("1");
+    if nnp(status) != nnp(&me) {
+        return Err(DumpError::Unsupported {
+            pid,
+            what: format!(
+                "no_new_privs {} (the restorer's is {})",
+                if nnp(status) { "set" } else { "not set" },
+                if nnp(&me) { "set" } else { "not set" }
+            ),
+            reason: "it is not restored yet".into(),
+        });
+    }
     for (key, w) in want {
         let Some(have) = set(status, key) else {
             continue;

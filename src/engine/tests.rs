@@ -1671,6 +1671,32 @@ int main(int argc, char **argv) {
     assert!(alive(pid));
 }
 
+/// no_new_privs, set by the program but not by its restorer, is refused.
+#[test]
+fn no_new_privs_is_refused() {
+    require_env!();
+    let mut procs = Procs(Vec::new());
+    let dir = tempfile::tempdir().unwrap();
+    let src = r#"
+#include <stdio.h>
+#include <unistd.h>
+#include <sys/prctl.h>
+int main(int argc, char **argv) {
+    for (int fd = 3; fd < 1024; fd++) close(fd);
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)) return 1;
+    FILE *f = fopen(argv[1], "w"); fclose(f);
+    for (;;) pause();
+}
+"#;
+    let exe = build(dir.path(), "nnp", src);
+    let ready = dir.path().join("ready");
+    let pid = spawn(&exe, &[&ready], &mut procs);
+    assert!(wait_until(Duration::from_secs(5), || ready.exists()));
+    let err = dump(pid).unwrap_err().to_string();
+    assert!(err.contains("no_new_privs set"), "{err}");
+    assert!(alive(pid));
+}
+
 /// A process that changed its root directory is refused, naming it.
 #[test]
 fn chrooted_process_is_refused() {
