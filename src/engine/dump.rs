@@ -593,22 +593,37 @@ fn read_frozen(
 ) -> Result<(ProcessImage, Taken), DumpError> {
     let trace = |source| DumpError::Trace { pid, source };
 
-    // A seccomp filter (or strict mode) is not recorded, and a restore without it would let
-    // the program run outside its sandbox: refused, before anything is injected into it.
+    // Seccomp filters (or strict mode) are not recorded: a restored process has the
+    // restorer's (inherited), so one that added filters of its own would run outside its
+    // sandbox. Refused, before anything is injected into it (a filter could kill it for
+    // that). The same filters as the restorer's (a whole container under one profile) are
+    // fine: compared by mode and count.
+    let me = read_proc(std::process::id() as i32, "status")?;
+    let seccomp = |text: &str| {
+        (
+            status_field(text, "Seccomp:")
+                .unwrap_or("0")
+                .trim()
+                .to_string(),
+            status_field(text, "Seccomp_filters:")
+                .unwrap_or("0")
+                .trim()
+                .to_string(),
+        )
+    };
+    let ours = seccomp(&me);
     for tid in list_tasks(pid)? {
         let status = read_proc(pid, &format!("task/{tid}/status"))?;
-        let mode = status_field(&status, "Seccomp:")
-            .map(str::trim)
-            .unwrap_or("0");
-        if mode != "0" {
+        let (mode, count) = seccomp(&status);
+        if (mode.as_str(), count.as_str()) != (ours.0.as_str(), ours.1.as_str()) {
             return Err(DumpError::Unsupported {
                 pid,
                 what: format!(
                     "thread {tid} under seccomp {}",
                     if mode == "1" {
-                        "strict mode"
+                        "strict mode".to_string()
                     } else {
-                        "filters"
+                        format!("filters ({count}, the restorer has {})", ours.1)
                     }
                 ),
                 reason: "seccomp is not restored yet, and the program would run without its \
