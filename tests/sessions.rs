@@ -2068,6 +2068,110 @@ asyncio.run(main())
     }
 }
 
+/// Datagram sockets are made again from their addresses: a UDP server and a client
+/// connected to it (the program talks to itself over loopback), and a unix datagram socket
+/// connected to a named socket outside the session (as a syslog client is). After a
+/// rollback the program carries on, and its datagrams reach the outside socket again.
+#[test]
+fn datagram_sockets_are_made_again() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    let outside = lab.dir.path().join("collector.sock");
+    let collector =
+        std::os::unix::net::UnixDatagram::bind(&outside).expect("bind the outside socket");
+    collector
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    // Read everything that arrives, all along (a unix datagram queue holds few).
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::<usize>::new()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (received, stop) = (received.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(n) = collector.recv(&mut buf) {
+                    if let Some(v) = std::str::from_utf8(&buf[..n])
+                        .ok()
+                        .and_then(|t| t.parse().ok())
+                    {
+                        received.lock().expect("lock").push(v);
+                    }
+                }
+            }
+        })
+    };
+    let script = lab.mnt.join("dgram.py");
+    std::fs::write(
+        &script,
+        format!(
+            r#"
+import os, socket, time
+for fd in range(3, 1024):
+    try: os.close(fd)
+    except OSError: pass
+srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+srv.bind(("127.0.0.1", 0))
+cli = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+cli.connect(srv.getsockname())
+log = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+log.connect({outside:?})
+out = open("dgram.log", "a")
+n = 0
+while True:
+    n += 1
+    cli.send(b"%d" % n)
+    got = srv.recv(64)
+    log.send(b"%d" % n)
+    out.write("%d %s\n" % (n, "ok" if got == b"%d" % n else "BAD"))
+    out.flush()
+    time.sleep(0.005)
+"#
+        ),
+    )
+    .expect("script");
+    lab.fp(&[
+        "run",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--",
+        "python3",
+        script.to_str().expect("utf8"),
+    ]);
+    let log = lab.mnt.join("dgram.log");
+    wait_for("the program", Duration::from_secs(20), || {
+        lines_any(&log) > 30
+    });
+    lab.fp(&["checkpoint", "-m", lab.m(), "talking"]);
+    let at_cut = lines_any(&lab.mnt.join(".forkpoint/snapshots/talking/dgram.log"));
+    lab.fp(&["restore", "-m", lab.m(), "--detach", "talking"]);
+    wait_for("the rollback", Duration::from_secs(20), || {
+        lines_any(&log) > at_cut + 30
+    });
+    let text = std::fs::read_to_string(&log).expect("log");
+    for (i, l) in text.lines().enumerate() {
+        assert_eq!(l, format!("{} ok", i + 1), "line {} of dgram.log", i + 1);
+    }
+    // The restored program's datagrams arrive: the count goes back to the cut (the program
+    // went back there), then on past it.
+    wait_for(
+        "the restored program's datagrams",
+        Duration::from_secs(20),
+        || {
+            let got = received.lock().expect("lock");
+            let back = got.windows(2).position(|w| w[1] < w[0]);
+            back.is_some_and(|i| {
+                got[i + 1] <= at_cut + 2 && got[i + 1..].iter().any(|&v| v > at_cut + 20)
+            })
+        },
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    reader.join().expect("reader");
+}
+
 /// A detached program writes to its session's log. Restored into a session of another
 /// name, it writes to that session's log, and can be checkpointed again (its output is no
 /// file outside the mount).

@@ -43,8 +43,8 @@ use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 
 use super::image::{
-    Creds, EpollWatch, FdKind, FdState, FileId, FileLock, ITimer, ImageMemory, InotifyWatch,
-    ListenerImage, LockKind, Mapping, MappingKind, MemberState, MemfdImage, Message, MmState,
+    BoundSocket, Creds, EpollWatch, FdKind, FdState, FileId, FileLock, ITimer, ImageMemory,
+    InotifyWatch, LockKind, Mapping, MappingKind, MemberState, MemfdImage, Message, MmState,
     PageData, PageRun, PipeImage, PosixTimer, ProcessImage, Regs, Rlimit, RseqState, SigAction,
     SigAltStack, SigInfo, SignalState, SocketEnd, SocketPairImage, ThreadState, TreeImage,
     TreeMember, PAGE_SIZE, SIGINFO_LEN,
@@ -1214,7 +1214,7 @@ fn outside_holder(want: &str, tree: &BTreeSet<i32>) -> Option<i32> {
 fn socket_pairs(
     processes: &[TreeMember],
     known: &BTreeSet<i32>,
-) -> Result<(Vec<SocketPairImage>, Vec<ListenerImage>), DumpError> {
+) -> Result<(Vec<SocketPairImage>, Vec<BoundSocket>), DumpError> {
     use super::unix;
     // Socket inode → its first holder (pid, fd).
     let mut held: std::collections::BTreeMap<u64, (i32, i32)> = Default::default();
@@ -1249,6 +1249,10 @@ fn socket_pairs(
                 listeners.push(l);
                 continue;
             }
+            if let Some(u) = udp_socket(pid, fd, ino)? {
+                listeners.push(u);
+                continue;
+            }
             return Err(refuse(match inet_socket(ino) {
                 Some(what) => format!(
                     "{what}: network sockets cannot be checkpointed (only unix socket pairs \
@@ -1261,6 +1265,14 @@ fn socket_pairs(
         };
         if !d.name.is_empty() && d.state == unix::LISTEN {
             listeners.push(unix_listener(pid, fd, ino, d)?);
+            continue;
+        }
+        // A datagram socket that is unbound, bound, or connected to a named socket outside
+        // the tree (syslog's /dev/log) is made again from its addresses.
+        let dgram = i32::from(d.kind) == libc::SOCK_DGRAM;
+        let peer_outside = d.peer != 0 && !held.contains_key(&d.peer);
+        if dgram && (d.peer == 0 || peer_outside) {
+            listeners.push(unix_datagram(pid, fd, ino, d, &diag)?);
             continue;
         }
         if !d.name.is_empty() && d.peer == 0 {
@@ -1358,7 +1370,7 @@ fn socket_pairs(
 /// The listening TCP socket `ino` (`fd` of `pid`), if it is one: its address, backlog and
 /// options. Connections waiting to be accepted are not part of the checkpoint: their
 /// clients are outside, and the program that runs on accepts them.
-fn tcp_listener(pid: i32, fd: i32, ino: u64) -> Result<Option<ListenerImage>, DumpError> {
+fn tcp_listener(pid: i32, fd: i32, ino: u64) -> Result<Option<BoundSocket>, DumpError> {
     use super::unix;
     let target = format!("socket:[{ino}]");
     let refuse = |reason: String| DumpError::UnsupportedFd {
@@ -1424,15 +1436,157 @@ fn tcp_listener(pid: i32, fd: i32, ino: u64) -> Result<Option<ListenerImage>, Du
             .map_err(|e| refuse(format!("getsockopt({level}, {name}): {e}")))?;
         options.push((level, name, v));
     }
-    Ok(Some(ListenerImage {
+    Ok(Some(BoundSocket {
         ino,
         family,
         kind: libc::SOCK_STREAM,
         addr,
+        listening: true,
         backlog,
+        peer: Vec::new(),
         dir: String::new(),
         options,
     }))
+}
+
+/// `getsockname` and `getpeername` (empty when not connected) of a socket.
+fn socket_addrs(sock: &std::os::fd::OwnedFd) -> std::io::Result<(Vec<u8>, Vec<u8>)> {
+    use std::os::fd::AsRawFd;
+    let mut local = [0u8; 128];
+    let mut llen = local.len() as libc::socklen_t;
+    // SAFETY: getsockname writes at most `llen` bytes into `local` and updates `llen`.
+    if unsafe { libc::getsockname(sock.as_raw_fd(), local.as_mut_ptr().cast(), &mut llen) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut peer = [0u8; 128];
+    let mut plen = peer.len() as libc::socklen_t;
+    // SAFETY: getpeername writes at most `plen` bytes into `peer` and updates `plen`.
+    let r = unsafe { libc::getpeername(sock.as_raw_fd(), peer.as_mut_ptr().cast(), &mut plen) };
+    let peer = if r < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ENOTCONN) {
+            return Err(e);
+        }
+        Vec::new()
+    } else {
+        peer[..(plen as usize).min(128)].to_vec()
+    };
+    Ok((local[..(llen as usize).min(128)].to_vec(), peer))
+}
+
+/// The UDP socket `ino` (`fd` of `pid`), if it is one: its addresses and options. What is
+/// queued on it is not kept (UDP may drop datagrams; the program cannot tell).
+fn udp_socket(pid: i32, fd: i32, ino: u64) -> Result<Option<BoundSocket>, DumpError> {
+    use super::unix;
+    let refuse = |reason: String| DumpError::UnsupportedFd {
+        pid,
+        fd,
+        target: format!("socket:[{ino}]"),
+        reason,
+    };
+    let sock = unix::take_fd(pid, fd).map_err(|e| refuse(format!("pidfd_getfd: {e}")))?;
+    let opt = |level, name| unix::getsockopt_int(&sock, level, name);
+    let family = opt(libc::SOL_SOCKET, libc::SO_DOMAIN).unwrap_or(-1);
+    let udp = opt(libc::SOL_SOCKET, libc::SO_TYPE) == Ok(libc::SOCK_DGRAM)
+        && opt(libc::SOL_SOCKET, libc::SO_PROTOCOL) == Ok(libc::IPPROTO_UDP)
+        && (family == libc::AF_INET || family == libc::AF_INET6);
+    if !udp {
+        return Ok(None);
+    }
+    let (addr, peer) = socket_addrs(&sock).map_err(|e| refuse(format!("its addresses: {e}")))?;
+    let mut wanted = vec![
+        (libc::SOL_SOCKET, libc::SO_REUSEADDR),
+        (libc::SOL_SOCKET, libc::SO_REUSEPORT),
+        (libc::SOL_SOCKET, libc::SO_BROADCAST),
+    ];
+    if family == libc::AF_INET6 {
+        wanted.push((libc::IPPROTO_IPV6, libc::IPV6_V6ONLY));
+    }
+    let mut options = Vec::new();
+    for (level, name) in wanted {
+        let v =
+            opt(level, name).map_err(|e| refuse(format!("getsockopt({level}, {name}): {e}")))?;
+        options.push((level, name, v));
+    }
+    Ok(Some(BoundSocket {
+        ino,
+        family,
+        kind: libc::SOCK_DGRAM,
+        addr,
+        listening: false,
+        backlog: 0,
+        peer,
+        dir: String::new(),
+        options,
+    }))
+}
+
+/// The unix datagram socket `ino` (`fd` of `pid`, described by `d`) that is unbound, bound,
+/// or connected to a named socket outside the tree: made again from its name and its
+/// peer's. Datagrams queued for it are refused (a unix datagram socket does not drop them).
+fn unix_datagram(
+    pid: i32,
+    fd: i32,
+    ino: u64,
+    d: &super::unix::UnixDiag,
+    diag: &std::collections::BTreeMap<u64, super::unix::UnixDiag>,
+) -> Result<BoundSocket, DumpError> {
+    use super::unix;
+    let refuse = |reason: String| DumpError::UnsupportedFd {
+        pid,
+        fd,
+        target: format!("socket:[{ino}]"),
+        reason,
+    };
+    if d.pending > 0 {
+        return Err(refuse(format!(
+            "{} bytes are queued on a datagram socket whose peer is outside the tree; not \
+             supported yet",
+            d.pending
+        )));
+    }
+    let peer = if d.peer == 0 {
+        Vec::new()
+    } else {
+        let name = diag
+            .get(&d.peer)
+            .map(|p| p.name.clone())
+            .unwrap_or_default();
+        if name.is_empty() {
+            return Err(refuse(
+                "the datagram socket is connected to an unnamed socket outside the tree".into(),
+            ));
+        }
+        let mut a = (libc::AF_UNIX as u16).to_ne_bytes().to_vec();
+        a.extend_from_slice(&name);
+        if name.first() != Some(&0) && name.last() != Some(&0) {
+            a.push(0);
+        }
+        a
+    };
+    let sock = unix::take_fd(pid, fd).map_err(|e| refuse(format!("pidfd_getfd: {e}")))?;
+    let (addr, _) = socket_addrs(&sock).map_err(|e| refuse(format!("its addresses: {e}")))?;
+    let passcred = unix::getsockopt_int(&sock, libc::SOL_SOCKET, libc::SO_PASSCRED)
+        .map_err(|e| refuse(format!("getsockopt(SO_PASSCRED): {e}")))?;
+    // Relative names were taken from the working directory then; the holder's now is the
+    // best guess of it.
+    let relative = |a: &[u8]| a.get(2).is_some_and(|c| *c != 0 && *c != b'/');
+    let dir = if relative(&addr) || relative(&peer) {
+        read_link(pid, "cwd")?
+    } else {
+        String::new()
+    };
+    Ok(BoundSocket {
+        ino,
+        family: libc::AF_UNIX,
+        kind: libc::SOCK_DGRAM,
+        addr,
+        listening: false,
+        backlog: 0,
+        peer,
+        dir,
+        options: vec![(libc::SOL_SOCKET, libc::SO_PASSCRED, passcred)],
+    })
 }
 
 /// The listening unix socket `ino` (`fd` of `pid`, described by `d`): its address, kind,
@@ -1444,7 +1598,7 @@ fn unix_listener(
     fd: i32,
     ino: u64,
     d: &super::unix::UnixDiag,
-) -> Result<ListenerImage, DumpError> {
+) -> Result<BoundSocket, DumpError> {
     use super::unix;
     use std::os::fd::AsRawFd;
     let refuse = |reason: String| DumpError::UnsupportedFd {
@@ -1474,12 +1628,14 @@ fn unix_listener(
     } else {
         String::new()
     };
-    Ok(ListenerImage {
+    Ok(BoundSocket {
         ino,
         family: libc::AF_UNIX,
         kind: i32::from(d.kind),
         addr: addr[..(len as usize).min(addr.len())].to_vec(),
+        listening: true,
         backlog: d.backlog,
+        peer: Vec::new(),
         dir,
         options: vec![(libc::SOL_SOCKET, libc::SO_PASSCRED, passcred)],
     })
@@ -1666,7 +1822,7 @@ pub fn dump_tree(
         {
             if let FdKind::UnixSocket { ino } = f.kind {
                 if listeners.iter().any(|l| l.ino == ino) {
-                    f.kind = FdKind::Listener { ino };
+                    f.kind = FdKind::Bound { ino };
                 }
             }
         }
@@ -1712,7 +1868,7 @@ pub fn dump_tree(
         pipes,
         sockets,
         stopped,
-        listeners,
+        bound_sockets: listeners,
     })
 }
 

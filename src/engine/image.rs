@@ -47,9 +47,9 @@ pub const TREE_MAGIC: [u8; 8] = *b"FKPTTRE\0";
 ///    images decode with none.
 /// 6: [`PageData::Base`] runs (delta images). Older images decode unchanged.
 /// 7: file locks, carried after the shared memory files.
-/// 8: [`FdKind::Inotify`], [`FdKind::Listener`] and [`FdKind::Dup`]; after the file locks,
+/// 8: [`FdKind::Inotify`], [`FdKind::Bound`] and [`FdKind::Dup`]; after the file locks,
 ///    the stopped
-///    members ([`TreeImage::stopped`]) and the listening sockets ([`TreeImage::listeners`]).
+///    members ([`TreeImage::stopped`]) and the listening sockets ([`TreeImage::bound_sockets`]).
 pub const IMAGE_FORMAT_VERSION: u32 = 8;
 /// Size of one `siginfo_t` on x86_64.
 pub const SIGINFO_LEN: usize = 128;
@@ -347,30 +347,38 @@ pub struct TreeImage {
     /// Every listening socket (TCP or unix) a member holds (format version 8), encoded after
     /// the stopped members.
     #[serde(skip)]
-    pub listeners: Vec<ListenerImage>,
+    pub bound_sockets: Vec<BoundSocket>,
 }
 
-/// A listening socket ([`IMAGE_FORMAT_VERSION`] 8), TCP or unix, made again (bound and
-/// listening) before the processes; every descriptor of it shares it again.
+/// A socket that is made again from its addresses alone ([`IMAGE_FORMAT_VERSION`] 8): a
+/// listening socket (TCP, unix stream or seqpacket) or a datagram socket (UDP, or unix
+/// connected to a named socket outside the tree), bound, connected or listening again
+/// before the processes; every descriptor of it shares it again.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ListenerImage {
-    /// Inode at dump time (the key used by [`FdKind::Listener`]).
+pub struct BoundSocket {
+    /// Inode at dump time (the key used by [`FdKind::Bound`]).
     pub ino: u64,
     /// `AF_INET`, `AF_INET6` or `AF_UNIX`.
     pub family: i32,
-    /// `SOCK_STREAM` or (unix only) `SOCK_SEQPACKET`.
+    /// `SOCK_STREAM`, `SOCK_SEQPACKET` or `SOCK_DGRAM`.
     pub kind: i32,
     /// The bound address as `getsockname` returned it (a `sockaddr_in`, `sockaddr_in6` or
-    /// `sockaddr_un`).
+    /// `sockaddr_un`); an unbound one (port 0, or an unnamed unix socket) is not bound
+    /// again.
     pub addr: Vec<u8>,
+    /// Listening, with this backlog.
+    pub listening: bool,
     /// The `listen` backlog.
     pub backlog: u32,
+    /// The address it is connected to (a datagram socket), empty if none.
+    pub peer: Vec<u8>,
     /// For a unix socket bound to a relative path, the directory the path is taken from at
     /// restore: the holder's working directory at the checkpoint. Empty otherwise.
     pub dir: String,
     /// (level, option, value) of the integer options that were read: for TCP
     /// `SO_REUSEADDR`, `SO_REUSEPORT`, `SO_KEEPALIVE`, `TCP_NODELAY`, `TCP_DEFER_ACCEPT`,
-    /// `IPV6_V6ONLY`; for unix `SO_PASSCRED`.
+    /// `IPV6_V6ONLY`; for UDP `SO_REUSEADDR`, `SO_REUSEPORT`, `SO_BROADCAST`, `IPV6_V6ONLY`;
+    /// for unix `SO_PASSCRED`.
     pub options: Vec<(i32, i32, i32)>,
 }
 
@@ -1091,9 +1099,9 @@ pub enum FdKind {
         ino: u64,
     },
     /// A listening socket, TCP or unix (format version 8); only in process trees, whose
-    /// [`TreeImage::listeners`] holds it.
-    Listener {
-        /// Inode of the socket, the key into [`TreeImage::listeners`].
+    /// [`TreeImage::bound_sockets`] holds it.
+    Bound {
+        /// Inode of the socket, the key into [`TreeImage::bound_sockets`].
         ino: u64,
     },
     /// The same open file as descriptor `fd` of member `pid` (format version 8): a
@@ -1236,7 +1244,7 @@ pub fn encode_tree(img: &TreeImage) -> Result<Vec<u8>, ImageError> {
     // only an image with file locks needs 7, and only one with inotify instances, listening
     // sockets or stopped members needs 8.
     let v8 = !img.stopped.is_empty()
-        || !img.listeners.is_empty()
+        || !img.bound_sockets.is_empty()
         || img
             .processes
             .iter()
@@ -1252,7 +1260,7 @@ pub fn encode_tree(img: &TreeImage) -> Result<Vec<u8>, ImageError> {
                 &img.memfds,
                 locks,
                 &img.stopped,
-                &img.listeners,
+                &img.bound_sockets,
             ),
             &TREE_MAGIC,
             8,
@@ -1317,7 +1325,7 @@ fn tree_from_payload(version: u32, payload: &[u8]) -> Result<TreeImage, ImageErr
             Vec<MemfdImage>,
             Vec<(i32, Vec<FileLock>)>,
             Vec<i32>,
-            Vec<ListenerImage>,
+            Vec<BoundSocket>,
         );
         let (mut img, signals, sockets, memfds, locks) = if version < 8 {
             let v: V7 = from_payload(payload)?;
@@ -1329,7 +1337,7 @@ fn tree_from_payload(version: u32, payload: &[u8]) -> Result<TreeImage, ImageErr
                 live_member(&mut img, pid, "the stopped list")?;
             }
             img.stopped = stopped;
-            img.listeners = listeners;
+            img.bound_sockets = listeners;
             (img, signals, sockets, memfds, locks)
         };
         img.sockets = sockets;
@@ -1592,7 +1600,7 @@ pub(crate) mod tests {
         let mut tree = TreeImage {
             frozen_for: None,
             stopped: Vec::new(),
-            listeners: Vec::new(),
+            bound_sockets: Vec::new(),
             root: 42,
             processes: vec![TreeMember {
                 pid: 42,
@@ -1769,7 +1777,7 @@ pub(crate) mod tests {
         let tree = TreeImage {
             frozen_for: None,
             stopped: Vec::new(),
-            listeners: Vec::new(),
+            bound_sockets: Vec::new(),
             root: 42,
             processes: vec![TreeMember {
                 pid: 42,
@@ -1798,7 +1806,7 @@ pub(crate) mod tests {
         let tree = TreeImage {
             frozen_for: None,
             stopped: Vec::new(),
-            listeners: Vec::new(),
+            bound_sockets: Vec::new(),
             root: 42,
             processes: vec![TreeMember {
                 pid: 42,
@@ -2003,7 +2011,7 @@ pub(crate) mod tests {
         let tree = TreeImage {
             frozen_for: None,
             stopped: Vec::new(),
-            listeners: Vec::new(),
+            bound_sockets: Vec::new(),
             root: 42,
             processes: vec![
                 TreeMember {
@@ -2103,12 +2111,14 @@ pub(crate) mod tests {
         // Stopped members, listening sockets and inotify instances need version 8.
         let mut v8 = locked.clone();
         v8.stopped = vec![43];
-        v8.listeners = vec![ListenerImage {
+        v8.bound_sockets = vec![BoundSocket {
             ino: 5,
             family: libc::AF_INET,
             kind: libc::SOCK_STREAM,
             addr: vec![2, 0, 0x1f, 0x40, 127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0],
+            listening: true,
             backlog: 128,
+            peer: Vec::new(),
             dir: String::new(),
             options: vec![(libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)],
         }];

@@ -1511,7 +1511,7 @@ impl Restorer<'_> {
                     format!("a unix socket (socket:[{ino}])"),
                     self.pipes.and_then(|p| p.sockets.get(&ino).copied()),
                 )?),
-                FdKind::Listener { ino } => Some(from_restorer(
+                FdKind::Bound { ino } => Some(from_restorer(
                     format!("a listening TCP socket (socket:[{ino}])"),
                     self.pipes.and_then(|p| p.sockets.get(&ino).copied()),
                 )?),
@@ -2659,7 +2659,7 @@ fn make_pipes(
             owned.push(s);
         }
     }
-    for l in &tree.listeners {
+    for l in &tree.bound_sockets {
         let s = make_listener(l)?;
         let s = sys::dup_at_least(&s, base).map_err(|e| RestoreError::Socket {
             ino: l.ino,
@@ -2689,20 +2689,26 @@ fn make_pipes(
     ))
 }
 
-/// A listening socket (TCP or unix) as recorded: options, then bound to its address and
-/// listening.
-fn make_listener(l: &super::image::ListenerImage) -> Result<std::os::fd::OwnedFd, RestoreError> {
+/// A socket made again from its addresses (TCP or unix listeners, UDP and unix datagram
+/// sockets): options, then bound, listening or connected as recorded.
+fn make_listener(l: &super::image::BoundSocket) -> Result<std::os::fd::OwnedFd, RestoreError> {
     use std::os::fd::AsRawFd;
     let err = |reason: String| RestoreError::Socket { ino: l.ino, reason };
-    let kinds_ok = match l.family {
-        libc::AF_INET | libc::AF_INET6 => l.kind == libc::SOCK_STREAM,
-        libc::AF_UNIX => l.kind == libc::SOCK_STREAM || l.kind == libc::SOCK_SEQPACKET,
-        _ => false,
-    };
+    let kinds_ok = matches!(
+        (l.family, l.kind, l.listening),
+        (libc::AF_INET | libc::AF_INET6, libc::SOCK_STREAM, true)
+            | (libc::AF_INET | libc::AF_INET6, libc::SOCK_DGRAM, false)
+            | (
+                libc::AF_UNIX,
+                libc::SOCK_STREAM | libc::SOCK_SEQPACKET,
+                true
+            )
+            | (libc::AF_UNIX, libc::SOCK_DGRAM, false)
+    );
     if !kinds_ok {
         return Err(err(format!(
-            "a listening socket of family {} and type {}",
-            l.family, l.kind
+            "a socket of family {} and type {} (listening: {})",
+            l.family, l.kind, l.listening
         )));
     }
     // A unix socket bound to a relative path is bound from the directory it was relative
@@ -2724,11 +2730,12 @@ fn make_listener(l: &super::image::ListenerImage) -> Result<std::os::fd::OwnedFd
 }
 
 /// [`make_listener`] from the right working directory.
-fn bind_listener(l: &super::image::ListenerImage) -> Result<std::os::fd::OwnedFd, RestoreError> {
+fn bind_listener(l: &super::image::BoundSocket) -> Result<std::os::fd::OwnedFd, RestoreError> {
     use std::os::fd::{AsRawFd, FromRawFd};
     let err = |reason: String| RestoreError::Socket { ino: l.ino, reason };
     let os = || std::io::Error::last_os_error();
-    if l.family == libc::AF_UNIX {
+    let bound = is_bound(&l.addr);
+    if l.family == libc::AF_UNIX && bound {
         remove_stale_socket(&l.addr, l.kind);
     }
     // SAFETY: socket takes integers and returns a new descriptor, owned from here on.
@@ -2742,28 +2749,72 @@ fn bind_listener(l: &super::image::ListenerImage) -> Result<std::os::fd::OwnedFd
         unix::setsockopt_int(&sock, level, name, v)
             .map_err(|e| err(format!("setsockopt({level}, {name}, {v}): {e}")))?;
     }
-    let mut addr = [0u8; 128];
-    let n = l.addr.len().min(addr.len());
-    addr[..n].copy_from_slice(&l.addr[..n]);
-    // SAFETY: bind reads `n` bytes of the address from `addr`, which holds 128.
-    if unsafe { libc::bind(sock.as_raw_fd(), addr.as_ptr().cast(), n as libc::socklen_t) } < 0 {
+    // SAFETY: bind reads `a.len()` (at most 128) bytes of the address from `a`.
+    let bind = |a: &[u8]| unsafe {
+        libc::bind(
+            sock.as_raw_fd(),
+            a.as_ptr().cast(),
+            a.len() as libc::socklen_t,
+        )
+    };
+    // SAFETY: connect reads `a.len()` (at most 128) bytes of the address from `a`.
+    let connect = |a: &[u8]| unsafe {
+        libc::connect(
+            sock.as_raw_fd(),
+            a.as_ptr().cast(),
+            a.len() as libc::socklen_t,
+        )
+    };
+    let addr = &l.addr[..l.addr.len().min(128)];
+    if bound && bind(addr) < 0 {
         let e = os();
         let at = describe_sockaddr(&l.addr);
-        return Err(err(if e.raw_os_error() == Some(libc::EADDRINUSE) {
-            format!(
-                "{at} is in use (by the program this checkpoint was taken from, if it still \
-                 runs: a listening socket can be restored once per address)"
-            )
-        } else {
-            format!("bind to {at}: {e}")
-        }));
+        let in_use = e.raw_os_error() == Some(libc::EADDRINUSE);
+        // A connected datagram socket's local port was most likely picked by the kernel:
+        // another one does as well while the original still holds it.
+        let mut any_port = addr.to_vec();
+        if in_use && !l.peer.is_empty() && l.family != libc::AF_UNIX && any_port.len() >= 4 {
+            any_port[2] = 0;
+            any_port[3] = 0;
+        }
+        if any_port == addr || bind(&any_port) < 0 {
+            return Err(err(if in_use {
+                format!(
+                    "{at} is in use (by the program this checkpoint was taken from, if it \
+                     still runs: a bound address can be restored once)"
+                )
+            } else {
+                format!("bind to {at}: {e}")
+            }));
+        }
     }
-    let backlog = l.backlog.min(i32::MAX as u32) as i32;
-    // SAFETY: listen takes integers.
-    if unsafe { libc::listen(sock.as_raw_fd(), backlog) } < 0 {
-        return Err(err(format!("listen: {}", os())));
+    if l.listening {
+        let backlog = l.backlog.min(i32::MAX as u32) as i32;
+        // SAFETY: listen takes integers.
+        if unsafe { libc::listen(sock.as_raw_fd(), backlog) } < 0 {
+            return Err(err(format!("listen: {}", os())));
+        }
+    }
+    if !l.peer.is_empty() && connect(&l.peer[..l.peer.len().min(128)]) < 0 {
+        return Err(err(format!(
+            "connect to {}: {}",
+            describe_sockaddr(&l.peer),
+            os()
+        )));
     }
     Ok(sock)
+}
+
+/// Whether a `getsockname` address names something to bind again: an inet address with a
+/// port, or a unix socket with a name.
+fn is_bound(a: &[u8]) -> bool {
+    if a.len() < 3 {
+        return false;
+    }
+    if i32::from(u16::from_ne_bytes([a[0], a[1]])) == libc::AF_UNIX {
+        return true;
+    }
+    a.len() >= 4 && (a[2] != 0 || a[3] != 0)
 }
 
 /// The file a unix socket address names, if it is a path (not an abstract name).
