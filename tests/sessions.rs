@@ -2172,6 +2172,61 @@ while True:
     reader.join().expect("reader");
 }
 
+/// no_new_privs, set by the program, is set again by a restore (it was refused, and before
+/// that silently dropped, which would let the restored program gain privileges by exec).
+#[test]
+fn no_new_privs_is_kept() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    let script = lab.mnt.join("nnp.py");
+    std::fs::write(
+        &script,
+        r#"
+import ctypes, os, threading, time
+for fd in range(3, 1024):
+    try: os.close(fd)
+    except OSError: pass
+assert ctypes.CDLL(None).prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
+def nnp(tid):
+    for l in open("/proc/self/task/%d/status" % tid):
+        if l.startswith("NoNewPrivs:"):
+            return l.split()[1]
+threading.Thread(target=lambda: time.sleep(10**6), daemon=True).start()
+out = open("nnp.log", "a")
+while True:
+    out.write(" ".join(sorted(nnp(int(t)) for t in os.listdir("/proc/self/task"))) + "\n")
+    out.flush()
+    time.sleep(0.01)
+"#,
+    )
+    .expect("script");
+    lab.fp(&[
+        "run",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--",
+        "python3",
+        script.to_str().expect("utf8"),
+    ]);
+    let log = lab.mnt.join("nnp.log");
+    wait_for("the program", Duration::from_secs(20), || {
+        lines_any(&log) > 10
+    });
+    lab.fp(&["checkpoint", "-m", lab.m(), "guarded"]);
+    let at_cut = lines_any(&lab.mnt.join(".forkpoint/snapshots/guarded/nnp.log"));
+    lab.fp(&["restore", "-m", lab.m(), "--detach", "guarded"]);
+    wait_for("the rollback", Duration::from_secs(20), || {
+        lines_any(&log) > at_cut + 20
+    });
+    let text = std::fs::read_to_string(&log).expect("log");
+    for (i, l) in text.lines().enumerate() {
+        assert_eq!(l, "1 1", "line {} of nnp.log: every thread keeps it", i + 1);
+    }
+}
+
 /// A detached program writes to its session's log. Restored into a session of another
 /// name, it writes to that session's log, and can be checkpointed again (its output is no
 /// file outside the mount).

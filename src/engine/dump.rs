@@ -765,7 +765,8 @@ fn read_frozen(
     let locks = dump_locks(pid, &fds)?;
     let status = read_proc(pid, "status")?;
     let creds = parse_creds(pid, &status)?;
-    check_capabilities(pid, &status, &creds)?;
+    // A tree records no_new_privs itself (TreeImage::no_new_privs); a single process cannot.
+    check_capabilities(pid, &status, &creds, !allow_pipes)?;
     let umask = status_field(&status, "Umask:")
         .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
         .unwrap_or(0o022);
@@ -1751,11 +1752,15 @@ pub fn dump_tree(
     let mut taken = Vec::with_capacity(members.len());
     let mut frozen_all = Vec::new();
     let mut stopped = Vec::new();
+    let mut no_new_privs = Vec::new();
     for (pid, ppid, held) in members {
         let state = match held {
             Held::Live(mut f) => {
                 if f.stopped {
                     stopped.push(pid);
+                }
+                if no_new_privs_of(pid)? {
+                    no_new_privs.push(pid);
                 }
                 let (mut img, t) = read_frozen(pid, &mut f, opts, true)?;
                 frozen_all.push((pid, f));
@@ -1868,6 +1873,7 @@ pub fn dump_tree(
         pipes,
         sockets,
         stopped,
+        no_new_privs,
         bound_sockets: listeners,
     })
 }
@@ -3014,12 +3020,36 @@ fn dump_fds(
     Ok(out)
 }
 
+/// Whether every thread of `pid` has no_new_privs set; threads that differ are refused
+/// (a restore sets it once, in the leader, before the other threads are made).
+fn no_new_privs_of(pid: i32) -> Result<bool, DumpError> {
+    let mut all = None;
+    for tid in list_tasks(pid)? {
+        let status = read_proc(pid, &format!("task/{tid}/status"))?;
+        let set = status_field(&status, "NoNewPrivs:").map(str::trim) == Some("1");
+        if all.is_some_and(|a| a != set) {
+            return Err(DumpError::Unsupported {
+                pid,
+                what: "threads with and without no_new_privs".into(),
+                reason: "it is restored for the whole process".into(),
+            });
+        }
+        all = Some(set);
+    }
+    Ok(all.unwrap_or(false))
+}
+
 /// Capabilities and no_new_privs are not recorded: a restored process has those of the
 /// restorer (its own copy), capabilities kept through `setresuid` to root ids or cleared by
 /// it to others, as the kernel does. A process whose capability sets differ from that (a root program that dropped
 /// some, a file-capability binary such as `ping`) is refused rather than restored with more
 /// or fewer privileges than it had.
-fn check_capabilities(pid: i32, status: &str, creds: &Creds) -> Result<(), DumpError> {
+fn check_capabilities(
+    pid: i32,
+    status: &str,
+    creds: &Creds,
+    check_nnp: bool,
+) -> Result<(), DumpError> {
     let me = read_proc(std::process::id() as i32, "status")?;
     let set = |text: &str, key: &str| {
         status_field(text, key).and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
@@ -3036,7 +3066,7 @@ fn check_capabilities(pid: i32, status: &str, creds: &Creds) -> Result<(), DumpE
     ];
     // no_new_privs is inherited from the restorer the same way.
     let nnp = |text: &str| status_field(text, "NoNewPrivs:").map(str::trim) == Some("1");
-    if nnp(status) != nnp(&me) {
+    if check_nnp && nnp(status) != nnp(&me) {
         return Err(DumpError::Unsupported {
             pid,
             what: format!(

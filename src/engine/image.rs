@@ -344,6 +344,10 @@ pub struct TreeImage {
     /// 8): restored stopped. Encoded after the file locks.
     #[serde(skip)]
     pub stopped: Vec<i32>,
+    /// Members with no_new_privs set (format version 8): set again at restore. Encoded after
+    /// the sockets made from their addresses.
+    #[serde(skip)]
+    pub no_new_privs: Vec<i32>,
     /// Every listening socket (TCP or unix) a member holds (format version 8), encoded after
     /// the stopped members.
     #[serde(skip)]
@@ -1244,6 +1248,7 @@ pub fn encode_tree(img: &TreeImage) -> Result<Vec<u8>, ImageError> {
     // only an image with file locks needs 7, and only one with inotify instances, listening
     // sockets or stopped members needs 8.
     let v8 = !img.stopped.is_empty()
+        || !img.no_new_privs.is_empty()
         || !img.bound_sockets.is_empty()
         || img
             .processes
@@ -1261,6 +1266,7 @@ pub fn encode_tree(img: &TreeImage) -> Result<Vec<u8>, ImageError> {
                 locks,
                 &img.stopped,
                 &img.bound_sockets,
+                &img.no_new_privs,
             ),
             &TREE_MAGIC,
             8,
@@ -1326,16 +1332,18 @@ fn tree_from_payload(version: u32, payload: &[u8]) -> Result<TreeImage, ImageErr
             Vec<(i32, Vec<FileLock>)>,
             Vec<i32>,
             Vec<BoundSocket>,
+            Vec<i32>,
         );
         let (mut img, signals, sockets, memfds, locks) = if version < 8 {
             let v: V7 = from_payload(payload)?;
             v
         } else {
-            let (mut img, signals, sockets, memfds, locks, stopped, listeners): V8 =
+            let (mut img, signals, sockets, memfds, locks, stopped, listeners, nnp): V8 =
                 from_payload(payload)?;
-            for &pid in &stopped {
-                live_member(&mut img, pid, "the stopped list")?;
+            for &pid in stopped.iter().chain(&nnp) {
+                live_member(&mut img, pid, "the stopped or no_new_privs list")?;
             }
+            img.no_new_privs = nnp;
             img.stopped = stopped;
             img.bound_sockets = listeners;
             (img, signals, sockets, memfds, locks)
@@ -1600,6 +1608,7 @@ pub(crate) mod tests {
         let mut tree = TreeImage {
             frozen_for: None,
             stopped: Vec::new(),
+            no_new_privs: Vec::new(),
             bound_sockets: Vec::new(),
             root: 42,
             processes: vec![TreeMember {
@@ -1777,6 +1786,7 @@ pub(crate) mod tests {
         let tree = TreeImage {
             frozen_for: None,
             stopped: Vec::new(),
+            no_new_privs: Vec::new(),
             bound_sockets: Vec::new(),
             root: 42,
             processes: vec![TreeMember {
@@ -1806,6 +1816,7 @@ pub(crate) mod tests {
         let tree = TreeImage {
             frozen_for: None,
             stopped: Vec::new(),
+            no_new_privs: Vec::new(),
             bound_sockets: Vec::new(),
             root: 42,
             processes: vec![TreeMember {
@@ -2011,6 +2022,7 @@ pub(crate) mod tests {
         let tree = TreeImage {
             frozen_for: None,
             stopped: Vec::new(),
+            no_new_privs: Vec::new(),
             bound_sockets: Vec::new(),
             root: 42,
             processes: vec![
@@ -2111,6 +2123,7 @@ pub(crate) mod tests {
         // Stopped members, listening sockets and inotify instances need version 8.
         let mut v8 = locked.clone();
         v8.stopped = vec![43];
+        v8.no_new_privs = vec![42];
         v8.bound_sockets = vec![BoundSocket {
             ino: 5,
             family: libc::AF_INET,

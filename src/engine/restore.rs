@@ -326,6 +326,7 @@ pub fn restore_with(image: &ProcessImage, opts: &RestoreOptions) -> Result<i32, 
         lazy: None,
         lazy_used: false,
         peers: None,
+        no_new_privs: false,
     };
     match r.run() {
         Ok(()) => match r.detach_all() {
@@ -499,6 +500,8 @@ struct Restorer<'a> {
     /// In a tree restore, the new pid of every member by its image pid (for
     /// [`FdKind::Dup`] of an earlier member's descriptor).
     peers: Option<&'a std::collections::BTreeMap<i32, i32>>,
+    /// Set no_new_privs (before the other threads are made, which inherit it).
+    no_new_privs: bool,
 }
 
 /// Private anonymous memory filled with `UFFDIO_COPY` rather than `process_vm_writev`: the
@@ -2006,6 +2009,13 @@ impl Restorer<'_> {
 
     fn restore_misc(&mut self) -> Result<(), RestoreError> {
         let image = self.image;
+        if self.no_new_privs {
+            self.call(
+                "prctl(PR_SET_NO_NEW_PRIVS)",
+                libc::SYS_prctl,
+                [libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0, 0],
+            )?;
+        }
         let p = self.put_str(0, &image.cwd)?;
         self.call(
             &format!("chdir {}", image.cwd),
@@ -3203,6 +3213,7 @@ fn build_tree<'a>(
                 lazy: opts.lazy,
                 lazy_used: false,
                 peers: Some(&peers),
+                no_new_privs: tree.no_new_privs.contains(&img.pid),
             };
             let res = r.run();
             restorers.push(r);

@@ -1289,6 +1289,7 @@ fn restore_refuses_pipe_fd_without_tree() {
     let tree = super::image::TreeImage {
         frozen_for: None,
         stopped: Vec::new(),
+        no_new_privs: Vec::new(),
         bound_sockets: Vec::new(),
         root: img.pid,
         processes: vec![super::image::TreeMember {
