@@ -1738,9 +1738,10 @@ pub fn dump_tree(
         }
     }
     // Before anything is committed or read: a queue that must be empty but is not yet.
+    let mut diag = None;
     for (pid, _, held) in &members {
         if matches!(held, Held::Live(_)) && !opts.lenient_queues {
-            unread_events(*pid)?;
+            unread_events(*pid, &mut diag)?;
         }
     }
     let t_frozen = std::time::Instant::now();
@@ -2520,11 +2521,15 @@ fn inet_addr(a: &str) -> Option<String> {
 /// [`DumpError::Busy`] if an inotify instance of `pid` has events queued, or a listening
 /// unix socket connections not accepted yet (its clients may be members: their half-made
 /// connections cannot be restored).
-fn unread_events(pid: i32) -> Result<(), DumpError> {
+/// `diag` caches the host's unix sockets for the whole tree (listed once, when a member
+/// first holds a socket).
+fn unread_events(
+    pid: i32,
+    diag: &mut Option<std::collections::BTreeMap<u64, super::unix::UnixDiag>>,
+) -> Result<(), DumpError> {
     let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
         return Ok(());
     };
-    let mut diag = None;
     for e in rd.flatten() {
         let Ok(target) = std::fs::read_link(e.path()) else {
             continue;
@@ -2536,7 +2541,7 @@ fn unread_events(pid: i32) -> Result<(), DumpError> {
             .and_then(|t| t.parse::<u64>().ok());
         if let Some(ino) = socket {
             if diag.is_none() {
-                diag = Some(super::unix::unix_sockets().unwrap_or_default());
+                *diag = Some(super::unix::unix_sockets().unwrap_or_default());
             }
             let d = diag.as_ref().and_then(|d| d.get(&ino));
             if let Some(d) = d.filter(|d| d.state == super::unix::LISTEN && d.pending > 0) {
