@@ -27,21 +27,33 @@ pub const DEV_SHM: &str = "/dev/shm";
 /// The session's own temporary directory.
 pub const SESSION_TMP: &str = "/tmp/.forkpoint-session-tmp";
 
-/// Every directory a session owns.
+/// The directories this session owns: those [`mount_all`] put a tmpfs of the session's own
+/// on (a directory it could not is the host's, and is left alone).
+static MOUNTED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// Every directory this session owns.
 pub fn dirs() -> Vec<PathBuf> {
-    vec![PathBuf::from(DEV_SHM), PathBuf::from(SESSION_TMP)]
+    MOUNTED.lock().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
 /// Mounts a fresh tmpfs on each directory a session owns, in the caller's (the session's)
 /// mount namespace; the temporary directory is made on the host first if it is missing.
-/// A directory that cannot be had is skipped (its files stay outside the session).
+/// A directory that cannot be had (missing, a symbolic link, not root's) is skipped: its
+/// files stay outside the session, as any other file outside the mount.
 pub fn mount_all() {
     use nix::mount::{mount, MsFlags};
     if let Err(e) = std::fs::create_dir_all(SESSION_TMP) {
         log::warn!("{SESSION_TMP}: {e}; the session has no temporary directory of its own");
     }
-    for d in dirs() {
-        if !d.is_dir() {
+    let mut mounted = Vec::new();
+    for d in [DEV_SHM, SESSION_TMP].map(PathBuf::from) {
+        // Not through a link someone planted in /tmp, and not a directory another user owns.
+        let real_dir = std::fs::symlink_metadata(&d).is_ok_and(|m| m.is_dir() && m.uid() == 0);
+        if !real_dir {
+            log::warn!(
+                "{}: not a directory of root's; not the session's own",
+                d.display()
+            );
             continue;
         }
         let r = mount(
@@ -51,10 +63,12 @@ pub fn mount_all() {
             MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
             Some("mode=1777"),
         );
-        if let Err(e) = r {
-            log::warn!("mount a tmpfs on {}: {e}", d.display());
+        match r {
+            Ok(()) => mounted.push(d),
+            Err(e) => log::warn!("mount a tmpfs on {}: {e}", d.display()),
         }
     }
+    *MOUNTED.lock().unwrap_or_else(|p| p.into_inner()) = mounted;
 }
 
 /// Records every directory a session owns (call it while the program is frozen).
@@ -266,6 +280,18 @@ pub fn restore(img: &ShmDir, root: &Path, chunks: &dyn ChunkSource) -> Result<()
             return Err(format!("bad /dev/shm entry {:?} in the image", e.path));
         }
         let path = root.join(&e.path);
+        // Every directory on the way is one made here, not a link out of the tmpfs.
+        let mut up = e.path.parent();
+        while let Some(a) = up.filter(|a| !a.as_os_str().is_empty()) {
+            if !std::fs::symlink_metadata(root.join(a)).is_ok_and(|m| m.is_dir()) {
+                return Err(format!(
+                    "bad /dev/shm entry {:?} in the image: {} is not a directory",
+                    e.path,
+                    a.display()
+                ));
+            }
+            up = a.parent();
+        }
         match &e.kind {
             ShmKind::Dir => std::fs::create_dir(&path)
                 .map_err(|err| format!("mkdir {}: {err}", path.display()))?,
@@ -387,6 +413,38 @@ mod tests {
         let src = tempfile::tempdir().expect("tempdir");
         let _l = std::os::unix::net::UnixListener::bind(src.path().join("sock")).expect("bind");
         assert!(dump(src.path()).expect("dump").entries.is_empty());
+    }
+
+    #[test]
+    fn an_entry_under_a_symbolic_link_is_refused() {
+        let outside = tempfile::tempdir().expect("tempdir");
+        let entry = |path: &str, kind| ShmEntry {
+            path: PathBuf::from(path),
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            atime: (0, 0),
+            mtime: (0, 0),
+            kind,
+        };
+        let img = ShmDir {
+            entries: vec![
+                entry(
+                    "a",
+                    ShmKind::Symlink {
+                        target: outside.path().as_os_str().as_bytes().to_vec(),
+                    },
+                ),
+                entry("a/x", ShmKind::Fifo),
+            ],
+        };
+        let dst = tempfile::tempdir().expect("tempdir");
+        let e = restore(&img, dst.path(), &NoChunks).expect_err("refused");
+        assert!(e.contains("is not a directory"), "{e}");
+        assert!(
+            !outside.path().join("x").exists(),
+            "nothing written through the link"
+        );
     }
 
     #[test]

@@ -763,7 +763,9 @@ fn init(spec: &InitSpec, mut info: SessionInfo, pre: Option<Preloaded>) -> Resul
             let default_tmp = tmpdir
                 .as_deref()
                 .is_none_or(|t| t.is_empty() || Path::new(t) == Path::new("/tmp"));
-            if default_tmp && Path::new(crate::owndirs::SESSION_TMP).is_dir() {
+            let owned =
+                crate::owndirs::dirs().contains(&PathBuf::from(crate::owndirs::SESSION_TMP));
+            if default_tmp && owned {
                 std::env::set_var("TMPDIR", crate::owndirs::SESSION_TMP);
             }
             // SAFETY: init is single-threaded; the child only execs.

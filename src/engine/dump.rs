@@ -760,7 +760,10 @@ fn read_frozen(
         allow_pipes,
         &terminals,
         &opts.own_dirs,
-        opts.lenient_queues,
+        // In a tree the queues were found empty before the freeze (unread_events): what
+        // is queued now came during the freeze (the dump's own reads of /dev/shm among
+        // it), after the cut. Refusing here would come after the memory was scanned.
+        opts.lenient_queues || allow_pipes,
     )?;
     let locks = dump_locks(pid, &fds)?;
     let status = read_proc(pid, "status")?;
@@ -1272,7 +1275,13 @@ fn socket_pairs(
         // the tree (syslog's /dev/log) is made again from its addresses.
         let dgram = i32::from(d.kind) == libc::SOCK_DGRAM;
         let peer_outside = d.peer != 0 && !held.contains_key(&d.peer);
-        if dgram && (d.peer == 0 || peer_outside) {
+        // Connected to a named datagram socket of the tree that is not connected back (a
+        // server any client sends to): reconnected by name once that one is bound again.
+        let to_named = d.peer != 0
+            && diag
+                .get(&d.peer)
+                .is_some_and(|p| p.peer != ino && !p.name.is_empty());
+        if dgram && (d.peer == 0 || peer_outside || to_named) {
             listeners.push(unix_datagram(pid, fd, ino, d, &diag)?);
             continue;
         }
@@ -1787,7 +1796,7 @@ pub fn dump_tree(
                 m.live_mut().map(|p| (pid, &mut p.fds))
             })
             .collect();
-        mark_dups(&mut members);
+        mark_dups(&mut members)?;
     }
 
     // 3. Pipes.
@@ -2999,7 +3008,7 @@ fn dump_fds(
             kind,
         });
     }
-    mark_dups(&mut [(pid, &mut out)]);
+    mark_dups(&mut [(pid, &mut out)])?;
     // An epoll instance is rebuilt from the descriptors it watches: they must be there, and
     // not be epoll instances themselves (those would have to be rebuilt first).
     for f in &out {
@@ -3007,9 +3016,16 @@ fn dump_fds(
             continue;
         };
         for w in watches {
+            let is_epoll = |k: &FdKind| matches!(k, FdKind::Epoll { .. });
             let reason = match out.iter().find(|o| o.fd == w.fd) {
                 None => "it watches a descriptor that was closed (or moved) since",
-                Some(o) if matches!(o.kind, FdKind::Epoll { .. }) => {
+                Some(o) if is_epoll(&o.kind) => {
+                    "it watches another epoll instance, which is not supported yet"
+                }
+                Some(FdState {
+                    kind: FdKind::Dup { pid: p, fd: d },
+                    ..
+                }) if *p == pid && out.iter().any(|o| o.fd == *d && is_epoll(&o.kind)) => {
                     "it watches another epoll instance, which is not supported yet"
                 }
                 Some(_) => continue,
@@ -3120,7 +3136,7 @@ fn made_per_descriptor(k: &FdKind) -> bool {
 /// Marks every descriptor that is the same open file as one before it (in `members` order,
 /// then by descriptor) as a [`FdKind::Dup`] of that one: a `dup`, `2>&1`, or a descriptor a
 /// child inherited. Candidates are compared by path first, then with `kcmp`.
-fn mark_dups(members: &mut [(i32, &mut Vec<FdState>)]) {
+fn mark_dups(members: &mut [(i32, &mut Vec<FdState>)]) -> Result<(), DumpError> {
     // path → the representatives seen so far (pid, fd).
     let mut reps: std::collections::HashMap<String, Vec<(i32, i32)>> = Default::default();
     for (pid, fds) in members.iter_mut() {
@@ -3128,16 +3144,38 @@ fn mark_dups(members: &mut [(i32, &mut Vec<FdState>)]) {
             if !made_per_descriptor(&f.kind) {
                 continue;
             }
+            // A file of its own path (regular, directory) made twice is what restores did
+            // before; an eventfd or epoll instance made twice is another program.
+            let strict = !matches!(f.kind, FdKind::Regular | FdKind::Directory);
             let seen = reps.entry(f.path.clone()).or_default();
-            match seen
-                .iter()
-                .find(|&&(p, d)| sys::same_file(p, d, *pid, f.fd) == Some(true))
-            {
-                Some(&(p, d)) => f.kind = FdKind::Dup { pid: p, fd: d },
+            let mut same = None;
+            for &(p, d) in seen.iter() {
+                match sys::same_file(p, d, *pid, f.fd) {
+                    Some(true) => {
+                        same = Some((p, d));
+                        break;
+                    }
+                    None if strict => {
+                        return Err(DumpError::UnsupportedFd {
+                            pid: *pid,
+                            fd: f.fd,
+                            target: f.path.clone(),
+                            reason: format!(
+                                "kcmp cannot tell whether it is the same file as fd {d} of \
+                                 process {p}"
+                            ),
+                        })
+                    }
+                    _ => {}
+                }
+            }
+            match same {
+                Some((p, d)) => f.kind = FdKind::Dup { pid: p, fd: d },
                 None => seen.push((*pid, f.fd)),
             }
         }
     }
+    Ok(())
 }
 
 fn status_field<'a>(text: &'a str, key: &str) -> Option<&'a str> {

@@ -2669,7 +2669,11 @@ fn make_pipes(
             owned.push(s);
         }
     }
-    for l in &tree.bound_sockets {
+    // Sockets that are only bound (or listening) first: a datagram socket of the tree may
+    // connect to one of them by name.
+    let mut order: Vec<&super::image::BoundSocket> = tree.bound_sockets.iter().collect();
+    order.sort_by_key(|l| !l.peer.is_empty());
+    for l in order {
         let s = make_listener(l)?;
         let s = sys::dup_at_least(&s, base).map_err(|e| RestoreError::Socket {
             ino: l.ino,
