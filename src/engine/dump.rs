@@ -1389,28 +1389,18 @@ fn tcp_listener(pid: i32, fd: i32, ino: u64) -> Result<Option<BoundSocket>, Dump
         target: target.clone(),
         reason,
     };
-    let mut row = None;
-    for file in ["tcp", "tcp6"] {
-        let Ok(text) = std::fs::read_to_string(format!("/proc/net/{file}")) else {
-            continue;
-        };
-        row = text.lines().skip(1).find_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.get(9)?.parse::<u64>().ok()? == ino && *f.get(3)? == "0A")
-                .then(|| f.get(4).map(|q| q.to_string()))?
-        });
-        if row.is_some() {
-            break;
-        }
-    }
-    // "tx_queue:rx_queue": for a listener, the backlog and the connections not accepted yet.
-    let Some(queues) = row else {
+    // Listening (state 0A) in /proc/net/tcp or tcp6.
+    let listening = ["tcp", "tcp6"].iter().any(|file| {
+        std::fs::read_to_string(format!("/proc/net/{file}")).is_ok_and(|text| {
+            text.lines().skip(1).any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.get(9).and_then(|v| v.parse::<u64>().ok()) == Some(ino) && f.get(3) == Some(&"0A")
+            })
+        })
+    });
+    if !listening {
         return Ok(None);
-    };
-    let backlog = queues
-        .split_once(':')
-        .and_then(|(t, _)| u32::from_str_radix(t, 16).ok())
-        .ok_or_else(|| refuse(format!("cannot parse the queues {queues:?}")))?;
+    }
     let sock = unix::take_fd(pid, fd).map_err(|e| refuse(format!("pidfd_getfd: {e}")))?;
     let mut addr = [0u8; 128];
     let mut len = addr.len() as libc::socklen_t;
@@ -1430,6 +1420,9 @@ fn tcp_listener(pid: i32, fd: i32, ino: u64) -> Result<Option<BoundSocket>, Dump
         Some(&[a, b]) => i32::from(u16::from_ne_bytes([a, b])),
         _ => return Err(refuse(format!("getsockname returned {} bytes", addr.len()))),
     };
+    let backlog = unix::tcp_listen_backlog(family, ino)
+        .map_err(|e| refuse(format!("reading its backlog (NETLINK_SOCK_DIAG): {e}")))?
+        .ok_or_else(|| refuse("it is no longer listening".into()))?;
     let mut wanted = vec![
         (libc::SOL_SOCKET, libc::SO_REUSEADDR),
         (libc::SOL_SOCKET, libc::SO_REUSEPORT),
@@ -3503,6 +3496,11 @@ mod tests {
         assert_eq!(
             inet_socket(ino),
             Some(format!("a TCP socket listening on 127.0.0.1:{port}"))
+        );
+        // std listens with a backlog of 128.
+        assert_eq!(
+            super::super::unix::tcp_listen_backlog(libc::AF_INET, ino),
+            Ok(Some(128))
         );
     }
 

@@ -423,6 +423,78 @@ pub fn shutdown(fd: impl AsFd, how: i32) -> Result<(), Errno> {
     Ok(())
 }
 
+/// The backlog of the listening TCP socket with inode `ino` (`AF_INET` or `AF_INET6`), from
+/// `NETLINK_SOCK_DIAG` (`idiag_wqueue` is `sk_max_ack_backlog` for a listener; `/proc/net/tcp`
+/// does not show it).
+pub fn tcp_listen_backlog(family: i32, ino: u64) -> Result<Option<u32>, Errno> {
+    // SAFETY: socket takes only integers; a non-negative result is a new descriptor we own.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_SOCK_DIAG,
+        )
+    };
+    if raw < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: `raw` is a fresh descriptor nothing else owns.
+    let nl = unsafe { OwnedFd::from_raw_fd(raw) };
+    // nlmsghdr + inet_diag_req_v2 (family, protocol, ext, pad, states, a zeroed sockid).
+    let mut req = Vec::with_capacity(72);
+    req.extend_from_slice(&72u32.to_le_bytes());
+    req.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_le_bytes());
+    req.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_le_bytes());
+    req.extend_from_slice(&1u32.to_le_bytes());
+    req.extend_from_slice(&0u32.to_le_bytes());
+    req.push(family as u8);
+    req.push(libc::IPPROTO_TCP as u8);
+    req.push(0);
+    req.push(0);
+    req.extend_from_slice(&(1u32 << LISTEN).to_le_bytes());
+    req.extend_from_slice(&[0u8; 48]);
+    nix::unistd::write(&nl, &req)?;
+    let mut found = None;
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = loop {
+            match nix::unistd::read(&nl, &mut buf) {
+                Err(Errno::EINTR) => continue,
+                r => break r?,
+            }
+        };
+        if n == 0 {
+            return Err(Errno::EPROTO);
+        }
+        let mut off = 0;
+        while off + NLMSG_HDR <= n {
+            let len = le32(&buf[off..]) as usize;
+            let ty = le16(&buf[off + 4..]);
+            if len < NLMSG_HDR || off + len > n {
+                return Err(Errno::EPROTO);
+            }
+            let msg = &buf[off + NLMSG_HDR..off + len];
+            off += (len + 3) & !3;
+            match ty as i32 {
+                libc::NLMSG_DONE => return Ok(found),
+                libc::NLMSG_ERROR => {
+                    let e = msg.get(..4).map(|b| le32(b) as i32).unwrap_or(0);
+                    return Err(Errno::from_raw(-e));
+                }
+                _ => {}
+            }
+            // inet_diag_msg: family, state, timer, retrans, sockid (48), expires, rqueue,
+            // wqueue, uid, inode.
+            if msg.len() < 72 {
+                return Err(Errno::EPROTO);
+            }
+            if le32(&msg[68..]) as u64 == ino {
+                found = Some(le32(&msg[60..]));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
