@@ -1944,7 +1944,7 @@ impl Restorer<'_> {
         // IN_MASK_ADD and IN_MASK_CREATE are arguments, not state.
         const ARG_ONLY: u32 = 0x2000_0000 | 0x1000_0000;
         let mut next = 1i64;
-        let mut ignored = 0u64;
+        let mut ignored: Vec<i32> = Vec::new();
         for w in watches {
             let wrong = |got: i64| RestoreError::Unsupported {
                 pid,
@@ -1968,7 +1968,7 @@ impl Restorer<'_> {
                 self.t
                     .syscall(libc::SYS_inotify_rm_watch, [ifd, d as u64, 0, 0, 0, 0])
                     .map_err(fd_err)?;
-                ignored += 1;
+                ignored.push(d as i32);
                 next = d + 1;
             }
             let p = self.put_str(0, &w.path)?;
@@ -1984,25 +1984,52 @@ impl Restorer<'_> {
             }
             next = got + 1;
         }
-        // Each removal queued one event without a name (16 bytes); they are the first in
-        // the queue. Read in whole events, never more than are queued (no blocking read).
-        let mut left = ignored * 16;
-        while left > 0 {
+        // Each removal queued an IN_IGNORED event for its watch. Everything queued is read
+        // (whole events, never more than FIONREAD says: no blocking read) and checked: only
+        // those events may be there, since an event for a real watch cannot be put back.
+        let mut left: Vec<i32> = ignored;
+        while !left.is_empty() {
             let at = self.scratch + DATA_OFF;
             self.t
                 .syscall(libc::SYS_ioctl, [ifd, libc::FIONREAD, at, 0, 0, 0])
                 .map_err(fd_err)?;
             let mut q = [0u8; 4];
             self.t.read_mem(at, &mut q).map_err(fd_err)?;
-            let n = left.min(u32::from_ne_bytes(q) as u64).min(4096);
+            let n = (u32::from_ne_bytes(q) as u64).min(4096);
             if n == 0 {
                 break;
             }
             let got = self
                 .t
                 .syscall(libc::SYS_read, [ifd, at, n, 0, 0, 0])
-                .map_err(fd_err)?;
-            left = left.saturating_sub(got.max(16));
+                .map_err(fd_err)? as usize;
+            let mut events = vec![0u8; got];
+            self.t.read_mem(at, &mut events).map_err(fd_err)?;
+            let mut off = 0;
+            while off + 16 <= events.len() {
+                let word = |i: usize| {
+                    let mut b = [0u8; 4];
+                    b.copy_from_slice(&events[off + i..off + i + 4]);
+                    u32::from_ne_bytes(b)
+                };
+                let (wd, mask, len) = (word(0) as i32, word(4), word(12) as usize);
+                match left.iter().position(|&d| d == wd) {
+                    Some(i) if mask & libc::IN_IGNORED != 0 => {
+                        left.swap_remove(i);
+                    }
+                    _ => {
+                        return Err(RestoreError::Unsupported {
+                            pid,
+                            what: format!(
+                                "fd {}: an inotify event (mask {mask:#x}) for watch {wd} came \
+                                 while the watches were made again; restore again",
+                                f.fd
+                            ),
+                        })
+                    }
+                }
+                off += 16 + len;
+            }
         }
         self.place_fd(ifd, f).map_err(fd_err)
     }
