@@ -1730,7 +1730,8 @@ fn a_listening_server_is_rolled_back_on_its_port() {
 /// Scratch files: a program's temporary directory is the session's own (`TMPDIR`, as
 /// compilers and `tempfile` use it), recorded by its checkpoints and never seen by the host;
 /// a file made with glibc's `tmpfile()` (unlinked at once, in /tmp) is kept with its
-/// contents. Both come back, on a branch beside the original and rolled back in place.
+/// contents, and a second open file on it keeps its own position. They come back, on a
+/// branch beside the original and rolled back in place.
 #[test]
 fn temporary_files_are_part_of_the_session() {
     if !can_run() {
@@ -1743,6 +1744,7 @@ fn temporary_files_are_part_of_the_session() {
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
 #include <unistd.h>
 int main(void) {
     for (int fd = 3; fd < 1024; fd++) close(fd);
@@ -1755,6 +1757,10 @@ int main(void) {
     int a = mkstemp(p);
     FILE *b = tmpfile();
     if (a < 0 || !b) { fprintf(out, "no temporary files\n"); return 1; }
+    /* A second open file on the unlinked one, reading behind the writer at its own pace. */
+    char self[64];
+    snprintf(self, sizeof self, "/proc/self/fd/%d", fileno(b));
+    int r = open(self, O_RDONLY);
     long total = 0;
     for (unsigned i = 1;; i++) {
         char line[32], back[32], first[2];
@@ -1767,7 +1773,8 @@ int main(void) {
         int ok = sa == total && sb == total
             && pread(a, back, n, total - n) == n && !memcmp(back, line, n)
             && pread(fileno(b), back, n, total - n) == n && !memcmp(back, line, n)
-            && pread(fileno(b), first, 2, 0) == 2 && !memcmp(first, "1\n", 2);
+            && pread(fileno(b), first, 2, 0) == 2 && !memcmp(first, "1\n", 2)
+            && read(r, back, n) == n && !memcmp(back, line, n);
         fprintf(out, "%u %s\n", i, ok ? "ok" : "BAD");
         fflush(out);
         usleep(5000);

@@ -3111,13 +3111,15 @@ fn check_capabilities(
 
 /// Whether a descriptor of this kind is made anew at restore, so that two descriptors of one
 /// open file must be recorded as one file and a [`FdKind::Dup`] to keep sharing it (file
-/// position, status flags, the object itself). Pipes, sockets and memfds are made once for
-/// the tree already; terminals and devices have no state to share.
+/// position, status flags, the object itself). A memfd's file is made once for the tree, but
+/// each of its open files (descriptors opened on their own) is opened again on it. Pipes and
+/// sockets are made once for the tree; terminals and devices have no state to share.
 fn made_per_descriptor(k: &FdKind) -> bool {
     matches!(
         k,
         FdKind::Regular
             | FdKind::Directory
+            | FdKind::Memfd { .. }
             | FdKind::EventFd { .. }
             | FdKind::TimerFd { .. }
             | FdKind::SignalFd { .. }
@@ -3139,7 +3141,10 @@ fn mark_dups(members: &mut [(i32, &mut Vec<FdState>)]) -> Result<(), DumpError> 
             }
             // A file of its own path (regular, directory) made twice is what restores did
             // before; an eventfd or epoll instance made twice is another program.
-            let strict = !matches!(f.kind, FdKind::Regular | FdKind::Directory);
+            let strict = !matches!(
+                f.kind,
+                FdKind::Regular | FdKind::Directory | FdKind::Memfd { .. }
+            );
             let seen = reps.entry(f.path.clone()).or_default();
             let mut same = None;
             for &(p, d) in seen.iter() {

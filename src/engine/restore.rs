@@ -1518,10 +1518,6 @@ impl Restorer<'_> {
                     format!("a listening TCP socket (socket:[{ino}])"),
                     self.pipes.and_then(|p| p.sockets.get(&ino).copied()),
                 )?),
-                FdKind::Memfd { ino } => Some(from_restorer(
-                    format!("a memfd (inode {ino})"),
-                    self.pipes.and_then(|p| p.memfds.get(&ino).copied()),
-                )?),
                 _ => None,
             };
             if let Some(src) = inherited {
@@ -1580,13 +1576,27 @@ impl Restorer<'_> {
                     |d| d.display().to_string(),
                 );
                 format!("{dir}/{src}")
+            } else if let FdKind::Memfd { ino } = f.kind {
+                // A file in shared memory is opened again through the one the restorer made
+                // (a new open file, with this descriptor's own position and flags; the
+                // descriptors that shared one are Dups of it).
+                let src = from_restorer(
+                    format!("a memfd (inode {ino})"),
+                    self.pipes.and_then(|p| p.memfds.get(&ino).copied()),
+                )?;
+                format!("/proc/self/fd/{src}")
             } else {
                 f.path.clone()
             };
             let p = self.put_str(0, &path)?;
             let cloexec = f.flags & libc::O_CLOEXEC != 0;
+            // (O_TMPFILE stays in a tmpfile()'s flags; it is how the file was made, not how
+            // it is opened again.)
             let mut oflags =
                 f.flags & !(libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL | libc::O_CLOEXEC);
+            if matches!(f.kind, FdKind::Memfd { .. }) {
+                oflags &= !libc::O_TMPFILE;
+            }
             if tty {
                 // Never a new controlling terminal; and where the restoring side's output is a
                 // file (a detached session's log), append rather than overwrite it.
