@@ -2736,8 +2736,11 @@ fn watched_path(sdev: u64, ino: u64, handle: &(i32, Vec<u8>)) -> Result<String, 
     if path.ends_with(" (deleted)") {
         return Err("the watched file was deleted".into());
     }
+    let same_dev = |d: u64| {
+        u64::from(libc::major(d)) == sdev >> 20 && u64::from(libc::minor(d)) == sdev & 0xfffff
+    };
     match std::fs::metadata(&path) {
-        Ok(m) if m.ino() == ino => Ok(path),
+        Ok(m) if m.ino() == ino && same_dev(m.dev()) => Ok(path),
         _ => Err(format!("{path} no longer names the watched file")),
     }
 }
