@@ -1860,6 +1860,7 @@ if __name__ == "__main__":
         except OSError: pass
     srv = socket.socket(socket.AF_UNIX)
     srv.bind("ctl.sock")
+    os.chmod("ctl.sock", 0o640)
     srv.listen(4)
     cli = socket.socket(socket.AF_UNIX)
     cli.connect("ctl.sock")
@@ -1926,10 +1927,16 @@ if __name__ == "__main__":
     });
     all_ok(&b1.join("mgr.log"));
     all_ok(&log);
-    // The listener on the mount is a real one again, in each.
+    // The listener on the mount is a real one again, in each, its file as it was.
     for dir in [&lab.mnt, &b1] {
         std::os::unix::net::UnixStream::connect(dir.join("ctl.sock"))
             .unwrap_or_else(|e| panic!("connect to {}/ctl.sock: {e}", dir.display()));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join("ctl.sock"))
+            .expect("stat")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o7777, 0o640, "mode of {}/ctl.sock", dir.display());
     }
 }
 

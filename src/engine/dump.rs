@@ -1448,8 +1448,25 @@ fn tcp_listener(pid: i32, fd: i32, ino: u64) -> Result<Option<BoundSocket>, Dump
         backlog,
         peer: Vec::new(),
         dir: String::new(),
+        file: None,
         options,
     }))
+}
+
+/// Permission bits, owner and group of the socket file a unix address names (a path, taken
+/// from `dir` when relative), if it is one.
+fn socket_file(addr: &[u8], dir: &str) -> Option<(u32, u32, u32)> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::FileTypeExt;
+    let p = addr
+        .get(2..)
+        .filter(|p| p.first().is_some_and(|c| *c != 0))?;
+    let end = p.iter().position(|c| *c == 0).unwrap_or(p.len());
+    let path = std::path::Path::new(dir).join(std::ffi::OsStr::from_bytes(&p[..end]));
+    let m = std::fs::symlink_metadata(path).ok()?;
+    m.file_type()
+        .is_socket()
+        .then(|| (m.mode() & 0o7777, m.uid(), m.gid()))
 }
 
 /// `getsockname` and `getpeername` (empty when not connected) of a socket.
@@ -1520,6 +1537,7 @@ fn udp_socket(pid: i32, fd: i32, ino: u64) -> Result<Option<BoundSocket>, DumpEr
         backlog: 0,
         peer,
         dir: String::new(),
+        file: None,
         options,
     }))
 }
@@ -1579,6 +1597,7 @@ fn unix_datagram(
     } else {
         String::new()
     };
+    let file = socket_file(&addr, &dir);
     Ok(BoundSocket {
         ino,
         family: libc::AF_UNIX,
@@ -1588,6 +1607,7 @@ fn unix_datagram(
         backlog: 0,
         peer,
         dir,
+        file,
         options: vec![(libc::SOL_SOCKET, libc::SO_PASSCRED, passcred)],
     })
 }
@@ -1631,15 +1651,18 @@ fn unix_listener(
     } else {
         String::new()
     };
+    let addr = addr[..(len as usize).min(addr.len())].to_vec();
+    let file = socket_file(&addr, &dir);
     Ok(BoundSocket {
         ino,
         family: libc::AF_UNIX,
         kind: i32::from(d.kind),
-        addr: addr[..(len as usize).min(addr.len())].to_vec(),
+        addr,
         listening: true,
         backlog: d.backlog,
         peer: Vec::new(),
         dir,
+        file,
         options: vec![(libc::SOL_SOCKET, libc::SO_PASSCRED, passcred)],
     })
 }

@@ -379,6 +379,9 @@ pub struct BoundSocket {
     /// For a unix socket bound to a relative path, the directory the path is taken from at
     /// restore: the holder's working directory at the checkpoint. Empty otherwise.
     pub dir: String,
+    /// For a unix socket bound to a path: the socket file's permission bits, owner and
+    /// group, given back after the bind.
+    pub file: Option<(u32, u32, u32)>,
     /// (level, option, value) of the integer options that were read: for TCP
     /// `SO_REUSEADDR`, `SO_REUSEPORT`, `SO_KEEPALIVE`, `TCP_NODELAY`, `TCP_DEFER_ACCEPT`,
     /// `IPV6_V6ONLY`; for UDP `SO_REUSEADDR`, `SO_REUSEPORT`, `SO_BROADCAST`, `IPV6_V6ONLY`;
@@ -2133,6 +2136,7 @@ pub(crate) mod tests {
             backlog: 128,
             peer: Vec::new(),
             dir: String::new(),
+            file: None,
             options: vec![(libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)],
         }];
         if let Some(p) = v8.processes[0].live_mut() {

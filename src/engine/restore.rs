@@ -2839,6 +2839,27 @@ fn bind_listener(l: &super::image::BoundSocket) -> Result<std::os::fd::OwnedFd, 
             }));
         }
     }
+    // The socket file as it was, not as this process's umask and user make it.
+    if let (true, Some((mode, uid, gid)), Some(path)) = (bound, l.file, unix_path(&l.addr)) {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| err("the socket's path contains NUL".into()))?;
+        // SAFETY: `c` is a valid NUL-terminated path; the calls read nothing else.
+        let r = unsafe {
+            if libc::lchown(c.as_ptr(), uid, gid) < 0 {
+                -1
+            } else {
+                libc::chmod(c.as_ptr(), mode as libc::mode_t)
+            }
+        };
+        if r < 0 {
+            return Err(err(format!(
+                "owner and mode of {}: {}",
+                path.display(),
+                os()
+            )));
+        }
+    }
     if l.listening {
         let backlog = l.backlog.min(i32::MAX as u32) as i32;
         // SAFETY: listen takes integers.
