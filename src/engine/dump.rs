@@ -1402,20 +1402,7 @@ fn tcp_listener(pid: i32, fd: i32, ino: u64) -> Result<Option<BoundSocket>, Dump
         return Ok(None);
     }
     let sock = unix::take_fd(pid, fd).map_err(|e| refuse(format!("pidfd_getfd: {e}")))?;
-    let mut addr = [0u8; 128];
-    let mut len = addr.len() as libc::socklen_t;
-    {
-        use std::os::fd::AsRawFd;
-        // SAFETY: getsockname writes at most `len` bytes into `addr` and updates `len`.
-        let r = unsafe { libc::getsockname(sock.as_raw_fd(), addr.as_mut_ptr().cast(), &mut len) };
-        if r < 0 {
-            return Err(refuse(format!(
-                "getsockname: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-    }
-    let addr = addr[..(len as usize).min(addr.len())].to_vec();
+    let (addr, _) = socket_addrs(&sock).map_err(|e| refuse(format!("its address: {e}")))?;
     let family = match addr.get(..2) {
         Some(&[a, b]) => i32::from(u16::from_ne_bytes([a, b])),
         _ => return Err(refuse(format!("getsockname returned {} bytes", addr.len()))),
@@ -1623,7 +1610,6 @@ fn unix_listener(
     d: &super::unix::UnixDiag,
 ) -> Result<BoundSocket, DumpError> {
     use super::unix;
-    use std::os::fd::AsRawFd;
     let refuse = |reason: String| DumpError::UnsupportedFd {
         pid,
         fd,
@@ -1631,16 +1617,7 @@ fn unix_listener(
         reason,
     };
     let sock = unix::take_fd(pid, fd).map_err(|e| refuse(format!("pidfd_getfd: {e}")))?;
-    let mut addr = [0u8; 128];
-    let mut len = addr.len() as libc::socklen_t;
-    // SAFETY: getsockname writes at most `len` bytes into `addr` and updates `len`.
-    let r = unsafe { libc::getsockname(sock.as_raw_fd(), addr.as_mut_ptr().cast(), &mut len) };
-    if r < 0 {
-        return Err(refuse(format!(
-            "getsockname: {}",
-            std::io::Error::last_os_error()
-        )));
-    }
+    let (addr, _) = socket_addrs(&sock).map_err(|e| refuse(format!("its address: {e}")))?;
     let passcred = unix::getsockopt_int(&sock, libc::SOL_SOCKET, libc::SO_PASSCRED)
         .map_err(|e| refuse(format!("getsockopt(SO_PASSCRED): {e}")))?;
     // A relative path was taken from the binder's working directory; the holder's now is
@@ -1651,7 +1628,6 @@ fn unix_listener(
     } else {
         String::new()
     };
-    let addr = addr[..(len as usize).min(addr.len())].to_vec();
     let file = socket_file(&addr, &dir);
     Ok(BoundSocket {
         ino,

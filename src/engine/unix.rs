@@ -51,8 +51,9 @@ fn le32(b: &[u8]) -> u32 {
     u32::from_le_bytes([b[0], b[1], b[2], b[3]])
 }
 
-/// Every unix socket of the caller's network namespace, by inode.
-pub fn unix_sockets() -> Result<BTreeMap<u64, UnixDiag>, Errno> {
+/// Sends one `NETLINK_SOCK_DIAG` dump request (`req`: the request after the netlink header)
+/// and hands each answer's payload to `each`.
+fn sock_diag(req: &[u8], mut each: impl FnMut(&[u8]) -> Result<(), Errno>) -> Result<(), Errno> {
     // SAFETY: socket takes only integers; a non-negative result is a new descriptor we own.
     let raw = unsafe {
         libc::socket(
@@ -66,22 +67,14 @@ pub fn unix_sockets() -> Result<BTreeMap<u64, UnixDiag>, Errno> {
     }
     // SAFETY: `raw` is a fresh descriptor nothing else owns.
     let nl = unsafe { OwnedFd::from_raw_fd(raw) };
-    // nlmsghdr + unix_diag_req.
-    let mut req = Vec::with_capacity(40);
-    req.extend_from_slice(&40u32.to_le_bytes()); // nlmsg_len
-    req.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_le_bytes());
-    req.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_le_bytes());
-    req.extend_from_slice(&1u32.to_le_bytes()); // seq
-    req.extend_from_slice(&0u32.to_le_bytes()); // pid
-    req.push(libc::AF_UNIX as u8); // sdiag_family
-    req.push(0); // sdiag_protocol
-    req.extend_from_slice(&0u16.to_le_bytes()); // pad
-    req.extend_from_slice(&u32::MAX.to_le_bytes()); // udiag_states: all
-    req.extend_from_slice(&0u32.to_le_bytes()); // udiag_ino
-    req.extend_from_slice(&(UDIAG_SHOW_NAME | UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN).to_le_bytes());
-    req.extend_from_slice(&[0xff; 8]); // udiag_cookie: INET_DIAG_NOCOOKIE
-    nix::unistd::write(&nl, &req)?;
-    let mut out = BTreeMap::new();
+    let mut msg = Vec::with_capacity(NLMSG_HDR + req.len());
+    msg.extend_from_slice(&((NLMSG_HDR + req.len()) as u32).to_le_bytes());
+    msg.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_le_bytes());
+    msg.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_le_bytes());
+    msg.extend_from_slice(&1u32.to_le_bytes()); // seq
+    msg.extend_from_slice(&0u32.to_le_bytes()); // pid
+    msg.extend_from_slice(req);
+    nix::unistd::write(&nl, &msg)?;
     let mut buf = vec![0u8; 64 << 10];
     loop {
         let n = loop {
@@ -103,46 +96,64 @@ pub fn unix_sockets() -> Result<BTreeMap<u64, UnixDiag>, Errno> {
             let msg = &buf[off + NLMSG_HDR..off + len];
             off += (len + 3) & !3;
             match ty as i32 {
-                libc::NLMSG_DONE => return Ok(out),
+                libc::NLMSG_DONE => return Ok(()),
                 libc::NLMSG_ERROR => {
                     let e = msg.get(..4).map(|b| le32(b) as i32).unwrap_or(0);
                     return Err(Errno::from_raw(-e));
                 }
-                _ => {}
+                _ => each(msg)?,
             }
-            // unix_diag_msg: family, type, state, pad, ino (u32), cookie (2 x u32).
-            if msg.len() < 16 {
-                return Err(Errno::EPROTO);
-            }
-            let ino = le32(&msg[4..]) as u64;
-            let mut d = UnixDiag {
-                kind: msg[1],
-                state: msg[2],
-                ..UnixDiag::default()
-            };
-            let mut a = 16;
-            while a + 4 <= msg.len() {
-                let alen = le16(&msg[a..]) as usize;
-                let aty = le16(&msg[a + 2..]);
-                if alen < 4 || a + alen > msg.len() {
-                    break;
-                }
-                let v = &msg[a + 4..a + alen];
-                match aty {
-                    UNIX_DIAG_NAME => d.name = v.to_vec(),
-                    UNIX_DIAG_PEER if v.len() >= 4 => d.peer = le32(v) as u64,
-                    UNIX_DIAG_SHUTDOWN if !v.is_empty() => d.shutdown = v[0],
-                    UNIX_DIAG_RQLEN if v.len() >= 8 => {
-                        d.pending = le32(v);
-                        d.backlog = le32(&v[4..]);
-                    }
-                    _ => {}
-                }
-                a += (alen + 3) & !3;
-            }
-            out.insert(ino, d);
         }
     }
+}
+
+/// Every unix socket of the caller's network namespace, by inode.
+pub fn unix_sockets() -> Result<BTreeMap<u64, UnixDiag>, Errno> {
+    // unix_diag_req.
+    let mut req = Vec::with_capacity(24);
+    req.push(libc::AF_UNIX as u8); // sdiag_family
+    req.push(0); // sdiag_protocol
+    req.extend_from_slice(&0u16.to_le_bytes()); // pad
+    req.extend_from_slice(&u32::MAX.to_le_bytes()); // udiag_states: all
+    req.extend_from_slice(&0u32.to_le_bytes()); // udiag_ino
+    req.extend_from_slice(&(UDIAG_SHOW_NAME | UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN).to_le_bytes());
+    req.extend_from_slice(&[0xff; 8]); // udiag_cookie: INET_DIAG_NOCOOKIE
+    let mut out = BTreeMap::new();
+    sock_diag(&req, |msg| {
+        // unix_diag_msg: family, type, state, pad, ino (u32), cookie (2 x u32).
+        if msg.len() < 16 {
+            return Err(Errno::EPROTO);
+        }
+        let ino = le32(&msg[4..]) as u64;
+        let mut d = UnixDiag {
+            kind: msg[1],
+            state: msg[2],
+            ..UnixDiag::default()
+        };
+        let mut a = 16;
+        while a + 4 <= msg.len() {
+            let alen = le16(&msg[a..]) as usize;
+            let aty = le16(&msg[a + 2..]);
+            if alen < 4 || a + alen > msg.len() {
+                break;
+            }
+            let v = &msg[a + 4..a + alen];
+            match aty {
+                UNIX_DIAG_NAME => d.name = v.to_vec(),
+                UNIX_DIAG_PEER if v.len() >= 4 => d.peer = le32(v) as u64,
+                UNIX_DIAG_SHUTDOWN if !v.is_empty() => d.shutdown = v[0],
+                UNIX_DIAG_RQLEN if v.len() >= 8 => {
+                    d.pending = le32(v);
+                    d.backlog = le32(&v[4..]);
+                }
+                _ => {}
+            }
+            a += (alen + 3) & !3;
+        }
+        out.insert(ino, d);
+        Ok(())
+    })?;
+    Ok(out)
 }
 
 /// A reference of ours to descriptor `fd` of process `pid` (the same open file:
@@ -427,72 +438,23 @@ pub fn shutdown(fd: impl AsFd, how: i32) -> Result<(), Errno> {
 /// `NETLINK_SOCK_DIAG` (`idiag_wqueue` is `sk_max_ack_backlog` for a listener; `/proc/net/tcp`
 /// does not show it).
 pub fn tcp_listen_backlog(family: i32, ino: u64) -> Result<Option<u32>, Errno> {
-    // SAFETY: socket takes only integers; a non-negative result is a new descriptor we own.
-    let raw = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_SOCK_DIAG,
-        )
-    };
-    if raw < 0 {
-        return Err(Errno::last());
-    }
-    // SAFETY: `raw` is a fresh descriptor nothing else owns.
-    let nl = unsafe { OwnedFd::from_raw_fd(raw) };
-    // nlmsghdr + inet_diag_req_v2 (family, protocol, ext, pad, states, a zeroed sockid).
-    let mut req = Vec::with_capacity(72);
-    req.extend_from_slice(&72u32.to_le_bytes());
-    req.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_le_bytes());
-    req.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_le_bytes());
-    req.extend_from_slice(&1u32.to_le_bytes());
-    req.extend_from_slice(&0u32.to_le_bytes());
-    req.push(family as u8);
-    req.push(libc::IPPROTO_TCP as u8);
-    req.push(0);
-    req.push(0);
+    // inet_diag_req_v2: family, protocol, ext, pad, states, a zeroed sockid.
+    let mut req = vec![family as u8, libc::IPPROTO_TCP as u8, 0, 0];
     req.extend_from_slice(&(1u32 << LISTEN).to_le_bytes());
     req.extend_from_slice(&[0u8; 48]);
-    nix::unistd::write(&nl, &req)?;
     let mut found = None;
-    let mut buf = vec![0u8; 64 << 10];
-    loop {
-        let n = loop {
-            match nix::unistd::read(&nl, &mut buf) {
-                Err(Errno::EINTR) => continue,
-                r => break r?,
-            }
-        };
-        if n == 0 {
+    sock_diag(&req, |msg| {
+        // inet_diag_msg: family, state, timer, retrans, sockid (48), expires, rqueue,
+        // wqueue, uid, inode.
+        if msg.len() < 72 {
             return Err(Errno::EPROTO);
         }
-        let mut off = 0;
-        while off + NLMSG_HDR <= n {
-            let len = le32(&buf[off..]) as usize;
-            let ty = le16(&buf[off + 4..]);
-            if len < NLMSG_HDR || off + len > n {
-                return Err(Errno::EPROTO);
-            }
-            let msg = &buf[off + NLMSG_HDR..off + len];
-            off += (len + 3) & !3;
-            match ty as i32 {
-                libc::NLMSG_DONE => return Ok(found),
-                libc::NLMSG_ERROR => {
-                    let e = msg.get(..4).map(|b| le32(b) as i32).unwrap_or(0);
-                    return Err(Errno::from_raw(-e));
-                }
-                _ => {}
-            }
-            // inet_diag_msg: family, state, timer, retrans, sockid (48), expires, rqueue,
-            // wqueue, uid, inode.
-            if msg.len() < 72 {
-                return Err(Errno::EPROTO);
-            }
-            if le32(&msg[68..]) as u64 == ino {
-                found = Some(le32(&msg[60..]));
-            }
+        if le32(&msg[68..]) as u64 == ino {
+            found = Some(le32(&msg[60..]));
         }
-    }
+        Ok(())
+    })?;
+    Ok(found)
 }
 
 #[cfg(test)]
