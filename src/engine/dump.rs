@@ -769,7 +769,7 @@ fn read_frozen(
     let status = read_proc(pid, "status")?;
     let creds = parse_creds(pid, &status)?;
     // A tree records no_new_privs itself (TreeImage::no_new_privs); a single process cannot.
-    check_capabilities(pid, &status, &creds, !allow_pipes)?;
+    check_capabilities(pid, &status, &me, &creds, !allow_pipes)?;
     let umask = status_field(&status, "Umask:")
         .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
         .unwrap_or(0o022);
@@ -1249,12 +1249,8 @@ fn socket_pairs(
             reason,
         };
         let Some(d) = diag.get(&ino) else {
-            if let Some(l) = tcp_listener(pid, fd, ino)? {
+            if let Some(l) = inet_socket_image(pid, fd, ino)? {
                 listeners.push(l);
-                continue;
-            }
-            if let Some(u) = udp_socket(pid, fd, ino)? {
-                listeners.push(u);
                 continue;
             }
             return Err(refuse(match inet_socket(ino) {
@@ -1377,63 +1373,77 @@ fn socket_pairs(
     Ok((out, listeners))
 }
 
-/// The listening TCP socket `ino` (`fd` of `pid`), if it is one: its address, backlog and
-/// options. Connections waiting to be accepted are not part of the checkpoint: their
-/// clients are outside, and the program that runs on accepts them.
-fn tcp_listener(pid: i32, fd: i32, ino: u64) -> Result<Option<BoundSocket>, DumpError> {
+/// The TCP/IP socket `ino` (`fd` of `pid`) as a [`BoundSocket`], if it is one that is made
+/// again from its addresses: a listening TCP socket (address, backlog, options; connections
+/// waiting to be accepted are not part of the checkpoint: their clients are outside, and
+/// the program that runs on accepts them) or a UDP socket (addresses, options; what is
+/// queued on it is not kept: UDP may drop datagrams, and the program cannot tell). Any
+/// other socket is `None`.
+fn inet_socket_image(pid: i32, fd: i32, ino: u64) -> Result<Option<BoundSocket>, DumpError> {
     use super::unix;
-    let target = format!("socket:[{ino}]");
     let refuse = |reason: String| DumpError::UnsupportedFd {
         pid,
         fd,
-        target: target.clone(),
+        target: format!("socket:[{ino}]"),
         reason,
     };
-    // Listening (state 0A) in /proc/net/tcp or tcp6.
-    let listening = ["tcp", "tcp6"].iter().any(|file| {
-        std::fs::read_to_string(format!("/proc/net/{file}")).is_ok_and(|text| {
-            text.lines().skip(1).any(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                f.get(9).and_then(|v| v.parse::<u64>().ok()) == Some(ino) && f.get(3) == Some(&"0A")
-            })
-        })
-    });
-    if !listening {
+    let sock = unix::take_fd(pid, fd).map_err(|e| refuse(format!("pidfd_getfd: {e}")))?;
+    let opt = |level, name| unix::getsockopt_int(&sock, level, name);
+    let family = opt(libc::SOL_SOCKET, libc::SO_DOMAIN).unwrap_or(-1);
+    if family != libc::AF_INET && family != libc::AF_INET6 {
         return Ok(None);
     }
-    let sock = unix::take_fd(pid, fd).map_err(|e| refuse(format!("pidfd_getfd: {e}")))?;
-    let (addr, _) = socket_addrs(&sock).map_err(|e| refuse(format!("its address: {e}")))?;
-    let family = match addr.get(..2) {
-        Some(&[a, b]) => i32::from(u16::from_ne_bytes([a, b])),
-        _ => return Err(refuse(format!("getsockname returned {} bytes", addr.len()))),
+    let (kind, protocol) = (
+        opt(libc::SOL_SOCKET, libc::SO_TYPE),
+        opt(libc::SOL_SOCKET, libc::SO_PROTOCOL),
+    );
+    let (kind, backlog, mut wanted) = match (kind, protocol) {
+        (Ok(libc::SOCK_STREAM), Ok(libc::IPPROTO_TCP)) => {
+            // Listening if the kernel's socket table says so, with its backlog (which
+            // /proc/net/tcp does not show).
+            let Some(backlog) = unix::tcp_listen_backlog(family, ino)
+                .map_err(|e| refuse(format!("reading its backlog (NETLINK_SOCK_DIAG): {e}")))?
+            else {
+                return Ok(None);
+            };
+            let options = vec![
+                (libc::SOL_SOCKET, libc::SO_REUSEADDR),
+                (libc::SOL_SOCKET, libc::SO_REUSEPORT),
+                (libc::SOL_SOCKET, libc::SO_KEEPALIVE),
+                (libc::IPPROTO_TCP, libc::TCP_NODELAY),
+                (libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT),
+            ];
+            (libc::SOCK_STREAM, Some(backlog), options)
+        }
+        (Ok(libc::SOCK_DGRAM), Ok(libc::IPPROTO_UDP)) => {
+            let options = vec![
+                (libc::SOL_SOCKET, libc::SO_REUSEADDR),
+                (libc::SOL_SOCKET, libc::SO_REUSEPORT),
+                (libc::SOL_SOCKET, libc::SO_BROADCAST),
+            ];
+            (libc::SOCK_DGRAM, None, options)
+        }
+        _ => return Ok(None),
     };
-    let backlog = unix::tcp_listen_backlog(family, ino)
-        .map_err(|e| refuse(format!("reading its backlog (NETLINK_SOCK_DIAG): {e}")))?
-        .ok_or_else(|| refuse("it is no longer listening".into()))?;
-    let mut wanted = vec![
-        (libc::SOL_SOCKET, libc::SO_REUSEADDR),
-        (libc::SOL_SOCKET, libc::SO_REUSEPORT),
-        (libc::SOL_SOCKET, libc::SO_KEEPALIVE),
-        (libc::IPPROTO_TCP, libc::TCP_NODELAY),
-        (libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT),
-    ];
     if family == libc::AF_INET6 {
         wanted.push((libc::IPPROTO_IPV6, libc::IPV6_V6ONLY));
     }
+    let (addr, peer) = socket_addrs(&sock).map_err(|e| refuse(format!("its addresses: {e}")))?;
     let mut options = Vec::new();
     for (level, name) in wanted {
-        let v = unix::getsockopt_int(&sock, level, name)
-            .map_err(|e| refuse(format!("getsockopt({level}, {name}): {e}")))?;
+        let v =
+            opt(level, name).map_err(|e| refuse(format!("getsockopt({level}, {name}): {e}")))?;
         options.push((level, name, v));
     }
     Ok(Some(BoundSocket {
         ino,
         family,
-        kind: libc::SOCK_STREAM,
+        kind,
         addr,
-        listening: true,
-        backlog,
-        peer: Vec::new(),
+        listening: backlog.is_some(),
+        backlog: backlog.unwrap_or(0),
+        // A listener has no peer; a UDP socket's is where it sends.
+        peer: if backlog.is_some() { Vec::new() } else { peer },
         dir: String::new(),
         file: None,
         options,
@@ -1479,54 +1489,6 @@ fn socket_addrs(sock: &std::os::fd::OwnedFd) -> std::io::Result<(Vec<u8>, Vec<u8
         peer[..(plen as usize).min(128)].to_vec()
     };
     Ok((local[..(llen as usize).min(128)].to_vec(), peer))
-}
-
-/// The UDP socket `ino` (`fd` of `pid`), if it is one: its addresses and options. What is
-/// queued on it is not kept (UDP may drop datagrams; the program cannot tell).
-fn udp_socket(pid: i32, fd: i32, ino: u64) -> Result<Option<BoundSocket>, DumpError> {
-    use super::unix;
-    let refuse = |reason: String| DumpError::UnsupportedFd {
-        pid,
-        fd,
-        target: format!("socket:[{ino}]"),
-        reason,
-    };
-    let sock = unix::take_fd(pid, fd).map_err(|e| refuse(format!("pidfd_getfd: {e}")))?;
-    let opt = |level, name| unix::getsockopt_int(&sock, level, name);
-    let family = opt(libc::SOL_SOCKET, libc::SO_DOMAIN).unwrap_or(-1);
-    let udp = opt(libc::SOL_SOCKET, libc::SO_TYPE) == Ok(libc::SOCK_DGRAM)
-        && opt(libc::SOL_SOCKET, libc::SO_PROTOCOL) == Ok(libc::IPPROTO_UDP)
-        && (family == libc::AF_INET || family == libc::AF_INET6);
-    if !udp {
-        return Ok(None);
-    }
-    let (addr, peer) = socket_addrs(&sock).map_err(|e| refuse(format!("its addresses: {e}")))?;
-    let mut wanted = vec![
-        (libc::SOL_SOCKET, libc::SO_REUSEADDR),
-        (libc::SOL_SOCKET, libc::SO_REUSEPORT),
-        (libc::SOL_SOCKET, libc::SO_BROADCAST),
-    ];
-    if family == libc::AF_INET6 {
-        wanted.push((libc::IPPROTO_IPV6, libc::IPV6_V6ONLY));
-    }
-    let mut options = Vec::new();
-    for (level, name) in wanted {
-        let v =
-            opt(level, name).map_err(|e| refuse(format!("getsockopt({level}, {name}): {e}")))?;
-        options.push((level, name, v));
-    }
-    Ok(Some(BoundSocket {
-        ino,
-        family,
-        kind: libc::SOCK_DGRAM,
-        addr,
-        listening: false,
-        backlog: 0,
-        peer,
-        dir: String::new(),
-        file: None,
-        options,
-    }))
 }
 
 /// The unix datagram socket `ino` (`fd` of `pid`, described by `d`) that is unbound, bound,
@@ -3059,20 +3021,21 @@ fn no_new_privs_of(pid: i32) -> Result<bool, DumpError> {
 /// restorer (its own copy), capabilities kept through `setresuid` to root ids or cleared by
 /// it to others, as the kernel does. A process whose capability sets differ from that (a root program that dropped
 /// some, a file-capability binary such as `ping`) is refused rather than restored with more
-/// or fewer privileges than it had.
+/// or fewer privileges than it had. `me` is the dumper's own /proc status (read once per
+/// process, for the seccomp check as well).
 fn check_capabilities(
     pid: i32,
     status: &str,
+    me: &str,
     creds: &Creds,
     check_nnp: bool,
 ) -> Result<(), DumpError> {
-    let me = read_proc(std::process::id() as i32, "status")?;
     let set = |text: &str, key: &str| {
         status_field(text, key).and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
     };
     let [ruid, euid, suid, _] = creds.uid;
     let any_root = ruid == 0 || euid == 0 || suid == 0;
-    let mine = |key: &str| set(&me, key).unwrap_or(0);
+    let mine = |key: &str| set(me, key).unwrap_or(0);
     let want = [
         ("CapInh:", mine("CapInh:")),
         ("CapPrm:", if any_root { mine("CapPrm:") } else { 0 }),
@@ -3082,13 +3045,13 @@ fn check_capabilities(
     ];
     // no_new_privs is inherited from the restorer the same way.
     let nnp = |text: &str| status_field(text, "NoNewPrivs:").map(str::trim) == Some("1");
-    if check_nnp && nnp(status) != nnp(&me) {
+    if check_nnp && nnp(status) != nnp(me) {
         return Err(DumpError::Unsupported {
             pid,
             what: format!(
                 "no_new_privs {} (the restorer's is {})",
                 if nnp(status) { "set" } else { "not set" },
-                if nnp(&me) { "set" } else { "not set" }
+                if nnp(me) { "set" } else { "not set" }
             ),
             reason: "it is not restored yet".into(),
         });
