@@ -3165,3 +3165,105 @@ while True:
         "a pattern that matches nothing: {err}"
     );
 }
+
+/// A file outside the mount written through a shared mapping, without any descriptor (a
+/// JVM's `hsperfdata`): the checkpoint is refused, naming the mapping, until allowed; once
+/// allowed, the restore lets it move forward. A file outside that the program only maps and
+/// that changed since the checkpoint fails a rollback before the running program is
+/// stopped: it keeps running and no automatic checkpoint is made.
+#[test]
+fn shared_mappings_outside_the_mount_and_changed_files_are_checked_before_anything_stops() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    let perf = lab.dir.path().join("perfdata");
+    let conf = lab.dir.path().join("conf");
+    std::fs::write(&conf, vec![b'c'; 4096]).expect("conf");
+    let exe = lab.cc(
+        "mapper",
+        &format!(
+            r#"
+#include <fcntl.h>
+#include <stdio.h>
+#include <sys/mman.h>
+#include <unistd.h>
+int main(void) {{
+    int p = open("{}", O_RDWR | O_CREAT | O_TRUNC, 0644);
+    if (ftruncate(p, 4096)) return 1;
+    volatile long *perf = mmap(0, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, p, 0);
+    close(p);
+    int c = open("{}", O_RDONLY);
+    const char *conf = mmap(0, 4096, PROT_READ, MAP_SHARED, c, 0);
+    close(c);
+    if (perf == MAP_FAILED || conf == MAP_FAILED) return 2;
+    for (long i = 1;; i++) {{
+        perf[0] = i;
+        FILE *f = fopen("alive.log", "a");
+        fprintf(f, "%ld %c\n", i, conf[0]);
+        fclose(f);
+        usleep(10000);
+    }}
+}}
+"#,
+            perf.display(),
+            conf.display()
+        ),
+        &[],
+    );
+    lab.fp(&[
+        "run",
+        "-m",
+        lab.m(),
+        "--name",
+        "mapper",
+        "--detach",
+        "--",
+        exe.to_str().expect("utf8"),
+    ]);
+    let log = lab.mnt.join("alive.log");
+    wait_for("program", Duration::from_secs(10), || lines_any(&log) > 5);
+    let err = lab.fp_fails(&["checkpoint", "-m", lab.m(), "refused"]);
+    let p = perf.to_str().expect("utf8");
+    assert!(
+        err.contains("mapping") && err.contains(p) && err.contains("--allow-outside"),
+        "names the mapping and the way out: {err}"
+    );
+    lab.fp(&["checkpoint", "-m", lab.m(), "--allow-outside", p, "allowed"]);
+    // The program went on writing the shared file: that is what was allowed.
+    let n = lines_any(&log);
+    wait_for("still running", Duration::from_secs(10), || {
+        lines_any(&log) > n + 5
+    });
+    lab.fp(&["restore", "-m", lab.m(), "--detach", "allowed"]);
+    let (pid, _) = lab.session_pid("mapper");
+    let n = lines_any(&log);
+    wait_for("restored program", Duration::from_secs(10), || {
+        lines_any(&log) > n + 5
+    });
+    // The file it only maps changes: a rollback is refused before it stops anything.
+    std::fs::write(&conf, vec![b'd'; 4096]).expect("conf");
+    let err = lab.fp_fails(&["restore", "-m", lab.m(), "--detach", "allowed"]);
+    let c = conf.to_str().expect("utf8");
+    assert!(
+        err.contains(c) && err.contains("changed since the dump") && err.contains("nothing"),
+        "names the changed file: {err}"
+    );
+    assert_eq!(
+        lab.session_pid("mapper").0,
+        pid,
+        "the session was not replaced"
+    );
+    let n = lines_any(&log);
+    wait_for(
+        "still running after the refusal",
+        Duration::from_secs(10),
+        || lines_any(&log) > n + 5,
+    );
+    let listing = lab.fp(&["log", "-m", lab.m()]);
+    assert_eq!(
+        listing.matches("'auto-").count(),
+        1,
+        "only the first rollback's automatic checkpoint: {listing}"
+    );
+}

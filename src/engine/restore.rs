@@ -399,10 +399,40 @@ fn check_image(image: &ProcessImage) -> Result<(), RestoreError> {
 /// cache, which with the writeback cache keeps its own times and may disagree with the
 /// snapshot's (a file written through a shared mapping, such as SQLite's `-shm`). Under
 /// `recreated` nothing is compared: those files were made anew from the checkpoint.
+///
+/// A file mapped shared and writable outside the mount (a JVM's `hsperfdata`) is the
+/// program's to change: a checkpoint holding one was allowed to let it move forward
+/// (`--allow-outside`), so only its inode is compared.
 pub(crate) fn check_files(
     image: &ProcessImage,
     snapshot_root: Option<&Path>,
     recreated: &[std::path::PathBuf],
+) -> Result<(), RestoreError> {
+    check_mapped_files(image, snapshot_root, recreated, false)
+}
+
+/// [`check_files`] for every live member of `tree`, before a restore changes anything,
+/// skipping the files under `root`: the restore is about to take them from the
+/// checkpoint's snapshot, so what is there now does not matter. A rollback checks this
+/// before it stops the program that runs now.
+pub fn check_outside_files(
+    tree: &TreeImage,
+    root: &Path,
+    recreated: &[std::path::PathBuf],
+) -> Result<(), RestoreError> {
+    for m in &tree.processes {
+        if let MemberState::Live(img) = &m.state {
+            check_mapped_files(img, Some(root), recreated, true)?;
+        }
+    }
+    Ok(())
+}
+
+fn check_mapped_files(
+    image: &ProcessImage,
+    snapshot_root: Option<&Path>,
+    recreated: &[std::path::PathBuf],
+    skip_snapshot: bool,
 ) -> Result<(), RestoreError> {
     for m in &image.mappings {
         if m.kind != MappingKind::File {
@@ -414,12 +444,17 @@ pub(crate) fn check_files(
         if recreated.iter().any(|d| Path::new(path).starts_with(d)) {
             continue;
         }
+        let in_snapshot = snapshot_root.is_some_and(|r| Path::new(path).starts_with(r));
+        if in_snapshot && skip_snapshot {
+            continue;
+        }
         let st = std::fs::metadata(path).map_err(|e| RestoreError::FileChanged {
             path: path.clone(),
             reason: e.to_string(),
         })?;
-        let in_snapshot = snapshot_root.is_some_and(|r| Path::new(path).starts_with(r));
+        let written = m.shared && m.prot & libc::PROT_WRITE as u32 != 0;
         if !in_snapshot
+            && !written
             && (st.size() != id.size || st.mtime() != id.mtime || st.mtime_nsec() != id.mtime_nsec)
         {
             return Err(RestoreError::FileChanged {
