@@ -1350,10 +1350,10 @@ fn restore(
     // Refuse a corrupt or incomplete image before anything changes: read, checked and
     // resolved here, once; the session gets it, and the open store, by fork.
     let (si, tree, depth) = session::load_image_chain(&ro, &image)?;
-    // A file outside the mount that changed since the checkpoint fails the restore: say so
-    // before a rollback stops the program that runs now.
+    // An inconsistent image, or a file outside the mount that changed since the checkpoint,
+    // fails the restore: say so before a rollback stops the program that runs now.
     let recreated: Vec<PathBuf> = si.own.iter().map(|(p, _)| p.clone()).collect();
-    forkpoint::engine::restore::check_outside_files(&tree, &mp, &recreated)
+    forkpoint::engine::restore::precheck_tree(&tree, &mp, &recreated)
         .with_context(|| format!("checkpoint '{name}' cannot be restored; nothing was changed"))?;
     log::debug!("restore: image checked at {:?}", t0.elapsed());
     let now_mono = session::clock_ns(nix::time::ClockId::CLOCK_MONOTONIC);

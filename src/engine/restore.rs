@@ -369,11 +369,22 @@ fn check_image(image: &ProcessImage) -> Result<(), RestoreError> {
         last_end = m.end;
     }
     for run in &image.memory.runs {
-        let inside = image
-            .mappings
-            .iter()
-            .any(|m| !m.is_special() && m.start <= run.addr && run.addr + run.len <= m.end);
-        if !inside {
+        // A run may go on across adjacent mappings (zero runs are merged; a forked child's
+        // heap grown after the fork is a second `[heap]` right after the first): every byte
+        // of it must be in a restorable mapping.
+        let mut at = run.addr;
+        let end = run.addr.saturating_add(run.len);
+        while at < end {
+            match image
+                .mappings
+                .iter()
+                .find(|m| !m.is_special() && m.start <= at && at < m.end)
+            {
+                Some(m) => at = m.end,
+                None => break,
+            }
+        }
+        if at < end {
             return Err(bad(format!(
                 "page run {:#x}+{:#x} lies outside the restorable mappings",
                 run.addr, run.len
@@ -411,15 +422,23 @@ pub(crate) fn check_files(
     check_mapped_files(image, snapshot_root, recreated, false)
 }
 
-/// [`check_files`] for every live member of `tree`, before a restore changes anything,
-/// skipping the files under `root`: the restore is about to take them from the
-/// checkpoint's snapshot, so what is there now does not matter. A rollback checks this
+/// What [`restore_tree`] checks before it starts anything, for a caller to check before it
+/// changes anything: the image's consistency, and [`check_files`] for every live member,
+/// skipping the files under `root` (the restore is about to take them from the
+/// checkpoint's snapshot, so what is there now does not matter). A rollback checks this
 /// before it stops the program that runs now.
-pub fn check_outside_files(
+pub fn precheck_tree(
     tree: &TreeImage,
     root: &Path,
     recreated: &[std::path::PathBuf],
 ) -> Result<(), RestoreError> {
+    check_tree(
+        tree,
+        &TreeRestoreOptions {
+            skip_file_checks: true,
+            ..Default::default()
+        },
+    )?;
     for m in &tree.processes {
         if let MemberState::Live(img) = &m.state {
             check_mapped_files(img, Some(root), recreated, true)?;
@@ -1122,26 +1141,25 @@ impl Restorer<'_> {
                 if matches!(run.data, PageData::Stored(_)) {
                     continue; // served by the lazy fill
                 }
-                let m = image
-                    .mappings
-                    .iter()
-                    .find(|m| m.start <= run.addr && run.addr + run.len <= m.end);
-                let file_backed = m.is_some_and(|m| m.kind == MappingKind::File);
-                let step = format!("writing {} bytes at {:#x}", run.len, run.addr);
                 match &run.data {
                     PageData::Bytes(b) => self.write_contents(run.addr, b)?,
-                    PageData::Zero if file_backed => {
-                        let mut off = 0;
-                        while off < run.len {
-                            let n = (run.len - off).min(zeros.len() as u64);
-                            let e = self.trace(step.clone());
-                            self.t
-                                .write_mem(run.addr + off, &zeros[..n as usize])
-                                .map_err(e)?;
-                            off += n;
+                    PageData::Zero => {
+                        // Fresh anonymous memory is zero already; the file-backed part of
+                        // the run (it may go on across mappings) is written.
+                        let end = run.addr + run.len;
+                        for m in image.mappings.iter().filter(|m| {
+                            m.kind == MappingKind::File && m.start < end && run.addr < m.end
+                        }) {
+                            let (from, to) = (m.start.max(run.addr), m.end.min(end));
+                            let mut at = from;
+                            while at < to {
+                                let n = (to - at).min(zeros.len() as u64);
+                                let e = self.trace(format!("writing {n} zero bytes at {at:#x}"));
+                                self.t.write_mem(at, &zeros[..n as usize]).map_err(e)?;
+                                at += n;
+                            }
                         }
                     }
-                    PageData::Zero => {}
                     PageData::Stored(_) => unreachable!("stored runs are written in batches"),
                     PageData::Base => {
                         return Err(RestoreError::Chunk {

@@ -2956,3 +2956,78 @@ fn lazy_restore_kills_the_program_when_a_page_cannot_be_fetched() {
     );
     assert!(file("parent").is_none(), "it never reported what it read");
 }
+
+const SPAN_C: &str = r#"
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    for (int fd = 3; fd < 1024; fd++) close(fd);
+    char p[512];
+    snprintf(p, sizeof p, "%s/data", argv[1]);
+    int f = open(p, O_RDWR | O_CREAT | O_TRUNC, 0644);
+    char page[4096];
+    memset(page, 'F', sizeof page);
+    write(f, page, sizeof page);
+    write(f, page, sizeof page);
+    /* A file page, written with zeros (private: its copy is anonymous), right before an
+       anonymous page that holds zeros: one zero run across two mappings. */
+    char *m = mmap(0, 4 * 4096, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (mmap(m, 2 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, f, 0) != m) return 1;
+    if (mmap(m + 2 * 4096, 2 * 4096, PROT_READ | PROT_WRITE,
+             MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) != m + 2 * 4096) return 2;
+    close(f);
+    memset(m + 4096, 0, 4096);
+    m[2 * 4096] = 0;
+    m[3 * 4096] = 'A';
+    snprintf(p, sizeof p, "%s/ready", argv[1]);
+    close(open(p, O_WRONLY | O_CREAT, 0644));
+    snprintf(p, sizeof p, "%s/go", argv[1]);
+    while (access(p, F_OK) != 0) usleep(10000);
+    snprintf(p, sizeof p, "%s/out", argv[1]);
+    FILE *o = fopen(p, "w");
+    fprintf(o, "%d %d %d %d\n", m[0], m[4096], m[2 * 4096], m[3 * 4096]);
+    fclose(o);
+    for (;;) pause();
+}
+"#;
+
+/// A zero run that goes on from a private file mapping into the anonymous mapping after it
+/// (a forked child's heap grown after the fork is a second `[heap]` right after the first,
+/// as in PostgreSQL's workers) is restored: the file page gets its zeros back instead of
+/// the file's bytes.
+#[test]
+fn zero_run_across_adjacent_mappings_is_restored() {
+    require_env!();
+    let mut procs = Procs(Vec::new());
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build(dir.path(), "span", SPAN_C);
+    let pid = spawn(&exe, &[dir.path()], &mut procs);
+    assert!(wait_until(Duration::from_secs(5), || dir
+        .path()
+        .join("ready")
+        .exists()));
+    let img = roundtrip_bytes(&dump(pid).unwrap());
+    let spans = img.memory.runs.iter().any(|r| {
+        r.data == super::image::PageData::Zero
+            && img
+                .mappings
+                .iter()
+                .any(|m| r.addr < m.end && m.end < r.addr + r.len)
+    });
+    assert!(spans, "the image has a zero run across a mapping boundary");
+    procs.kill(pid);
+    let new = restore(&img).unwrap();
+    procs.add(new);
+    std::fs::write(dir.path().join("go"), b"").unwrap();
+    let out = dir.path().join("out");
+    assert!(
+        wait_until(Duration::from_secs(5), || read_nums(&out).len() == 4),
+        "restored program did not report: alive {}, {:?}",
+        alive(new),
+        std::fs::read_to_string(&out)
+    );
+    assert_eq!(read_nums(&out), vec![70, 0, 0, 65]);
+}
