@@ -324,7 +324,15 @@ enum Contents {
     All,
 }
 
-fn classify(pid: i32, l: &MapsLine, opts: &DumpOptions) -> Result<(Mapping, Contents), DumpError> {
+/// How a mapping is recorded, and which of its pages are read. In a tree dump (`tree`),
+/// a file in shared memory mapped shared is read once for the
+/// whole tree by [`shared_files`], not here through every process that maps it.
+fn classify(
+    pid: i32,
+    l: &MapsLine,
+    opts: &DumpOptions,
+    tree: bool,
+) -> Result<(Mapping, Contents), DumpError> {
     let shared = l.perms.as_bytes().get(3) == Some(&b's');
     let prot = prot_of(&l.perms);
     let unsupported = |reason: &str| DumpError::UnsupportedMapping {
@@ -410,7 +418,11 @@ fn classify(pid: i32, l: &MapsLine, opts: &DumpOptions) -> Result<(Mapping, Cont
         // Deleted file, shared anonymous memory ("/dev/zero (deleted)"), memfd:
         // keep the contents, lose the file identity.
         m.kind = anon_kind;
-        Contents::All
+        if tree && shared && l.inode != 0 {
+            Contents::None
+        } else {
+            Contents::All
+        }
     } else {
         let st = std::fs::metadata(p).map_err(|e| unsupported(&format!("cannot stat: {e}")))?;
         if !st.file_type().is_file() {
@@ -654,7 +666,7 @@ fn read_frozen(
     let mut mappings = Vec::with_capacity(lines.len());
     let mut contents = Vec::with_capacity(lines.len());
     for l in &lines {
-        let (m, c) = classify(pid, l, opts)?;
+        let (m, c) = classify(pid, l, opts, allow_pipes)?;
         mappings.push(m);
         contents.push(c);
     }
