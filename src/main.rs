@@ -1415,9 +1415,19 @@ fn restore(
                 .filter(|s| s.daemon_mount == mp)
                 .collect();
             let mut kept = None;
-            for s in &running {
+            let mut also = Vec::new();
+            for (i, s) in running.iter().enumerate() {
+                // Every session on the mount keeps its state, each under a name of its own.
+                let name = if i == 0 {
+                    auto.clone()
+                } else {
+                    format!("{auto}-{}", s.name)
+                };
+                if i > 0 {
+                    also.push(name.clone());
+                }
                 let req = session::CheckpointRequest {
-                    name: auto.clone(),
+                    name,
                     after: "kill".into(),
                     kind: "auto".into(),
                     // Keeping the state that is left matters more than rolling back what it
@@ -1448,6 +1458,9 @@ fn restore(
             }
             log::debug!("restore: sessions gone at {:?}", t0.elapsed());
             eprintln!("forkpoint: the state before the rollback is kept as '{auto}'");
+            for a in &also {
+                eprintln!("forkpoint: and of another session on the mount as '{a}'");
+            }
             roll_back(&mp, &store, cp.cno)?;
             let sname = running
                 .first()

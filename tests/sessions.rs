@@ -3267,3 +3267,55 @@ int main(void) {{
         "only the first rollback's automatic checkpoint: {listing}"
     );
 }
+
+/// A rollback of a mount that two sessions run on keeps the state of both, each under an
+/// automatic checkpoint of its own (before, the second one's name clashed, and it was
+/// killed with only its files kept).
+#[test]
+fn a_rollback_keeps_every_session_on_the_mount() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    for s in ["a", "b"] {
+        let script = format!("while :; do echo {s} >> {s}.log; sleep 0.05; done");
+        lab.fp(&[
+            "run",
+            "-m",
+            lab.m(),
+            "--name",
+            s,
+            "--detach",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ]);
+    }
+    for s in ["a", "b"] {
+        let log = lab.mnt.join(format!("{s}.log"));
+        wait_for("both running", Duration::from_secs(10), || {
+            lines_any(&log) > 3
+        });
+    }
+    lab.fp(&["checkpoint", "-m", lab.m(), "--session", "a", "one"]);
+    let out = Command::new(BIN)
+        .args(["restore", "-m", lab.m(), "--detach", "one"])
+        .current_dir(&lab.mnt)
+        .output()
+        .expect("run forkpoint");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains("could not checkpoint"), "{err}");
+    let listing = lab.fp(&["log", "-m", lab.m()]);
+    let autos: Vec<&str> = listing.lines().filter(|l| l.contains("'auto-")).collect();
+    assert_eq!(
+        autos.len(),
+        2,
+        "one automatic checkpoint per session: {listing}"
+    );
+    assert!(
+        autos.iter().all(|l| l.contains(" auto ")),
+        "both hold processes: {listing}"
+    );
+}
