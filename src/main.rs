@@ -1322,6 +1322,20 @@ fn restore(
     lazy: bool,
     name: &str,
 ) -> Result<i32> {
+    restore_inner(mountpoint, branch, detach, lazy, name, false)
+}
+
+/// [`restore`]; `recovering`: this brings back the program a failed rollback stopped, from
+/// the automatic checkpoint that rollback just made (nothing else runs on the mount, and
+/// its files are that checkpoint's already: no new automatic checkpoint, no second try).
+fn restore_inner(
+    mountpoint: Option<&Path>,
+    branch: Option<&str>,
+    detach: bool,
+    lazy: bool,
+    name: &str,
+    recovering: bool,
+) -> Result<i32> {
     let t0 = std::time::Instant::now();
     let (mp, store) = mounts::resolve(mountpoint)?;
     let ro = Store::open_read_only(&store)?;
@@ -1361,6 +1375,8 @@ fn restore(
     let offsets = Some((si.monotonic_ns - now_mono, si.boottime_ns - now_boot));
     // The branch this restore made (and its hidden mount), dropped again if it fails.
     let mut made: Option<(String, PathBuf)> = None;
+    // The first running session's state went to the automatic checkpoint with its processes.
+    let mut auto_has_processes = false;
     let (spec, undo) = match branch {
         Some(new) => {
             let v = daemon::call(
@@ -1435,7 +1451,10 @@ fn restore(
                     allow_outside: vec![PathBuf::from("/")],
                 };
                 match session::request_checkpoint(&store, &s.name, &req) {
-                    Ok(v) => kept = v["cno"].as_u64(),
+                    Ok(v) => {
+                        kept = v["cno"].as_u64();
+                        auto_has_processes |= i == 0;
+                    }
                     Err(e) => {
                         eprintln!("forkpoint: could not checkpoint session {} before the rollback ({e:#}); keeping its files only", s.name);
                         let _ = cgroup::kill(&store, &s.name);
@@ -1453,11 +1472,13 @@ fn restore(
             for s in &running {
                 session::wait_gone(s.pid, std::time::Duration::from_secs(2));
             }
-            if kept.is_none() {
+            if kept.is_none() && !recovering {
                 kept = keep_files(&mp, &store, &auto)?;
             }
             log::debug!("restore: sessions gone at {:?}", t0.elapsed());
-            eprintln!("forkpoint: the state before the rollback is kept as '{auto}'");
+            if !recovering {
+                eprintln!("forkpoint: the state before the rollback is kept as '{auto}'");
+            }
             for a in &also {
                 eprintln!("forkpoint: and of another session on the mount as '{a}'");
             }
@@ -1517,10 +1538,22 @@ fn restore(
                 let _ = daemon::call(
                     &store,
                     &daemon::Request::Rollback {
-                        mountpoint: mp,
+                        mountpoint: mp.clone(),
                         cno: prev,
                     },
                 );
+                // The program the rollback stopped comes back from the state it left, once
+                // (its files are back already; restoring it again makes no new checkpoint).
+                if auto_has_processes && !recovering {
+                    match restore_inner(Some(&mp), None, true, false, &auto, true) {
+                        Ok(_) => eprintln!(
+                            "forkpoint: the restore failed; the program that ran before is running again, from '{auto}'"
+                        ),
+                        Err(again) => eprintln!(
+                            "forkpoint: the restore failed, and so did starting the program that ran before from '{auto}': {again:#}"
+                        ),
+                    }
+                }
             }
             Err(e)
         }

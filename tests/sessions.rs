@@ -3319,3 +3319,79 @@ fn a_rollback_keeps_every_session_on_the_mount() {
         "both hold processes: {listing}"
     );
 }
+
+/// A rollback whose restore fails late (the checkpoint's port is taken by then) starts the
+/// program it stopped again, from the automatic checkpoint it made: nothing is lost, and
+/// the program goes on from where it was.
+#[test]
+fn a_failed_rollback_brings_the_stopped_program_back() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let prog = format!(
+        "import os, socket, time\n\
+         s = socket.socket()\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('127.0.0.1', {port}))\n\
+         s.listen()\n\
+         n = 0\n\
+         while True:\n\
+         \x20   n += 1\n\
+         \x20   with open('n.log', 'a') as f: f.write('%d\\n' % n)\n\
+         \x20   if s is not None and os.path.exists('close'):\n\
+         \x20       s.close()\n\
+         \x20       s = None\n\
+         \x20   time.sleep(0.02)\n"
+    );
+    std::fs::write(lab.mnt.join("srv.py"), prog).expect("write");
+    lab.fp(&[
+        "run",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--name",
+        "srv",
+        "--",
+        "python3",
+        "srv.py",
+    ]);
+    let log = lab.mnt.join("n.log");
+    wait_for("the program", Duration::from_secs(20), || {
+        lines_any(&log) > 5
+    });
+    lab.fp(&["checkpoint", "-m", lab.m(), "listening"]);
+    // The program lets the port go, and someone else takes it.
+    std::fs::write(lab.mnt.join("close"), "").expect("write");
+    let taken = (0..500)
+        .find_map(|_| {
+            std::thread::sleep(Duration::from_millis(20));
+            std::net::TcpListener::bind(("127.0.0.1", port)).ok()
+        })
+        .expect("the port is free again");
+    let before = lines(&log);
+    let err = lab.fp_fails(&["restore", "-m", lab.m(), "--detach", "listening"]);
+    assert!(
+        err.contains("is in use") && err.contains("running again"),
+        "{err}"
+    );
+    // The program runs on from where the rollback stopped it, with its own files.
+    let at = lines(&log).len();
+    wait_for("the program again", Duration::from_secs(20), || {
+        lines(&log).len() > at + 5
+    });
+    let after = lines(&log);
+    assert!(
+        after.len() > before.len(),
+        "{} {}",
+        after.len(),
+        before.len()
+    );
+    assert_sequence(&after);
+    assert!(lab.mnt.join("close").exists(), "its files are the latest");
+    drop(taken);
+}
