@@ -1375,7 +1375,7 @@ fn restore_inner(
     let offsets = Some((si.monotonic_ns - now_mono, si.boottime_ns - now_boot));
     // The branch this restore made (and its hidden mount), dropped again if it fails.
     let mut made: Option<(String, PathBuf)> = None;
-    // The first running session's state went to the automatic checkpoint with its processes.
+    // The running session's state went to the automatic checkpoint with its processes.
     let mut auto_has_processes = false;
     let (spec, undo) = match branch {
         Some(new) => {
@@ -1453,7 +1453,9 @@ fn restore_inner(
                 match session::request_checkpoint(&store, &s.name, &req) {
                     Ok(v) => {
                         kept = v["cno"].as_u64();
-                        auto_has_processes |= i == 0;
+                        // Brought back after a failure only when it ran alone: with
+                        // several, the files of the last one's checkpoint are the ones kept.
+                        auto_has_processes |= i == 0 && running.len() == 1;
                     }
                     Err(e) => {
                         eprintln!("forkpoint: could not checkpoint session {} before the rollback ({e:#}); keeping its files only", s.name);
