@@ -1322,19 +1322,20 @@ fn restore(
     lazy: bool,
     name: &str,
 ) -> Result<i32> {
-    restore_inner(mountpoint, branch, detach, lazy, name, false)
+    restore_inner(mountpoint, branch, detach, lazy, name, None)
 }
 
-/// [`restore`]; `recovering`: this brings back the program a failed rollback stopped, from
-/// the automatic checkpoint that rollback just made (nothing else runs on the mount, and
-/// its files are that checkpoint's already: no new automatic checkpoint, no second try).
+/// [`restore`]; `recovering`: this brings back session SESSION, which a failed rollback
+/// stopped, from the automatic checkpoint that rollback just made (nothing else runs on the
+/// mount, and its files are that checkpoint's already: no new automatic checkpoint, no
+/// second try).
 fn restore_inner(
     mountpoint: Option<&Path>,
     branch: Option<&str>,
     detach: bool,
     lazy: bool,
     name: &str,
-    recovering: bool,
+    recovering: Option<&str>,
 ) -> Result<i32> {
     let t0 = std::time::Instant::now();
     let (mp, store) = mounts::resolve(mountpoint)?;
@@ -1474,11 +1475,11 @@ fn restore_inner(
             for s in &running {
                 session::wait_gone(s.pid, std::time::Duration::from_secs(2));
             }
-            if kept.is_none() && !recovering {
+            if kept.is_none() && recovering.is_none() {
                 kept = keep_files(&mp, &store, &auto)?;
             }
             log::debug!("restore: sessions gone at {:?}", t0.elapsed());
-            if !recovering {
+            if recovering.is_none() {
                 eprintln!("forkpoint: the state before the rollback is kept as '{auto}'");
             }
             for a in &also {
@@ -1488,6 +1489,7 @@ fn restore_inner(
             let sname = running
                 .first()
                 .map(|s| s.name.clone())
+                .or_else(|| recovering.map(String::from))
                 .unwrap_or_else(|| cur.clone());
             (
                 session::InitSpec {
@@ -1546,8 +1548,8 @@ fn restore_inner(
                 );
                 // The program the rollback stopped comes back from the state it left, once
                 // (its files are back already; restoring it again makes no new checkpoint).
-                if auto_has_processes && !recovering {
-                    match restore_inner(Some(&mp), None, true, false, &auto, true) {
+                if auto_has_processes && recovering.is_none() {
+                    match restore_inner(Some(&mp), None, true, false, &auto, Some(&spec.name)) {
                         Ok(_) => eprintln!(
                             "forkpoint: the restore failed; the program that ran before is running again, from '{auto}'"
                         ),

@@ -3393,5 +3393,11 @@ fn a_failed_rollback_brings_the_stopped_program_back() {
     );
     assert_sequence(&after);
     assert!(lab.mnt.join("close").exists(), "its files are the latest");
+    let ps = lab.fp(&["ps", "-m", lab.m()]);
+    assert!(
+        ps.lines()
+            .any(|l| l.starts_with("srv ") && l.contains("running")),
+        "under its own name: {ps}"
+    );
     drop(taken);
 }
