@@ -1331,26 +1331,20 @@ fn outside_writes(mountpoint: &Path, allowed: &[PathBuf]) -> Result<(), String> 
         }
         // A file mapped shared and writable is written without a descriptor (a JVM maps
         // its hsperfdata file and closes it).
-        let maps = std::fs::read_to_string(e.path().join("maps")).unwrap_or_default();
-        for l in maps.lines() {
-            let mut f = l.split_whitespace();
-            let (Some(range), Some(perms)) = (f.next(), f.next()) else {
-                continue;
-            };
-            let path = f.skip(3).collect::<Vec<_>>().join(" ");
-            if !path.starts_with('/') {
-                continue;
-            }
-            let target = Path::new(&path);
-            if !perms.starts_with("rw")
-                || !perms.ends_with('s')
+        let maps = forkpoint::engine::dump::read_maps(pid).unwrap_or_default();
+        for l in maps {
+            let target = Path::new(&l.path);
+            if !l.path.starts_with('/')
+                || !l.perms.starts_with("rw")
+                || !l.perms.ends_with('s')
                 || target.starts_with(mountpoint)
-                || path.ends_with(" (deleted)")
-                || path.starts_with("/SYSV")
+                || l.path.ends_with(" (deleted)")
+                || l.path.starts_with("/SYSV")
                 || allowed.iter().any(|a| target.starts_with(a))
             {
                 continue;
             }
+            let (range, path) = (format!("{:x}-{:x}", l.start, l.end), &l.path);
             return Err(format!(
                 "process {pid}: mapping {range} writes to {path}, outside the mount: a restore would not roll it back (allow it with --allow-outside {path})"
             ));

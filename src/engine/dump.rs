@@ -325,8 +325,8 @@ enum Contents {
 }
 
 /// How a mapping is recorded, and which of its pages are read. In a tree dump (`tree`),
-/// a file in shared memory mapped shared is read once for the
-/// whole tree by [`shared_files`], not here through every process that maps it.
+/// a file in shared memory mapped shared is read once for the whole tree by
+/// [`shared_files`], not here through every process that maps it.
 fn classify(
     pid: i32,
     l: &MapsLine,
@@ -1550,14 +1550,7 @@ fn unix_datagram(
     let (addr, _) = socket_addrs(&sock).map_err(|e| refuse(format!("its addresses: {e}")))?;
     let passcred = unix::getsockopt_int(&sock, libc::SOL_SOCKET, libc::SO_PASSCRED)
         .map_err(|e| refuse(format!("getsockopt(SO_PASSCRED): {e}")))?;
-    // Relative names were taken from the working directory then; the holder's now is the
-    // best guess of it.
-    let relative = |a: &[u8]| a.get(2).is_some_and(|c| *c != 0 && *c != b'/');
-    let dir = if relative(&addr) || relative(&peer) {
-        read_link(pid, "cwd")?
-    } else {
-        String::new()
-    };
+    let dir = relative_dir(pid, &[&addr, &peer])?;
     let file = socket_file(&addr, &dir);
     Ok(BoundSocket {
         ino,
@@ -1571,6 +1564,18 @@ fn unix_datagram(
         file,
         options: vec![(libc::SOL_SOCKET, libc::SO_PASSCRED, passcred)],
     })
+}
+
+/// The directory relative unix socket names among `addrs` (raw `sockaddr_un`s) were taken
+/// from: the binder's working directory then, of which `pid`'s now is the best guess;
+/// empty when every name is absolute or abstract.
+fn relative_dir(pid: i32, addrs: &[&[u8]]) -> Result<String, DumpError> {
+    let relative = |a: &&[u8]| a.get(2).is_some_and(|c| *c != 0 && *c != b'/');
+    if addrs.iter().any(relative) {
+        read_link(pid, "cwd")
+    } else {
+        Ok(String::new())
+    }
 }
 
 /// The listening unix socket `ino` (`fd` of `pid`, described by `d`): its address, kind,
@@ -1594,14 +1599,7 @@ fn unix_listener(
     let (addr, _) = socket_addrs(&sock).map_err(|e| refuse(format!("its address: {e}")))?;
     let passcred = unix::getsockopt_int(&sock, libc::SOL_SOCKET, libc::SO_PASSCRED)
         .map_err(|e| refuse(format!("getsockopt(SO_PASSCRED): {e}")))?;
-    // A relative path was taken from the binder's working directory; the holder's now is
-    // the best guess of it.
-    let relative = addr.get(2).is_some_and(|c| *c != 0 && *c != b'/');
-    let dir = if relative {
-        read_link(pid, "cwd")?
-    } else {
-        String::new()
-    };
+    let dir = relative_dir(pid, &[&addr])?;
     let file = socket_file(&addr, &dir);
     Ok(BoundSocket {
         ino,
