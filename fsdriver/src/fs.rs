@@ -165,9 +165,11 @@ struct MemFile {
     base: BlockMap,
     /// Block changes since `base` (`None`: removed from the map).
     changes: BTreeMap<u64, Option<BlockRef>>,
-    /// Blocks being written, full `BLOCK` bytes each.
+    /// Blocks being written, at most `BLOCK` bytes each; bytes past a block's end read as
+    /// zeros (a small file's block holds only its own bytes: see `block_put`).
     dirty: BTreeMap<u64, Vec<u8>>,
-    /// Blocks equal to what the map says, kept from recent writes (counted in CLEAN_BYTES).
+    /// Blocks equal to what the map says, kept from recent writes (counted in CLEAN_BYTES);
+    /// short like dirty ones.
     clean: BTreeMap<u64, Vec<u8>>,
 }
 
@@ -1005,7 +1007,7 @@ impl Fs {
             let at = (pos - off) as usize;
             let dst = &mut out[at..at + len];
             if let Some(d) = f.dirty.get(&idx).or_else(|| f.clean.get(&idx)) {
-                dst.copy_from_slice(&d[boff..boff + len]);
+                block_get(d, boff, dst);
             } else {
                 match base_ref(idx) {
                     Some(BlockRef::Data { id, len: dl }) => {
@@ -1090,7 +1092,7 @@ impl Fs {
                     let buf = if let Some(b) = f.take_clean(idx) {
                         b
                     } else if whole || idx * BLOCK >= size {
-                        vec![0u8; BLOCK as usize]
+                        Vec::new()
                     } else {
                         let mut b = tree::read_block(
                             &store,
@@ -1099,15 +1101,16 @@ impl Fs {
                             idx,
                         )?;
                         // Bytes past the current size must read as zeros after extension.
-                        let valid = (size - idx * BLOCK).min(BLOCK) as usize;
-                        b[valid..].fill(0);
+                        b.truncate((size - idx * BLOCK).min(BLOCK) as usize);
                         b
                     };
+                    added += buf.len();
                     f.dirty.insert(idx, buf);
-                    added += BLOCK as usize;
                 }
                 if let Some(b) = f.dirty.get_mut(&idx) {
-                    b[boff..boff + len].copy_from_slice(&data[src..src + len]);
+                    let before = b.len();
+                    block_put(b, boff, &data[src..src + len]);
+                    added += b.len() - before;
                 }
                 pos += len as u64;
                 src += len;
@@ -1930,9 +1933,8 @@ impl State {
             ..
         }) = self.nodes.remove(&ino)
         {
-            self.dirty_bytes = self
-                .dirty_bytes
-                .saturating_sub(f.dirty.len() * BLOCK as usize);
+            let held: usize = f.dirty.values().map(Vec::len).sum();
+            self.dirty_bytes = self.dirty_bytes.saturating_sub(held);
         }
         self.removed.insert(ino);
         self.dirty.insert(ino);
@@ -1990,8 +1992,8 @@ impl State {
             let boff = (pos % BLOCK) as usize;
             let len = ((BLOCK - boff as u64).min(to - pos)) as usize;
             if boff == 0 && len == BLOCK as usize {
-                if f.dirty.remove(&idx).is_some() {
-                    added -= BLOCK as i64;
+                if let Some(b) = f.dirty.remove(&idx) {
+                    added -= b.len() as i64;
                 }
                 f.take_clean(idx);
                 f.changes.insert(idx, Some(BlockRef::Zero));
@@ -2006,17 +2008,15 @@ impl State {
                             idx,
                         )?,
                     };
-                    if idx * BLOCK < size {
-                        let valid = (size - idx * BLOCK).min(BLOCK) as usize;
-                        b[valid..].fill(0);
-                    } else {
-                        b.fill(0);
-                    }
+                    // Bytes past the size read as zeros.
+                    b.truncate(size.saturating_sub(idx * BLOCK).min(BLOCK) as usize);
+                    added += b.len() as i64;
                     f.dirty.insert(idx, b);
-                    added += BLOCK as i64;
                 }
                 if let Some(b) = f.dirty.get_mut(&idx) {
-                    b[boff..boff + len].fill(0);
+                    let before = b.len() as i64;
+                    block_zero(b, boff, len);
+                    added += b.len() as i64 - before;
                 }
             }
             pos += len as u64;
@@ -2027,14 +2027,61 @@ impl State {
 
     /// Writes every dirty block to the log as a chunk (not yet committed).
     fn spill(&mut self, store: &Store) -> FsResult<()> {
-        let inos: Vec<u64> = self.dirty.iter().copied().collect();
-        for ino in inos {
+        // Hashing is the costly part: all the files' blocks are hashed together over the
+        // cores, then appended with one vectored write. A spill in an untar holds about a
+        // thousand small files; a pass and an append per file cost several times as much.
+        // The blocks stay dirty until they are stored, so a failed write loses nothing.
+        let mut blocks: Vec<(u64, u64, usize)> = Vec::new();
+        let mut pieces: Vec<&[u8]> = Vec::new();
+        for ino in &self.dirty {
+            if let Some(Node {
+                body: MemBody::File(f),
+                ..
+            }) = self.nodes.get(ino)
+            {
+                for (idx, b) in &f.dirty {
+                    let len = data_len(b);
+                    blocks.push((*ino, *idx, len));
+                    if len > 0 {
+                        pieces.push(&b[..len]);
+                    }
+                }
+            }
+        }
+        if blocks.is_empty() {
+            self.dirty_bytes = 0;
+            return Ok(());
+        }
+        let t0 = std::time::Instant::now();
+        let hashed = ContentId::of_many(&pieces);
+        let t1 = std::time::Instant::now();
+        let items: Vec<(ContentId, &[u8])> = hashed.iter().copied().zip(pieces).collect();
+        let nbytes = store.put_batch(ObjectKind::Chunk, &items)?;
+        log::debug!(
+            "spill: {} blocks, {} new bytes; hash {:?}, write {:?}",
+            blocks.len(),
+            nbytes,
+            t1 - t0,
+            t1.elapsed()
+        );
+        drop(items);
+        let mut hashed = hashed.into_iter();
+        let mut at = 0;
+        while at < blocks.len() {
+            let ino = blocks[at].0;
+            let n = blocks[at..].iter().take_while(|b| b.0 == ino).count();
+            let mine = &blocks[at..at + n];
+            at += n;
+            let ids: Vec<Option<ContentId>> = mine
+                .iter()
+                .map(|b| if b.2 > 0 { hashed.next() } else { None })
+                .collect();
             if let Some(Node {
                 body: MemBody::File(f),
                 ..
             }) = self.nodes.get_mut(&ino)
             {
-                flush_blocks(store, f)?;
+                stored_blocks(store, f, mine, &ids)?;
             }
         }
         self.dirty_bytes = 0;
@@ -2043,6 +2090,7 @@ impl State {
 
     /// Writes dirty inodes and a new root; returns the root id.
     fn write_root(&mut self, store: &Store) -> FsResult<ContentId> {
+        self.spill(store)?;
         let mut changes: BTreeMap<u64, Option<ContentId>> = BTreeMap::new();
         let dirty: Vec<u64> = self.dirty.iter().copied().collect();
         let mut orphans = Vec::new();
@@ -2056,7 +2104,6 @@ impl State {
             };
             let body = match &mut n.body {
                 MemBody::File(f) => {
-                    flush_blocks(store, f)?;
                     let changes = std::mem::take(&mut f.changes);
                     f.base = tree::map_update(store, &f.base, &changes)?;
                     Body::File {
@@ -2118,60 +2165,36 @@ fn data_len(buf: &[u8]) -> usize {
     end
 }
 
-/// Turns a file's dirty blocks into chunks (all-zero blocks are not stored).
-fn flush_blocks(store: &Store, f: &mut MemFile) -> FsResult<()> {
-    // Hashing is the costly part of a flush: spread it over the cores; then one vectored
-    // write for all the new blocks. The blocks stay dirty until they are stored, so a failed
-    // write loses nothing.
-    let lens: Vec<usize> = f.dirty.values().map(|b| data_len(b)).collect();
-    let pieces: Vec<&[u8]> = f
-        .dirty
-        .values()
-        .zip(&lens)
-        .filter(|(_, len)| **len > 0)
-        .map(|(b, len)| &b[..*len])
-        .collect();
-    let t0 = std::time::Instant::now();
-    let mut hashed = ContentId::of_many(&pieces).into_iter();
-    let t1 = std::time::Instant::now();
-    let ids: Vec<Option<ContentId>> = lens
-        .iter()
-        .map(|len| if *len > 0 { hashed.next() } else { None })
-        .collect();
-    drop(pieces);
-    let items: Vec<(ContentId, &[u8])> = f
-        .dirty
-        .values()
-        .zip(&lens)
-        .zip(&ids)
-        .filter_map(|((b, len), id)| Some(((*id)?, &b[..*len])))
-        .collect();
-    let nbytes = store.put_batch(ObjectKind::Chunk, &items)?;
-    log::debug!(
-        "flush: {} blocks, {} new bytes; hash {:?}, write {:?}",
-        lens.len(),
-        nbytes,
-        t1 - t0,
-        t1.elapsed()
-    );
-    drop(items);
-    let dirty: Vec<(u64, Vec<u8>)> = std::mem::take(&mut f.dirty).into_iter().collect();
-    for (((idx, buf), len), id) in dirty.into_iter().zip(lens).zip(ids) {
-        let r = if len == 0 {
-            let lower_covers = f.lower.as_ref().is_some_and(|l| idx * BLOCK < l.len);
-            let base_has = tree::map_get(store, &f.base, idx)?.is_some();
-            if lower_covers || base_has {
-                Some(BlockRef::Zero)
-            } else {
-                None
+/// Marks a file's dirty blocks stored: `blocks` (this file's `(ino, index, data length)`,
+/// in the order of `f.dirty`) with the ids they were stored under (`None` for all-zero
+/// blocks, which are not stored). They move to the clean cache while it has room.
+fn stored_blocks(
+    store: &Store,
+    f: &mut MemFile,
+    blocks: &[(u64, u64, usize)],
+    ids: &[Option<ContentId>],
+) -> FsResult<()> {
+    // Decide everything that can fail before a block leaves `dirty`.
+    let mut refs = Vec::with_capacity(blocks.len());
+    for ((_, idx, len), id) in blocks.iter().zip(ids) {
+        refs.push(match id {
+            Some(id) => Some(BlockRef::Data {
+                id: *id,
+                len: *len as u32,
+            }),
+            None => {
+                let lower_covers = f.lower.as_ref().is_some_and(|l| idx * BLOCK < l.len);
+                if lower_covers || tree::map_get(store, &f.base, *idx)?.is_some() {
+                    Some(BlockRef::Zero)
+                } else {
+                    None
+                }
             }
-        } else {
-            let id = id.unwrap_or_else(|| ContentId::of(&buf[..len]));
-            Some(BlockRef::Data {
-                id,
-                len: len as u32,
-            })
-        };
+        });
+    }
+    let dirty = std::mem::take(&mut f.dirty);
+    debug_assert_eq!(dirty.len(), blocks.len());
+    for ((idx, buf), r) in dirty.into_iter().zip(refs) {
         f.changes.insert(idx, r);
         let kept = CLEAN_BYTES.fetch_add(BLOCK as usize, std::sync::atomic::Ordering::Relaxed);
         if kept + BLOCK as usize <= CLEAN_LIMIT {
@@ -2181,4 +2204,36 @@ fn flush_blocks(store: &Store, f: &mut MemFile) -> FsResult<()> {
         }
     }
     Ok(())
+}
+
+/// Writes `data` at `at` in a block kept short (bytes past its end read as zeros): the
+/// block grows only as far as the write reaches.
+fn block_put(b: &mut Vec<u8>, at: usize, data: &[u8]) {
+    let end = at + data.len();
+    if b.len() < at {
+        b.resize(at, 0);
+    }
+    let overlap = (b.len() - at).min(data.len());
+    b[at..at + overlap].copy_from_slice(&data[..overlap]);
+    if end > b.len() {
+        b.extend_from_slice(&data[overlap..]);
+    }
+}
+
+/// Reads `dst.len()` bytes at `at` from a short block (zeros past its end).
+fn block_get(b: &[u8], at: usize, dst: &mut [u8]) {
+    let have = b.len().saturating_sub(at).min(dst.len());
+    if have > 0 {
+        dst[..have].copy_from_slice(&b[at..at + have]);
+    }
+    dst[have..].fill(0);
+}
+
+/// Zeroes `len` bytes at `at` in a short block (a range reaching its end shortens it).
+fn block_zero(b: &mut Vec<u8>, at: usize, len: usize) {
+    if at + len >= b.len() {
+        b.truncate(at);
+    } else {
+        b[at..at + len].fill(0);
+    }
 }
