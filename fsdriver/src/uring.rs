@@ -302,48 +302,27 @@ fn uring_cmd(
     }
 }
 
-/// Waits up to `window` for a completion without sleeping, at idle priority, so that the CPU
-/// does not halt between a caller's requests and a caller woken by a reply stays on this
-/// CPU (the scheduler treats a CPU running only idle-priority work as free) and preempts
-/// the poller at once. Returns whether a completion arrived; the thread is back at normal
-/// priority either way.
+/// Waits up to `window` for a completion without sleeping, so that the CPU does not halt
+/// between a caller's requests. The thread yields on every turn: a caller woken by the
+/// reply just committed (on this CPU, where it made its request) runs at once, and so does
+/// anything else that wants the CPU. Returns whether a completion arrived.
+///
+/// Polling at `SCHED_IDLE` instead (switched there and back around every poll, so that
+/// requests are answered at normal priority) cost two `sched_setscheduler` calls and a
+/// slower hand-over per request: an untar of 54k files took 6.1-6.5 s that way and
+/// 3.8 s yielding, in alternating runs (docs/BENCHMARKS.md).
 fn spin_for_completion(
     ring: &mut IoUring<squeue::Entry128, cqueue::Entry>,
     window: std::time::Duration,
 ) -> bool {
-    if !set_idle_priority(true) {
-        return false;
-    }
     let start = std::time::Instant::now();
-    let mut found = false;
     while start.elapsed() < window {
         if !ring.completion().is_empty() {
-            found = true;
-            break;
+            return true;
         }
-        std::hint::spin_loop();
+        std::thread::yield_now();
     }
-    if !set_idle_priority(false) {
-        log::error!("FUSE queue thread cannot leave idle priority");
-    }
-    found
-}
-
-/// Whether this thread can go to idle priority and back (going back needs CAP_SYS_NICE or
-/// an RLIMIT_NICE that allows nice 0).
-fn can_switch_priority() -> bool {
-    set_idle_priority(true) && set_idle_priority(false)
-}
-
-fn set_idle_priority(idle: bool) -> bool {
-    let param = libc::sched_param { sched_priority: 0 };
-    let policy = if idle {
-        libc::SCHED_IDLE
-    } else {
-        libc::SCHED_OTHER
-    };
-    // SAFETY: `param` is a valid sched_param; pid 0 is this thread.
-    unsafe { libc::sched_setscheduler(0, policy, &param) == 0 }
+    false
 }
 
 /// FUSE opcodes handed to the worker threads: they move data or wait for the disk, and a
@@ -517,12 +496,6 @@ fn serve(
             "queue set up to fail (FORKPOINT_FUSE_URING_FAIL_QUEUE)",
         ));
     }
-    let poll = if !poll.is_zero() && !can_switch_priority() {
-        log::info!("FUSE queue {qid} does not poll: cannot switch to idle priority and back");
-        std::time::Duration::ZERO
-    } else {
-        poll
-    };
     let mut set = nix::sched::CpuSet::new();
     if set.set(qid as usize).is_ok() {
         if let Err(e) = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set) {
@@ -584,8 +557,8 @@ fn serve(
     let mut live = entries;
     let result = loop {
         let mut want = 1;
-        // Not while workers hold entries: the poller makes this CPU look free, and the
-        // scheduler would then crowd the workers and their callers onto it.
+        // Not while workers hold entries: they and their callers need the CPUs more than
+        // a poller does, and the worker's reply wakes this thread anyway.
         if !poll.is_zero()
             && with_workers == 0
             && ring.submit().is_ok()
