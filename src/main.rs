@@ -965,6 +965,19 @@ fn spawn_daemon(store: &Path, mp: &Path, branch: &str) -> Result<()> {
 fn umount(mountpoint: &Path) -> Result<()> {
     let mp = mounts::absolute(mountpoint)?;
     let Some(m) = mounts::forkpoint_mount_at(&mp)? else {
+        if let Some(m) = mounts::orphaned_mount_at(&mp)? {
+            // Its store was removed while mounted: nothing is left to commit to. Detaching
+            // ends the daemon's connection, and the daemon leaves with its last mount.
+            nix::mount::umount2(&mp, nix::mount::MntFlags::MNT_DETACH)
+                .with_context(|| format!("unmount {}", mp.display()))?;
+            eprintln!(
+                "forkpoint: the store {} of {} was removed while mounted; detached the mount",
+                m.source,
+                mp.display()
+            );
+            println!("unmounted {}", mp.display());
+            return Ok(());
+        }
         bail!("{} is not a forkpoint mount", mp.display());
     };
     let store = PathBuf::from(&m.source);

@@ -1,6 +1,7 @@
 //! Finding forkpoint mounts from /proc/self/mountinfo.
 
 use anyhow::{bail, Context, Result};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 /// Is this a forkpoint mount? The kernel shows type `fuse` (or `fuse.forkpoint` when mounted
@@ -67,6 +68,44 @@ pub fn forkpoint_mount_at(path: &Path) -> Result<Option<MountInfo>> {
         .into_iter()
         .rev()
         .find(|m| m.mountpoint == path && is_forkpoint(m)))
+}
+
+/// A FUSE mount at exactly `path` whose store directory is gone (removed while mounted)
+/// while a `forkpoint daemon` for it still runs: not a forkpoint mount any more (there is no
+/// store to talk to), but `umount` should take it away rather than call it foreign.
+pub fn orphaned_mount_at(path: &Path) -> Result<Option<MountInfo>> {
+    let Some(m) = mounts()?.into_iter().rev().find(|m| m.mountpoint == path) else {
+        return Ok(None);
+    };
+    let fuse = m.fstype == "fuse" || m.fstype == "fuse.forkpoint";
+    if !fuse || Path::new(&m.source).exists() {
+        return Ok(None);
+    }
+    Ok(daemon_for(&m.source).then_some(m))
+}
+
+/// Does a process run `forkpoint daemon STORE ...` for this store path?
+fn daemon_for(store: &str) -> bool {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    dir.flatten().any(|e| {
+        // `comm` first: reading another process's `cmdline` takes its mmap lock and can block.
+        let comm = std::fs::read(e.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with(b"forkpoint") {
+            return false;
+        }
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            return false;
+        };
+        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+        let ours = args.first().is_some_and(|a0| {
+            Path::new(std::ffi::OsStr::from_bytes(a0))
+                .file_name()
+                .is_some_and(|n| n.as_bytes().starts_with(b"forkpoint"))
+        });
+        ours && args.len() >= 3 && args[1] == b"daemon" && args[2] == store.as_bytes()
+    })
 }
 
 /// Is anything mounted at `path`?

@@ -937,6 +937,37 @@ fn a_store_made_again_at_once_keeps_its_new_daemon_reachable() {
     wait_daemon_exit(&store);
 }
 
+/// A store removed while mounted: `umount` detaches the mount (it said "not a forkpoint
+/// mount" and left it, with its daemon, until `umount -l`), and the daemon leaves.
+#[test]
+fn umount_takes_away_a_mount_whose_store_was_removed() {
+    if !common::can_mount("fuse_e2e") {
+        return;
+    }
+    let lab = Lab::new();
+    let store = lab.path().join("store");
+    let mnt = lab.mkdir("mnt");
+    lab.mount_ok(&store, &mnt, None);
+    std::fs::write(mnt.join("f"), "data\n").expect("write");
+    std::fs::remove_dir_all(&store).expect("remove the store");
+    let out = fp(&[OsStr::new("umount"), mnt.as_os_str()]);
+    assert!(
+        out.ok && out.stdout.contains("unmounted") && out.stderr.contains("was removed"),
+        "umount: {}{}",
+        out.stdout,
+        out.stderr
+    );
+    assert!(!common::is_fuse_mounted(&mnt), "still mounted");
+    wait_daemon_exit(&store);
+    // Anything else is still refused.
+    let out = fp(&[OsStr::new("umount"), mnt.as_os_str()]);
+    assert!(
+        !out.ok && out.stderr.contains("not a forkpoint mount"),
+        "{}",
+        out.stderr
+    );
+}
+
 /// gc succeeds while a program fsyncs all the time (each fsync is a commit, so a mark
 /// never finished unchanged and every try was refused), and what it leaves is whole: every
 /// later fsync still commits, and the store verifies, also while the commits go on.
