@@ -621,12 +621,22 @@ fn compare(fs: &Fs, m: &Model) -> Result<(), String> {
     Ok(())
 }
 
-fn run(ops: &[Op]) -> Result<(), String> {
+/// An overlay on `branch`; with `spill_every_write`, every write starts a background spill,
+/// so that spills run beside every other kind of request.
+fn open_fs(store: Arc<Store>, branch: &str, spill_every_write: bool) -> Result<Fs, String> {
+    let fs = Fs::new(store, branch).map_err(|e| e.to_string())?;
+    if spill_every_write {
+        fs.set_spill_limit(0);
+    }
+    Ok(fs)
+}
+
+fn run(ops: &[Op], spill_every_write: bool) -> Result<(), String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let path = dir.path().join("store");
     let store = Store::create(&path, None).map_err(|e| e.to_string())?;
     let mut sut = Sut {
-        fs: Some(Fs::new(store, "main").map_err(|e| e.to_string())?),
+        fs: Some(open_fs(store, "main", spill_every_write)?),
         _dir: dir,
         path,
     };
@@ -673,8 +683,10 @@ fn run(ops: &[Op]) -> Result<(), String> {
                 committed.insert(branch.clone(), model.clone());
                 let store = sut.fs().store().clone();
                 sut.fs = None;
-                sut.fs =
-                    Some(Fs::new(store, &target).map_err(|e| format!("step {i}: checkout: {e}"))?);
+                sut.fs = Some(
+                    open_fs(store, &target, spill_every_write)
+                        .map_err(|e| format!("step {i}: checkout: {e}"))?,
+                );
                 branch = target;
                 model = committed[&branch].clone();
             }
@@ -682,8 +694,10 @@ fn run(ops: &[Op]) -> Result<(), String> {
                 // Drop everything uncommitted, as a crash would.
                 sut.fs = None;
                 let store = Store::open(&sut.path).map_err(|e| format!("step {i}: reopen: {e}"))?;
-                sut.fs =
-                    Some(Fs::new(store, &branch).map_err(|e| format!("step {i}: reopen: {e}"))?);
+                sut.fs = Some(
+                    open_fs(store, &branch, spill_every_write)
+                        .map_err(|e| format!("step {i}: reopen: {e}"))?,
+                );
                 model = committed[&branch].clone();
             }
             op => {
@@ -766,8 +780,8 @@ proptest! {
         ..ProptestConfig::default()
     })]
     #[test]
-    fn fs_matches_model(ops in proptest::collection::vec(op(), 1..60)) {
-        if let Err(e) = run(&ops) {
+    fn fs_matches_model(ops in proptest::collection::vec(op(), 1..60), spill_every_write in any::<bool>()) {
+        if let Err(e) = run(&ops, spill_every_write) {
             prop_assert!(false, "{}", e);
         }
     }
@@ -807,23 +821,32 @@ fn unlinked_open_file_survives_in_snapshot() {
 
 #[test]
 fn regression_write_extend_then_read_gap() {
-    run(&[
-        Op::Write {
-            file: 0,
-            off: 200_000,
-            len: 10,
-            byte: 7,
-        },
-        Op::Truncate { file: 0, size: 100 },
-        Op::Write {
-            file: 0,
-            off: 150_000,
-            len: 5,
-            byte: 9,
-        },
-        Op::Commit,
-        Op::Reopen,
-    ])
+    for spill_every_write in [false, true] {
+        regression_write_extend_then_read_gap_with(spill_every_write);
+    }
+}
+
+fn regression_write_extend_then_read_gap_with(spill_every_write: bool) {
+    run(
+        &[
+            Op::Write {
+                file: 0,
+                off: 200_000,
+                len: 10,
+                byte: 7,
+            },
+            Op::Truncate { file: 0, size: 100 },
+            Op::Write {
+                file: 0,
+                off: 150_000,
+                len: 5,
+                byte: 9,
+            },
+            Op::Commit,
+            Op::Reopen,
+        ],
+        spill_every_write,
+    )
     .expect("model agrees");
 }
 
