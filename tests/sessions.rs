@@ -2241,6 +2241,104 @@ while True:
     }
 }
 
+/// Capability sets other than the user's default come back: a service running as nobody
+/// with CAP_NET_BIND_SERVICE as an ambient capability and CAP_NET_RAW out of its bounding
+/// set (`setpriv`, as a unit file's `AmbientCapabilities=` would) is checkpointed (it was
+/// refused) and rolled back with the same sets in every thread, still able to bind a low
+/// port.
+#[test]
+fn capability_sets_are_kept() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    let dir = lab.mnt.join("caps");
+    std::fs::create_dir(&dir).expect("mkdir");
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+        .expect("chmod");
+    let script = lab.mnt.join("caps.py");
+    std::fs::write(
+        &script,
+        r#"
+import os, socket, threading, time
+for fd in range(3, 1024):
+    try: os.close(fd)
+    except OSError: pass
+def caps(tid):
+    want = ("CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:", "Uid:")
+    return " ".join(l.split(None, 1)[1].strip() for l in open("/proc/self/task/%d/status" % tid)
+                    if l.startswith(want))
+def can_bind():
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind(("127.0.0.1", 977))
+        return "bind-ok"
+    except OSError as e:
+        return "bind-" + str(e.errno)
+    finally:
+        s.close()
+threading.Thread(target=lambda: time.sleep(10**6), daemon=True).start()
+out = open("caps/caps.log", "a")
+while True:
+    tasks = sorted(set(caps(int(t)) for t in os.listdir("/proc/self/task")))
+    out.write(" | ".join(tasks) + " " + can_bind() + "\n")
+    out.flush()
+    time.sleep(0.01)
+"#,
+    )
+    .expect("script");
+    lab.fp(&[
+        "run",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--",
+        "setpriv",
+        "--reuid",
+        "65534",
+        "--regid",
+        "65534",
+        "--clear-groups",
+        "--inh-caps",
+        "+net_bind_service",
+        "--ambient-caps",
+        "+net_bind_service",
+        "--bounding-set",
+        "-net_raw",
+        "--",
+        // Not a python3 of root's own (a pyenv shim under /root is not nobody's to run).
+        "/usr/bin/python3",
+        script.to_str().expect("utf8"),
+    ]);
+    let log = dir.join("caps.log");
+    wait_for("the program", Duration::from_secs(20), || {
+        lines_any(&log) > 10
+    });
+    let first = std::fs::read_to_string(&log)
+        .expect("log")
+        .lines()
+        .next()
+        .map(str::to_string)
+        .expect("a line");
+    assert!(
+        first.contains("0000000000000400 0000000000000400 0000000000000400")
+            && first.ends_with("bind-ok")
+            && !first.contains(" | "),
+        "the program did not start as set up: {first}"
+    );
+    lab.fp(&["checkpoint", "-m", lab.m(), "capable"]);
+    let at_cut = lines_any(&lab.mnt.join(".forkpoint/snapshots/capable/caps/caps.log"));
+    lab.fp(&["restore", "-m", lab.m(), "--detach", "capable"]);
+    wait_for("the rollback", Duration::from_secs(20), || {
+        lines_any(&log) > at_cut + 20
+    });
+    let text = std::fs::read_to_string(&log).expect("log");
+    for (i, l) in text.lines().enumerate() {
+        assert_eq!(l, first, "line {} of caps.log", i + 1);
+    }
+}
+
 /// A detached program writes to its session's log. Restored into a session of another
 /// name, it writes to that session's log, and can be checkpointed again (its output is no
 /// file outside the mount).

@@ -43,11 +43,11 @@ use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 
 use super::image::{
-    BoundSocket, Creds, EpollWatch, FdKind, FdState, FileId, FileLock, ITimer, ImageMemory,
-    InotifyWatch, LockKind, Mapping, MappingKind, MemberState, MemfdImage, Message, MmState,
-    PageData, PageRun, PipeImage, PosixTimer, ProcessImage, Regs, Rlimit, RseqState, SigAction,
-    SigAltStack, SigInfo, SignalState, SocketEnd, SocketPairImage, ThreadState, TreeImage,
-    TreeMember, PAGE_SIZE, SIGINFO_LEN,
+    BoundSocket, CapSets, Creds, EpollWatch, FdKind, FdState, FileId, FileLock, ITimer,
+    ImageMemory, InotifyWatch, LockKind, Mapping, MappingKind, MemberState, MemfdImage, Message,
+    MmState, PageData, PageRun, PipeImage, PosixTimer, ProcessImage, Regs, Rlimit, RseqState,
+    SigAction, SigAltStack, SigInfo, SignalState, SocketEnd, SocketPairImage, ThreadState,
+    TreeImage, TreeMember, PAGE_SIZE, SIGINFO_LEN,
 };
 use super::sys;
 use super::tracer::{TraceError, Tracer};
@@ -1727,6 +1727,8 @@ pub fn dump_tree(
     let mut frozen_all = Vec::new();
     let mut stopped = Vec::new();
     let mut no_new_privs = Vec::new();
+    let mut caps = Vec::new();
+    let me = read_proc(std::process::id() as i32, "status")?;
     for (pid, ppid, held) in members {
         let state = match held {
             Held::Live(mut f) => {
@@ -1737,6 +1739,9 @@ pub fn dump_tree(
                     no_new_privs.push(pid);
                 }
                 let (mut img, t) = read_frozen(pid, &mut f, opts, true)?;
+                if let Some(c) = recorded_caps(pid, &me, &img.creds)? {
+                    caps.push((pid, c));
+                }
                 frozen_all.push((pid, f));
                 // Killed after the dump: fill in before the kill (see dump_frozen).
                 if opts.after != AfterDump::Resume {
@@ -1848,6 +1853,7 @@ pub fn dump_tree(
         sockets,
         stopped,
         no_new_privs,
+        caps,
         bound_sockets: listeners,
     })
 }
@@ -3027,35 +3033,80 @@ fn no_new_privs_of(pid: i32) -> Result<bool, DumpError> {
     Ok(all.unwrap_or(false))
 }
 
-/// Capabilities and no_new_privs are not recorded: a restored process has those of the
-/// restorer (its own copy), capabilities kept through `setresuid` to root ids or cleared by
-/// it to others, as the kernel does. A process whose capability sets differ from that (a root program that dropped
-/// some, a file-capability binary such as `ping`) is refused rather than restored with more
-/// or fewer privileges than it had. `me` is the dumper's own /proc status (read once per
-/// process, for the seccomp check as well).
+/// The capability sets a restore gives a process by itself: the restorer's own (its copy),
+/// kept through `setresuid` to root ids or cleared by it to others, as the kernel does. `me`
+/// is the dumper's own /proc status.
+fn default_caps(me: &str, creds: &Creds) -> CapSets {
+    let mine = parse_caps(me).unwrap_or(CapSets {
+        inheritable: 0,
+        permitted: 0,
+        effective: 0,
+        bounding: 0,
+        ambient: 0,
+    });
+    let [ruid, euid, suid, _] = creds.uid;
+    let any_root = ruid == 0 || euid == 0 || suid == 0;
+    CapSets {
+        inheritable: mine.inheritable,
+        permitted: if any_root { mine.permitted } else { 0 },
+        effective: if euid == 0 { mine.effective } else { 0 },
+        bounding: mine.bounding,
+        ambient: if any_root { mine.ambient } else { 0 },
+    }
+}
+
+/// The capability sets in a /proc status text.
+fn parse_caps(status: &str) -> Option<CapSets> {
+    let set =
+        |key: &str| status_field(status, key).and_then(|v| u64::from_str_radix(v.trim(), 16).ok());
+    Some(CapSets {
+        inheritable: set("CapInh:")?,
+        permitted: set("CapPrm:")?,
+        effective: set("CapEff:")?,
+        bounding: set("CapBnd:")?,
+        ambient: set("CapAmb:").unwrap_or(0),
+    })
+}
+
+/// The capability sets of `pid` if they differ from what a restore gives by itself (a root
+/// program that dropped some, a service given `CAP_NET_BIND_SERVICE` as ambient, a
+/// file-capability binary): a tree image records them and the restore sets them again.
+/// Threads whose sets differ are refused (a restore sets one set for the whole process).
+fn recorded_caps(pid: i32, me: &str, creds: &Creds) -> Result<Option<CapSets>, DumpError> {
+    let mut all: Option<CapSets> = None;
+    for tid in list_tasks(pid)? {
+        let status = read_proc(pid, &format!("task/{tid}/status"))?;
+        let Some(c) = parse_caps(&status) else {
+            continue;
+        };
+        if all.is_some_and(|a| a != c) {
+            return Err(DumpError::Unsupported {
+                pid,
+                what: format!("thread {tid}, whose capability sets differ from its process's"),
+                reason: "capabilities are restored for the whole process".into(),
+            });
+        }
+        all = Some(c);
+    }
+    Ok(all.filter(|c| *c != default_caps(me, creds)))
+}
+
+/// A single-process image (no tree) records neither capabilities nor no_new_privs: a process
+/// whose sets or no_new_privs differ from what a restore gives by itself is refused rather
+/// than restored with more or fewer privileges than it had. A tree image records both
+/// (`TreeImage::caps`, `TreeImage::no_new_privs`), and `single` is false there.
 fn check_capabilities(
     pid: i32,
     status: &str,
     me: &str,
     creds: &Creds,
-    check_nnp: bool,
+    single: bool,
 ) -> Result<(), DumpError> {
-    let set = |text: &str, key: &str| {
-        status_field(text, key).and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-    };
-    let [ruid, euid, suid, _] = creds.uid;
-    let any_root = ruid == 0 || euid == 0 || suid == 0;
-    let mine = |key: &str| set(me, key).unwrap_or(0);
-    let want = [
-        ("CapInh:", mine("CapInh:")),
-        ("CapPrm:", if any_root { mine("CapPrm:") } else { 0 }),
-        ("CapEff:", if euid == 0 { mine("CapEff:") } else { 0 }),
-        ("CapBnd:", mine("CapBnd:")),
-        ("CapAmb:", if any_root { mine("CapAmb:") } else { 0 }),
-    ];
-    // no_new_privs is inherited from the restorer the same way.
+    if !single {
+        return Ok(());
+    }
     let nnp = |text: &str| status_field(text, "NoNewPrivs:").map(str::trim) == Some("1");
-    if check_nnp && nnp(status) != nnp(me) {
+    if nnp(status) != nnp(me) {
         return Err(DumpError::Unsupported {
             pid,
             what: format!(
@@ -3063,21 +3114,29 @@ fn check_capabilities(
                 if nnp(status) { "set" } else { "not set" },
                 if nnp(me) { "set" } else { "not set" }
             ),
-            reason: "it is not restored yet".into(),
+            reason: "a single-process image does not record it".into(),
         });
     }
-    for (key, w) in want {
-        let Some(have) = set(status, key) else {
-            continue;
-        };
+    let (Some(have), want) = (parse_caps(status), default_caps(me, creds)) else {
+        return Ok(());
+    };
+    let fields = [
+        ("CapInh", have.inheritable, want.inheritable),
+        ("CapPrm", have.permitted, want.permitted),
+        ("CapEff", have.effective, want.effective),
+        ("CapBnd", have.bounding, want.bounding),
+        ("CapAmb", have.ambient, want.ambient),
+    ];
+    for (key, have, w) in fields {
         if have != w {
             return Err(DumpError::Unsupported {
                 pid,
                 what: format!(
-                    "its capabilities ({} {have:016x}, a restore would give {w:016x})",
-                    key.trim_end_matches(':')
+                    "its capabilities ({key} {have:016x}, a restore would give {w:016x})"
                 ),
-                reason: "capability sets other than those of its user are not restored yet".into(),
+                reason: "a single-process image does not record capabilities; checkpoint it as \
+                         a session"
+                    .into(),
             });
         }
     }

@@ -50,7 +50,7 @@ pub const TREE_MAGIC: [u8; 8] = *b"FKPTTRE\0";
 /// 8: [`FdKind::Inotify`], [`FdKind::Bound`] and [`FdKind::Dup`]; after the file locks,
 ///    the stopped
 ///    members ([`TreeImage::stopped`]) and the listening sockets ([`TreeImage::bound_sockets`]).
-pub const IMAGE_FORMAT_VERSION: u32 = 8;
+pub const IMAGE_FORMAT_VERSION: u32 = 9;
 /// Size of one `siginfo_t` on x86_64.
 pub const SIGINFO_LEN: usize = 128;
 /// Length of the framed header.
@@ -352,6 +352,20 @@ pub struct TreeImage {
     /// the stopped members.
     #[serde(skip)]
     pub bound_sockets: Vec<BoundSocket>,
+    /// Capability sets of the members whose sets differ from what a restore gives by
+    /// itself (format version 9, encoded last): set again at restore.
+    #[serde(skip)]
+    pub caps: Vec<(i32, CapSets)>,
+}
+
+/// A process's capability sets, as `/proc/PID/status` shows them (one bit per capability).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CapSets {
+    pub inheritable: u64,
+    pub permitted: u64,
+    pub effective: u64,
+    pub bounding: u64,
+    pub ambient: u64,
 }
 
 /// A socket that is made again from its addresses alone ([`IMAGE_FORMAT_VERSION`] 8): a
@@ -1250,6 +1264,23 @@ pub fn encode_tree(img: &TreeImage) -> Result<Vec<u8>, ImageError> {
     // A whole image is written as version 5, which older builds read; only a delta needs 6,
     // only an image with file locks needs 7, and only one with inotify instances, listening
     // sockets or stopped members needs 8.
+    if !img.caps.is_empty() {
+        return encode_framed_version(
+            &(
+                img,
+                signals,
+                &img.sockets,
+                &img.memfds,
+                locks,
+                &img.stopped,
+                &img.bound_sockets,
+                &img.no_new_privs,
+                &img.caps,
+            ),
+            &TREE_MAGIC,
+            9,
+        );
+    }
     let v8 = !img.stopped.is_empty()
         || !img.no_new_privs.is_empty()
         || !img.bound_sockets.is_empty()
@@ -1337,9 +1368,39 @@ fn tree_from_payload(version: u32, payload: &[u8]) -> Result<TreeImage, ImageErr
             Vec<BoundSocket>,
             Vec<i32>,
         );
+        type V9 = (
+            TreeImage,
+            Vec<(i32, SignalState)>,
+            Vec<SocketPairImage>,
+            Vec<MemfdImage>,
+            Vec<(i32, Vec<FileLock>)>,
+            Vec<i32>,
+            Vec<BoundSocket>,
+            Vec<i32>,
+            Vec<(i32, CapSets)>,
+        );
         let (mut img, signals, sockets, memfds, locks) = if version < 8 {
             let v: V7 = from_payload(payload)?;
             v
+        } else if version >= 9 {
+            let (mut img, signals, sockets, memfds, locks, stopped, listeners, nnp, caps): V9 =
+                from_payload(payload)?;
+            for &pid in stopped
+                .iter()
+                .chain(&nnp)
+                .chain(caps.iter().map(|(p, _)| p))
+            {
+                live_member(
+                    &mut img,
+                    pid,
+                    "the stopped, no_new_privs or capability list",
+                )?;
+            }
+            img.no_new_privs = nnp;
+            img.stopped = stopped;
+            img.bound_sockets = listeners;
+            img.caps = caps;
+            (img, signals, sockets, memfds, locks)
         } else {
             let (mut img, signals, sockets, memfds, locks, stopped, listeners, nnp): V8 =
                 from_payload(payload)?;
@@ -1612,6 +1673,7 @@ pub(crate) mod tests {
             frozen_for: None,
             stopped: Vec::new(),
             no_new_privs: Vec::new(),
+            caps: Vec::new(),
             bound_sockets: Vec::new(),
             root: 42,
             processes: vec![TreeMember {
@@ -1790,6 +1852,7 @@ pub(crate) mod tests {
             frozen_for: None,
             stopped: Vec::new(),
             no_new_privs: Vec::new(),
+            caps: Vec::new(),
             bound_sockets: Vec::new(),
             root: 42,
             processes: vec![TreeMember {
@@ -1820,6 +1883,7 @@ pub(crate) mod tests {
             frozen_for: None,
             stopped: Vec::new(),
             no_new_privs: Vec::new(),
+            caps: Vec::new(),
             bound_sockets: Vec::new(),
             root: 42,
             processes: vec![TreeMember {
@@ -2026,6 +2090,7 @@ pub(crate) mod tests {
             frozen_for: None,
             stopped: Vec::new(),
             no_new_privs: Vec::new(),
+            caps: Vec::new(),
             bound_sockets: Vec::new(),
             root: 42,
             processes: vec![
@@ -2155,6 +2220,22 @@ pub(crate) mod tests {
         // A stopped pid that is no live member is refused.
         let mut bad = v8.clone();
         bad.stopped = vec![44];
+        assert!(decode_tree(&encode_tree(&bad).unwrap()).is_err());
+        // Capability sets need version 9; they name live members too.
+        let mut v9 = v8.clone();
+        let sets = CapSets {
+            inheritable: 1 << 10,
+            permitted: 1 << 10,
+            effective: 1 << 10,
+            bounding: (1 << 41) - 1,
+            ambient: 1 << 10,
+        };
+        v9.caps = vec![(43, sets)];
+        let b9 = encode_tree(&v9).unwrap();
+        assert_eq!(u32::from_le_bytes([b9[8], b9[9], b9[10], b9[11]]), 9);
+        assert_eq!(decode_tree(&b9).unwrap(), v9);
+        let mut bad = v9.clone();
+        bad.caps = vec![(44, sets)];
         assert!(decode_tree(&encode_tree(&bad).unwrap()).is_err());
         // Version 4 trees (no shared memory files) still decode.
         let signals: Vec<(i32, SignalState)> = tree

@@ -44,7 +44,7 @@ use nix::errno::Errno;
 
 use super::dump::{read_maps, DumpError, MapsLine};
 use super::image::{
-    FdKind, Mapping, MappingKind, MemberState, PageData, ProcessImage, SigInfo, TreeImage,
+    CapSets, FdKind, Mapping, MappingKind, MemberState, PageData, ProcessImage, SigInfo, TreeImage,
     PAGE_SIZE, SIGINFO_LEN,
 };
 use super::sys;
@@ -327,6 +327,7 @@ pub fn restore_with(image: &ProcessImage, opts: &RestoreOptions) -> Result<i32, 
         lazy_used: false,
         peers: None,
         no_new_privs: false,
+        caps: None,
     };
     match r.run() {
         Ok(()) => match r.detach_all() {
@@ -556,6 +557,9 @@ struct Restorer<'a> {
     peers: Option<&'a std::collections::BTreeMap<i32, i32>>,
     /// Set no_new_privs (before the other threads are made, which inherit it).
     no_new_privs: bool,
+    /// Capability sets to set in every thread, where they differ from what the restore
+    /// gives by itself (`TreeImage::caps`).
+    caps: Option<CapSets>,
 }
 
 /// Private anonymous memory filled with `UFFDIO_COPY` rather than `process_vm_writev`: the
@@ -2426,6 +2430,34 @@ impl Restorer<'_> {
                 .collect::<Vec<_>>()
                 .join(" ")
         };
+        // Capabilities, part one, while this thread still has all of the restorer's: the
+        // bounding set is cut (that needs CAP_SETPCAP), and the permitted set is kept
+        // through a change to non-root ids for `capset` to choose from below.
+        let caps = self.caps;
+        let keep = caps.is_some_and(|k| k.permitted != 0) && c.uid.iter().all(|u| *u != 0);
+        if let Some(k) = caps {
+            let last = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(40)
+                .min(63);
+            for cap in 0..=last {
+                if k.bounding & (1 << cap) == 0 {
+                    self.call(
+                        &format!("prctl(PR_CAPBSET_DROP, {cap})"),
+                        libc::SYS_prctl,
+                        [libc::PR_CAPBSET_DROP as u64, cap, 0, 0, 0, 0],
+                    )?;
+                }
+            }
+            if keep {
+                self.call(
+                    "prctl(PR_SET_KEEPCAPS, 1)",
+                    libc::SYS_prctl,
+                    [libc::PR_SET_KEEPCAPS as u64, 1, 0, 0, 0, 0],
+                )?;
+            }
+        }
         if line("Groups:") != fmtg(&c.groups) {
             let b: Vec<u8> = c.groups.iter().flat_map(|g| g.to_le_bytes()).collect();
             let addr = self.put_bytes(0, &b)?;
@@ -2448,6 +2480,57 @@ impl Restorer<'_> {
                 libc::SYS_setresuid,
                 [c.uid[0] as u64, c.uid[1] as u64, c.uid[2] as u64, 0, 0, 0],
             )?;
+        }
+        // Part two, under the program's ids: the three sets, then the ambient one (which
+        // needs its capabilities permitted and inheritable), then keep-caps off again.
+        if let Some(k) = caps {
+            let lo = |v: u64| v as u32 as u64;
+            let hi = |v: u64| v >> 32;
+            // struct __user_cap_header_struct { u32 version; i32 pid } (version 3), then
+            // two struct __user_cap_data_struct { u32 effective, permitted, inheritable }.
+            let mut b = Vec::with_capacity(32);
+            b.extend_from_slice(&0x2008_0522u32.to_le_bytes());
+            b.extend_from_slice(&0i32.to_le_bytes());
+            for half in [lo, hi] {
+                for v in [k.effective, k.permitted, k.inheritable] {
+                    b.extend_from_slice(&(half(v) as u32).to_le_bytes());
+                }
+            }
+            let hdr = self.put_bytes(0, &b)?;
+            self.call("capset", libc::SYS_capset, [hdr, hdr + 8, 0, 0, 0, 0])?;
+            self.call(
+                "prctl(PR_CAP_AMBIENT_CLEAR_ALL)",
+                libc::SYS_prctl,
+                [
+                    libc::PR_CAP_AMBIENT as u64,
+                    libc::PR_CAP_AMBIENT_CLEAR_ALL as u64,
+                    0,
+                    0,
+                    0,
+                    0,
+                ],
+            )?;
+            for cap in (0..64u64).filter(|cap| k.ambient & (1 << cap) != 0) {
+                self.call(
+                    &format!("prctl(PR_CAP_AMBIENT_RAISE, {cap})"),
+                    libc::SYS_prctl,
+                    [
+                        libc::PR_CAP_AMBIENT as u64,
+                        libc::PR_CAP_AMBIENT_RAISE as u64,
+                        cap,
+                        0,
+                        0,
+                        0,
+                    ],
+                )?;
+            }
+            if keep {
+                self.call(
+                    "prctl(PR_SET_KEEPCAPS, 0)",
+                    libc::SYS_prctl,
+                    [libc::PR_SET_KEEPCAPS as u64, 0, 0, 0, 0, 0],
+                )?;
+            }
         }
         Ok(())
     }
@@ -3329,6 +3412,11 @@ fn build_tree<'a>(
                 lazy_used: false,
                 peers: Some(&peers),
                 no_new_privs: tree.no_new_privs.contains(&img.pid),
+                caps: tree
+                    .caps
+                    .iter()
+                    .find(|(p, _)| *p == img.pid)
+                    .map(|(_, c)| *c),
             };
             let res = r.run();
             restorers.push(r);

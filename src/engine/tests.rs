@@ -1290,6 +1290,7 @@ fn restore_refuses_pipe_fd_without_tree() {
         frozen_for: None,
         stopped: Vec::new(),
         no_new_privs: Vec::new(),
+        caps: Vec::new(),
         bound_sockets: Vec::new(),
         root: img.pid,
         processes: vec![super::image::TreeMember {
