@@ -2339,6 +2339,87 @@ while True:
     }
 }
 
+/// A program's own seccomp filter comes back with it: a Python program that denies itself
+/// uname(2) (EPERM) keeps that filter, in every thread, across a rollback (it was refused:
+/// a restored program would have run outside its sandbox).
+#[test]
+fn seccomp_filters_are_kept() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    let script = lab.mnt.join("sandboxed.py");
+    std::fs::write(
+        &script,
+        r#"
+import ctypes, os, struct, threading, time
+for fd in range(3, 1024):
+    try: os.close(fd)
+    except OSError: pass
+def ins(code, jt, jf, k):
+    return struct.pack("HBBI", code, jt, jf, k)
+prog = (ins(0x20, 0, 0, 0)                   # load the system call number
+        + ins(0x15, 0, 1, 63)                # uname?
+        + ins(0x06, 0, 0, 0x00050000 | 1)    # then fail it with EPERM
+        + ins(0x06, 0, 0, 0x7fff0000))       # else allow
+buf = ctypes.create_string_buffer(prog, len(prog))
+class Fprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+fprog = Fprog(4, ctypes.addressof(buf))
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.prctl(38, 1, 0, 0, 0) == 0                  # PR_SET_NO_NEW_PRIVS
+assert libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) == 0  # PR_SET_SECCOMP, filter
+def state(tid):
+    return " ".join(l.split(None, 1)[1].strip() for l in open("/proc/self/task/%d/status" % tid)
+                    if l.startswith(("Seccomp:", "Seccomp_filters:")))
+def uname():
+    try:
+        os.uname()
+        return "uname-ok"
+    except OSError as e:
+        return "uname-" + str(e.errno)
+threading.Thread(target=lambda: time.sleep(10**6), daemon=True).start()
+out = open("sandbox.log", "a")
+while True:
+    tasks = sorted(set(state(int(t)) for t in os.listdir("/proc/self/task")))
+    out.write(" | ".join(tasks) + " " + uname() + "\n")
+    out.flush()
+    time.sleep(0.01)
+"#,
+    )
+    .expect("script");
+    lab.fp(&[
+        "run",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--",
+        "python3",
+        script.to_str().expect("utf8"),
+    ]);
+    let log = lab.mnt.join("sandbox.log");
+    wait_for("the program", Duration::from_secs(20), || {
+        lines_any(&log) > 10
+    });
+    let first = std::fs::read_to_string(&log)
+        .expect("log")
+        .lines()
+        .next()
+        .map(str::to_string)
+        .expect("a line");
+    assert_eq!(first, "2 1 uname-1", "the program did not start as set up");
+    lab.fp(&["checkpoint", "-m", lab.m(), "sandboxed"]);
+    let at_cut = lines_any(&lab.mnt.join(".forkpoint/snapshots/sandboxed/sandbox.log"));
+    lab.fp(&["restore", "-m", lab.m(), "--detach", "sandboxed"]);
+    wait_for("the rollback", Duration::from_secs(20), || {
+        lines_any(&log) > at_cut + 20
+    });
+    let text = std::fs::read_to_string(&log).expect("log");
+    for (i, l) in text.lines().enumerate() {
+        assert_eq!(l, first, "line {} of sandbox.log", i + 1);
+    }
+}
+
 /// A detached program writes to its session's log. Restored into a session of another
 /// name, it writes to that session's log, and can be checkpointed again (its output is no
 /// file outside the mount).

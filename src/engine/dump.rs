@@ -46,8 +46,8 @@ use super::image::{
     BoundSocket, CapSets, Creds, EpollWatch, FdKind, FdState, FileId, FileLock, ITimer,
     ImageMemory, InotifyWatch, LockKind, Mapping, MappingKind, MemberState, MemfdImage, Message,
     MmState, PageData, PageRun, PipeImage, PosixTimer, ProcessImage, Regs, Rlimit, RseqState,
-    SigAction, SigAltStack, SigInfo, SignalState, SocketEnd, SocketPairImage, ThreadState,
-    TreeImage, TreeMember, PAGE_SIZE, SIGINFO_LEN,
+    SeccompFilter, SigAction, SigAltStack, SigInfo, SignalState, SocketEnd, SocketPairImage,
+    ThreadState, TreeImage, TreeMember, PAGE_SIZE, SIGINFO_LEN,
 };
 use super::sys;
 use super::tracer::{TraceError, Tracer};
@@ -605,11 +605,14 @@ fn read_frozen(
 ) -> Result<(ProcessImage, Taken), DumpError> {
     let trace = |source| DumpError::Trace { pid, source };
 
-    // Seccomp filters (or strict mode) are not recorded: a restored process has the
-    // restorer's (inherited), so one that added filters of its own would run outside its
-    // sandbox. Refused, before anything is injected into it (a filter could kill it for
-    // that). The same filters as the restorer's (a whole container under one profile) are
-    // fine: compared by mode and count.
+    // A restored process has the restorer's seccomp filters (inherited). Filters of its own
+    // are recorded by a tree dump (`recorded_seccomp`) and installed again at restore; the
+    // kernel shows them only to a tracer under no filter, and they are suspended meanwhile
+    // (`PTRACE_O_SUSPEND_SECCOMP`), so that nothing injected below can be refused or fatal.
+    // Otherwise (strict mode, a single-process image, or a restorer under filters of its
+    // own: a whole container under one profile) the process must have the same filters as
+    // the restorer, compared by mode and count, or it is refused before anything is
+    // injected: it would run outside its sandbox.
     let me = read_proc(std::process::id() as i32, "status")?;
     let seccomp = |text: &str| {
         (
@@ -624,9 +627,14 @@ fn read_frozen(
         )
     };
     let ours = seccomp(&me);
+    let mut suspend = false;
     for tid in list_tasks(pid)? {
         let status = read_proc(pid, &format!("task/{tid}/status"))?;
         let (mode, count) = seccomp(&status);
+        if allow_pipes && mode == "2" && ours.0 == "0" {
+            suspend = true;
+            continue;
+        }
         if (mode.as_str(), count.as_str()) != (ours.0.as_str(), ours.1.as_str()) {
             return Err(DumpError::Unsupported {
                 pid,
@@ -638,10 +646,22 @@ fn read_frozen(
                         format!("filters ({count}, the restorer has {})", ours.1)
                     }
                 ),
-                reason: "seccomp is not restored yet, and the program would run without its \
-                         sandbox"
-                    .into(),
+                reason: if mode == "1" {
+                    "strict mode is not restored, and the program would run without its \
+                     sandbox"
+                        .into()
+                } else {
+                    "filters are recorded only in a session's checkpoint made by a process \
+                     under none, and the program would run without its sandbox"
+                        .into()
+                },
             });
+        }
+    }
+    if suspend {
+        let opts = libc::PTRACE_O_TRACESYSGOOD as usize | super::tracer::PTRACE_O_SUSPEND_SECCOMP;
+        for t in &frozen.tracers {
+            t.set_options(opts).map_err(trace)?;
         }
     }
 
@@ -1728,6 +1748,7 @@ pub fn dump_tree(
     let mut stopped = Vec::new();
     let mut no_new_privs = Vec::new();
     let mut caps = Vec::new();
+    let mut seccomp = Vec::new();
     let me = read_proc(std::process::id() as i32, "status")?;
     for (pid, ppid, held) in members {
         let state = match held {
@@ -1741,6 +1762,9 @@ pub fn dump_tree(
                 let (mut img, t) = read_frozen(pid, &mut f, opts, true)?;
                 if let Some(c) = recorded_caps(pid, &me, &img.creds)? {
                     caps.push((pid, c));
+                }
+                if let Some(filters) = recorded_seccomp(pid, &f, &me)? {
+                    seccomp.push((pid, filters));
                 }
                 frozen_all.push((pid, f));
                 // Killed after the dump: fill in before the kill (see dump_frozen).
@@ -1854,6 +1878,7 @@ pub fn dump_tree(
         stopped,
         no_new_privs,
         caps,
+        seccomp,
         bound_sockets: listeners,
     })
 }
@@ -3089,6 +3114,72 @@ fn recorded_caps(pid: i32, me: &str, creds: &Creds) -> Result<Option<CapSets>, D
         all = Some(c);
     }
     Ok(all.filter(|c| *c != default_caps(me, creds)))
+}
+
+/// The seccomp filters of a frozen process that has filters of its own (see `read_frozen`),
+/// oldest first; `None` when it has none but the restorer's. Threads with different filters
+/// are refused (they are installed once, before the threads are made, which inherit them),
+/// and so is a filter that hands system calls to a supervisor (`SECCOMP_RET_USER_NOTIF`: its
+/// listener is not part of the checkpoint).
+fn recorded_seccomp(
+    pid: i32,
+    frozen: &Frozen,
+    me: &str,
+) -> Result<Option<Vec<SeccompFilter>>, DumpError> {
+    let status = read_proc(pid, "status")?;
+    let mode = |text: &str| {
+        status_field(text, "Seccomp:")
+            .map(str::trim)
+            .unwrap_or("0")
+            .to_string()
+    };
+    if mode(&status) != "2" || mode(me) != "0" {
+        return Ok(None);
+    }
+    let mut all: Option<Vec<(u64, Vec<u8>)>> = None;
+    for t in &frozen.tracers {
+        let filters = t
+            .seccomp_filters()
+            .map_err(|source| DumpError::Trace { pid, source })?;
+        if all.as_ref().is_some_and(|a| *a != filters) {
+            return Err(DumpError::Unsupported {
+                pid,
+                what: format!(
+                    "thread {} under seccomp filters its process does not have",
+                    t.tid()
+                ),
+                reason: "filters are restored for the whole process".into(),
+            });
+        }
+        all = Some(filters);
+    }
+    let mut out = Vec::new();
+    for (i, (flags, prog)) in all.unwrap_or_default().into_iter().enumerate() {
+        const LOG: u64 = 1 << 1;
+        const SPEC_ALLOW: u64 = 1 << 2;
+        if flags & !(LOG | SPEC_ALLOW) != 0 {
+            return Err(DumpError::Unsupported {
+                pid,
+                what: format!("seccomp filter {i} with flags {flags:#x}"),
+                reason: "only the log and spec_allow flags are restored".into(),
+            });
+        }
+        // struct sock_filter { u16 code; u8 jt, jf; u32 k }: BPF_RET | BPF_K is 0x06.
+        let notifies = prog.chunks_exact(8).any(|ins| {
+            let code = u16::from_ne_bytes([ins[0], ins[1]]);
+            let k = u32::from_ne_bytes([ins[4], ins[5], ins[6], ins[7]]);
+            code == 0x06 && k & 0xffff_0000 == 0x7fc0_0000
+        });
+        if notifies {
+            return Err(DumpError::Unsupported {
+                pid,
+                what: format!("seccomp filter {i}, which hands system calls to a supervisor"),
+                reason: "the supervisor's listener is not part of the checkpoint".into(),
+            });
+        }
+        out.push(SeccompFilter { flags, prog });
+    }
+    Ok(Some(out).filter(|f| !f.is_empty()))
 }
 
 /// A single-process image (no tree) records neither capabilities nor no_new_privs: a process

@@ -356,7 +356,22 @@ pub struct TreeImage {
     /// itself (format version 9, encoded last): set again at restore.
     #[serde(skip)]
     pub caps: Vec<(i32, CapSets)>,
+    /// Seccomp filters of the members that have filters of their own, oldest first (format
+    /// version 9, encoded after the capability sets): installed again at restore.
+    #[serde(skip)]
+    pub seccomp: Vec<(i32, Vec<SeccompFilter>)>,
 }
+
+/// One seccomp filter: its flags (`SECCOMP_FILTER_FLAG_LOG`, `..._SPEC_ALLOW`) and its BPF
+/// program as the kernel holds it (`struct sock_filter`s, 8 bytes each).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeccompFilter {
+    pub flags: u64,
+    pub prog: Vec<u8>,
+}
+
+/// The most instructions of one BPF program (`BPF_MAXINSNS`).
+pub const SECCOMP_MAX_INSNS: usize = 4096;
 
 /// A process's capability sets, as `/proc/PID/status` shows them (one bit per capability).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -1264,7 +1279,7 @@ pub fn encode_tree(img: &TreeImage) -> Result<Vec<u8>, ImageError> {
     // A whole image is written as version 5, which older builds read; only a delta needs 6,
     // only an image with file locks needs 7, and only one with inotify instances, listening
     // sockets or stopped members needs 8.
-    if !img.caps.is_empty() {
+    if !img.caps.is_empty() || !img.seccomp.is_empty() {
         return encode_framed_version(
             &(
                 img,
@@ -1276,6 +1291,7 @@ pub fn encode_tree(img: &TreeImage) -> Result<Vec<u8>, ImageError> {
                 &img.bound_sockets,
                 &img.no_new_privs,
                 &img.caps,
+                &img.seccomp,
             ),
             &TREE_MAGIC,
             9,
@@ -1378,24 +1394,41 @@ fn tree_from_payload(version: u32, payload: &[u8]) -> Result<TreeImage, ImageErr
             Vec<BoundSocket>,
             Vec<i32>,
             Vec<(i32, CapSets)>,
+            Vec<(i32, Vec<SeccompFilter>)>,
         );
         let (mut img, signals, sockets, memfds, locks) = if version < 8 {
             let v: V7 = from_payload(payload)?;
             v
         } else if version >= 9 {
-            let (mut img, signals, sockets, memfds, locks, stopped, listeners, nnp, caps): V9 =
+            let (mut img, signals, sockets, memfds, locks, stopped, listeners, nnp, caps, sec): V9 =
                 from_payload(payload)?;
-            for &pid in stopped
+            let pids = stopped
                 .iter()
                 .chain(&nnp)
-                .chain(caps.iter().map(|(p, _)| p))
-            {
+                .chain(caps.iter().map(|(p, _)| p));
+            for &pid in pids.chain(sec.iter().map(|(p, _)| p)) {
                 live_member(
                     &mut img,
                     pid,
-                    "the stopped, no_new_privs or capability list",
+                    "the stopped, no_new_privs, capability or seccomp list",
                 )?;
             }
+            for (pid, filters) in &sec {
+                let whole = |f: &SeccompFilter| {
+                    !f.prog.is_empty()
+                        && f.prog.len() % 8 == 0
+                        && f.prog.len() <= SECCOMP_MAX_INSNS * 8
+                };
+                if filters.len() > SECCOMP_MAX_INSNS || !filters.iter().all(whole) {
+                    return Err(ImageError::Inconsistent {
+                        reason: format!(
+                            "seccomp filters of process {pid}: a program that is not a whole \
+                             number of instructions, or too many"
+                        ),
+                    });
+                }
+            }
+            img.seccomp = sec;
             img.no_new_privs = nnp;
             img.stopped = stopped;
             img.bound_sockets = listeners;
@@ -1674,6 +1707,7 @@ pub(crate) mod tests {
             stopped: Vec::new(),
             no_new_privs: Vec::new(),
             caps: Vec::new(),
+            seccomp: Vec::new(),
             bound_sockets: Vec::new(),
             root: 42,
             processes: vec![TreeMember {
@@ -1853,6 +1887,7 @@ pub(crate) mod tests {
             stopped: Vec::new(),
             no_new_privs: Vec::new(),
             caps: Vec::new(),
+            seccomp: Vec::new(),
             bound_sockets: Vec::new(),
             root: 42,
             processes: vec![TreeMember {
@@ -1884,6 +1919,7 @@ pub(crate) mod tests {
             stopped: Vec::new(),
             no_new_privs: Vec::new(),
             caps: Vec::new(),
+            seccomp: Vec::new(),
             bound_sockets: Vec::new(),
             root: 42,
             processes: vec![TreeMember {
@@ -2091,6 +2127,7 @@ pub(crate) mod tests {
             stopped: Vec::new(),
             no_new_privs: Vec::new(),
             caps: Vec::new(),
+            seccomp: Vec::new(),
             bound_sockets: Vec::new(),
             root: 42,
             processes: vec![
@@ -2231,12 +2268,25 @@ pub(crate) mod tests {
             ambient: 1 << 10,
         };
         v9.caps = vec![(43, sets)];
+        v9.seccomp = vec![(
+            42,
+            vec![SeccompFilter {
+                flags: 2,
+                prog: vec![6, 0, 0, 0, 0, 0, 0xff, 0x7f],
+            }],
+        )];
         let b9 = encode_tree(&v9).unwrap();
         assert_eq!(u32::from_le_bytes([b9[8], b9[9], b9[10], b9[11]]), 9);
         assert_eq!(decode_tree(&b9).unwrap(), v9);
         let mut bad = v9.clone();
         bad.caps = vec![(44, sets)];
         assert!(decode_tree(&encode_tree(&bad).unwrap()).is_err());
+        // A filter program is whole instructions, and not empty.
+        for prog in [vec![6, 0, 0], Vec::new()] {
+            let mut bad = v9.clone();
+            bad.seccomp[0].1[0].prog = prog;
+            assert!(decode_tree(&encode_tree(&bad).unwrap()).is_err());
+        }
         // Version 4 trees (no shared memory files) still decode.
         let signals: Vec<(i32, SignalState)> = tree
             .processes

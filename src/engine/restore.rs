@@ -44,8 +44,8 @@ use nix::errno::Errno;
 
 use super::dump::{read_maps, DumpError, MapsLine};
 use super::image::{
-    CapSets, FdKind, Mapping, MappingKind, MemberState, PageData, ProcessImage, SigInfo, TreeImage,
-    PAGE_SIZE, SIGINFO_LEN,
+    CapSets, FdKind, Mapping, MappingKind, MemberState, PageData, ProcessImage, SeccompFilter,
+    SigInfo, TreeImage, PAGE_SIZE, SIGINFO_LEN,
 };
 use super::sys;
 use super::tracer::{TraceError, Tracer};
@@ -328,6 +328,7 @@ pub fn restore_with(image: &ProcessImage, opts: &RestoreOptions) -> Result<i32, 
         peers: None,
         no_new_privs: false,
         caps: None,
+        seccomp: None,
     };
     match r.run() {
         Ok(()) => match r.detach_all() {
@@ -560,6 +561,9 @@ struct Restorer<'a> {
     /// Capability sets to set in every thread, where they differ from what the restore
     /// gives by itself (`TreeImage::caps`).
     caps: Option<CapSets>,
+    /// Seccomp filters of the process's own, oldest first (`TreeImage::seccomp`): installed
+    /// in the leader before its threads are made, which inherit them.
+    seccomp: Option<&'a [SeccompFilter]>,
 }
 
 /// Private anonymous memory filled with `UFFDIO_COPY` rather than `process_vm_writev`: the
@@ -2110,6 +2114,31 @@ impl Restorer<'_> {
                 [libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0, 0],
             )?;
         }
+        if let Some(filters) = self.seccomp {
+            // Suspended while we hold the process (the system calls still to be injected
+            // must not meet them; detaching ends it), and installed while it still has
+            // CAP_SYS_ADMIN (the program's own may not allow it without no_new_privs).
+            let opts = (libc::PTRACE_O_TRACESYSGOOD
+                | libc::PTRACE_O_EXITKILL
+                | libc::PTRACE_O_TRACECLONE
+                | libc::PTRACE_O_TRACEFORK) as usize
+                | super::tracer::PTRACE_O_SUSPEND_SECCOMP;
+            let e = self.trace("suspending seccomp while restoring");
+            self.t.set_options(opts).map_err(e)?;
+            for (i, f) in filters.iter().enumerate() {
+                // struct sock_fprog { unsigned short len; struct sock_filter *filter; }
+                let prog = self.put_bytes(16, &f.prog)?;
+                let mut fprog = Vec::with_capacity(16);
+                fprog.extend_from_slice(&((f.prog.len() / 8) as u64).to_le_bytes());
+                fprog.extend_from_slice(&prog.to_le_bytes());
+                let at = self.put_bytes(0, &fprog)?;
+                self.call(
+                    &format!("seccomp(SECCOMP_SET_MODE_FILTER) for filter {i}"),
+                    libc::SYS_seccomp,
+                    [1, f.flags, at, 0, 0, 0],
+                )?;
+            }
+        }
         let p = self.put_str(0, &image.cwd)?;
         self.call(
             &format!("chdir {}", image.cwd),
@@ -3417,6 +3446,11 @@ fn build_tree<'a>(
                     .iter()
                     .find(|(p, _)| *p == img.pid)
                     .map(|(_, c)| *c),
+                seccomp: tree
+                    .seccomp
+                    .iter()
+                    .find(|(p, _)| *p == img.pid)
+                    .map(|(_, f)| f.as_slice()),
             };
             let res = r.run();
             restorers.push(r);

@@ -1291,6 +1291,7 @@ fn restore_refuses_pipe_fd_without_tree() {
         stopped: Vec::new(),
         no_new_privs: Vec::new(),
         caps: Vec::new(),
+        seccomp: Vec::new(),
         bound_sockets: Vec::new(),
         root: img.pid,
         processes: vec![super::image::TreeMember {

@@ -160,6 +160,13 @@ pub struct Tracer {
     _not_send: PhantomData<*const ()>,
 }
 
+/// `PTRACE_SECCOMP_GET_FILTER` and `PTRACE_SECCOMP_GET_METADATA` (linux/ptrace.h).
+const PTRACE_SECCOMP_GET_FILTER: libc::c_uint = 0x420c;
+const PTRACE_SECCOMP_GET_METADATA: libc::c_uint = 0x420d;
+/// `PTRACE_O_SUSPEND_SECCOMP`: the tracee's seccomp filters do not apply while it is traced
+/// (needs CAP_SYS_ADMIN and a tracer under no filter); detaching ends it.
+pub const PTRACE_O_SUSPEND_SECCOMP: usize = 1 << 21;
+
 /// Raw ptrace call. Returns the kernel's return value or the errno.
 ///
 /// # Safety
@@ -378,6 +385,84 @@ impl Tracer {
                 Stop::Syscall => return Ok(t),
             }
         }
+    }
+
+    /// Sets this thread's ptrace options to `opts` (all of them: `PTRACE_SETOPTIONS` replaces
+    /// the set).
+    pub fn set_options(&self, opts: usize) -> Result<(), TraceError> {
+        // SAFETY: PTRACE_SETOPTIONS takes the options as an integer in `data`.
+        unsafe {
+            ptrace_raw(
+                libc::PTRACE_SETOPTIONS,
+                self.tid,
+                std::ptr::null_mut(),
+                opts as *mut libc::c_void,
+            )
+        }
+        .map(drop)
+        .map_err(|source| TraceError::Ptrace {
+            tid: self.tid,
+            op: "PTRACE_SETOPTIONS",
+            source,
+        })
+    }
+
+    /// The seccomp filters of this stopped thread, oldest first: each one's flags
+    /// (`SECCOMP_FILTER_FLAG_*` as `PTRACE_SECCOMP_GET_METADATA` reports them) and its BPF
+    /// program (`struct sock_filter`s, 8 bytes each). Needs CAP_SYS_ADMIN and a tracer under
+    /// no filter of its own.
+    pub fn seccomp_filters(&self) -> Result<Vec<(u64, Vec<u8>)>, TraceError> {
+        let err = |op: &'static str| {
+            let tid = self.tid;
+            move |source| TraceError::Ptrace { tid, op, source }
+        };
+        let mut out = Vec::new();
+        for index in 0usize.. {
+            // SAFETY: with a null `data`, PTRACE_SECCOMP_GET_FILTER only returns the number
+            // of instructions of filter `index` (counted from the newest).
+            let n = match unsafe {
+                ptrace_raw(
+                    PTRACE_SECCOMP_GET_FILTER,
+                    self.tid,
+                    index as *mut libc::c_void,
+                    std::ptr::null_mut(),
+                )
+            } {
+                Ok(n) => n as usize,
+                Err(Errno::ENOENT) => break,
+                Err(e) => return Err(err("PTRACE_SECCOMP_GET_FILTER")(e)),
+            };
+            let mut prog = vec![0u8; n * 8];
+            // SAFETY: `prog` holds `n` sock_filter structs, as many as the kernel writes.
+            let got = unsafe {
+                ptrace_raw(
+                    PTRACE_SECCOMP_GET_FILTER,
+                    self.tid,
+                    index as *mut libc::c_void,
+                    prog.as_mut_ptr().cast(),
+                )
+            }
+            .map_err(err("PTRACE_SECCOMP_GET_FILTER"))?;
+            if got as usize != n {
+                return Err(err("PTRACE_SECCOMP_GET_FILTER")(Errno::EAGAIN));
+            }
+            // struct seccomp_metadata { __u64 filter_off; __u64 flags; }
+            let mut meta = [index as u64, 0u64];
+            // SAFETY: `addr` is the size of the struct `data` points to, which lives for the
+            // call.
+            unsafe {
+                ptrace_raw(
+                    PTRACE_SECCOMP_GET_METADATA,
+                    self.tid,
+                    std::mem::size_of_val(&meta) as *mut libc::c_void,
+                    meta.as_mut_ptr().cast(),
+                )
+            }
+            .map_err(err("PTRACE_SECCOMP_GET_METADATA"))?;
+            out.push((meta[1], prog));
+        }
+        out.reverse();
+        Ok(out)
     }
 
     /// The traced thread id.
