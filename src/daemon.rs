@@ -272,8 +272,45 @@ impl Daemon {
         if mounts.contains_key(mountpoint) {
             bail!("{} is already a forkpoint mount", mountpoint.display());
         }
-        if let Some((mp, _)) = mounts.iter().find(|(_, m)| m.fs.branch() == branch) {
-            bail!("branch '{branch}' is already mounted at {}", mp.display());
+        if let Some((mp, m)) = mounts.iter().find(|(_, m)| m.fs.branch() == branch) {
+            let mp = mp.clone();
+            if !mp.starts_with(self.store.dir().join("branches")) {
+                bail!("branch '{branch}' is already mounted at {}", mp.display());
+            }
+            // The hidden mount a `restore --branch` made for its session. While the session
+            // runs, the branch is its; once it has ended, the mount is released at the next
+            // tick anyway: release it now instead of refusing until then.
+            let sessions = crate::session::records(self.store.dir());
+            let mine: Vec<_> = sessions
+                .iter()
+                .filter(|s| s.daemon_mount == mp && s.started >= m.mounted_epoch)
+                .collect();
+            let running: Vec<String> = mine
+                .iter()
+                .filter(|s| crate::session::alive(s.pid))
+                .map(|s| format!("{} (pid {})", s.name, s.pid))
+                .collect();
+            if !running.is_empty() {
+                bail!(
+                    "branch '{branch}' is in use by session {}, restored on it (its files are at \
+                     {}); end it first (`forkpoint checkpoint --kill NAME` keeps its state, \
+                     `forkpoint kill --session SESSION` does not)",
+                    running.join(", "),
+                    mp.display()
+                );
+            }
+            if mine.is_empty() && m.mounted_at.elapsed() < HIDDEN_MOUNT_GRACE {
+                bail!(
+                    "branch '{branch}' is being restored on right now (at {}); try again once \
+                     its session runs or in a minute",
+                    mp.display()
+                );
+            }
+            drop(mounts);
+            self.umount(&mp)
+                .with_context(|| format!("release the branch's idle mount {}", mp.display()))?;
+            log::info!("released {} for a mount of branch {branch}", mp.display());
+            return self.mount_with(mountpoint, branch, keep_orphans);
         }
         let fs = Arc::new(Fs::new_with(self.store.clone(), branch, !keep_orphans)?);
         let session = forkpoint_fs::fuse::spawn(

@@ -143,6 +143,10 @@ impl Drop for Lab {
             }
         }
         let mut mounts: Vec<PathBuf> = vec![self.mnt.clone()];
+        let second = self.dir.path().join("mnt2");
+        if second.exists() {
+            mounts.push(second);
+        }
         if let Ok(rd) = std::fs::read_dir(self.store.join("branches")) {
             mounts.extend(rd.flatten().map(|e| e.path()));
         }
@@ -2418,6 +2422,59 @@ while True:
     for (i, l) in text.lines().enumerate() {
         assert_eq!(l, first, "line {} of sandbox.log", i + 1);
     }
+}
+
+/// A branch restored side by side is the session's while it runs: mounting it elsewhere is
+/// refused, naming the session. Once the session has ended, the branch mounts at once (it
+/// was refused until the daemon's next look at its hidden mount) with the files the
+/// session left.
+#[test]
+fn a_branch_mounts_elsewhere_once_its_restored_session_ends() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    lab.fp(&[
+        "run",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--name",
+        "w",
+        "--",
+        "sh",
+        "-c",
+        "while true; do echo x >> ticks; sleep 0.05; done",
+    ]);
+    let ticks = lab.mnt.join("ticks");
+    wait_for("the program", Duration::from_secs(20), || {
+        lines_any(&ticks) > 3
+    });
+    lab.fp(&["checkpoint", "-m", lab.m(), "c1"]);
+    lab.fp(&["restore", "-m", lab.m(), "--detach", "--branch", "b1", "c1"]);
+    let on_branch = lab.branch_dir("b1").join("ticks");
+    wait_for("the branch's program", Duration::from_secs(20), || {
+        lines_any(&on_branch) > lines_any(&lab.mnt.join(".forkpoint/snapshots/c1/ticks")) + 3
+    });
+    let second = lab.dir.path().join("mnt2");
+    std::fs::create_dir(&second).expect("mkdir");
+    let (store, at) = (
+        lab.store.to_str().expect("utf8"),
+        second.to_str().expect("utf8"),
+    );
+    let err = lab.fp_fails(&["mount", store, at, "--branch", "b1"]);
+    assert!(
+        err.contains("in use by session b1") && err.contains("end it first"),
+        "{err}"
+    );
+    lab.fp(&["kill", "-m", lab.m(), "--session", "b1"]);
+    lab.fp(&["mount", store, at, "--branch", "b1"]);
+    assert!(
+        lines_any(&second.join("ticks"))
+            > lines_any(&lab.mnt.join(".forkpoint/snapshots/c1/ticks")) + 3,
+        "the branch shows what its session wrote"
+    );
+    lab.fp(&["umount", at]);
 }
 
 /// A detached program writes to its session's log. Restored into a session of another
