@@ -1553,9 +1553,12 @@ impl Fs {
         let cp = self.store.catalog(|c| c.checkpoint(cno))?;
         let root = tree::get_root(&self.store, &cp.root)?;
         let mut st = self.lock();
-        // What a spill in flight stores is dropped with the rest; let it end first.
+        // What a spill in flight stores is dropped with the rest; let it end first. Its
+        // blocks are dirty again until the checkout has succeeded: if it fails below, they
+        // are committed as before (left sealed, no later spill would have landed them).
         if let Some(h) = st.spilling.take() {
-            let _ = h.join();
+            drop(h.join());
+            st.unseal_all();
         }
         let branch = st.branch.clone();
         self.store.catalog(|c| c.set_head(&branch, cno))?;
@@ -2230,7 +2233,11 @@ impl State {
         };
         let Ok(done) = h.join() else {
             self.unseal_all();
-            return Err(FsError::Invalid("the background spill panicked"));
+            return Err(FsError::Store(StoreError::Io {
+                op: "spill",
+                path: store.dir().to_path_buf(),
+                source: std::io::Error::other("the background spill panicked"),
+            }));
         };
         if let Err(e) = done.stored {
             drop(done.blocks);
