@@ -3126,21 +3126,32 @@ fn recorded_seccomp(
     frozen: &Frozen,
     me: &str,
 ) -> Result<Option<Vec<SeccompFilter>>, DumpError> {
-    let status = read_proc(pid, "status")?;
     let mode = |text: &str| {
         status_field(text, "Seccomp:")
             .map(str::trim)
             .unwrap_or("0")
             .to_string()
     };
-    if mode(&status) != "2" || mode(me) != "0" {
+    if mode(me) != "0" {
+        return Ok(None);
+    }
+    // Every thread's own: one that sandboxed itself alone (no TSYNC) must not be missed
+    // because its leader has none.
+    let mut modes = Vec::new();
+    for t in &frozen.tracers {
+        modes.push(mode(&read_proc(pid, &format!("task/{}/status", t.tid()))?));
+    }
+    if modes.iter().all(|m| m != "2") {
         return Ok(None);
     }
     let mut all: Option<Vec<(u64, Vec<u8>)>> = None;
-    for t in &frozen.tracers {
-        let filters = t
-            .seccomp_filters()
-            .map_err(|source| DumpError::Trace { pid, source })?;
+    for (t, m) in frozen.tracers.iter().zip(&modes) {
+        let filters = if m == "2" {
+            t.seccomp_filters()
+                .map_err(|source| DumpError::Trace { pid, source })?
+        } else {
+            Vec::new()
+        };
         if all.as_ref().is_some_and(|a| *a != filters) {
             return Err(DumpError::Unsupported {
                 pid,
@@ -3164,16 +3175,20 @@ fn recorded_seccomp(
                 reason: "only the log and spec_allow flags are restored".into(),
             });
         }
-        // struct sock_filter { u16 code; u8 jt, jf; u32 k }: BPF_RET | BPF_K is 0x06.
+        // struct sock_filter { u16 code; u8 jt, jf; u32 k }: BPF_RET | BPF_K is 0x06, and
+        // BPF_RET | BPF_A (0x16) returns a computed action, which could be this one too.
         let notifies = prog.chunks_exact(8).any(|ins| {
             let code = u16::from_ne_bytes([ins[0], ins[1]]);
             let k = u32::from_ne_bytes([ins[4], ins[5], ins[6], ins[7]]);
-            code == 0x06 && k & 0xffff_0000 == 0x7fc0_0000
+            (code == 0x06 && k & 0xffff_0000 == 0x7fc0_0000) || code == 0x16
         });
         if notifies {
             return Err(DumpError::Unsupported {
                 pid,
-                what: format!("seccomp filter {i}, which hands system calls to a supervisor"),
+                what: format!(
+                    "seccomp filter {i}, which hands system calls to a supervisor (or returns \
+                     a computed action, which could)"
+                ),
                 reason: "the supervisor's listener is not part of the checkpoint".into(),
             });
         }

@@ -1414,8 +1414,11 @@ fn tree_from_payload(version: u32, payload: &[u8]) -> Result<TreeImage, ImageErr
                 )?;
             }
             for (pid, filters) in &sec {
+                // Only the flags a dump can record (log, spec_allow): never a listener or
+                // a thread sync from a crafted image.
                 let whole = |f: &SeccompFilter| {
-                    !f.prog.is_empty()
+                    f.flags & !0b110 == 0
+                        && !f.prog.is_empty()
                         && f.prog.len() % 8 == 0
                         && f.prog.len() <= SECCOMP_MAX_INSNS * 8
                 };

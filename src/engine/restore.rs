@@ -2463,8 +2463,21 @@ impl Restorer<'_> {
         // bounding set is cut (that needs CAP_SETPCAP), and the permitted set is kept
         // through a change to non-root ids for `capset` to choose from below.
         let caps = self.caps;
-        let keep = caps.is_some_and(|k| k.permitted != 0) && c.uid.iter().all(|u| *u != 0);
+        // Without keep-caps, a change to non-root real, effective and saved ids clears the
+        // permitted set, and with it what `capset` may give (inheritable included).
+        let keep = caps.is_some_and(|k| k.permitted | k.inheritable != 0)
+            && c.uid[..3].iter().all(|u| *u != 0);
         if let Some(k) = caps {
+            // The inheritable set first: it may hold capabilities the bounding set is about
+            // to lose (allowed to stay, never to be added once they are gone).
+            let cur = |key: &str| u64::from_str_radix(line(key).trim(), 16).unwrap_or(0);
+            let b = cap_data(cur("CapEff:"), cur("CapPrm:"), k.inheritable);
+            let hdr = self.put_bytes(0, &b)?;
+            self.call(
+                "capset (inheritable)",
+                libc::SYS_capset,
+                [hdr, hdr + 8, 0, 0, 0, 0],
+            )?;
             let last = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
                 .ok()
                 .and_then(|v| v.trim().parse::<u64>().ok())
@@ -2513,18 +2526,7 @@ impl Restorer<'_> {
         // Part two, under the program's ids: the three sets, then the ambient one (which
         // needs its capabilities permitted and inheritable), then keep-caps off again.
         if let Some(k) = caps {
-            let lo = |v: u64| v as u32 as u64;
-            let hi = |v: u64| v >> 32;
-            // struct __user_cap_header_struct { u32 version; i32 pid } (version 3), then
-            // two struct __user_cap_data_struct { u32 effective, permitted, inheritable }.
-            let mut b = Vec::with_capacity(32);
-            b.extend_from_slice(&0x2008_0522u32.to_le_bytes());
-            b.extend_from_slice(&0i32.to_le_bytes());
-            for half in [lo, hi] {
-                for v in [k.effective, k.permitted, k.inheritable] {
-                    b.extend_from_slice(&(half(v) as u32).to_le_bytes());
-                }
-            }
+            let b = cap_data(k.effective, k.permitted, k.inheritable);
             let hdr = self.put_bytes(0, &b)?;
             self.call("capset", libc::SYS_capset, [hdr, hdr + 8, 0, 0, 0, 0])?;
             self.call(
@@ -2563,6 +2565,21 @@ impl Restorer<'_> {
         }
         Ok(())
     }
+}
+
+/// `capset`'s arguments: struct __user_cap_header_struct { u32 version; i32 pid } (version
+/// 3, this thread), then two struct __user_cap_data_struct { u32 effective, permitted,
+/// inheritable } (the low and the high 32 capabilities).
+fn cap_data(effective: u64, permitted: u64, inheritable: u64) -> Vec<u8> {
+    let mut b = Vec::with_capacity(32);
+    b.extend_from_slice(&0x2008_0522u32.to_le_bytes());
+    b.extend_from_slice(&0i32.to_le_bytes());
+    for shift in [0, 32] {
+        for v in [effective, permitted, inheritable] {
+            b.extend_from_slice(&((v >> shift) as u32).to_le_bytes());
+        }
+    }
+    b
 }
 
 /// The pipes of a tree restore: created in the restorer, inherited by every restored process

@@ -103,6 +103,24 @@ pub fn kill_and_reap(pid: i32) {
         libc::kill(pid, libc::SIGKILL);
     }
     let mut status: libc::c_int = 0;
+    // The other threads first: a thread we trace becomes a zombie only its tracer can reap,
+    // and the leader is not reported until every other thread is gone, so waiting for the
+    // leader alone waited for good (a restore failing after it made threads hung so). A
+    // thread we do not trace is no child of ours, and waitpid says so at once.
+    let tids: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .filter(|t| *t != pid)
+                .collect()
+        })
+        .unwrap_or_default();
+    for tid in tids {
+        // SAFETY: `status` is a valid writable c_int.
+        unsafe {
+            libc::waitpid(tid, &mut status, libc::__WALL);
+        }
+    }
     // SAFETY: `status` is a valid writable c_int.
     unsafe {
         libc::waitpid(pid, &mut status, libc::__WALL);

@@ -750,6 +750,46 @@ fn failed_restore_kills_the_child() {
     );
 }
 
+/// A restore that fails after it made the threads (here: more supplementary groups than
+/// its scratch area holds, refused when the credentials are set, thread by thread) kills
+/// and reaps the whole half-built process, threads and all. It hung: the leader was waited
+/// for while its threads, traced by the restorer, stayed zombies only it could reap.
+#[test]
+fn failed_restore_after_the_threads_are_made_reaps_them() {
+    require_env!();
+    let mut procs = Procs(Vec::new());
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build(dir.path(), "threads", THREADS_C);
+    let outf = dir.path().join("out");
+    let addrf = dir.path().join("addr");
+    let pid = spawn(&exe, &[&outf, &addrf], &mut procs);
+    assert!(wait_until(Duration::from_secs(5), || read_nums(&outf)
+        .len()
+        == 5));
+    let mut img = dump(pid).unwrap();
+    assert_eq!(img.threads.len(), 4);
+    procs.kill(pid);
+    img.creds.groups = (0..30_000).collect();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(restore_with(&img, &RestoreOptions::default()).map_err(|e| e.to_string()));
+    });
+    let res = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the failed restore did not return within 30 s");
+    let err = res.expect_err("the restore should fail");
+    assert!(err.contains("scratch area"), "{err}");
+    // Nothing of it is left: no child of this test process is a zombie thread group of
+    // four, nor alive with four threads.
+    for child in live_children() {
+        let threads = std::fs::read_dir(format!("/proc/{child}/task")).map(|d| d.count());
+        assert!(
+            threads.unwrap_or(0) != 4 || procs.0.contains(&child),
+            "process {child} of the failed restore is still there"
+        );
+    }
+}
+
 #[test]
 fn restore_refuses_changed_file() {
     require_env!();
