@@ -661,7 +661,24 @@ fn read_frozen(
     if suspend {
         let opts = libc::PTRACE_O_TRACESYSGOOD as usize | super::tracer::PTRACE_O_SUSPEND_SECCOMP;
         for t in &frozen.tracers {
-            t.set_options(opts).map_err(trace)?;
+            match t.set_options(opts) {
+                Ok(()) => {}
+                // Suspending (and reading) filters takes CAP_SYS_ADMIN in the initial user
+                // namespace: say what is missing rather than which request failed.
+                Err(super::tracer::TraceError::Ptrace {
+                    source: nix::errno::Errno::EPERM,
+                    ..
+                }) => {
+                    return Err(DumpError::Unsupported {
+                        pid,
+                        what: format!("thread {} under seccomp filters of its own", t.tid()),
+                        reason: "reading them takes CAP_SYS_ADMIN in the initial user \
+                                 namespace, which this checkpoint does not have"
+                            .into(),
+                    })
+                }
+                Err(e) => return Err(trace(e)),
+            }
         }
     }
 
