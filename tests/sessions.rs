@@ -2233,16 +2233,8 @@ while True:
     wait_for("the program", Duration::from_secs(20), || {
         lines_any(&log) > 10
     });
-    lab.fp(&["checkpoint", "-m", lab.m(), "guarded"]);
-    let at_cut = lines_any(&lab.mnt.join(".forkpoint/snapshots/guarded/nnp.log"));
-    lab.fp(&["restore", "-m", lab.m(), "--detach", "guarded"]);
-    wait_for("the rollback", Duration::from_secs(20), || {
-        lines_any(&log) > at_cut + 20
-    });
-    let text = std::fs::read_to_string(&log).expect("log");
-    for (i, l) in text.lines().enumerate() {
-        assert_eq!(l, "1 1", "line {} of nnp.log: every thread keeps it", i + 1);
-    }
+    // Every thread keeps it.
+    every_line_the_same_across_a_rollback(&lab, "nnp.log", "1 1");
 }
 
 /// Capability sets other than the user's default come back: a service running as nobody
@@ -2351,15 +2343,22 @@ while True:
         first.contains(sets) && first.ends_with(bind) && !first.contains(" | "),
         "the program did not start as set up: {first}"
     );
-    lab.fp(&["checkpoint", "-m", lab.m(), "capable"]);
-    let at_cut = lines_any(&lab.mnt.join(".forkpoint/snapshots/capable/caps/caps.log"));
-    lab.fp(&["restore", "-m", lab.m(), "--detach", "capable"]);
+    every_line_the_same_across_a_rollback(&lab, "caps/caps.log", &first);
+}
+
+/// Checkpoints the program writing `log` (relative to the mount) a line at a time, rolls it
+/// back, and checks that every line it wrote before and after is `want`.
+fn every_line_the_same_across_a_rollback(lab: &Lab, log: &str, want: &str) {
+    lab.fp(&["checkpoint", "-m", lab.m(), "cut"]);
+    let at_cut = lines_any(&lab.mnt.join(".forkpoint/snapshots/cut").join(log));
+    lab.fp(&["restore", "-m", lab.m(), "--detach", "cut"]);
+    let path = lab.mnt.join(log);
     wait_for("the rollback", Duration::from_secs(20), || {
-        lines_any(&log) > at_cut + 20
+        lines_any(&path) > at_cut + 20
     });
-    let text = std::fs::read_to_string(&log).expect("log");
+    let text = std::fs::read_to_string(&path).expect("log");
     for (i, l) in text.lines().enumerate() {
-        assert_eq!(l, first, "line {} of caps.log", i + 1);
+        assert_eq!(l, want, "line {} of {log}", i + 1);
     }
 }
 
@@ -2432,16 +2431,7 @@ while True:
         .map(str::to_string)
         .expect("a line");
     assert_eq!(first, "2 1 uname-1", "the program did not start as set up");
-    lab.fp(&["checkpoint", "-m", lab.m(), "sandboxed"]);
-    let at_cut = lines_any(&lab.mnt.join(".forkpoint/snapshots/sandboxed/sandbox.log"));
-    lab.fp(&["restore", "-m", lab.m(), "--detach", "sandboxed"]);
-    wait_for("the rollback", Duration::from_secs(20), || {
-        lines_any(&log) > at_cut + 20
-    });
-    let text = std::fs::read_to_string(&log).expect("log");
-    for (i, l) in text.lines().enumerate() {
-        assert_eq!(l, first, "line {} of sandbox.log", i + 1);
-    }
+    every_line_the_same_across_a_rollback(&lab, "sandbox.log", &first);
 }
 
 /// A branch restored side by side is the session's while it runs: mounting it elsewhere is

@@ -1277,8 +1277,9 @@ pub fn encode_tree(img: &TreeImage) -> Result<Vec<u8>, ImageError> {
         .filter(|(_, l)| !l.is_empty())
         .collect();
     // A whole image is written as version 5, which older builds read; only a delta needs 6,
-    // only an image with file locks needs 7, and only one with inotify instances, listening
-    // sockets or stopped members needs 8.
+    // only an image with file locks needs 7, only one with inotify instances, listening
+    // sockets or stopped members needs 8, and only one with capability sets or seccomp
+    // filters of its members' own needs 9.
     if !img.caps.is_empty() || !img.seccomp.is_empty() {
         return encode_framed_version(
             &(
