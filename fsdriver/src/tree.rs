@@ -224,7 +224,13 @@ fn decode<T: serde::de::DeserializeOwned>(
 
 /// Writes an inode object.
 pub fn put_inode(store: &Store, inode: &Inode) -> Result<ContentId> {
-    store.put(ObjectKind::Inode, &encode(inode)?)
+    store.put(ObjectKind::Inode, &encode_inode(inode)?)
+}
+
+/// An inode object's bytes, for callers that store many at once (`Store::put_batch` with
+/// `ObjectKind::Inode`).
+pub fn encode_inode(inode: &Inode) -> Result<Vec<u8>> {
+    encode(inode)
 }
 
 /// Reads an inode object.
