@@ -178,6 +178,40 @@ struct MemFile {
 }
 
 impl MemFile {
+    /// What block `idx` becomes in the map once stored: its chunk `id` (`len` bytes), or,
+    /// all zeros (no id), a zero block where the lower file or the map had something to
+    /// cover, else nothing.
+    fn stored_ref(
+        &self,
+        store: &Store,
+        idx: u64,
+        id: Option<ContentId>,
+        len: usize,
+    ) -> crate::error::Result<Option<BlockRef>> {
+        if let Some(id) = id {
+            return Ok(Some(BlockRef::Data {
+                id,
+                len: len as u32,
+            }));
+        }
+        let lower_covers = self.lower.as_ref().is_some_and(|l| idx * BLOCK < l.len);
+        if lower_covers || tree::map_get(store, &self.base, idx)?.is_some() {
+            Ok(Some(BlockRef::Zero))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Keeps a stored block's bytes in the clean cache while it has room.
+    fn keep_clean(&mut self, idx: u64, buf: Vec<u8>) {
+        let kept = CLEAN_BYTES.fetch_add(BLOCK as usize, std::sync::atomic::Ordering::Relaxed);
+        if kept + BLOCK as usize <= CLEAN_LIMIT {
+            self.clean.insert(idx, buf);
+        } else {
+            clean_sub(1);
+        }
+    }
+
     fn take_clean(&mut self, idx: u64) -> Option<Vec<u8>> {
         let b = self.clean.remove(&idx)?;
         clean_sub(1);
@@ -2085,75 +2119,21 @@ impl State {
         Ok(())
     }
 
-    /// Writes every dirty block to the log as a chunk (not yet committed).
+    /// Writes every dirty block to the log as a chunk (not yet committed), here and now:
+    /// the same work as a background spill (`store_sealed`), landed at once.
     fn spill(&mut self, store: &Store) -> FsResult<()> {
-        // Hashing is the costly part: all the files' blocks are hashed together over the
-        // cores, then appended with one vectored write. A spill in an untar holds about a
-        // thousand small files; a pass and an append per file cost several times as much.
-        // The blocks stay dirty until they are stored, so a failed write loses nothing.
-        let mut blocks: Vec<(u64, u64, usize)> = Vec::new();
-        let mut pieces: Vec<&[u8]> = Vec::new();
-        for ino in &self.dirty {
-            if let Some(Node {
-                body: MemBody::File(f),
-                ..
-            }) = self.nodes.get(ino)
-            {
-                for (idx, b) in &f.dirty {
-                    let len = data_len(b);
-                    blocks.push((*ino, *idx, len));
-                    if len > 0 {
-                        pieces.push(&b[..len]);
-                    }
-                }
-            }
-        }
+        let blocks = self.seal_all();
         if blocks.is_empty() {
-            self.dirty_bytes = 0;
             return Ok(());
         }
-        let t0 = std::time::Instant::now();
-        let hashed = ContentId::of_many(&pieces);
-        let t1 = std::time::Instant::now();
-        let items: Vec<(ContentId, &[u8])> = hashed.iter().copied().zip(pieces).collect();
-        let nbytes = store.put_batch(ObjectKind::Chunk, &items)?;
-        log::debug!(
-            "spill: {} blocks, {} new bytes; hash {:?}, write {:?}",
-            blocks.len(),
-            nbytes,
-            t1 - t0,
-            t1.elapsed()
-        );
-        drop(items);
-        let mut hashed = hashed.into_iter();
-        let mut at = 0;
-        while at < blocks.len() {
-            let ino = blocks[at].0;
-            let n = blocks[at..].iter().take_while(|b| b.0 == ino).count();
-            let mine = &blocks[at..at + n];
-            at += n;
-            let ids: Vec<Option<ContentId>> = mine
-                .iter()
-                .map(|b| if b.2 > 0 { hashed.next() } else { None })
-                .collect();
-            if let Some(Node {
-                body: MemBody::File(f),
-                ..
-            }) = self.nodes.get_mut(&ino)
-            {
-                stored_blocks(store, f, mine, &ids)?;
-            }
-        }
-        self.dirty_bytes = 0;
-        Ok(())
+        let done = store_sealed(store, blocks);
+        self.land(done, store)
     }
 
-    /// Hands every dirty block to a thread that hashes and appends them while requests go
-    /// on (an untar's writes were held up 40-70 ms by each spill on the request path). The
-    /// blocks move to their file's `sealed` map, where reads and writes still find them;
-    /// `finish_spill` lands the result.
-    fn start_spill(&mut self, store: &Arc<Store>) {
-        let mut blocks: Vec<(u64, u64, Arc<Vec<u8>>)> = Vec::new();
+    /// Moves every dirty block to its file's `sealed` map (where reads and writes still
+    /// find it) and returns them, for `store_sealed`.
+    fn seal_all(&mut self) -> Vec<(u64, u64, Arc<Vec<u8>>)> {
+        let mut blocks = Vec::new();
         for ino in &self.dirty {
             if let Some(Node {
                 body: MemBody::File(f),
@@ -2168,41 +2148,19 @@ impl State {
             }
         }
         self.dirty_bytes = 0;
+        blocks
+    }
+
+    /// Hands every dirty block to a thread that hashes and appends them while requests go
+    /// on (an untar's writes were held up 40-70 ms by each spill on the request path);
+    /// `finish_spill` lands the result.
+    fn start_spill(&mut self, store: &Arc<Store>) {
+        let blocks = self.seal_all();
         if blocks.is_empty() {
             return;
         }
         let store = store.clone();
-        let job = move || {
-            let lens: Vec<usize> = blocks.iter().map(|(_, _, b)| data_len(b)).collect();
-            let pieces: Vec<&[u8]> = blocks
-                .iter()
-                .zip(&lens)
-                .filter(|(_, len)| **len > 0)
-                .map(|((_, _, b), len)| &b[..*len])
-                .collect();
-            let t0 = std::time::Instant::now();
-            let hashed = ContentId::of_many(&pieces);
-            let items: Vec<(ContentId, &[u8])> = hashed.iter().copied().zip(pieces).collect();
-            let stored = store.put_batch(ObjectKind::Chunk, &items).inspect(|n| {
-                log::debug!(
-                    "background spill: {} blocks, {n} new bytes in {:?}",
-                    lens.len(),
-                    t0.elapsed()
-                );
-            });
-            drop(items);
-            let mut hashed = hashed.into_iter();
-            let ids = lens
-                .iter()
-                .map(|len| if *len > 0 { hashed.next() } else { None })
-                .collect();
-            Spilled {
-                blocks,
-                lens,
-                ids,
-                stored: stored.map_err(FsError::from),
-            }
-        };
+        let job = move || store_sealed(&store, blocks);
         match std::thread::Builder::new().name("spill".into()).spawn(job) {
             Ok(h) => self.spilling = Some(h),
             Err(e) => {
@@ -2231,10 +2189,7 @@ impl State {
         }
     }
 
-    /// Waits for the background spill, if one runs, and lands what it stored: each block
-    /// still sealed (not dropped or stored anew since) gets its reference in the file's
-    /// changes and goes to the clean cache. If the spill failed, its blocks are dirty again
-    /// and the error is returned.
+    /// Waits for the background spill, if one runs, and lands it (`land`).
     fn finish_spill(&mut self, store: &Store) -> FsResult<()> {
         let Some(h) = self.spilling.take() else {
             return Ok(());
@@ -2247,6 +2202,13 @@ impl State {
                 source: std::io::Error::other("the background spill panicked"),
             }));
         };
+        self.land(done, store)
+    }
+
+    /// Lands what a spill stored: each block still sealed (not dropped or stored anew
+    /// since) gets its reference in the file's changes and goes to the clean cache. If the
+    /// append failed, the blocks are dirty again and the error is returned.
+    fn land(&mut self, done: Spilled, store: &Store) -> FsResult<()> {
         if let Err(e) = done.stored {
             drop(done.blocks);
             self.unseal_all();
@@ -2263,39 +2225,23 @@ impl State {
             if !f.sealed.get(&idx).is_some_and(|s| Arc::ptr_eq(s, &b)) {
                 continue;
             }
-            let r = match id {
-                Some(id) => Some(BlockRef::Data {
-                    id,
-                    len: len as u32,
-                }),
-                None => {
-                    let lower_covers = f.lower.as_ref().is_some_and(|l| idx * BLOCK < l.len);
-                    match tree::map_get(store, &f.base, idx) {
-                        Ok(base) if lower_covers || base.is_some() => Some(BlockRef::Zero),
-                        Ok(_) => None,
-                        Err(e) => {
-                            // Dirty again, for the next spill to decide.
-                            log::warn!("block {idx} of inode {ino} stays dirty: {e}");
-                            f.sealed.remove(&idx);
-                            if let btree_map::Entry::Vacant(v) = f.dirty.entry(idx) {
-                                self.dirty_bytes += b.len();
-                                v.insert(Arc::unwrap_or_clone(b));
-                            }
-                            continue;
-                        }
+            let r = match f.stored_ref(store, idx, id, len) {
+                Ok(r) => r,
+                Err(e) => {
+                    // Dirty again, for the next spill to decide.
+                    log::warn!("block {idx} of inode {ino} stays dirty: {e}");
+                    f.sealed.remove(&idx);
+                    if let btree_map::Entry::Vacant(v) = f.dirty.entry(idx) {
+                        self.dirty_bytes += b.len();
+                        v.insert(Arc::unwrap_or_clone(b));
                     }
+                    continue;
                 }
             };
             f.sealed.remove(&idx);
             f.changes.insert(idx, r);
             if !f.dirty.contains_key(&idx) {
-                let kept =
-                    CLEAN_BYTES.fetch_add(BLOCK as usize, std::sync::atomic::Ordering::Relaxed);
-                if kept + BLOCK as usize <= CLEAN_LIMIT {
-                    f.clean.insert(idx, Arc::unwrap_or_clone(b));
-                } else {
-                    clean_sub(1);
-                }
+                f.keep_clean(idx, Arc::unwrap_or_clone(b));
             }
         }
         Ok(())
@@ -2398,7 +2344,7 @@ fn data_len(buf: &[u8]) -> usize {
     end
 }
 
-/// What a background spill did: its blocks (inode, index, bytes), their data lengths, the
+/// What a spill did: its blocks (inode, index, bytes), their data lengths, the
 /// ids they were stored under (`None` for all-zero ones) and whether the append succeeded.
 struct Spilled {
     blocks: Vec<(u64, u64, Arc<Vec<u8>>)>,
@@ -2407,47 +2353,39 @@ struct Spilled {
     stored: FsResult<u64>,
 }
 
-/// Marks a file's dirty blocks stored: `blocks` (this file's `(ino, index, data length)`,
-/// in the order of `f.dirty`) with the ids they were stored under (`None` for all-zero
-/// blocks, which are not stored). They move to the clean cache while it has room.
-fn stored_blocks(
-    store: &Store,
-    f: &mut MemFile,
-    blocks: &[(u64, u64, usize)],
-    ids: &[Option<ContentId>],
-) -> FsResult<()> {
-    // Decide everything that can fail before a block leaves `dirty`.
-    let mut refs = Vec::with_capacity(blocks.len());
-    for ((_, idx, len), id) in blocks.iter().zip(ids) {
-        refs.push(match id {
-            Some(id) => Some(BlockRef::Data {
-                id: *id,
-                len: *len as u32,
-            }),
-            None => {
-                let lower_covers = f.lower.as_ref().is_some_and(|l| idx * BLOCK < l.len);
-                if lower_covers || tree::map_get(store, &f.base, *idx)?.is_some() {
-                    Some(BlockRef::Zero)
-                } else {
-                    None
-                }
-            }
-        });
+/// Stores sealed blocks: all of them hashed together over the cores (hashing is the
+/// costly part), then appended with one vectored write. A spill in an untar holds about a
+/// thousand small files; a pass and an append per file cost several times as much.
+fn store_sealed(store: &Store, blocks: Vec<(u64, u64, Arc<Vec<u8>>)>) -> Spilled {
+    let lens: Vec<usize> = blocks.iter().map(|(_, _, b)| data_len(b)).collect();
+    let pieces: Vec<&[u8]> = blocks
+        .iter()
+        .zip(&lens)
+        .filter(|(_, len)| **len > 0)
+        .map(|((_, _, b), len)| &b[..*len])
+        .collect();
+    let t0 = std::time::Instant::now();
+    let hashed = ContentId::of_many(&pieces);
+    let items: Vec<(ContentId, &[u8])> = hashed.iter().copied().zip(pieces).collect();
+    let stored = store.put_batch(ObjectKind::Chunk, &items).inspect(|n| {
+        log::debug!(
+            "spill: {} blocks, {n} new bytes in {:?}",
+            lens.len(),
+            t0.elapsed()
+        );
+    });
+    drop(items);
+    let mut hashed = hashed.into_iter();
+    let ids = lens
+        .iter()
+        .map(|len| if *len > 0 { hashed.next() } else { None })
+        .collect();
+    Spilled {
+        blocks,
+        lens,
+        ids,
+        stored: stored.map_err(FsError::from),
     }
-    let dirty = std::mem::take(&mut f.dirty);
-    debug_assert_eq!(dirty.len(), blocks.len());
-    for ((idx, buf), r) in dirty.into_iter().zip(refs) {
-        // Older bytes of this block in a background spill must not land over these.
-        f.sealed.remove(&idx);
-        f.changes.insert(idx, r);
-        let kept = CLEAN_BYTES.fetch_add(BLOCK as usize, std::sync::atomic::Ordering::Relaxed);
-        if kept + BLOCK as usize <= CLEAN_LIMIT {
-            f.clean.insert(idx, buf);
-        } else {
-            clean_sub(1);
-        }
-    }
-    Ok(())
 }
 
 /// Writes `data` at `at` in a block kept short (bytes past its end read as zeros): the

@@ -1773,14 +1773,22 @@ pub fn dump_tree(
                 if f.stopped {
                     stopped.push(pid);
                 }
-                if no_new_privs_of(pid)? {
+                let (mut img, t) = read_frozen(pid, &mut f, opts, true)?;
+                // Each thread's status once, for what the tree records of the process.
+                let mut threads = Vec::with_capacity(f.tracers.len());
+                for t in &f.tracers {
+                    threads.push((
+                        t.tid(),
+                        read_proc(pid, &format!("task/{}/status", t.tid()))?,
+                    ));
+                }
+                if no_new_privs_of(pid, &threads)? {
                     no_new_privs.push(pid);
                 }
-                let (mut img, t) = read_frozen(pid, &mut f, opts, true)?;
-                if let Some(c) = recorded_caps(pid, &me, &img.creds)? {
+                if let Some(c) = recorded_caps(pid, &threads, &me, &img.creds)? {
                     caps.push((pid, c));
                 }
-                if let Some(filters) = recorded_seccomp(pid, &f, &me)? {
+                if let Some(filters) = recorded_seccomp(pid, &f, &threads, &me)? {
                     seccomp.push((pid, filters));
                 }
                 frozen_all.push((pid, f));
@@ -3056,13 +3064,13 @@ fn dump_fds(
     Ok(out)
 }
 
-/// Whether every thread of `pid` has no_new_privs set; threads that differ are refused
-/// (a restore sets it once, in the leader, before the other threads are made).
-fn no_new_privs_of(pid: i32) -> Result<bool, DumpError> {
+/// Whether every thread of `pid` (its (tid, /proc status) in `threads`) has no_new_privs
+/// set; threads that differ are refused (a restore sets it once, in the leader, before the
+/// other threads are made).
+fn no_new_privs_of(pid: i32, threads: &[(i32, String)]) -> Result<bool, DumpError> {
     let mut all = None;
-    for tid in list_tasks(pid)? {
-        let status = read_proc(pid, &format!("task/{tid}/status"))?;
-        let set = status_field(&status, "NoNewPrivs:").map(str::trim) == Some("1");
+    for (_, status) in threads {
+        let set = status_field(status, "NoNewPrivs:").map(str::trim) == Some("1");
         if all.is_some_and(|a| a != set) {
             return Err(DumpError::Unsupported {
                 pid,
@@ -3114,11 +3122,15 @@ fn parse_caps(status: &str) -> Option<CapSets> {
 /// program that dropped some, a service given `CAP_NET_BIND_SERVICE` as ambient, a
 /// file-capability binary): a tree image records them and the restore sets them again.
 /// Threads whose sets differ are refused (a restore sets one set for the whole process).
-fn recorded_caps(pid: i32, me: &str, creds: &Creds) -> Result<Option<CapSets>, DumpError> {
+fn recorded_caps(
+    pid: i32,
+    threads: &[(i32, String)],
+    me: &str,
+    creds: &Creds,
+) -> Result<Option<CapSets>, DumpError> {
     let mut all: Option<CapSets> = None;
-    for tid in list_tasks(pid)? {
-        let status = read_proc(pid, &format!("task/{tid}/status"))?;
-        let Some(c) = parse_caps(&status) else {
+    for (tid, status) in threads {
+        let Some(c) = parse_caps(status) else {
             continue;
         };
         if all.is_some_and(|a| a != c) {
@@ -3141,6 +3153,7 @@ fn recorded_caps(pid: i32, me: &str, creds: &Creds) -> Result<Option<CapSets>, D
 fn recorded_seccomp(
     pid: i32,
     frozen: &Frozen,
+    threads: &[(i32, String)],
     me: &str,
 ) -> Result<Option<Vec<SeccompFilter>>, DumpError> {
     let mode = |text: &str| {
@@ -3153,11 +3166,8 @@ fn recorded_seccomp(
         return Ok(None);
     }
     // Every thread's own: one that sandboxed itself alone (no TSYNC) must not be missed
-    // because its leader has none.
-    let mut modes = Vec::new();
-    for t in &frozen.tracers {
-        modes.push(mode(&read_proc(pid, &format!("task/{}/status", t.tid()))?));
-    }
+    // because its leader has none. `threads` is in the order of `frozen.tracers`.
+    let modes: Vec<String> = threads.iter().map(|(_, st)| mode(st)).collect();
     if modes.iter().all(|m| m != "2") {
         return Ok(None);
     }

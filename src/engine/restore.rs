@@ -626,6 +626,15 @@ impl Restorer<'_> {
         move |source| RestoreError::Trace { pid, step, source }
     }
 
+    /// `prctl(option, args[0], args[1])` in the process; `name` names the option in errors.
+    fn prctl(&mut self, name: &str, option: i32, args: [u64; 2]) -> Result<u64, RestoreError> {
+        self.call(
+            &format!("prctl({name}, {}, {})", args[0], args[1]),
+            libc::SYS_prctl,
+            [option as u64, args[0], args[1], 0, 0, 0],
+        )
+    }
+
     fn call(&mut self, step: &str, nr: i64, args: [u64; 6]) -> Result<u64, RestoreError> {
         let pid = self.pid;
         self.t
@@ -2118,11 +2127,7 @@ impl Restorer<'_> {
             // Suspended while we hold the process (the system calls still to be injected
             // must not meet them; detaching ends it), and installed while it still has
             // CAP_SYS_ADMIN (the program's own may not allow it without no_new_privs).
-            let opts = (libc::PTRACE_O_TRACESYSGOOD
-                | libc::PTRACE_O_EXITKILL
-                | libc::PTRACE_O_TRACECLONE
-                | libc::PTRACE_O_TRACEFORK) as usize
-                | super::tracer::PTRACE_O_SUSPEND_SECCOMP;
+            let opts = super::tracer::RESTORE_OPTIONS | super::tracer::PTRACE_O_SUSPEND_SECCOMP;
             let e = self.trace("suspending seccomp while restoring");
             self.t.set_options(opts).map_err(e)?;
             for (i, f) in filters.iter().enumerate() {
@@ -2483,21 +2488,11 @@ impl Restorer<'_> {
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .unwrap_or(40)
                 .min(63);
-            for cap in 0..=last {
-                if k.bounding & (1 << cap) == 0 {
-                    self.call(
-                        &format!("prctl(PR_CAPBSET_DROP, {cap})"),
-                        libc::SYS_prctl,
-                        [libc::PR_CAPBSET_DROP as u64, cap, 0, 0, 0, 0],
-                    )?;
-                }
+            for cap in (0..=last).filter(|cap| k.bounding & (1 << cap) == 0) {
+                self.prctl("PR_CAPBSET_DROP", libc::PR_CAPBSET_DROP, [cap, 0])?;
             }
             if keep {
-                self.call(
-                    "prctl(PR_SET_KEEPCAPS, 1)",
-                    libc::SYS_prctl,
-                    [libc::PR_SET_KEEPCAPS as u64, 1, 0, 0, 0, 0],
-                )?;
+                self.prctl("PR_SET_KEEPCAPS", libc::PR_SET_KEEPCAPS, [1, 0])?;
             }
         }
         if line("Groups:") != fmtg(&c.groups) {
@@ -2529,38 +2524,14 @@ impl Restorer<'_> {
             let b = cap_data(k.effective, k.permitted, k.inheritable);
             let hdr = self.put_bytes(0, &b)?;
             self.call("capset", libc::SYS_capset, [hdr, hdr + 8, 0, 0, 0, 0])?;
-            self.call(
-                "prctl(PR_CAP_AMBIENT_CLEAR_ALL)",
-                libc::SYS_prctl,
-                [
-                    libc::PR_CAP_AMBIENT as u64,
-                    libc::PR_CAP_AMBIENT_CLEAR_ALL as u64,
-                    0,
-                    0,
-                    0,
-                    0,
-                ],
-            )?;
+            let (ambient, clear) = (libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL);
+            self.prctl("PR_CAP_AMBIENT_CLEAR_ALL", ambient, [clear as u64, 0])?;
             for cap in (0..64u64).filter(|cap| k.ambient & (1 << cap) != 0) {
-                self.call(
-                    &format!("prctl(PR_CAP_AMBIENT_RAISE, {cap})"),
-                    libc::SYS_prctl,
-                    [
-                        libc::PR_CAP_AMBIENT as u64,
-                        libc::PR_CAP_AMBIENT_RAISE as u64,
-                        cap,
-                        0,
-                        0,
-                        0,
-                    ],
-                )?;
+                let raise = libc::PR_CAP_AMBIENT_RAISE as u64;
+                self.prctl("PR_CAP_AMBIENT_RAISE", ambient, [raise, cap])?;
             }
             if keep {
-                self.call(
-                    "prctl(PR_SET_KEEPCAPS, 0)",
-                    libc::SYS_prctl,
-                    [libc::PR_SET_KEEPCAPS as u64, 0, 0, 0, 0, 0],
-                )?;
+                self.prctl("PR_SET_KEEPCAPS", libc::PR_SET_KEEPCAPS, [0, 0])?;
             }
         }
         Ok(())

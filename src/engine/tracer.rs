@@ -167,6 +167,12 @@ const PTRACE_SECCOMP_GET_METADATA: libc::c_uint = 0x420d;
 /// (needs CAP_SYS_ADMIN and a tracer under no filter); detaching ends it.
 pub const PTRACE_O_SUSPEND_SECCOMP: usize = 1 << 21;
 
+/// The options of a process being restored ([`Tracer::adopt_stopped_child`]).
+pub const RESTORE_OPTIONS: usize = (libc::PTRACE_O_TRACESYSGOOD
+    | libc::PTRACE_O_EXITKILL
+    | libc::PTRACE_O_TRACECLONE
+    | libc::PTRACE_O_TRACEFORK) as usize;
+
 /// Raw ptrace call. Returns the kernel's return value or the errno.
 ///
 /// # Safety
@@ -332,10 +338,7 @@ impl Tracer {
     /// threads and processes it creates are traced from birth (see [`Tracer::adopt_clone`]);
     /// those inherit the options.
     pub fn adopt_stopped_child(pid: i32) -> Result<Self, TraceError> {
-        let opts = (libc::PTRACE_O_TRACESYSGOOD
-            | libc::PTRACE_O_EXITKILL
-            | libc::PTRACE_O_TRACECLONE
-            | libc::PTRACE_O_TRACEFORK) as usize;
+        let opts = RESTORE_OPTIONS;
         // SAFETY: PTRACE_SETOPTIONS takes the options as an integer in `data`.
         unsafe {
             ptrace_raw(
