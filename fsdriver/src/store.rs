@@ -1104,6 +1104,11 @@ impl Store {
     /// next commit finds most of it on disk: a large batch of writes (a checkpoint's memory)
     /// is then flushed while the caller goes on, not all at once at the commit. At most one
     /// runs at a time; errors are the commit's to report (it syncs again).
+    ///
+    /// With the write stage on (direct writes, the default) there is nothing to start: the
+    /// stage's thread is writing already. Flushing the stage here made the caller wait for
+    /// the disk to drain at every batch: a first checkpoint's 537 MB took 629 ms to store
+    /// instead of 465-503 ms, the disk's own pace.
     pub fn sync_behind(&self) {
         use std::sync::atomic::Ordering;
         if self.read_only || self.syncing.swap(true, Ordering::SeqCst) {
@@ -1111,6 +1116,10 @@ impl Store {
         }
         let files: Vec<Arc<dyn SegFile>> = {
             let mut w = lock(&self.writer);
+            if w.stage.active {
+                self.syncing.store(false, Ordering::SeqCst);
+                return;
+            }
             if self.flush_stage(&mut w).is_err() {
                 self.syncing.store(false, Ordering::SeqCst);
                 return;
