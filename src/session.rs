@@ -964,9 +964,18 @@ fn checkpoint(
     tracker: Option<&Arc<Mutex<DirtyTracker>>>,
 ) -> Result<(serde_json::Value, Option<Kept>)> {
     forkpoint_fs::fs::validate_name(&req.name)?;
+    // A name in use fails the record at the end: say so before the program is touched.
+    let catalog = spec.store.join(forkpoint_fs::store::DB_FILE);
+    if forkpoint_fs::catalog::Catalog::open(&catalog, true).is_ok_and(|c| c.find(&req.name).is_ok())
+    {
+        return Err(forkpoint_fs::error::StoreError::NameExists(req.name.clone()).into());
+    }
     finish_lazy(tracker)?;
+    // A program to be stopped or killed is left stopped by the dump, and killed only once
+    // its checkpoint is recorded: a checkpoint that fails after the dump (the disk full, the
+    // daemon gone) lets it go on instead.
     let after = match req.after.as_str() {
-        "kill" => AfterDump::Kill,
+        "kill" | "stop" => AfterDump::Stop,
         _ => AfterDump::Resume,
     };
     let opts = DumpOptions {
@@ -1054,12 +1063,45 @@ fn checkpoint(
     }
     let img = img.context("dump")?;
     let t_dump = t0.elapsed();
-    if req.after == "stop" {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(main),
-            nix::sys::signal::Signal::SIGSTOP,
-        );
+    let stopped: Vec<i32> = match after {
+        AfterDump::Stop => img
+            .processes
+            .iter()
+            .filter(|m| m.live().is_some())
+            .map(|m| m.pid)
+            .collect(),
+        _ => Vec::new(),
+    };
+    let res = record(
+        spec, main, req, &opts, img, root_cno, frozen_at, sysv, own, t0, t_dump,
+    );
+    let sig = match (&res, req.after.as_str()) {
+        (Ok(_), "kill") => Some(nix::sys::signal::Signal::SIGKILL),
+        (Ok(_), _) => None,
+        (Err(_), _) => Some(nix::sys::signal::Signal::SIGCONT),
+    };
+    for pid in stopped.iter().filter(|_| sig.is_some()) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), sig);
     }
+    res
+}
+
+/// The rest of [`checkpoint`] once the program is dumped: its memory to the store, the image
+/// recorded with the filesystem root committed in the frozen window.
+#[allow(clippy::too_many_arguments)]
+fn record(
+    spec: &InitSpec,
+    main: i32,
+    req: &CheckpointRequest,
+    opts: &DumpOptions,
+    img: TreeImage,
+    root_cno: Option<u64>,
+    frozen_at: Option<Instant>,
+    sysv: Option<crate::sysv::SysvImage>,
+    own: Option<Vec<(PathBuf, crate::owndirs::ShmDir)>>,
+    t0: Instant,
+    t_dump: Duration,
+) -> Result<(serde_json::Value, Option<Kept>)> {
     // The program runs again from the thaw (what follows it, filling in the pages taken
     // from the last image, happens while it runs).
     let downtime = img
@@ -1247,7 +1289,7 @@ fn checkpoint(
         _ => 0,
     };
     v["delta_depth"] = serde_json::json!(depth);
-    let keep = (opts.dirty.is_some() && after == AfterDump::Resume).then_some(Kept {
+    let keep = (opts.dirty.is_some() && req.after != "kill").then_some(Kept {
         img,
         image: stored_as.0,
         depth,

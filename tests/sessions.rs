@@ -3647,3 +3647,103 @@ fn a_failed_rollback_brings_the_stopped_program_back() {
     );
     drop(taken);
 }
+
+/// The state (`/proc/PID/stat` field 3) of every process of session `name`'s program: the
+/// processes under its init (from the session's info), but for init's own.
+fn program_states(lab: &Lab, name: &str) -> Vec<char> {
+    let info = std::fs::read_to_string(lab.store.join("sessions").join(name).join("info.json"))
+        .expect("session info");
+    let v: serde_json::Value = serde_json::from_str(&info).expect("info json");
+    let init = v["pid"].as_i64().expect("pid") as i32;
+    let children = |pid: i32| -> Vec<i32> {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    };
+    let mut todo = children(init);
+    let mut states = Vec::new();
+    while let Some(p) = todo.pop() {
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+        // Not the session's own init processes.
+        if !stat.contains("(forkpoint)") {
+            if let Some(s) = stat
+                .rsplit(')')
+                .next()
+                .and_then(|r| r.trim().chars().next())
+            {
+                states.push(s);
+            }
+        }
+        todo.extend(children(p));
+    }
+    states
+}
+
+#[test]
+fn a_checkpoint_that_fails_after_the_dump_lets_the_program_go_on() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    // A parent and a child, each writing its own count.
+    let prog = "import os, time\n\
+                tag = 'child' if os.fork() == 0 else 'parent'\n\
+                n = 0\n\
+                while True:\n\
+                \x20   n += 1\n\
+                \x20   with open(tag + '.log', 'a') as f: f.write('%d\\n' % n)\n\
+                \x20   time.sleep(0.02)\n";
+    std::fs::write(lab.mnt.join("two.py"), prog).expect("write");
+    lab.fp(&[
+        "run",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--name",
+        "two",
+        "--",
+        "python3",
+        "two.py",
+    ]);
+    let logs = [lab.mnt.join("parent.log"), lab.mnt.join("child.log")];
+    let both_go_on = |what: &str| {
+        let at: Vec<usize> = logs.iter().map(|l| lines(l).len()).collect();
+        wait_for(what, Duration::from_secs(20), || {
+            logs.iter().zip(&at).all(|(l, a)| lines(l).len() > a + 3)
+        });
+        let states = program_states(&lab, "two");
+        assert_eq!(states.len(), 2, "{what}: {states:?}");
+        assert!(!states.contains(&'T'), "{what}: stopped: {states:?}");
+    };
+    both_go_on("the program");
+    lab.fp(&["checkpoint", "-m", lab.m(), "first"]);
+    // A name in use is refused before the program is touched.
+    for after in ["--kill", "--stop"] {
+        let err = lab.fp_fails(&["checkpoint", "-m", lab.m(), after, "first"]);
+        assert!(err.contains("first"), "{err}");
+        both_go_on(&format!("after checkpoint {after} of a name in use"));
+    }
+    // A failure after the dump (here the page list cannot be written).
+    let list = lab.store.join("sessions/two/checkpoint.pages");
+    std::fs::create_dir(&list).expect("mkdir");
+    for after in ["--kill", "--stop"] {
+        let err = lab.fp_fails(&["checkpoint", "-m", lab.m(), after, "second"]);
+        assert!(err.contains("page list"), "{err}");
+        both_go_on(&format!("after a failed checkpoint {after}"));
+    }
+    let log = lab.fp(&["log", "-m", lab.m()]);
+    assert!(!log.contains("second"), "{log}");
+    // Once it can be written, --stop stops both, and --kill ends the session.
+    std::fs::remove_dir(&list).expect("rmdir");
+    lab.fp(&["checkpoint", "-m", lab.m(), "--stop", "second"]);
+    let states = program_states(&lab, "two");
+    assert!(
+        states.len() == 2 && states.iter().all(|s| *s == 'T'),
+        "{states:?}"
+    );
+    lab.fp(&["checkpoint", "-m", lab.m(), "--kill", "third"]);
+    let ps = lab.fp(&["ps", "-m", lab.m()]);
+    assert!(!ps.contains("two "), "{ps}");
+}

@@ -21,7 +21,8 @@
 //!    personality, `mm` layout from `/proc/PID/stat`, auxv.
 //! 7. **Thaw**: every tracer is dropped, which restores the registers and detaches; the process
 //!    continues exactly where it was. This also happens on every error path. With
-//!    [`AfterDump::Kill`] the process is instead killed while still frozen.
+//!    [`AfterDump::Kill`] the process is instead killed while still frozen; with
+//!    [`AfterDump::Stop`] it is let go with a `SIGSTOP` queued.
 //!
 //! Pending signals (with their `siginfo`, via `PTRACE_PEEKSIGINFO`), interval timers and POSIX
 //! timers are captured. Limitations: sockets,
@@ -187,6 +188,12 @@ pub enum AfterDump {
     /// Kill it with SIGKILL while it is still frozen, so it cannot run past the checkpoint.
     /// (Only after a successful dump; on errors the process always resumes.)
     Kill,
+    /// Leave it stopped: `SIGSTOP` is queued to every process while it is still frozen, so
+    /// it runs no further instruction until a `SIGCONT` (or a `SIGKILL`), which are the
+    /// caller's to send. (Only after a successful dump; on errors it resumes.) A caller that
+    /// kills the program once its checkpoint is recorded uses this, so that a checkpoint
+    /// failing after the dump can still let the program go on.
+    Stop,
 }
 
 /// Options for [`dump_with`].
@@ -840,7 +847,7 @@ fn read_frozen(
         tracker.drop_process(pid);
     }
     // A process that does not run on (killed after the dump) needs no tracking.
-    if let Some(mut tracker) = tracker.filter(|_| !filtered && opts.after == AfterDump::Resume) {
+    if let Some(mut tracker) = tracker.filter(|_| !filtered && opts.after != AfterDump::Kill) {
         let ranges: Vec<(u64, u64)> = mappings
             .iter()
             .zip(&contents)
@@ -1145,6 +1152,25 @@ fn finish(procs: Vec<(i32, Frozen)>, after: AfterDump) -> Result<(), DumpError> 
                 }
             }
             res
+        }
+        AfterDump::Stop => {
+            for (i, (pid, _)) in procs.iter().enumerate() {
+                if let Err(e) = sys::kill(*pid, libc::SIGSTOP) {
+                    // Let the ones already told to stop go on, as a failed dump does.
+                    for (p, _) in &procs[..i] {
+                        let _ = sys::kill(*p, libc::SIGCONT);
+                    }
+                    return Err(DumpError::Trace {
+                        pid: *pid,
+                        source: TraceError::Ptrace {
+                            tid: *pid,
+                            op: "kill(SIGSTOP)",
+                            source: e,
+                        },
+                    });
+                }
+            }
+            finish(procs, AfterDump::Resume)
         }
         AfterDump::Kill => {
             for (pid, _) in &procs {
