@@ -465,7 +465,17 @@ pub fn start_with(
         std::thread::spawn(move || child.wait());
         return Ok(0);
     }
-    wait_forwarding_signals(child, &dir)
+    let code = wait_forwarding_signals(child, &dir)?;
+    // A restore that failed ends the session before init writes its info (it does once the
+    // program is back): the caller must hear of it as a failure, to undo what it did for it.
+    if spec.restore.is_some() && !dir.join("info.json").exists() {
+        bail!(
+            "session '{}' ended before its program was back (exit status {code}; the reason \
+             is above)",
+            spec.name
+        );
+    }
+    Ok(code)
 }
 
 /// Signals sent to a foreground `forkpoint run` or `restore`, one bit per signal number.

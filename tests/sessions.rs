@@ -3747,3 +3747,77 @@ fn a_checkpoint_that_fails_after_the_dump_lets_the_program_go_on() {
     let ps = lab.fp(&["ps", "-m", lab.m()]);
     assert!(!ps.contains("two "), "{ps}");
 }
+
+#[test]
+fn a_failed_restore_in_the_foreground_is_undone_too() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let prog = format!(
+        "import os, socket, time\n\
+         s = socket.socket()\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('127.0.0.1', {port}))\n\
+         s.listen()\n\
+         n = 0\n\
+         while True:\n\
+         \x20   n += 1\n\
+         \x20   with open('n.log', 'a') as f: f.write('%d\\n' % n)\n\
+         \x20   if s is not None and os.path.exists('close'):\n\
+         \x20       s.close()\n\
+         \x20       s = None\n\
+         \x20   time.sleep(0.02)\n"
+    );
+    std::fs::write(lab.mnt.join("srv.py"), prog).expect("write");
+    lab.fp(&[
+        "run",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--name",
+        "srv",
+        "--",
+        "python3",
+        "srv.py",
+    ]);
+    let log = lab.mnt.join("n.log");
+    wait_for("the program", Duration::from_secs(20), || {
+        lines_any(&log) > 5
+    });
+    lab.fp(&["checkpoint", "-m", lab.m(), "listening"]);
+    std::fs::write(lab.mnt.join("close"), "").expect("write");
+    let taken = (0..500)
+        .find_map(|_| {
+            std::thread::sleep(Duration::from_millis(20));
+            std::net::TcpListener::bind(("127.0.0.1", port)).ok()
+        })
+        .expect("the port is free again");
+    // On a new branch, in the foreground: the branch goes again.
+    let err = lab.fp_fails(&["restore", "-m", lab.m(), "--branch", "b1", "listening"]);
+    assert!(err.contains("is in use"), "{err}");
+    let branches = lab.fp(&["log", "-m", lab.m()]);
+    assert!(!branches.contains("b1"), "{branches}");
+    // In place, in the foreground: the program runs on from where the rollback stopped it.
+    let err = lab.fp_fails(&["restore", "-m", lab.m(), "listening"]);
+    assert!(err.contains("running again"), "{err}");
+    let at = lines(&log).len();
+    wait_for("the program again", Duration::from_secs(20), || {
+        lines(&log).len() > at + 5
+    });
+    // With the port free, the same branch name can be restored.
+    drop(taken);
+    lab.fp(&[
+        "restore",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--branch",
+        "b1",
+        "listening",
+    ]);
+}
