@@ -1354,6 +1354,9 @@ fn restore_inner(
     let (mp, store) = mounts::resolve(mountpoint)?;
     let ro = Store::open_read_only(&store)?;
     let cp = ro.find(name)?;
+    // Its files must be there to go back to: checked before a rollback stops anything.
+    forkpoint_fs::tree::get_root(&ro, &cp.root)
+        .with_context(|| format!("the files of '{name}' cannot be read; nothing was changed"))?;
     // The automatic checkpoint of an in-place restore gets a name of its own, also when
     // rollbacks follow each other within a second.
     let ts = fmt_time(forkpoint_now()).replace([' ', ':'], "-");

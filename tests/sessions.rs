@@ -3821,3 +3821,73 @@ fn a_failed_restore_in_the_foreground_is_undone_too() {
         "listening",
     ]);
 }
+
+/// The files of a checkpoint damaged in the store: a rollback to it is refused before the
+/// running program is stopped (it would have been killed, its files not brought back).
+#[test]
+fn a_rollback_to_damaged_files_is_refused_before_anything_stops() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    std::fs::write(lab.mnt.join("data"), "checkpointed\n").expect("write");
+    // It writes nothing once started: no commit comes after the checkpoint.
+    let prog = "import time\nwhile True:\n    time.sleep(0.01)\n";
+    std::fs::write(lab.mnt.join("idle.py"), prog).expect("write");
+    lab.fp(&[
+        "run",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--name",
+        "idle",
+        "--",
+        "python3",
+        "idle.py",
+    ]);
+    lab.fp(&["checkpoint", "-m", lab.m(), "c1"]);
+    let (init, main) = lab.session_pid("idle");
+    // Flip the last byte of the checkpoint's root record in its segment.
+    let loc = {
+        let store = forkpoint_fs::store::Store::open_read_only(&lab.store).expect("open store");
+        let cp = store.find("c1").expect("c1");
+        store.locate(&cp.root).expect("the root is in the store")
+    };
+    let seg = lab
+        .store
+        .join("segments")
+        .join(format!("{:016}.seg", loc.segment));
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&seg)
+        .expect("open segment");
+    use std::os::unix::fs::FileExt;
+    let at = loc.offset + forkpoint_fs::segment::RECORD_HEADER_LEN + u64::from(loc.len) - 1;
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).expect("read");
+    b[0] ^= 0x55;
+    f.write_all_at(&b, at).expect("write");
+    drop(f);
+    let err = lab.fp_fails(&["restore", "-m", lab.m(), "--detach", "c1"]);
+    assert!(
+        err.contains("cannot be read")
+            && err.contains("nothing was changed")
+            && err.contains("corrupt"),
+        "{err}"
+    );
+    assert_eq!(
+        lab.session_pid("idle"),
+        (init, main),
+        "the same program runs"
+    );
+    assert!(!pid_state_is_gone(main), "it runs on");
+    let log = lab.fp(&["log", "-m", lab.m()]);
+    assert!(!log.contains("auto-"), "no automatic checkpoint: {log}");
+}
+
+fn pid_state_is_gone(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.contains(") Z") || s.contains(") X"))
+        .unwrap_or(true)
+}
