@@ -813,6 +813,10 @@ fn store_pages(store: &Store, pages: &PageSource<'_>, ids_out: &Path) -> Result<
 /// the session checkpoints whole instead.
 pub const BASE_IMAGE_GONE: &str = "the base image of the delta image is not in the store";
 
+/// The error of an image naming a chunk the store no longer holds (pages taken unchanged from
+/// the last image, whose checkpoint was forgotten, then gc): the session checkpoints whole.
+pub const CHUNK_GONE: &str = "which the store does not hold";
+
 fn record_checkpoint(
     store: &Store,
     name: &str,
@@ -868,7 +872,7 @@ fn record_checkpoint(
     used.extend(image.base);
     store.reference(&used).map_err(|e| match e {
         forkpoint_fs::StoreError::MissingObject(id) => {
-            anyhow!("process image refers to chunk {id}, which the store does not hold")
+            anyhow!("process image refers to chunk {id}, {CHUNK_GONE}")
         }
         e => e.into(),
     })?;

@@ -906,10 +906,13 @@ fn handle_control(
         Ok(req) => {
             let kill = req.after == "kill";
             let mut res = checkpoint(spec, main, &req, tracker);
-            // The image the pages of a delta come from is gone (its checkpoint was forgotten
-            // and gc ran): checkpoint again, whole.
-            let base_gone =
-                |e: &anyhow::Error| crate::render_error(e).contains(crate::daemon::BASE_IMAGE_GONE);
+            // The image the pages of a delta come from, or the chunks of pages taken from
+            // it unchanged, are gone (its checkpoint was forgotten and gc ran): checkpoint
+            // again, whole.
+            let base_gone = |e: &anyhow::Error| {
+                let e = crate::render_error(e);
+                e.contains(crate::daemon::BASE_IMAGE_GONE) || e.contains(crate::daemon::CHUNK_GONE)
+            };
             if let (Err(e), Some(t)) = (&res, tracker) {
                 if base_gone(e) {
                     log::info!("the base image of the delta is gone; checkpointing whole");

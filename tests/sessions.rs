@@ -3891,3 +3891,59 @@ fn pid_state_is_gone(pid: i32) -> bool {
         .map(|s| s.contains(") Z") || s.contains(") X"))
         .unwrap_or(true)
 }
+
+/// Most pages written since the last checkpoint (no delta), the rest taken unchanged from
+/// its image, whose checkpoint was forgotten and collected: the checkpoint is taken whole.
+#[test]
+fn pages_of_a_collected_image_are_read_again() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    let script = r#"
+import os, time
+blob = bytearray(os.urandom(32 << 20))
+n = 0
+while True:
+    n += 1
+    if os.path.exists("churn") and not os.path.exists("churned"):
+        for i in range(0, 30 << 20, 4096):
+            blob[i] ^= 0xff
+        open("churned", "w").close()
+    with open("tick", "a") as f:
+        f.write("%d %d\n" % (n, sum(blob[::4096])))
+    time.sleep(0.02)
+"#;
+    std::fs::write(lab.mnt.join("churn.py"), script).expect("script");
+    lab.fp(&[
+        "run",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--name",
+        "churn",
+        "--",
+        "python3",
+        "churn.py",
+    ]);
+    let tick = lab.mnt.join("tick");
+    wait_for("the program", Duration::from_secs(20), || {
+        lines_any(&tick) > 3
+    });
+    lab.fp(&["checkpoint", "-m", lab.m(), "c1"]);
+    lab.fp(&["forget", "-m", lab.m(), "c1"]);
+    lab.fp(&["gc"]);
+    std::fs::write(lab.mnt.join("churn"), "").expect("write");
+    wait_for("the pages written", Duration::from_secs(20), || {
+        lab.mnt.join("churned").exists()
+    });
+    let out = lab.fp(&["checkpoint", "-m", lab.m(), "c2"]);
+    assert!(!out.contains("as a delta"), "{out}");
+    // And it restores, with the program's own check of its memory going on.
+    lab.fp(&["restore", "-m", lab.m(), "--detach", "--branch", "b2", "c2"]);
+    let b2 = lab.branch_dir("b2").join("tick");
+    let at = lines_any(&b2);
+    wait_for("c2 restored", Duration::from_secs(20), || {
+        lines_any(&b2) > at + 3
+    });
+}
