@@ -1213,37 +1213,43 @@ fn run_session(
 ) -> Result<i32> {
     let (mp, store) = mounts::resolve(mountpoint)?;
     let branch = branch_of(&store, &mp)?;
-    let name = match name {
-        Some(n) => {
-            forkpoint_fs::fs::validate_name(&n)?;
-            n
-        }
-        None => (1..)
-            .map(|i| format!("s{i}"))
-            .find(|n| {
-                !session::list(&store)
-                    .map(|l| l.iter().any(|s| &s.name == n))
-                    .unwrap_or(false)
-            })
-            .unwrap_or_else(|| "s".into()),
-    };
+    if let Some(n) = &name {
+        forkpoint_fs::fs::validate_name(n)?;
+    }
     let cwd = std::env::current_dir()
         .ok()
         .filter(|c| c.starts_with(&mp))
         .unwrap_or_else(|| mp.clone());
-    let spec = session::InitSpec {
-        store: store.clone(),
-        name: name.clone(),
-        branch,
-        mountpoint: mp.clone(),
-        daemon_mount: mp,
-        cwd,
-        argv: cmd,
-        restore: None,
-        restored_from: None,
-        lazy: false,
+    // Without a name, the first free `sN`; another command starting one at the same moment
+    // may take it first, and the next is tried.
+    let auto = name.is_none();
+    let mut tries = 0;
+    let (name, code) = loop {
+        let name = name.clone().unwrap_or_else(|| {
+            (1..)
+                .map(|i| format!("s{i}"))
+                .find(|n| !session::name_taken(&store, n))
+                .unwrap_or_else(|| "s".into())
+        });
+        let spec = session::InitSpec {
+            store: store.clone(),
+            name: name.clone(),
+            branch: branch.clone(),
+            mountpoint: mp.clone(),
+            daemon_mount: mp.clone(),
+            cwd: cwd.clone(),
+            argv: cmd.clone(),
+            restore: None,
+            restored_from: None,
+            lazy: false,
+        };
+        match session::start(&spec, detach, None) {
+            Err(e) if auto && tries < 100 && e.is::<session::NameTaken>() => {
+                tries += 1;
+            }
+            r => break (name, r?),
+        }
     };
-    let code = session::start(&spec, detach, None)?;
     if detach {
         println!(
             "session {name} started; output in {}",

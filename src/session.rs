@@ -189,7 +189,120 @@ fn proc_state(pid: i32) -> Option<String> {
     Some(state.to_string())
 }
 
-/// Sessions of a store (live ones only).
+/// A session name another command holds: its session runs, or is being started.
+#[derive(Debug)]
+pub struct NameTaken(pub String);
+
+impl std::fmt::Display for NameTaken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NameTaken {}
+
+/// The file in a session's directory naming the command that is starting it (its pid).
+const STARTING: &str = "starting";
+
+/// The pid recorded in a session directory's `file`, if that process is alive.
+fn live_pid_in(dir: &Path, file: &str) -> Option<i32> {
+    let text = std::fs::read_to_string(dir.join(file)).ok()?;
+    let pid = if file == "info.json" {
+        serde_json::from_str::<SessionInfo>(&text).ok()?.pid
+    } else {
+        text.trim().parse().ok()?
+    };
+    alive(pid).then_some(pid)
+}
+
+/// Whether session `name`'s directory is held: its session runs or is being started.
+pub fn name_taken(store: &Path, name: &str) -> bool {
+    let dir = session_dir(store, name);
+    live_pid_in(&dir, "info.json").is_some() || live_pid_in(&dir, STARTING).is_some()
+}
+
+/// Takes session `name`'s directory for a new session: made here, or taken over from a
+/// session that has ended. Of two commands starting the same name at once, one gets it and
+/// the other fails with [`NameTaken`] (before, the second removed the first one's directory
+/// and took its socket and info, leaving a session that no command could reach).
+fn claim(dir: &Path, name: &str) -> Result<()> {
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    std::fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
+    // Made whole (with the mark of this command) under another name, then moved in place
+    // only if nothing is there: no other command ever sees it half made.
+    let new = parent.join(format!(".{name}.new.{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&new);
+    std::fs::create_dir(&new).with_context(|| format!("create {}", new.display()))?;
+    let made = std::fs::write(new.join(STARTING), std::process::id().to_string())
+        .with_context(|| format!("write {}", new.join(STARTING).display()))
+        .and_then(|()| {
+            for _ in 0..8 {
+                match rename_noreplace(&new, dir) {
+                    Ok(()) => return Ok(()),
+                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                    Err(e) => return Err(e).with_context(|| format!("create {}", dir.display())),
+                }
+                if let Some(pid) = live_pid_in(dir, "info.json") {
+                    return Err(NameTaken(format!(
+                        "session '{name}' is already running (pid {pid})"
+                    ))
+                    .into());
+                }
+                if let Some(pid) = live_pid_in(dir, STARTING) {
+                    return Err(NameTaken(format!(
+                        "session '{name}' is being started (by process {pid})"
+                    ))
+                    .into());
+                }
+                // Ended: moved aside first, so that of two commands taking it over only
+                // one removes it.
+                let aside = parent.join(format!(".{name}.ended.{}", std::process::id()));
+                match std::fs::rename(dir, &aside) {
+                    Ok(()) => {
+                        let _ = std::fs::remove_dir_all(&aside);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("move aside {}", dir.display()))
+                    }
+                }
+            }
+            Err(NameTaken(format!(
+                "session '{name}' is being started by other commands"
+            ))
+            .into())
+        });
+    if made.is_err() {
+        let _ = std::fs::remove_dir_all(&new);
+    }
+    made
+}
+
+/// `rename(2)` that fails with `EEXIST` instead of replacing what is at `to`.
+fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
+    };
+    let (f, t) = (c(from)?, c(to)?);
+    // SAFETY: both are NUL-terminated strings that live across the call.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Every session record of the store, whether its session runs or not.
 pub fn records(store: &Path) -> Vec<SessionInfo> {
     let Ok(rd) = std::fs::read_dir(sessions_dir(store)) else {
@@ -201,6 +314,7 @@ pub fn records(store: &Path) -> Vec<SessionInfo> {
         .collect()
 }
 
+/// Sessions of a store (live ones only).
 pub fn list(store: &Path) -> Result<Vec<SessionInfo>> {
     let mut out: Vec<SessionInfo> = records(store)
         .into_iter()
@@ -309,19 +423,16 @@ pub fn start_with(
 ) -> Result<i32> {
     use std::os::unix::process::CommandExt;
     let dir = session_dir(&spec.store, &spec.name);
-    if let Ok(text) = std::fs::read_to_string(dir.join("info.json")) {
-        if let Ok(info) = serde_json::from_str::<SessionInfo>(&text) {
-            if alive(info.pid) {
-                bail!(
-                    "session '{}' is already running (pid {})",
-                    spec.name,
-                    info.pid
-                );
-            }
+    claim(&dir, &spec.name)?;
+    // The mark of the start goes when this returns: the session runs (its info holds the
+    // name from then on) or has failed.
+    struct StartMark(PathBuf);
+    impl Drop for StartMark {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let _mark = StartMark(dir.join(STARTING));
     let spec_path = dir.join("spec.json");
     std::fs::write(&spec_path, serde_json::to_vec(spec)?).context("write session spec")?;
     let log_file = if detach {

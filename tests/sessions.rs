@@ -3947,3 +3947,80 @@ while True:
         lines_any(&b2) > at + 3
     });
 }
+
+/// Sessions started at the same moment without names each get a name of their own; one
+/// started by name while another command starts it is refused, not taken over.
+#[test]
+fn sessions_started_at_once_get_names_of_their_own() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    let start = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .current_dir(&lab.mnt)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start forkpoint")
+    };
+    let children: Vec<_> = (0..4)
+        .map(|_| start(&["run", "-m", lab.m(), "--detach", "--", "sleep", "1000"]))
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().expect("wait");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let ps = lab.fp(&["ps", "-m", lab.m(), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&ps).expect("ps json");
+    let mut names: Vec<&str> = v
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["s1", "s2", "s3", "s4"], "{ps}");
+    // Two commands starting the same name: one runs it, the other is told.
+    let children: Vec<_> = (0..2)
+        .map(|_| {
+            start(&[
+                "run",
+                "-m",
+                lab.m(),
+                "--detach",
+                "--name",
+                "w",
+                "--",
+                "sleep",
+                "1000",
+            ])
+        })
+        .collect();
+    let outs: Vec<_> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().expect("wait"))
+        .collect();
+    let ok = outs.iter().filter(|o| o.status.success()).count();
+    assert_eq!(ok, 1, "exactly one starts it");
+    let err = outs
+        .iter()
+        .find(|o| !o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+        .unwrap_or_default();
+    assert!(
+        err.contains("session 'w' is already running") || err.contains("is being started"),
+        "{err}"
+    );
+    let ps = lab.fp(&["ps", "-m", lab.m()]);
+    assert_eq!(
+        ps.lines().filter(|l| l.starts_with("w ")).count(),
+        1,
+        "{ps}"
+    );
+}
