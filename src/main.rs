@@ -235,7 +235,8 @@ enum Cmd {
     SessionInit { spec: PathBuf },
     /// Walk through the filesystem workflow on a store in a local directory.
     Demo {
-        /// Directory for the demo's store, lower directory and mount (made anew).
+        /// Directory for the demo's store, lower directory and mount: a new or empty one,
+        /// or that of an earlier demo (made anew).
         #[arg(default_value = "forkpoint-demo")]
         dir: PathBuf,
     },
@@ -1124,6 +1125,21 @@ fn demo(dir: &Path) -> Result<()> {
     let store = dir.join("store");
     let lower = dir.join("lower");
     let mnt = dir.join("mnt");
+    // Made anew, so only a directory that holds nothing but an earlier demo is cleaned.
+    if let Ok(rd) = std::fs::read_dir(&dir) {
+        let names: Vec<std::ffi::OsString> = rd.flatten().map(|e| e.file_name()).collect();
+        let own = names
+            .iter()
+            .all(|n| n == "store" || n == "lower" || n == "mnt");
+        let store_ok = !store.exists() || store.join(forkpoint_fs::store::DB_FILE).exists();
+        if !own || !store_ok {
+            bail!(
+                "{} holds files of its own: the demo makes its directory anew, so name a new \
+                 or empty one (`forkpoint demo DIR`)",
+                dir.display()
+            );
+        }
+    }
     if mounts::forkpoint_mount_at(&mnt)?.is_some() {
         umount(&mnt)?;
     }

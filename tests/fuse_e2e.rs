@@ -1161,3 +1161,32 @@ fn a_full_disk_fails_writes_and_loses_nothing_committed() {
     let v = fp_ok(&[OsStr::new("verify"), store.as_os_str()]);
     assert!(v.contains("verified"), "{v}");
 }
+
+/// The README's first command: `forkpoint demo` runs through, runs again in its own
+/// directory (made anew), and refuses a directory holding anything else, touching nothing.
+#[test]
+fn the_demo_runs_and_never_cleans_a_directory_of_the_users() {
+    if !common::can_mount("fuse_e2e") {
+        return;
+    }
+    let lab = Lab::new();
+    let dir = lab.path().join("demo");
+    for _ in 0..2 {
+        let out = fp_ok(&[OsStr::new("demo"), dir.as_os_str()]);
+        assert!(out.contains("0 problems"), "{out}");
+        assert!(!is_mounted(&dir.join("mnt")), "the demo unmounts");
+    }
+    let mine = lab.path().join("mine");
+    std::fs::create_dir_all(mine.join("sub")).expect("mkdir");
+    std::fs::write(mine.join("sub/important.txt"), "precious\n").expect("write");
+    let o = fp(&[OsStr::new("demo"), mine.as_os_str()]);
+    assert!(
+        !o.ok && o.stderr.contains("holds files of its own"),
+        "{}",
+        o.stderr
+    );
+    assert_eq!(
+        std::fs::read_to_string(mine.join("sub/important.txt")).expect("kept"),
+        "precious\n"
+    );
+}
