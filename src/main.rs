@@ -1408,6 +1408,17 @@ fn restore_inner(
     let recreated: Vec<PathBuf> = si.own.iter().map(|(p, _)| p.clone()).collect();
     forkpoint::engine::restore::precheck_tree(&tree, &mp, &recreated)
         .with_context(|| format!("checkpoint '{name}' cannot be restored; nothing was changed"))?;
+    // Files outside the mount it held open are reopened by path: the same, unchanged.
+    for f in &si.outside {
+        f.check().map_err(|why| {
+            anyhow::anyhow!(
+                "checkpoint '{name}' cannot be restored; nothing was changed: {}, outside the \
+                 mount and open in the program, changed since the checkpoint ({why}); a file \
+                 that may move on is named at the checkpoint with --allow-outside",
+                f.path.display()
+            )
+        })?;
+    }
     log::debug!("restore: image checked at {:?}", t0.elapsed());
     let now_mono = session::clock_ns(nix::time::ClockId::CLOCK_MONOTONIC);
     let now_boot = session::clock_ns(nix::time::ClockId::CLOCK_BOOTTIME);

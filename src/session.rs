@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 /// 4: `own`, the directories the session owns (its `/dev/shm` and temporary directory).
 ///    Older images decode with none (their sessions shared the host's, and checkpoints of
 ///    files written there were refused).
-pub const SESSION_IMAGE_VERSION: u32 = 4;
+pub const SESSION_IMAGE_VERSION: u32 = 5;
 
 /// What a checkpoint stores besides the engine's process image.
 #[derive(Debug, Serialize, Deserialize)]
@@ -51,6 +51,55 @@ pub struct SessionImage {
     /// The directories the session owns (version 4), by path, their file contents
     /// externalized like memory.
     pub own: Vec<(PathBuf, crate::owndirs::ShmDir)>,
+    /// Files outside the mount the program holds open by descriptor (version 5): a restore
+    /// reopens them by path, so they must be the same files, unchanged.
+    pub outside: Vec<OutsideFile>,
+}
+
+/// A file outside the mount open in the program at a checkpoint, as it was then.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutsideFile {
+    pub path: PathBuf,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime: i64,
+    pub mtime_nsec: i64,
+}
+
+impl OutsideFile {
+    /// Whether the file at its path is still the one recorded, unchanged; why not.
+    pub fn check(&self) -> Result<(), String> {
+        use std::os::unix::fs::MetadataExt;
+        let st = std::fs::metadata(&self.path).map_err(|e| e.to_string())?;
+        if st.ino() != self.ino {
+            return Err(format!("inode {} now {}", self.ino, st.ino()));
+        }
+        if (st.size(), st.mtime(), st.mtime_nsec()) != (self.size, self.mtime, self.mtime_nsec) {
+            return Err(format!(
+                "size/mtime {}/{}.{:09} now {}/{}.{:09}",
+                self.size,
+                self.mtime,
+                self.mtime_nsec,
+                st.size(),
+                st.mtime(),
+                st.mtime_nsec()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A version 4 session image.
+#[derive(Deserialize)]
+struct SessionImageV4 {
+    version: u32,
+    #[serde(with = "forkpoint::engine::image::bytes")]
+    process: Vec<u8>,
+    monotonic_ns: i128,
+    boottime_ns: i128,
+    argv: Vec<String>,
+    sysv: crate::sysv::SysvImage,
+    own: Vec<(PathBuf, crate::owndirs::ShmDir)>,
 }
 
 /// A version 2 session image.
@@ -93,6 +142,7 @@ impl SessionImage {
                     argv: v.argv,
                     sysv: Default::default(),
                     own: Vec::new(),
+                    outside: Vec::new(),
                 })
             }
             3 => {
@@ -106,6 +156,21 @@ impl SessionImage {
                     argv: v.argv,
                     sysv: v.sysv,
                     own: Vec::new(),
+                    outside: Vec::new(),
+                })
+            }
+            4 => {
+                let v: SessionImageV4 =
+                    postcard::from_bytes(bytes).context("decode session image")?;
+                Ok(SessionImage {
+                    version: v.version,
+                    process: v.process,
+                    monotonic_ns: v.monotonic_ns,
+                    boottime_ns: v.boottime_ns,
+                    argv: v.argv,
+                    sysv: v.sysv,
+                    own: v.own,
+                    outside: Vec::new(),
                 })
             }
             SESSION_IMAGE_VERSION => postcard::from_bytes(bytes).context("decode session image"),
@@ -1118,6 +1183,7 @@ fn checkpoint(
     let mut frozen_at = None;
     let mut sysv = None;
     let mut own = None;
+    let mut outside = None;
     let mp = spec.mountpoint.clone();
     let dmp = spec.daemon_mount.clone();
     let store = spec.store.clone();
@@ -1131,7 +1197,7 @@ fn checkpoint(
         let mut allowed = req.allow_outside.clone();
         allowed.push(session_dir(&spec.store, &spec.name));
         allowed.extend(crate::owndirs::dirs());
-        outside_writes(&mp, &allowed)?;
+        outside = Some(outside_files(&mp, &allowed)?);
         // The program is stopped: the files as of now belong to this checkpoint.
         // /proc here is the session's own: every process of it, and nothing else.
         let t_checks = frozen_at.map(|f| f.elapsed());
@@ -1197,7 +1263,7 @@ fn checkpoint(
         _ => Vec::new(),
     };
     let res = record(
-        spec, main, req, &opts, img, root_cno, frozen_at, sysv, own, t0, t_dump,
+        spec, main, req, &opts, img, root_cno, frozen_at, sysv, own, outside, t0, t_dump,
     );
     let sig = match (&res, req.after.as_str()) {
         (Ok(_), "kill") => Some(nix::sys::signal::Signal::SIGKILL),
@@ -1223,6 +1289,7 @@ fn record(
     frozen_at: Option<Instant>,
     sysv: Option<crate::sysv::SysvImage>,
     own: Option<Vec<(PathBuf, crate::owndirs::ShmDir)>>,
+    outside: Option<Vec<OutsideFile>>,
     t0: Instant,
     t_dump: Duration,
 ) -> Result<(serde_json::Value, Option<Kept>)> {
@@ -1374,6 +1441,7 @@ fn record(
         argv: spec.argv.clone(),
         sysv,
         own,
+        outside: outside.unwrap_or_default(),
     };
     let tmp = dir.join("checkpoint.tmp");
     std::fs::write(&tmp, postcard::to_allocvec(&wrapped)?).context("write image")?;
@@ -1454,9 +1522,14 @@ struct Kept {
 /// for writing, unless it is under one of `allowed` (the session's own log always is): a
 /// restore reopens such a file as it is then, it does not roll it back. init's /proc is the
 /// session's: every process in it but init belongs to the program.
-fn outside_writes(mountpoint: &Path, allowed: &[PathBuf]) -> Result<(), String> {
+/// Checks that no process of the session writes to a file outside the mount (unless
+/// allowed), and returns the files outside the mount they hold open otherwise, as they are
+/// now: regular files not under an allowed directory, nor under /proc, /sys or /dev.
+fn outside_files(mountpoint: &Path, allowed: &[PathBuf]) -> Result<Vec<OutsideFile>, String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut held: Vec<OutsideFile> = Vec::new();
     let Ok(procs) = std::fs::read_dir("/proc") else {
-        return Ok(());
+        return Ok(held);
     };
     for e in procs.flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
@@ -1487,12 +1560,32 @@ fn outside_writes(mountpoint: &Path, allowed: &[PathBuf]) -> Result<(), String> 
             let flags = status_field_octal(&info, "flags:").unwrap_or(0);
             let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
             let regular = std::fs::metadata(f.path()).is_ok_and(|m| m.is_file());
-            if writable && regular && !allowed.iter().any(|a| target.starts_with(a)) {
+            let is_allowed = allowed.iter().any(|a| target.starts_with(a));
+            if writable && regular && !is_allowed {
                 return Err(format!(
                     "process {pid}: fd {fd} writes to {}, outside the mount: a restore would not roll it back (allow it with --allow-outside {})",
                     target.display(),
                     target.display()
                 ));
+            }
+            let system = ["/proc", "/sys", "/dev"]
+                .iter()
+                .any(|d| target.starts_with(d));
+            if regular
+                && !writable
+                && !is_allowed
+                && !system
+                && !held.iter().any(|h| h.path == target)
+            {
+                if let Ok(st) = std::fs::metadata(f.path()) {
+                    held.push(OutsideFile {
+                        path: target.clone(),
+                        ino: st.ino(),
+                        size: st.size(),
+                        mtime: st.mtime(),
+                        mtime_nsec: st.mtime_nsec(),
+                    });
+                }
             }
         }
         // A file mapped shared and writable is written without a descriptor (a JVM maps
@@ -1516,7 +1609,7 @@ fn outside_writes(mountpoint: &Path, allowed: &[PathBuf]) -> Result<(), String> 
             ));
         }
     }
-    Ok(())
+    Ok(held)
 }
 
 fn status_field_octal(text: &str, key: &str) -> Option<i32> {
@@ -1939,7 +2032,8 @@ mod tests {
 
     /// `process` decodes as one byte string; the encoding is what a sequence of `u8` gave
     /// (images stored before still decode, and the same bytes come out). A version 3 image
-    /// (no directories of its own) decodes with none.
+    /// (no directories of its own) decodes with none, a version 4 one with no files outside
+    /// the mount.
     #[test]
     fn session_image_bytes_keep_their_encoding() {
         #[derive(Serialize)]
@@ -1952,9 +2046,14 @@ mod tests {
             sysv: crate::sysv::SysvImage,
         }
         #[derive(Serialize)]
-        struct Now {
+        struct V4 {
             before: Before,
             own: Vec<(PathBuf, crate::owndirs::ShmDir)>,
+        }
+        #[derive(Serialize)]
+        struct Now {
+            v4: V4,
+            outside: Vec<OutsideFile>,
         }
         let process: Vec<u8> = (0..5000u32).map(|i| (i * 7) as u8).collect();
         let before = |version| Before {
@@ -1965,14 +2064,32 @@ mod tests {
             argv: vec!["a".into()],
             sysv: Default::default(),
         };
+        let held = OutsideFile {
+            path: "/etc/hosts".into(),
+            ino: 12,
+            size: 34,
+            mtime: 56,
+            mtime_nsec: 78,
+        };
         let now = postcard::to_allocvec(&Now {
-            before: before(SESSION_IMAGE_VERSION),
-            own: Vec::new(),
+            v4: V4 {
+                before: before(SESSION_IMAGE_VERSION),
+                own: Vec::new(),
+            },
+            outside: vec![held.clone()],
         })
         .expect("encode");
         let si = SessionImage::decode(&now).expect("decode");
         assert_eq!(si.process, process);
+        assert_eq!(si.outside, [held]);
         assert_eq!(postcard::to_allocvec(&si).expect("encode"), now);
+        let v4 = postcard::to_allocvec(&V4 {
+            before: before(4),
+            own: Vec::new(),
+        })
+        .expect("encode");
+        let si = SessionImage::decode(&v4).expect("decode version 4");
+        assert_eq!((si.version, si.outside.len()), (4, 0));
         let v3 = postcard::to_allocvec(&before(3)).expect("encode");
         let si = SessionImage::decode(&v3).expect("decode version 3");
         assert_eq!((si.version, si.process), (3, process));

@@ -4024,3 +4024,77 @@ fn sessions_started_at_once_get_names_of_their_own() {
         "{ps}"
     );
 }
+
+/// A file outside the mount that the program only holds open (read) must be unchanged at a
+/// restore, as a mapped one: a restore after it changed, or went, is refused before the
+/// running program is stopped; one allowed at the checkpoint may move on.
+#[test]
+fn files_outside_the_mount_held_open_must_be_unchanged() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    let outside = lab.dir.path().join("outside");
+    std::fs::create_dir(&outside).expect("mkdir");
+    let ext = outside.join("ext.txt");
+    std::fs::write(&ext, "v1\n").expect("write");
+    let script = format!(
+        "exec 3<{}\nwhile :; do echo x >> ticks; sleep 0.02; done\n",
+        ext.display()
+    );
+    std::fs::write(lab.mnt.join("reader.sh"), script).expect("write");
+    lab.fp(&[
+        "run",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--name",
+        "r",
+        "--",
+        "bash",
+        "reader.sh",
+    ]);
+    let ticks = lab.mnt.join("ticks");
+    wait_for("the program", Duration::from_secs(20), || {
+        lines_any(&ticks) > 3
+    });
+    lab.fp(&["checkpoint", "-m", lab.m(), "r1"]);
+    let (init, main) = lab.session_pid("r");
+    // Unchanged: it restores.
+    lab.fp(&[
+        "restore",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--branch",
+        "same",
+        "r1",
+    ]);
+    std::fs::write(&ext, "v2 changed\n").expect("write");
+    for args in [&["--branch", "b"][..], &[][..]] {
+        let mut a = vec!["restore", "-m", lab.m(), "--detach"];
+        a.extend_from_slice(args);
+        a.push("r1");
+        let err = lab.fp_fails(&a);
+        assert!(
+            err.contains("ext.txt") && err.contains("nothing was changed"),
+            "{err}"
+        );
+    }
+    std::fs::rename(&ext, outside.join("moved")).expect("rename");
+    let err = lab.fp_fails(&["restore", "-m", lab.m(), "--detach", "r1"]);
+    assert!(err.contains("ext.txt"), "{err}");
+    assert_eq!(
+        lab.session_pid("r"),
+        (init, main),
+        "the program was not stopped"
+    );
+    let log = lab.fp(&["log", "-m", lab.m()]);
+    assert!(!log.contains("auto-"), "{log}");
+    // Allowed to move on: not checked.
+    std::fs::write(&ext, "v3\n").expect("write");
+    let allow = outside.to_str().expect("utf8");
+    lab.fp(&["checkpoint", "-m", lab.m(), "--allow-outside", allow, "r2"]);
+    std::fs::write(&ext, "v4\n").expect("write");
+    lab.fp(&["restore", "-m", lab.m(), "--detach", "--branch", "b2", "r2"]);
+}
