@@ -123,14 +123,18 @@ fn glob_match(pattern: &str, name: &str) -> bool {
     p[i..].iter().all(|c| *c == '*')
 }
 
-/// Takes the names off `names` (a name with `*` or `?` stands for every name it matches),
-/// all or none; returns what each named.
+/// Takes the names off `names` (a name with `*` or `?` stands for every name it matches,
+/// unless it is itself a name), all or none; returns what each named.
 pub fn forget(store: &Store, names: &[String]) -> Result<serde_json::Value> {
     store
         .catalog(|c| {
             let mut expanded = Vec::new();
             for n in names {
-                if !n.contains(['*', '?']) {
+                let exact = || {
+                    c.find(n)
+                        .is_ok_and(|cp| cp.name.as_deref() == Some(n.as_str()))
+                };
+                if !n.contains(['*', '?']) || exact() {
                     expanded.push(n.clone());
                     continue;
                 }

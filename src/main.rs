@@ -95,8 +95,8 @@ enum Cmd {
         #[arg(long, conflicts_with = "mountpoint")]
         store: Option<PathBuf>,
         /// Names of the snapshots or checkpoints; `*` and `?` match as in a shell (quote
-        /// them), so `'auto-*'` takes every automatic checkpoint. All are checked before
-        /// any is forgotten.
+        /// them), so `'auto-*'` takes every automatic checkpoint, unless the pattern is itself
+        /// a name. All are checked before any is forgotten.
         #[arg(required = true)]
         names: Vec<String>,
     },
@@ -843,7 +843,27 @@ fn mount(
                 store.display()
             );
         }
-        Store::create(&store, lower)?;
+        if let Some(l) = lower {
+            let md =
+                std::fs::metadata(l).with_context(|| format!("lower directory {}", l.display()))?;
+            if !md.is_dir() {
+                bail!("lower directory {} is not a directory", l.display());
+            }
+        }
+        // It was missing or empty: a store that could not be made leaves nothing behind
+        // (a retry would take the remains for someone else's directory).
+        let existed = store.exists();
+        if let Err(e) = Store::create(&store, lower) {
+            if existed {
+                for e in std::fs::read_dir(&store).into_iter().flatten().flatten() {
+                    let _ = std::fs::remove_dir_all(e.path())
+                        .or_else(|_| std::fs::remove_file(e.path()));
+                }
+            } else {
+                let _ = std::fs::remove_dir_all(&store);
+            }
+            return Err(e.into());
+        }
         eprintln!("forkpoint: created store {}", store.display());
     } else if let Some(l) = lower {
         let given = l
@@ -1024,8 +1044,39 @@ fn umount(mountpoint: &Path) -> Result<()> {
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
+    // The daemon leaves with the store's last mount: wait until it has let go of the store,
+    // so that the store can be copied, or the filesystem it is on unmounted, right after.
+    let last = !mounts::mounts()?
+        .iter()
+        .any(|m| m.fstype.starts_with("fuse") && Path::new(&m.source) == store);
+    if last && !store_released(&store, std::time::Duration::from_secs(10)) {
+        eprintln!(
+            "forkpoint: the daemon of {} has not ended yet",
+            store.display()
+        );
+    }
     println!("unmounted {}", mp.display());
     Ok(())
+}
+
+/// Waits up to `timeout` for the store's writer (its daemon) to let go of it: its lock file
+/// can then be locked; whether it was.
+fn store_released(store: &Path, timeout: std::time::Duration) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(f) = std::fs::File::open(store.join("lock")) else {
+        return true;
+    };
+    let t0 = std::time::Instant::now();
+    loop {
+        // SAFETY: flock on a descriptor `f` owns; it touches no memory.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0 {
+            return true;
+        }
+        if t0.elapsed() >= timeout {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }
 
 fn print_log(store: &Path, json: bool, all: bool) -> Result<()> {

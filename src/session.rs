@@ -954,9 +954,14 @@ fn init(spec: &InitSpec, mut info: SessionInfo, pre: Option<Preloaded>) -> Resul
             if default_tmp && owned {
                 std::env::set_var("TMPDIR", crate::owndirs::SESSION_TMP);
             }
+            // The child reports a failed exec here (the pipe closes on a good one), so that
+            // a program that cannot run fails the session's start, not only its log.
+            let (exec_r, exec_w) =
+                nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
             // SAFETY: init is single-threaded; the child only execs.
             match unsafe { nix::unistd::fork() }.context("fork program")? {
                 nix::unistd::ForkResult::Child => {
+                    drop(exec_r);
                     let _ = nix::unistd::chdir(&spec.cwd);
                     // Rust's runtime ignores SIGPIPE, and an ignored signal stays ignored
                     // across exec: the program starts with the default, as
@@ -982,17 +987,38 @@ fn init(spec: &InitSpec, mut info: SessionInfo, pre: Option<Preloaded>) -> Resul
                             libc::CLOSE_RANGE_CLOEXEC,
                         )
                     };
-                    let e = nix::unistd::execvp(&prog, &argv);
-                    eprintln!("forkpoint: cannot run {}: {e:?}", spec.argv[0]);
+                    let Err(e) = nix::unistd::execvp(&prog, &argv);
+                    let _ = nix::unistd::write(&exec_w, &(e as i32).to_ne_bytes());
                     std::process::exit(127);
                 }
-                nix::unistd::ForkResult::Parent { child } => child.as_raw(),
+                nix::unistd::ForkResult::Parent { child } => {
+                    drop(exec_w);
+                    let mut code = [0u8; 4];
+                    let mut got = 0;
+                    while got < 4 {
+                        match nix::unistd::read(&exec_r, &mut code[got..]) {
+                            Ok(0) => break,
+                            Ok(n) => got += n,
+                            Err(nix::errno::Errno::EINTR) => {}
+                            Err(_) => break,
+                        }
+                    }
+                    if got == 4 {
+                        let _ = nix::sys::wait::waitpid(child, None);
+                        let e = nix::errno::Errno::from_raw(i32::from_ne_bytes(code));
+                        bail!("cannot run {}: {}", spec.argv[0], e.desc());
+                    }
+                    child.as_raw()
+                }
             }
         }
     };
     info.main_pid = main;
     std::fs::write(dir.join("info.json"), serde_json::to_vec_pretty(&info)?)
         .context("write session info")?;
+    // The info holds the name from now on (the command that started the session may stay
+    // for as long as the program runs, in the foreground).
+    let _ = std::fs::remove_file(dir.join(STARTING));
     let sock = dir.join("ctl.sock");
     let _ = std::fs::remove_file(&sock);
     let listener = UnixListener::bind(&sock).with_context(|| format!("bind {}", sock.display()))?;

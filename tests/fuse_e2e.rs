@@ -1190,3 +1190,39 @@ fn the_demo_runs_and_never_cleans_a_directory_of_the_users() {
         "precious\n"
     );
 }
+
+/// A store that a mount could not make (its lower directory is missing) leaves nothing
+/// behind, so the corrected command works; and `umount` of a store's last mount returns
+/// once its daemon has let go of the store.
+#[test]
+fn a_failed_first_mount_leaves_no_store_and_umount_waits_for_the_daemon() {
+    if !common::can_mount("fuse_e2e") {
+        return;
+    }
+    let lab = Lab::new();
+    let store = lab.path().join("store");
+    let mnt = lab.mkdir("mnt");
+    let lower = lab.mkdir("lower");
+    let missing = lab.path().join("no-such-lower");
+    let o = fp(&[
+        OsStr::new("mount"),
+        store.as_os_str(),
+        mnt.as_os_str(),
+        OsStr::new("--lower"),
+        missing.as_os_str(),
+    ]);
+    assert!(!o.ok && o.stderr.contains("no-such-lower"), "{}", o.stderr);
+    assert!(!store.exists(), "the store is not left half made");
+    lab.mount_ok(&store, &mnt, Some(&lower));
+    std::fs::write(mnt.join("f"), "x\n").expect("write");
+    fp_ok(&[OsStr::new("umount"), mnt.as_os_str()]);
+    // The daemon held an exclusive lock on the store while it ran.
+    let f = std::fs::File::open(store.join("lock")).expect("lock file");
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor `f` owns.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    assert_eq!(
+        r, 0,
+        "the daemon still holds the store after umount returned"
+    );
+}

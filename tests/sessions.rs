@@ -4098,3 +4098,48 @@ fn files_outside_the_mount_held_open_must_be_unchanged() {
     std::fs::write(&ext, "v4\n").expect("write");
     lab.fp(&["restore", "-m", lab.m(), "--detach", "--branch", "b2", "r2"]);
 }
+
+/// A program that cannot be run fails `run` with the reason, also with `--detach`.
+#[test]
+fn a_program_that_cannot_run_fails_the_start() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    for detach in [true, false] {
+        let mut args = vec!["run", "-m", lab.m()];
+        if detach {
+            args.push("--detach");
+        }
+        args.extend(["--", "/no/such/program"]);
+        let err = lab.fp_fails(&args);
+        assert!(
+            err.contains("cannot run /no/such/program: No such file or directory")
+                && !err.contains("Err("),
+            "{err}"
+        );
+    }
+    let ps = lab.fp(&["ps", "-m", lab.m()]);
+    assert!(!ps.contains("running"), "{ps}");
+}
+
+/// `forget` takes a name holding `*` or `?` as that name, when it is one, not as a pattern.
+#[test]
+fn forget_takes_a_name_before_a_pattern() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    for n in ["a*", "ab", "auto-x"] {
+        lab.fp(&["snapshot", "-m", lab.m(), n]);
+    }
+    lab.fp(&["forget", "-m", lab.m(), "a*"]);
+    let log = lab.fp(&["log", "-m", lab.m()]);
+    assert!(
+        !log.contains("'a*'") && log.contains("'ab'") && log.contains("'auto-x'"),
+        "{log}"
+    );
+    lab.fp(&["forget", "-m", lab.m(), "a?"]);
+    let log = lab.fp(&["log", "-m", lab.m()]);
+    assert!(!log.contains("'ab'") && log.contains("'auto-x'"), "{log}");
+}

@@ -251,7 +251,7 @@ pub enum RestoreError {
         reason: String,
     },
     /// A stored chunk could not be fetched.
-    #[error("fetching the pages at {addr:#x} ({len} bytes): {reason}")]
+    #[error("fetching {len} bytes of pages from {addr:#x} on: {reason}")]
     Chunk {
         /// Address of the run.
         addr: u64,
@@ -1135,10 +1135,9 @@ impl Restorer<'_> {
                     let Some(&(bi, bj)) = next.next().filter(|b| b.0 == i) else {
                         unreachable!("a batch starts at every stored run not in the one before");
                     };
-                    let (addr, len) = (
-                        runs[bi].addr,
-                        runs[bj - 1].addr + runs[bj - 1].len - runs[bi].addr,
-                    );
+                    // The batch's runs may lie far apart (across mappings): its bytes, not
+                    // the span of its addresses.
+                    let (addr, len) = (runs[bi].addr, runs[bi..bj].iter().map(|r| r.len).sum());
                     let t = std::time::Instant::now();
                     let buf = rx
                         .recv()
