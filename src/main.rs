@@ -1459,6 +1459,17 @@ fn restore_inner(
     let recreated: Vec<PathBuf> = si.own.iter().map(|(p, _)| p.clone()).collect();
     forkpoint::engine::restore::precheck_tree(&tree, &mp, &recreated)
         .with_context(|| format!("checkpoint '{name}' cannot be restored; nothing was changed"))?;
+    // Its paths name the mount where the program saw it.
+    if !si.mountpoint.as_os_str().is_empty() && si.mountpoint != mp {
+        bail!(
+            "checkpoint '{name}' was taken with the store mounted at {}: the program's files \
+             are there by path; mount the store there (`forkpoint mount {} {}`) to restore it; \
+             nothing was changed",
+            si.mountpoint.display(),
+            store.display(),
+            si.mountpoint.display()
+        );
+    }
     // Files outside the mount it held open are reopened by path: the same, unchanged.
     for f in &si.outside {
         f.check().map_err(|why| {

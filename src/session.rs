@@ -54,6 +54,9 @@ pub struct SessionImage {
     /// Files outside the mount the program holds open by descriptor (version 5): a restore
     /// reopens them by path, so they must be the same files, unchanged.
     pub outside: Vec<OutsideFile>,
+    /// Where the program saw the mount (version 5; empty before): its descriptors, maps
+    /// and working directory name paths under it, so a restore needs the mount there.
+    pub mountpoint: PathBuf,
 }
 
 /// A file outside the mount open in the program at a checkpoint, as it was then.
@@ -143,6 +146,7 @@ impl SessionImage {
                     sysv: Default::default(),
                     own: Vec::new(),
                     outside: Vec::new(),
+                    mountpoint: PathBuf::new(),
                 })
             }
             3 => {
@@ -157,6 +161,7 @@ impl SessionImage {
                     sysv: v.sysv,
                     own: Vec::new(),
                     outside: Vec::new(),
+                    mountpoint: PathBuf::new(),
                 })
             }
             4 => {
@@ -171,6 +176,7 @@ impl SessionImage {
                     sysv: v.sysv,
                     own: v.own,
                     outside: Vec::new(),
+                    mountpoint: PathBuf::new(),
                 })
             }
             SESSION_IMAGE_VERSION => postcard::from_bytes(bytes).context("decode session image"),
@@ -1468,6 +1474,7 @@ fn record(
         sysv,
         own,
         outside: outside.unwrap_or_default(),
+        mountpoint: spec.mountpoint.clone(),
     };
     let tmp = dir.join("checkpoint.tmp");
     std::fs::write(&tmp, postcard::to_allocvec(&wrapped)?).context("write image")?;
@@ -1655,11 +1662,21 @@ pub fn request_checkpoint(
         UnixStream::connect(&sock).with_context(|| format!("session '{name}' is not running"))?;
     let mut line = serde_json::to_string(req)?;
     line.push('\n');
-    s.write_all(line.as_bytes())?;
+    // The session may end while it is asked (a restore or a kill took it): say so.
+    let ended = || {
+        anyhow!(
+            "session '{name}' ended before it answered (a restore or a kill of it ran \
+             meanwhile?); `forkpoint log` shows whether the checkpoint was taken"
+        )
+    };
+    s.write_all(line.as_bytes()).map_err(|_| ended())?;
     let mut resp = String::new();
     BufReader::new(&s)
         .read_line(&mut resp)
-        .context("read session response")?;
+        .map_err(|_| ended())?;
+    if resp.is_empty() {
+        return Err(ended());
+    }
     let v: serde_json::Value =
         serde_json::from_str(&resp).context("session closed the connection")?;
     if v["ok"].as_bool() == Some(true) {
@@ -2080,6 +2097,7 @@ mod tests {
         struct Now {
             v4: V4,
             outside: Vec<OutsideFile>,
+            mountpoint: PathBuf,
         }
         let process: Vec<u8> = (0..5000u32).map(|i| (i * 7) as u8).collect();
         let before = |version| Before {
@@ -2103,11 +2121,13 @@ mod tests {
                 own: Vec::new(),
             },
             outside: vec![held.clone()],
+            mountpoint: "/work/mnt".into(),
         })
         .expect("encode");
         let si = SessionImage::decode(&now).expect("decode");
         assert_eq!(si.process, process);
         assert_eq!(si.outside, [held]);
+        assert_eq!(si.mountpoint, Path::new("/work/mnt"));
         assert_eq!(postcard::to_allocvec(&si).expect("encode"), now);
         let v4 = postcard::to_allocvec(&V4 {
             before: before(4),

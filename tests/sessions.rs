@@ -4143,3 +4143,99 @@ fn forget_takes_a_name_before_a_pattern() {
     let log = lab.fp(&["log", "-m", lab.m()]);
     assert!(!log.contains("'ab'") && log.contains("'auto-x'"), "{log}");
 }
+
+/// A checkpoint's program sees its files where the store was mounted when it was taken: a
+/// restore from the store mounted elsewhere is refused up front, saying where to mount it.
+#[test]
+fn a_restore_needs_the_mount_where_the_checkpoint_saw_it() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    std::fs::write(
+        lab.mnt.join("t.sh"),
+        "while :; do echo x >> ticks; sleep 0.02; done\n",
+    )
+    .expect("write");
+    lab.fp(&[
+        "run",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--name",
+        "t",
+        "--",
+        "bash",
+        "t.sh",
+    ]);
+    let ticks = lab.mnt.join("ticks");
+    wait_for("the program", Duration::from_secs(20), || {
+        lines_any(&ticks) > 3
+    });
+    lab.fp(&["checkpoint", "-m", lab.m(), "--kill", "c1"]);
+    // Run from outside the mounts (`Lab::fp` runs in the mount, which keeps it busy).
+    let outside = |args: &[&str]| {
+        let o = Command::new(BIN)
+            .args(args)
+            .current_dir(lab.dir.path())
+            .output()
+            .expect("run forkpoint");
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let ok = |args: &[&str]| {
+        let (ok, err) = outside(args);
+        assert!(ok, "forkpoint {args:?}: {err}");
+    };
+    let store = lab.store.to_str().expect("utf8");
+    ok(&["umount", lab.m()]);
+    let mnt2 = lab.dir.path().join("mnt2");
+    std::fs::create_dir(&mnt2).expect("mkdir");
+    let m2 = mnt2.to_str().expect("utf8");
+    ok(&["mount", store, m2]);
+    let (done, err) = outside(&["restore", "-m", m2, "--detach", "--branch", "b", "c1"]);
+    assert!(
+        !done && err.contains("was taken with the store mounted at") && err.contains(lab.m()),
+        "{err}"
+    );
+    let log = lab.fp(&["log", "-m", m2]);
+    assert!(!log.contains(" b "), "no branch made: {log}");
+    ok(&["umount", m2]);
+    ok(&["mount", store, lab.m()]);
+    ok(&["restore", "-m", lab.m(), "--detach", "--branch", "b", "c1"]);
+}
+
+/// A checkpoint number is never given twice, also after gc deleted the highest rows.
+#[test]
+fn checkpoint_numbers_are_not_given_again_after_gc() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    let cno = |out: &str| -> u64 {
+        out.split('#')
+            .nth(1)
+            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no number in {out}"))
+    };
+    std::fs::write(lab.mnt.join("f"), "1\n").expect("write");
+    let a = cno(&lab.fp(&["snapshot", "-m", lab.m(), "a1"]));
+    std::fs::write(lab.mnt.join("f"), "2\n").expect("write");
+    let b = cno(&lab.fp(&["snapshot", "-m", lab.m(), "a2"]));
+    // The head moves on past them, then they are forgotten and collected.
+    std::fs::write(lab.mnt.join("f"), "3\n").expect("write");
+    let c = cno(&lab.fp(&["snapshot", "-m", lab.m(), "a3"]));
+    // Back to a1: the head is a1 again, and what came after is named only by a2, a3 and
+    // the automatic checkpoint of the rollback.
+    lab.fp(&["restore", "-m", lab.m(), "a1"]);
+    lab.fp(&["forget", "-m", lab.m(), "a2", "a3", "auto-*"]);
+    lab.fp(&["gc"]);
+    let log = lab.fp(&["log", "-m", lab.m(), "--all"]);
+    assert!(a < b && b < c, "{a} {b} {c}");
+    std::fs::write(lab.mnt.join("f"), "4\n").expect("write");
+    let d = cno(&lab.fp(&["snapshot", "-m", lab.m(), "a4"]));
+    assert!(d > c, "#{d} after #{c}: {log}");
+}

@@ -884,9 +884,27 @@ fn insert_checkpoint(
             return Err(StoreError::NameExists(name.to_string()));
         }
     }
+    // A number is never given twice: gc deletes the rows of collected commits, and SQLite
+    // would give the highest deleted number out again (a '#16' noted earlier would then name
+    // another state). The highest number given is kept in meta.
+    let given: i64 = tx
+        .query_row("SELECT value FROM meta WHERE key='last_cno'", [], |r| {
+            r.get::<_, String>(0)
+        })
+        .optional()?
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let highest: i64 = tx.query_row("SELECT COALESCE(MAX(cno), 0) FROM checkpoints", [], |r| {
+        r.get(0)
+    })?;
+    let cno = given.max(highest) + 1;
     tx.execute(
-        "INSERT INTO checkpoints(branch, parent, root, name, time, kind, image, note)
-         VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        "INSERT OR REPLACE INTO meta VALUES('last_cno', ?1)",
+        [cno.to_string()],
+    )?;
+    tx.execute(
+        "INSERT INTO checkpoints(cno, branch, parent, root, name, time, kind, image, note)
+         VALUES(?9, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         params![
             cp.branch,
             parent,
@@ -895,10 +913,10 @@ fn insert_checkpoint(
             time,
             cp.kind.as_str(),
             cp.image.map(|i| i.0.to_vec()),
-            cp.note
+            cp.note,
+            cno
         ],
     )?;
-    let cno = tx.last_insert_rowid();
     if cp.advance_head {
         tx.execute(
             "INSERT INTO branches(name, head, created) VALUES(?1, ?2, ?3)
