@@ -879,6 +879,19 @@ fn mount(
             .into());
         }
     }
+    // The lower directory the store was made over must still be there: its files would
+    // otherwise fail one by one ("Stale file handle") behind a mount that looks fine.
+    let catalog =
+        forkpoint_fs::catalog::Catalog::open(&store.join(forkpoint_fs::store::DB_FILE), true);
+    if let Ok(Some(l)) = catalog.and_then(|c| c.meta("lower")) {
+        if !l.is_empty() && !Path::new(&l).is_dir() {
+            bail!(
+                "the lower directory {l} of the store {} is missing (moved or removed?): put \
+                 it back to mount the store",
+                store.display()
+            );
+        }
+    }
     // A running daemon serves every mount of its store.
     let req = daemon::Request::Mount {
         mountpoint: mp.clone(),

@@ -533,6 +533,15 @@ pub fn start_with(
         format!("monotonic {ms} {mn}\nboottime {bs} {bn}\n")
     });
     let cgroup = crate::cgroup::create(&spec.store, &spec.name).ok();
+    // Taken away again when this returns, unless a process is in it (the session runs): a
+    // session that could not start leaves no empty cgroup behind.
+    struct CgroupLeft<'a>(&'a Path, &'a str);
+    impl Drop for CgroupLeft<'_> {
+        fn drop(&mut self) {
+            crate::cgroup::remove(self.0, self.1);
+        }
+    }
+    let _cgroup_left = CgroupLeft(&spec.store, &spec.name);
     let hook = move || -> std::io::Result<()> {
         if let Some(cg) = &cgroup {
             // Join the session's cgroup first, so every descendant is in it.
@@ -1073,8 +1082,21 @@ fn init(spec: &InitSpec, mut info: SessionInfo, pre: Option<Preloaded>) -> Resul
             Ok((conn, _)) => {
                 let _ = conn.set_nonblocking(false);
                 let killed = handle_control(spec, main, &conn, tracker.as_ref());
-                if killed {
+                if let Some(at) = &killed {
                     // The program was killed at its checkpoint; the session ends with it.
+                    // Said where the session's output goes (the terminal of a foreground
+                    // `run`, which would otherwise just end): a checkpoint --kill from
+                    // another shell, or the one a rollback keeps.
+                    let name = &spec.name;
+                    if at.starts_with("auto-") {
+                        eprintln!(
+                            "forkpoint: session '{name}' was rolled back by a restore: its \
+                             state before is kept as '{at}', and the restored program runs \
+                             on detached under the same name (`forkpoint ps`)"
+                        );
+                    } else {
+                        eprintln!("forkpoint: session '{name}' ended at its checkpoint '{at}'");
+                    }
                     let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(main), None);
                     return Ok(137);
                 }
@@ -1105,14 +1127,14 @@ fn handle_control(
     main: i32,
     conn: &UnixStream,
     tracker: Option<&Arc<Mutex<DirtyTracker>>>,
-) -> bool {
+) -> Option<String> {
     let mut line = String::new();
     if BufReader::new(conn).read_line(&mut line).is_err() {
-        return false;
+        return None;
     }
     let (resp, killed) = match serde_json::from_str::<CheckpointRequest>(&line) {
         Ok(req) => {
-            let kill = req.after == "kill";
+            let kill = (req.after == "kill").then(|| req.name.clone());
             let mut res = checkpoint(spec, main, &req, tracker);
             // The image the pages of a delta come from, or the chunks of pages taken from
             // it unchanged, are gone (its checkpoint was forgotten and gc ran): checkpoint
@@ -1156,21 +1178,22 @@ fn handle_control(
                 Ok(v) => (serde_json::json!({"ok": true, "value": v}), kill),
                 Err(e) => (
                     serde_json::json!({"ok": false, "error": crate::render_error(&e)}),
-                    false,
+                    None,
                 ),
             }
         }
         Err(e) => (
             serde_json::json!({"ok": false, "error": format!("bad request: {e}")}),
-            false,
+            None,
         ),
     };
+
     let mut out = resp.to_string();
     out.push('\n');
     let _ = (&*conn).write_all(out.as_bytes());
     // Once the caller has its answer, while the program runs: warm the heap the next
     // incremental checkpoint copies into (kept between checkpoints, see above).
-    if tracker.is_some() && !killed && heap_warming() {
+    if tracker.is_some() && killed.is_none() && heap_warming() {
         warm_heap(program_rss() / 8);
     }
     killed

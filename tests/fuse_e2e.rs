@@ -1226,3 +1226,45 @@ fn a_failed_first_mount_leaves_no_store_and_umount_waits_for_the_daemon() {
         "the daemon still holds the store after umount returned"
     );
 }
+
+/// A store whose lower directory went is refused at mount, naming it (its files would fail
+/// one by one behind a mount that looks fine); a name with a control character is refused.
+#[test]
+fn a_missing_lower_directory_and_control_characters_are_refused() {
+    if !common::can_mount("fuse_e2e") {
+        return;
+    }
+    let lab = Lab::new();
+    let store = lab.path().join("store");
+    let mnt = lab.mkdir("mnt");
+    let lower = lab.mkdir("lower");
+    std::fs::write(lower.join("f"), "lower\n").expect("write");
+    lab.mount_ok(&store, &mnt, Some(&lower));
+    let o = fp(&[
+        OsStr::new("snapshot"),
+        OsStr::new("-m"),
+        mnt.as_os_str(),
+        OsStr::new("a\nb"),
+    ]);
+    assert!(
+        !o.ok && o.stderr.contains("control characters"),
+        "{}",
+        o.stderr
+    );
+    fp_ok(&[OsStr::new("umount"), mnt.as_os_str()]);
+    let moved = lab.path().join("lower.moved");
+    std::fs::rename(&lower, &moved).expect("rename");
+    let o = fp(&[OsStr::new("mount"), store.as_os_str(), mnt.as_os_str()]);
+    assert!(
+        !o.ok && o.stderr.contains("lower directory") && o.stderr.contains("missing"),
+        "{}",
+        o.stderr
+    );
+    assert!(!is_mounted(&mnt));
+    std::fs::rename(&moved, &lower).expect("rename back");
+    lab.mount_ok(&store, &mnt, None);
+    assert_eq!(
+        std::fs::read_to_string(mnt.join("f")).expect("read"),
+        "lower\n"
+    );
+}

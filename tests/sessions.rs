@@ -4239,3 +4239,45 @@ fn checkpoint_numbers_are_not_given_again_after_gc() {
     let d = cno(&lab.fp(&["snapshot", "-m", lab.m(), "a4"]));
     assert!(d > c, "#{d} after #{c}: {log}");
 }
+
+/// A foreground `run` whose session an in-place restore took over ends saying so, and the
+/// session runs on detached under its name.
+#[test]
+fn a_foreground_run_taken_over_by_a_rollback_says_so() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    std::fs::write(
+        lab.mnt.join("fg.sh"),
+        // Not on this test's pipes (a pipe to outside the session cannot be checkpointed).
+        "exec </dev/null >/dev/null 2>&1\nwhile :; do echo x >> ticks; sleep 0.02; done\n",
+    )
+    .expect("write");
+    let child = Command::new(BIN)
+        .args(["run", "-m", lab.m(), "--name", "fg", "--", "bash", "fg.sh"])
+        .current_dir(&lab.mnt)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start forkpoint run");
+    let ticks = lab.mnt.join("ticks");
+    wait_for("the program", Duration::from_secs(20), || {
+        lines_any(&ticks) > 3
+    });
+    lab.fp(&["checkpoint", "-m", lab.m(), "f1"]);
+    lab.fp(&["restore", "-m", lab.m(), "--detach", "f1"]);
+    let out = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("was rolled back by a restore"),
+        "{err} {:?}",
+        out.status
+    );
+    let ps = lab.fp(&["ps", "-m", lab.m()]);
+    assert!(
+        ps.lines()
+            .any(|l| l.starts_with("fg ") && l.contains("running")),
+        "{ps}"
+    );
+}

@@ -1913,11 +1913,12 @@ pub fn validate_name(n: &str) -> FsResult<()> {
         || n.starts_with('#')
         || n.starts_with('.')
         || n.contains('/')
-        || n.contains('\0')
+        || n.chars().any(char::is_control)
     {
         return Err(FsError::Store(StoreError::InvalidName {
-            name: n.to_string(),
-            reason: "names are 1-200 bytes, without '/', and do not start with '#' or '.'",
+            name: n.escape_debug().to_string(),
+            reason: "names are 1-200 bytes, without '/' or control characters (a newline, an \
+                     escape), and do not start with '#' or '.'",
         }));
     }
     Ok(())
