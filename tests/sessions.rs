@@ -3569,12 +3569,10 @@ fn a_rollback_keeps_every_session_on_the_mount() {
 /// A rollback whose restore fails late (the checkpoint's port is taken by then) starts the
 /// program it stopped again, from the automatic checkpoint it made: nothing is lost, and
 /// the program goes on from where it was.
-#[test]
-fn a_failed_rollback_brings_the_stopped_program_back() {
-    if !can_run() {
-        return;
-    }
-    let lab = Lab::new();
+/// A Python program (session "srv") that listens on a port and counts into n.log,
+/// checkpointed as "listening"; then it lets the port go and this test takes it, so that a
+/// restore of "listening" fails (the address is in use). Returns the log and the taken port.
+fn listening_program_checkpointed(lab: &Lab) -> (PathBuf, std::net::TcpListener) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port")
@@ -3619,6 +3617,16 @@ fn a_failed_rollback_brings_the_stopped_program_back() {
             std::net::TcpListener::bind(("127.0.0.1", port)).ok()
         })
         .expect("the port is free again");
+    (log, taken)
+}
+
+#[test]
+fn a_failed_rollback_brings_the_stopped_program_back() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    let (log, taken) = listening_program_checkpointed(&lab);
     let before = lines(&log);
     let err = lab.fp_fails(&["restore", "-m", lab.m(), "--detach", "listening"]);
     assert!(
@@ -3754,49 +3762,7 @@ fn a_failed_restore_in_the_foreground_is_undone_too() {
         return;
     }
     let lab = Lab::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let prog = format!(
-        "import os, socket, time\n\
-         s = socket.socket()\n\
-         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-         s.bind(('127.0.0.1', {port}))\n\
-         s.listen()\n\
-         n = 0\n\
-         while True:\n\
-         \x20   n += 1\n\
-         \x20   with open('n.log', 'a') as f: f.write('%d\\n' % n)\n\
-         \x20   if s is not None and os.path.exists('close'):\n\
-         \x20       s.close()\n\
-         \x20       s = None\n\
-         \x20   time.sleep(0.02)\n"
-    );
-    std::fs::write(lab.mnt.join("srv.py"), prog).expect("write");
-    lab.fp(&[
-        "run",
-        "-m",
-        lab.m(),
-        "--detach",
-        "--name",
-        "srv",
-        "--",
-        "python3",
-        "srv.py",
-    ]);
-    let log = lab.mnt.join("n.log");
-    wait_for("the program", Duration::from_secs(20), || {
-        lines_any(&log) > 5
-    });
-    lab.fp(&["checkpoint", "-m", lab.m(), "listening"]);
-    std::fs::write(lab.mnt.join("close"), "").expect("write");
-    let taken = (0..500)
-        .find_map(|_| {
-            std::thread::sleep(Duration::from_millis(20));
-            std::net::TcpListener::bind(("127.0.0.1", port)).ok()
-        })
-        .expect("the port is free again");
+    let (log, taken) = listening_program_checkpointed(&lab);
     // On a new branch, in the foreground: the branch goes again.
     let err = lab.fp_fails(&["restore", "-m", lab.m(), "--branch", "b1", "listening"]);
     assert!(err.contains("is in use"), "{err}");
