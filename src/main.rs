@@ -1596,8 +1596,13 @@ fn restore_inner(
                 "restore: state before the rollback kept at {:?}",
                 t0.elapsed()
             );
+            // Killed at their checkpoints: a large program takes a while to be torn down,
+            // and a session still there would refuse its name to the restore below.
             for s in &running {
-                session::wait_gone(s.pid, std::time::Duration::from_secs(2));
+                if !session::wait_gone(s.pid, std::time::Duration::from_secs(10)) {
+                    let _ = cgroup::kill(&store, &s.name);
+                    session::wait_gone(s.pid, std::time::Duration::from_secs(5));
+                }
             }
             if kept.is_none() && recovering.is_none() {
                 kept = keep_files(&mp, &store, &auto)?;
