@@ -485,9 +485,16 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                 }
             }
             if !r.problems.is_empty() {
+                let objects = r.problems.iter().filter(|p| p.kind != "branch").count();
+                let branches = r.problems.len() - objects;
                 eprintln!(
-                    "forkpoint: {} corrupt object(s) in {}",
-                    r.problems.len(),
+                    "forkpoint: {} in {}",
+                    match (objects, branches) {
+                        (o, 0) => format!("{o} corrupt object(s)"),
+                        (0, b) => format!("{b} branch(es) with a missing head"),
+                        (o, b) =>
+                            format!("{o} corrupt object(s), {b} branch(es) with a missing head"),
+                    },
                     store.display()
                 );
                 return Ok(ExitCode::FAILURE);

@@ -242,3 +242,24 @@ fn output_to_a_closed_pipe_ends_quietly() {
         out.status
     );
 }
+
+/// A branch whose head is not in the catalog fails verify, naming the branch.
+#[test]
+fn a_branch_with_a_missing_head_fails_verify() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let s = tmp.path().join("store");
+    let (ok, _, err) = forkpoint(&["init", s.to_str().expect("utf8")]);
+    assert!(ok, "{err}");
+    {
+        let mut c = forkpoint_fs::catalog::Catalog::open(&s.join("forkpoint.db"), false)
+            .expect("open catalog");
+        c.set_head("main", 999).expect("set head");
+    }
+    let (ok, out, err) = forkpoint(&["verify", s.to_str().expect("utf8")]);
+    assert!(!ok, "verify must fail: {out}");
+    assert!(
+        out.contains("CORRUPT branch 'main': its head #999 is not in the catalog"),
+        "{out}"
+    );
+    assert!(err.contains("1 branch(es) with a missing head"), "{err}");
+}

@@ -470,6 +470,23 @@ pub fn verify(store: &Store) -> Result<VerifyReport> {
         })
         .collect();
     problems.sort_by(|a, b| a.object.cmp(&b.object));
+    // A branch whose head is not in the catalog cannot be mounted (and its files are lost to
+    // it): the catalog itself is damaged.
+    let dangling = store.catalog(|c| {
+        Ok(c.branches()?
+            .into_iter()
+            .filter(|b| c.checkpoint(b.head).is_err())
+            .map(|b| (b.name, b.head))
+            .collect::<Vec<_>>())
+    })?;
+    for (name, head) in dangling {
+        problems.push(Problem {
+            object: format!("'{name}'"),
+            kind: "branch",
+            reason: format!("its head #{head} is not in the catalog"),
+            used_by: Vec::new(),
+        });
+    }
     Ok(VerifyReport {
         checkpoints: cps.len(),
         objects: w.seen.len(),
