@@ -380,8 +380,20 @@ pub fn records(store: &Path) -> Vec<SessionInfo> {
         return Vec::new();
     };
     rd.flatten()
-        .filter_map(|e| std::fs::read_to_string(e.path().join("info.json")).ok())
-        .filter_map(|t| serde_json::from_str::<SessionInfo>(&t).ok())
+        .filter_map(|e| {
+            let path = e.path().join("info.json");
+            let text = std::fs::read_to_string(&path).ok()?;
+            serde_json::from_str::<SessionInfo>(&text)
+                .map_err(|err| {
+                    // Said, not hidden: the session it names may be running.
+                    log::warn!(
+                        "the session record {} is damaged ({err}); a session it names is not \
+                         listed",
+                        path.display()
+                    )
+                })
+                .ok()
+        })
         .collect()
 }
 

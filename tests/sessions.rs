@@ -4247,3 +4247,36 @@ fn a_foreground_run_taken_over_by_a_rollback_says_so() {
         "{ps}"
     );
 }
+
+/// A session whose record is damaged is not listed, and `ps` says why.
+#[test]
+fn a_damaged_session_record_is_named() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    lab.fp(&[
+        "run",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--name",
+        "d",
+        "--",
+        "sleep",
+        "1000",
+    ]);
+    let info = lab.store.join("sessions/d/info.json");
+    let (init, _) = lab.session_pid("d");
+    std::fs::write(&info, "{garbage").expect("write");
+    let out = Command::new(BIN)
+        .args(["ps", "-m", lab.m()])
+        .current_dir(&lab.mnt)
+        .output()
+        .expect("run ps");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("info.json is damaged"), "{err}");
+    // The test's own clean-up finds the session by its record: end it here.
+    // SAFETY: kill has no memory effects.
+    unsafe { libc::kill(init, libc::SIGKILL) };
+}
