@@ -4274,9 +4274,10 @@ fn a_damaged_session_record_is_named() {
         .current_dir(&lab.mnt)
         .output()
         .expect("run ps");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("info.json is damaged"), "{err}");
-    // The test's own clean-up finds the session by its record: end it here.
+    // The lab's clean-up finds sessions by their records: this one is ended here, before
+    // anything can fail.
     // SAFETY: kill has no memory effects.
     unsafe { libc::kill(init, libc::SIGKILL) };
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("info.json is damaged"), "{err}");
 }
