@@ -63,32 +63,14 @@ pub struct SessionImage {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutsideFile {
     pub path: PathBuf,
-    pub ino: u64,
-    pub size: u64,
-    pub mtime: i64,
-    pub mtime_nsec: i64,
+    pub id: forkpoint::engine::image::FileId,
 }
 
 impl OutsideFile {
     /// Whether the file at its path is still the one recorded, unchanged; why not.
     pub fn check(&self) -> Result<(), String> {
-        use std::os::unix::fs::MetadataExt;
         let st = std::fs::metadata(&self.path).map_err(|e| e.to_string())?;
-        if st.ino() != self.ino {
-            return Err(format!("inode {} now {}", self.ino, st.ino()));
-        }
-        if (st.size(), st.mtime(), st.mtime_nsec()) != (self.size, self.mtime, self.mtime_nsec) {
-            return Err(format!(
-                "size/mtime {}/{}.{:09} now {}/{}.{:09}",
-                self.size,
-                self.mtime,
-                self.mtime_nsec,
-                st.size(),
-                st.mtime(),
-                st.mtime_nsec()
-            ));
-        }
-        Ok(())
+        self.id.differs(&st, true).map_or(Ok(()), Err)
     }
 }
 
@@ -133,11 +115,12 @@ impl SessionImage {
     pub fn decode(bytes: &[u8]) -> Result<SessionImage> {
         let (version, _) =
             postcard::take_from_bytes::<u32>(bytes).context("decode session image version")?;
-        match version {
+        // An older image is read as version 4 with what it lacks empty, then as this one.
+        let v4: SessionImageV4 = match version {
             2 => {
                 let v: SessionImageV2 =
                     postcard::from_bytes(bytes).context("decode session image")?;
-                Ok(SessionImage {
+                SessionImageV4 {
                     version: v.version,
                     process: v.process,
                     monotonic_ns: v.monotonic_ns,
@@ -145,14 +128,12 @@ impl SessionImage {
                     argv: v.argv,
                     sysv: Default::default(),
                     own: Vec::new(),
-                    outside: Vec::new(),
-                    mountpoint: PathBuf::new(),
-                })
+                }
             }
             3 => {
                 let v: SessionImageV3 =
                     postcard::from_bytes(bytes).context("decode session image")?;
-                Ok(SessionImage {
+                SessionImageV4 {
                     version: v.version,
                     process: v.process,
                     monotonic_ns: v.monotonic_ns,
@@ -160,30 +141,27 @@ impl SessionImage {
                     argv: v.argv,
                     sysv: v.sysv,
                     own: Vec::new(),
-                    outside: Vec::new(),
-                    mountpoint: PathBuf::new(),
-                })
+                }
             }
-            4 => {
-                let v: SessionImageV4 =
-                    postcard::from_bytes(bytes).context("decode session image")?;
-                Ok(SessionImage {
-                    version: v.version,
-                    process: v.process,
-                    monotonic_ns: v.monotonic_ns,
-                    boottime_ns: v.boottime_ns,
-                    argv: v.argv,
-                    sysv: v.sysv,
-                    own: v.own,
-                    outside: Vec::new(),
-                    mountpoint: PathBuf::new(),
-                })
+            4 => postcard::from_bytes(bytes).context("decode session image")?,
+            SESSION_IMAGE_VERSION => {
+                return postcard::from_bytes(bytes).context("decode session image")
             }
-            SESSION_IMAGE_VERSION => postcard::from_bytes(bytes).context("decode session image"),
             v => bail!(
                 "session image version {v} is not supported (this forkpoint reads 2 to {SESSION_IMAGE_VERSION})"
             ),
-        }
+        };
+        Ok(SessionImage {
+            version: v4.version,
+            process: v4.process,
+            monotonic_ns: v4.monotonic_ns,
+            boottime_ns: v4.boottime_ns,
+            argv: v4.argv,
+            sysv: v4.sysv,
+            own: v4.own,
+            outside: Vec::new(),
+            mountpoint: PathBuf::new(),
+        })
     }
 }
 
@@ -1021,16 +999,9 @@ fn init(spec: &InitSpec, mut info: SessionInfo, pre: Option<Preloaded>) -> Resul
                 nix::unistd::ForkResult::Parent { child } => {
                     drop(exec_w);
                     let mut code = [0u8; 4];
-                    let mut got = 0;
-                    while got < 4 {
-                        match nix::unistd::read(&exec_r, &mut code[got..]) {
-                            Ok(0) => break,
-                            Ok(n) => got += n,
-                            Err(nix::errno::Errno::EINTR) => {}
-                            Err(_) => break,
-                        }
-                    }
-                    if got == 4 {
+                    if std::io::Read::read_exact(&mut std::fs::File::from(exec_r), &mut code)
+                        .is_ok()
+                    {
                         let _ = nix::sys::wait::waitpid(child, None);
                         let e = nix::errno::Errno::from_raw(i32::from_ne_bytes(code));
                         bail!("cannot run {}: {}", spec.argv[0], e.desc());
@@ -1199,7 +1170,6 @@ fn handle_control(
             None,
         ),
     };
-
     let mut out = resp.to_string();
     out.push('\n');
     let _ = (&*conn).write_all(out.as_bytes());
@@ -1589,12 +1559,10 @@ struct Kept {
 /// Refuses a checkpoint while a process of the session holds a file outside the mount open
 /// for writing, unless it is under one of `allowed` (the session's own log always is): a
 /// restore reopens such a file as it is then, it does not roll it back. init's /proc is the
-/// session's: every process in it but init belongs to the program.
-/// Checks that no process of the session writes to a file outside the mount (unless
-/// allowed), and returns the files outside the mount they hold open otherwise, as they are
-/// now: regular files not under an allowed directory, nor under /proc, /sys or /dev.
+/// session's: every process in it but init belongs to the program. Returns the regular files
+/// outside the mount they hold open for reading, as they are now (not those under an
+/// allowed directory, /proc, /sys or /dev): a restore checks they are unchanged.
 fn outside_files(mountpoint: &Path, allowed: &[PathBuf]) -> Result<Vec<OutsideFile>, String> {
-    use std::os::unix::fs::MetadataExt;
     let mut held: Vec<OutsideFile> = Vec::new();
     let Ok(procs) = std::fs::read_dir("/proc") else {
         return Ok(held);
@@ -1627,7 +1595,8 @@ fn outside_files(mountpoint: &Path, allowed: &[PathBuf]) -> Result<Vec<OutsideFi
                 std::fs::read_to_string(e.path().join("fdinfo").join(&fd)).unwrap_or_default();
             let flags = status_field_octal(&info, "flags:").unwrap_or(0);
             let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
-            let regular = std::fs::metadata(f.path()).is_ok_and(|m| m.is_file());
+            let st = std::fs::metadata(f.path()).ok().filter(|m| m.is_file());
+            let regular = st.is_some();
             let is_allowed = allowed.iter().any(|a| target.starts_with(a));
             if writable && regular && !is_allowed {
                 return Err(format!(
@@ -1639,19 +1608,11 @@ fn outside_files(mountpoint: &Path, allowed: &[PathBuf]) -> Result<Vec<OutsideFi
             let system = ["/proc", "/sys", "/dev"]
                 .iter()
                 .any(|d| target.starts_with(d));
-            if regular
-                && !writable
-                && !is_allowed
-                && !system
-                && !held.iter().any(|h| h.path == target)
-            {
-                if let Ok(st) = std::fs::metadata(f.path()) {
+            if let Some(st) = st.filter(|_| !writable && !is_allowed && !system) {
+                if !held.iter().any(|h| h.path == target) {
                     held.push(OutsideFile {
                         path: target.clone(),
-                        ino: st.ino(),
-                        size: st.size(),
-                        mtime: st.mtime(),
-                        mtime_nsec: st.mtime_nsec(),
+                        id: forkpoint::engine::image::FileId::of(&st),
                     });
                 }
             }
@@ -2145,10 +2106,13 @@ mod tests {
         };
         let held = OutsideFile {
             path: "/etc/hosts".into(),
-            ino: 12,
-            size: 34,
-            mtime: 56,
-            mtime_nsec: 78,
+            id: forkpoint::engine::image::FileId {
+                dev: 9,
+                ino: 12,
+                size: 34,
+                mtime: 56,
+                mtime_nsec: 78,
+            },
         };
         let now = postcard::to_allocvec(&Now {
             v4: V4 {

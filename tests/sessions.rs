@@ -99,6 +99,19 @@ impl Lab {
         self.store.join("branches").join(b)
     }
 
+    /// Starts `argv` in the mount as session `name`, detached, and waits until the file
+    /// `log` it writes (in the mount) has more than five lines; returns that file's path.
+    fn run_writing(&self, name: &str, argv: &[&str], log: &str) -> PathBuf {
+        let mut args = vec!["run", "-m", self.m(), "--detach", "--name", name, "--"];
+        args.extend_from_slice(argv);
+        self.fp(&args);
+        let log = self.mnt.join(log);
+        wait_for("the program", Duration::from_secs(20), || {
+            lines_any(&log) > 5
+        });
+        log
+    }
+
     fn session_pid(&self, name: &str) -> (i32, i32) {
         let text =
             std::fs::read_to_string(self.store.join("sessions").join(name).join("info.json"))
@@ -3593,21 +3606,7 @@ fn listening_program_checkpointed(lab: &Lab) -> (PathBuf, std::net::TcpListener)
          \x20   time.sleep(0.02)\n"
     );
     std::fs::write(lab.mnt.join("srv.py"), prog).expect("write");
-    lab.fp(&[
-        "run",
-        "-m",
-        lab.m(),
-        "--detach",
-        "--name",
-        "srv",
-        "--",
-        "python3",
-        "srv.py",
-    ]);
-    let log = lab.mnt.join("n.log");
-    wait_for("the program", Duration::from_secs(20), || {
-        lines_any(&log) > 5
-    });
+    let log = lab.run_writing("srv", &["python3", "srv.py"], "n.log");
     lab.fp(&["checkpoint", "-m", lab.m(), "listening"]);
     // The program lets the port go, and someone else takes it.
     std::fs::write(lab.mnt.join("close"), "").expect("write");
@@ -3881,21 +3880,7 @@ while True:
     time.sleep(0.02)
 "#;
     std::fs::write(lab.mnt.join("churn.py"), script).expect("script");
-    lab.fp(&[
-        "run",
-        "-m",
-        lab.m(),
-        "--detach",
-        "--name",
-        "churn",
-        "--",
-        "python3",
-        "churn.py",
-    ]);
-    let tick = lab.mnt.join("tick");
-    wait_for("the program", Duration::from_secs(20), || {
-        lines_any(&tick) > 3
-    });
+    lab.run_writing("churn", &["python3", "churn.py"], "tick");
     lab.fp(&["checkpoint", "-m", lab.m(), "c1"]);
     lab.fp(&["forget", "-m", lab.m(), "c1"]);
     lab.fp(&["gc"]);
@@ -4009,21 +3994,7 @@ fn files_outside_the_mount_held_open_must_be_unchanged() {
         ext.display()
     );
     std::fs::write(lab.mnt.join("reader.sh"), script).expect("write");
-    lab.fp(&[
-        "run",
-        "-m",
-        lab.m(),
-        "--detach",
-        "--name",
-        "r",
-        "--",
-        "bash",
-        "reader.sh",
-    ]);
-    let ticks = lab.mnt.join("ticks");
-    wait_for("the program", Duration::from_secs(20), || {
-        lines_any(&ticks) > 3
-    });
+    lab.run_writing("r", &["bash", "reader.sh"], "ticks");
     lab.fp(&["checkpoint", "-m", lab.m(), "r1"]);
     let (init, main) = lab.session_pid("r");
     // Unchanged: it restores.
@@ -4123,21 +4094,7 @@ fn a_restore_needs_the_mount_where_the_checkpoint_saw_it() {
         "while :; do echo x >> ticks; sleep 0.02; done\n",
     )
     .expect("write");
-    lab.fp(&[
-        "run",
-        "-m",
-        lab.m(),
-        "--detach",
-        "--name",
-        "t",
-        "--",
-        "bash",
-        "t.sh",
-    ]);
-    let ticks = lab.mnt.join("ticks");
-    wait_for("the program", Duration::from_secs(20), || {
-        lines_any(&ticks) > 3
-    });
+    lab.run_writing("t", &["bash", "t.sh"], "ticks");
     lab.fp(&["checkpoint", "-m", lab.m(), "--kill", "c1"]);
     // Run from outside the mounts (`Lab::fp` runs in the mount, which keeps it busy).
     let outside = |args: &[&str]| {

@@ -441,13 +441,7 @@ fn classify(
             Contents::All
         } else {
             m.kind = MappingKind::File;
-            m.file = Some(FileId {
-                dev: st.dev(),
-                ino: st.ino(),
-                size: st.size(),
-                mtime: st.mtime(),
-                mtime_nsec: st.mtime_nsec(),
-            });
+            m.file = Some(FileId::of(&st));
             if shared {
                 Contents::None
             } else if opts.dump_file_pages {

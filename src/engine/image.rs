@@ -726,6 +726,37 @@ pub struct FileId {
     pub mtime_nsec: i64,
 }
 
+impl FileId {
+    /// The identity of the file `st` describes.
+    pub fn of(st: &std::fs::Metadata) -> FileId {
+        use std::os::unix::fs::MetadataExt;
+        FileId {
+            dev: st.dev(),
+            ino: st.ino(),
+            size: st.size(),
+            mtime: st.mtime(),
+            mtime_nsec: st.mtime_nsec(),
+        }
+    }
+
+    /// How the file `st` describes differs from this one, if it does: another inode, or
+    /// (when `contents` counts) another size or mtime.
+    pub fn differs(&self, st: &std::fs::Metadata, contents: bool) -> Option<String> {
+        let now = FileId::of(st);
+        if contents
+            && (now.size, now.mtime, now.mtime_nsec) != (self.size, self.mtime, self.mtime_nsec)
+        {
+            return Some(format!(
+                "size/mtime {}/{}.{:09} now {}/{}.{:09}",
+                self.size, self.mtime, self.mtime_nsec, now.size, now.mtime, now.mtime_nsec
+            ));
+        }
+        // Another file put in its place (a package upgrade renames a new file over the old
+        // one), even with the same size and mtime.
+        (now.ino != self.ino).then(|| format!("inode {} now {}", self.ino, now.ino))
+    }
+}
+
 /// One line of `/proc/PID/maps`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Mapping {

@@ -37,7 +37,6 @@
 //! registers, and stays stopped until the leader has unmapped the scratch area. Then all
 //! threads are detached.
 
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use nix::errno::Errno;
@@ -474,29 +473,10 @@ fn check_mapped_files(
             reason: e.to_string(),
         })?;
         let written = m.shared && m.prot & libc::PROT_WRITE as u32 != 0;
-        if !in_snapshot
-            && !written
-            && (st.size() != id.size || st.mtime() != id.mtime || st.mtime_nsec() != id.mtime_nsec)
-        {
+        if let Some(reason) = id.differs(&st, !in_snapshot && !written) {
             return Err(RestoreError::FileChanged {
                 path: path.clone(),
-                reason: format!(
-                    "size/mtime {}/{}.{:09} now {}/{}.{:09}",
-                    id.size,
-                    id.mtime,
-                    id.mtime_nsec,
-                    st.size(),
-                    st.mtime(),
-                    st.mtime_nsec()
-                ),
-            });
-        }
-        // Another file put in its place (a package upgrade renames a new file over the old
-        // one), even with the same size and mtime.
-        if st.ino() != id.ino {
-            return Err(RestoreError::FileChanged {
-                path: path.clone(),
-                reason: format!("inode {} now {}", id.ino, st.ino()),
+                reason,
             });
         }
     }
