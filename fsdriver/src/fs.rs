@@ -298,6 +298,10 @@ struct State {
     /// invalidate them; `None` once too many were handed out (then none are, until the next
     /// checkout).
     negative: Option<HashSet<(u64, Vec<u8>)>>,
+    /// Inodes looked up under `.forkpoint/inodes/` since the last checkout: the kernel may
+    /// keep them (and their pages) under that name after their last close, so a rollback
+    /// must tell it to forget them.
+    by_number: HashSet<u64>,
 }
 
 /// How many negative entries the kernel may cache between two checkouts.
@@ -367,6 +371,7 @@ impl Fs {
                 spill_limit: DIRTY_LIMIT,
                 snaps: Vec::new(),
                 negative: Some(HashSet::new()),
+                by_number: HashSet::new(),
             }),
             commit_lock: Mutex::new(()),
             checkouts: std::sync::atomic::AtomicU64::new(0),
@@ -1619,6 +1624,16 @@ impl Fs {
             }
             inval.push(Inval::Inode(*ino));
         }
+        // A file looked up by number (a checkpoint records an unlinked file that way, and a
+        // restore reopens it there) may outlive its last close in the kernel's cache, pages
+        // and all, under that name; the checked-out tree may hold it with other contents.
+        let by_number = std::mem::take(&mut st.by_number);
+        for ino in by_number.into_iter().chain(root.orphans.iter().copied()) {
+            if !st.nodes.contains_key(&ino) {
+                inval.push(Inval::Inode(ino));
+            }
+            inval.push(Inval::Entry(INODES_INO, ino.to_string().into_bytes()));
+        }
         st.head = cno;
         st.next_ino = st.next_ino.max(root.next_ino);
         st.base = root;
@@ -1734,6 +1749,7 @@ impl Fs {
                 if st.attr.kind == FileKind::Dir {
                     return Err(FsError::NotFound);
                 }
+                self.lock().by_number.insert(ino);
                 Ok(st)
             }
             SNAPS_INO => {
