@@ -1270,3 +1270,46 @@ fn a_missing_lower_directory_and_control_characters_are_refused() {
         "lower\n"
     );
 }
+
+/// `.forkpoint/snapshots/NAME` follows the name: forgotten, it is gone; given to a new
+/// snapshot, it shows the new one (with gc run in between too), not what the name meant
+/// when it was first looked up.
+#[test]
+fn a_snapshot_name_given_again_shows_the_new_snapshot() {
+    let Some((_lab, store, mnt)) = mounted_lab() else {
+        return;
+    };
+    let run = |args: &[&OsStr]| fp_ok(args);
+    let m = mnt.as_os_str();
+    let snap = mnt.join(".forkpoint/snapshots/rr/v");
+    for (round, gc) in [(1, false), (2, false), (3, true)] {
+        std::fs::write(mnt.join("v"), format!("{round}\n")).expect("write");
+        run(&[
+            OsStr::new("snapshot"),
+            OsStr::new("-m"),
+            m,
+            OsStr::new("rr"),
+        ]);
+        assert_eq!(
+            std::fs::read_to_string(&snap).expect("read the snapshot"),
+            format!("{round}\n"),
+            "round {round}"
+        );
+        run(&[OsStr::new("forget"), OsStr::new("-m"), m, OsStr::new("rr")]);
+        assert!(
+            !snap.exists(),
+            "round {round}: a forgotten name is still shown"
+        );
+        if gc {
+            run(&[OsStr::new("gc"), store.as_os_str()]);
+        }
+    }
+    std::fs::write(mnt.join("v"), "4\n").expect("write");
+    run(&[
+        OsStr::new("snapshot"),
+        OsStr::new("-m"),
+        m,
+        OsStr::new("rr"),
+    ]);
+    assert_eq!(std::fs::read_to_string(&snap).expect("read"), "4\n");
+}

@@ -31,6 +31,12 @@ pub const META_NAME: &[u8] = b".forkpoint";
 const META_BIT: u64 = 1 << 63;
 const META_INO: u64 = META_BIT | 1;
 const SNAPS_INO: u64 = META_BIT | 2;
+
+/// May the kernel keep what a lookup in `parent` answered? Not for the snapshots' names:
+/// a name can be forgotten and given to another snapshot at any time.
+pub fn entry_may_be_cached(parent: u64) -> bool {
+    parent != SNAPS_INO
+}
 /// `.forkpoint/inodes/`: every live inode by number, unlinked-but-kept ones included.
 const INODES_INO: u64 = META_BIT | 3;
 const SNAP_BIT: u64 = 1 << 62;
@@ -274,6 +280,9 @@ struct Handle {
 
 struct Snap {
     name: String,
+    /// The checkpoint the name stood for when the slot was made: a name forgotten and
+    /// given again gets a slot of its own.
+    cno: u64,
     view: TreeView,
 }
 
@@ -1840,12 +1849,8 @@ impl Fs {
     }
 
     fn snap_slot(&self, name: &str) -> FsResult<u64> {
-        {
-            let st = self.lock();
-            if let Some(i) = st.snaps.iter().position(|s| s.name == name) {
-                return Ok(i as u64);
-            }
-        }
+        // The catalog is asked every time: the name may have been forgotten, or given to
+        // another snapshot, since its slot was made.
         let cp = self.store.find(name).map_err(|e| match e {
             StoreError::UnknownCheckpoint(_) => FsError::NotFound,
             e => FsError::Store(e),
@@ -1853,9 +1858,17 @@ impl Fs {
         if cp.name.is_none() {
             return Err(FsError::NotFound);
         }
+        let slot = |st: &State| {
+            st.snaps
+                .iter()
+                .position(|s| s.name == name && s.cno == cp.cno)
+        };
+        if let Some(i) = slot(&self.lock()) {
+            return Ok(i as u64);
+        }
         let view = TreeView::open(self.store.clone(), cp.root)?;
         let mut st = self.lock();
-        if let Some(i) = st.snaps.iter().position(|s| s.name == name) {
+        if let Some(i) = slot(&st) {
             return Ok(i as u64);
         }
         if st.snaps.len() >= (1 << 21) {
@@ -1863,6 +1876,7 @@ impl Fs {
         }
         st.snaps.push(Snap {
             name: name.to_string(),
+            cno: cp.cno,
             view,
         });
         Ok(st.snaps.len() as u64 - 1)

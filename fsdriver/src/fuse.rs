@@ -209,7 +209,14 @@ impl Filesystem for FuseFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let generation = self.fs.generation();
         match self.fs.lookup(parent.0, name.as_bytes()) {
-            Ok(s) => reply.entry(&TTL, &file_attr(s.ino, &s.attr), Generation(0)),
+            Ok(s) => {
+                let ttl = if crate::fs::entry_may_be_cached(parent.0) {
+                    TTL
+                } else {
+                    Duration::ZERO
+                };
+                reply.entry(&ttl, &file_attr(s.ino, &s.attr), Generation(0))
+            }
             // A negative entry (node id 0 with a timeout): the kernel remembers that the name
             // is absent, so `stat` then `open(O_CREAT)` of a new file asks once, not twice.
             Err(FsError::NotFound)
