@@ -839,6 +839,7 @@ fn mount(
     }
     check_fuse()?;
     let store = mounts::absolute(store)?;
+    refuse_overlap(&mp, &store, lower)?;
     if !is_store(&store) {
         if store.exists()
             && std::fs::read_dir(&store)
@@ -898,6 +899,9 @@ fn mount(
                 store.display()
             );
         }
+        if !l.is_empty() {
+            refuse_overlap(&mp, &store, Some(Path::new(&l)))?;
+        }
     }
     // A running daemon serves every mount of its store.
     let req = daemon::Request::Mount {
@@ -925,6 +929,54 @@ fn mount(
         mp.display()
     );
     warn_lost_sessions(&store);
+    Ok(())
+}
+
+/// Refuses a mount that would read itself: a lower directory that holds the mountpoint (or
+/// lies under it) makes the daemon look up its own mount while serving it, which deadlocks;
+/// a store under the mountpoint is hidden by the mount it serves; a store inside the lower
+/// directory changes the files the mount promises never to change.
+fn refuse_overlap(mp: &Path, store: &Path, lower: Option<&Path>) -> Result<()> {
+    // Symbolic links resolved, for a path that may not exist yet (its parent does).
+    let real = |p: &Path| -> PathBuf {
+        p.canonicalize().unwrap_or_else(|_| {
+            match (
+                p.parent().and_then(|d| d.canonicalize().ok()),
+                p.file_name(),
+            ) {
+                (Some(d), Some(n)) => d.join(n),
+                _ => p.to_path_buf(),
+            }
+        })
+    };
+    let (mp, store) = (real(mp), real(store));
+    if store.starts_with(&mp) {
+        bail!(
+            "the store {} is inside the mountpoint {}: the mount would hide it; put it elsewhere",
+            store.display(),
+            mp.display()
+        );
+    }
+    let Some(lower) = lower else {
+        return Ok(());
+    };
+    let lower = real(lower);
+    if mp.starts_with(&lower) || lower.starts_with(&mp) {
+        bail!(
+            "the lower directory {} and the mountpoint {} overlap: the mount would serve itself \
+             (mount it on a directory outside the lower one)",
+            lower.display(),
+            mp.display()
+        );
+    }
+    if store.starts_with(&lower) {
+        bail!(
+            "the store {} is inside the lower directory {}, which must not change under the \
+             mount; put the store elsewhere",
+            store.display(),
+            lower.display()
+        );
+    }
     Ok(())
 }
 

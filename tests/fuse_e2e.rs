@@ -673,6 +673,37 @@ fn mount_mistakes_fail_clearly() {
         &["(none)"],
         false,
     );
+    // A mount that would read itself (it deadlocked), or hide or change its own store.
+    let fresh = lab.path().join("fresh");
+    let inner = lower.join("sub");
+    std::fs::create_dir(&inner).expect("mkdir");
+    for (mp, low, st, needle) in [
+        (&lower, &lower, &fresh, "overlap"),
+        (&inner, &lower, &fresh, "overlap"),
+        (&mnt2, &lab.path().to_path_buf(), &fresh, "overlap"),
+        (
+            &mnt2,
+            &lower,
+            &lower.join("store"),
+            "inside the lower directory",
+        ),
+        (&mnt2, &lower, &mnt2.join("store"), "inside the mountpoint"),
+    ] {
+        mount_fails(
+            &lab,
+            &[s(st), s(mp), "--lower", s(low)],
+            mp,
+            &[needle],
+            false,
+        );
+        assert!(!fresh.exists(), "a refused mount made a store");
+    }
+    // The lower directory a store was made over counts too.
+    let over = lab.path().join("over");
+    lab.mount_ok(&over, &mnt2, Some(&lower));
+    lab.umount_ok(&mnt2);
+    wait_daemon_exit(&over);
+    mount_fails(&lab, &[s(&over), s(&inner)], &inner, &["overlap"], false);
     assert!(
         daemon_pids(&store).is_empty() && daemon_pids(&bare).is_empty(),
         "a refused mount left a daemon running"
