@@ -719,15 +719,36 @@ impl Catalog {
 
     /// gc's commit point: drop unretained checkpoints, move relocated objects, drop dead ones
     /// and forget reclaimed segments, in one transaction.
+    ///
+    /// `kept` are the checkpoints the mark walked. One retained now that is not among them
+    /// (a branch made from an unnamed commit, a rollback's head moved to one) may need
+    /// objects the sweep drops: gc refuses, with [`StoreError::ChangedDuringGc`].
+    #[allow(clippy::too_many_arguments)]
     pub fn gc_commit(
         &mut self,
+        kept: &std::collections::HashSet<u64>,
         moved: &[(ContentId, Loc)],
         dead: &[ContentId],
         new_segments: &[(u64, u64)],
         dropped_segments: &[u64],
         index: Option<(u64, u64)>,
     ) -> Result<()> {
-        let tx = self.conn.transaction()?;
+        // Immediate: no other writer between the check and the deletes.
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        {
+            let mut st = tx.prepare(
+                "SELECT cno FROM checkpoints WHERE name IS NOT NULL
+                 OR cno IN (SELECT head FROM branches)",
+            )?;
+            let now = st.query_map([], |r| r.get::<_, i64>(0))?;
+            for cno in now {
+                if !kept.contains(&(cno? as u64)) {
+                    return Err(StoreError::ChangedDuringGc);
+                }
+            }
+        }
         // A flushed transaction: the intent commits before it are durable now, and the
         // index generation may change, so their base no longer applies.
         tx.execute("DELETE FROM meta WHERE key='fast_base'", [])?;

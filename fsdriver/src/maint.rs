@@ -499,6 +499,10 @@ pub fn verify(store: &Store) -> Result<VerifyReport> {
 /// run on a damaged store).
 pub fn reachable(store: &Store) -> Result<HashSet<ContentId>> {
     let cps = store.catalog(|c| c.retained())?;
+    reachable_from(store, &cps)
+}
+
+fn reachable_from(store: &Store, cps: &[Checkpoint]) -> Result<HashSet<ContentId>> {
     let mut w = Walker {
         store,
         seen: HashSet::new(),
@@ -506,7 +510,7 @@ pub fn reachable(store: &Store) -> Result<HashSet<ContentId>> {
         bytes: 0,
         verify: false,
     };
-    for cp in &cps {
+    for cp in cps {
         w.checkpoint(cp)?;
     }
     if let Some((id, (reason, kind, _))) = w.bad.into_iter().next() {
@@ -553,9 +557,10 @@ pub fn gc_with(store: &Store, between: &mut dyn FnMut()) -> Result<GcReport> {
         ..Default::default()
     };
     let before = store.catalog(|c| Ok(c.checkpoints()?.len()))?;
-    let retained = store.catalog(|c| c.retained())?.len();
-    report.dropped_checkpoints = before - retained;
-    let live = reachable(store)?;
+    let retained = store.catalog(|c| c.retained())?;
+    report.dropped_checkpoints = before - retained.len();
+    let kept: HashSet<u64> = retained.iter().map(|c| c.cno).collect();
+    let live = reachable_from(store, &retained)?;
     between();
     let index = store.index_snapshot();
     let mut seg_total: BTreeMap<u64, u64> = BTreeMap::new();
@@ -628,7 +633,7 @@ pub fn gc_with(store: &Store, between: &mut dyn FnMut()) -> Result<GcReport> {
             store.write_index_generation(&new_index)?
         };
         let index_meta = next.as_ref().map(|(gen, f)| (*gen, f.len()));
-        store.catalog(|c| c.gc_commit(&moved, &dead, &segs, &drop, index_meta))?;
+        store.catalog(|c| c.gc_commit(&kept, &moved, &dead, &segs, &drop, index_meta))?;
         if let Some((gen, f)) = next {
             store.switch_index(gen, f);
         }

@@ -374,3 +374,38 @@ fn a_commit_with_nothing_new_settles_the_intent_commits() {
     drop(store);
     check(&dir, &files, &[]);
 }
+
+/// A branch made from an unnamed commit while gc marks (the mark did not keep that commit)
+/// makes the sweep refuse: it would drop the objects only that commit reaches, and the new
+/// branch would point at files that are gone.
+#[test]
+fn gc_refuses_when_a_branch_is_made_from_a_commit_it_did_not_keep() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("store");
+    let store = Store::create_with(&dir, None, config(), None).expect("create");
+    let fs = Fs::new(store.clone(), "main").expect("fs");
+    let mut files = Files::new();
+    put(&fs, &mut files, "a", 0, &data(7, 50_000)).expect("put");
+    let old = fs.commit_now().expect("commit");
+    fs.unlink(1, b"a").expect("unlink");
+    put(&fs, &mut files, "b", 0, &data(8, 1000)).expect("put");
+    fs.commit_now().expect("commit");
+    let r = maint::gc_with(&store, &mut || {
+        store
+            .catalog(|c| c.create_branch("exp", old))
+            .expect("branch");
+    });
+    assert!(
+        matches!(r, Err(StoreError::ChangedDuringGc)),
+        "the sweep must refuse: {r:?}"
+    );
+    let report = maint::verify(&store).expect("verify");
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    // Once the branch is there before the mark, gc keeps what it needs.
+    maint::gc(&store).expect("gc");
+    let report = maint::verify(&store).expect("verify");
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    let exp = Fs::new(store.clone(), "exp").expect("mount exp");
+    let a = exp.lookup(1, b"a").expect("a on exp");
+    assert_eq!(exp.read(a.ino, 0, 50_000).expect("read"), data(7, 50_000));
+}
