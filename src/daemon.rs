@@ -234,7 +234,17 @@ pub struct Daemon {
     quit: AtomicBool,
     /// Device and inode of the control socket this daemon bound.
     socket: std::sync::OnceLock<(u64, u64)>,
+    /// Checkpoints in progress, by the pid of the session that takes them, with when they
+    /// last asked something: from their filesystem commit to their record, what they
+    /// stored is reachable from nothing that gc keeps.
+    in_flight: Mutex<HashMap<i32, Instant>>,
 }
+
+/// How long a checkpoint in progress holds gc off after its last request, and how long gc
+/// waits for checkpoints in progress before it goes on (they may have failed silently;
+/// one that did not is retried whole if gc took its pages).
+const IN_FLIGHT_QUIET: Duration = Duration::from_secs(60);
+const GC_WAITS_FOR_CHECKPOINTS: Duration = Duration::from_secs(30);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -247,7 +257,44 @@ impl Daemon {
             mounts: Mutex::new(HashMap::new()),
             quit: AtomicBool::new(false),
             socket: std::sync::OnceLock::new(),
+            in_flight: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Notes (or forgets, with `done`) a checkpoint in progress in session process `pid`.
+    fn checkpoint_in_flight(&self, pid: Option<i32>, done: bool) {
+        let Some(pid) = pid else { return };
+        let mut m = lock(&self.in_flight);
+        if done {
+            m.remove(&pid);
+        } else {
+            m.insert(pid, Instant::now());
+        }
+    }
+
+    /// Waits (a while) for the checkpoints in progress to be recorded, so that gc does not
+    /// take the pages and the filesystem commit they are about to record.
+    fn wait_checkpoints_in_flight(&self) {
+        let t = Instant::now();
+        loop {
+            {
+                let mut m = lock(&self.in_flight);
+                m.retain(|pid, at| {
+                    at.elapsed() < IN_FLIGHT_QUIET && Path::new(&format!("/proc/{pid}")).exists()
+                });
+                if m.is_empty() {
+                    return;
+                }
+                if t.elapsed() >= GC_WAITS_FOR_CHECKPOINTS {
+                    log::warn!(
+                        "gc goes on beside checkpoints in progress in sessions {:?}",
+                        m.keys().collect::<Vec<_>>()
+                    );
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Removes the control socket if it is still this daemon's. A store deleted while its
@@ -424,6 +471,8 @@ impl Daemon {
                 serde_json::json!({"cno": cno, "branch": fs.branch(), "micros": t.elapsed().as_micros() as u64})
             }
             Request::Commit { mountpoint } => {
+                // A checkpoint's commit, taken while its program is frozen.
+                self.checkpoint_in_flight(peer, false);
                 let t = Instant::now();
                 let fs = self.fs(&mountpoint)?;
                 let cno = fs.commit_now()?;
@@ -452,7 +501,9 @@ impl Daemon {
                     file: &image_file,
                     base,
                 };
-                record_checkpoint(&self.store, &name, root_cno, &image, auto)?
+                let r = record_checkpoint(&self.store, &name, root_cno, &image, auto);
+                self.checkpoint_in_flight(peer, true);
+                r?
             }
             Request::StorePages {
                 mountpoint,
@@ -462,6 +513,7 @@ impl Daemon {
                 self.fs(&mountpoint)?;
                 let pid =
                     peer.ok_or_else(|| anyhow!("cannot tell which process sent the pages"))?;
+                self.checkpoint_in_flight(peer, false);
                 let pages = PageSource {
                     pid,
                     list: &page_list,
@@ -507,6 +559,7 @@ impl Daemon {
                 const TRIES: usize = 3;
                 let mut tries = 0;
                 let report = loop {
+                    self.wait_checkpoints_in_flight();
                     self.commit_all();
                     let r = if tries + 1 < TRIES {
                         maint::gc(&self.store)

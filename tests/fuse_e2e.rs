@@ -1344,3 +1344,51 @@ fn a_snapshot_name_given_again_shows_the_new_snapshot() {
     ]);
     assert_eq!(std::fs::read_to_string(&snap).expect("read"), "4\n");
 }
+
+/// gc waits for a checkpoint in progress (from its filesystem commit to its record): what
+/// such a checkpoint stored is reachable from nothing gc keeps until it is recorded. Here a
+/// process makes the commit a checkpoint makes and stays; gc ends only once it is gone.
+#[test]
+fn gc_waits_for_a_checkpoint_in_progress() {
+    let Some((_lab, store, mnt)) = mounted_lab() else {
+        return;
+    };
+    let script = format!(
+        "import socket, sys, time\n\
+         s = socket.socket(socket.AF_UNIX)\n\
+         s.connect({sock:?})\n\
+         s.sendall(b'{{\"op\":\"commit\",\"mountpoint\":{mp:?}}}\\n')\n\
+         print(s.makefile().readline(), flush=True)\n\
+         time.sleep(60)\n",
+        sock = store.join("ctl.sock").to_str().expect("utf8"),
+        mp = mnt.to_str().expect("utf8"),
+    );
+    let mut checkpointer = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(checkpointer.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("read");
+    assert!(line.contains("\"ok\":true"), "{line}");
+    let mut gc = std::process::Command::new(env!("CARGO_BIN_EXE_forkpoint"))
+        .arg("gc")
+        .arg(&store)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("gc");
+    std::thread::sleep(Duration::from_secs(1));
+    let early = gc.try_wait().expect("gc");
+    let _ = checkpointer.kill();
+    let _ = checkpointer.wait();
+    let status = gc.wait().expect("gc");
+    assert!(
+        early.is_none(),
+        "gc ended beside a checkpoint in progress: {early:?}"
+    );
+    assert!(status.success());
+}
