@@ -273,6 +273,16 @@ impl Catalog {
             .optional()?)
     }
 
+    /// The highest segment number the catalog ever held (0: none recorded). gc records it
+    /// before it forgets segments: numbers are not given twice, and recovery never takes a
+    /// reclaimed segment's file, left by a crash, for one written after the last commit.
+    pub fn segment_high_water(&self) -> Result<u64> {
+        Ok(self
+            .meta("segment_high_water")?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0))
+    }
+
     /// Starts a read transaction: until [`Catalog::end_snapshot`], every query sees the
     /// catalog as it was at the first one (SQLite's WAL snapshot), however many commits a
     /// daemon makes meanwhile.
@@ -755,6 +765,18 @@ impl Catalog {
         tx.execute(
             "DELETE FROM checkpoints WHERE name IS NULL AND cno NOT IN (SELECT head FROM branches)",
             [],
+        )?;
+        let top: Option<i64> = tx.query_row("SELECT MAX(id) FROM segments", [], |r| r.get(0))?;
+        let high = new_segments
+            .iter()
+            .map(|(id, _)| *id as i64)
+            .chain(top)
+            .max()
+            .unwrap_or(0);
+        tx.execute(
+            "INSERT INTO meta VALUES('segment_high_water', ?1)
+             ON CONFLICT(key) DO UPDATE SET value = MAX(CAST(value AS INTEGER), CAST(?1 AS INTEGER))",
+            [high.to_string()],
         )?;
         // With an index file the objects move by switching to its new generation.
         let (moved, dead) = match index {

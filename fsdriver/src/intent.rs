@@ -93,6 +93,7 @@ pub fn recover(
     on_disk: &[u64],
     index: (u64, u64),
     base: Option<FastBase>,
+    high_water: u64,
 ) -> Result<Option<Recovery>> {
     let committed: BTreeMap<u64, u64> = committed.iter().copied().collect();
     let base = base.filter(|b| {
@@ -107,8 +108,14 @@ pub fn recover(
         Some(b) => (b.segments.into_iter().collect(), b.index_len),
         None => (committed.clone(), index.1),
     };
-    // Segments past the last one the start knows were rolled to since: scanned whole.
-    let known_max = start.keys().max().copied();
+    // Segments past the last one the start knows were rolled to since: scanned whole. Not
+    // one numbered at or below the highest the catalog ever held: that one is a segment gc
+    // reclaimed whose file a crash left behind, and its markers are long settled.
+    let known_max = start
+        .keys()
+        .max()
+        .copied()
+        .max((high_water > 0).then_some(high_water));
     let ids: BTreeSet<u64> = committed.keys().chain(on_disk).copied().collect();
     // (segment, its file, records, valid end)
     let mut scanned = Vec::new();

@@ -333,13 +333,19 @@ impl Store {
             catalog.begin_snapshot()?;
         }
         let mut committed = catalog.segments()?;
+        let high_water = catalog.segment_high_water()?;
         let mut segs = HashMap::new();
         let on_disk = storage.list().ctx("list segments", storage.path())?;
         // Intent commits the catalog may have lost in a crash are found in the log.
         let recovery = match catalog.index_meta()? {
-            Some(ix) if !read_only => {
-                crate::intent::recover(&*storage, &committed, &on_disk, ix, catalog.fast_base()?)?
-            }
+            Some(ix) if !read_only => crate::intent::recover(
+                &*storage,
+                &committed,
+                &on_disk,
+                ix,
+                catalog.fast_base()?,
+                high_water,
+            )?,
             _ => None,
         };
         if let Some(r) = &recovery {
@@ -399,8 +405,15 @@ impl Store {
                 let Some(base) = catalog.fast_base()? else {
                     return Err(e);
                 };
-                let r = crate::intent::recover(&*storage, &committed, &on_disk, ix, Some(base))?
-                    .ok_or(e)?;
+                let r = crate::intent::recover(
+                    &*storage,
+                    &committed,
+                    &on_disk,
+                    ix,
+                    Some(base),
+                    high_water,
+                )?
+                .ok_or(e)?;
                 let (f, mut m) = load_object_index(dir, &mut catalog, true, Some(r.index_len))?;
                 for (id, loc) in &r.entries {
                     m.insert(*id, *loc);
@@ -491,7 +504,9 @@ impl Store {
             writer: Mutex::new(Writer {
                 seg: None,
                 len: 0,
-                next_seg: max_seg + 1,
+                // Never a number gc reclaimed: a file of it left by a crash is not
+                // this segment.
+                next_seg: max_seg.max(high_water) + 1,
                 pending: Vec::new(),
                 touched: BTreeMap::new(),
                 created: false,
