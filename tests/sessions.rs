@@ -2949,6 +2949,60 @@ fn unlinked_files_are_rolled_back_at_every_restore() {
     }
 }
 
+/// A program whose working directory was deleted is restored in a deleted directory of
+/// its own (it failed: "chdir …(deleted): ENOENT", and the rollback left nothing running).
+#[test]
+fn a_program_in_a_deleted_directory_is_restored() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    // The log is written by absolute path: the directory has no name to go up from.
+    let log = lab.mnt.join("cwd.log");
+    let body = format!(
+        "mkdir -p d && cd d && rmdir ../d && i=0 && while true; do i=$((i+1)); \
+         echo \"$i $(ls -a | wc -l) $(test -e ../d && echo named || echo gone)\" >> {}; \
+         sleep 0.05; done",
+        log.display()
+    );
+    lab.run_writing("cwd", &["sh", "-c", &body], "cwd.log");
+    lab.fp(&["checkpoint", "-m", lab.m(), "in-deleted"]);
+    let check = |log: &Path, at: usize| {
+        wait_for("the program after restore", Duration::from_secs(30), || {
+            lines_any(log) > at + 5
+        });
+        let text = std::fs::read_to_string(log).expect("log");
+        // The directory reads the same after the restore as before, and has no name.
+        let tail = |l: &str| l.split_once(' ').map(|(_, t)| t.to_string());
+        let first = text.lines().next().and_then(tail);
+        for l in text.lines() {
+            assert!(l.ends_with(" gone") && tail(l) == first, "{l:?} in\n{text}");
+        }
+    };
+    lab.fp(&["restore", "-m", lab.m(), "--detach", "in-deleted"]);
+    check(&log, lines_any(&log));
+    lab.fp(&[
+        "restore",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--branch",
+        "side",
+        "in-deleted",
+    ]);
+    let side = lab.branch_dir("side").join("cwd.log");
+    check(&side, lines_any(&side));
+    // Nothing made for the restore is left in the files.
+    let names: Vec<String> = std::fs::read_dir(&lab.mnt)
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.iter().all(|n| !n.contains("deleted-cwd")),
+        "{names:?}"
+    );
+}
+
 const PIPELINE: &str = r#"
 #include <stdio.h>
 #include <stdlib.h>

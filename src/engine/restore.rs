@@ -2123,12 +2123,24 @@ impl Restorer<'_> {
                 )?;
             }
         }
-        let p = self.put_str(0, &image.cwd)?;
+        // A working directory that was deleted: one is made where it was (or in the nearest
+        // directory above that still exists), entered, and deleted again, so the program
+        // is back in a deleted directory with no name.
+        let deleted = image
+            .cwd
+            .strip_suffix(" (deleted)")
+            .map(deleted_cwd_stand_in);
+        let cwd = match &deleted {
+            Some(d) => d.path.to_string_lossy().into_owned(),
+            None => image.cwd.clone(),
+        };
+        let p = self.put_str(0, &cwd)?;
         self.call(
             &format!("chdir {}", image.cwd),
             libc::SYS_chdir,
             [p, 0, 0, 0, 0, 0],
         )?;
+        drop(deleted);
         self.call(
             "umask",
             libc::SYS_umask,
@@ -3533,5 +3545,41 @@ mod tests {
         let mut img = super::super::image::tests::sample();
         img.threads.clear();
         assert!(matches!(restore(&img), Err(RestoreError::BadImage { .. })));
+    }
+}
+
+/// A directory made to stand for a deleted working directory, removed when dropped.
+struct DeletedCwd {
+    path: std::path::PathBuf,
+}
+
+impl Drop for DeletedCwd {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+/// Makes a directory beside where `orig` was (in the nearest existing directory above it).
+fn deleted_cwd_stand_in(orig: &str) -> DeletedCwd {
+    let mut parent = std::path::Path::new(orig).parent();
+    while let Some(p) = parent {
+        if p.is_dir() {
+            break;
+        }
+        parent = p.parent();
+    }
+    let parent = parent.unwrap_or(std::path::Path::new("/"));
+    let name = std::path::Path::new(orig)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut i = 0;
+    loop {
+        let path = parent.join(format!(".{name}.deleted-cwd.{}.{i}", std::process::id()));
+        match std::fs::create_dir(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && i < 100 => i += 1,
+            // Made, or not: the chdir that follows names what went wrong.
+            _ => return DeletedCwd { path },
+        }
     }
 }
