@@ -1531,15 +1531,21 @@ fn restore_inner(
     let recreated: Vec<PathBuf> = si.own.iter().map(|(p, _)| p.clone()).collect();
     forkpoint::engine::restore::precheck_tree(&tree, &mp, &recreated)
         .with_context(|| format!("checkpoint '{name}' cannot be restored; nothing was changed"))?;
-    // Its paths name the mount where the program saw it.
-    if !si.mountpoint.as_os_str().is_empty() && si.mountpoint != mp {
+    // Its paths name the mount where the program saw it: the restored session sees the
+    // mount it is served from there, in its own mount namespace (a bind), wherever the
+    // store is mounted now. That path must be a directory to bind on.
+    let seen_at = if si.mountpoint.as_os_str().is_empty() {
+        mp.clone()
+    } else {
+        si.mountpoint.clone()
+    };
+    if seen_at != mp && !seen_at.is_dir() {
         bail!(
-            "checkpoint '{name}' was taken with the store mounted at {}: the program's files \
-             are there by path; mount the store there (`forkpoint mount {} {}`) to restore it; \
-             nothing was changed",
-            si.mountpoint.display(),
-            store.display(),
-            si.mountpoint.display()
+            "checkpoint '{name}' was taken with the store mounted at {}, where the program \
+             finds its files by path, and that is no directory now: make it (`mkdir -p {}`) \
+             or mount the store there to restore it; nothing was changed",
+            seen_at.display(),
+            seen_at.display()
         );
     }
     // Files outside the mount it held open are reopened by path: the same, unchanged.
@@ -1596,9 +1602,9 @@ fn restore_inner(
                     store: store.clone(),
                     name: new.to_string(),
                     branch: new.to_string(),
-                    mountpoint: mp.clone(),
+                    mountpoint: seen_at.clone(),
                     daemon_mount: hidden,
-                    cwd: mp.clone(),
+                    cwd: seen_at.clone(),
                     argv: si.argv.clone(),
                     restore: None,
                     restored_from: Some(name.to_string()),
@@ -1684,9 +1690,9 @@ fn restore_inner(
                     store: store.clone(),
                     name: sname,
                     branch: cur,
-                    mountpoint: mp.clone(),
+                    mountpoint: seen_at.clone(),
                     daemon_mount: mp.clone(),
-                    cwd: mp.clone(),
+                    cwd: seen_at.clone(),
                     argv: si.argv.clone(),
                     restore: None,
                     restored_from: Some(name.to_string()),

@@ -4203,10 +4203,12 @@ fn forget_takes_a_name_before_a_pattern() {
     assert!(!log.contains("'ab'") && log.contains("'auto-x'"), "{log}");
 }
 
-/// A checkpoint's program sees its files where the store was mounted when it was taken: a
-/// restore from the store mounted elsewhere is refused up front, saying where to mount it.
+/// A checkpoint's program sees its files where the store was mounted when it was taken. A
+/// restore from the store mounted elsewhere shows it the mount there, in its own mount
+/// namespace, in place and on a branch; with that path gone it is refused up front, saying
+/// what to do.
 #[test]
-fn a_restore_needs_the_mount_where_the_checkpoint_saw_it() {
+fn a_restore_shows_the_program_its_files_where_the_checkpoint_saw_them() {
     if !can_run() {
         return;
     }
@@ -4240,16 +4242,30 @@ fn a_restore_needs_the_mount_where_the_checkpoint_saw_it() {
     std::fs::create_dir(&mnt2).expect("mkdir");
     let m2 = mnt2.to_str().expect("utf8");
     ok(&["mount", store, m2]);
-    let (done, err) = outside(&["restore", "-m", m2, "--detach", "--branch", "b", "c1"]);
+    let grows = |ticks: &Path| {
+        let at = lines_any(ticks);
+        wait_for("the restored program", Duration::from_secs(20), || {
+            lines_any(ticks) > at + 5
+        });
+    };
+    // On a branch, and in place: the program writes to its files through the mount at m2.
+    ok(&["restore", "-m", m2, "--detach", "--branch", "b", "c1"]);
+    grows(&lab.branch_dir("b").join("ticks"));
+    ok(&["restore", "-m", m2, "--detach", "c1"]);
+    grows(&mnt2.join("ticks"));
+    ok(&["kill", "-m", m2]);
+    // With the path gone, nothing can show it the files there.
+    std::fs::remove_dir(&lab.mnt).expect("rmdir");
+    let (done, err) = outside(&["restore", "-m", m2, "--detach", "--branch", "b2", "c1"]);
+    std::fs::create_dir(&lab.mnt).expect("mkdir again");
     assert!(
         !done && err.contains("was taken with the store mounted at") && err.contains(lab.m()),
         "{err}"
     );
     let log = lab.fp(&["log", "-m", m2]);
-    assert!(!log.contains(" b "), "no branch made: {log}");
+    assert!(!log.contains(" b2 "), "no branch made: {log}");
     ok(&["umount", m2]);
     ok(&["mount", store, lab.m()]);
-    ok(&["restore", "-m", lab.m(), "--detach", "--branch", "b", "c1"]);
 }
 
 /// A checkpoint number is never given twice, also after gc deleted the highest rows.
