@@ -1044,6 +1044,20 @@ fn init(spec: &InitSpec, mut info: SessionInfo, pre: Option<Preloaded>) -> Resul
             }
         }
         if let Some(c) = main_status {
+            // The session is the program's: what it left running (a server started in the
+            // background, a daemon that forked away) ends with it. Say so.
+            let left = left_behind();
+            if !left.is_empty() {
+                eprintln!(
+                    "forkpoint: session {}: the program exited (status {c}); {} process{} it \
+                     left running end{} with it: {}",
+                    spec.name,
+                    left.len(),
+                    if left.len() == 1 { "" } else { "es" },
+                    if left.len() == 1 { "s" } else { "" },
+                    left.join(", ")
+                );
+            }
             return Ok(c);
         }
         // A lazy restore that has every page in goes over to dirty-page tracking.
@@ -2140,4 +2154,30 @@ mod tests {
         assert_eq!((si.version, si.process), (3, process));
         assert!(si.own.is_empty());
     }
+}
+
+/// The processes of the session other than init that have not exited, as "PID (COMMAND)":
+/// init's /proc is the session's own.
+fn left_behind() -> Vec<String> {
+    let me = std::process::id().to_string();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let pid = e.file_name().to_string_lossy().into_owned();
+        if pid == me || !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // "PID (COMM) STATE ...": COMM may hold spaces and parentheses.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        if stat[close + 1..].trim_start().starts_with('Z') {
+            continue;
+        }
+        out.push(format!("{pid} ({})", &stat[open + 1..close]));
+    }
+    out.sort_by_key(|p| p.split(' ').next().and_then(|n| n.parse::<u32>().ok()));
+    out
 }

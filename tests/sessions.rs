@@ -4376,3 +4376,39 @@ fn a_damaged_session_record_is_named() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("info.json is damaged"), "{err}");
 }
+
+/// A session ends with its program: what the program left running in the background ends
+/// with it, and the session's output says so, naming each (they were ended without a word).
+#[test]
+fn what_a_program_leaves_running_ends_with_it_and_is_named() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    let out = Command::new(BIN)
+        .args([
+            "run",
+            "-m",
+            lab.m(),
+            "--name",
+            "bg",
+            "--",
+            "sh",
+            "-c",
+            "sleep 1000 </dev/null >/dev/null 2>&1 & echo started",
+        ])
+        .current_dir(&lab.mnt)
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "started\n");
+    assert!(
+        err.contains(
+            "session bg: the program exited (status 0); 1 process it left running ends with it"
+        ) && err.contains("(sleep)"),
+        "{err}"
+    );
+    let ps = lab.fp(&["ps", "-m", lab.m()]);
+    assert!(!ps.contains("bg "), "{ps}");
+}
