@@ -919,6 +919,7 @@ fn mount(
     }
     // Check the branch before starting a daemon for it.
     Store::open_read_only(&store)?.head(branch)?;
+    clean_stale_mounts(&store);
     if foreground {
         return daemon::run(&store, &mp, branch, None);
     }
@@ -930,6 +931,24 @@ fn mount(
     );
     warn_lost_sessions(&store);
     Ok(())
+}
+
+/// No daemon serves `store`: mounts of it that are left (a daemon that died, with a branch
+/// restored side by side under `STORE/branches/`) answer nothing. Take them away, saying so.
+fn clean_stale_mounts(store: &Path) {
+    for m in mounts::mounts().unwrap_or_default() {
+        if !mounts::is_forkpoint(&m) || Path::new(&m.source) != store {
+            continue;
+        }
+        if let Err(nix::errno::Errno::ENOTCONN) = nix::sys::statfs::statfs(&m.mountpoint) {
+            if nix::mount::umount2(&m.mountpoint, nix::mount::MntFlags::MNT_DETACH).is_ok() {
+                eprintln!(
+                    "forkpoint: cleaned up stale mount at {} (its daemon had died)",
+                    m.mountpoint.display()
+                );
+            }
+        }
+    }
 }
 
 /// Refuses a mount that would read itself: a lower directory that holds the mountpoint (or

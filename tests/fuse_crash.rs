@@ -612,6 +612,16 @@ fn mount_right_after_daemon_death() {
     let names: Vec<_> = std::fs::read_dir(&mnt).expect("ls").collect();
     assert_eq!(names.len(), 1, "one file in the mount");
     std::fs::metadata(&mnt).expect("stat mount");
+    // A second mount of the store, on another branch, dies with the daemon too.
+    fp_ok(&[
+        OsStr::new("branch"),
+        OsStr::new("-m"),
+        mnt.as_os_str(),
+        OsStr::new("b"),
+    ]);
+    let mnt2 = lab.mkdir("mnt2");
+    let o = lab.mount(&store, &mnt2, None, Some("b"));
+    assert!(o.ok, "{}", o.stderr);
     let pids = lab.kill_daemons(&store);
     assert_eq!(pids.len(), 1, "one daemon: {pids:?}");
     let o = lab.mount(&store, &mnt, None, None);
@@ -628,6 +638,11 @@ fn mount_right_after_daemon_death() {
     assert_eq!(
         std::fs::read(&f).expect("read after remount"),
         b"fsynced before the crash\n"
+    );
+    assert!(
+        !common::is_mounted(&mnt2),
+        "the other dead mount is left: {}",
+        o.stderr
     );
     lab.umount_ok(&mnt);
 }

@@ -603,15 +603,22 @@ impl Catalog {
         if exists.is_none() {
             return Err(StoreError::UnknownBranch(name.to_string()));
         }
+        // Named ones, since this branch was made: a branch of the same name deleted before
+        // leaves its rows, and plain commits (an unmount's) keep nothing a user named.
         let own: i64 = tx.query_row(
-            "SELECT count(*) FROM checkpoints WHERE branch=?1",
+            "SELECT count(*) FROM checkpoints WHERE branch=?1 AND name IS NOT NULL
+             AND time >= (SELECT created FROM branches WHERE name=?1)",
             [name],
             |r| r.get(0),
         )?;
         if own > 0 {
             return Err(StoreError::BranchKept {
                 name: name.to_string(),
-                reason: format!("{own} checkpoints were recorded on it"),
+                reason: format!(
+                    "{own} named snapshot{} or checkpoint{} recorded on it",
+                    if own == 1 { "" } else { "s" },
+                    if own == 1 { " was" } else { "s were" }
+                ),
             });
         }
         tx.execute("DELETE FROM branches WHERE name=?1", [name])?;

@@ -468,3 +468,47 @@ fn segments_gc_reclaimed_and_a_crash_left_are_not_replayed() {
     drop(store);
     check(&dir, &now, &[("s0".to_string(), at_s0)]);
 }
+
+/// A failed restore's branch is dropped unless something named was recorded on it since it
+/// was made: not for what a deleted branch of the same name left, not for a plain commit.
+#[test]
+fn a_branch_is_dropped_unless_it_holds_named_work_of_its_own() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("store");
+    let store = Store::create_with(&dir, None, config(), None).expect("create");
+    let head = store.head("main").expect("main").cno;
+    let on_b = |name: Option<&str>| {
+        let fs = Fs::new(store.clone(), "b").expect("fs on b");
+        let mut files = Files::new();
+        put(&fs, &mut files, "x", 0, b"x").expect("put");
+        match name {
+            Some(n) => drop(fs.snapshot(n).expect("snapshot")),
+            None => drop(fs.commit_now().expect("commit")),
+        }
+    };
+    store
+        .catalog(|c| c.create_branch("b", head))
+        .expect("branch");
+    on_b(Some("old-work"));
+    store.catalog(|c| c.delete_branch("b")).expect("delete");
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    store
+        .catalog(|c| c.create_branch("b", head))
+        .expect("branch again");
+    on_b(None);
+    store
+        .catalog(|c| c.drop_branch("b"))
+        .expect("nothing named of its own");
+    store
+        .catalog(|c| c.create_branch("b", head))
+        .expect("branch again");
+    on_b(Some("new-work"));
+    let e = store
+        .catalog(|c| c.drop_branch("b"))
+        .expect_err("named work is kept")
+        .to_string();
+    assert!(
+        e.contains("1 named snapshot or checkpoint was recorded on it"),
+        "{e}"
+    );
+}
