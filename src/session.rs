@@ -2079,6 +2079,32 @@ fn field_kb(text: &str, key: &str) -> Option<u64> {
         .ok()
 }
 
+/// The processes of the session other than init that have not exited, as "PID (COMMAND)":
+/// init's /proc is the session's own.
+fn left_behind() -> Vec<String> {
+    let me = std::process::id().to_string();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let pid = e.file_name().to_string_lossy().into_owned();
+        if pid == me || !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // "PID (COMM) STATE ...": COMM may hold spaces and parentheses.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        if stat[close + 1..].trim_start().starts_with('Z') {
+            continue;
+        }
+        out.push(format!("{pid} ({})", &stat[open + 1..close]));
+    }
+    out.sort_by_key(|p| p.split(' ').next().and_then(|n| n.parse::<u32>().ok()));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2154,30 +2180,4 @@ mod tests {
         assert_eq!((si.version, si.process), (3, process));
         assert!(si.own.is_empty());
     }
-}
-
-/// The processes of the session other than init that have not exited, as "PID (COMMAND)":
-/// init's /proc is the session's own.
-fn left_behind() -> Vec<String> {
-    let me = std::process::id().to_string();
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let pid = e.file_name().to_string_lossy().into_owned();
-        if pid == me || !pid.bytes().all(|b| b.is_ascii_digit()) {
-            continue;
-        }
-        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
-            continue;
-        };
-        // "PID (COMM) STATE ...": COMM may hold spaces and parentheses.
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        if stat[close + 1..].trim_start().starts_with('Z') {
-            continue;
-        }
-        out.push(format!("{pid} ({})", &stat[open + 1..close]));
-    }
-    out.sort_by_key(|p| p.split(' ').next().and_then(|n| n.parse::<u32>().ok()));
-    out
 }

@@ -3523,31 +3523,6 @@ fn set_ids(
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    #[test]
-    fn find_free_avoids_busy_ranges() {
-        let top = SEARCH_TOP;
-        let busy = vec![(top - 0x3000, top), (top - 0x10000, top - 0x5000)];
-        let a = find_free(&busy, 0x2000).unwrap();
-        assert!(a + 0x2000 <= top - 0x10000 || (a >= top - 0x5000 && a + 0x2000 <= top - 0x3000));
-        for (s, e) in &busy {
-            assert!(a + 0x2000 <= *s || a >= *e);
-        }
-        assert_eq!(a % PAGE_SIZE, 0);
-    }
-
-    #[test]
-    fn image_without_threads_is_refused() {
-        let mut img = super::super::image::tests::sample();
-        img.threads.clear();
-        assert!(matches!(restore(&img), Err(RestoreError::BadImage { .. })));
-    }
-}
-
 /// A directory made to stand for a deleted working directory, removed when dropped.
 struct DeletedCwd {
     path: std::path::PathBuf,
@@ -3581,5 +3556,30 @@ fn deleted_cwd_stand_in(orig: &str) -> DeletedCwd {
             // Made, or not: the chdir that follows names what went wrong.
             _ => return DeletedCwd { path },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn find_free_avoids_busy_ranges() {
+        let top = SEARCH_TOP;
+        let busy = vec![(top - 0x3000, top), (top - 0x10000, top - 0x5000)];
+        let a = find_free(&busy, 0x2000).unwrap();
+        assert!(a + 0x2000 <= top - 0x10000 || (a >= top - 0x5000 && a + 0x2000 <= top - 0x3000));
+        for (s, e) in &busy {
+            assert!(a + 0x2000 <= *s || a >= *e);
+        }
+        assert_eq!(a % PAGE_SIZE, 0);
+    }
+
+    #[test]
+    fn image_without_threads_is_refused() {
+        let mut img = super::super::image::tests::sample();
+        img.threads.clear();
+        assert!(matches!(restore(&img), Err(RestoreError::BadImage { .. })));
     }
 }
