@@ -1356,6 +1356,21 @@ fn record(
     let mut img = img;
     let dir = session_dir(&spec.store, &spec.name);
     let list_path = dir.join("checkpoint.pages");
+    // The hand-off's files go when the checkpoint ends, failed or not.
+    struct RemoveOnDrop(Vec<PathBuf>);
+    impl Drop for RemoveOnDrop {
+        fn drop(&mut self) {
+            for p in &self.0 {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+    let _hand_off = RemoveOnDrop(
+        ["checkpoint.pages", "checkpoint.ids", "checkpoint.tmp"]
+            .iter()
+            .map(|n| dir.join(n))
+            .collect(),
+    );
     // Opening the store reads its whole index: worth it for a large image (a first
     // checkpoint, which may share pages with other branches), not for the few pages an
     // incremental one reads (the daemon deduplicates them anyway).

@@ -3847,7 +3847,19 @@ fn a_checkpoint_that_fails_after_the_dump_lets_the_program_go_on() {
         assert!(!states.contains(&'T'), "{what}: stopped: {states:?}");
     };
     both_go_on("the program");
+    // The hand-off's files (checkpoint.pages, .ids, .tmp) go, whatever the outcome.
+    let no_hand_off_files = |what: &str| {
+        let left: Vec<String> = std::fs::read_dir(lab.store.join("sessions/two"))
+            .expect("session dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("checkpoint."))
+            .collect();
+        assert!(left.is_empty(), "{what}: {left:?}");
+    };
     lab.fp(&["checkpoint", "-m", lab.m(), "first"]);
+    no_hand_off_files("after a checkpoint");
+    lab.fp(&["checkpoint", "-m", lab.m(), "first-again"]);
+    no_hand_off_files("after a checkpoint with nothing new");
     // A name in use is refused before the program is touched.
     for after in ["--kill", "--stop"] {
         let err = lab.fp_fails(&["checkpoint", "-m", lab.m(), after, "first"]);
@@ -3866,6 +3878,7 @@ fn a_checkpoint_that_fails_after_the_dump_lets_the_program_go_on() {
     assert!(!log.contains("second"), "{log}");
     // Once it can be written, --stop stops both, and --kill ends the session.
     std::fs::remove_dir(&list).expect("rmdir");
+    no_hand_off_files("after failed checkpoints");
     lab.fp(&["checkpoint", "-m", lab.m(), "--stop", "second"]);
     let states = program_states(&lab, "two");
     assert!(
