@@ -1478,6 +1478,54 @@ fn keep_files(mp: &Path, store: &Path, auto: &str) -> Result<Option<u64>> {
     Ok(v["cno"].as_u64())
 }
 
+/// Held (a write lock on `STORE/restore.lock`) while a rollback changes a store's mounts;
+/// released when dropped.
+struct RestoreLock(#[allow(dead_code)] std::fs::File);
+
+impl RestoreLock {
+    /// Waits (up to two minutes, saying so after a second) for another rollback to end.
+    fn take(store: &Path) -> Result<RestoreLock> {
+        let path = store.join("restore.lock");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("open {}", path.display()))?;
+        let t = std::time::Instant::now();
+        let mut said = false;
+        loop {
+            // A POSIX record lock, not flock: it belongs to this process, so the session
+            // a restore forks does not inherit it (and hold it for as long as it runs).
+            // SAFETY: `fl` is a plain C struct, zeroed then filled; F_SETLK reads it, on a
+            // descriptor `f` owns.
+            let r = unsafe {
+                let mut fl: libc::flock = std::mem::zeroed();
+                fl.l_type = libc::F_WRLCK as libc::c_short;
+                fl.l_whence = libc::SEEK_SET as libc::c_short;
+                libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &fl)
+            };
+            if r == 0 {
+                return Ok(RestoreLock(f));
+            }
+            let e = std::io::Error::last_os_error();
+            if !matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) {
+                return Err(e).with_context(|| format!("lock {}", path.display()));
+            }
+            if !said && t.elapsed() > std::time::Duration::from_secs(1) {
+                eprintln!("forkpoint: waiting for another restore of this store to end");
+                said = true;
+            }
+            if t.elapsed() > std::time::Duration::from_secs(120) {
+                bail!(
+                    "another restore of this store has not ended in 2 minutes; nothing was changed"
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
 /// Moves the mount's branch back to checkpoint `cno` (the daemon invalidates the kernel's
 /// caches of the mount).
 fn roll_back(mp: &Path, store: &Path, cno: u64) -> Result<()> {
@@ -1516,6 +1564,14 @@ fn restore_inner(
 ) -> Result<i32> {
     let t0 = std::time::Instant::now();
     let (mp, store) = mounts::resolve(mountpoint)?;
+    // One rollback of a store at a time: two at once each stopped the other's program, and
+    // the one that failed put the files back under the other's. (A restore bringing back
+    // the program a failed rollback stopped runs under that rollback's lock.)
+    let mut lock = if branch.is_none() && recovering.is_none() {
+        Some(RestoreLock::take(&store)?)
+    } else {
+        None
+    };
     let ro = Store::open_read_only(&store)?;
     let cp = ro.find(name)?;
     // Its files must be there to go back to: checked before a rollback stops anything.
@@ -1729,6 +1785,11 @@ fn restore_inner(
         ..spec
     };
     log::debug!("restore: session starts at {:?}", t0.elapsed());
+    // A program restored in the foreground runs for as long as it likes: the next rollback
+    // need not wait for it (it takes the program over, as it would a detached one).
+    if !detach {
+        lock = None;
+    }
     let pre = session::Preloaded {
         store: ro,
         image,
@@ -1751,7 +1812,25 @@ fn restore_inner(
             if let Some((b, hidden)) = made {
                 drop_failed_branch(&store, &b, Some(&hidden));
             }
-            if let Some(prev) = undo {
+            // Put back only what this restore changed: another rollback may have taken the
+            // mount since the lock was let go (a foreground restore's).
+            let _relocked = if lock.is_none() && undo.is_some() {
+                RestoreLock::take(&store).ok()
+            } else {
+                None
+            };
+            let head = || -> Result<u64> {
+                let b = branch_of(&store, &mp)?;
+                Ok(Store::open_read_only(&store)?.head(&b)?.cno)
+            };
+            let still_ours = head().is_ok_and(|h| h == cp.cno);
+            if undo.is_some() && !still_ours {
+                eprintln!(
+                    "forkpoint: another restore changed the mount meanwhile: its files are \
+                     left as that restore made them"
+                );
+            }
+            if let Some(prev) = undo.filter(|_| still_ours) {
                 let _ = daemon::call(
                     &store,
                     &daemon::Request::Rollback {

@@ -4425,3 +4425,53 @@ fn what_a_program_leaves_running_ends_with_it_and_is_named() {
     let ps = lab.fp(&["ps", "-m", lab.m()]);
     assert!(!ps.contains("bg "), "{ps}");
 }
+
+/// Two rollbacks of one mount at once: one after the other, each keeping what it stops, and
+/// the program runs once at the end (they stopped each other's programs and failed, and the
+/// failing one put the files back under the other's program).
+#[test]
+fn two_rollbacks_at_once_take_turns() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    std::fs::write(
+        lab.mnt.join("t.sh"),
+        "while :; do echo x >> ticks; sleep 0.02; done\n",
+    )
+    .expect("write");
+    lab.run_writing("t", &["bash", "t.sh"], "ticks");
+    lab.fp(&["checkpoint", "-m", lab.m(), "c1"]);
+    let start = || {
+        Command::new(BIN)
+            .args(["restore", "-m", lab.m(), "--detach", "c1"])
+            .current_dir(lab.dir.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("restore")
+    };
+    let (a, b) = (start(), start());
+    for (which, r) in [("first", a), ("second", b)] {
+        let o = r.wait_with_output().expect("wait");
+        assert!(
+            o.status.success(),
+            "{which} restore: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let ps = lab.fp(&["ps", "-m", lab.m()]);
+    let running: Vec<&str> = ps.lines().filter(|l| l.contains("running")).collect();
+    assert_eq!(running.len(), 1, "{ps}");
+    let ticks = lab.mnt.join("ticks");
+    let at = lines_any(&ticks);
+    wait_for("the program after both", Duration::from_secs(20), || {
+        lines_any(&ticks) > at + 5
+    });
+    let log = lab.fp(&["log", "-m", lab.m()]);
+    assert_eq!(
+        log.matches("auto-").count(),
+        2,
+        "each kept what it stopped: {log}"
+    );
+}
