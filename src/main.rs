@@ -510,7 +510,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!(
-                    "gc: dropped {} checkpoints, reclaimed {} segments, {} -> {} bytes ({} bytes moved)",
+                    "gc: dropped {} unnamed commits and forgotten names, reclaimed {} segments, {} -> {} bytes ({} bytes moved)",
                     v["dropped_checkpoints"], v["segments_reclaimed"], v["bytes_before"], v["bytes_after"], v["bytes_moved"]
                 );
             }
@@ -654,7 +654,16 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                         s.pid,
                         s.main_pid,
                         session::state(&s).as_str(),
-                        s.argv.join(" ")
+                        // One line per session: a script given with -c may hold newlines.
+                        s.argv
+                            .join(" ")
+                            .chars()
+                            .map(|c| if c.is_control() {
+                                c.escape_default().to_string()
+                            } else {
+                                c.to_string()
+                            })
+                            .collect::<String>()
                     );
                 }
             }

@@ -4475,3 +4475,28 @@ fn two_rollbacks_at_once_take_turns() {
         "each kept what it stopped: {log}"
     );
 }
+
+/// `ps` shows one line per session, a script with newlines given to `sh -c` included.
+#[test]
+fn ps_shows_a_multi_line_command_on_one_line() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    lab.fp(&[
+        "run",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--name",
+        "ml",
+        "--",
+        "sh",
+        "-c",
+        "true\nexec sleep 1000",
+    ]);
+    let ps = lab.fp(&["ps", "-m", lab.m()]);
+    assert_eq!(ps.lines().count(), 2, "{ps}");
+    assert!(ps.contains("true\\nexec sleep 1000"), "{ps}");
+    lab.fp(&["kill", "-m", lab.m(), "--session", "ml"]);
+}
