@@ -52,6 +52,10 @@ pub enum Request {
         /// [`forkpoint::engine::image::PageData::Base`] runs.
         #[serde(default)]
         base_image: Option<String>,
+        /// The session checkpointed, kept as the checkpoint's note (`session NAME`): an
+        /// in-place restore gives the program back its name.
+        #[serde(default)]
+        session: Option<String>,
     },
     /// Stores page chunks copied out of the memory of the process that sends the request,
     /// listed in `page_list` as (u64 LE address, u32 LE length)*; the daemon names each
@@ -490,6 +494,7 @@ impl Daemon {
                 image_file,
                 auto,
                 base_image,
+                session,
             } => {
                 self.fs(&mountpoint)?;
                 let base = base_image
@@ -500,6 +505,7 @@ impl Daemon {
                 let image = NewImage {
                     file: &image_file,
                     base,
+                    note: session.map(|s| format!("session {s}")),
                 };
                 let r = record_checkpoint(&self.store, &name, root_cno, &image, auto);
                 self.checkpoint_in_flight(peer, true);
@@ -797,6 +803,8 @@ impl Daemon {
 struct NewImage<'a> {
     file: &'a Path,
     base: Option<ContentId>,
+    /// The checkpoint's note.
+    note: Option<String>,
 }
 
 /// Stores the pages a session lists (see [`Request::StorePages`]): copied out of its memory
@@ -882,6 +890,7 @@ fn record_checkpoint(
     auto: bool,
 ) -> Result<serde_json::Value> {
     let image_file = image.file;
+    let image_note = image.note.clone();
     use forkpoint::engine::image::PageData;
     use forkpoint_fs::segment::ObjectKind;
     let t0 = Instant::now();
@@ -972,7 +981,7 @@ fn record_checkpoint(
                 CheckpointKind::Checkpoint
             },
             image: Some(image),
-            note: None,
+            note: image_note.as_deref(),
             advance_head: false,
             parent: Some(root_cno),
         }))?

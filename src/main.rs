@@ -1764,10 +1764,20 @@ fn restore_inner(
                 eprintln!("forkpoint: and of another session on the mount as '{a}'");
             }
             roll_back(&mp, &store, cp.cno)?;
-            let sname = running
-                .first()
-                .map(|s| s.name.clone())
-                .or_else(|| recovering.map(String::from))
+            // The program gets its own name back (recorded with the checkpoint), unless a
+            // session elsewhere goes by it now; else the name of the session it replaces.
+            let own = cp
+                .note
+                .as_deref()
+                .and_then(|n| n.strip_prefix("session "))
+                .map(str::to_string)
+                .filter(|n| {
+                    running.iter().any(|s| &s.name == n) || !session::name_taken(&store, n)
+                });
+            let sname = recovering
+                .map(String::from)
+                .or(own)
+                .or_else(|| running.first().map(|s| s.name.clone()))
                 .unwrap_or_else(|| cur.clone());
             (
                 session::InitSpec {

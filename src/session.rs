@@ -1522,6 +1522,7 @@ fn record(
             image_file: tmp.clone(),
             auto: req.kind == "auto",
             base_image: base.as_ref().map(|(id, _, _)| ContentId(*id).to_hex()),
+            session: Some(spec.name.clone()),
         },
     );
     let _ = std::fs::remove_file(&tmp);

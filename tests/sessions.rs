@@ -4500,3 +4500,45 @@ fn ps_shows_a_multi_line_command_on_one_line() {
     assert!(ps.contains("true\\nexec sleep 1000"), "{ps}");
     lab.fp(&["kill", "-m", lab.m(), "--session", "ml"]);
 }
+
+/// A rollback gives the program back its own session's name (it took the name of whatever
+/// session it replaced, or the branch's), unless a session elsewhere goes by it now.
+#[test]
+fn a_rolled_back_program_gets_its_session_name_back() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    std::fs::write(
+        lab.mnt.join("t.sh"),
+        "while :; do echo x >> ticks; sleep 0.02; done\n",
+    )
+    .expect("write");
+    lab.run_writing("alpha", &["bash", "t.sh"], "ticks");
+    lab.fp(&["checkpoint", "-m", lab.m(), "--kill", "ca"]);
+    // Nothing runs: not the branch's name.
+    let out = lab.fp(&["restore", "-m", lab.m(), "--detach", "ca"]);
+    assert!(out.contains("as session alpha"), "{out}");
+    lab.fp(&["kill", "-m", lab.m(), "--session", "alpha"]);
+    // Another session runs: not its name.
+    lab.fp(&[
+        "run",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--name",
+        "beta",
+        "--",
+        "sleep",
+        "1000",
+    ]);
+    let out = lab.fp(&["restore", "-m", lab.m(), "--detach", "ca"]);
+    assert!(out.contains("as session alpha"), "{out}");
+    let ps = lab.fp(&["ps", "-m", lab.m()]);
+    assert!(
+        ps.lines()
+            .any(|l| l.starts_with("alpha ") && l.contains("running"))
+            && !ps.contains("beta "),
+        "{ps}"
+    );
+}
