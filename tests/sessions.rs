@@ -101,6 +101,16 @@ impl Lab {
 
     /// Starts `argv` in the mount as session `name`, detached, and waits until the file
     /// `log` it writes (in the mount) has more than five lines; returns that file's path.
+    /// Runs session `name`: a shell loop appending a line to `ticks` every 20 ms.
+    fn run_ticker(&self, name: &str) -> PathBuf {
+        std::fs::write(
+            self.mnt.join("t.sh"),
+            "while :; do echo x >> ticks; sleep 0.02; done\n",
+        )
+        .expect("write");
+        self.run_writing(name, &["bash", "t.sh"], "ticks")
+    }
+
     fn run_writing(&self, name: &str, argv: &[&str], log: &str) -> PathBuf {
         let mut args = vec!["run", "-m", self.m(), "--detach", "--name", name, "--"];
         args.extend_from_slice(argv);
@@ -4226,12 +4236,7 @@ fn a_restore_shows_the_program_its_files_where_the_checkpoint_saw_them() {
         return;
     }
     let lab = Lab::new();
-    std::fs::write(
-        lab.mnt.join("t.sh"),
-        "while :; do echo x >> ticks; sleep 0.02; done\n",
-    )
-    .expect("write");
-    lab.run_writing("t", &["bash", "t.sh"], "ticks");
+    lab.run_ticker("t");
     lab.fp(&["checkpoint", "-m", lab.m(), "--kill", "c1"]);
     // Run from outside the mounts (`Lab::fp` runs in the mount, which keeps it busy).
     let outside = |args: &[&str]| {
@@ -4435,12 +4440,7 @@ fn two_rollbacks_at_once_take_turns() {
         return;
     }
     let lab = Lab::new();
-    std::fs::write(
-        lab.mnt.join("t.sh"),
-        "while :; do echo x >> ticks; sleep 0.02; done\n",
-    )
-    .expect("write");
-    lab.run_writing("t", &["bash", "t.sh"], "ticks");
+    lab.run_ticker("t");
     lab.fp(&["checkpoint", "-m", lab.m(), "c1"]);
     let start = || {
         Command::new(BIN)
@@ -4509,12 +4509,7 @@ fn a_rolled_back_program_gets_its_session_name_back() {
         return;
     }
     let lab = Lab::new();
-    std::fs::write(
-        lab.mnt.join("t.sh"),
-        "while :; do echo x >> ticks; sleep 0.02; done\n",
-    )
-    .expect("write");
-    lab.run_writing("alpha", &["bash", "t.sh"], "ticks");
+    lab.run_ticker("alpha");
     lab.fp(&["checkpoint", "-m", lab.m(), "--kill", "ca"]);
     // Nothing runs: not the branch's name.
     let out = lab.fp(&["restore", "-m", lab.m(), "--detach", "ca"]);
