@@ -1573,6 +1573,11 @@ fn restore_inner(
 ) -> Result<i32> {
     let t0 = std::time::Instant::now();
     let (mp, store) = mounts::resolve(mountpoint)?;
+    // Ctrl-C once a restore has begun to change things would leave them half way (a program
+    // stopped and none started, a branch nothing runs on): it finishes, or undoes itself,
+    // first. (The restore that brings back a program a failed rollback stopped runs inside
+    // that rollback's deferral.)
+    let deferred = recovering.is_none().then(session::DeferInterrupts::new);
     // One rollback of a store at a time: two at once each stopped the other's program, and
     // the one that failed put the files back under the other's. (A restore bringing back
     // the program a failed rollback stopped runs under that rollback's lock.)
@@ -1816,6 +1821,14 @@ fn restore_inner(
         tree,
         depth,
     };
+    let said_interrupted = || {
+        if deferred.as_ref().and_then(|d| d.caught()).is_some() {
+            eprintln!(
+                "forkpoint: interrupted: the restore was taken to its end first (stopped half \
+                 way it would have lost the program)"
+            );
+        }
+    };
     match session::start_with(&spec, detach, offsets, Some(pre)) {
         Ok(code) => {
             if detach {
@@ -1823,6 +1836,7 @@ fn restore_inner(
                     "restored '{name}' as session {} on branch {}",
                     spec.name, spec.branch
                 );
+                said_interrupted();
             }
             Ok(code)
         }

@@ -533,6 +533,13 @@ pub fn start_with(
     }
     let _cgroup_left = CgroupLeft(&spec.store, &spec.name);
     let hook = move || -> std::io::Result<()> {
+        // A restore defers interrupts while it works (`DeferInterrupts`); the session's
+        // processes take them as usual.
+        for sig in DeferInterrupts::SIGNALS {
+            // SAFETY: resetting a disposition to its default runs no handler and touches
+            // no memory of this process's.
+            let _ = unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl) };
+        }
         if let Some(cg) = &cgroup {
             // Join the session's cgroup first, so every descendant is in it.
             let _ = std::fs::write(cg.join("cgroup.procs"), b"0");
@@ -657,6 +664,60 @@ pub fn start_with(
         );
     }
     Ok(code)
+}
+
+/// While alive, SIGINT, SIGTERM and SIGHUP do not end this process but are noted: a restore
+/// that has begun to stop a program, make a branch or start a session finishes (or undoes
+/// itself) rather than stop half way, which would lose the program or leave a branch
+/// nothing runs on. SIGKILL cannot be deferred.
+pub struct DeferInterrupts(Vec<(nix::sys::signal::Signal, nix::sys::signal::SigAction)>);
+
+static DEFERRED: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn note_deferred(sig: libc::c_int) {
+    DEFERRED.store(sig, std::sync::atomic::Ordering::SeqCst);
+}
+
+impl DeferInterrupts {
+    pub const SIGNALS: [nix::sys::signal::Signal; 3] = [
+        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGHUP,
+    ];
+
+    pub fn new() -> DeferInterrupts {
+        use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet};
+        let action = SigAction::new(
+            SigHandler::Handler(note_deferred),
+            SaFlags::SA_RESTART,
+            SigSet::empty(),
+        );
+        let mut old = Vec::new();
+        for sig in Self::SIGNALS {
+            // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+            if let Ok(prev) = unsafe { sigaction(sig, &action) } {
+                old.push((sig, prev));
+            }
+        }
+        DeferInterrupts(old)
+    }
+
+    /// The signal that came meanwhile, if any.
+    pub fn caught(&self) -> Option<i32> {
+        match DEFERRED.load(std::sync::atomic::Ordering::SeqCst) {
+            0 => None,
+            s => Some(s),
+        }
+    }
+}
+
+impl Drop for DeferInterrupts {
+    fn drop(&mut self) {
+        for (sig, prev) in &self.0 {
+            // SAFETY: puts back the disposition this guard replaced.
+            let _ = unsafe { nix::sys::signal::sigaction(*sig, prev) };
+        }
+    }
 }
 
 /// Signals sent to a foreground `forkpoint run` or `restore`, one bit per signal number.

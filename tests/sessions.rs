@@ -4537,3 +4537,60 @@ fn a_rolled_back_program_gets_its_session_name_back() {
         "{ps}"
     );
 }
+
+/// Ctrl-C (SIGINT) or SIGTERM to a rollback at any moment leaves a program running: before
+/// the rollback begins, the old one; after, the restored one. (It stopped the program half
+/// way and restored nothing.)
+#[test]
+fn an_interrupted_rollback_leaves_a_program_running() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    // Some memory, so that the rollback takes a while.
+    std::fs::write(
+        lab.mnt.join("m.py"),
+        "import os, time\nb = bytearray(os.urandom(64 << 20))\n\
+         while True:\n    open('ticks', 'a').write('x\\n')\n    time.sleep(0.02)\n",
+    )
+    .expect("write");
+    lab.run_writing("m", &["python3", "m.py"], "ticks");
+    lab.fp(&["checkpoint", "-m", lab.m(), "c1"]);
+    // The rollback's changes (automatic checkpoint, stop, checkout) take a few tens of ms
+    // here, from about 10 ms after the command starts.
+    for (i, delay_ms) in (4u64..=48).step_by(4).enumerate() {
+        let sig = if i % 2 == 0 {
+            libc::SIGINT
+        } else {
+            libc::SIGTERM
+        };
+        let child = Command::new(BIN)
+            .args(["restore", "-m", lab.m(), "--detach", "c1"])
+            .current_dir(lab.dir.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("restore");
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        // SAFETY: kill has no memory effects.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let o = child.wait_with_output().expect("wait");
+        let err = String::from_utf8_lossy(&o.stderr);
+        let ticks = lab.mnt.join("ticks");
+        let at = lines_any(&ticks);
+        wait_for(
+            &format!(
+                "a program after signal {sig} at {delay_ms} ms ({:?}: {err})",
+                o.status
+            ),
+            Duration::from_secs(20),
+            || lines_any(&ticks) > at + 5,
+        );
+        let ps = lab.fp(&["ps", "-m", lab.m()]);
+        assert_eq!(
+            ps.lines().filter(|l| l.contains("running")).count(),
+            1,
+            "after signal {sig} at {delay_ms} ms: {ps}\n{err}"
+        );
+    }
+}
