@@ -626,6 +626,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             if !session::wait_gone(s.pid, std::time::Duration::from_secs(10)) {
                 bail!("session '{}' (pid {}) has not ended", s.name, s.pid);
             }
+            session::remove_hand_off_files(&store, &s.name);
             println!("killed session {}", s.name);
         }
         Cmd::Ps { mountpoint, json } => {

@@ -1426,12 +1426,7 @@ fn record(
             }
         }
     }
-    let _hand_off = RemoveOnDrop(
-        ["checkpoint.pages", "checkpoint.ids", "checkpoint.tmp"]
-            .iter()
-            .map(|n| dir.join(n))
-            .collect(),
-    );
+    let _hand_off = RemoveOnDrop(HAND_OFF.iter().map(|n| dir.join(n)).collect());
     // Opening the store reads its whole index: worth it for a large image (a first
     // checkpoint, which may share pages with other branches), not for the few pages an
     // incremental one reads (the daemon deduplicates them anyway).
@@ -1738,6 +1733,19 @@ fn status_field_octal(text: &str, key: &str) -> Option<i32> {
         .and_then(|v| i32::from_str_radix(v.trim(), 8).ok())
 }
 
+/// The files a checkpoint hands its pages and image to the daemon through, in the session's
+/// directory.
+const HAND_OFF: [&str; 3] = ["checkpoint.pages", "checkpoint.ids", "checkpoint.tmp"];
+
+/// Removes what a checkpoint of session `name` left in its directory, once it has ended
+/// (killed in the middle of a checkpoint, it removes nothing itself).
+pub fn remove_hand_off_files(store: &Path, name: &str) {
+    let dir = session_dir(store, name);
+    for n in HAND_OFF {
+        let _ = std::fs::remove_file(dir.join(n));
+    }
+}
+
 /// Sends a checkpoint request to a running session.
 pub fn request_checkpoint(
     store: &Path,
@@ -1749,12 +1757,26 @@ pub fn request_checkpoint(
         UnixStream::connect(&sock).with_context(|| format!("session '{name}' is not running"))?;
     let mut line = serde_json::to_string(req)?;
     line.push('\n');
-    // The session may end while it is asked (a restore or a kill took it): say so.
+    // The session may end while it is asked (a restore or a kill took it): say so, and
+    // whether the checkpoint was recorded before it did (the daemon records it).
     let ended = || {
-        anyhow!(
-            "session '{name}' ended before it answered (a restore or a kill of it ran \
-             meanwhile?); `forkpoint log` shows whether the checkpoint was taken"
-        )
+        let recorded = forkpoint_fs::Store::open_read_only(store)
+            .and_then(|s| s.find(&req.name))
+            .is_ok();
+        if recorded {
+            anyhow!(
+                "session '{name}' ended before it answered (a restore or a kill of it ran \
+                 meanwhile?), after checkpoint '{}' was recorded: it can be restored",
+                req.name
+            )
+        } else {
+            anyhow!(
+                "session '{name}' ended before it answered (a restore or a kill of it ran \
+                 meanwhile?); checkpoint '{}' is not recorded (yet: `forkpoint log` shows \
+                 whether the daemon, if it had it all, recorded it since)",
+                req.name
+            )
+        }
     };
     s.write_all(line.as_bytes()).map_err(|_| ended())?;
     let mut resp = String::new();

@@ -4594,3 +4594,48 @@ fn an_interrupted_rollback_leaves_a_program_running() {
         );
     }
 }
+
+/// A session killed in the middle of a checkpoint: the checkpoint command says whether the
+/// checkpoint was recorded, as `log` has it, and `kill` leaves none of the hand-off's files.
+#[test]
+fn a_session_killed_during_its_checkpoint_leaves_no_hand_off_files() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    std::fs::write(
+        lab.mnt.join("m.py"),
+        "import os, time\nb = bytearray(os.urandom(256 << 20))\n\
+         while True:\n    open('ticks', 'a').write('x\\n')\n    time.sleep(0.02)\n",
+    )
+    .expect("write");
+    lab.run_writing("k", &["python3", "m.py"], "ticks");
+    let cp = Command::new(BIN)
+        .args(["checkpoint", "-m", lab.m(), "k1"])
+        .current_dir(lab.dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("checkpoint");
+    let dir = lab.store.join("sessions/k");
+    wait_for("the hand-off", Duration::from_secs(30), || {
+        dir.join("checkpoint.pages").exists() || dir.join("checkpoint.tmp").exists()
+    });
+    lab.fp(&["kill", "-m", lab.m(), "--session", "k"]);
+    let o = cp.wait_with_output().expect("wait");
+    let left: Vec<String> = std::fs::read_dir(&dir)
+        .expect("session dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("checkpoint."))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    if !o.status.success() {
+        let log = lab.fp(&["log", "-m", lab.m()]);
+        if err.contains("was recorded: it can be restored") {
+            assert!(log.contains("k1"), "{err}\n{log}");
+        } else {
+            assert!(err.contains("is not recorded (yet"), "{err}");
+        }
+    }
+}
