@@ -357,6 +357,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Umount { mountpoint } => umount(&mountpoint)?,
         Cmd::Snapshot { mountpoint, name } => {
             let (mp, store) = mounts::resolve(mountpoint.as_deref())?;
+            mounts::require_live(&mp, &store)?;
             flush_mount(&mp, None)?;
             let v = daemon::call(
                 &store,
@@ -534,6 +535,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             name,
         } => {
             let (mp, store) = mounts::resolve(mountpoint.as_deref())?;
+            mounts::require_live(&mp, &store)?;
             let allow_outside = allow_outside
                 .iter()
                 .map(|p| mounts::absolute(p))
@@ -1380,6 +1382,7 @@ fn run_session(
     cmd: Vec<String>,
 ) -> Result<i32> {
     let (mp, store) = mounts::resolve(mountpoint)?;
+    mounts::require_live(&mp, &store)?;
     let branch = branch_of(&store, &mp)?;
     if let Some(n) = &name {
         forkpoint_fs::fs::validate_name(n)?;
@@ -1574,6 +1577,7 @@ fn restore_inner(
 ) -> Result<i32> {
     let t0 = std::time::Instant::now();
     let (mp, store) = mounts::resolve(mountpoint)?;
+    mounts::require_live(&mp, &store)?;
     // Ctrl-C once a restore has begun to change things would leave them half way (a program
     // stopped and none started, a branch nothing runs on): it finishes, or undoes itself,
     // first. (The restore that brings back a program a failed rollback stopped runs inside

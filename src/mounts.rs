@@ -144,6 +144,21 @@ pub fn resolve(m: Option<&Path>) -> Result<(PathBuf, PathBuf)> {
     }
 }
 
+/// Fails, saying what to do, when the daemon that served mount `mp` of `store` has died
+/// (every call on the mount answers ENOTCONN).
+pub fn require_live(mp: &Path, store: &Path) -> Result<()> {
+    if let Err(nix::errno::Errno::ENOTCONN) = nix::sys::statfs::statfs(mp) {
+        bail!(
+            "the daemon that served {} has died: `forkpoint mount {} {}` cleans the mount up \
+             and serves the store again",
+            mp.display(),
+            store.display(),
+            mp.display()
+        );
+    }
+    Ok(())
+}
+
 /// Makes a path absolute without resolving through a possibly dead FUSE mount.
 pub fn absolute(p: &Path) -> Result<PathBuf> {
     let abs = if p.is_absolute() {

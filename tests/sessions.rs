@@ -422,6 +422,23 @@ fn ps_shows_stopped_sessions_and_sessions_that_lost_their_mount() {
     wait_for("the daemon to die", Duration::from_secs(10), || {
         !Path::new(&format!("/proc/{}", daemons[0])).exists()
     });
+    // Until then, commands on the mount say what happened and what to do.
+    for args in [
+        &["checkpoint", "-m", lab.m(), "--session", "a", "a0"][..],
+        &["restore", "-m", lab.m(), "--detach", "b1"][..],
+        &["snapshot", "-m", lab.m(), "s0"][..],
+    ] {
+        let o = Command::new(BIN)
+            .args(args)
+            .current_dir(lab.dir.path())
+            .output()
+            .expect("run");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains("has died") && err.contains("forkpoint mount"),
+            "{args:?}: {err}"
+        );
+    }
     let out = Command::new(BIN)
         .args(["mount", lab.store.to_str().expect("utf8"), lab.m()])
         .output()
