@@ -1620,11 +1620,6 @@ fn restore_inner(
     // Refuse a corrupt or incomplete image before anything changes: read, checked and
     // resolved here, once; the session gets it, and the open store, by fork.
     let (si, tree, depth) = session::load_image_chain(&ro, &image)?;
-    // An inconsistent image, or a file outside the mount that changed since the checkpoint,
-    // fails the restore: say so before a rollback stops the program that runs now.
-    let recreated: Vec<PathBuf> = si.own.iter().map(|(p, _)| p.clone()).collect();
-    forkpoint::engine::restore::precheck_tree(&tree, &mp, &recreated)
-        .with_context(|| format!("checkpoint '{name}' cannot be restored; nothing was changed"))?;
     // Its paths name the mount where the program saw it: the restored session sees the
     // mount it is served from there, in its own mount namespace (a bind), wherever the
     // store is mounted now. That path must be a directory to bind on.
@@ -1642,6 +1637,13 @@ fn restore_inner(
             seen_at.display()
         );
     }
+    // An inconsistent image, or a file outside the mount that changed since the checkpoint,
+    // fails the restore: say so before a rollback stops the program that runs now. Files
+    // under the mount are the snapshot's (where the program sees them may hold another
+    // mount, or nothing, on this side).
+    let recreated: Vec<PathBuf> = si.own.iter().map(|(p, _)| p.clone()).collect();
+    forkpoint::engine::restore::precheck_tree(&tree, &seen_at, &recreated)
+        .with_context(|| format!("checkpoint '{name}' cannot be restored; nothing was changed"))?;
     // Files outside the mount it held open are reopened by path: the same, unchanged.
     for f in &si.outside {
         f.check().map_err(|why| {

@@ -2528,8 +2528,8 @@ fn a_branch_mounts_elsewhere_once_its_restored_session_ends() {
 }
 
 /// A detached program writes to its session's log. Restored into a session of another
-/// name, it writes to that session's log, and can be checkpointed again (its output is no
-/// file outside the mount).
+/// name (on a branch), it writes to that session's log, and can be checkpointed again (its
+/// output is no file outside the mount).
 #[test]
 fn restored_program_writes_to_its_new_sessions_log() {
     if !can_run() {
@@ -2563,22 +2563,33 @@ int main(void) {
         lines_any(&log_of("talk")) > 5
     });
     lab.fp(&["checkpoint", "-m", lab.m(), "--kill", "k1"]);
-    let out = lab.fp(&["restore", "-m", lab.m(), "--detach", "k1"]);
-    assert!(out.contains("as session main"), "{out}");
+    // On a branch, the session takes the branch's name.
+    let out = lab.fp(&[
+        "restore",
+        "-m",
+        lab.m(),
+        "--detach",
+        "--branch",
+        "other",
+        "k1",
+    ]);
+    assert!(out.contains("as session other"), "{out}");
     let before = lines_any(&log_of("talk"));
     wait_for("output in the new log", Duration::from_secs(10), || {
-        lines_any(&log_of("main")) > 5
+        lines_any(&log_of("other")) > 5
     });
     assert_eq!(
         lines_any(&log_of("talk")),
         before,
         "the old log stays as it was"
     );
-    lab.fp(&["checkpoint", "-m", lab.m(), "k2"]);
+    let other = lab.branch_dir("other");
+    let om = other.to_str().expect("utf8");
+    lab.fp(&["checkpoint", "-m", om, "k2"]);
     // Rolled back in the foreground, the program writes to the restoring command's output
     // (the session's log is made anew, and a foreground session has none).
     let mut fg = Command::new(BIN)
-        .args(["restore", "-m", lab.m(), "k2"])
+        .args(["restore", "-m", om, "k2"])
         .current_dir(&lab.mnt)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -2602,7 +2613,7 @@ int main(void) {
         std::thread::sleep(Duration::from_millis(20));
     }
     let _ = Command::new(BIN)
-        .args(["kill", "-m", lab.m()])
+        .args(["kill", "-m", om])
         .current_dir(&lab.mnt)
         .output();
     let out = fg.wait_with_output().expect("restore ends");
@@ -4253,7 +4264,16 @@ fn a_restore_shows_the_program_its_files_where_the_checkpoint_saw_them() {
         return;
     }
     let lab = Lab::new();
-    lab.run_ticker("t");
+    // The program's binary on the mount, mapped: checked by the snapshot, not by its path
+    // on this side (where the store is no longer mounted).
+    std::fs::copy("/bin/bash", lab.mnt.join("bash")).expect("copy bash");
+    std::fs::write(
+        lab.mnt.join("t.sh"),
+        "while :; do echo x >> ticks; sleep 0.02; done\n",
+    )
+    .expect("write");
+    let bash = lab.mnt.join("bash");
+    lab.run_writing("t", &[bash.to_str().expect("utf8"), "t.sh"], "ticks");
     lab.fp(&["checkpoint", "-m", lab.m(), "--kill", "c1"]);
     // Run from outside the mounts (`Lab::fp` runs in the mount, which keeps it busy).
     let outside = |args: &[&str]| {
