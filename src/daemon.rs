@@ -242,6 +242,8 @@ pub struct Daemon {
     /// last asked something: from their filesystem commit to their record, what they
     /// stored is reachable from nothing that gc keeps.
     in_flight: Mutex<HashMap<i32, Instant>>,
+    /// Hidden branch mounts this daemon let go of itself (not unmounted from outside).
+    released: Mutex<std::collections::HashSet<PathBuf>>,
 }
 
 /// How long a checkpoint in progress holds gc off after its last request, and how long gc
@@ -262,6 +264,7 @@ impl Daemon {
             quit: AtomicBool::new(false),
             socket: std::sync::OnceLock::new(),
             in_flight: Mutex::new(HashMap::new()),
+            released: Mutex::new(std::collections::HashSet::new()),
         })
     }
 
@@ -651,7 +654,10 @@ impl Daemon {
         }
         for p in idle {
             match nix::mount::umount2(&p, nix::mount::MntFlags::empty()) {
-                Ok(()) => log::info!("released {}: no session uses it", p.display()),
+                Ok(()) => {
+                    log::info!("released {}: no session uses it", p.display());
+                    lock(&self.released).insert(p);
+                }
                 Err(e) => log::debug!("{} stays mounted: {e}", p.display()),
             }
         }
@@ -683,7 +689,9 @@ impl Daemon {
         }
         for p in gone {
             if let Some(mut m) = lock(&self.mounts).remove(&p) {
-                log::info!("{} was unmounted from outside", p.display());
+                if !lock(&self.released).remove(&p) {
+                    log::info!("{} was unmounted from outside", p.display());
+                }
                 let _ = m.fs.commit_now();
                 // The kernel side is gone; dropping the session must not try to unmount again.
                 if let Some(s) = m.session.take() {
