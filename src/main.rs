@@ -633,6 +633,9 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         }
         Cmd::Ps { mountpoint, json } => {
             let (_, store) = mounts::resolve(mountpoint.as_deref())?;
+            if let Some(m) = interrupted_rollback(&store) {
+                eprintln!("forkpoint: {m}");
+            }
             let list = session::list(&store)?;
             if json {
                 let list = list
@@ -1493,15 +1496,59 @@ fn keep_files(mp: &Path, store: &Path, auto: &str) -> Result<Option<u64>> {
 
 /// Held (a write lock on `STORE/restore.lock`) while a rollback changes a store's mounts;
 /// released when dropped.
-struct RestoreLock(#[allow(dead_code)] std::fs::File);
+///
+/// While held, the file names the rollback (`PID AUTO MOUNTPOINT`): a rollback killed with
+/// SIGKILL, which nothing can hold off, leaves it, and the next one to take the lock (or
+/// `ps`) says where the program it stopped is kept.
+struct RestoreLock(std::fs::File);
+
+impl Drop for RestoreLock {
+    fn drop(&mut self) {
+        // Ended (done or undone): nothing to tell the next one.
+        let _ = self.0.set_len(0);
+    }
+}
+
+/// What an interrupted rollback left in `STORE/restore.lock`: a line for the user, if its
+/// process is gone and its automatic checkpoint exists (taken before it stopped anything).
+fn interrupted_rollback(store: &Path) -> Option<String> {
+    interrupted_rollback_in(
+        store,
+        &std::fs::read_to_string(store.join("restore.lock")).ok()?,
+    )
+}
+
+/// [`interrupted_rollback`] with the lock file's `text` (read through the holder's own
+/// descriptor: closing another one would drop its POSIX lock).
+fn interrupted_rollback_in(store: &Path, text: &str) -> Option<String> {
+    let mut f = text.trim().splitn(3, ' ');
+    let (pid, auto, mp) = (f.next()?.parse::<i32>().ok()?, f.next()?, f.next()?);
+    if session::alive(pid) {
+        return None;
+    }
+    Store::open_read_only(store).ok()?.find(auto).ok()?;
+    Some(format!(
+        "a rollback of {mp} was killed half way: the program it stopped is kept as '{auto}' \
+         (`forkpoint restore -m {mp} {auto}` brings it back)"
+    ))
+}
 
 impl RestoreLock {
+    /// Names the rollback in progress (see the type).
+    fn note(&self, auto: &str, mp: &Path) {
+        use std::os::unix::fs::FileExt;
+        let _ = self.0.set_len(0);
+        let line = format!("{} {auto} {}\n", std::process::id(), mp.display());
+        let _ = self.0.write_all_at(line.as_bytes(), 0);
+    }
+
     /// Waits (up to two minutes, saying so after a second) for another rollback to end.
     fn take(store: &Path) -> Result<RestoreLock> {
         let path = store.join("restore.lock");
         let f = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
+            .read(true)
             .write(true)
             .open(&path)
             .with_context(|| format!("open {}", path.display()))?;
@@ -1519,6 +1566,13 @@ impl RestoreLock {
                 libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &fl)
             };
             if r == 0 {
+                let mut text = vec![0u8; 4096];
+                let n = std::os::unix::fs::FileExt::read_at(&f, &mut text, 0).unwrap_or(0);
+                if let Some(m) =
+                    interrupted_rollback_in(store, &String::from_utf8_lossy(&text[..n]))
+                {
+                    eprintln!("forkpoint: {m}");
+                }
                 return Ok(RestoreLock(f));
             }
             let e = std::io::Error::last_os_error();
@@ -1606,6 +1660,9 @@ fn restore_inner(
         })
         .find(|a| ro.find(a).is_err())
         .unwrap_or_else(|| format!("auto-{ts}"));
+    if let Some(l) = &lock {
+        l.note(&auto, &mp);
+    }
     let Some(image) = cp.image else {
         return match branch {
             Some(new) => bail!(

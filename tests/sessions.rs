@@ -4676,3 +4676,51 @@ fn a_session_killed_during_its_checkpoint_leaves_no_hand_off_files() {
         }
     }
 }
+
+/// A rollback killed with SIGKILL (which nothing holds off) after it stopped the program:
+/// `ps` and the next restore say where the program is kept. The lock file names the
+/// rollback while it runs; here it is left as such a kill leaves it.
+#[test]
+fn a_rollback_killed_half_way_is_reported() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    lab.run_ticker("t");
+    lab.fp(&["checkpoint", "-m", lab.m(), "--kill", "kept"]);
+    let mut dead = Command::new("true").spawn().expect("true");
+    let pid = dead.id();
+    dead.wait().expect("wait");
+    std::fs::write(
+        lab.store.join("restore.lock"),
+        format!("{pid} kept {}\n", lab.m()),
+    )
+    .expect("write");
+    let ps = Command::new(BIN)
+        .args(["ps", "-m", lab.m()])
+        .output()
+        .expect("ps");
+    let err = String::from_utf8_lossy(&ps.stderr);
+    assert!(
+        err.contains("was killed half way") && err.contains("'kept'"),
+        "{err}"
+    );
+    let out = Command::new(BIN)
+        .args(["restore", "-m", lab.m(), "--detach", "kept"])
+        .current_dir(lab.dir.path())
+        .output()
+        .expect("restore");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("was killed half way"), "{err}");
+    // Said once: the restore that took the lock leaves it clean.
+    let ps = Command::new(BIN)
+        .args(["ps", "-m", lab.m()])
+        .output()
+        .expect("ps");
+    assert!(
+        !String::from_utf8_lossy(&ps.stderr).contains("half way"),
+        "{}",
+        String::from_utf8_lossy(&ps.stderr)
+    );
+}
