@@ -570,16 +570,19 @@ impl Daemon {
                 let report = loop {
                     self.wait_checkpoints_in_flight();
                     self.commit_all();
+                    let fss: Vec<Arc<Fs>> =
+                        lock(&self.mounts).values().map(|m| m.fs.clone()).collect();
+                    // Snapshots open in a mount stay whole, forgotten or not.
+                    let open: Vec<ContentId> =
+                        fss.iter().flat_map(|fs| fs.open_snapshot_roots()).collect();
                     let r = if tries + 1 < TRIES {
-                        maint::gc(&self.store)
+                        maint::gc_keeping(&self.store, &open, &mut || {})
                     } else {
-                        let fss: Vec<Arc<Fs>> =
-                            lock(&self.mounts).values().map(|m| m.fs.clone()).collect();
                         let _held = fss
                             .iter()
                             .map(|fs| fs.hold_commits())
                             .collect::<Result<Vec<_>, _>>()?;
-                        maint::gc(&self.store)
+                        maint::gc_keeping(&self.store, &open, &mut || {})
                     };
                     match r {
                         Err(forkpoint_fs::StoreError::ChangedDuringGc) if tries + 1 < TRIES => {

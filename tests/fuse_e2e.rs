@@ -1392,3 +1392,28 @@ fn gc_waits_for_a_checkpoint_in_progress() {
     );
     assert!(status.success());
 }
+
+/// A file open in a snapshot stays readable when the snapshot is forgotten and gc runs: gc
+/// keeps what snapshots open in a mount reach (it read EIO).
+#[test]
+fn a_file_open_in_a_forgotten_snapshot_stays_readable_through_gc() {
+    let Some((_lab, store, mnt)) = mounted_lab() else {
+        return;
+    };
+    let m = mnt.as_os_str();
+    let old = pattern(300_000);
+    std::fs::write(mnt.join("x"), &old).expect("write");
+    fp_ok(&[OsStr::new("snapshot"), OsStr::new("-m"), m, OsStr::new("s")]);
+    let f =
+        std::fs::File::open(mnt.join(".forkpoint/snapshots/s/x")).expect("open in the snapshot");
+    std::fs::write(mnt.join("x"), b"new").expect("rewrite");
+    fp_ok(&[OsStr::new("forget"), OsStr::new("-m"), m, OsStr::new("s")]);
+    fp_ok(&[OsStr::new("gc"), store.as_os_str()]);
+    let mut got = vec![0u8; old.len()];
+    f.read_exact_at(&mut got, 0)
+        .expect("read the forgotten snapshot's file after gc");
+    assert!(got == old, "the snapshot's file changed");
+    drop(f);
+    let v = fp_ok(&[OsStr::new("verify"), store.as_os_str()]);
+    assert!(v.contains("verified"), "{v}");
+}

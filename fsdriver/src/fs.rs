@@ -1653,6 +1653,25 @@ impl Fs {
         Ok(inval)
     }
 
+    /// The roots of the snapshots a file or directory is open in (under
+    /// `.forkpoint/snapshots/`): gc keeps what they reach, forgotten or not, as a snapshot
+    /// in use is not destroyed under its readers.
+    pub fn open_snapshot_roots(&self) -> Vec<ContentId> {
+        let st = self.lock();
+        let mut out: Vec<ContentId> = st
+            .handles
+            .values()
+            .filter(|h| h.ino & SNAP_BIT != 0)
+            .filter_map(|h| {
+                let slot = ((h.ino & !SNAP_BIT) >> SLOT_SHIFT) as usize;
+                st.snaps.get(slot).map(|s| s.view.root_id)
+            })
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// May the kernel cache `name` in directory `parent` as absent? Only in the live tree
     /// (the `.forkpoint` directories change behind the kernel's back) and only while the
     /// name can be invalidated again at the next checkout, and only if no checkout ran since

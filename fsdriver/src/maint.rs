@@ -551,6 +551,16 @@ pub fn gc(store: &Store) -> Result<GcReport> {
 /// stored object or committed since it began makes the sweep refuse (nothing is changed)
 /// with [`StoreError::ChangedDuringGc`]: what the mark called unreachable may be in use.
 pub fn gc_with(store: &Store, between: &mut dyn FnMut()) -> Result<GcReport> {
+    gc_keeping(store, &[], between)
+}
+
+/// [`gc_with`], also keeping what the trees `roots` reach (snapshots open in a mount,
+/// forgotten or not).
+pub fn gc_keeping(
+    store: &Store,
+    roots: &[ContentId],
+    between: &mut dyn FnMut(),
+) -> Result<GcReport> {
     let commits_before = store.commit_count();
     let mut report = GcReport {
         bytes_before: store.disk_usage(),
@@ -560,7 +570,19 @@ pub fn gc_with(store: &Store, between: &mut dyn FnMut()) -> Result<GcReport> {
     let retained = store.catalog(|c| c.retained())?;
     report.dropped_checkpoints = before - retained.len();
     let kept: HashSet<u64> = retained.iter().map(|c| c.cno).collect();
-    let live = reachable_from(store, &retained)?;
+    let mut walked = retained.clone();
+    walked.extend(roots.iter().map(|root| Checkpoint {
+        cno: 0,
+        branch: String::new(),
+        parent: None,
+        root: *root,
+        name: Some("(a snapshot open in a mount)".to_string()),
+        time: 0,
+        kind: crate::catalog::CheckpointKind::Snapshot,
+        image: None,
+        note: None,
+    }));
+    let live = reachable_from(store, &walked)?;
     between();
     let index = store.index_snapshot();
     let mut seg_total: BTreeMap<u64, u64> = BTreeMap::new();
