@@ -951,8 +951,10 @@ fn mount(
 /// No daemon serves `store`: mounts of it that are left (a daemon that died, with a branch
 /// restored side by side under `STORE/branches/`) answer nothing. Take them away, saying so.
 fn clean_stale_mounts(store: &Path) {
+    let real = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+    let store = real(store);
     for m in mounts::mounts().unwrap_or_default() {
-        if !mounts::is_forkpoint(&m) || Path::new(&m.source) != store {
+        if !mounts::is_forkpoint(&m) || real(Path::new(&m.source)) != store {
             continue;
         }
         if let Err(nix::errno::Errno::ENOTCONN) = nix::sys::statfs::statfs(&m.mountpoint) {
@@ -1004,12 +1006,19 @@ fn refuse_overlap(mp: &Path, store: &Path, lower: Option<&Path>) -> Result<()> {
         );
     }
     if store.starts_with(&lower) {
-        bail!(
+        let why = format!(
             "the store {} is inside the lower directory {}, which must not change under the \
-             mount; put the store elsewhere",
+             mount",
             store.display(),
             lower.display()
         );
+        // A store made so by an older build is still mounted (with a word); a new one is not
+        // made.
+        if forkpoint_fs::store::is_store(&store) {
+            eprintln!("forkpoint: warning: {why}: the mount shows the store changing; move it");
+        } else {
+            bail!("{why}; put the store elsewhere");
+        }
     }
     Ok(())
 }
@@ -1526,11 +1535,24 @@ fn interrupted_rollback_in(store: &Path, text: &str) -> Option<String> {
     if session::alive(pid) {
         return None;
     }
-    Store::open_read_only(store).ok()?.find(auto).ok()?;
-    Some(format!(
-        "a rollback of {mp} was killed half way: the program it stopped is kept as '{auto}' \
-         (`forkpoint restore -m {mp} {auto}` brings it back)"
-    ))
+    // A session runs there: the killed command had started it (a detached restore's
+    // session goes on by itself).
+    let running = session::list(store).unwrap_or_default();
+    if running.iter().any(|s| s.daemon_mount == Path::new(mp)) {
+        return None;
+    }
+    let kept = Store::open_read_only(store).ok()?.find(auto).ok()?;
+    Some(if kept.image.is_some() {
+        format!(
+            "a rollback of {mp} was killed half way: the program it stopped is kept as \
+             '{auto}' (`forkpoint restore -m {mp} {auto}` brings it back)"
+        )
+    } else {
+        format!(
+            "a rollback of {mp} was killed half way: the files it left are kept as '{auto}' \
+             (`forkpoint restore -m {mp} {auto}` puts them back)"
+        )
+    })
 }
 
 impl RestoreLock {
@@ -1632,11 +1654,6 @@ fn restore_inner(
     let t0 = std::time::Instant::now();
     let (mp, store) = mounts::resolve(mountpoint)?;
     mounts::require_live(&mp, &store)?;
-    // Ctrl-C once a restore has begun to change things would leave them half way (a program
-    // stopped and none started, a branch nothing runs on): it finishes, or undoes itself,
-    // first. (The restore that brings back a program a failed rollback stopped runs inside
-    // that rollback's deferral.)
-    let deferred = recovering.is_none().then(session::DeferInterrupts::new);
     // One rollback of a store at a time: two at once each stopped the other's program, and
     // the one that failed put the files back under the other's. (A restore bringing back
     // the program a failed rollback stopped runs under that rollback's lock.)
@@ -1671,7 +1688,10 @@ fn restore_inner(
                  --branch {new}` serves it",
                 store.display()
             ),
-            None => rollback_files(&mp, &store, cp.cno, name, &auto),
+            None => {
+                let _deferred = session::DeferInterrupts::new();
+                rollback_files(&mp, &store, cp.cno, name, &auto)
+            }
         };
     };
     // Refuse a corrupt or incomplete image before anything changes: read, checked and
@@ -1713,6 +1733,11 @@ fn restore_inner(
         })?;
     }
     log::debug!("restore: image checked at {:?}", t0.elapsed());
+    // From here on the restore changes things: Ctrl-C half way would leave a program stopped
+    // and none started, or a branch nothing runs on. It finishes, or undoes itself, first.
+    // (The restore that brings back a program a failed rollback stopped runs inside that
+    // rollback's deferral.)
+    let deferred = recovering.is_none().then(session::DeferInterrupts::new);
     let now_mono = session::clock_ns(nix::time::ClockId::CLOCK_MONOTONIC);
     let now_boot = session::clock_ns(nix::time::ClockId::CLOCK_BOOTTIME);
     let offsets = Some((si.monotonic_ns - now_mono, si.boottime_ns - now_boot));
@@ -1720,6 +1745,9 @@ fn restore_inner(
     let mut made: Option<(String, PathBuf)> = None;
     // The running session's state went to the automatic checkpoint with its processes.
     let mut auto_has_processes = false;
+    // The name of the session a rollback stopped (its program comes back under it if the
+    // restore fails).
+    let mut stopped: Option<String> = None;
     let (spec, undo) = match branch {
         Some(new) => {
             let v = daemon::call(
@@ -1843,10 +1871,11 @@ fn restore_inner(
                 .filter(|n| {
                     running.iter().any(|s| &s.name == n) || !session::name_taken(&store, n)
                 });
+            stopped = running.first().map(|s| s.name.clone());
             let sname = recovering
                 .map(String::from)
                 .or(own)
-                .or_else(|| running.first().map(|s| s.name.clone()))
+                .or_else(|| stopped.clone())
                 .unwrap_or_else(|| cur.clone());
             (
                 session::InitSpec {
@@ -1873,11 +1902,6 @@ fn restore_inner(
         ..spec
     };
     log::debug!("restore: session starts at {:?}", t0.elapsed());
-    // A program restored in the foreground runs for as long as it likes: the next rollback
-    // need not wait for it (it takes the program over, as it would a detached one).
-    if !detach {
-        lock = None;
-    }
     let pre = session::Preloaded {
         store: ro,
         image,
@@ -1893,41 +1917,33 @@ fn restore_inner(
             );
         }
     };
-    match session::start_with(&spec, detach, offsets, Some(pre)) {
+    // The rollback lock goes once the program runs: a foreground one may run for as long as
+    // it likes, and the next rollback takes it over as it would a detached one. Until then
+    // no other rollback can come between, so a failure undoes exactly what this one did.
+    let locked = lock.is_some();
+    let mut release = || drop(lock.take());
+    let started = session::start_with(&spec, detach, offsets, Some(pre), Some(&mut release));
+    match started {
         Ok(code) => {
             if detach {
                 println!(
                     "restored '{name}' as session {} on branch {}",
                     spec.name, spec.branch
                 );
-                said_interrupted();
             }
+            said_interrupted();
             Ok(code)
         }
         Err(e) => {
+            said_interrupted();
             // Leave the branches as they were before the restore: a new one goes again.
             if let Some((b, hidden)) = made {
                 drop_failed_branch(&store, &b, Some(&hidden));
             }
-            // Put back only what this restore changed: another rollback may have taken the
-            // mount since the lock was let go (a foreground restore's).
-            let _relocked = if lock.is_none() && undo.is_some() {
-                RestoreLock::take(&store).ok()
-            } else {
-                None
-            };
-            let head = || -> Result<u64> {
-                let b = branch_of(&store, &mp)?;
-                Ok(Store::open_read_only(&store)?.head(&b)?.cno)
-            };
-            let still_ours = head().is_ok_and(|h| h == cp.cno);
-            if undo.is_some() && !still_ours {
-                eprintln!(
-                    "forkpoint: another restore changed the mount meanwhile: its files are \
-                     left as that restore made them"
-                );
-            }
-            if let Some(prev) = undo.filter(|_| still_ours) {
+            // A rollback whose program ran before it failed is not undone (it is not this
+            // restore's any more: another rollback may have taken the mount).
+            let ours = !locked || lock.is_some();
+            if let Some(prev) = undo.filter(|_| ours) {
                 let _ = daemon::call(
                     &store,
                     &daemon::Request::Rollback {
@@ -1938,7 +1954,8 @@ fn restore_inner(
                 // The program the rollback stopped comes back from the state it left, once
                 // (its files are back already; restoring it again makes no new checkpoint).
                 if auto_has_processes && recovering.is_none() {
-                    match restore_inner(Some(&mp), None, true, false, &auto, Some(&spec.name)) {
+                    let back_as = stopped.as_deref().unwrap_or(&spec.name);
+                    match restore_inner(Some(&mp), None, true, false, &auto, Some(back_as)) {
                         Ok(_) => eprintln!(
                             "forkpoint: the restore failed; the program that ran before is running again, from '{auto}'"
                         ),

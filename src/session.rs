@@ -393,7 +393,7 @@ pub fn clock_ns(clock: nix::time::ClockId) -> i128 {
 
 /// Starts a session; returns session-init's exit status (or 0 when detached).
 pub fn start(spec: &InitSpec, detach: bool, time_offsets: Option<(i128, i128)>) -> Result<i32> {
-    start_with(spec, detach, time_offsets, None)
+    start_with(spec, detach, time_offsets, None, None)
 }
 
 /// What a restore has read and checked before its session starts: the store, and the
@@ -476,11 +476,15 @@ impl Started {
 
 /// [`start`]; with `pre`, the session is forked from this process and restores what `pre`
 /// holds (a restore reads its image once, here).
+///
+/// `on_running` is called once the program runs (restored, for a restore): when this
+/// returns for a detached session, when its info appears for one in the foreground.
 pub fn start_with(
     spec: &InitSpec,
     detach: bool,
     time_offsets: Option<(i128, i128)>,
     pre: Option<Preloaded>,
+    on_running: Option<&mut dyn FnMut()>,
 ) -> Result<i32> {
     use std::os::unix::process::CommandExt;
     let dir = session_dir(&spec.store, &spec.name);
@@ -651,9 +655,12 @@ pub fn start_with(
             std::thread::sleep(Duration::from_millis(2));
         }
         std::thread::spawn(move || child.wait());
+        if let Some(f) = on_running {
+            f();
+        }
         return Ok(0);
     }
-    let code = wait_forwarding_signals(child, &dir)?;
+    let code = wait_forwarding_signals(child, &dir, on_running)?;
     // A restore that failed ends the session before init writes its info (it does once the
     // program is back): the caller must hear of it as a failure, to undo what it did for it.
     if spec.restore.is_some() && !dir.join("info.json").exists() {
@@ -749,7 +756,11 @@ extern "C" fn note_signal(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mut 
 /// Waits for a foreground session and returns its program's exit code, passing signals sent
 /// to this process (by `kill`, `timeout`, a supervisor) on to the program, as sudo does: the
 /// command dies with its program, not before it, and leaves no session behind.
-fn wait_forwarding_signals(mut child: Started, dir: &Path) -> Result<i32> {
+fn wait_forwarding_signals(
+    mut child: Started,
+    dir: &Path,
+    mut on_running: Option<&mut dyn FnMut()>,
+) -> Result<i32> {
     use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet};
     let action = SigAction::new(
         SigHandler::SigAction(note_signal),
@@ -760,10 +771,19 @@ fn wait_forwarding_signals(mut child: Started, dir: &Path) -> Result<i32> {
         // SAFETY: the handler only stores into an atomic, which is async-signal-safe.
         let _ = unsafe { sigaction(sig, &action) };
     }
-    let mut held = 0u64;
+    // A signal a restore held off while it worked is the program's once it runs.
+    let mut held = match DEFERRED.swap(0, std::sync::atomic::Ordering::SeqCst) {
+        0 => 0u64,
+        sig => 1u64 << sig,
+    };
     loop {
         if let Some(code) = child.try_code()? {
             return Ok(code);
+        }
+        if on_running.is_some() && program_host_pid(dir).is_some() {
+            if let Some(f) = on_running.take() {
+                f();
+            }
         }
         held |= FORWARD.swap(0, std::sync::atomic::Ordering::SeqCst);
         if held != 0 {

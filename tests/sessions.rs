@@ -3036,7 +3036,7 @@ fn a_program_in_a_deleted_directory_is_restored() {
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
         .collect();
     assert!(
-        names.iter().all(|n| !n.contains("deleted-cwd")),
+        names.iter().all(|n| !n.contains("forkpoint-cwd")),
         "{names:?}"
     );
 }
@@ -4723,4 +4723,68 @@ fn a_rollback_killed_half_way_is_reported() {
         "{}",
         String::from_utf8_lossy(&ps.stderr)
     );
+}
+
+/// A rollback started while a foreground rollback is still bringing its program back waits
+/// for it, then takes that program over (it went ahead as soon as the first one started
+/// its session, found no session yet, and left both programs running on one mount).
+#[test]
+fn a_rollback_waits_for_a_foreground_one_to_bring_its_program_back() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    std::fs::write(
+        lab.mnt.join("m.py"),
+        "import os, time\nb = bytearray(os.urandom(64 << 20))\n\
+         while True:\n    open('ticks', 'a').write('x\\n')\n    time.sleep(0.02)\n",
+    )
+    .expect("write");
+    lab.run_writing("m", &["python3", "m.py"], "ticks");
+    lab.fp(&["checkpoint", "-m", lab.m(), "c1"]);
+    let restore = |detach: bool| {
+        let mut args = vec!["restore", "-m", lab.m()];
+        if detach {
+            args.push("--detach");
+        }
+        args.push("c1");
+        Command::new(BIN)
+            .args(&args)
+            .current_dir(lab.dir.path())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("restore")
+    };
+    for delay_ms in [20u64, 40, 60, 80] {
+        let fg = restore(false);
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let bg = restore(true).wait_with_output().expect("wait");
+        assert!(
+            bg.status.success(),
+            "{}",
+            String::from_utf8_lossy(&bg.stderr)
+        );
+        // Taken over, the foreground restore ends (two programs, it would run on).
+        let mut fg = fg;
+        let t = Instant::now();
+        while fg.try_wait().expect("wait").is_none() && t.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let ended = fg.try_wait().expect("wait").is_some();
+        let _ = fg.kill();
+        let fg = fg.wait_with_output().expect("the foreground restore ends");
+        let ps = lab.fp(&["ps", "-m", lab.m()]);
+        assert!(
+            ended,
+            "at {delay_ms} ms the foreground restore's program was not taken over: {ps}"
+        );
+        assert_eq!(
+            ps.lines().filter(|l| l.contains("running")).count(),
+            1,
+            "at {delay_ms} ms: {ps}\nforeground: {}",
+            String::from_utf8_lossy(&fg.stderr)
+        );
+    }
 }
