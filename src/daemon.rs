@@ -499,18 +499,21 @@ impl Daemon {
                 base_image,
                 session,
             } => {
-                self.fs(&mountpoint)?;
-                let base = base_image
-                    .map(|h| {
-                        ContentId::from_hex(&h).ok_or_else(|| anyhow!("bad base image id {h}"))
-                    })
-                    .transpose()?;
-                let image = NewImage {
-                    file: &image_file,
-                    base,
-                    note: session.map(|s| format!("session {s}")),
-                };
-                let r = record_checkpoint(&self.store, &name, root_cno, &image, auto);
+                let r = (|| {
+                    self.fs(&mountpoint)?;
+                    let base = base_image
+                        .map(|h| {
+                            ContentId::from_hex(&h).ok_or_else(|| anyhow!("bad base image id {h}"))
+                        })
+                        .transpose()?;
+                    let image = NewImage {
+                        file: &image_file,
+                        base,
+                        note: session.map(|s| format!("session {s}")),
+                    };
+                    record_checkpoint(&self.store, &name, root_cno, &image, auto)
+                })();
+                // Recorded or failed, the checkpoint is over.
                 self.checkpoint_in_flight(peer, true);
                 r?
             }

@@ -530,12 +530,18 @@ impl Filesystem for FuseFs {
     fn readdirplus(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
         let entries = tri!(reply, self.fs.readdir(fh.0, offset));
+        // As for a lookup: the snapshots' names are not kept.
+        let ttl = if crate::fs::entry_may_be_cached(ino.0) {
+            TTL
+        } else {
+            Duration::ZERO
+        };
         for (off, e) in entries {
             let attr = match self.fs.getattr(e.ino) {
                 Ok(s) => s.attr,
@@ -545,7 +551,7 @@ impl Filesystem for FuseFs {
                 INodeNo(e.ino),
                 off,
                 OsStr::from_bytes(&e.name),
-                &TTL,
+                &ttl,
                 &file_attr(e.ino, &attr),
                 Generation(0),
             ) {

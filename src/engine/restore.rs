@@ -2126,10 +2126,12 @@ impl Restorer<'_> {
         // A working directory that was deleted: one is made where it was (or in the nearest
         // directory above that still exists), entered, and deleted again, so the program
         // is back in a deleted directory with no name.
+        // (A directory whose name really ends so is taken as it is.)
         let deleted = image
             .cwd
             .strip_suffix(" (deleted)")
-            .map(deleted_cwd_stand_in);
+            .filter(|_| !std::path::Path::new(&image.cwd).is_dir())
+            .and_then(deleted_cwd_stand_in);
         let cwd = match &deleted {
             Some(d) => d.path.to_string_lossy().into_owned(),
             None => image.cwd.clone(),
@@ -3534,8 +3536,9 @@ impl Drop for DeletedCwd {
     }
 }
 
-/// Makes a directory beside where `orig` was (in the nearest existing directory above it).
-fn deleted_cwd_stand_in(orig: &str) -> DeletedCwd {
+/// Makes a directory beside where `orig` was (in the nearest existing directory above it);
+/// `None` if none could be made (the chdir that follows then fails, naming the path).
+fn deleted_cwd_stand_in(orig: &str) -> Option<DeletedCwd> {
     let mut parent = std::path::Path::new(orig).parent();
     while let Some(p) = parent {
         if p.is_dir() {
@@ -3544,19 +3547,16 @@ fn deleted_cwd_stand_in(orig: &str) -> DeletedCwd {
         parent = p.parent();
     }
     let parent = parent.unwrap_or(std::path::Path::new("/"));
-    let name = std::path::Path::new(orig)
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let mut i = 0;
-    loop {
-        let path = parent.join(format!(".{name}.deleted-cwd.{}.{i}", std::process::id()));
+    for i in 0..100 {
+        // A short name of its own: the original's may be near the length limit.
+        let path = parent.join(format!(".forkpoint-cwd.{}.{i}", std::process::id()));
         match std::fs::create_dir(&path) {
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && i < 100 => i += 1,
-            // Made, or not: the chdir that follows names what went wrong.
-            _ => return DeletedCwd { path },
+            Ok(()) => return Some(DeletedCwd { path }),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(_) => return None,
         }
     }
+    None
 }
 
 #[cfg(test)]
