@@ -101,6 +101,37 @@ impl Lab {
 
     /// Starts `argv` in the mount as session `name`, detached, and waits until the file
     /// `log` it writes (in the mount) has more than five lines; returns that file's path.
+    /// Runs session `name`: a Python program holding `mib` MiB of random memory (so that a
+    /// checkpoint or restore of it takes a while) and appending a line to `ticks` every
+    /// 20 ms.
+    fn run_memory_ticker(&self, name: &str, mib: u32) -> PathBuf {
+        std::fs::write(
+            self.mnt.join("m.py"),
+            format!(
+                "import os, time\nb = bytearray(os.urandom({mib} << 20))\n\
+                 while True:\n    open('ticks', 'a').write('x\\n')\n    time.sleep(0.02)\n"
+            ),
+        )
+        .expect("write");
+        self.run_writing(name, &["python3", "m.py"], "ticks")
+    }
+
+    /// How many sessions `ps` shows running on the mount, and what it printed.
+    fn running_sessions(&self) -> (usize, String) {
+        let ps = self.fp(&["ps", "-m", self.m()]);
+        (ps.lines().filter(|l| l.contains("running")).count(), ps)
+    }
+
+    /// The files a checkpoint hands its pages over with (checkpoint.pages, .ids, .tmp) left
+    /// in session `name`'s directory.
+    fn hand_off_files(&self, name: &str) -> Vec<String> {
+        std::fs::read_dir(self.store.join("sessions").join(name))
+            .expect("session dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("checkpoint."))
+            .collect()
+    }
+
     /// Runs session `name`: a shell loop appending a line to `ticks` every 20 ms.
     fn run_ticker(&self, name: &str) -> PathBuf {
         std::fs::write(
@@ -3887,11 +3918,7 @@ fn a_checkpoint_that_fails_after_the_dump_lets_the_program_go_on() {
     both_go_on("the program");
     // The hand-off's files (checkpoint.pages, .ids, .tmp) go, whatever the outcome.
     let no_hand_off_files = |what: &str| {
-        let left: Vec<String> = std::fs::read_dir(lab.store.join("sessions/two"))
-            .expect("session dir")
-            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with("checkpoint."))
-            .collect();
+        let left = lab.hand_off_files("two");
         assert!(left.is_empty(), "{what}: {left:?}");
     };
     lab.fp(&["checkpoint", "-m", lab.m(), "first"]);
@@ -4497,9 +4524,8 @@ fn two_rollbacks_at_once_take_turns() {
             String::from_utf8_lossy(&o.stderr)
         );
     }
-    let ps = lab.fp(&["ps", "-m", lab.m()]);
-    let running: Vec<&str> = ps.lines().filter(|l| l.contains("running")).collect();
-    assert_eq!(running.len(), 1, "{ps}");
+    let (running, ps) = lab.running_sessions();
+    assert_eq!(running, 1, "{ps}");
     let ticks = lab.mnt.join("ticks");
     let at = lines_any(&ticks);
     wait_for("the program after both", Duration::from_secs(20), || {
@@ -4585,13 +4611,7 @@ fn an_interrupted_rollback_leaves_a_program_running() {
     }
     let lab = Lab::new();
     // Some memory, so that the rollback takes a while.
-    std::fs::write(
-        lab.mnt.join("m.py"),
-        "import os, time\nb = bytearray(os.urandom(64 << 20))\n\
-         while True:\n    open('ticks', 'a').write('x\\n')\n    time.sleep(0.02)\n",
-    )
-    .expect("write");
-    lab.run_writing("m", &["python3", "m.py"], "ticks");
+    lab.run_memory_ticker("m", 64);
     lab.fp(&["checkpoint", "-m", lab.m(), "c1"]);
     // The rollback's changes (automatic checkpoint, stop, checkout) take a few tens of ms
     // here, from about 10 ms after the command starts.
@@ -4623,10 +4643,9 @@ fn an_interrupted_rollback_leaves_a_program_running() {
             Duration::from_secs(20),
             || lines_any(&ticks) > at + 5,
         );
-        let ps = lab.fp(&["ps", "-m", lab.m()]);
+        let (running, ps) = lab.running_sessions();
         assert_eq!(
-            ps.lines().filter(|l| l.contains("running")).count(),
-            1,
+            running, 1,
             "after signal {sig} at {delay_ms} ms: {ps}\n{err}"
         );
     }
@@ -4640,13 +4659,7 @@ fn a_session_killed_during_its_checkpoint_leaves_no_hand_off_files() {
         return;
     }
     let lab = Lab::new();
-    std::fs::write(
-        lab.mnt.join("m.py"),
-        "import os, time\nb = bytearray(os.urandom(256 << 20))\n\
-         while True:\n    open('ticks', 'a').write('x\\n')\n    time.sleep(0.02)\n",
-    )
-    .expect("write");
-    lab.run_writing("k", &["python3", "m.py"], "ticks");
+    lab.run_memory_ticker("k", 256);
     let cp = Command::new(BIN)
         .args(["checkpoint", "-m", lab.m(), "k1"])
         .current_dir(lab.dir.path())
@@ -4660,11 +4673,7 @@ fn a_session_killed_during_its_checkpoint_leaves_no_hand_off_files() {
     });
     lab.fp(&["kill", "-m", lab.m(), "--session", "k"]);
     let o = cp.wait_with_output().expect("wait");
-    let left: Vec<String> = std::fs::read_dir(&dir)
-        .expect("session dir")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("checkpoint."))
-        .collect();
+    let left = lab.hand_off_files("k");
     assert!(left.is_empty(), "{left:?}");
     let err = String::from_utf8_lossy(&o.stderr);
     if !o.status.success() {
@@ -4734,13 +4743,7 @@ fn a_rollback_waits_for_a_foreground_one_to_bring_its_program_back() {
         return;
     }
     let lab = Lab::new();
-    std::fs::write(
-        lab.mnt.join("m.py"),
-        "import os, time\nb = bytearray(os.urandom(64 << 20))\n\
-         while True:\n    open('ticks', 'a').write('x\\n')\n    time.sleep(0.02)\n",
-    )
-    .expect("write");
-    lab.run_writing("m", &["python3", "m.py"], "ticks");
+    lab.run_memory_ticker("m", 64);
     lab.fp(&["checkpoint", "-m", lab.m(), "c1"]);
     let restore = |detach: bool| {
         let mut args = vec!["restore", "-m", lab.m()];
@@ -4775,13 +4778,13 @@ fn a_rollback_waits_for_a_foreground_one_to_bring_its_program_back() {
         let ended = fg.try_wait().expect("wait").is_some();
         let _ = fg.kill();
         let fg = fg.wait_with_output().expect("the foreground restore ends");
-        let ps = lab.fp(&["ps", "-m", lab.m()]);
+        let (running, ps) = lab.running_sessions();
         assert!(
             ended,
             "at {delay_ms} ms the foreground restore's program was not taken over: {ps}"
         );
         assert_eq!(
-            ps.lines().filter(|l| l.contains("running")).count(),
+            running,
             1,
             "at {delay_ms} ms: {ps}\nforeground: {}",
             String::from_utf8_lossy(&fg.stderr)

@@ -20,6 +20,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// the kernel's view can only go stale on a rollback, which invalidates explicitly.
 const TTL: Duration = Duration::from_secs(60);
 
+/// How long the kernel may keep a name it found in directory `parent` (by lookup or in a
+/// listing): not at all for the snapshots' names, which can be forgotten and given again.
+fn entry_ttl(parent: u64) -> Duration {
+    if crate::fs::entry_may_be_cached(parent) {
+        TTL
+    } else {
+        Duration::ZERO
+    }
+}
+
 /// Maps a logic error to errno. No catch-all arm: a new error must choose its errno.
 pub fn errno(e: &FsError) -> Errno {
     match e {
@@ -209,14 +219,11 @@ impl Filesystem for FuseFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let generation = self.fs.generation();
         match self.fs.lookup(parent.0, name.as_bytes()) {
-            Ok(s) => {
-                let ttl = if crate::fs::entry_may_be_cached(parent.0) {
-                    TTL
-                } else {
-                    Duration::ZERO
-                };
-                reply.entry(&ttl, &file_attr(s.ino, &s.attr), Generation(0))
-            }
+            Ok(s) => reply.entry(
+                &entry_ttl(parent.0),
+                &file_attr(s.ino, &s.attr),
+                Generation(0),
+            ),
             // A negative entry (node id 0 with a timeout): the kernel remembers that the name
             // is absent, so `stat` then `open(O_CREAT)` of a new file asks once, not twice.
             Err(FsError::NotFound)
@@ -536,12 +543,7 @@ impl Filesystem for FuseFs {
         mut reply: ReplyDirectoryPlus,
     ) {
         let entries = tri!(reply, self.fs.readdir(fh.0, offset));
-        // As for a lookup: the snapshots' names are not kept.
-        let ttl = if crate::fs::entry_may_be_cached(ino.0) {
-            TTL
-        } else {
-            Duration::ZERO
-        };
+        let ttl = entry_ttl(ino.0);
         for (off, e) in entries {
             let attr = match self.fs.getattr(e.ino) {
                 Ok(s) => s.attr,

@@ -237,22 +237,7 @@ impl Walker<'_> {
 
     fn checkpoint(&mut self, cp: &Checkpoint) -> Result<()> {
         let label = cp.name.clone().unwrap_or_else(|| format!("#{}", cp.cno));
-        let rl = label.clone();
-        if let Some(bytes) = self.fetch(&cp.root, "root", &|| format!("{rl}: filesystem root")) {
-            let root: Root = match postcard::from_bytes(&bytes) {
-                Ok(r) => r,
-                Err(e) => {
-                    self.record(
-                        cp.root,
-                        "root",
-                        e.to_string(),
-                        format!("{label}: filesystem root"),
-                    );
-                    return Ok(());
-                }
-            };
-            self.tree(&label, &root)?;
-        }
+        self.root(&label, cp.root)?;
         if let Some(img) = cp.image {
             let il = label.clone();
             if let Some(bytes) = self.fetch(&img, "image", &|| format!("{il}: process image")) {
@@ -260,6 +245,25 @@ impl Walker<'_> {
             }
         }
         Ok(())
+    }
+
+    /// The filesystem tree of root object `id`.
+    fn root(&mut self, label: &str, id: ContentId) -> Result<()> {
+        let Some(bytes) = self.fetch(&id, "root", &|| format!("{label}: filesystem root")) else {
+            return Ok(());
+        };
+        match postcard::from_bytes::<Root>(&bytes) {
+            Ok(root) => self.tree(label, &root),
+            Err(e) => {
+                self.record(
+                    id,
+                    "root",
+                    e.to_string(),
+                    format!("{label}: filesystem root"),
+                );
+                Ok(())
+            }
+        }
     }
 
     /// The chunks of a fetched image, then those of its base images, each image walked once.
@@ -499,10 +503,15 @@ pub fn verify(store: &Store) -> Result<VerifyReport> {
 /// run on a damaged store).
 pub fn reachable(store: &Store) -> Result<HashSet<ContentId>> {
     let cps = store.catalog(|c| c.retained())?;
-    reachable_from(store, &cps)
+    reachable_from(store, &cps, &[])
 }
 
-fn reachable_from(store: &Store, cps: &[Checkpoint]) -> Result<HashSet<ContentId>> {
+/// Objects reachable from checkpoints `cps` and filesystem trees `roots`.
+fn reachable_from(
+    store: &Store,
+    cps: &[Checkpoint],
+    roots: &[ContentId],
+) -> Result<HashSet<ContentId>> {
     let mut w = Walker {
         store,
         seen: HashSet::new(),
@@ -512,6 +521,9 @@ fn reachable_from(store: &Store, cps: &[Checkpoint]) -> Result<HashSet<ContentId
     };
     for cp in cps {
         w.checkpoint(cp)?;
+    }
+    for root in roots {
+        w.root("a snapshot open in a mount", *root)?;
     }
     if let Some((id, (reason, kind, _))) = w.bad.into_iter().next() {
         return Err(StoreError::CorruptObject {
@@ -570,19 +582,7 @@ pub fn gc_keeping(
     let retained = store.catalog(|c| c.retained())?;
     report.dropped_checkpoints = before - retained.len();
     let kept: HashSet<u64> = retained.iter().map(|c| c.cno).collect();
-    let mut walked = retained.clone();
-    walked.extend(roots.iter().map(|root| Checkpoint {
-        cno: 0,
-        branch: String::new(),
-        parent: None,
-        root: *root,
-        name: Some("(a snapshot open in a mount)".to_string()),
-        time: 0,
-        kind: crate::catalog::CheckpointKind::Snapshot,
-        image: None,
-        note: None,
-    }));
-    let live = reachable_from(store, &walked)?;
+    let live = reachable_from(store, &retained, roots)?;
     between();
     let index = store.index_snapshot();
     let mut seg_total: BTreeMap<u64, u64> = BTreeMap::new();
